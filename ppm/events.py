@@ -1,0 +1,274 @@
+"""Event contracts: what catalog services and front ends put on the wire, as JSON.
+
+Two events travel through ppm-stream:
+
+* :class:`ItemEvent` (topic ``items``, key ``item_id``): a catalog item was created, changed
+  (``op="upsert"``) or withdrawn (``op="delete"``).
+* :class:`BehaviorEvent` (topic ``behaviors``, key ``user_id``): a user saw (``impression``),
+  clicked, ordered or collected an item.
+
+:func:`decode` turns *any* bytes into either a valid event or a :class:`DeadLetter` that keeps
+the raw payload and says in words what was wrong. It never raises, so a stream can always go
+on and nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+
+from ppm.config import ContractConfig
+
+# Event times outside this range are almost always a unit mix-up (ms vs s) or a sentinel.
+MIN_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def _parse_event_time(value: Any) -> datetime:
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("not an ISO-8601 timestamp") from None
+    else:
+        raise ValueError("must be an ISO-8601 string with a UTC offset, e.g. 2026-01-01T12:00:00Z")
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError("timestamp has no UTC offset; add 'Z' or '+00:00'")
+    parsed = parsed.astimezone(UTC)
+    if not MIN_EVENT_TIME <= parsed < MAX_EVENT_TIME:
+        raise ValueError(f"timestamp {parsed.isoformat()} is outside 2000..2100")
+    return parsed
+
+
+def format_event_time(value: datetime) -> str:
+    """UTC, microseconds, ``Z`` suffix: one spelling so equal times give equal bytes."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+EventTime = Annotated[
+    datetime,
+    BeforeValidator(_parse_event_time),
+    PlainSerializer(format_event_time, return_type=str, when_used="json"),
+]
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f]+$")]
+Text = Annotated[str, Field(max_length=10_000)]
+
+
+class ItemOp(StrEnum):
+    UPSERT = "upsert"
+    DELETE = "delete"
+
+
+class Action(StrEnum):
+    IMPRESSION = "impression"
+    CLICK = "click"
+    ORDER = "order"
+    COLLECT = "collect"
+
+
+class _Event(BaseModel):
+    # Unknown fields are ignored, so producers can add fields before consumers know them.
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=False)
+
+    def to_json(self) -> bytes:
+        """The wire form: compact UTF-8 JSON."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class ItemEvent(_Event):
+    """A catalog change. ``upsert`` needs title and category; ``delete`` needs only the id.
+
+    ``image`` is a reference, not pixels: a local path, a ``file://`` or ``http(s)://`` URL
+    (fetched later with a timeout and a size cap), or inline ``data:image/...;base64,...``.
+    Inline images are checked here (decodable, within the size cap); references are checked
+    when they are read (see ``encoders.image_source``).
+    """
+
+    kind: Literal["item"] = "item"
+    item_id: Id
+    op: ItemOp = ItemOp.UPSERT
+    event_time: EventTime
+    title: Annotated[Text, Field(min_length=1)] | None = None
+    description: Text | None = None
+    category: Id | None = None
+    brand: Id | None = None
+    shop: Id | None = None
+    price: Annotated[float, Field(ge=0), AfterValidator(_finite)] | None = None
+    image: str | None = None
+
+    @model_validator(mode="after")
+    def _upsert_needs_content(self) -> ItemEvent:
+        if self.op is ItemOp.UPSERT:
+            missing = [f for f in ("title", "category") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"an upsert needs {', '.join(missing)}")
+        return self
+
+
+class BehaviorEvent(_Event):
+    """One user action on one item, as logged by the front end."""
+
+    kind: Literal["behavior"] = "behavior"
+    user_id: Id
+    item_id: Id
+    action: Action
+    event_time: EventTime
+    request_id: Id
+    position: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    query: Annotated[str, Field(max_length=1_000)] | None = None
+
+
+Event = ItemEvent | BehaviorEvent
+EVENT_TYPES: dict[str, type[ItemEvent] | type[BehaviorEvent]] = {
+    "item": ItemEvent,
+    "behavior": BehaviorEvent,
+}
+
+
+class DeadLetter(BaseModel):
+    """A record that could not become an event. Keeps the payload so it can be replayed.
+
+    ``payload`` is the raw text when it was valid UTF-8; otherwise it is base64 and
+    ``payload_encoding`` says so.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["dead_letter"] = "dead_letter"
+    expected: str
+    """The event kind the source promised (``item`` or ``behavior``)."""
+    reason: str
+    source: str
+    """Where the record came from, e.g. ``kafka:items/3@1042`` or ``file:items.jsonl:17``."""
+    received_at: EventTime
+    payload: str
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+
+    def raw(self) -> bytes:
+        if self.payload_encoding == "base64":
+            return base64.b64decode(self.payload)
+        return self.payload.encode()
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for err in error.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "event"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def check_inline_image(image: str, limits: ContractConfig, max_image_bytes: int) -> None:
+    """Raise ValueError unless a ``data:`` image decodes to a readable picture within limits."""
+    header, sep, body = image.partition(",")
+    if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise ValueError("inline image must be 'data:image/<type>;base64,<data>'")
+    if len(body) > (max_image_bytes * 4) // 3 + 4:
+        raise ValueError(f"inline image larger than {max_image_bytes} bytes")
+    try:
+        data = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("inline image is not valid base64") from None
+    from PIL import Image, UnidentifiedImageError  # Pillow is heavy-ish; only when needed
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"inline image is not a readable picture ({type(exc).__name__})") from None
+
+
+def decode(
+    raw: bytes | str,
+    expected: Literal["item", "behavior"],
+    source: str,
+    limits: ContractConfig | None = None,
+    max_image_bytes: int = 4_000_000,
+    now: datetime | None = None,
+) -> ItemEvent | BehaviorEvent | DeadLetter:
+    """Turn one wire record into an event of the ``expected`` kind, or a dead letter.
+
+    Never raises for any input: every failure comes back as a :class:`DeadLetter` whose
+    ``reason`` names the field and the problem.
+    """
+    limits = limits or ContractConfig()
+    received_at = now or datetime.now(UTC)
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+
+    def dead(reason: str) -> DeadLetter:
+        try:
+            return DeadLetter(
+                expected=expected, reason=reason, source=source, received_at=received_at,
+                payload=data.decode("utf-8"),
+            )
+        except UnicodeDecodeError:
+            return DeadLetter(
+                expected=expected, reason=reason, source=source, received_at=received_at,
+                payload=base64.b64encode(data).decode(), payload_encoding="base64",
+            )
+
+    if len(data) > limits.max_payload_bytes:
+        return dead(f"payload of {len(data)} bytes exceeds {limits.max_payload_bytes}")
+    try:
+        # Decode explicitly: json.loads(bytes) would also guess UTF-16/32, but the wire is UTF-8.
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return dead("payload is not UTF-8")
+    except (ValueError, RecursionError) as exc:
+        return dead(f"not JSON: {str(exc)[:200]}")
+    if not isinstance(obj, dict):
+        return dead(f"expected a JSON object, got {type(obj).__name__}")
+    kind = obj.get("kind", expected)
+    if kind != expected:
+        return dead(f"kind: expected {expected!r}, got {str(kind)[:50]!r}")
+    for field in ("title", "description"):
+        value = obj.get(field)
+        if isinstance(value, str) and len(value) > limits.max_text_chars:
+            return dead(f"{field}: longer than {limits.max_text_chars} characters")
+    for field in ("item_id", "user_id", "request_id", "category", "brand", "shop"):
+        value = obj.get(field)
+        if isinstance(value, str) and len(value) > limits.max_id_chars:
+            return dead(f"{field}: longer than {limits.max_id_chars} characters")
+    try:
+        event = EVENT_TYPES[expected].model_validate(obj)
+    except ValidationError as exc:
+        return dead(_describe(exc))
+    except (ValueError, TypeError, RecursionError) as exc:  # defensive: odd nested input
+        return dead(f"invalid event: {str(exc)[:200]}")
+    if isinstance(event, ItemEvent) and event.image and event.image.startswith("data:"):
+        try:
+            check_inline_image(event.image, limits, max_image_bytes)
+        except ValueError as exc:
+            return dead(f"image: {exc}")
+    return event
