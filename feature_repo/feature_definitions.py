@@ -1,0 +1,154 @@
+"""Every Feast object of ppm-stream, in one place: entities, sources, views, the service.
+
+The online store holds what the ranker needs at request time: each item's cached modal
+embedding and ID features, and each user's recent behavior sequence. The offline history
+is not Feast's: the pipeline writes its own batched parquet logs (item features, training
+windows), because Feast's file offline store rewrites a whole parquet file on every push.
+
+Paths differ per deployment, so the definitions are built for a data directory by
+:func:`feature_definitions`; ``ppm features apply`` registers them (it is ``feast apply``
+with paths from the ppm configuration).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
+from feast.types import Array, Bool, Float32, Int64, String
+
+# Feast's FeatureView ttl is not applied on online reads (feast-dev/feast#6821), so views
+# keep no ttl here and the freshness window is enforced by streams.online_features instead.
+NO_TTL = timedelta(0)
+
+ITEM_EMBEDDING_VIEW = "item_embedding"
+ITEM_PROFILE_VIEW = "item_profile"
+USER_SEQUENCE_VIEW = "user_sequence"
+ITEM_EMBEDDING_PUSH = "item_embedding_push"
+ITEM_PROFILE_PUSH = "item_profile_push"
+USER_SEQUENCE_PUSH = "user_sequence_push"
+RANKER_SERVICE = "ranker"
+
+
+@dataclass(frozen=True)
+class FeatureDefinitions:
+    item: Entity
+    user: Entity
+    item_embedding_push: PushSource
+    item_profile_push: PushSource
+    user_sequence_push: PushSource
+    item_embedding: FeatureView
+    item_profile: FeatureView
+    user_sequence: FeatureView
+    ranker: FeatureService
+
+    def all(self) -> list:
+        """Everything, in the order ``FeatureStore.apply`` wants it."""
+        sources = [self.item_embedding_push, self.item_profile_push, self.user_sequence_push]
+        return [
+            self.item,
+            self.user,
+            *[s.batch_source for s in sources],
+            *sources,
+            self.item_embedding,
+            self.item_profile,
+            self.user_sequence,
+            self.ranker,
+        ]
+
+
+def feature_definitions(data_dir: Path) -> FeatureDefinitions:
+    """The feature repo for a deployment whose files live under ``data_dir``."""
+    # DuckDB resolves relative FileSource paths against the working directory: use absolute.
+    logs = Path(data_dir).resolve() / "offline"
+
+    def push_source(name: str, log: str) -> PushSource:
+        batch = FileSource(
+            name=f"{name}_log", path=str(logs / log), timestamp_field="event_timestamp"
+        )
+        return PushSource(name=name, batch_source=batch)
+
+    # A catalog item, keyed by the catalog's own id.
+    item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING)
+
+    # A shopper, keyed by the front end's user id.
+    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING)
+
+    # Written by ItemEmbedder when an item's content is new or changed.
+    item_embedding_push = push_source(ITEM_EMBEDDING_PUSH, "item_embedding")
+
+    # Written by ItemEmbedder on every newer item event (price changes, deletes).
+    item_profile_push = push_source(ITEM_PROFILE_PUSH, "item_profile")
+
+    # Written by SequenceBuilder for the users whose sequence changed in a batch.
+    user_sequence_push = push_source(USER_SEQUENCE_PUSH, "user_sequence")
+
+    # The cached output of the frozen encoders: the PPM module's input.
+    item_embedding = FeatureView(
+        name=ITEM_EMBEDDING_VIEW,
+        entities=[item],
+        ttl=NO_TTL,
+        schema=[
+            Field(name="embedding", dtype=Array(Float32), description="text ++ image vector"),
+            Field(name="encoder_version", dtype=String),
+            Field(name="content_hash", dtype=String),
+            Field(name="content_time_us", dtype=Int64,
+                  description="event time of the item event the vector was computed from"),
+            Field(name="embedded_at_us", dtype=Int64,
+                  description="wall-clock time the vector became readable online"),
+        ],
+        source=item_embedding_push,
+        online=True,
+    )
+
+    # ID features of an item and the time of the newest event applied to it.
+    item_profile = FeatureView(
+        name=ITEM_PROFILE_VIEW,
+        entities=[item],
+        ttl=NO_TTL,
+        schema=[
+            Field(name="category", dtype=String),
+            Field(name="brand", dtype=String),
+            Field(name="shop", dtype=String),
+            Field(name="price_bucket", dtype=Int64),
+            Field(name="first_seen_us", dtype=Int64),
+            Field(name="updated_us", dtype=Int64,
+                  description="event time of the newest applied item event (order guard)"),
+            Field(name="deleted", dtype=Bool),
+        ],
+        source=item_profile_push,
+        online=True,
+    )
+
+    # The last K interactions (clicks, orders, collects) of a user, oldest first.
+    user_sequence = FeatureView(
+        name=USER_SEQUENCE_VIEW,
+        entities=[user],
+        ttl=NO_TTL,
+        schema=[
+            Field(name="seq_item_ids", dtype=Array(String)),
+            Field(name="seq_actions", dtype=Array(String)),
+            Field(name="seq_times_us", dtype=Array(Int64)),
+            Field(name="updated_us", dtype=Int64),
+        ],
+        source=user_sequence_push,
+        online=True,
+    )
+
+    # What the online ranker reads per request.
+    ranker = FeatureService(name=RANKER_SERVICE, features=[item_embedding, item_profile,
+                                                            user_sequence])
+
+    return FeatureDefinitions(
+        item=item,
+        user=user,
+        item_embedding_push=item_embedding_push,
+        item_profile_push=item_profile_push,
+        user_sequence_push=user_sequence_push,
+        item_embedding=item_embedding,
+        item_profile=item_profile,
+        user_sequence=user_sequence,
+        ranker=ranker,
+    )

@@ -1,0 +1,266 @@
+"""The seeded shop simulator: determinism, wire contracts, causality, freshness, content signal."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import json
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from ppm.config import SimulatorConfig
+from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, ItemOp, decode
+from streams.shop_simulator import CATEGORIES, ShopSimulator
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)  # decode's received_at: no wall clock in tests
+DAY = timedelta(days=1)
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+SMALL = {"n_users": 300, "days": 2.0, "initial_items": 200, "items_per_day": 150}
+
+
+def _lines(path: Path) -> list[bytes]:
+    """Records of a JSONL file, split on newline bytes only (malformed ones may hold odd bytes)."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    return data.split(b"\n")[:-1]
+
+
+def _decode_all(lines: list[bytes], kind: str) -> list:
+    return [decode(line, kind, f"file:{kind}:{n}", now=NOW) for n, line in enumerate(lines)]
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Rank-based ROC AUC (Mann-Whitney U), ties counted half."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, bool)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based ranks, tied groups averaged
+    ranks = average_rank[inverse]
+    pos, neg = labels.sum(), (~labels).sum()
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def test_auc_helper() -> None:
+    assert _auc([0.1, 0.2, 0.3, 0.4], [0, 0, 1, 1]) == 1.0
+    assert _auc([0.4, 0.3, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert _auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
+    config = SimulatorConfig(seed=5, malformed_share=0.05, **SMALL)
+    first = ShopSimulator(config).write_jsonl(tmp_path / "a")
+    second = ShopSimulator(config).write_jsonl(tmp_path / "b")
+    other = ShopSimulator(config.model_copy(update={"seed": 6})).write_jsonl(tmp_path / "c")
+    assert first == second
+    for name in ("items.jsonl", "behaviors.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
+    assert first != other
+
+
+def test_lines_decode_to_the_typed_events_and_malformed_to_dead_letters(tmp_path: Path) -> None:
+    sim = ShopSimulator(SimulatorConfig(seed=3, malformed_share=0.2, delete_share=0.1, **SMALL))
+    summary = sim.write_jsonl(tmp_path)
+    typed = list(sim.events())
+    dead: list[DeadLetter] = []
+    for kind, event_type in (("item", ItemEvent), ("behavior", BehaviorEvent)):
+        lines = _lines(tmp_path / f"{kind}s.jsonl")
+        assert lines == [line for k, line in sim.records() if k == kind]
+        decoded = _decode_all(lines, kind)
+        valid = [(line, e) for line, e in zip(lines, decoded, strict=True)
+                 if not isinstance(e, DeadLetter)]
+        expected = [e for e in typed if isinstance(e, event_type)]
+        assert [e for _, e in valid] == expected
+        # The fast behavior formatter writes exactly what the models would.
+        assert [line for line, _ in valid] == [e.to_json() for e in expected]
+        dead += [e for e in decoded if isinstance(e, DeadLetter)]
+
+    assert summary.item_events + summary.behavior_events == len(typed)
+    assert summary.behavior_events == sum(summary.by_action.values())
+    assert summary.malformed == len(dead) > 0.1 * len(typed)
+    assert summary.items == len(sim.catalog)
+    reasons = " | ".join(d.reason for d in dead)
+    for defect in ("not JSON", "payload is not UTF-8", "expected a JSON object", "kind:",
+                   "event_time:", "longer than", "image:", "Field required"):
+        assert defect in reasons
+
+
+def test_event_time_order_and_causality() -> None:
+    config = SimulatorConfig(seed=11, delete_share=0.3, search_share=0.5, **SMALL)
+    sim = ShopSimulator(config)
+    catalog = sim.catalog.set_index("item_id")
+    events = list(sim.events())
+    times = [e.event_time for e in events]
+    assert times == sorted(times)
+
+    listed: set[str] = set()
+    withdrawn: set[str] = set()
+    shown: dict[tuple[str, str], BehaviorEvent] = {}
+    clicked: dict[tuple[str, str], BehaviorEvent] = {}
+    positions: dict[str, list[int]] = defaultdict(list)
+    for e in events:
+        if isinstance(e, ItemEvent):
+            (withdrawn if e.op is ItemOp.DELETE else listed).add(e.item_id)
+            continue
+        assert e.item_id in listed and e.item_id not in withdrawn
+        item = catalog.loc[e.item_id]
+        assert item.arrival < e.event_time
+        assert pd.isna(item.deleted_at) or e.event_time < item.deleted_at
+        key = (e.request_id, e.item_id)
+        if e.action == "impression":
+            assert key not in shown  # a request shows an item once
+            shown[key] = e
+            positions[e.request_id].append(e.position)
+        elif e.action == "click":
+            impression = shown[key]
+            assert impression.user_id == e.user_id and impression.position == e.position
+            assert impression.event_time <= e.event_time
+            assert e.event_time - impression.event_time < timedelta(minutes=30)
+            clicked[key] = e
+        else:
+            click = clicked[key]
+            assert click.event_time <= e.event_time
+            assert e.event_time - shown[key].event_time < timedelta(minutes=30)
+    assert all(p == list(range(len(p))) for p in positions.values())
+    assert len(withdrawn) > 50  # the deletion path was exercised
+    assert sum(1 for e in events if isinstance(e, BehaviorEvent) and e.query) > 0
+
+
+def test_a_steady_share_of_impressions_goes_to_items_younger_than_a_day(tmp_path: Path) -> None:
+    config = SimulatorConfig(seed=2, n_users=500, days=3.0)
+    sim = ShopSimulator(config)
+    arrival: dict[str, datetime] = {}
+    fresh, total = np.zeros(3), np.zeros(3)
+    for e in sim.events():
+        if isinstance(e, ItemEvent):
+            arrival.setdefault(e.item_id, e.event_time)
+        elif e.action == "impression":
+            day = (e.event_time - config.start) // DAY
+            total[day] += 1
+            fresh[day] += e.event_time - arrival[e.item_id] < DAY
+    share = fresh / total
+    assert (share[1:] > 0.10).all(), share
+    assert np.allclose(share, config.fresh_share, atol=0.05), share
+    summary = sim.write_jsonl(tmp_path)
+    assert summary.fresh_impression_share == pytest.approx(fresh.sum() / total.sum())
+
+
+def test_content_beats_popularity_on_young_items() -> None:
+    """The acceptance test of the world: for impressions of items younger than a day, a model
+    of user affinities to content words learned from earlier days ranks clicks better than
+    popularity. Everything is estimated from the wire records, none from ground truth."""
+    days = 4
+    sim = ShopSimulator(SimulatorConfig(seed=1, n_users=1500, days=days,
+                                        sessions_per_user_per_day=2.0))
+    split = sim.config.start + (days - 1) * DAY  # learn before, evaluate after
+    content: dict[str, set[str]] = {}  # item -> features: title words, category, brand
+    arrival: dict[str, datetime] = {}
+    behaviors = []
+    for kind, line in sim.records():
+        record = json.loads(line)
+        if kind == "behavior":
+            behaviors.append(record)
+        elif record["op"] == "upsert" and record["item_id"] not in content:
+            content[record["item_id"]] = ({f"word:{w}" for w in record["title"].lower().split()}
+                                          | {f"category:{record['category']}",
+                                             f"brand:{record['brand']}"})
+            arrival[record["item_id"]] = datetime.fromisoformat(record["event_time"])
+    clicks = {(b["request_id"], b["item_id"]) for b in behaviors if b["action"] == "click"}
+
+    user_seen, user_clicks = defaultdict(int), defaultdict(int)  # (user, feature) -> count
+    seen, clicked = defaultdict(int), defaultdict(int)  # feature -> count
+    item_seen, item_clicks = defaultdict(int), defaultdict(int)  # running, for popularity
+    young = []  # (user, item, clicked, item's clicks so far, its impressions so far)
+    for b in behaviors:
+        item, user, t = b["item_id"], b["user_id"], datetime.fromisoformat(b["event_time"])
+        if b["action"] == "click":
+            item_clicks[item] += 1
+        if b["action"] != "impression":
+            continue
+        label = (b["request_id"], item) in clicks
+        if t < split:
+            for f in content[item]:
+                user_seen[user, f] += 1
+                user_clicks[user, f] += label
+                seen[f] += 1
+                clicked[f] += label
+        elif t - arrival[item] < DAY:
+            young.append((user, item, label, item_clicks[item], item_seen[item]))
+        item_seen[item] += 1
+
+    prior = 5.0  # pseudo-impressions at the global rate
+    overall = sum(clicked[f] for f in seen if f.startswith("category:")) / sum(
+        seen[f] for f in seen if f.startswith("category:"))
+
+    def rate(f: str) -> float:
+        return (clicked[f] + prior * overall) / (seen[f] + prior)
+
+    def affinity(user: str, item: str) -> float:  # naive-Bayes-like sum of smoothed log-CTRs
+        return sum(np.log((user_clicks[user, f] + prior * rate(f)) / (user_seen[user, f] + prior))
+                   for f in content[item])
+
+    def category(item: str) -> str:
+        return next(f for f in content[item] if f.startswith("category:"))
+
+    labels = np.array([y for _, _, y, _, _ in young])
+    content_auc = _auc([affinity(u, i) for u, i, *_ in young], labels)
+    popularity_aucs = {
+        "clicks so far": _auc([c for *_, c, _ in young], labels),
+        "smoothed item CTR": _auc([(c + prior * rate(category(i))) / (n + prior)
+                                   for _, i, _, c, n in young], labels),
+        "category CTR": _auc([rate(category(i)) for _, i, *_ in young], labels),
+    }
+    print(f"young impressions {len(labels)}, clicks {labels.sum()}, content AUC "
+          f"{content_auc:.3f}, popularity AUCs {popularity_aucs}")
+    assert len(labels) > 3000 and labels.sum() > 200
+    assert content_auc > 0.6
+    assert content_auc >= max(popularity_aucs.values()) + 0.03
+
+
+def test_photos_come_from_fashion_mnist_of_the_item_class() -> None:
+    labels_file = FASHION_MNIST / "train-labels-idx1-ubyte.gz"
+    if not labels_file.is_file():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    labels = np.frombuffer(gzip.decompress(labels_file.read_bytes()), np.uint8, offset=8)
+    catalog = ShopSimulator(SimulatorConfig(n_users=10, days=1.0)).catalog
+    class_of = {c.id: label for label, c in enumerate(CATEGORIES)}
+    assert (labels[catalog.photo] == catalog.category.map(class_of)).all()
+    assert catalog.photo.nunique() > 0.9 * len(catalog)
+
+
+def test_missing_fashion_mnist_warns_and_falls_back_to_decodable_images(tmp_path: Path) -> None:
+    config = SimulatorConfig(n_users=20, days=0.5, fashion_mnist_dir=tmp_path / "absent")
+    with pytest.warns(UserWarning, match="Fashion-MNIST not found"):
+        sim = ShopSimulator(config)
+    items = [decode(line, "item", "test", now=NOW) for kind, line in sim.records()
+             if kind == "item"]
+    assert items and all(isinstance(e, ItemEvent) for e in items)
+    for event in items[:20]:
+        png = base64.b64decode(event.image.partition(",")[2])
+        with Image.open(io.BytesIO(png)) as img:
+            assert img.size == (28, 28)
+            covered = (np.asarray(img) < 250).any(axis=2).mean()  # share of non-white pixels
+            assert 0.05 < covered < 0.95  # a shape, not a blank square
+    assert (sim.catalog.photo == -1).all()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(-(2**40), 2**40), days=st.floats(0.05, 1.5),
+       malformed=st.floats(0.0, 0.5), deleted=st.floats(0.0, 1.0))
+def test_any_world_gives_valid_events_and_dead_letters(seed: int, days: float, malformed: float,
+                                                       deleted: float) -> None:
+    config = SimulatorConfig(seed=seed, days=days, n_users=40, initial_items=30,
+                             items_per_day=40, malformed_share=malformed, delete_share=deleted)
+    sim = ShopSimulator(config)
+    records = list(sim.records())
+    assert all(b"\n" not in line for _, line in records)
+    decoded = [decode(line, kind, "test", now=NOW) for kind, line in records]
+    assert [e for e in decoded if not isinstance(e, DeadLetter)] == list(sim.events())
