@@ -99,6 +99,39 @@ class SimulatorConfig(_Section):
     ``dataset-fashion-mnist`` location; if absent, procedural images (with a warning)."""
 
 
+class FeatureStoreConfig(_Section):
+    """The Feast feature store: where it lives and how fresh its values must be."""
+
+    store_yaml: Path | None = None
+    """A Feast ``feature_store.yaml``. None: ``feature_repo/feature_store.yaml`` (embedded:
+    SQLite online store, DuckDB offline store). Relative paths in it resolve under
+    ``DATA_DIR/feast/``."""
+    freshness_window_s: float = Field(7 * 86_400.0, gt=0)
+    """An embedding computed from an item event older than this (in event time) is stale:
+    reads report it stale and the ranker treats it as missing. Feast's own ttl is not
+    applied on online reads (feast-dev/feast#6821), so ppm enforces this itself."""
+    sequence_length: int = Field(50, ge=1, le=1_000)
+    """K: the user's last K interactions (click, order, collect) kept in the online store."""
+
+
+class PipelineConfig(_Section):
+    """Micro-batching, labelling and windowing of the streaming pipeline."""
+
+    item_batch_size: int = Field(64, ge=1)
+    """Items per encoder batch; a batch also closes after ``item_batch_wait_s``."""
+    item_batch_wait_s: float = Field(1.0, gt=0)
+    """Longest an item waits for its batch to fill (wall clock): bounds freshness lag."""
+    behavior_batch_size: int = Field(5_000, ge=1)
+    """Behavior events per batch through SequenceBuilder and TrainingLogWriter."""
+    attribution_window_s: float = Field(1_800.0, gt=0)
+    """A click, order or collect counts for an impression of the same user and item (same
+    request when both carry one) if it happens within this many seconds (event time)."""
+    log_window_s: float = Field(3_600.0, gt=0)
+    """Length of one training-log window (event time); one parquet file per window."""
+    checkpoint_every: int = Field(20_000, ge=1)
+    """The local runner checkpoints after this many input records."""
+
+
 class Config(_Section):
     """Everything ppm-stream can be told. Build it with :func:`load_config`."""
 
@@ -108,6 +141,8 @@ class Config(_Section):
     images: ImageFetchConfig = ImageFetchConfig()
     contracts: ContractConfig = ContractConfig()
     simulator: SimulatorConfig = SimulatorConfig()
+    features: FeatureStoreConfig = FeatureStoreConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

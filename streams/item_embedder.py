@@ -1,0 +1,206 @@
+"""Items embedded on arrival: micro-batches of item events into the online store.
+
+:meth:`ItemEmbedder.process` takes one micro-batch (the caller decides its size and time
+bound: the local runner's batcher, or Faust's ``stream.take(n, within)``) and
+
+1. keeps the newest event per item; drops events older than, or as old as, what the item
+   already has (an older update never overwrites a newer one; a duplicate is a no-op, on
+   SQLite and Redis alike);
+2. encodes only items whose content changed for this encoder version (content hash);
+3. appends the new vectors to the offline item log, then writes vectors and ID features
+   (with tombstones for deletes) to the online store, each in one batch;
+4. only then updates its state, so a failed write can be retried with the same batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from encoders.item_encoder import NO_IMAGE, ItemEncoder
+from ppm.events import ItemEvent, ItemOp
+from streams.freshness import FreshnessStats
+from streams.item_log import ItemLog
+from streams.item_state import ItemState, price_bucket
+from streams.online_features import ItemEmbeddingRow, OnlineItem, now_us
+from streams.sequence_builder import to_us
+
+
+class ItemStore(Protocol):
+    """The online store as the embedder needs it (``OnlineFeatures`` implements it)."""
+
+    def read_items(self, item_ids: Sequence[str]) -> dict[str, OnlineItem]: ...
+    def write_item_embeddings(self, rows: Sequence[ItemEmbeddingRow]) -> None: ...
+    def write_item_profiles(self, states: Sequence[ItemState]) -> None: ...
+
+
+@dataclass
+class EmbedResult:
+    """What one batch did. Every input event is counted in exactly one of ``applied``,
+    ``older`` and ``duplicates``."""
+
+    applied: int = 0
+    """Events written (upserts and deletes)."""
+    encoded: int = 0
+    """Items whose vector was computed (content new or changed)."""
+    unchanged: int = 0
+    """Applied upserts whose content was already embedded for this encoder version."""
+    deleted: int = 0
+    older: int = 0
+    """Events older than what the item already had: ignored."""
+    duplicates: int = 0
+    """Events with the same time as what the item already had: ignored."""
+    image_errors: dict[str, str] = field(default_factory=dict)
+    """item_id -> reason its photo could not be used (the vector has a zero image part)."""
+    freshness_ms: list[float] = field(default_factory=list)
+
+
+class ItemEmbedder:
+    """Embeds item events and keeps the online store's item features current.
+
+    Args:
+        encoder: the frozen encoders.
+        store: where vectors and ID features go (``OnlineFeatures``).
+        log: the offline item-feature log.
+        state: ``item_id -> ItemState`` of items this embedder has applied; owned by the
+            caller (a dict, or a durable table). Items missing from it are looked up in the
+            store, so a fresh embedder on an existing store keeps the order guarantees.
+        freshness: where arrival-to-readable lags are recorded.
+    """
+
+    def __init__(
+        self,
+        encoder: ItemEncoder,
+        store: ItemStore,
+        log: ItemLog,
+        state: MutableMapping[str, ItemState] | None = None,
+        freshness: FreshnessStats | None = None,
+    ):
+        self.encoder = encoder
+        self.store = store
+        self.log = log
+        self.state: MutableMapping[str, ItemState] = {} if state is None else state
+        self.freshness = freshness or FreshnessStats()
+
+    def process(
+        self, events: Sequence[ItemEvent], arrived_us: Sequence[int] | None = None
+    ) -> EmbedResult:
+        """Apply one micro-batch. ``arrived_us[i]`` is when ``events[i]`` reached the
+        pipeline (wall clock, µs); default: now. Raises only when the store or the log
+        fails, and then nothing of the batch counts as done."""
+        arrived_us = list(arrived_us) if arrived_us is not None else [now_us()] * len(events)
+        result = EmbedResult()
+
+        # 1. The newest event per item; on equal times the first one wins (as on Redis).
+        newest: dict[str, tuple[ItemEvent, int]] = {}
+        for event, arrived in zip(events, arrived_us, strict=True):
+            held = newest.get(event.item_id)
+            if held is None or event.event_time > held[0].event_time:
+                if held is not None:
+                    result.older += 1
+                newest[event.item_id] = (event, arrived)
+            elif event.event_time == held[0].event_time:
+                result.duplicates += 1
+            else:
+                result.older += 1
+        known = self._known(list(newest))
+        accepted: list[tuple[ItemEvent, int]] = []
+        for item_id, (event, arrived) in newest.items():
+            before = known.get(item_id)
+            t = to_us(event.event_time)
+            if before is not None and t < before.updated_us:
+                result.older += 1
+            elif before is not None and t == before.updated_us:
+                result.duplicates += 1
+            else:
+                accepted.append((event, arrived))
+
+        # 2. Encode what changed.
+        version = self.encoder.encoder_version
+        to_encode = [
+            (e, a) for e, a in accepted
+            if e.op is ItemOp.UPSERT and not self._embedded(known.get(e.item_id), e)
+        ]
+        embeddings = self.encoder.encode([e for e, _ in to_encode])
+        result.image_errors = {i: r for i, r in embeddings.image_errors.items() if r != NO_IMAGE}
+        sent_us = now_us()
+        rows = [
+            ItemEmbeddingRow(
+                item_id=item_id,
+                embedding=vector,
+                encoder_version=version,
+                # An item whose photo failed is stored under a hash that never matches, so a
+                # re-sent event retries the photo instead of being skipped as unchanged.
+                content_hash=h + ("!image" if item_id in result.image_errors else ""),
+                content_time_us=to_us(e.event_time),
+                embedded_at_us=sent_us,
+            )
+            for (e, _), item_id, vector, h in zip(
+                to_encode, embeddings.item_ids, embeddings.vectors, embeddings.content_hashes,
+                strict=True,
+            )
+        ]
+
+        # 3. Offline first, then online: a crash in between repeats a batch, never loses it.
+        self.log.append(rows, [a for _, a in to_encode])
+        self.store.write_item_embeddings(rows)
+        states = [self._next_state(known.get(e.item_id), e) for e, _ in accepted]
+        by_id = {r.item_id: r for r in rows}
+        states = [
+            replace(s, encoder_version=version, content_hash=by_id[s.item_id].content_hash,
+                    content_time_us=by_id[s.item_id].content_time_us)
+            if s.item_id in by_id else s
+            for s in states
+        ]
+        self.store.write_item_profiles(states)
+        readable_us = now_us()
+
+        # 4. Only now is the batch done.
+        for s in states:
+            self.state[s.item_id] = s
+        result.freshness_ms = [(readable_us - a) / 1000 for _, a in to_encode]
+        self.freshness.record(result.freshness_ms)
+        result.applied = len(accepted)
+        result.encoded = len(rows)
+        result.deleted = sum(e.op is ItemOp.DELETE for e, _ in accepted)
+        result.unchanged = result.applied - result.deleted - result.encoded
+        return result
+
+    def _known(self, item_ids: list[str]) -> dict[str, ItemState]:
+        known = {i: self.state[i] for i in item_ids if i in self.state}
+        missing = [i for i in item_ids if i not in known]
+        if missing:
+            known.update({i: online.state for i, online in self.store.read_items(missing).items()})
+        return known
+
+    def _embedded(self, state: ItemState | None, event: ItemEvent) -> bool:
+        return (
+            state is not None
+            and state.encoder_version == self.encoder.encoder_version
+            and state.content_hash == self.encoder.content_hash(event)
+        )
+
+    @staticmethod
+    def _next_state(before: ItemState | None, event: ItemEvent) -> ItemState:
+        t = to_us(event.event_time)
+        first_seen = t if before is None else min(before.first_seen_us, t)
+        if event.op is ItemOp.DELETE:
+            if before is None:
+                return ItemState(event.item_id, None, None, None, 0, first_seen, t, deleted=True)
+            return replace(before, updated_us=t, first_seen_us=first_seen, deleted=True)
+        carried = {} if before is None else {
+            "encoder_version": before.encoder_version,
+            "content_hash": before.content_hash,
+            "content_time_us": before.content_time_us,
+        }
+        return ItemState(
+            item_id=event.item_id,
+            category=event.category,
+            brand=event.brand,
+            shop=event.shop,
+            price_bucket=price_bucket(event.price),
+            first_seen_us=first_seen,
+            updated_us=t,
+            **carried,
+        )

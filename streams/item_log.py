@@ -1,0 +1,89 @@
+"""The offline item-feature log: every embedding ever written online, as parquet parts.
+
+One part per micro-batch (never a file per event), written atomically before the online
+write it stands for. A replay after a crash may write a batch again: a part's name is a
+digest of its rows, so the same batch lands in the same file; batches cut differently can
+repeat rows, so readers deduplicate on ``(item_id, encoder_version, content_hash)`` (see
+:func:`read_item_log`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from streams.online_features import ItemEmbeddingRow
+
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("encoder_version", pa.string()),
+    ("content_hash", pa.string()),
+    ("content_time", pa.timestamp("us", tz="UTC")),
+    ("arrived_at", pa.timestamp("us", tz="UTC")),
+    ("embedded_at", pa.timestamp("us", tz="UTC")),
+    ("embedding", pa.list_(pa.float32())),
+])
+KEY = ["item_id", "encoder_version", "content_hash"]
+
+
+def write_atomically(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` so that readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class ItemLog:
+    """Appends :class:`ItemEmbeddingRow` batches under ``folder`` (created if needed)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def append(self, rows: Sequence[ItemEmbeddingRow], arrived_us: Sequence[int]) -> Path | None:
+        """Write one part for a batch; returns its path (None for an empty batch)."""
+        if not rows:
+            return None
+        digest = hashlib.sha256()
+        for r in rows:
+            digest.update(f"{r.item_id}\x00{r.content_hash}\x00{r.content_time_us}\n".encode())
+        first = min(r.content_time_us for r in rows)
+        path = self.folder / f"part-{first:017d}-{digest.hexdigest()[:16]}.parquet"
+        vectors = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in rows])
+        table = pa.table(
+            {
+                "item_id": [r.item_id for r in rows],
+                "encoder_version": [r.encoder_version for r in rows],
+                "content_hash": [r.content_hash for r in rows],
+                "content_time": pa.array([r.content_time_us for r in rows], pa.int64()),
+                "arrived_at": pa.array(list(arrived_us), pa.int64()),
+                "embedded_at": pa.array([r.embedded_at_us for r in rows], pa.int64()),
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(vectors.reshape(-1)), vectors.shape[1]
+                ).cast(pa.list_(pa.float32())),
+            }
+        ).cast(SCHEMA)
+        write_atomically(table, path)
+        return path
+
+
+def read_item_log(folder: Path) -> pa.Table:
+    """All parts, one row per (item_id, encoder_version, content_hash): the latest write."""
+    parts = sorted(Path(folder).glob("part-*.parquet"))
+    if not parts:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables(pq.read_table(p, schema=SCHEMA) for p in parts)
+    table = table.sort_by([("embedded_at", "descending")])
+    keys = [f"{a}\x00{b}\x00{c}" for a, b, c in zip(
+        *(table[k].to_pylist() for k in KEY), strict=True)]
+    seen: set[str] = set()
+    keep = [i for i, k in enumerate(keys) if not (k in seen or seen.add(k))]
+    return table.take(keep)

@@ -1,0 +1,247 @@
+"""ppm's view of the Feast feature store: batched writes, batched reads, freshness checks.
+
+Every processor writes through :class:`OnlineFeatures`, whatever the online store behind
+Feast (SQLite for the embedded default, Redis for the distributed path), so there is one
+write path and one read path. Two things Feast does not do are done here:
+
+* **Freshness.** Feast does not apply a FeatureView's ttl on online reads
+  (feast-dev/feast#6821). :meth:`OnlineFeatures.read_items` marks an embedding *stale* when
+  the item event it was computed from is older than ``features.freshness_window_s`` at the
+  reader's clock, or when it came from another encoder version; the ranker treats stale as
+  missing.
+* **Order.** SQLite lets the last write win even for an older event; Redis ignores an older
+  or equal timestamp. The processors guard every write with the item's ``updated_us`` so
+  both stores end up with the same, newest value (see ``streams.item_embedder``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from feast import FeatureStore
+
+from feature_repo.feature_definitions import (
+    ITEM_EMBEDDING_VIEW,
+    ITEM_PROFILE_VIEW,
+    USER_SEQUENCE_VIEW,
+    FeatureDefinitions,
+    feature_definitions,
+)
+from ppm.config import Config
+from streams.item_state import ItemState
+from streams.sequence_builder import UserSequence
+
+PROFILE_FIELDS = ("category", "brand", "shop", "price_bucket", "first_seen_us", "updated_us",
+                  "deleted")
+EMBEDDING_META = ("encoder_version", "content_hash", "content_time_us", "embedded_at_us")
+SEQUENCE_FIELDS = ("seq_item_ids", "seq_actions", "seq_times_us", "updated_us")
+
+
+def now_us() -> int:
+    """Wall-clock time, microseconds since the Unix epoch."""
+    return time.time_ns() // 1_000
+
+
+def _timestamps(us: Iterable[int]) -> pd.Series:
+    return pd.to_datetime(pd.Series(list(us), dtype="int64"), unit="us", utc=True)
+
+
+@dataclass(frozen=True)
+class ItemEmbeddingRow:
+    """One item vector as written to the online store (and the offline item log)."""
+
+    item_id: str
+    embedding: np.ndarray
+    """(dim,) float32 or float16; stored as float32 (Feast has no float16)."""
+    encoder_version: str
+    content_hash: str
+    content_time_us: int
+    embedded_at_us: int
+
+
+@dataclass(frozen=True)
+class OnlineItem:
+    """An item as read back from the online store, judged at the reader's clock."""
+
+    state: ItemState
+    embedding: np.ndarray | None
+    """The cached vector, or None when not embedded yet or not asked for."""
+    embedded_at_us: int | None
+    age_s: float | None
+    """How old the embedding's source event is at the reader's clock (event time)."""
+    stale: bool
+    """True when the embedding is missing, too old, or from another encoder version."""
+    stale_reason: str | None
+
+
+class OnlineFeatures:
+    """Batched reads and writes of item and user features in one Feast store.
+
+    Build it with :meth:`open`. ``freshness_window_s`` decides when an embedding is stale.
+    """
+
+    def __init__(self, store: FeatureStore, definitions: FeatureDefinitions,
+                 freshness_window_s: float):
+        self.store = store
+        self.definitions = definitions
+        self.freshness_window_s = freshness_window_s
+
+    @classmethod
+    def open(cls, cfg: Config, apply: bool = True) -> OnlineFeatures:
+        """Open (and by default register) the feature store of ``cfg``.
+
+        The store's folder is ``DATA_DIR/feast/``: ``features.store_yaml`` (default: the
+        embedded ``feature_repo/feature_store.yaml``) is copied there, so relative paths in it
+        land in that folder. ``apply=True`` runs the equivalent of ``feast apply`` (cheap when
+        nothing changed).
+        """
+        repo = Path(cfg.data_dir) / "feast"
+        repo.mkdir(parents=True, exist_ok=True)
+        source = cfg.features.store_yaml or Path(
+            str(resources.files("feature_repo") / "feature_store.yaml"))
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"feature store settings not found: {source}")
+        target = repo / "feature_store.yaml"
+        if not target.exists() or target.read_bytes() != Path(source).read_bytes():
+            shutil.copyfile(source, target)
+        definitions = feature_definitions(Path(cfg.data_dir))
+        store = FeatureStore(repo_path=str(repo))
+        if apply:
+            store.apply(definitions.all())
+        return cls(store, definitions, cfg.features.freshness_window_s)
+
+    # ------------------------------------------------------------------ writes
+
+    def write_item_embeddings(self, rows: Sequence[ItemEmbeddingRow]) -> None:
+        """Write vectors in one batch; the entity timestamp is the content's event time."""
+        if not rows:
+            return
+        df = pd.DataFrame({
+            "item_id": [r.item_id for r in rows],
+            "embedding": [np.asarray(r.embedding, dtype=np.float32) for r in rows],
+            "encoder_version": [r.encoder_version for r in rows],
+            "content_hash": [r.content_hash for r in rows],
+            "content_time_us": [r.content_time_us for r in rows],
+            "embedded_at_us": [r.embedded_at_us for r in rows],
+        })
+        df["event_timestamp"] = _timestamps(df["content_time_us"])
+        self.store.write_to_online_store(ITEM_EMBEDDING_VIEW, df)
+
+    def write_item_profiles(self, states: Sequence[ItemState]) -> None:
+        """Write ID features and tombstones in one batch (timestamp: the newest event)."""
+        if not states:
+            return
+        df = pd.DataFrame({f: [getattr(s, f) for s in states] for f in ("item_id",
+                                                                         *PROFILE_FIELDS)})
+        df["event_timestamp"] = _timestamps(df["updated_us"])
+        self.store.write_to_online_store(ITEM_PROFILE_VIEW, df)
+
+    def write_sequences(self, sequences: Sequence[UserSequence]) -> None:
+        """Write users' sequences in one batch.
+
+        The entity timestamp is the wall clock, not the newest interaction: a late event
+        inserted mid-sequence leaves the newest interaction unchanged, and Redis would ignore
+        a write whose timestamp did not grow. One writer per user (a partition) keeps this
+        ordered.
+        """
+        if not sequences:
+            return
+        df = pd.DataFrame({
+            "user_id": [s.user_id for s in sequences],
+            "seq_item_ids": [list(s.item_ids) for s in sequences],
+            "seq_actions": [list(s.actions) for s in sequences],
+            "seq_times_us": [list(s.times_us) for s in sequences],
+            "updated_us": [s.updated_us for s in sequences],
+        })
+        df["event_timestamp"] = _timestamps([now_us()] * len(df))
+        self.store.write_to_online_store(USER_SEQUENCE_VIEW, df)
+
+    # ------------------------------------------------------------------ reads
+
+    def read_items(
+        self,
+        item_ids: Sequence[str],
+        with_embeddings: bool = False,
+        now: int | None = None,
+        encoder_version: str | None = None,
+    ) -> dict[str, OnlineItem]:
+        """The online state of ``item_ids`` (unknown ids are left out), judged at ``now``.
+
+        ``now`` is microseconds since the epoch on the clock the freshness window is measured
+        in: event time for a replay, the wall clock (the default) for a live stream.
+        ``encoder_version``, when given, makes embeddings of any other version stale.
+        """
+        if not item_ids:
+            return {}
+        now = now_us() if now is None else now
+        refs = [f"{ITEM_PROFILE_VIEW}:{f}" for f in PROFILE_FIELDS]
+        refs += [f"{ITEM_EMBEDDING_VIEW}:{f}" for f in EMBEDDING_META]
+        if with_embeddings:
+            refs.append(f"{ITEM_EMBEDDING_VIEW}:embedding")
+        data = self.store.get_online_features(
+            features=refs, entity_rows=[{"item_id": i} for i in item_ids]
+        ).to_dict()
+        out: dict[str, OnlineItem] = {}
+        for row, item_id in enumerate(data["item_id"]):
+            if data["updated_us"][row] is None:
+                continue  # never written
+            state = ItemState(
+                item_id=item_id,
+                category=data["category"][row],
+                brand=data["brand"][row],
+                shop=data["shop"][row],
+                price_bucket=data["price_bucket"][row],
+                first_seen_us=data["first_seen_us"][row],
+                updated_us=data["updated_us"][row],
+                deleted=bool(data["deleted"][row]),
+                encoder_version=data["encoder_version"][row],
+                content_hash=data["content_hash"][row],
+                content_time_us=data["content_time_us"][row],
+            )
+            vector = data["embedding"][row] if with_embeddings else None
+            out[item_id] = self._judge(state, vector, data["embedded_at_us"][row], now,
+                                       encoder_version)
+        return out
+
+    def _judge(self, state: ItemState, vector, embedded_at_us, now: int,
+               encoder_version: str | None) -> OnlineItem:
+        age = None if state.content_time_us is None else (now - state.content_time_us) / 1e6
+        if state.deleted:
+            reason = "deleted"
+        elif state.encoder_version is None:
+            reason = "not embedded yet"
+        elif encoder_version is not None and state.encoder_version != encoder_version:
+            reason = f"encoder version {state.encoder_version} is not {encoder_version}"
+        elif age is not None and age > self.freshness_window_s:
+            reason = f"older than the freshness window ({age:.0f}s > "\
+                     f"{self.freshness_window_s:.0f}s)"
+        else:
+            reason = None
+        embedding = None if vector is None else np.asarray(vector, dtype=np.float32)
+        return OnlineItem(state, embedding, embedded_at_us, age, reason is not None, reason)
+
+    def read_sequences(self, user_ids: Sequence[str]) -> dict[str, UserSequence]:
+        """The online sequences of ``user_ids``; users with none are left out."""
+        if not user_ids:
+            return {}
+        refs = [f"{USER_SEQUENCE_VIEW}:{f}" for f in SEQUENCE_FIELDS]
+        data = self.store.get_online_features(
+            features=refs, entity_rows=[{"user_id": u} for u in user_ids]
+        ).to_dict()
+        return {
+            user_id: UserSequence(
+                user_id,
+                tuple(data["seq_item_ids"][row]),
+                tuple(data["seq_actions"][row]),
+                tuple(data["seq_times_us"][row]),
+            )
+            for row, user_id in enumerate(data["user_id"])
+            if data["updated_us"][row] is not None
+        }
