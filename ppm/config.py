@@ -128,6 +128,9 @@ class PipelineConfig(_Section):
     request when both carry one) if it happens within this many seconds (event time)."""
     log_window_s: float = Field(3_600.0, gt=0)
     """Length of one training-log window (event time); one parquet file per window."""
+    max_clock_jump_s: float = Field(86_400.0, gt=0)
+    """A behavior event this far ahead of the newest behavior so far becomes a dead letter:
+    one wrong timestamp would otherwise move the watermark and close every window up to it."""
     checkpoint_every: int = Field(20_000, ge=1)
     """The local runner checkpoints after this many input records."""
 

@@ -1,23 +1,25 @@
-"""``ppm demo``: a seeded shop, end to end on the embedded default (no servers).
+"""``ppm demo``: a seeded shop streamed through ppm-stream on the embedded default.
 
-What it does today: simulates a shop, decodes every wire record (malformed ones become dead
-letters in ``dead_letters.jsonl``), and encodes a sample of the arriving items with the
-pretrained encoders. The Feast pipeline (issue #3) and the ranker (issue #4) are not built
-yet, and the report says so rather than pretending.
+It simulates a shop (with a few malformed records mixed in), replays it through the local
+runner (items embedded on arrival into Feast's SQLite online store, user sequences, labelled
+training windows), and reports what happened. Training the ranker is not built yet
+(issue #4), and the report says so rather than pretending.
 """
 
 from __future__ import annotations
 
-import time
+import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from ppm.config import Config
-from ppm.events import Action, DeadLetter, ItemEvent, ItemOp, decode
 
-NOT_YET = "streaming into Feast and training the ranker are not implemented yet (issues #3, #4)"
+NOT_YET = "training and evaluating the ranker are not implemented yet (issue #4)"
+QUICK_WORLD = {"days": 2.0, "n_users": 400, "initial_items": 200, "items_per_day": 150}
+# Everything the demo writes in its folder; removed before a run so each demo starts fresh.
+DEMO_OUTPUTS = ("feast", "offline", "training", "dead_letters.jsonl", "item_warnings.jsonl",
+                "freshness.parquet", "checkpoint.pkl", "summary.json")
 
 
 @dataclass
@@ -26,84 +28,81 @@ class DemoReport:
 
     def text(self) -> str:
         f = self.figures
-        return "\n".join(
-            [
-                "ppm demo (embedded)",
-                f"  simulated        {f['days']:g} days, {f['users']:,} users, seed {f['seed']}",
-                f"  item events      {f['item_events']:,} ({f['items']:,} items)",
-                f"  behavior events  {f['behavior_events']:,}; "
-                f"{f['fresh_impression_share']:.1%} of impressions on items < 1 day old",
-                f"  dead letters     {f['dead_letters']:,} (reasons in {f['dead_letter_file']})",
-                f"  encoded sample   {f['items_encoded']:,} items at "
-                f"{f['encode_items_per_s']:.0f} items/s -> {f['embedding_dim']}-d vectors, "
-                f"{f['encoder_version']}",
-                f"  not done         {NOT_YET}",
-            ]
-        )
+
+        def ms(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:,.0f} ms"
+
+        return "\n".join([
+            "ppm demo (embedded: Feast on SQLite, no servers)",
+            f"  world            {f['days']:g} days, {f['users']:,} users, seed {f['seed']}",
+            f"  item events      {f['item_events']:,}: {f['items_embedded']:,} embedded on "
+            f"arrival ({f['embedding_dim']}-d, {f['encoder_version']})",
+            f"  freshness        arrival -> readable online: p50 {ms(f['freshness_p50_ms'])}, "
+            f"p99 {ms(f['freshness_p99_ms'])}",
+            f"  behavior events  {f['behavior_events']:,} -> {f['sequences_written']:,} "
+            f"sequence writes",
+            f"  training log     {f['samples_logged']:,} labelled impressions in "
+            f"{f['windows_closed']:,} closed windows; {f['cold_sample_share']:.1%} on items "
+            f"< 1 day old, {f['cold_samples_with_embedding']:.1%} of those with an embedding",
+            f"  dead letters     {f['dead_letters']:,} (reasons in {f['dead_letter_file']})",
+            f"  data             {f['data_dir']}  (try: ppm --data-dir {f['data_dir']} "
+            f"features get --item {f['example_item']})",
+            f"  not done         {NOT_YET}",
+        ])
 
 
 def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> DemoReport:
-    """Simulate, decode and encode a sample; return the figures (see ``DemoReport``)."""
-    from tqdm import tqdm
+    """Simulate and stream a shop into ``out_dir`` (default ``DATA_DIR/demo``); the figures."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
 
-    from encoders.item_encoder import ItemEncoder
+    from streams.local_runner import LocalRunner
     from streams.shop_simulator import ShopSimulator
 
-    sim_cfg = cfg.simulator.model_copy(
+    world = cfg.simulator.model_copy(
         update={"malformed_share": max(cfg.simulator.malformed_share, 0.005)}
-        | ({"days": 1.0, "n_users": 300, "initial_items": 200, "items_per_day": 100}
-           if quick else {})
+        | (QUICK_WORLD if quick else {})
     )
-    sample_size = 64 if quick else 256
-    out = out_dir or cfg.data_dir / "demo"
+    out = Path(out_dir or cfg.data_dir / "demo")
     out.mkdir(parents=True, exist_ok=True)
-    dead_file = out / "dead_letters.jsonl"
+    for name in DEMO_OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    run_cfg = cfg.model_copy(update={"data_dir": out})
 
-    counts = {"item": 0, "behavior": 0, "dead": 0, "impressions": 0, "fresh_impressions": 0}
-    first_seen: dict[str, datetime] = {}
-    sample: list[ItemEvent] = []
-    simulator = ShopSimulator(sim_cfg)
-    with dead_file.open("wb") as dead_out:
-        for line_no, (kind, raw) in enumerate(
-            tqdm(simulator.records(), desc="simulate+decode", unit=" ev", mininterval=0.5)
-        ):
-            event = decode(raw, kind, f"demo:{kind}:{line_no}", cfg.contracts,
-                           cfg.images.max_bytes)
-            if isinstance(event, DeadLetter):
-                counts["dead"] += 1
-                dead_out.write(event.to_json() + b"\n")
-                continue
-            counts[kind] += 1
-            if isinstance(event, ItemEvent):
-                first_seen.setdefault(event.item_id, event.event_time)
-                if event.op is ItemOp.UPSERT and len(sample) < sample_size:
-                    sample.append(event)
-            elif event.action is Action.IMPRESSION:
-                counts["impressions"] += 1
-                seen = first_seen.get(event.item_id)
-                if seen is not None and event.event_time - seen < timedelta(days=1):
-                    counts["fresh_impressions"] += 1
+    runner = LocalRunner(run_cfg, resume=False)
+    summary = runner.run(ShopSimulator(world).records(), source="demo")
 
-    encoder = ItemEncoder.from_config(cfg)
-    started = time.perf_counter()
-    embeddings = encoder.encode(sample)
-    elapsed = time.perf_counter() - started
-
-    return DemoReport(
-        {
-            "days": sim_cfg.days,
-            "users": sim_cfg.n_users,
-            "seed": sim_cfg.seed,
-            "items": len(first_seen),
-            "item_events": counts["item"],
-            "behavior_events": counts["behavior"],
-            "dead_letters": counts["dead"],
-            "dead_letter_file": str(dead_file),
-            "fresh_impression_share": counts["fresh_impressions"] / max(counts["impressions"], 1),
-            "items_encoded": len(embeddings.item_ids),
-            "encode_items_per_s": len(embeddings.item_ids) / elapsed if elapsed else 0.0,
-            "embedding_dim": encoder.dim,
-            "encoder_version": embeddings.encoder_version,
-            "pipeline": NOT_YET,
-        }
-    )
+    windows = sorted((out / "training" / "windows").glob("*.parquet"))
+    samples = ds.dataset(windows, format="parquet").to_table(
+        columns=["item_id", "item_age_s", "item_encoder_version"])
+    cold = samples.filter(pc.less(samples["item_age_s"], 86_400.0))
+    cold_embedded = cold.filter(pc.is_valid(cold["item_encoder_version"]))
+    freshness = summary.freshness
+    return DemoReport({
+        "days": world.days,
+        "users": world.n_users,
+        "seed": world.seed,
+        "item_events": summary.item_events,
+        "items_embedded": summary.items_embedded,
+        "embedding_dim": runner.encoder.dim,
+        "encoder_version": runner.encoder.encoder_version,
+        "behavior_events": summary.behavior_events,
+        "sequences_written": summary.sequences_written,
+        "freshness_p50_ms": freshness["p50_ms"],
+        "freshness_p95_ms": freshness["p95_ms"],
+        "freshness_p99_ms": freshness["p99_ms"],
+        "dead_letters": summary.dead_letters,
+        "dead_letter_file": str(out / "dead_letters.jsonl"),
+        "windows_closed": summary.windows_closed,
+        "samples_logged": samples.num_rows,
+        "cold_sample_share": cold.num_rows / max(samples.num_rows, 1),
+        "cold_samples_with_embedding": cold_embedded.num_rows / max(cold.num_rows, 1),
+        "image_errors": summary.image_errors,
+        "data_dir": str(out),
+        "example_item": samples["item_id"][0].as_py() if samples.num_rows else "i0000000",
+        "not_done": NOT_YET,
+    })

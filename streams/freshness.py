@@ -1,42 +1,75 @@
-"""Freshness lag: how long a new or changed item waits until its embedding is readable online.
+"""Freshness: how long a new or changed item waits until its embedding is readable online.
 
-The lag of one item is *readable time - arrival time*, both on the wall clock: arrival is
-when the event reached the pipeline (for a live stream, about its event time; for a replay,
-when the replay handed it over), readable is when the online write that carries its vector
-returned. It covers batching wait, image fetch, encoding and the store write.
+For every embedded item ppm records three times (microseconds since the epoch, UTC):
+
+* ``event_time``: when the catalog changed (the item event's own time);
+* ``arrived``: when the event reached the pipeline (wall clock; for a live stream about the
+  event time, for a replay the moment the replay handed it over);
+* ``readable``: when the online write carrying its vector returned (wall clock).
+
+The *lag* is ``readable - arrived``: batching wait, image fetch, encoding and the store write.
+Event time is kept too, so a live deployment can also read ``readable - event_time``, which
+adds the time the event spent upstream (in Kafka, in the catalog service).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from streams.atomic_file import write_atomically
+
+SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("event_time", pa.timestamp("us", tz="UTC")),
+    ("arrived", pa.timestamp("us", tz="UTC")),
+    ("readable", pa.timestamp("us", tz="UTC")),
+])
 
 
 class FreshnessStats:
-    """Collects lags (milliseconds) and reports percentiles."""
+    """Per-item freshness records, with percentiles of the arrival-to-readable lag."""
 
     def __init__(self) -> None:
-        self._lags_ms: list[float] = []
+        self._rows: dict[str, list] = {name: [] for name in SCHEMA.names}
 
-    def record(self, lags_ms: Iterable[float]) -> None:
-        self._lags_ms.extend(float(x) for x in lags_ms)
+    def record(self, item_ids: Sequence[str], event_us: Sequence[int],
+               arrived_us: Sequence[int], readable_us: int) -> list[float]:
+        """Record one written batch; returns its lags in milliseconds."""
+        self._rows["item_id"].extend(item_ids)
+        self._rows["event_time"].extend(event_us)
+        self._rows["arrived"].extend(arrived_us)
+        self._rows["readable"].extend([readable_us] * len(item_ids))
+        return [(readable_us - a) / 1000 for a in arrived_us]
 
     @property
     def count(self) -> int:
-        return len(self._lags_ms)
+        return len(self._rows["item_id"])
 
     def percentiles(self) -> dict[str, float | None]:
-        """``{"p50_ms", "p95_ms", "p99_ms", "max_ms"}``; None when nothing was recorded."""
-        if not self._lags_ms:
+        """``{"p50_ms", "p95_ms", "p99_ms", "max_ms"}`` of the lag; None when empty."""
+        if not self.count:
             return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
-        lags = np.asarray(self._lags_ms)
+        lags = (np.asarray(self._rows["readable"]) - np.asarray(self._rows["arrived"])) / 1000
         p50, p95, p99 = np.percentile(lags, [50, 95, 99])
         return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99),
                 "max_ms": float(lags.max())}
 
+    def to_table(self) -> pa.Table:
+        return pa.table({k: pa.array(v, pa.int64()) if k != "item_id" else v
+                         for k, v in self._rows.items()}).cast(SCHEMA)
+
+    def save(self, path: Path) -> None:
+        """Write every record to ``path`` (parquet), atomically."""
+        table = self.to_table()
+        write_atomically(path, lambda fh: pq.write_table(table, fh))
+
     def state_dict(self) -> dict:
-        return {"lags_ms": list(self._lags_ms)}
+        return {k: list(v) for k, v in self._rows.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._lags_ms = list(state["lags_ms"])
+        self._rows = {name: list(state[name]) for name in SCHEMA.names}

@@ -159,8 +159,9 @@ class ItemEmbedder:
         # 4. Only now is the batch done.
         for s in states:
             self.state[s.item_id] = s
-        result.freshness_ms = [(readable_us - a) / 1000 for _, a in to_encode]
-        self.freshness.record(result.freshness_ms)
+        result.freshness_ms = self.freshness.record(
+            [r.item_id for r in rows], [r.content_time_us for r in rows],
+            [a for _, a in to_encode], readable_us)
         result.applied = len(accepted)
         result.encoded = len(rows)
         result.deleted = sum(e.op is ItemOp.DELETE for e, _ in accepted)

@@ -10,7 +10,6 @@ repeat rows, so readers deduplicate on ``(item_id, encoder_version, content_hash
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from streams.atomic_file import write_atomically
 from streams.online_features import ItemEmbeddingRow
 
 SCHEMA = pa.schema([
@@ -30,15 +30,6 @@ SCHEMA = pa.schema([
     ("embedding", pa.list_(pa.float32())),
 ])
 KEY = ["item_id", "encoder_version", "content_hash"]
-
-
-def write_atomically(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` so that readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class ItemLog:
@@ -71,7 +62,7 @@ class ItemLog:
                 ).cast(pa.list_(pa.float32())),
             }
         ).cast(SCHEMA)
-        write_atomically(table, path)
+        write_atomically(path, lambda fh: pq.write_table(table, fh))
         return path
 
 

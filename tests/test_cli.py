@@ -54,16 +54,26 @@ def test_simulate_same_seed_gives_byte_identical_files(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_quick_reports_what_it_did(tmp_path, capsys):
+def test_demo_quick_streams_the_shop_through_feast(tmp_path, capsys):
     assert main(["demo", "--quick", "--json", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    figures = json.loads(out.strip().splitlines()[-1])
-    assert figures["items_encoded"] == 64 and figures["embedding_dim"] == 1664
-    assert figures["behavior_events"] > 1_000 and figures["item_events"] >= figures["items"]
-    assert figures["encoder_version"].startswith("enc-")
+    f = json.loads(out.strip().splitlines()[-1])
+    for key in ("items_embedded", "behavior_events", "freshness_p50_ms", "freshness_p99_ms",
+                "dead_letters", "windows_closed", "samples_logged"):
+        assert key in f, key
+    assert f["items_embedded"] > 300 and f["embedding_dim"] == 1664
+    assert 0 < f["freshness_p50_ms"] <= f["freshness_p99_ms"]
+    # Every impression became exactly one sample (the run finished, nothing pending).
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finished"] and summary["training_log"]["pending_impressions"] == 0
+    assert f["samples_logged"] == summary["training_log"]["impressions"] > 1_000
+    assert f["windows_closed"] == len(list((tmp_path / "training" / "windows").glob("*.parquet")))
     # Malformed records are mixed in; each one is a dead letter with a reason, none lost.
     dead = (tmp_path / "dead_letters.jsonl").read_text().splitlines()
-    assert figures["dead_letters"] == len(dead) > 0
+    assert f["dead_letters"] == len(dead) > 0
     assert all(json.loads(line)["reason"] for line in dead)
-    assert 0.1 < figures["fresh_impression_share"] < 0.5
-    assert "not implemented yet" in out  # it does not pretend to do more than it does
+    assert summary["records"] == (summary["item_events"] + summary["behavior_events"]
+                                  + summary["dead_letters"])
+    # Cold items are not blank ids: almost every impression of a new item finds its embedding.
+    assert 0.1 < f["cold_sample_share"] < 0.5 and f["cold_samples_with_embedding"] > 0.9
+    assert "not implemented yet" in out  # it does not pretend to train

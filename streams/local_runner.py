@@ -1,0 +1,327 @@
+"""The local runner: replays an event stream through the processors, with no servers.
+
+It decodes wire records (malformed ones go to ``dead_letters.jsonl`` with their reason),
+micro-batches item events into :class:`ItemEmbedder` and behavior events into
+:class:`SequenceBuilder` then :class:`TrainingLogWriter`, at full speed or at N x real time.
+
+**Clock.** Batches are bounded in *event time*: an item batch closes when it is full or when
+the stream has moved ``item_batch_wait_s`` past its first event. For a live stream that is
+the wall clock; for a replay it keeps the pipeline's behaviour (how long a new item waits to
+be embedded, measured in the stream's own time) independent of replay speed.
+
+**Checkpoints.** Every ``pipeline.checkpoint_every`` records, and at the end, the runner
+flushes its batches and writes ``checkpoint.pkl`` atomically: the input position and every
+processor's state. A restarted runner resumes from it: records before the position are
+skipped, files it appends to are cut back to their checkpointed size, and work redone
+after the checkpoint is idempotent (guarded online writes, window files by name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import json
+import pickle
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from ppm.config import Config
+from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode
+from streams.atomic_file import append_line, size_of, truncate_to, write_atomically
+from streams.freshness import FreshnessStats
+from streams.item_embedder import EmbedResult, ItemEmbedder
+from streams.item_log import ItemLog
+from streams.online_features import OnlineFeatures, now_us
+from streams.sequence_builder import SequenceBuilder, to_us
+from streams.training_log import TrainingLogWriter
+
+CHECKPOINT_VERSION = 1
+Record = tuple[Literal["item", "behavior"], bytes]
+
+
+@dataclass
+class RunSummary:
+    """Counts of one run (cumulative over restarts: they live in the checkpoint)."""
+
+    records: int = 0
+    item_events: int = 0
+    behavior_events: int = 0
+    dead_letters: int = 0
+    items_embedded: int = 0
+    items_unchanged: int = 0
+    items_deleted: int = 0
+    item_events_ignored: int = 0
+    """Older-than-stored or duplicate item events (no-ops by design)."""
+    image_errors: int = 0
+    sequences_written: int = 0
+    windows_closed: int = 0
+    resumed_from: int = 0
+    """Input position this run started at (0 for a fresh run)."""
+    source: str = ""
+    """What was streamed (checked on resume: a checkpoint only fits its own input)."""
+    finished: bool = False
+    training_log: dict = field(default_factory=dict)
+    freshness: dict = field(default_factory=dict)
+
+
+class LocalRunner:
+    """Streams records through the pipeline into ``cfg.data_dir``.
+
+    Layout of ``cfg.data_dir``: ``feast/`` (the online store), ``offline/item_embedding/``
+    (item log parts), ``training/windows/`` (labelled windows), ``dead_letters.jsonl``,
+    ``item_warnings.jsonl`` (photos that could not be used), ``freshness.parquet`` (per
+    embedded item: event time, arrival, readable online), ``checkpoint.pkl`` and its
+    readable twin ``summary.json``.
+
+    Args:
+        cfg: the configuration.
+        encoder: an ``ItemEncoder``; built from ``cfg`` when None (loading takes seconds).
+        resume: continue from ``checkpoint.pkl`` when there is one.
+    """
+
+    def __init__(self, cfg: Config, encoder=None, resume: bool = True):
+        from encoders.item_encoder import ItemEncoder  # torch: only when a runner is built
+
+        self.cfg = cfg
+        self.root = Path(cfg.data_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = OnlineFeatures.open(cfg)
+        self.encoder = encoder or ItemEncoder.from_config(cfg)
+        self.freshness = FreshnessStats()
+        self.embedder = ItemEmbedder(
+            self.encoder, self.store, ItemLog(self.root / "offline" / "item_embedding"),
+            freshness=self.freshness,
+        )
+        self.sequences = SequenceBuilder(self.store, k=cfg.features.sequence_length)
+        self.training_log = TrainingLogWriter(
+            self.root / "training",
+            sequences=self.sequences.state,
+            items=self.embedder.state,
+            attribution_window_s=cfg.pipeline.attribution_window_s,
+            window_s=cfg.pipeline.log_window_s,
+        )
+        self.summary = RunSummary()
+        self.dead_letter_path = self.root / "dead_letters.jsonl"
+        self.warning_path = self.root / "item_warnings.jsonl"
+        self.checkpoint_path = self.root / "checkpoint.pkl"
+        self.summary_path = self.root / "summary.json"
+        self.freshness_path = self.root / "freshness.parquet"
+        self._items: list[tuple[ItemEvent, int]] = []
+        self._behaviors: list[BehaviorEvent] = []
+        self._clock_us = 0  # the stream's clock: the newest event time seen
+        self._behavior_clock_us = 0  # the newest behavior event time seen
+        if resume and self.checkpoint_path.exists():
+            self._restore()
+        else:
+            for path in (self.dead_letter_path, self.warning_path):
+                path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(
+        self,
+        records: Iterable[Record],
+        source: str,
+        speed: float | None = None,
+        progress: bool = True,
+        stop_after: int | None = None,
+    ) -> RunSummary:
+        """Process ``records`` (wire bytes, in event-time order) from the checkpointed position.
+
+        ``source`` names the input (e.g. ``jsonl:/path``); resuming a checkpoint of another
+        source is an error. ``speed``: None replays as fast as possible; N paces events at
+        N x real time. ``stop_after``: stop (without finishing the windows) after this many
+        records in total, checkpointed; for partial runs and tests.
+        """
+        from tqdm import tqdm
+
+        if self.summary.records and self.summary.source != source:
+            raise ValueError(f"the checkpoint in {self.root} is for {self.summary.source!r}, "
+                             f"not {source!r}; start over with resume=False (--fresh)")
+        self.summary.source = source
+        start = self.summary.records
+        self.summary.resumed_from = start
+        pace = _Pacer(speed)
+        bar = tqdm(desc="stream", unit=" ev", disable=not progress, mininterval=0.5,
+                   initial=start)
+        every = self.cfg.pipeline.checkpoint_every
+        for position, (kind, raw) in enumerate(records):
+            if position < start:
+                continue  # processed before the checkpoint we resumed from
+            if stop_after is not None and position >= stop_after:
+                self.checkpoint()
+                bar.close()
+                return self.summary
+            where = f"{kind}:{position}"
+            self._accept(decode(raw, kind, where, self.cfg.contracts, self.cfg.images.max_bytes),
+                         where, pace)
+            self.summary.records = position + 1
+            bar.update(1)
+            if self.summary.records % every == 0:
+                self.checkpoint()
+        bar.close()
+        self._flush_items()
+        self._flush_behaviors()
+        self.summary.windows_closed += len(self.training_log.close_all())
+        self.summary.finished = True
+        self.checkpoint()
+        return self.summary
+
+    def _dead_letter(self, letter: DeadLetter) -> None:
+        self.summary.dead_letters += 1
+        append_line(self.dead_letter_path, letter.to_json())
+
+    def _accept(self, event: ItemEvent | BehaviorEvent | DeadLetter, source: str,
+                pace: _Pacer) -> None:
+        if isinstance(event, DeadLetter):
+            self._dead_letter(event)
+            return
+        t = to_us(event.event_time)
+        jump_s = (t - self._behavior_clock_us) / 1e6
+        if (isinstance(event, BehaviorEvent) and self._behavior_clock_us
+                and jump_s > self.cfg.pipeline.max_clock_jump_s):
+            self._dead_letter(DeadLetter(
+                expected="behavior", source=source, received_at=datetime.now(UTC),
+                payload=event.to_json().decode(),
+                reason=f"event_time: {jump_s:,.0f}s ahead of the stream (limit "
+                       f"pipeline.max_clock_jump_s = {self.cfg.pipeline.max_clock_jump_s:,.0f}s)",
+            ))
+            return
+        pace.wait_for(t)
+        self._clock_us = max(self._clock_us, t)
+        if isinstance(event, ItemEvent):
+            self.summary.item_events += 1
+            self._items.append((event, now_us()))
+        else:
+            self.summary.behavior_events += 1
+            self._behavior_clock_us = max(self._behavior_clock_us, t)
+            self._behaviors.append(event)
+        wait_us = self.cfg.pipeline.item_batch_wait_s * 1e6
+        if self._items and (
+            len(self._items) >= self.cfg.pipeline.item_batch_size
+            or self._clock_us - to_us(self._items[0][0].event_time) >= wait_us
+        ):
+            # Behaviors queued before these items go first: they happened before them.
+            self._flush_behaviors()
+            self._flush_items()
+        if len(self._behaviors) >= self.cfg.pipeline.behavior_batch_size:
+            self._flush_behaviors()
+
+    def _flush_items(self) -> None:
+        if not self._items:
+            return
+        events, arrived = zip(*self._items, strict=True)
+        result: EmbedResult = self.embedder.process(list(events), list(arrived))
+        self._items = []
+        s = self.summary
+        s.items_embedded += result.encoded
+        s.items_unchanged += result.unchanged
+        s.items_deleted += result.deleted
+        s.item_events_ignored += result.older + result.duplicates
+        s.image_errors += len(result.image_errors)
+        for item_id, reason in result.image_errors.items():
+            append_line(self.warning_path,
+                         json.dumps({"item_id": item_id, "reason": reason}).encode())
+
+    def _flush_behaviors(self) -> None:
+        if not self._behaviors:
+            return
+        # Sequences first: the log writer cuts each user's sequence at the impression time.
+        self.summary.sequences_written += len(self.sequences.process(self._behaviors))
+        self.summary.windows_closed += len(self.training_log.process(self._behaviors))
+        self._behaviors = []
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> None:
+        """Flush the batches and save the whole state atomically."""
+        self._flush_behaviors()
+        self._flush_items()
+        self.summary.training_log = dict(self.training_log.counters)
+        self.summary.freshness = self.freshness.percentiles()
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "encoder_version": self.encoder.encoder_version,
+            "summary": self.summary,
+            "clock_us": self._clock_us,
+            "behavior_clock_us": self._behavior_clock_us,
+            "items": dict(self.embedder.state),
+            "sequences": dict(self.sequences.state),
+            "training_log": self.training_log.state_dict(),
+            "freshness": self.freshness.state_dict(),
+            "file_sizes": {p.name: size_of(p) for p in (self.dead_letter_path,
+                                                             self.warning_path)},
+        }
+        write_atomically(self.checkpoint_path, pickle.dumps(state, pickle.HIGHEST_PROTOCOL))
+        self.freshness.save(self.freshness_path)
+        # The same figures for people and other commands (ppm features get reads the clock).
+        readable = {"clock": datetime.fromtimestamp(self._clock_us / 1e6, UTC).isoformat(),
+                    **asdict(self.summary)}
+        write_atomically(self.summary_path, json.dumps(readable, indent=2).encode())
+
+    def _restore(self) -> None:
+        with open(self.checkpoint_path, "rb") as fh:
+            state = pickle.load(fh)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise RuntimeError(f"{self.checkpoint_path} is from another ppm version; "
+                               "delete it (or use --fresh) to start over")
+        self.summary = state["summary"]
+        self._clock_us = state["clock_us"]
+        self._behavior_clock_us = state["behavior_clock_us"]
+        self.embedder.state.update(state["items"])
+        self.sequences.state.update(state["sequences"])
+        self.training_log.load_state_dict(state["training_log"])
+        self.freshness.load_state_dict(state["freshness"])
+        # Lines appended after the checkpoint will be appended again: cut them off.
+        for path in (self.dead_letter_path, self.warning_path):
+            truncate_to(path, state["file_sizes"].get(path.name, 0))
+
+
+class _Pacer:
+    """Sleeps so that events are released at ``speed`` x real time (None: no waiting)."""
+
+    def __init__(self, speed: float | None):
+        if speed is not None and speed <= 0:
+            raise ValueError(f"speed must be positive, got {speed}")
+        self.speed = speed
+        self._origin: tuple[int, float] | None = None  # (first event time µs, wall s)
+
+    def wait_for(self, event_us: int) -> None:
+        if self.speed is None:
+            return
+        if self._origin is None:
+            self._origin = (event_us, time.monotonic())
+            return
+        due = self._origin[1] + (event_us - self._origin[0]) / 1e6 / self.speed
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def jsonl_records(folder: Path) -> Iterator[Record]:
+    """``items.jsonl`` and ``behaviors.jsonl`` of ``folder`` merged into one stream.
+
+    Each file must be in event-time order (``ppm simulate`` writes them so). Lines are
+    merged by the ``event_time`` they carry; a line without a readable one (malformed) keeps
+    its place after the previous line of its file. At equal times items come first.
+    """
+
+    def lines(kind: Literal["item", "behavior"]) -> Iterator[tuple[float, int, Record]]:
+        path = Path(folder) / f"{kind}s.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"no {path.name} in {folder}")
+        last = float("-inf")
+        with open(path, "rb") as fh:
+            for raw in fh:
+                raw = raw.rstrip(b"\n")
+                # A malformed line keeps the previous time; the decoder will say what is wrong.
+                with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                    last = datetime.fromisoformat(json.loads(raw)["event_time"]).timestamp()
+                yield last, 0 if kind == "item" else 1, (kind, raw)
+
+    for _, _, record in heapq.merge(lines("item"), lines("behavior"), key=lambda x: x[:2]):
+        yield record
