@@ -135,6 +135,30 @@ class PipelineConfig(_Section):
     """The local runner checkpoints after this many input records."""
 
 
+class TrainerConfig(_Section):
+    """The ranker's training: variant, optimisation, incremental promotion."""
+
+    variant: Literal["idrec", "ppm", "modal"] = "ppm"
+    """idrec: ID transformer only; ppm: ID + PPM modality transformer; modal: PPM only."""
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    initial_epochs: int = Field(3, ge=1)
+    """Epochs of the first fit (no champion yet), over every window up to then."""
+    incremental_epochs: int = Field(1, ge=1)
+    """Epochs of each fine-tuning step on one new window."""
+    warmup_windows: int = Field(24, ge=1)
+    """Windows the first model is fitted on before incremental steps start."""
+    replay_share: float = Field(0.25, ge=0, le=10)
+    """Older samples mixed into a fine-tuning step, as a share of the new window's size."""
+    promote_tolerance: float = Field(0.002, ge=0)
+    """A candidate is promoted unless its click AUC on the next window is worse than the
+    champion's by more than this."""
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)
+    """torch threads for training; None: one per CPU core."""
+
+
 class Config(_Section):
     """Everything ppm-stream can be told. Build it with :func:`load_config`."""
 
@@ -146,6 +170,7 @@ class Config(_Section):
     simulator: SimulatorConfig = SimulatorConfig()
     features: FeatureStoreConfig = FeatureStoreConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    trainer: TrainerConfig = TrainerConfig()
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,8 +4,9 @@ It decodes wire records (malformed ones go to ``dead_letters.jsonl`` with their 
 micro-batches item events into :class:`ItemEmbedder` and behavior events into
 :class:`SequenceBuilder` then :class:`TrainingLogWriter`, at full speed or at N x real time.
 
-**Clock.** Batches are bounded in *event time*: an item batch closes when it is full or when
-the stream has moved ``item_batch_wait_s`` past its first event. For a live stream that is
+**Clock.** Batches are bounded in *event time*: an item batch closes when it is full, when
+the stream has moved ``item_batch_wait_s`` past its first event, or with the next behavior
+batch (``behavior_batch_size`` events). For a live stream that is
 the wall clock; for a replay it keeps the pipeline's behaviour (how long a new item waits to
 be embedded, measured in the stream's own time) independent of replay speed.
 
@@ -164,8 +165,7 @@ class LocalRunner:
             if self.summary.records % every == 0:
                 self.checkpoint()
         bar.close()
-        self._flush_items()
-        self._flush_behaviors()
+        self._flush()
         self.summary.windows_closed += len(self.training_log.close_all())
         self.summary.finished = True
         self.checkpoint()
@@ -201,15 +201,19 @@ class LocalRunner:
             self._behavior_clock_us = max(self._behavior_clock_us, t)
             self._behaviors.append(event)
         wait_us = self.cfg.pipeline.item_batch_wait_s * 1e6
-        if self._items and (
-            len(self._items) >= self.cfg.pipeline.item_batch_size
-            or self._clock_us - to_us(self._items[0][0].event_time) >= wait_us
-        ):
-            # Behaviors queued before these items go first: they happened before them.
-            self._flush_behaviors()
-            self._flush_items()
-        if len(self._behaviors) >= self.cfg.pipeline.behavior_batch_size:
-            self._flush_behaviors()
+        if (self._items and (
+                len(self._items) >= self.cfg.pipeline.item_batch_size
+                or self._clock_us - to_us(self._items[0][0].event_time) >= wait_us)
+                or len(self._behaviors) >= self.cfg.pipeline.behavior_batch_size):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Items first, then behaviors. A queued impression may be older than a queued item
+        update; the log writer keeps only embedding versions older than each impression, so
+        applying the items first never leaks the future, and a new item's first impressions
+        find its embedding as they would in a live stream."""
+        self._flush_items()
+        self._flush_behaviors()
 
     def _flush_items(self) -> None:
         if not self._items:
@@ -239,8 +243,7 @@ class LocalRunner:
 
     def checkpoint(self) -> None:
         """Flush the batches and save the whole state atomically."""
-        self._flush_behaviors()
-        self._flush_items()
+        self._flush()
         self.summary.training_log = dict(self.training_log.counters)
         self.summary.freshness = self.freshness.percentiles()
         state = {
