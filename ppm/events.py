@@ -37,7 +37,8 @@ from pydantic import (
 from ppm.config import ContractConfig
 
 # Event times outside this range are almost always a unit mix-up (ms vs s) or a sentinel.
-MIN_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+# 1990 leaves room for historical logs (MovieLens starts in 1995).
+MIN_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC)
 MAX_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC)
 
 
@@ -55,7 +56,7 @@ def _parse_event_time(value: Any) -> datetime:
         raise ValueError("timestamp has no UTC offset; add 'Z' or '+00:00'")
     parsed = parsed.astimezone(UTC)
     if not MIN_EVENT_TIME <= parsed < MAX_EVENT_TIME:
-        raise ValueError(f"timestamp {parsed.isoformat()} is outside 2000..2100")
+        raise ValueError(f"timestamp {parsed.isoformat()} is outside 1990..2100")
     return parsed
 
 

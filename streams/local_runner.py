@@ -201,9 +201,9 @@ class LocalRunner:
             self._behavior_clock_us = max(self._behavior_clock_us, t)
             self._behaviors.append(event)
         wait_us = self.cfg.pipeline.item_batch_wait_s * 1e6
-        if (self._items and (
+        if ((self._items and (
                 len(self._items) >= self.cfg.pipeline.item_batch_size
-                or self._clock_us - to_us(self._items[0][0].event_time) >= wait_us)
+                or self._clock_us - to_us(self._items[0][0].event_time) >= wait_us))
                 or len(self._behaviors) >= self.cfg.pipeline.behavior_batch_size):
             self._flush()
 

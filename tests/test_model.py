@@ -1,0 +1,494 @@
+"""The unified ranker: shapes, masking, padding, the missing vector, variants, checkpoints,
+and the cold-start point of PPM on a toy task (modal vectors generalise to unseen ids)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from trainer.model import (
+    VARIANTS,
+    RankerConfig,
+    UnifiedRanker,
+    gap_bucket,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+DAY = 86_400.0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: a second thread only adds synchronisation, and on a busy 2-core machine
+    # spinning OpenMP threads make these tests ~10x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(variant: str = "ppm", **overrides) -> RankerConfig:
+    """A config small enough for fast tests, with every part present."""
+    return RankerConfig(**{
+        "variant": variant, "item_buckets": 1024, "category_buckets": 16, "brand_buckets": 16,
+        "shop_buckets": 16, "price_buckets": 4, "gap_buckets": 8, "max_seq_len": 12,
+        "modal_dim": 24, "d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64,
+        "side_dim": 4, "n_experts": 2, "expert_dim": 32, "tower_dim": 16, **overrides})
+
+
+def make_model(variant: str = "ppm", seed: int = 0, **overrides) -> UnifiedRanker:
+    torch.manual_seed(seed)
+    return UnifiedRanker(tiny(variant, **overrides))
+
+
+def random_batch(c: RankerConfig, B: int = 5, L: int = 6, M: int = 9, seed: int = 0,
+                 labels: bool = True) -> dict[str, torch.Tensor]:
+    """A batch in the contract: left-padded sequences of random lengths (one row empty)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, L + 1, (B, 1), generator=g)
+    lengths[0] = 0  # a user with no history
+    mask = torch.arange(L).unsqueeze(0) >= L - lengths  # (B, L)
+
+    def ints(lo, hi, shape):
+        return torch.randint(lo, hi, shape, generator=g)
+
+    batch = {
+        "item_id": ints(1, c.item_buckets, (B,)),
+        "category": ints(0, c.category_buckets, (B,)),
+        "brand": ints(0, c.brand_buckets, (B,)),
+        "shop": ints(0, c.shop_buckets, (B,)),
+        "price_bucket": ints(0, c.price_buckets, (B,)),
+        "seq_item_id": ints(1, c.item_buckets, (B, L)) * mask,
+        "seq_action": ints(1, 4, (B, L)) * mask,
+        "seq_gap": ints(1, c.gap_buckets, (B, L)) * mask,
+        "seq_mask": mask,
+        "modal_table": torch.randn(M, c.modal_dim, generator=g),
+        "target_modal_row": ints(0, M, (B,)),
+        "seq_modal_row": ints(0, M, (B, L)) * mask,
+    }
+    if labels:
+        batch["labels"] = ints(0, 2, (B, len(c.tasks))).float()
+        batch["label_mask"] = torch.ones(B, len(c.tasks), dtype=torch.bool)
+    return batch
+
+
+def scores(model: UnifiedRanker, batch: dict) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(batch)[0]
+
+
+# -----------------------------------------------------------------------------
+# gap_bucket
+
+
+def test_gap_bucket_edges():
+    got = gap_bucket(np.array([-5.0, 0.0, 59.9, 60.0, 3600.0, 29.9 * DAY, 30 * DAY, 1e12]), 16)
+    assert got.dtype == np.int64
+    assert got[:3].tolist() == [1, 1, 1]  # under a minute (and clock skew)
+    assert got[3] == 2
+    assert got[5] == 14 and got[6] == 15 and got[7] == 15  # 30 days or more: the last bucket
+    assert gap_bucket([float("nan")], 16).tolist() == [15]  # unknown time: "long ago"
+    assert gap_bucket(np.zeros((2, 3)), 16).shape == (2, 3)
+    assert gap_bucket(np.array([1.0, 1e9]), 2).tolist() == [1, 1]
+    with pytest.raises(ValueError):
+        gap_bucket(np.array([1.0]), 1)
+
+
+@given(
+    seconds=hnp.arrays(np.float64, st.integers(0, 50),
+                       elements=st.floats(-1e3, 1e10, allow_nan=False)),
+    n_buckets=st.integers(2, 64),
+)
+def test_gap_bucket_monotone_and_in_range(seconds, n_buckets):
+    got = gap_bucket(seconds, n_buckets)
+    assert got.shape == seconds.shape
+    assert ((got >= 1) & (got <= n_buckets - 1)).all()
+    order = np.argsort(seconds, kind="stable")
+    assert (np.diff(got[order]) >= 0).all()
+
+
+# -----------------------------------------------------------------------------
+# Shapes, config
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shapes_and_loss(variant):
+    model = make_model(variant)
+    batch = random_batch(model.config)
+    logits, loss = model(batch)
+    assert logits.shape == (5, 3)
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    _, no_loss = model(random_batch(model.config, labels=False))
+    assert no_loss is None
+
+
+def test_default_config_runs_and_variants_have_only_their_modules():
+    torch.manual_seed(0)
+    default = UnifiedRanker(RankerConfig())
+    assert default.config.variant == "ppm" and default.config.modal_dim == 1664
+    logits, loss = default(random_batch(default.config, B=2, L=50, M=3))
+    assert logits.shape == (2, 3) and torch.isfinite(loss)
+    assert make_model("idrec").ppm is None
+    assert make_model("modal").id_module is None
+    ppm = make_model("ppm")
+    assert ppm.id_module is not None and ppm.ppm is not None
+    assert ppm.parameter_count() == sum(p.numel() for p in ppm.parameters())
+
+
+@pytest.mark.parametrize("bad", [{"variant": "bert"}, {"task_weights": (1.0,)},
+                                 {"d_model": 30, "n_heads": 4}, {"gap_buckets": 1}])
+def test_config_rejects_nonsense(bad):
+    with pytest.raises(ValueError):
+        tiny(**bad)
+
+
+def test_wrong_modal_dim_and_too_long_sequences_are_clear_errors():
+    model = make_model("ppm")
+    batch = random_batch(model.config)
+    batch["modal_table"] = torch.randn(9, 25)
+    with pytest.raises(ValueError, match="modal_table"):
+        model(batch)
+    long = random_batch(model.config, L=13)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(long)
+
+
+# -----------------------------------------------------------------------------
+# Masking: absent labels, padding
+
+
+def test_absent_task_is_left_out_of_the_loss():
+    model = make_model("ppm", dropout=0.0)
+    batch = random_batch(model.config, B=8)
+    batch["label_mask"][:, 2] = False
+    batch["labels"][:, 2] = float("nan")  # an absent label may hold anything
+    logits, loss = model.train()(batch)
+    w = model.config.task_weights
+    expected = sum(w[t] * F.binary_cross_entropy_with_logits(logits[:, t], batch["labels"][:, t])
+                   for t in (0, 1))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    tower = model.mmoe.towers[2]
+    assert all(p.grad is None or not p.grad.any() for p in tower.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_partially_labelled_task_is_a_mean_over_present_labels():
+    model = make_model("idrec")
+    batch = random_batch(model.config, B=6)
+    batch["label_mask"][:3, 0] = False
+    logits, loss = model.eval()(batch)
+    w = model.config.task_weights
+    expected = (w[0] * F.binary_cross_entropy_with_logits(logits[3:, 0], batch["labels"][3:, 0])
+                + sum(w[t] * F.binary_cross_entropy_with_logits(logits[:, t],
+                                                                batch["labels"][:, t])
+                      for t in (1, 2)))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_no_labels_at_all_is_a_zero_loss_not_nan():
+    model = make_model("ppm")
+    batch = random_batch(model.config)
+    batch["label_mask"][:] = False
+    _, loss = model(batch)
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padding_and_padded_contents_do_not_change_scores(variant):
+    model = make_model(variant)
+    batch = random_batch(model.config, L=6, labels=False)
+    padded = dict(batch)
+    extra = 4
+    for key in ("seq_item_id", "seq_action", "seq_gap", "seq_modal_row", "seq_mask"):
+        padded[key] = F.pad(batch[key], (extra, 0))  # zeros (False) on the left
+    torch.testing.assert_close(scores(model, padded), scores(model, batch), atol=1e-5, rtol=0)
+    # Whatever sits under seq_mask == False is not looked at.
+    junk = dict(padded)
+    g = torch.Generator().manual_seed(3)
+    hidden = ~padded["seq_mask"]
+    junk["seq_item_id"] = torch.where(hidden, torch.randint(1, 1024, hidden.shape, generator=g),
+                                      padded["seq_item_id"])
+    junk["seq_action"] = torch.where(hidden, 2, padded["seq_action"])
+    junk["seq_gap"] = torch.where(hidden, 5, padded["seq_gap"])
+    junk["seq_modal_row"] = torch.where(hidden, 3, padded["seq_modal_row"])
+    torch.testing.assert_close(scores(model, junk), scores(model, batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_serving_path_scores_like_the_training_path(variant):
+    """Serving runs under inference_mode, where PyTorch takes its fused encoder fast path;
+    the scores must be those of the ordinary (autograd) path training uses."""
+    model = make_model(variant).eval()
+    batch = random_batch(model.config, labels=False)
+    with torch.inference_mode():
+        fast = model(batch)[0]
+    slow = model(batch)[0]
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_recency_action_and_order_matter():
+    model = make_model("idrec")
+    batch = random_batch(model.config, labels=False)
+    base = scores(model, batch)
+    for key, value in (("seq_gap", 1), ("seq_action", 3)):
+        changed = dict(batch, **{key: torch.where(batch["seq_mask"], value, 0)})
+        assert not torch.allclose(scores(model, changed), base)
+    flipped = dict(batch)
+    for key in ("seq_item_id", "seq_action", "seq_gap"):
+        flipped[key] = batch[key].clone()
+        flipped[key][:, -2:] = batch[key][:, -2:].flip(1)
+    full = batch["seq_mask"][:, -2:].all(1)
+    assert full.any()
+    assert not torch.allclose(scores(model, flipped)[full], base[full])
+
+
+# -----------------------------------------------------------------------------
+# Modal inputs: the missing vector, which variant reads what
+
+
+def test_missing_vectors_give_finite_scores_and_train_the_missing_vector():
+    model = make_model("ppm")
+    batch = random_batch(model.config)
+    batch["target_modal_row"][:] = 0
+    batch["seq_modal_row"][:] = 0
+    batch["modal_table"] = batch["modal_table"][:1]  # nothing embedded: only the placeholder
+    logits, loss = model.train()(batch)
+    assert torch.isfinite(logits).all()
+    loss.backward()
+    assert model.ppm.missing.grad is not None and model.ppm.missing.grad.abs().sum() > 0
+    # Row 0's content is never used.
+    before = scores(model, batch)
+    batch["modal_table"] = torch.full_like(batch["modal_table"], 1e6)
+    torch.testing.assert_close(scores(model, batch), before)
+
+
+def test_row_zero_content_is_ignored_and_float16_tables_work():
+    model = make_model("modal")
+    batch = random_batch(model.config, labels=False)
+    changed = dict(batch, modal_table=batch["modal_table"].clone())
+    changed["modal_table"][0] = 123.0
+    torch.testing.assert_close(scores(model, changed), scores(model, batch))
+    half = dict(batch, modal_table=batch["modal_table"].half())
+    torch.testing.assert_close(scores(model, half), scores(model, batch), atol=1e-2, rtol=0)
+
+
+def test_idrec_ignores_modal_inputs():
+    model = make_model("idrec")
+    batch = random_batch(model.config, labels=False)
+    other = random_batch(model.config, M=4, seed=7, labels=False)
+    changed = dict(batch, **{k: other[k] for k in
+                             ("modal_table", "target_modal_row", "seq_modal_row")})
+    torch.testing.assert_close(scores(model, changed), scores(model, batch))
+    without = {k: v for k, v in batch.items() if "modal" not in k}
+    torch.testing.assert_close(scores(model, without), scores(model, batch))
+
+
+def test_modal_ignores_ids():
+    model = make_model("modal")
+    batch = random_batch(model.config, labels=False)
+    other = random_batch(model.config, seed=7, labels=False)
+    ids = ("item_id", "category", "brand", "shop", "price_bucket")
+    changed = dict(batch, **{k: other[k] for k in ids})
+    changed["seq_item_id"] = torch.where(batch["seq_mask"], other["seq_item_id"] % 1023 + 1, 0)
+    torch.testing.assert_close(scores(model, changed), scores(model, batch))
+    without = {k: v for k, v in batch.items() if k not in (*ids, "seq_item_id")}
+    torch.testing.assert_close(scores(model, without), scores(model, batch))
+
+
+def test_ppm_reads_both():
+    model = make_model("ppm")
+    batch = random_batch(model.config, labels=False)
+    base = scores(model, batch)
+    assert not torch.allclose(scores(model, dict(batch, item_id=batch["item_id"] % 1023 + 1)),
+                              base)
+    table = batch["modal_table"].flip(0)
+    assert not torch.allclose(scores(model, dict(batch, modal_table=table)), base)
+
+
+def test_modal_weights_plug_into_a_ppm_model():
+    """The paper's plug-in step: a modal-only model's PPM module loads into the unified one."""
+    modal, ppm = make_model("modal", seed=1), make_model("ppm", seed=2)
+    pretrained = {k: v for k, v in modal.state_dict().items() if k.startswith("ppm.")}
+    result = ppm.load_state_dict(pretrained, strict=False)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if k.startswith("ppm.")]
+    for name, p in modal.ppm.named_parameters():
+        torch.testing.assert_close(ppm.ppm.get_parameter(name), p)
+
+
+# -----------------------------------------------------------------------------
+# Determinism, checkpoints
+
+
+def test_same_seed_same_model_same_training_step():
+    a, b = make_model("ppm", seed=3), make_model("ppm", seed=3)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    batch = random_batch(a.config)
+    torch.manual_seed(5)
+    loss_a = a.train()(batch)[1]
+    torch.manual_seed(5)
+    loss_b = b.train()(batch)[1]
+    assert torch.equal(loss_a, loss_b)
+    assert not torch.equal(make_model("ppm", seed=4).mmoe.gates[0].weight, a.mmoe.gates[0].weight)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_checkpoint_round_trip(tmp_path, variant):
+    model = make_model(variant)
+    batch = random_batch(model.config, labels=False)
+    # Train a step so the weights differ from any fresh init.
+    model.train()(random_batch(model.config))[1].backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    path = tmp_path / "model.pt"
+    extra = {"version": "v000001", "windows": ["a", "b"], "auc": 0.7, "n": 3, "none": None,
+             "nested": {"offsets": [1, 2]}, "tensor": torch.arange(3)}
+    save_checkpoint(path, model, extra)
+    loaded, got = load_checkpoint(path)
+    assert not loaded.training
+    assert loaded.config == model.config
+    assert got.keys() == extra.keys() and torch.equal(got.pop("tensor"), extra.pop("tensor"))
+    assert got == extra
+    assert torch.equal(scores(loaded, batch), scores(model, batch))
+
+
+def test_checkpoint_refuses_extras_that_weights_only_loading_would_refuse(tmp_path):
+    from pathlib import Path
+
+    model = make_model("modal")
+    for bad in ({"path": Path("x")}, {"arr": np.zeros(2)}, {"x": [{"y": object()}]}):
+        with pytest.raises(TypeError):
+            save_checkpoint(tmp_path / "m.pt", model, bad)
+
+
+def test_config_dict_round_trip_and_older_dicts_get_defaults():
+    c = tiny("modal", task_weights=(2.0, 1.0, 0.0))
+    d = c.to_dict()
+    assert isinstance(d["tasks"], list)
+    assert RankerConfig.from_dict(d) == c
+    older = {k: v for k, v in d.items() if k != "tower_dim"}
+    assert RankerConfig.from_dict(older).tower_dim == RankerConfig().tower_dim
+    with pytest.raises(ValueError, match="unknown"):
+        RankerConfig.from_dict({**d, "new_field": 1})
+
+
+# -----------------------------------------------------------------------------
+# Random shapes and masks
+
+@functools.cache
+def shared_model(variant: str) -> UnifiedRanker:
+    return make_model(variant)
+
+
+@settings(max_examples=40, deadline=None)
+@given(variant=st.sampled_from(VARIANTS), B=st.integers(1, 6), L=st.integers(1, 12),
+       M=st.integers(1, 8), seed=st.integers(0, 2**16), train=st.booleans(),
+       label_density=st.floats(0, 1))
+def test_random_shapes_and_masks_give_finite_outputs(variant, B, L, M, seed, train,
+                                                     label_density):
+    model = shared_model(variant).train(train)
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, L, generator=g) < torch.rand(1, generator=g)  # any pattern, any row
+    batch = random_batch(c, B=B, L=L, M=M, seed=seed)
+    batch["seq_mask"] = mask
+    batch["seq_modal_row"] = torch.randint(0, M, (B, L), generator=g)
+    batch["label_mask"] = torch.rand(B, 3, generator=g) < label_density
+    logits, loss = model(batch)
+    assert logits.shape == (B, 3)
+    assert torch.isfinite(logits).all() and torch.isfinite(loss)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+# -----------------------------------------------------------------------------
+# The cold-start point of the paper, in miniature
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    ranks = np.empty(len(scores))
+    ranks[np.argsort(scores)] = np.arange(1, len(scores) + 1)
+    pos = labels == 1
+    n1, n0 = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def topic_world(seed: int = 0, n_topics: int = 6, n_items: int = 300, dim: int = 24):
+    """Items 1..n_items are seen in training, n_items+1..2*n_items only at test time (new
+    items). Each item belongs to a topic; its modal vector is the topic's centre plus noise,
+    and its modal row equals its id. Nothing else (category, brand, shop) gives the topic."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_topics, dim, generator=g)
+    topic = torch.randint(0, n_topics, (2 * n_items + 1,), generator=g)
+    table = centres[topic] + 0.3 * torch.randn(2 * n_items + 1, dim, generator=g)
+    return g, topic, table
+
+
+def topic_samples(g, topic, table, n: int, targets: torch.Tensor, L: int = 8):
+    """Users like two topics; their last L interactions are seen items of those topics.
+    click = 1 iff the target's topic is liked (half of the samples)."""
+    n_topics = int(topic.max()) + 1
+    seen = torch.arange(1, (len(topic) - 1) // 2 + 1)
+    liked = torch.zeros(n, n_topics, dtype=torch.bool)
+    liked.scatter_(1, torch.stack([torch.randperm(n_topics, generator=g)[:2]
+                                   for _ in range(n)]), True)
+
+    def pick(pool, ok):  # one id per row, from pool, of an allowed topic
+        weights = ok[:, topic[pool]].float()  # (n, len(pool))
+        return pool[torch.multinomial(weights, 1, generator=g).squeeze(1)]
+
+    seq = torch.stack([pick(seen, liked) for _ in range(L)], dim=1)  # (n, L)
+    click = torch.rand(n, generator=g) < 0.5
+    target = torch.where(click, pick(targets, liked), pick(targets, ~liked))
+    zeros = torch.zeros(n, dtype=torch.long)
+    labels = torch.zeros(n, 3)
+    labels[:, 0] = click.float()
+    label_mask = torch.zeros(n, 3, dtype=torch.bool)
+    label_mask[:, 0] = True  # only clicks are labelled here
+    return {"item_id": target, "category": zeros, "brand": zeros, "shop": zeros,
+            "price_bucket": zeros, "seq_item_id": seq, "seq_action": torch.ones_like(seq),
+            "seq_gap": torch.randint(1, 8, seq.shape, generator=g),
+            "seq_mask": torch.ones_like(seq, dtype=torch.bool), "modal_table": table,
+            "target_modal_row": target, "seq_modal_row": seq, "labels": labels,
+            "label_mask": label_mask}
+
+
+def test_modal_vectors_score_unseen_items_that_ids_cannot():
+    g, topic, table = topic_world()
+    train = topic_samples(g, topic, table, 4096, torch.arange(1, 301))
+    test = topic_samples(g, topic, table, 1024, torch.arange(301, 601))  # new item ids
+    result = {}
+    for variant in VARIANTS:
+        model = make_model(variant)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        order = torch.Generator().manual_seed(1)
+        model.train()
+        for _ in range(120):
+            idx = torch.randint(0, 4096, (256,), generator=order)
+            _, loss = model({k: v if k == "modal_table" else v[idx] for k, v in train.items()})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        result[variant] = {name: auc(data["labels"][:, 0].numpy(),
+                                     scores(model, data)[:, 0].numpy())
+                           for name, data in (("seen", train), ("new", test))}
+    assert result["idrec"]["seen"] > 0.65, result  # IDs do learn the items they have seen,
+    assert result["idrec"]["new"] < 0.6, result  # but know nothing about new ones;
+    assert result["modal"]["new"] > 0.95, result  # modal vectors carry over to new items,
+    assert result["ppm"]["new"] > 0.9, result  # and so does the unified model.

@@ -1,0 +1,385 @@
+"""The unified ranker: an ID transformer, the PPM modality transformer and MMoE task heads.
+
+After PPM (Gao et al., "A Pre-trained Plug-in Model for CTR Prediction", arXiv 2403.10049):
+the ID module (IDRec) learns from hashed ids and knows nothing about an item nobody has
+interacted with yet; the PPM module sees the same behaviour sequence through the items'
+cached modal vectors (text 384 + image 1280 = 1664 floats from frozen encoders, computed once
+when an item arrives), so a brand-new item is scored by what it looks like. Both feed a
+multi-gate mixture of experts with one tower per task (click, order, collect).
+
+Variants (``RankerConfig.variant``):
+
+* ``"idrec"``: ID module only; modal inputs are never read (they may be absent).
+* ``"ppm"``: ID module + PPM module, trained end to end (the unified model).
+* ``"modal"``: PPM module only; id inputs (item, category, brand, shop, price, sequence ids)
+  are never read. Its ``ppm.*`` weights load into a ``"ppm"`` model (same names), which is
+  the paper's "pre-train, then plug in" step.
+
+The batch contract — a dict of tensors on the model's device. B = batch size, L = sequence
+length (L <= ``max_seq_len``), M = rows of the modal table::
+
+    item_id, category, brand, shop   int64 (B,)    target item's ids, hashed by the data layer
+                                                   into [1, <x>_buckets); 0 = unknown
+    price_bucket                     int64 (B,)    in [0, price_buckets)
+    seq_item_id                      int64 (B, L)  hashed like item_id; 0 = padding
+    seq_action                       int64 (B, L)  0 padding, 1 click, 2 order, 3 collect
+    seq_gap                          int64 (B, L)  gap_bucket(impression - interaction time);
+                                                   0 = padding
+    seq_mask                         bool  (B, L)  True where a real interaction is
+    modal_table                      float (M, modal_dim)  cached item vectors; row 0 ignored
+    target_modal_row                 int64 (B,)    row of the target in modal_table;
+                                                   0 = missing/stale -> learned vector
+    seq_modal_row                    int64 (B, L)  rows of the sequence items; 0 = missing
+    labels                           float32 (B, n_tasks)  optional; order of config.tasks
+    label_mask                       bool  (B, n_tasks)    optional; False = label absent
+
+Sequences are LEFT-padded: the last position is the most recent interaction, and positions
+are counted from there, so extra left padding never changes a score. ``forward(batch)``
+returns ``(logits (B, n_tasks), loss)``; ``loss`` is None without ``labels``. Absent labels
+(``label_mask`` False, any value, even NaN) are left out of the loss, not read as negatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VARIANTS = ("idrec", "ppm", "modal")
+N_ACTIONS = 4  # 0 padding, 1 click, 2 order, 3 collect
+
+
+@dataclass
+class RankerConfig:
+    variant: str = "ppm"  # "idrec" (IDs only), "ppm" (IDs + modal, unified), "modal" (modal only)
+    tasks: tuple[str, ...] = ("click", "order", "collect")  # one tower and label column each
+    task_weights: tuple[float, ...] = (1.0, 0.5, 0.5)  # loss weight per task, aligned w/ tasks
+    # hash buckets: sizes of the id tables (the data layer hashes into [1, buckets); 0 unknown)
+    item_buckets: int = 2**16  # 65k item rows x d_model: the bulk of the parameters; dense
+    # AdamW touches every row each step, so more rows cost time even when unused
+    category_buckets: int = 2**10  # categories are few; collisions are rare at 1k
+    brand_buckets: int = 2**12  # 4k brands
+    shop_buckets: int = 2**12  # 4k shops
+    price_buckets: int = 32  # price_bucket values are already in [0, 32)
+    gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d
+    max_seq_len: int = 50  # longest behaviour sequence L the position table covers
+    modal_dim: int = 1664  # width of a cached item vector: text 384 + image 1280
+    # transformers (the ID and the PPM module each have their own)
+    d_model: int = 64  # token width; small, because training runs on a few CPU cores
+    n_heads: int = 2  # attention heads (d_model must divide by it)
+    n_layers: int = 2  # encoder layers per transformer
+    d_ff: int = 128  # feed-forward width inside each encoder layer
+    side_dim: int = 16  # width of each target side feature (category, brand, shop, price)
+    dropout: float = 0.1  # in the experts and towers, on (B, expert_dim) activations: cheap
+    seq_dropout: float = 0.0  # inside the transformers; off because on CPU the masks over
+    #   (B, L, d) cost ~1.7x in step time at 0.1 (bench/train.py --seq-dropout 0.1)
+    # multi-task head (MMoE)
+    n_experts: int = 4  # shared expert MLPs
+    expert_dim: int = 64  # hidden and output width of each expert
+    tower_dim: int = 32  # hidden width of each task tower
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        self.task_weights = tuple(float(w) for w in self.task_weights)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if len(self.task_weights) != len(self.tasks):
+            raise ValueError(f"{len(self.tasks)} tasks but {len(self.task_weights)} weights")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.gap_buckets < 2:
+            raise ValueError("gap_buckets must be >= 2 (0 is padding)")
+
+    @property
+    def uses_ids(self) -> bool:
+        return self.variant in ("idrec", "ppm")
+
+    @property
+    def uses_modal(self) -> bool:
+        return self.variant in ("ppm", "modal")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (tuples become lists), for checkpoints and JSON."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RankerConfig:
+        """Inverse of :meth:`to_dict`; fields missing from ``d`` (added later) get defaults."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown RankerConfig fields {sorted(unknown)} (newer checkpoint?)")
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------
+# Recency buckets (used by the data layer and serving, so that both bucket alike)
+
+GAP_MIN_S = 60.0  # bucket 1: less than a minute ago
+GAP_MAX_S = 30 * 86_400.0  # last bucket: 30 days ago or more
+
+
+def gap_bucket(seconds: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Recency buckets of ``seconds`` (impression time - interaction time; any array-like of
+    numbers), int64 in ``[1, n_buckets)``, same shape as ``seconds``.
+
+    Bucket 1 is "< 1 min", bucket ``n_buckets - 1`` is ">= 30 days", and the buckets between
+    are log-spaced (about x2.3 each with 16 buckets: <1 min, <2.3 min, <5 min, ... <13 d,
+    <30 d). Non-decreasing in ``seconds``. Negative gaps (clock skew) land in bucket 1, NaN in
+    the last bucket. 0 is never returned: it is the padding bucket.
+    """
+    if n_buckets < 2:
+        raise ValueError("n_buckets must be >= 2 (0 is padding)")
+    s = np.asarray(seconds, dtype=np.float64)
+    edges = np.geomspace(GAP_MIN_S, GAP_MAX_S, n_buckets - 2)  # (n_buckets - 2,)
+    return (np.searchsorted(edges, s, side="right") + 1).astype(np.int64)
+
+
+# -----------------------------------------------------------------------------
+# Parts
+
+
+class BehaviorTransformer(nn.Module):
+    """A bidirectional transformer over [sequence tokens..., target token] -> target's output.
+
+    The caller supplies the content of each token (an id embedding or a projected modal
+    vector); this part adds position (counted from the most recent interaction: 1, 2, ...;
+    0 marks the target), recency and action embeddings, masks padding out of attention and
+    returns the target token's final representation.
+    """
+
+    def __init__(self, config: RankerConfig):
+        super().__init__()
+        d = config.d_model
+        self.max_seq_len = config.max_seq_len
+        self.pos_emb = nn.Embedding(config.max_seq_len + 1, d)  # 0 target, k = k-th most recent
+        self.gap_emb = nn.Embedding(config.gap_buckets, d, padding_idx=0)
+        self.action_emb = nn.Embedding(N_ACTIONS, d, padding_idx=0)
+        self.drop = nn.Dropout(config.seq_dropout)
+        layer = nn.TransformerEncoderLayer(
+            d, config.n_heads, config.d_ff, config.seq_dropout, activation="gelu",
+            batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config.n_layers, norm=nn.LayerNorm(d),
+                                             enable_nested_tensor=False)
+
+    def forward(self, seq: torch.Tensor, target: torch.Tensor, batch: dict) -> torch.Tensor:
+        """seq (B, L, d) and target (B, d) contents -> (B, d)."""
+        B, seq_len, _ = seq.shape  # seq_len is L
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} > max_seq_len {self.max_seq_len}")
+        pos = torch.arange(seq_len, 0, -1, device=seq.device)  # (L,): L ... 1, last slot = 1
+        seq = (seq + self.pos_emb(pos) + self.gap_emb(batch["seq_gap"])
+               + self.action_emb(batch["seq_action"]))  # (B, L, d)
+        target = target + self.pos_emb.weight[0]  # (B, d)
+        x = torch.cat([seq, target.unsqueeze(1)], dim=1)  # (B, L+1, d)
+        # True = ignore. The target token is always attended to, so no row is all-masked.
+        target_kept = torch.zeros(B, 1, dtype=torch.bool, device=seq.device)  # (B, 1)
+        ignore = torch.cat([~batch["seq_mask"], target_kept], dim=1)  # (B, L+1)
+        h = self.encoder(self.drop(x), src_key_padding_mask=ignore)  # (B, L+1, d)
+        return h[:, -1]  # (B, d)
+
+
+class IDModule(nn.Module):
+    """IDRec: hashed id embeddings and a transformer over the id sequence.
+
+    Returns (B, out_dim): the transformer's target output (d_model), then the target's own
+    embeddings, which go to the MMoE directly: item (d_model), category, brand, shop and
+    price (side_dim each). The side features stay out of the transformer, so the target
+    token is the same kind of token as the sequence items it is compared with.
+    """
+
+    def __init__(self, config: RankerConfig):
+        super().__init__()
+        c = config
+        self.item_emb = nn.Embedding(c.item_buckets, c.d_model, padding_idx=0)  # seq + target
+        self.category_emb = nn.Embedding(c.category_buckets, c.side_dim, padding_idx=0)
+        self.brand_emb = nn.Embedding(c.brand_buckets, c.side_dim, padding_idx=0)
+        self.shop_emb = nn.Embedding(c.shop_buckets, c.side_dim, padding_idx=0)
+        self.price_emb = nn.Embedding(c.price_buckets, c.side_dim)  # bucket 0 is a real price
+        self.transformer = BehaviorTransformer(c)
+        self.out_dim = 2 * c.d_model + 4 * c.side_dim
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        target = self.item_emb(batch["item_id"])  # (B, d)
+        seq = self.item_emb(batch["seq_item_id"])  # (B, L, d)
+        h = self.transformer(seq, target, batch)  # (B, d)
+        side = [self.category_emb(batch["category"]), self.brand_emb(batch["brand"]),
+                self.shop_emb(batch["shop"]), self.price_emb(batch["price_bucket"])]
+        return torch.cat([h, target, *side], dim=1)  # (B, out_dim)
+
+
+class PPMModule(nn.Module):
+    """PPM: the behaviour sequence seen through the items' cached modal vectors.
+
+    The (M, modal_dim) table is projected once per forward, then rows are gathered for the
+    target and the sequence, so a (B, L, modal_dim) tensor is never built. Row 0 (missing,
+    stale or padding) is replaced by a learned vector.
+    """
+
+    def __init__(self, config: RankerConfig):
+        super().__init__()
+        self.modal_dim = config.modal_dim
+        self.proj = nn.Sequential(nn.Linear(config.modal_dim, config.d_model),
+                                  nn.LayerNorm(config.d_model))
+        self.missing = nn.Parameter(torch.zeros(config.d_model))  # stands in for row 0
+        self.transformer = BehaviorTransformer(config)
+        self.out_dim = 2 * config.d_model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """-> (B, 2 d): the transformer's target output, then the target's own projected
+        vector, which reaches the MMoE directly (as the target's id embedding does in the ID
+        module): for an item nobody has clicked it is the strongest signal there is."""
+        table = batch["modal_table"]  # (M, modal_dim)
+        if table.ndim != 2 or table.shape[1] != self.modal_dim:
+            raise ValueError(f"modal_table has shape {tuple(table.shape)}, the model expects "
+                             f"(M, {self.modal_dim}) (another encoder version?)")
+        table = table.to(self.proj[0].weight.dtype)  # the cache may store float16
+        projected = torch.cat([self.missing.unsqueeze(0), self.proj(table[1:])])  # (M, d)
+        target = projected[batch["target_modal_row"]]  # (B, d)
+        seq = projected[batch["seq_modal_row"]]  # (B, L, d)
+        h = self.transformer(seq, target, batch)  # (B, d)
+        return torch.cat([h, target], dim=1)  # (B, 2d)
+
+
+class MMoE(nn.Module):
+    """Multi-gate mixture of experts: shared experts, a softmax gate and a tower per task."""
+
+    def __init__(self, in_dim: int, config: RankerConfig):
+        super().__init__()
+        c = config
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_dim, c.expert_dim), nn.ReLU(), nn.Dropout(c.dropout),
+                          nn.Linear(c.expert_dim, c.expert_dim), nn.ReLU())
+            for _ in range(c.n_experts))
+        self.gates = nn.ModuleList(nn.Linear(in_dim, c.n_experts) for _ in c.tasks)
+        self.towers = nn.ModuleList(
+            nn.Sequential(nn.Linear(c.expert_dim, c.tower_dim), nn.ReLU(), nn.Dropout(c.dropout),
+                          nn.Linear(c.tower_dim, 1))
+            for _ in c.tasks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_dim) -> logits (B, n_tasks)."""
+        experts = torch.stack([e(x) for e in self.experts], dim=1)  # (B, E, H)
+        logits = []
+        for gate, tower in zip(self.gates, self.towers, strict=True):
+            w = F.softmax(gate(x), dim=-1)  # (B, E)
+            mixed = torch.einsum("be,beh->bh", w, experts)  # (B, H)
+            logits.append(tower(mixed))  # (B, 1)
+        return torch.cat(logits, dim=1)  # (B, n_tasks)
+
+
+def masked_multitask_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                          weights: torch.Tensor) -> torch.Tensor:
+    """Sum over tasks of weight * mean BCE over the task's present labels; a task without
+    any present label adds exactly 0 (and no gradient). All of shape (B, n_tasks) but
+    ``weights`` (n_tasks,)."""
+    # Zero absent labels first: a NaN there would otherwise leak into the gradient.
+    labels = torch.where(mask, labels, torch.zeros_like(labels))
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, n_tasks)
+    bce = torch.where(mask, bce, torch.zeros_like(bce))
+    per_task = bce.sum(0) / mask.sum(0).clamp(min=1)  # (n_tasks,)
+    return (weights * per_task).sum()
+
+
+# -----------------------------------------------------------------------------
+# The whole
+
+
+class UnifiedRanker(nn.Module):
+    """IDRec and/or PPM module -> MMoE -> one logit per task. See the module docstring.
+
+    Example::
+
+        model = UnifiedRanker(RankerConfig(variant="ppm"))
+        logits, loss = model(batch)  # (B, 3), scalar (None without "labels")
+    """
+
+    def __init__(self, config: RankerConfig):
+        super().__init__()
+        self.config = config
+        self.id_module = IDModule(config) if config.uses_ids else None
+        self.ppm = PPMModule(config) if config.uses_modal else None
+        in_dim = ((self.id_module.out_dim if self.id_module else 0)
+                  + (self.ppm.out_dim if self.ppm else 0))
+        self.mmoe = MMoE(in_dim, config)
+        self.register_buffer("task_weights", torch.tensor(config.task_weights), persistent=False)
+        self.apply(_init_weights)
+
+    def forward(self, batch: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        parts = []
+        if self.id_module is not None:
+            parts.append(self.id_module(batch))  # (B, 2d + 4 side)
+        if self.ppm is not None:
+            parts.append(self.ppm(batch))  # (B, 2d)
+        logits = self.mmoe(torch.cat(parts, dim=1))  # (B, n_tasks)
+        labels = batch.get("labels")
+        if labels is None:
+            return logits, None
+        mask = batch.get("label_mask")
+        mask = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
+        return logits, masked_multitask_loss(logits, labels.to(logits.dtype), mask,
+                                             self.task_weights)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Embeddings small (as in GPT-2), padding rows zero; Linear layers keep PyTorch's
+    # fan-in scaled default, which suits the ReLU experts and towers.
+    if isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, PPMModule):
+        nn.init.normal_(module.missing, std=0.02)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: the config travels with the weights, so any version can be rebuilt
+
+CHECKPOINT_FORMAT = 1
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str | int):
+                raise TypeError(f"{where}: key {k!r} is not a str or int")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN):
+        raise TypeError(f"{where} is a {type(value).__name__}; checkpoints hold only dicts, "
+                        "lists, str, numbers, bool, None and tensors (weights_only loading)")
+
+
+def save_checkpoint(path: str | Path, model: UnifiedRanker, extra: dict[str, Any]) -> None:
+    """Write config, weights and ``extra`` (plain values and tensors only) to ``path``.
+
+    Raises TypeError if ``extra`` holds anything ``torch.load(weights_only=True)`` would
+    refuse (numpy arrays, Paths, datetimes): better now than when loading.
+    """
+    _check_plain(extra, "extra")
+    torch.save({"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(),
+                "state_dict": model.state_dict(), "extra": dict(extra)}, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
+                    ) -> tuple[UnifiedRanker, dict[str, Any]]:
+    """The model (in eval mode) and ``extra`` saved by :func:`save_checkpoint`."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {ckpt.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT}")
+    model = UnifiedRanker(RankerConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt["extra"]

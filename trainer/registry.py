@@ -1,0 +1,102 @@
+"""The model registry: immutable versions in a folder, and an atomic champion pointer.
+
+Layout under ``root``::
+
+    versions/v000001/model.pt    weights and model config (trainer.model.save_checkpoint)
+    versions/v000001/meta.json   metrics, data range, encoder_version, parent, decision
+    champion.json                {"version": "v000001", ...}: the model serving uses
+    trainer_state.json           where the incremental trainer is (last window trained)
+
+A version folder is written under a temporary name and renamed into place, so it is either
+complete or absent; it is never changed afterwards. ``champion.json`` and
+``trainer_state.json`` are replaced atomically. A ``kill -9`` at any moment therefore leaves
+the last promoted champion usable, and at worst a finished but unrecorded step that the
+trainer simply does again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from streams.atomic_file import write_atomically
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.pt"
+
+
+class Registry:
+    """Versions and the champion pointer under ``root`` (created if needed)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.champion_path = self.root / "champion.json"
+        self.state_path = self.root / "trainer_state.json"
+
+    def versions(self) -> list[Version]:
+        """All complete versions, oldest first."""
+        out = []
+        for path in sorted(self.versions_dir.glob("v[0-9]*")):
+            meta_file = path / "meta.json"
+            if meta_file.exists():
+                out.append(Version(path.name, path, json.loads(meta_file.read_text())))
+        return out
+
+    def register(self, model, meta: dict[str, Any]) -> Version:
+        """Store ``model`` with ``meta`` as a new immutable version; returns it."""
+        from trainer.model import save_checkpoint
+
+        existing = [int(p.name[1:]) for p in self.versions_dir.glob("v[0-9]*")]
+        name = f"v{max(existing, default=0) + 1:06d}"
+        tmp = self.versions_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        meta = {"version": name, "created_at": datetime.now(UTC).isoformat(), **meta}
+        save_checkpoint(tmp / "model.pt", model, {"version": name})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, self.versions_dir / name)
+        return Version(name, self.versions_dir / name, meta)
+
+    def promote(self, version: Version) -> None:
+        """Make ``version`` the champion (atomic)."""
+        pointer = {"version": version.name, "promoted_at": datetime.now(UTC).isoformat()}
+        write_atomically(self.champion_path, json.dumps(pointer).encode())
+
+    def champion(self) -> Version | None:
+        """The current champion, or None before the first promotion."""
+        if not self.champion_path.exists():
+            return None
+        name = json.loads(self.champion_path.read_text())["version"]
+        path = self.versions_dir / name
+        return Version(name, path, json.loads((path / "meta.json").read_text()))
+
+    def load(self, version: Version):
+        """The model of ``version`` (eval mode)."""
+        from trainer.model import load_checkpoint
+
+        model, _ = load_checkpoint(version.model_path)
+        return model.eval()
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        write_atomically(self.state_path, json.dumps(state, indent=2).encode())
