@@ -106,10 +106,13 @@ class FeatureStoreConfig(_Section):
     """A Feast ``feature_store.yaml``. None: ``feature_repo/feature_store.yaml`` (embedded:
     SQLite online store, DuckDB offline store). Relative paths in it resolve under
     ``DATA_DIR/feast/``."""
-    freshness_window_s: float = Field(7 * 86_400.0, gt=0)
+    freshness_window_s: float | None = Field(None, gt=0)
     """An embedding computed from an item event older than this (in event time) is stale:
-    reads report it stale and the ranker treats it as missing. Feast's own ttl is not
-    applied on online reads (feast-dev/feast#6821), so ppm enforces this itself."""
+    reads report it stale and the ranker treats it as missing. None (the default): age
+    alone never makes a vector stale, since an unchanged item keeps a valid vector; set it
+    for catalogs that re-publish items regularly. Deleted items, items not embedded yet and
+    vectors of another encoder version are stale regardless. Feast's own ttl is not applied
+    on online reads (feast-dev/feast#6821), so ppm enforces this itself."""
     sequence_length: int = Field(50, ge=1, le=1_000)
     """K: the user's last K interactions (click, order, collect) kept in the online store."""
 

@@ -2,12 +2,15 @@
 
 It simulates a shop (with a few malformed records mixed in), replays it through the local
 runner (items embedded on arrival into Feast's SQLite online store, user sequences, labelled
-training windows), and reports what happened. Training the ranker is not built yet
-(issue #4), and the report says so rather than pretending.
+training windows), then trains the ranker incrementally over the closed windows, once as
+``idrec`` (IDs only) and once as ``ppm`` (IDs + cached modal embeddings), and reports what
+happened. Evaluation is test-then-train: each window is scored by the model trained on the
+windows before it, so every AUC is on data the model has not seen.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +18,13 @@ from typing import Any
 
 from ppm.config import Config
 
-NOT_YET = "training and evaluating the ranker are not implemented yet (issue #4)"
+NOT_YET = "the distributed path (Kafka, Faust, Redis) is not implemented yet (issue #5)"
+VARIANTS = ("idrec", "ppm")
 QUICK_WORLD = {"days": 2.0, "n_users": 400, "initial_items": 200, "items_per_day": 150}
 # Everything the demo writes in its folder; removed before a run so each demo starts fresh.
-DEMO_OUTPUTS = ("feast", "offline", "training", "dead_letters.jsonl", "item_warnings.jsonl",
-                "freshness.parquet", "checkpoint.pkl", "summary.json")
+DEMO_OUTPUTS = ("feast", "offline", "training", "registry", "dead_letters.jsonl",
+                "item_warnings.jsonl", "freshness.parquet", "checkpoint.pkl", "summary.json",
+                "demo_windows.json")
 
 
 @dataclass
@@ -45,10 +50,61 @@ class DemoReport:
             f"{f['windows_closed']:,} closed windows; {f['cold_sample_share']:.1%} on items "
             f"< 1 day old, {f['cold_samples_with_embedding']:.1%} of those with an embedding",
             f"  dead letters     {f['dead_letters']:,} (reasons in {f['dead_letter_file']})",
+            f"  ranker           test-then-train over {f['windows_evaluated']} windows after "
+            f"{f['warmup_windows']} warm-up windows; click AUC:",
+            "                     " + "  ".join(f"{v:>6}" for v in ("", *VARIANTS)),
+            "                     " + "  ".join(
+                [f"{'all':>6}"] + [f"{_num(f[f'auc_{v}']):>6}" for v in VARIANTS]),
+            "                     " + "  ".join(
+                [f"{'cold':>6}"] + [f"{_num(f[f'auc_cold_{v}']):>6}" for v in VARIANTS])
+            + "   (cold: items younger than one day at the impression)",
             f"  data             {f['data_dir']}  (try: ppm --data-dir {f['data_dir']} "
             f"features get --item {f['example_item']})",
             f"  not done         {NOT_YET}",
         ])
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def train_and_score(run_cfg: Config, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Incremental training of each variant over the closed windows; returns total click AUCs
+    (``auc_<variant>``, ``auc_cold_<variant>``) and one row per evaluated window."""
+    import numpy as np
+
+    from trainer.metrics import auc
+    from trainer.train import IncrementalTrainer
+
+    totals: dict = {}
+    per_window: dict[str, dict] = {}
+    for variant in VARIANTS:
+        labels, scores, cold = [], [], []
+
+        def collect(step, variant=variant, labels=labels, scores=scores, cold=cold) -> None:
+            y, s = step.eval_data.labels[:, 0], step.eval_logits[:, 0]
+            young = np.nan_to_num(step.eval_data.item_age_s, nan=np.inf) < 86_400
+            labels.append(y)
+            scores.append(s)
+            cold.append(young)
+            row = per_window.setdefault(step.eval_window, {"window": step.eval_window,
+                                                            "samples": len(y)})
+            row[f"auc_{variant}"] = auc(y, s)
+            row[f"auc_cold_{variant}"] = auc(y[young], s[young])
+            row[f"promoted_{variant}"] = step.promoted
+            if progress:
+                print(f"  {variant:5} {step.eval_window}: click AUC {_num(auc(y, s))}, "
+                      f"cold {_num(auc(y[young], s[young]))}, "
+                      f"{'promoted' if step.promoted else 'kept champion'}", flush=True)
+
+        IncrementalTrainer(run_cfg, variant=variant).follow(once=True, on_step=collect)
+        if labels:
+            y, s, young = (np.concatenate(x) for x in (labels, scores, cold))
+            totals[f"auc_{variant}"] = auc(y, s)
+            totals[f"auc_cold_{variant}"] = auc(y[young], s[young])
+        else:
+            totals[f"auc_{variant}"] = totals[f"auc_cold_{variant}"] = None
+    return totals, list(per_window.values())
 
 
 def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> DemoReport:
@@ -81,6 +137,8 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
         columns=["item_id", "item_age_s", "item_encoder_version"])
     cold = samples.filter(pc.less(samples["item_age_s"], 86_400.0))
     cold_embedded = cold.filter(pc.is_valid(cold["item_encoder_version"]))
+    totals, windows_evaluated = train_and_score(run_cfg)
+    (out / "demo_windows.json").write_text(json.dumps(windows_evaluated, indent=1))
     freshness = summary.freshness
     return DemoReport({
         "days": world.days,
@@ -104,5 +162,8 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
         "image_errors": summary.image_errors,
         "data_dir": str(out),
         "example_item": samples["item_id"][0].as_py() if samples.num_rows else "i0000000",
+        "warmup_windows": cfg.trainer.warmup_windows,
+        "windows_evaluated": len(windows_evaluated),
+        **totals,
         "not_done": NOT_YET,
     })

@@ -6,9 +6,9 @@ write path and one read path. Two things Feast does not do are done here:
 
 * **Freshness.** Feast does not apply a FeatureView's ttl on online reads
   (feast-dev/feast#6821). :meth:`OnlineFeatures.read_items` marks an embedding *stale* when
-  the item event it was computed from is older than ``features.freshness_window_s`` at the
-  reader's clock, or when it came from another encoder version; the ranker treats stale as
-  missing.
+  the item is deleted or not embedded yet, when it came from another encoder version, or
+  when the item event it was computed from is older than ``features.freshness_window_s`` (if
+  set) at the reader's clock; the ranker treats stale as missing.
 * **Order.** SQLite lets the last write win even for an older event; Redis ignores an older
   or equal timestamp. The processors guard every write with the item's ``updated_us`` so
   both stores end up with the same, newest value (see ``streams.item_embedder``).
@@ -84,11 +84,12 @@ class OnlineItem:
 class OnlineFeatures:
     """Batched reads and writes of item and user features in one Feast store.
 
-    Build it with :meth:`open`. ``freshness_window_s`` decides when an embedding is stale.
+    Build it with :meth:`open`. ``freshness_window_s`` (None: no age limit) decides when an
+    embedding is too old.
     """
 
     def __init__(self, store: FeatureStore, definitions: FeatureDefinitions,
-                 freshness_window_s: float):
+                 freshness_window_s: float | None):
         self.store = store
         self.definitions = definitions
         self.freshness_window_s = freshness_window_s
@@ -219,7 +220,8 @@ class OnlineFeatures:
             reason = "not embedded yet"
         elif encoder_version is not None and state.encoder_version != encoder_version:
             reason = f"encoder version {state.encoder_version} is not {encoder_version}"
-        elif age is not None and age > self.freshness_window_s:
+        elif (age is not None and self.freshness_window_s is not None
+              and age > self.freshness_window_s):
             reason = f"older than the freshness window ({age:.0f}s > "\
                      f"{self.freshness_window_s:.0f}s)"
         else:

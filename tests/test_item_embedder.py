@@ -106,7 +106,9 @@ def test_delete_is_a_tombstone_and_order_safe(embedder, online):
 
 def test_stale_embedding_is_reported_stale(embedder, online, item_encoder):
     embedder.process([item("a", 0)])
-    window = online.freshness_window_s
+    assert online.freshness_window_s is None  # by default age alone is never stale
+    assert not online.read_items(["a"], now=to_us(T0 + timedelta(days=3650)))["a"].stale
+    online.freshness_window_s = window = 3600.0
     fresh = online.read_items(["a"], now=to_us(T0 + timedelta(seconds=window - 1)))["a"]
     old = online.read_items(["a"], now=to_us(T0 + timedelta(seconds=window + 1)))["a"]
     assert not fresh.stale and old.stale and "freshness window" in old.stale_reason

@@ -174,10 +174,18 @@ def test_features_cli_shows_age_and_staleness(straight, capsys):
     item = shown["items"][item_id]
     assert item["embedding_dim"] == 1664 and item["age_s"] >= 0 and not item["stale"]
     assert shown["items"]["nope"] is None
-    assert main(["--data-dir", str(path), "features", "get", "--item", item_id,
-                 "--at", "2030-01-01T00:00:00+00:00"]) == 0
-    later = json.loads(capsys.readouterr().out)["items"][item_id]
-    assert later["stale"] and "freshness window" in later["stale_reason"]
+    # No age limit by default; with a freshness window, an old vector is reported stale.
+    later = ["--data-dir", str(path), "features", "get", "--item", item_id,
+             "--at", "2030-01-01T00:00:00+00:00"]
+    assert main(later) == 0
+    assert not json.loads(capsys.readouterr().out)["items"][item_id]["stale"]
+    os.environ["PPM__FEATURES__FRESHNESS_WINDOW_S"] = "86400"
+    try:
+        assert main(later) == 0
+    finally:
+        del os.environ["PPM__FEATURES__FRESHNESS_WINDOW_S"]
+    stale = json.loads(capsys.readouterr().out)["items"][item_id]
+    assert stale["stale"] and "freshness window" in stale["stale_reason"]
     clicker = next(e.user_id for e in ShopSimulator(WORLD).events()  # the same world
                    if isinstance(e, BehaviorEvent) and e.action is Action.CLICK)
     assert main(["--data-dir", str(path), "features", "get", "--user", clicker]) == 0

@@ -145,14 +145,15 @@ class WindowDataset:
         files: window parquet files.
         modal: cached item vectors (see :class:`ModalTable`).
         config: the model config (hash bucket sizes, sequence length, gap buckets).
-        freshness_window_s: a target vector older than this at the impression is "missing".
+        freshness_window_s: a target vector older than this at the impression is "missing"
+            (None: no age limit).
         tasks: tasks whose labels count; None: those with at least one positive in these
             files (a task never observed, e.g. orders in a ratings data set, is treated as
             absent, not as all-negative).
     """
 
     def __init__(self, files: Sequence[Path], modal: ModalTable, config: RankerConfig,
-                 freshness_window_s: float = 7 * 86_400.0,
+                 freshness_window_s: float | None = None,
                  tasks: Sequence[str] | None = None):
         self.modal = modal
         self.config = config
@@ -189,7 +190,9 @@ class WindowDataset:
         versions = np.asarray(col("item_encoder_version").to_pylist(), dtype=object)
         age_at_impression = (self.impression_us - modal.content_time_us[rows]) / 1e6
         usable = ((versions == modal.encoder_version) & (rows > 0)
-                  & (age_at_impression <= freshness_window_s) & (age_at_impression >= 0))
+                  & (age_at_impression >= 0))
+        if freshness_window_s is not None:
+            usable &= age_at_impression <= freshness_window_s
         self.target_row = np.where(usable, rows, 0)
 
         # Sequences: left-padded to L (the most recent interaction last).

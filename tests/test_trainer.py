@@ -1,0 +1,223 @@
+"""The trainer end to end on a small streamed world: data, registry decisions, crash resume,
+no encoder in training, the online Ranker's hot swap and the HTTP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ppm.config import Config, SimulatorConfig
+from streams.local_runner import LocalRunner
+from streams.online_features import OnlineFeatures
+from streams.shop_simulator import ShopSimulator
+from trainer.dataset import WindowDataset, hash_ids, window_files
+from trainer.registry import Registry
+from trainer.train import IncrementalTrainer, new_model, predict
+
+pytestmark = pytest.mark.slow
+WORLD = SimulatorConfig(seed=7, days=1.5, n_users=300, initial_items=120, items_per_day=120,
+                        sessions_per_user_per_day=2.0)
+
+
+def small_cfg(data_dir: Path) -> Config:
+    cfg = Config(data_dir=data_dir)
+    return cfg.model_copy(update={
+        "pipeline": cfg.pipeline.model_copy(update={"log_window_s": 3 * 3600.0}),
+        "trainer": cfg.trainer.model_copy(update={"warmup_windows": 6, "initial_epochs": 2,
+                                                  "batch_size": 256}),
+    })
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, item_encoder) -> Path:
+    """A streamed world (12 three-hour windows) to copy from: streaming costs seconds."""
+    path = tmp_path_factory.mktemp("world")
+    LocalRunner(small_cfg(path), encoder=item_encoder, resume=False).run(
+        ShopSimulator(WORLD).records(), "world", progress=False)
+    return path
+
+
+@pytest.fixture
+def data_dir(world, tmp_path) -> Path:
+    target = tmp_path / "data"
+    shutil.copytree(world, target)
+    return target
+
+
+def test_dataset_joins_cached_vectors_and_hashes_stably(world):
+    trainer = IncrementalTrainer(small_cfg(world), variant="ppm")
+    files = window_files(world / "training")
+    data = trainer._data(files)
+    assert len(data) > 1_000 and data.tasks == ("click", "order", "collect")
+    assert (data.target_row > 0).mean() > 0.9  # nearly every impression has its vector
+    batch = data.batch(np.arange(64))
+    assert batch["modal_table"].shape[1] == 1664
+    assert batch["seq_item_id"].shape == (64, 50)
+    # Left padding: where a sequence exists, its last slot is filled.
+    has = batch["seq_mask"].any(dim=1)
+    assert batch["seq_mask"][has, -1].all()
+    assert (hash_ids(["a", None, "a", ""], 1024) == hash_ids(["a", None, "a", ""], 1024)).all()
+    assert hash_ids(["a", None, ""], 1024)[1:].tolist() == [0, 0]
+
+
+def test_an_item_without_an_embedding_uses_the_missing_vector(world):
+    trainer = IncrementalTrainer(small_cfg(world), variant="ppm")
+    data = WindowDataset(window_files(world / "training")[:2], trainer.modal.__class__(
+        None, {}, np.zeros((1, 1664), np.float32), np.zeros(1, np.int64)),
+        new_model(small_cfg(world), "ppm").config)
+    assert (data.target_row == 0).all() and (data.seq_modal == 0).all()
+    logits = predict(new_model(small_cfg(world), "ppm"), data)
+    assert np.isfinite(logits).all()
+
+
+def test_steps_promote_or_reject_and_every_version_is_kept(data_dir):
+    cfg = small_cfg(data_dir)
+    trainer = IncrementalTrainer(cfg, variant="idrec")
+    results = []
+    assert trainer.follow(once=True, on_step=results.append) == len(results) >= 3
+    versions = trainer.registry.versions()
+    assert [v.name for v in versions] == [r.version.name for r in results]
+    assert results[0].promoted and results[0].champion is None
+    for r in results[1:]:
+        assert r.champion is not None
+        new = r.candidate["click"]["all"]["auc"]
+        old = r.champion["click"]["all"]["auc"]
+        assert r.promoted == (new >= old - cfg.trainer.promote_tolerance)
+    promoted = [r.version.name for r in results if r.promoted]
+    assert trainer.registry.champion().name == promoted[-1]
+    meta = versions[-1].meta
+    assert meta["encoder_version"].startswith("enc-") and meta["trained_on"]
+    assert trainer.next_step() is None  # everything closed has been trained on
+
+    # A strict tolerance makes a worse candidate lose: rejection keeps the champion.
+    strict = IncrementalTrainer(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+        update={"promote_tolerance": 0.0})}), variant="idrec")
+    better = {"click": {"all": {"auc": 0.7}}}
+    worse = {"click": {"all": {"auc": 0.69}}}
+    assert strict._better(better, worse) and not strict._better(worse, better)
+
+
+def test_training_never_runs_the_encoders(data_dir):
+    """A training step in a fresh process imports neither the encoders nor transformers."""
+    cfg = small_cfg(data_dir)
+    code = (
+        "import sys\n"
+        "from ppm.config import Config\n"
+        "from trainer.train import IncrementalTrainer\n"
+        f"cfg = Config.model_validate_json({cfg.model_dump_json()!r})\n"
+        "t = IncrementalTrainer(cfg, variant='ppm')\n"
+        "assert t.step() is not None\n"
+        "print([m for m in ('encoders.item_encoder', 'encoders.text_encoder', 'transformers',"
+        " 'torchvision') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_kill_9_leaves_a_usable_champion_and_the_trainer_resumes(data_dir):
+    env = {**os.environ, "PPM__TRAINER__WARMUP_WINDOWS": "6", "PPM__TRAINER__INITIAL_EPOCHS": "2",
+           "PPM__TRAINER__BATCH_SIZE": "256", "PPM__PIPELINE__LOG_WINDOW_S": "10800"}
+    cmd = [sys.executable, "-m", "ppm.cli", "--data-dir", str(data_dir), "train", "--variant",
+           "idrec", "--quiet"]
+    registry = Registry(data_dir / "registry" / "idrec")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while registry.champion() is None and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    time.sleep(0.5)  # in the middle of a later step
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    champion = registry.champion()
+    assert champion is not None
+    model = registry.load(champion)  # usable as it is
+    assert model.config.variant == "idrec"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = window_files(data_dir / "training")
+    assert registry.state()["trained_through"] == files[-2].name  # the last one is eval-only
+    for version in registry.versions():  # every registered version is whole and loadable
+        assert version.model_path.exists() and registry.load(version) is not None
+
+
+def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
+    from trainer.http_server import make_server
+    from trainer.ranker import Ranker
+
+    cfg = small_cfg(data_dir)
+    trainer = IncrementalTrainer(cfg, variant="ppm")
+    assert trainer.step() is not None
+    store = OnlineFeatures.open(cfg, apply=False)
+    ranker = Ranker(store, trainer.registry, reload_every_s=0.0)
+    first = ranker.model_version
+    catalog = ShopSimulator(WORLD).catalog
+    candidates = [*catalog["item_id"].tolist()[:50], "never-seen-item"]
+    clock = json.loads((data_dir / "summary.json").read_text())["clock"]
+    from datetime import datetime
+
+    now = int(datetime.fromisoformat(clock).timestamp() * 1e6)
+    result = ranker.rank("u0000001", candidates, now=now)
+    assert sorted(result.item_ids) == sorted(candidates)
+    clicks = result.scores["click"]
+    assert clicks == sorted(clicks, reverse=True) and all(0 < p < 1 for p in clicks)
+    assert result.missing["item_profile"] >= 1 and result.missing["item_embedding"] >= 1
+
+    # Hot swap while requests run: none fails, and the new version is picked up.
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                ranker.rank("u0000002", candidates[:20], now=now)
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    torch.manual_seed(1)
+    version = trainer.registry.register(new_model(cfg, "ppm"), {"encoder_version":
+                                                                 trainer.modal.encoder_version})
+    trainer.registry.promote(version)
+    deadline = time.monotonic() + 30
+    while ranker.model_version == first and time.monotonic() < deadline:
+        ranker.rank("u0000003", candidates[:5], now=now)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and ranker.model_version == version.name
+
+    # The same ranker over HTTP.
+    server = make_server(ranker, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=10).read())
+        assert health["model_version"] == version.name
+        body = json.dumps({"user_id": "u0000001", "item_ids": candidates[:10]}).encode()
+        reply = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{base}/rank", body, {"Content-Type": "application/json"}), timeout=10).read())
+        assert len(reply["items"]) == 10 and {"click", "order", "collect"} <= set(
+            reply["items"][0])
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/rank", b'{"user_id": 1}'),
+                                   timeout=10)
+        assert bad.value.code == 400
+    finally:
+        server.shutdown()
+        server.server_close()
