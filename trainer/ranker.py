@@ -89,38 +89,51 @@ class Ranker:
         self._maybe_reload()
         if self._model is None:
             raise RuntimeError(f"no champion model in {self.registry.root} yet")
-        version, model, encoder_version = self._model
-        now = now_us() if now is None else now
+        version, model, encoder_version = self._model  # this request's model, whatever swaps
         self.counters["requests"] += 1
         item_ids = list(item_ids)
         if not item_ids:
             return RankResult([], {t: [] for t in TASKS}, version)
-        c = model.config
+        batch, missing = self.build_batch(model, encoder_version, user_id, item_ids, now)
+        with torch.inference_mode():
+            probs = torch.sigmoid(model(batch)[0]).numpy()
+        order = np.argsort(-probs[:, 0], kind="stable")
+        return RankResult(
+            item_ids=[item_ids[i] for i in order],
+            scores={task: probs[order, j].tolist() for j, task in enumerate(TASKS)},
+            model_version=version,
+            missing=missing,
+        )
 
+    def build_batch(self, model: UnifiedRanker, encoder_version: str | None, user_id: str,
+                    item_ids: list[str], now: int | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The model batch for one request, read from the online store (two batched reads),
+        and the counts of missing or stale features."""
+        now = now_us() if now is None else now
+        c = model.config
         sequence = self.store.read_sequences([user_id]).get(user_id) or UserSequence(user_id)
         seq = sequence.before(now)
         seq_ids = list(seq.item_ids[-c.max_seq_len:])
         wanted = list(dict.fromkeys(item_ids + seq_ids))
-        online = self.store.read_items(wanted, with_embeddings=c.variant != "idrec", now=now,
+        online = self.store.read_items(wanted, with_embeddings=c.uses_modal, now=now,
                                        encoder_version=encoder_version)
 
         # The modal table of this request: row 0 = missing, then every usable vector.
         usable = [i for i in wanted if i in online and not online[i].stale
                   and online[i].embedding is not None]
         row_of = {item_id: row + 1 for row, item_id in enumerate(usable)}
-        dim = c.modal_dim
-        table = np.zeros((len(usable) + 1, dim), np.float32)
+        table = np.zeros((len(usable) + 1, c.modal_dim), np.float32)
         for item_id, row in row_of.items():
             table[row] = online[item_id].embedding
 
-        n, L = len(item_ids), c.max_seq_len
+        n, L, k = len(item_ids), c.max_seq_len, len(seq_ids)
         states = [online[i].state if i in online else None for i in item_ids]
-        k = len(seq_ids)
         seq_item = np.zeros(L, np.int64)
         seq_action = np.zeros(L, np.int64)
         seq_gap = np.zeros(L, np.int64)
         seq_row = np.zeros(L, np.int64)
-        if k:
+        if k:  # left-padded, as in training (trainer.dataset)
             seq_item[L - k:] = hash_ids(seq_ids, c.item_buckets)
             seq_action[L - k:] = [ACTION_CODES.get(a, 0) for a in seq.actions[-k:]]
             seq_gap[L - k:] = gap_bucket((now - np.asarray(seq.times_us[-k:])) / 1e6,
@@ -143,19 +156,10 @@ class Ranker:
             "target_modal_row": t(np.array([row_of.get(i, 0) for i in item_ids], np.int64)),
             "seq_modal_row": t(np.tile(seq_row, (n, 1))),
         }
-        with torch.inference_mode():
-            probs = torch.sigmoid(model(batch)[0]).numpy()
-        order = np.argsort(-probs[:, 0], kind="stable")
-        return RankResult(
-            item_ids=[item_ids[i] for i in order],
-            scores={task: probs[order, j].tolist() for j, task in enumerate(TASKS)},
-            model_version=version,
-            missing={
-                "user_sequence": int(k == 0),
-                "item_profile": sum(s is None for s in states),
-                "item_embedding": sum(i not in row_of for i in item_ids)
-                if c.variant != "idrec" else 0,
-                "sequence_embedding": sum(i not in row_of for i in seq_ids)
-                if c.variant != "idrec" else 0,
-            },
-        )
+        missing = {
+            "user_sequence": int(k == 0),
+            "item_profile": sum(s is None for s in states),
+            "item_embedding": sum(i not in row_of for i in item_ids) if c.uses_modal else 0,
+            "sequence_embedding": sum(i not in row_of for i in seq_ids) if c.uses_modal else 0,
+        }
+        return batch, missing
