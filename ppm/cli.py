@@ -69,7 +69,7 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     for variant in args.variant or [cfg.trainer.variant]:
         trainer = IncrementalTrainer(cfg, variant=variant)
         if args.batch:
-            train_windows, _ = split_windows(cfg, args.test_share)
+            train_windows, _, _ = split_windows(cfg, args.test_share)
             if not train_windows:
                 print("no closed windows to train on", file=sys.stderr)
                 return 1

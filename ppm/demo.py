@@ -20,7 +20,10 @@ from ppm.config import Config
 
 NOT_YET = "the distributed path (Kafka, Faust, Redis) is not implemented yet (issue #5)"
 VARIANTS = ("idrec", "ppm")
-QUICK_WORLD = {"days": 2.0, "n_users": 400, "initial_items": 200, "items_per_day": 150}
+QUICK_WORLD = {"days": 2.0, "n_users": 500, "initial_items": 200, "items_per_day": 150}
+# The quick demo trains on 3-hour windows (a one-day warm-up, then 8 steps per variant)
+# instead of 47 hourly steps: same mechanics, a fraction of the time.
+QUICK_TRAINING = {"log_window_s": 3 * 3600.0, "warmup_windows": 8}
 # Everything the demo writes in its folder; removed before a run so each demo starts fresh.
 DEMO_OUTPUTS = ("feast", "offline", "training", "registry", "dead_letters.jsonl",
                 "item_warnings.jsonl", "freshness.parquet", "checkpoint.pkl", "summary.json",
@@ -128,6 +131,13 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
         else:
             path.unlink(missing_ok=True)
     run_cfg = cfg.model_copy(update={"data_dir": out})
+    if quick:
+        run_cfg = run_cfg.model_copy(update={
+            "pipeline": run_cfg.pipeline.model_copy(
+                update={"log_window_s": QUICK_TRAINING["log_window_s"]}),
+            "trainer": run_cfg.trainer.model_copy(
+                update={"warmup_windows": QUICK_TRAINING["warmup_windows"]}),
+        })
 
     runner = LocalRunner(run_cfg, resume=False)
     summary = runner.run(ShopSimulator(world).records(), source="demo")
@@ -162,7 +172,7 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
         "image_errors": summary.image_errors,
         "data_dir": str(out),
         "example_item": samples["item_id"][0].as_py() if samples.num_rows else "i0000000",
-        "warmup_windows": cfg.trainer.warmup_windows,
+        "warmup_windows": run_cfg.trainer.warmup_windows,
         "windows_evaluated": len(windows_evaluated),
         **totals,
         "not_done": NOT_YET,

@@ -221,3 +221,23 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cli_batch_training_and_eval_report(data_dir, capsys, tmp_path):
+    from ppm.cli import main
+
+    assert main(["--data-dir", str(data_dir), "train", "--batch", "--variant", "idrec",
+                 "--variant", "ppm", "--epochs", "1", "--quiet"]) == 0
+    trained = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [t["variant"] for t in trained] == ["idrec", "ppm"] and all(
+        t["promoted"] for t in trained)
+    table = tmp_path / "table.md"
+    assert main(["--data-dir", str(data_dir), "eval", "--markdown", str(table)]) == 0
+    reports = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for variant in ("idrec", "ppm"):
+        click = reports[variant]["click"]
+        assert click["all"]["samples"] > 0 and 0 <= click["all"]["auc"] <= 1
+        assert {"new_in_test", "age<1d", "no_click_before"} <= set(click)
+        assert click["new_in_test"]["samples"] <= click["all"]["samples"]
+    text = table.read_text()
+    assert "idrec" in text and "ppm" in text and "new_in_test" in text
