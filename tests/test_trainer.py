@@ -59,7 +59,7 @@ def data_dir(world, tmp_path) -> Path:
 def test_dataset_joins_cached_vectors_and_hashes_stably(world):
     trainer = IncrementalTrainer(small_cfg(world), variant="ppm")
     files = window_files(world / "training")
-    data = trainer._data(files)
+    data = trainer.dataset(files)
     assert len(data) > 1_000 and data.tasks == ("click", "order", "collect")
     assert (data.target_row > 0).mean() > 0.9  # nearly every impression has its vector
     batch = data.batch(np.arange(64))

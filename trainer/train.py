@@ -135,7 +135,7 @@ class IncrementalTrainer:
         self._modal: tuple[tuple[str, ...], ModalTable] | None = None
         self._champion_cache: tuple[Version, UnifiedRanker] | None = None
 
-    def _data(self, files: Sequence[Path], config: RankerConfig | None = None
+    def dataset(self, files: Sequence[Path], config: RankerConfig | None = None
               ) -> WindowDataset:
         """Samples of ``files`` hashed and padded for ``config`` (the model's own config;
         default: a new model's)."""
@@ -186,22 +186,22 @@ class IncrementalTrainer:
         if held is None:
             champion, champion_model = None, None
             candidate = new_model(self.cfg, self.variant, self.modal.dim)
-            train = self._data(train_files, candidate.config)
+            train = self.dataset(train_files, candidate.config)
             fit(candidate, train, t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed, progress=progress)
         else:
             champion, champion_model = held
             candidate = copy.deepcopy(champion_model)
-            train = self._data(train_files, candidate.config)
+            train = self.dataset(train_files, candidate.config)
             all_files = window_files(Path(self.cfg.data_dir) / "training")
             older = all_files[: all_files.index(train_files[0])]
-            replay = (self._data(older[-24:], candidate.config)
+            replay = (self.dataset(older[-24:], candidate.config)
                       if t.replay_share > 0 and older else None)
             fit(candidate, train, t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed + len(all_files), extra=replay, extra_share=t.replay_share,
                 progress=progress)
 
-        holdout = self._data([eval_file], candidate.config)
+        holdout = self.dataset([eval_file], candidate.config)
         cand_logits = predict(candidate, holdout)
         cand_metrics = report(holdout, cand_logits)
         champ_metrics, champ_logits = None, None
@@ -262,8 +262,8 @@ def train_batch(cfg: Config, windows: Sequence[Path], variant: str | None = None
     trainer = IncrementalTrainer(cfg, variant=variant)
     model = new_model(cfg, trainer.variant, trainer.modal.dim)
     t = cfg.trainer
-    fit(model, trainer._data(windows, model.config), epochs or t.initial_epochs, t.batch_size, t.lr,
-        t.weight_decay, seed=t.seed, progress=progress)
+    fit(model, trainer.dataset(windows, model.config), epochs or t.initial_epochs,
+        t.batch_size, t.lr, t.weight_decay, seed=t.seed, progress=progress)
     return model
 
 
@@ -299,7 +299,7 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
         if champion is None:
             raise SystemExit(f"no {variant} model yet: run ppm train --batch --variant {variant}")
         model = trainer.registry.load(champion)
-        data = trainer._data(test_files, model.config)
+        data = trainer.dataset(test_files, model.config)
         logits = predict(model, data)
         result = report(data, logits)
         first_seen = data.impression_us - np.nan_to_num(data.item_age_s, nan=np.inf) * 1e6
