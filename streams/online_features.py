@@ -67,6 +67,18 @@ class ItemEmbeddingRow:
 
 
 @dataclass(frozen=True)
+class StoredItem:
+    """An item's features as stored, before any freshness judgement."""
+
+    state: ItemState
+    embedding: np.ndarray | None
+    """float32 vector; None when not embedded yet or not read."""
+    embedded_at_us: int | None
+    with_embedding: bool
+    """Whether the vector was read at all (False: ``embedding`` is None regardless)."""
+
+
+@dataclass(frozen=True)
 class OnlineItem:
     """An item as read back from the online store, judged at the reader's clock."""
 
@@ -179,9 +191,16 @@ class OnlineFeatures:
         in: event time for a replay, the wall clock (the default) for a live stream.
         ``encoder_version``, when given, makes embeddings of any other version stale.
         """
+        now = now_us() if now is None else now
+        stored = self.fetch_items(item_ids, with_embeddings)
+        return {i: self.judge(item, now, encoder_version) for i, item in stored.items()}
+
+    def fetch_items(self, item_ids: Sequence[str], with_embeddings: bool = False
+                    ) -> dict[str, StoredItem]:
+        """The stored features of ``item_ids`` as they are, not judged (see :meth:`judge`);
+        unknown ids are left out. One batched read."""
         if not item_ids:
             return {}
-        now = now_us() if now is None else now
         refs = [f"{ITEM_PROFILE_VIEW}:{f}" for f in PROFILE_FIELDS]
         refs += [f"{ITEM_EMBEDDING_VIEW}:{f}" for f in EMBEDDING_META]
         if with_embeddings:
@@ -189,7 +208,7 @@ class OnlineFeatures:
         data = self.store.get_online_features(
             features=refs, entity_rows=[{"item_id": i} for i in item_ids]
         ).to_dict()
-        out: dict[str, OnlineItem] = {}
+        out: dict[str, StoredItem] = {}
         for row, item_id in enumerate(data["item_id"]):
             if data["updated_us"][row] is None:
                 continue  # never written
@@ -207,12 +226,17 @@ class OnlineFeatures:
                 content_time_us=data["content_time_us"][row],
             )
             vector = data["embedding"][row] if with_embeddings else None
-            out[item_id] = self._judge(state, vector, data["embedded_at_us"][row], now,
-                                       encoder_version)
+            out[item_id] = StoredItem(
+                state, None if vector is None else np.asarray(vector, dtype=np.float32),
+                data["embedded_at_us"][row], with_embeddings)
         return out
 
-    def _judge(self, state: ItemState, vector, embedded_at_us, now: int,
-               encoder_version: str | None) -> OnlineItem:
+    def judge(self, item: StoredItem, now: int, encoder_version: str | None = None
+              ) -> OnlineItem:
+        """``item`` judged at ``now`` (µs): stale when deleted, not embedded yet, of another
+        encoder version than ``encoder_version`` (if given), or older than the freshness
+        window."""
+        state = item.state
         age = None if state.content_time_us is None else (now - state.content_time_us) / 1e6
         if state.deleted:
             reason = "deleted"
@@ -226,8 +250,8 @@ class OnlineFeatures:
                      f"{self.freshness_window_s:.0f}s)"
         else:
             reason = None
-        embedding = None if vector is None else np.asarray(vector, dtype=np.float32)
-        return OnlineItem(state, embedding, embedded_at_us, age, reason is not None, reason)
+        return OnlineItem(state, item.embedding, item.embedded_at_us, age, reason is not None,
+                          reason)
 
     def read_sequences(self, user_ids: Sequence[str]) -> dict[str, UserSequence]:
         """The online sequences of ``user_ids``; users with none are left out."""

@@ -239,6 +239,46 @@ def test_serving_path_scores_like_the_training_path(variant):
     torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("length", [0, 1, 6])
+def test_one_shared_sequence_scores_like_a_sequence_per_candidate(variant, length):
+    """Serving passes the user's sequence once, (1, L), for all candidates; the scores must
+    be those of the sequence repeated per candidate (the training layout), empty or not."""
+    model = make_model(variant).eval()
+    batch = random_batch(model.config, B=7, labels=False)
+    L = batch["seq_mask"].shape[1]
+    keep = torch.arange(L) >= L - length  # (L,)
+    shared = dict(batch)
+    for key in ("seq_item_id", "seq_action", "seq_gap", "seq_modal_row"):
+        shared[key] = (batch[key][1:2].clamp(min=1) * keep)
+    shared["seq_mask"] = keep.unsqueeze(0)
+    tiled = {k: v.expand(7, -1) if k.startswith("seq_") else v for k, v in shared.items()}
+    with torch.inference_mode():
+        torch.testing.assert_close(model(shared)[0], model(tiled)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["target", "full"])
+def test_only_full_attention_lets_the_sequence_see_the_target(attention):
+    """The first layer's outputs at the sequence positions, for one sequence and two
+    different targets: equal under "target" attention, different under "full"."""
+    model = make_model("idrec", attention=attention).eval()
+    batch = random_batch(model.config, B=2, labels=False)
+    for key in ("seq_item_id", "seq_action", "seq_gap", "seq_mask"):
+        batch[key] = batch[key][1:2].expand(2, -1)  # the same sequence in both rows
+    layer = model.id_module.transformer.encoder.layers[0]
+    seen = []
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.append(out))
+    with torch.no_grad():
+        model(batch)
+    handle.remove()
+    seq_out = seen[0][:, :-1][batch["seq_mask"]].view(2, -1, model.config.d_model)
+    assert batch["item_id"][0] != batch["item_id"][1] and seq_out.shape[1] > 0
+    same = torch.allclose(seq_out[0], seq_out[1], atol=1e-6)
+    assert same == (attention == "target")
+    with pytest.raises(ValueError, match="attention"):
+        tiny("ppm", attention="causal")
+
+
 def test_recency_action_and_order_matter():
     model = make_model("idrec")
     batch = random_batch(model.config, labels=False)
@@ -386,6 +426,9 @@ def test_config_dict_round_trip_and_older_dicts_get_defaults():
     assert RankerConfig.from_dict(older).tower_dim == RankerConfig().tower_dim
     with pytest.raises(ValueError, match="unknown"):
         RankerConfig.from_dict({**d, "new_field": 1})
+    # Checkpoints from before the attention option were trained with full attention.
+    assert RankerConfig.from_dict({k: v for k, v in d.items() if k != "attention"}
+                                  ).attention == "full"
 
 
 # -----------------------------------------------------------------------------

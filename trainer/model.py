@@ -26,10 +26,14 @@ length (L <= ``max_seq_len``), M = rows of the modal table::
     seq_gap                          int64 (B, L)  gap_bucket(impression - interaction time);
                                                    0 = padding
     seq_mask                         bool  (B, L)  True where a real interaction is
+                                                   (the four seq_* tensors may instead have
+                                                   one row, (1, L): one sequence shared by
+                                                   every candidate, as in serving)
     modal_table                      float (M, modal_dim)  cached item vectors; row 0 ignored
     target_modal_row                 int64 (B,)    row of the target in modal_table;
                                                    0 = missing/stale -> learned vector
     seq_modal_row                    int64 (B, L)  rows of the sequence items; 0 = missing
+                                                   (or (1, L), shared, like seq_*)
     labels                           float32 (B, n_tasks)  optional; order of config.tasks
     label_mask                       bool  (B, n_tasks)    optional; False = label absent
 
@@ -74,6 +78,10 @@ class RankerConfig:
     n_heads: int = 2  # attention heads (d_model must divide by it)
     n_layers: int = 2  # encoder layers per transformer
     d_ff: int = 128  # feed-forward width inside each encoder layer
+    attention: str = "target"  # "target": sequence tokens attend to each other, the target
+    #   to all, so the sequence is encoded once per request and shared by every candidate
+    #   (serving scores 200 candidates in ~1/20 of the time); "full": every token attends to
+    #   every token, the sequence too sees the target (one full pass per candidate)
     side_dim: int = 16  # width of each target side feature (category, brand, shop, price)
     dropout: float = 0.1  # in the experts and towers, on (B, expert_dim) activations: cheap
     seq_dropout: float = 0.0  # inside the transformers; off because on CPU the masks over
@@ -94,6 +102,8 @@ class RankerConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.gap_buckets < 2:
             raise ValueError("gap_buckets must be >= 2 (0 is padding)")
+        if self.attention not in ("target", "full"):
+            raise ValueError(f"attention must be 'target' or 'full', got {self.attention!r}")
 
     @property
     def uses_ids(self) -> bool:
@@ -113,7 +123,8 @@ class RankerConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown RankerConfig fields {sorted(unknown)} (newer checkpoint?)")
-        return cls(**d)
+        # Checkpoints from before ``attention`` existed were trained with full attention.
+        return cls(**{"attention": "full", **d})
 
 
 # -----------------------------------------------------------------------------
@@ -150,12 +161,19 @@ class BehaviorTransformer(nn.Module):
     vector); this part adds position (counted from the most recent interaction: 1, 2, ...;
     0 marks the target), recency and action embeddings, masks padding out of attention and
     returns the target token's final representation.
+
+    With ``attention="target"`` the sequence tokens do not attend to the target, so a
+    sequence shared by many candidates ((1, L) inputs, B targets) is encoded once and each
+    target attends to its layers' outputs: the same numbers as B full passes, at the cost of
+    one pass over L tokens plus B single tokens.
     """
 
     def __init__(self, config: RankerConfig):
         super().__init__()
         d = config.d_model
         self.max_seq_len = config.max_seq_len
+        self.n_heads = config.n_heads
+        self.target_attention = config.attention == "target"
         self.pos_emb = nn.Embedding(config.max_seq_len + 1, d)  # 0 target, k = k-th most recent
         self.gap_emb = nn.Embedding(config.gap_buckets, d, padding_idx=0)
         self.action_emb = nn.Embedding(N_ACTIONS, d, padding_idx=0)
@@ -167,20 +185,68 @@ class BehaviorTransformer(nn.Module):
                                              enable_nested_tensor=False)
 
     def forward(self, seq: torch.Tensor, target: torch.Tensor, batch: dict) -> torch.Tensor:
-        """seq (B, L, d) and target (B, d) contents -> (B, d)."""
-        B, seq_len, _ = seq.shape  # seq_len is L
+        """seq (B, L, d) or shared (1, L, d), and target (B, d) contents -> (B, d)."""
+        B = target.shape[0]
+        seq_len = seq.shape[1]  # L
         if seq_len > self.max_seq_len:
             raise ValueError(f"sequence length {seq_len} > max_seq_len {self.max_seq_len}")
         pos = torch.arange(seq_len, 0, -1, device=seq.device)  # (L,): L ... 1, last slot = 1
         seq = (seq + self.pos_emb(pos) + self.gap_emb(batch["seq_gap"])
-               + self.action_emb(batch["seq_action"]))  # (B, L, d)
+               + self.action_emb(batch["seq_action"]))  # (B or 1, L, d)
         target = target + self.pos_emb.weight[0]  # (B, d)
+        keep = batch["seq_mask"]  # (B or 1, L)
+        if seq.shape[0] == 1 and B > 1 and self.target_attention:
+            return self._shared_sequence(self.drop(seq), self.drop(target), keep[0])
+        seq, keep = seq.expand(B, -1, -1), keep.expand(B, -1)
         x = torch.cat([seq, target.unsqueeze(1)], dim=1)  # (B, L+1, d)
-        # True = ignore. The target token is always attended to, so no row is all-masked.
-        target_kept = torch.zeros(B, 1, dtype=torch.bool, device=seq.device)  # (B, 1)
-        ignore = torch.cat([~batch["seq_mask"], target_kept], dim=1)  # (B, L+1)
-        h = self.encoder(self.drop(x), src_key_padding_mask=ignore)  # (B, L+1, d)
+        kept = torch.cat([keep, torch.ones(B, 1, dtype=torch.bool, device=seq.device)], 1)
+        if not self.target_attention:
+            # True = ignore. The target is always attended to, so no row is all-masked.
+            h = self.encoder(self.drop(x), src_key_padding_mask=~kept)  # (B, L+1, d)
+            return h[:, -1]  # (B, d)
+        allowed = kept.unsqueeze(1).repeat(1, seq_len + 1, 1)  # (B, L+1 queries, L+1 keys)
+        allowed[:, :seq_len, seq_len] = False  # the sequence does not see the target
+        # Every token sees itself, so a padding row (or an empty sequence) is never all-masked;
+        # no real token attends to padding, so those rows never reach the target's output.
+        allowed |= torch.eye(seq_len + 1, dtype=torch.bool, device=seq.device)
+        mask = ~allowed.repeat_interleave(self.n_heads, dim=0)  # (B * heads, L+1, L+1)
+        h = self.encoder(self.drop(x), mask=mask)  # (B, L+1, d)
         return h[:, -1]  # (B, d)
+
+    def _shared_sequence(self, seq: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
+                         ) -> torch.Tensor:
+        """seq (1, L, d) with keep (L,), and target (B, d) -> (B, d), layer by layer: the
+        sequence goes through each layer once; each target attends to that layer's input."""
+        seq_len = seq.shape[1]
+        allowed = keep.unsqueeze(0).repeat(seq_len, 1)  # (L, L)
+        allowed |= torch.eye(seq_len, dtype=torch.bool, device=seq.device)
+        seq_mask = ~allowed.unsqueeze(0).repeat_interleave(self.n_heads, dim=0)  # (heads, L, L)
+        for layer in self.encoder.layers:
+            target = target + _target_attention(layer, seq[0], keep, target)
+            target = target + layer._ff_block(layer.norm2(target))
+            seq = layer(seq, src_mask=seq_mask)
+        return self.encoder.norm(target)
+
+
+def _target_attention(layer: nn.TransformerEncoderLayer, seq: torch.Tensor, keep: torch.Tensor,
+                      target: torch.Tensor) -> torch.Tensor:
+    """One pre-norm layer's self-attention output for B target tokens over a shared
+    sequence (L, d) (keys where ``keep``) plus each target itself -> (B, d)."""
+    attn = layer.self_attn
+    B, d = target.shape
+    h, hd = attn.num_heads, d // attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    s, t = layer.norm1(seq), layer.norm1(target)
+    q = F.linear(t, w[:d], b[:d]).view(B, h, hd)
+    k_t, v_t = F.linear(t, w[d:], b[d:]).view(B, 2, h, hd).unbind(1)  # (B, h, hd) each
+    k_s, v_s = F.linear(s, w[d:], b[d:]).view(-1, 2, h, hd).unbind(1)  # (L, h, hd) each
+    scale = hd ** -0.5
+    scores = torch.cat([torch.einsum("bhe,lhe->bhl", q, k_s).masked_fill(~keep, float("-inf")),
+                        (q * k_t).sum(-1, keepdim=True)], dim=-1) * scale  # (B, h, L+1)
+    p = attn.dropout if attn.training else 0.0
+    weights = F.dropout(F.softmax(scores, dim=-1), p)
+    out = torch.einsum("bhl,lhe->bhe", weights[..., :-1], v_s) + weights[..., -1:] * v_t
+    return layer.dropout1(attn.out_proj(out.reshape(B, d)))
 
 
 class IDModule(nn.Module):

@@ -3,7 +3,10 @@
 Per request the ranker reads the user's sequence and the candidates' (and sequence items')
 features from the Feast online store in one batched read each, builds the model's batch
 (the same hashing, recency buckets and padding as training, ``trainer.dataset``), and scores
-click, order and collect. Features that are missing or stale (see
+click, order and collect. Item features are reused for ``features.serving_cache_s`` seconds
+(:class:`ItemCache`), so a request reads from the store only the items it has not seen
+lately; the user's sequence is read on every request, and encoded once for all candidates
+(``trainer.model.BehaviorTransformer``). Features that are missing or stale (see
 ``streams.online_features``) do not fail the request: the model gets its learned "missing"
 vector, and the response counts them.
 
@@ -14,15 +17,17 @@ the model it started with and no request is dropped.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from streams.online_features import OnlineFeatures, now_us
+from streams.online_features import OnlineFeatures, OnlineItem, StoredItem, now_us
 from streams.sequence_builder import UserSequence
 from trainer.dataset import ACTION_CODES, TASKS, hash_ids
 from trainer.model import UnifiedRanker, gap_bucket
@@ -42,6 +47,56 @@ class RankResult:
     ``item_embedding`` (candidates), ``sequence_embedding``."""
 
 
+class ItemCache:
+    """Items' stored features, reused for up to ``max_age_s`` seconds of wall clock.
+
+    Each entry expires at a random moment between half and all of ``max_age_s`` after it was
+    read, so the items one request read together are refreshed a few at a time by later
+    requests rather than all by one (which would be as slow as no cache). Only the raw
+    stored values are cached; staleness is judged per request at its own clock,
+    so a cached vector still turns stale when the freshness window passes. Items unknown to
+    the store are cached as unknown too (a new item becomes visible within ``max_age_s``).
+    Safe to share between request threads.
+    """
+
+    def __init__(self, store: OnlineFeatures, max_age_s: float, max_items: int):
+        self.store = store
+        self.max_age_s = max_age_s
+        self.max_items = max_items
+        self._entries: OrderedDict[str, tuple[float, StoredItem | None]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._jitter = random.Random(0)
+        self.counters = {"hits": 0, "misses": 0}
+
+    def read(self, item_ids: Sequence[str], with_embeddings: bool, now: int,
+             encoder_version: str | None) -> dict[str, OnlineItem]:
+        """Like ``OnlineFeatures.read_items``: known items judged at ``now``."""
+        clock = time.monotonic()
+        found: dict[str, StoredItem | None] = {}
+        with self._lock:
+            for item_id in item_ids:
+                entry = self._entries.get(item_id)  # (expires_at, item)
+                if entry is not None and entry[0] > clock and (
+                        entry[1] is None or entry[1].with_embedding or not with_embeddings):
+                    found[item_id] = entry[1]
+        wanted = [i for i in item_ids if i not in found]
+        self.counters["hits"] += len(found)
+        self.counters["misses"] += len(wanted)
+        if wanted:
+            fetched_at = time.monotonic()
+            stored = self.store.fetch_items(wanted, with_embeddings)
+            with self._lock:
+                for item_id in wanted:
+                    found[item_id] = stored.get(item_id)
+                    expires = fetched_at + self.max_age_s * self._jitter.uniform(0.5, 1.0)
+                    self._entries[item_id] = (expires, found[item_id])
+                    self._entries.move_to_end(item_id)
+                while len(self._entries) > self.max_items:
+                    self._entries.popitem(last=False)
+        return {i: self.store.judge(item, now, encoder_version)
+                for i, item in found.items() if item is not None}
+
+
 class Ranker:
     """Scores candidates for a user with the registry's champion.
 
@@ -49,12 +104,17 @@ class Ranker:
         store: the online store to read features from.
         registry: where the champion lives.
         reload_every_s: how often to look for a newly promoted champion.
+        cache_s: how long item features read from the store are reused (0: never), see
+            ``features.serving_cache_s``.
+        cache_items: the most items kept in that cache.
     """
 
-    def __init__(self, store: OnlineFeatures, registry: Registry, reload_every_s: float = 1.0):
+    def __init__(self, store: OnlineFeatures, registry: Registry, reload_every_s: float = 1.0,
+                 cache_s: float = 1.0, cache_items: int = 100_000):
         self.store = store
         self.registry = registry
         self.reload_every_s = reload_every_s
+        self.items = ItemCache(store, cache_s, cache_items)
         self._lock = threading.Lock()
         self._checked_at = 0.0
         self._pointer: bytes | None = None
@@ -116,8 +176,7 @@ class Ranker:
         seq = sequence.before(now)
         seq_ids = list(seq.item_ids[-c.max_seq_len:])
         wanted = list(dict.fromkeys(item_ids + seq_ids))
-        online = self.store.read_items(wanted, with_embeddings=c.uses_modal, now=now,
-                                       encoder_version=encoder_version)
+        online = self.items.read(wanted, c.uses_modal, now, encoder_version)
 
         # The modal table of this request: row 0 = missing, then every usable vector.
         usable = [i for i in wanted if i in online and not online[i].stale
@@ -127,19 +186,20 @@ class Ranker:
         for item_id, row in row_of.items():
             table[row] = online[item_id].embedding
 
-        n, L, k = len(item_ids), c.max_seq_len, len(seq_ids)
+        L, k = c.max_seq_len, len(seq_ids)
         states = [online[i].state if i in online else None for i in item_ids]
-        seq_item = np.zeros(L, np.int64)
-        seq_action = np.zeros(L, np.int64)
-        seq_gap = np.zeros(L, np.int64)
-        seq_row = np.zeros(L, np.int64)
+        seq_item = np.zeros((1, L), np.int64)
+        seq_action = np.zeros((1, L), np.int64)
+        seq_gap = np.zeros((1, L), np.int64)
+        seq_row = np.zeros((1, L), np.int64)
         if k:  # left-padded, as in training (trainer.dataset)
-            seq_item[L - k:] = hash_ids(seq_ids, c.item_buckets)
-            seq_action[L - k:] = [ACTION_CODES.get(a, 0) for a in seq.actions[-k:]]
-            seq_gap[L - k:] = gap_bucket((now - np.asarray(seq.times_us[-k:])) / 1e6,
-                                         c.gap_buckets)
-            seq_row[L - k:] = [row_of.get(i, 0) for i in seq_ids]
+            seq_item[0, L - k:] = hash_ids(seq_ids, c.item_buckets)
+            seq_action[0, L - k:] = [ACTION_CODES.get(a, 0) for a in seq.actions[-k:]]
+            seq_gap[0, L - k:] = gap_bucket((now - np.asarray(seq.times_us[-k:])) / 1e6,
+                                            c.gap_buckets)
+            seq_row[0, L - k:] = [row_of.get(i, 0) for i in seq_ids]
         t = torch.from_numpy
+        # One sequence row shared by every candidate: the model encodes it once.
         batch = {
             "item_id": t(hash_ids(item_ids, c.item_buckets)),
             "category": t(hash_ids([s.category if s else None for s in states],
@@ -148,13 +208,13 @@ class Ranker:
             "shop": t(hash_ids([s.shop if s else None for s in states], c.shop_buckets)),
             "price_bucket": t(np.clip([s.price_bucket if s else 0 for s in states], 0,
                                       c.price_buckets - 1).astype(np.int64)),
-            "seq_item_id": t(np.tile(seq_item, (n, 1))),
-            "seq_action": t(np.tile(seq_action, (n, 1))),
-            "seq_gap": t(np.tile(seq_gap, (n, 1))),
-            "seq_mask": t(np.tile(seq_item > 0, (n, 1))),
+            "seq_item_id": t(seq_item),
+            "seq_action": t(seq_action),
+            "seq_gap": t(seq_gap),
+            "seq_mask": t(seq_item > 0),
             "modal_table": t(table),
             "target_modal_row": t(np.array([row_of.get(i, 0) for i in item_ids], np.int64)),
-            "seq_modal_row": t(np.tile(seq_row, (n, 1))),
+            "seq_modal_row": t(seq_row),
         }
         missing = {
             "user_sequence": int(k == 0),
