@@ -40,7 +40,7 @@ def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
     admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="ppm-topics",
                              request_timeout_ms=int(timeout_s * 1000))
     try:
-        existing = {t["topic"]: len(t["partitions"]) for t in admin.describe_topics()}
+        existing = {t["name"]: len(t["partitions"]) for t in admin.describe_topics()}
         layout = topic_layout(kafka)
         for spec in layout:
             have = existing.get(spec.name)

@@ -1,0 +1,266 @@
+"""Real Kafka and Redis servers for the integration tests.
+
+Where they come from, first match wins:
+
+1. ``KAFKA_BOOTSTRAP`` and ``REDIS_URL`` both set: servers someone else runs (CI service
+   containers, a developer's own). They cannot be restarted from here.
+2. A Docker engine answers (``docker info``) and the ``testcontainers`` package is installed:
+   throw-away containers of ``apache/kafka:4.1.1`` (KRaft) and ``redis:7``.
+3. Otherwise local processes: ``infra/up`` (a Kafka 4 broker from Maven Central jars and
+   Debian's redis-server) into a temporary RUN_DIR, ``infra/down`` at the end. These can be
+   stopped and started again mid-test with their ports and Kafka data kept.
+
+Every choice ends with the project's topics created (``streams.topics``), as ``infra/up``
+does. A server that cannot be started is an error, never a skipped test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+INFRA_UP = REPO / "infra" / "up"
+INFRA_DOWN = REPO / "infra" / "down"
+
+KAFKA_IMAGE = "apache/kafka:4.1.1"
+REDIS_IMAGE = "redis:7"
+
+
+class Servers:
+    """A Kafka bootstrap address and a Redis URL, and (where supported) restarts."""
+
+    kafka_bootstrap: str
+    redis_url: str
+    can_restart = False
+    """Whether stop_*/start_* work; tests that need them use ``restartable_servers``."""
+
+    def stop_kafka(self) -> None:
+        raise NotImplementedError(self._no_restart("Kafka"))
+
+    def start_kafka(self) -> None:
+        raise NotImplementedError(self._no_restart("Kafka"))
+
+    def stop_redis(self) -> None:
+        raise NotImplementedError(self._no_restart("Redis"))
+
+    def start_redis(self) -> None:
+        raise NotImplementedError(self._no_restart("Redis"))
+
+    def close(self) -> None:
+        """Stop whatever this object started (nothing for external servers)."""
+
+    def _no_restart(self, what: str) -> str:
+        return (f"{type(self).__name__} cannot restart {what}: only local processes "
+                "(infra/up) can; use the restartable_servers fixture")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(kafka_bootstrap={self.kafka_bootstrap!r}, "
+                f"redis_url={self.redis_url!r})")
+
+
+class ExternalServers(Servers):
+    """Servers given by ``KAFKA_BOOTSTRAP`` and ``REDIS_URL``; never stopped from here."""
+
+    def __init__(self, kafka_bootstrap: str, redis_url: str) -> None:
+        self.kafka_bootstrap = kafka_bootstrap
+        self.redis_url = redis_url
+
+
+class LocalServers(Servers):
+    """Kafka and Redis as local processes, run by ``infra/up`` and ``infra/down``."""
+
+    can_restart = True
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.kafka_bootstrap = ""
+        self.redis_url = ""
+
+    def start(self) -> LocalServers:
+        """Start both servers fresh and create the topics; raise with the log tail if not."""
+        _run([INFRA_UP, self.run_dir])
+        env = dict(line.split("=", 1) for line in
+                   (self.run_dir / "env").read_text().splitlines() if "=" in line)
+        self.kafka_bootstrap = env["KAFKA_BOOTSTRAP"]
+        self.redis_url = env["REDIS_URL"]
+        return self
+
+    # Same ports and (for Kafka) the same storage after a restart: clients reconnect, and
+    # records written before the stop are still there.
+    def stop_kafka(self) -> None:
+        _run([INFRA_DOWN, "--only", "kafka", self.run_dir])
+
+    def start_kafka(self) -> None:
+        _run([INFRA_UP, "--only", "kafka", self.run_dir])
+
+    def stop_redis(self) -> None:
+        _run([INFRA_DOWN, "--only", "redis", self.run_dir])
+
+    def start_redis(self) -> None:
+        _run([INFRA_UP, "--only", "redis", self.run_dir])
+
+    def close(self) -> None:
+        _run([INFRA_DOWN, self.run_dir])
+
+
+class ContainerServers(Servers):
+    """Kafka and Redis in Docker containers via testcontainers (generic containers only,
+    so any testcontainers version will do)."""
+
+    def __init__(self) -> None:
+        self._containers: list = []
+
+    def start(self) -> ContainerServers:
+        from testcontainers.core.container import DockerContainer
+
+        try:
+            # Kafka tells clients the address in advertised.listeners, so the host port must
+            # be known before the container starts: a free one, bound 1:1 to 9092.
+            port = free_port()
+            kafka = (DockerContainer(KAFKA_IMAGE).with_bind_ports(9092, port)
+                     .with_env("KAFKA_ADVERTISED_LISTENERS", f"PLAINTEXT://127.0.0.1:{port}"))
+            for key, value in kraft_env().items():
+                kafka = kafka.with_env(key, value)
+            self._containers.append(kafka.start())
+            redis = DockerContainer(REDIS_IMAGE).with_exposed_ports(6379)
+            self._containers.append(redis.start())
+            self.kafka_bootstrap = f"127.0.0.1:{port}"
+            self.redis_url = (f"redis://{redis.get_container_host_ip()}:"
+                              f"{redis.get_exposed_port(6379)}")
+            wait_redis(self.redis_url, timeout_s=60)
+            wait_kafka(self.kafka_bootstrap, timeout_s=120)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        while self._containers:
+            self._containers.pop().stop()
+
+
+def kraft_env() -> dict[str, str]:
+    """The apache/kafka image's settings for one broker+controller node (KAFKA_X_Y = x.y)."""
+    return {
+        "KAFKA_NODE_ID": "1",
+        "KAFKA_PROCESS_ROLES": "broker,controller",
+        "KAFKA_LISTENERS": "PLAINTEXT://:9092,CONTROLLER://:9093",
+        "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+        "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+        "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@localhost:9093",
+        "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+        "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR": "1",
+        "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR": "1",
+        "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+        "KAFKA_NUM_PARTITIONS": "4",
+        "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "true",
+    }
+
+
+def start_servers(run_dir: Path) -> Servers:
+    """Servers by the order in the module doc; ``run_dir`` is used for local processes."""
+    bootstrap, redis_url = os.environ.get("KAFKA_BOOTSTRAP"), os.environ.get("REDIS_URL")
+    if bootstrap and redis_url:
+        servers: Servers = ExternalServers(bootstrap, redis_url)
+        wait_kafka(bootstrap, timeout_s=60)
+        wait_redis(redis_url, timeout_s=30)
+    elif docker_available() and testcontainers_available():
+        servers = ContainerServers().start()
+    else:
+        return LocalServers(run_dir).start()  # infra/up has created the topics
+    try:
+        ensure_project_topics(servers.kafka_bootstrap)
+    except BaseException:
+        servers.close()
+        raise
+    return servers
+
+
+def ensure_project_topics(bootstrap: str) -> None:
+    from ppm.config import KafkaConfig
+    from streams.topics import ensure_topics
+
+    ensure_topics(KafkaConfig(bootstrap=bootstrap))
+
+
+def docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def testcontainers_available() -> bool:
+    try:
+        import testcontainers.core.container  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_kafka(bootstrap: str, timeout_s: float) -> None:
+    """Wait until the broker answers a metadata request; raise TimeoutError if it never does."""
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            try:
+                admin.list_topics()
+                return
+            finally:
+                admin.close()
+        except (KafkaError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Kafka at {bootstrap} not answering after "
+                                   f"{timeout_s:.0f}s: {exc!r}") from exc
+        time.sleep(0.5)
+
+
+def wait_redis(url: str, timeout_s: float) -> None:
+    """Wait until Redis answers PING; raise TimeoutError if it never does."""
+    import redis
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        try:
+            client.ping()
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Redis at {url} not answering after "
+                                   f"{timeout_s:.0f}s: {exc!r}") from exc
+        finally:
+            client.close()
+        time.sleep(0.2)
+
+
+def _run(cmd: list) -> None:
+    """Run an infra script; on failure raise with its output (it ends with the log tail)."""
+    cmd = [str(c) for c in cmd]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{' '.join(cmd)} did not finish in 300s") from exc
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr}{proc.stdout}")
