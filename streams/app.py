@@ -1,0 +1,267 @@
+"""The distributed path: the pipeline's processors as Faust agents on Kafka.
+
+Run a worker (settings from ``$PPM_CONFIG`` and ``PPM__...`` variables, see ``ppm.config``)::
+
+    PPM__KAFKA__BOOTSTRAP=127.0.0.1:9092 \\
+    PPM__FEATURES__STORE_YAML=feature_repo/feature_store.redis.yaml PPM_REDIS=127.0.0.1:6379 \\
+    faust -A streams.app worker -l info
+
+Agents (each a thin adapter: decode, batch, call the processor, retry, dead-letter):
+
+* ``embed_items`` reads ``items`` (keyed by item_id) in batches of ``take(n, within)`` and
+  hands them to :class:`streams.item_embedder.ItemEmbedder` unchanged; the items' ID
+  features also go to a global table, which the training-log writer reads.
+* ``build_sequences`` reads ``behaviors`` (keyed by user_id) in batches: sequences through
+  :class:`streams.sequence_builder.SequenceBuilder` into a changelog-backed table (partitioned
+  like the topic, so a restarted worker recovers its users' sequences), then labelled
+  samples through :class:`streams.training_log.TrainingLogWriter` into the windowed logs.
+
+Delivery is at least once. Faust commits an offset only after the event is acknowledged,
+and the agents acknowledge a batch only after its online write returned: a store outage is
+retried until it ends (nothing after the failed batch is read meanwhile), and an error that
+is not an outage stops the worker before the batch is acknowledged. Behavior events are
+acknowledged later still, once the training window they belong to is written, so a crash
+replays what the log writer held in memory; the processors make replays harmless (older or
+equal item events are ignored, a duplicate interaction changes no sequence, a closed window
+is never written twice). Records that do not decode go to the topic's dead-letter topic
+(``<topic>-dead``) with their reason, and count as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from typing import Any, TypeVar
+
+import faust
+
+from ppm.config import Config, load_config
+from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode
+from streams.item_state import ItemState
+from streams.online_features import now_us
+from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+V = TypeVar("V")
+
+#: How long a failed store write waits before the next try (doubling up to the last).
+RETRY_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class TableView(MutableMapping[str, V]):
+    """A Faust table of bytes -> bytes seen as ``str`` -> dataclass.
+
+    Keys are stored as the UTF-8 bytes the topics are keyed by: with ``use_partitioner``
+    the changelog partition of a user is then the partition of the user's events, whichever
+    event is current when it is written. Values are JSON (not pickle: a changelog is data
+    anyone with topic access can write, and must not be able to run code in a worker).
+    """
+
+    def __init__(self, table: MutableMapping[bytes, bytes], kind: type[V]):
+        self.table = table
+        self.kind = kind
+
+    def __getitem__(self, key: str) -> V:
+        fields = json.loads(self.table[key.encode()])
+        # JSON has lists where the dataclasses hold tuples.
+        return self.kind(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in fields.items()})
+
+    def __setitem__(self, key: str, value: V) -> None:
+        self.table[key.encode()] = json.dumps(dataclasses.asdict(value)).encode()
+
+    def __delitem__(self, key: str) -> None:
+        del self.table[key.encode()]
+
+    def __iter__(self) -> Iterator[str]:
+        return (k.decode() for k in self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.encode() in self.table
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+async def retrying(what: str, outage: tuple[type[BaseException], ...],
+                   call: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any) -> T:
+    """``call(*args)`` (awaited if it is a coroutine) until it succeeds; an ``outage``
+    exception is logged and retried with backoff, anything else propagates."""
+    for attempt in range(1_000_000_000):
+        try:
+            result = call(*args)
+            return await result if asyncio.iscoroutine(result) else result
+        except outage as exc:
+            delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+            log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__,
+                        exc, attempt + 1, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def store_outages() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "the store is unreachable for now", worth retrying."""
+    import redis.exceptions
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+            redis.exceptions.BusyLoadingError, ConnectionError, TimeoutError)
+
+
+def stop_worker(what: str, exc: BaseException) -> None:
+    """Exit at once, before Faust acknowledges the batch: an exception escaping an agent
+    would end ``take_events``, whose clean-up acknowledges the batch that failed."""
+    log.critical("%s failed; stopping the worker without committing it", what, exc_info=exc)
+    logging.shutdown()
+    os._exit(70)
+
+
+def create_app(cfg: Config) -> faust.App:
+    """The Faust application of ``cfg``: topics, tables and the two agents."""
+    kafka = cfg.kafka
+    (cfg.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        kafka.app_id,
+        broker=[f"kafka://{b.strip()}" for b in kafka.bootstrap.split(",")],
+        store="memory://",  # tables live in memory and are rebuilt from their changelogs
+        datadir=str(cfg.data_dir / "faust"),
+        topic_partitions=kafka.partitions,
+        topic_replication_factor=kafka.replication_factor,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        # Behavior events stay unacknowledged until their window is written; a rebalance
+        # must not wait for that.
+        stream_wait_empty=False,
+        web_enabled=False,  # no HTTP server on 0.0.0.0; `ppm status` reports instead
+    )
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+           "value_serializer": "raw"}
+    items_topic = app.topic(kafka.items_topic, **raw)
+    behaviors_topic = app.topic(kafka.behaviors_topic, **raw)
+    items_dead = app.topic(kafka.items_topic + kafka.dead_letter_suffix, **raw)
+    behaviors_dead = app.topic(kafka.behaviors_topic + kafka.dead_letter_suffix, **raw)
+    # bytes -> bytes, seen through TableView: keys are the topics' own key bytes.
+    sequence_table = app.Table("sequences", partitions=kafka.partitions, key_type=bytes,
+                               value_type=bytes, use_partitioner=True)
+    item_table = app.GlobalTable("item-states", partitions=kafka.partitions, key_type=bytes,
+                                 value_type=bytes, use_partitioner=True)
+    item_states = TableView(item_table, ItemState)
+    outages = store_outages()
+    pipeline = cfg.pipeline
+    opened: dict[str, Any] = {}
+    opening = asyncio.Lock()
+
+    async def store():
+        """The worker's one OnlineFeatures, opened (and the feature repo applied) once:
+        agents opening it side by side would write the registry file concurrently."""
+        async with opening:
+            if "store" not in opened:
+                from streams.online_features import OnlineFeatures
+
+                opened["store"] = await asyncio.to_thread(OnlineFeatures.open, cfg)
+            return opened["store"]
+
+    async def dead_letter(topic: faust.TopicT, letter: DeadLetter, key: bytes | None) -> None:
+        await topic.send(key=key, value=letter.to_json())
+
+    def decoded(events: list[faust.EventT], kind: str, topic: str
+                ) -> Iterator[tuple[faust.EventT, ItemEvent | BehaviorEvent | DeadLetter]]:
+        for event in events:
+            m = event.message
+            where = f"{topic}:{m.partition}:{m.offset}"
+            yield event, decode(event.value, kind, where, cfg.contracts, cfg.images.max_bytes)
+
+    @app.agent(items_topic)
+    async def embed_items(stream: faust.StreamT) -> None:
+        from encoders.item_encoder import ItemEncoder
+        from streams.freshness import FreshnessStats
+        from streams.item_embedder import ItemEmbedder
+        from streams.item_log import ItemLog
+
+        encoder = await asyncio.to_thread(ItemEncoder.from_config, cfg)
+        freshness = FreshnessStats()
+        embedder = ItemEmbedder(encoder, await store(), ItemLog(cfg.data_dir / "offline" /
+                                                        "item_embedding"), freshness=freshness)
+        saved_at = time.monotonic()
+        async for batch in stream.take_events(pipeline.item_batch_size,
+                                              within=pipeline.item_batch_wait_s):
+            arrived = now_us()
+            good: list[ItemEvent] = []
+            for event, item in decoded(batch, "item", kafka.items_topic):
+                if isinstance(item, DeadLetter):
+                    await dead_letter(items_dead, item, event.key)
+                else:
+                    good.append(item)
+            if not good:
+                continue
+            try:
+                await retrying("item batch", outages, asyncio.to_thread, embedder.process,
+                               good, [arrived] * len(good))
+            except Exception as exc:  # not an outage: a bug or bad state, never skip it
+                stop_worker("item batch", exc)
+            for item in good:  # what the log writer needs, for every worker
+                state = embedder.state.get(item.item_id)
+                if state is not None:
+                    item_states[item.item_id] = state
+            if time.monotonic() - saved_at > 5.0:
+                saved_at = time.monotonic()
+                await asyncio.to_thread(freshness.save, cfg.data_dir / "freshness.parquet")
+
+    @app.agent(behaviors_topic)
+    async def build_sequences(stream: faust.StreamT) -> None:
+        from streams.training_log import TrainingLogWriter
+
+        sequences = TableView(sequence_table, UserSequence)
+        builder = SequenceBuilder(await store(), state=sequences, k=cfg.features.sequence_length)
+        writer = TrainingLogWriter(
+            cfg.data_dir / "training", sequences=sequences,
+            items=item_states,
+            attribution_window_s=pipeline.attribution_window_s,
+            window_s=pipeline.log_window_s)
+        held: list[tuple[int, faust.EventT]] = []  # (event time, event) not yet in a window
+        async for batch in stream.take_events(pipeline.behavior_batch_size, within=1.0):
+            good: list[BehaviorEvent] = []
+            for event, behavior in decoded(batch, "behavior", kafka.behaviors_topic):
+                if isinstance(behavior, DeadLetter):
+                    await dead_letter(behaviors_dead, behavior, event.key)
+                    continue
+                good.append(behavior)
+                # take_events acknowledges the batch when this body is done; one more
+                # reference keeps it until the event's window is written (see below).
+                event.message.incref()
+                held.append((to_us(behavior.event_time), event))
+            if not good:
+                continue
+            try:
+                await retrying("sequence batch", outages, builder.process, good)
+                writer.process(good)
+            except Exception as exc:
+                stop_worker("behavior batch", exc)
+            # Events before the earliest open window are in written windows (or were late
+            # and logged as such): done.
+            done_before = writer.open_from_us
+            keep = []
+            for t, event in held:
+                if done_before is not None and t < done_before:
+                    await stream.ack(event)
+                else:
+                    keep.append((t, event))
+            held = keep
+
+    app.ppm_config = cfg  # for `ppm status` and tests
+    return app
+
+
+# `faust -A streams.app worker` looks the application up here.
+app = create_app(load_config())
