@@ -234,6 +234,20 @@ def _publish(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace, cfg: Config) -> int:
+    from streams.freshness import FreshnessStats
+    from streams.topics import consumer_lag
+
+    kafka = _kafka_config(args, cfg)
+    freshness = FreshnessStats.read(cfg.data_dir / "freshness.parquet")
+    print(json.dumps({
+        "bootstrap": kafka.bootstrap, "group": kafka.app_id,
+        "topics": consumer_lag(kafka),
+        "freshness": {"items": freshness.count, **freshness.percentiles()},
+    }))
+    return 0
+
+
 def _kafka_config(args: argparse.Namespace, cfg: Config):
     if getattr(args, "bootstrap", None):
         return cfg.kafka.model_copy(update={"bootstrap": args.bootstrap})
@@ -363,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Kafka brokers (default from config: kafka.bootstrap)")
     publish.add_argument("--quiet", action="store_true", help="no progress bar")
     publish.set_defaults(run=_publish)
+
+    status = sub.add_parser("status", help="the distributed path: consumer lag per topic, dead "
+                            "letters and freshness (arrival to readable) of DATA_DIR's worker")
+    status.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="Kafka brokers (default from config: kafka.bootstrap)")
+    status.set_defaults(run=_status)
 
     topics = sub.add_parser("topics", help="create the Kafka topics (items, behaviors and "
                             "their dead-letter topics) with the configured partitions")

@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any, TypeVar
 
@@ -159,7 +158,8 @@ def create_app(cfg: Config) -> faust.App:
     item_states = TableView(item_table, ItemState)
     outages = store_outages()
     pipeline = cfg.pipeline
-    opened: dict[str, Any] = {}
+    opened: dict[str, Any] = {}  # what the agents open once per worker
+    freshness_path = cfg.data_dir / "freshness.parquet"
     opening = asyncio.Lock()
 
     async def store():
@@ -190,10 +190,10 @@ def create_app(cfg: Config) -> faust.App:
         from streams.item_log import ItemLog
 
         encoder = await asyncio.to_thread(ItemEncoder.from_config, cfg)
-        freshness = FreshnessStats()
+        freshness = FreshnessStats.read(freshness_path)  # a restart adds to the records
+        opened["freshness"] = freshness
         embedder = ItemEmbedder(encoder, await store(), ItemLog(cfg.data_dir / "offline" /
                                                         "item_embedding"), freshness=freshness)
-        saved_at = time.monotonic()
         async for batch in stream.take_events(pipeline.item_batch_size,
                                               within=pipeline.item_batch_wait_s):
             arrived = now_us()
@@ -214,9 +214,14 @@ def create_app(cfg: Config) -> faust.App:
                 state = embedder.state.get(item.item_id)
                 if state is not None:
                     item_states[item.item_id] = state
-            if time.monotonic() - saved_at > 5.0:
-                saved_at = time.monotonic()
-                await asyncio.to_thread(freshness.save, cfg.data_dir / "freshness.parquet")
+
+    @app.timer(interval=2.0)
+    async def save_freshness() -> None:
+        """Keep DATA_DIR/freshness.parquet (read by `ppm status`) a few seconds behind."""
+        stats = opened.get("freshness")
+        if stats is not None and stats.count != opened.get("freshness_saved"):
+            opened["freshness_saved"] = stats.count
+            await asyncio.to_thread(stats.save, freshness_path)
 
     @app.agent(behaviors_topic)
     async def build_sequences(stream: faust.StreamT) -> None:

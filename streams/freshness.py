@@ -68,6 +68,17 @@ class FreshnessStats:
         table = self.to_table()
         write_atomically(path, lambda fh: pq.write_table(table, fh))
 
+    @classmethod
+    def read(cls, path: Path) -> FreshnessStats:
+        """The records saved at ``path`` by :meth:`save`; empty when there is no file."""
+        stats = cls()
+        if Path(path).exists():
+            table = pq.read_table(path).cast(SCHEMA)
+            stats._rows = {name: table.column(name).to_pylist() for name in SCHEMA.names}
+            for name in ("event_time", "arrived", "readable"):
+                stats._rows[name] = table.column(name).cast(pa.int64()).to_pylist()
+        return stats
+
     def state_dict(self) -> dict:
         return {k: list(v) for k, v in self._rows.items()}
 

@@ -55,3 +55,33 @@ def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
         return [s.name for s in missing]
     finally:
         admin.close()
+
+
+def consumer_lag(kafka: KafkaConfig, timeout_s: float = 10.0) -> dict[str, dict[str, int]]:
+    """Per input topic: the end offset, the offset the workers' consumer group
+    (``kafka.app_id``) has committed, and the difference (lag), summed over partitions;
+    per dead-letter topic: how many dead letters it holds. Behavior events count as lag
+    until the training window they belong to is written (see ``streams.app``)."""
+    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="ppm-status",
+                             request_timeout_ms=int(timeout_s * 1000))
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, client_id="ppm-status",
+                             request_timeout_ms=int(timeout_s * 1000) + 1)
+    try:
+        committed = admin.list_group_offsets(kafka.app_id).get(kafka.app_id, {})
+        out: dict[str, dict[str, int]] = {}
+        for spec in topic_layout(kafka):
+            parts = consumer.partitions_for_topic(spec.name) or set()
+            tps = [TopicPartition(spec.name, p) for p in sorted(parts)]
+            ends = consumer.end_offsets(tps) if tps else {}
+            end = sum(ends.values())
+            if spec.name.endswith(kafka.dead_letter_suffix):
+                out[spec.name] = {"dead_letters": end}
+                continue
+            done = sum(max(committed[tp].offset, 0) for tp in tps if tp in committed)
+            out[spec.name] = {"end": end, "committed": done, "lag": end - done}
+        return out
+    finally:
+        consumer.close()
+        admin.close()
