@@ -249,7 +249,13 @@ def create_app(cfg: Config) -> faust.App:
             if not good:
                 continue
             try:
-                await retrying("sequence batch", outages, builder.process, good)
+                # The write runs in a thread (a Redis outage must not stall the event loop
+                # and its heartbeats); the table is only touched here, in the loop.
+                changed = builder.plan(good)
+                if changed:
+                    await retrying("sequence batch", outages, asyncio.to_thread,
+                                   builder.sink.write_sequences, changed)
+                    builder.commit(changed)
                 writer.process(good)
             except Exception as exc:
                 stop_worker("behavior batch", exc)

@@ -94,6 +94,16 @@ class SequenceBuilder:
         the same batch can be retried and nothing is lost; a caller may commit the batch's
         input offsets once this returns. Returns the changed sequences.
         """
+        changed = self.plan(events)
+        if changed:
+            self.sink.write_sequences(changed)
+            self.commit(changed)
+        return changed
+
+    def plan(self, events: Iterable[BehaviorEvent]) -> list[UserSequence]:
+        """The sequences a batch changes, with the batch applied; nothing is written and the
+        state is left as it is. For callers that write elsewhere (another thread) and then
+        :meth:`commit`."""
         changed: dict[str, UserSequence] = {}
         for event in events:
             if event.action not in INTERACTIONS:
@@ -103,8 +113,9 @@ class SequenceBuilder:
             updated = current.with_interaction(event, self.k)
             if updated is not current:
                 changed[event.user_id] = updated
-        if changed:
-            self.sink.write_sequences(list(changed.values()))
-            for user_id, sequence in changed.items():
-                self.state[user_id] = sequence
         return list(changed.values())
+
+    def commit(self, changed: Iterable[UserSequence]) -> None:
+        """Record sequences of :meth:`plan` as the state, once their write succeeded."""
+        for sequence in changed:
+            self.state[sequence.user_id] = sequence

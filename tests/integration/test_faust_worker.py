@@ -1,0 +1,121 @@
+"""The distributed path end to end: kafka-python publishes, a real Faust worker embeds and
+builds sequences, Redis serves them. Each test checks the online store against the same
+events run through the processors without Kafka (``pipeline_check.expected``)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from .pipeline_check import (
+    Scenario,
+    dead_letters,
+    readable_share,
+    wait_until_complete,
+    world_records,
+)
+from .servers import Servers
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def wait_for_progress(scenario: Scenario, share: float, timeout_s: float = 240) -> float:
+    """Wait until at least ``share`` of the published items are readable (mid-stream)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = readable_share(scenario)
+        if got >= share:
+            return got
+        time.sleep(0.5)
+    raise TimeoutError(f"the worker made no progress: {readable_share(scenario):.0%}")
+
+
+def test_every_item_is_readable_and_every_bad_record_is_a_dead_letter(servers: Servers,
+                                                                      tmp_path):
+    scenario = Scenario.create("all", servers.kafka_bootstrap, servers.redis_url, tmp_path)
+    records = world_records(seed=21, initial_items=2_000)
+    assert sum(kind == "item" for kind, _ in records) >= 2_000
+    worker = scenario.worker(tmp_path).start()
+    try:
+        scenario.publish(records)
+        want = wait_until_complete(scenario, worker)
+        letters = dead_letters(scenario.cfg)
+    finally:
+        worker.stop()
+    assert want.dead >= 5 and len(letters) == want.dead
+    assert all(letter["reason"] for letter in letters)
+    assert want.valid + len(letters) == len(records)  # nothing lost, nothing doubled
+
+
+def test_sigkill_of_the_worker_mid_stream_loses_nothing(servers: Servers, tmp_path):
+    scenario = Scenario.create("sigkill", servers.kafka_bootstrap, servers.redis_url,
+                               tmp_path)
+    records = world_records(seed=22, initial_items=600)
+    worker = scenario.worker(tmp_path).start()
+    try:
+        scenario.publish(records)
+        got = wait_for_progress(scenario, 0.2)
+        assert got < 1.0, "the worker finished before the kill: make the stream longer"
+        worker.kill()
+        worker.start()
+        wait_until_complete(scenario, worker)
+    finally:
+        worker.stop()
+
+
+def test_broker_restart_mid_stream_loses_nothing(restartable_servers: Servers, tmp_path):
+    srv = restartable_servers
+    scenario = Scenario.create("broker", srv.kafka_bootstrap, srv.redis_url, tmp_path)
+    records = world_records(seed=23, initial_items=600)
+    half = len(records) // 2
+    worker = scenario.worker(tmp_path).start()
+    try:
+        scenario.publish(records[:half])
+        wait_for_progress(scenario, 0.1)
+        srv.stop_kafka()
+        time.sleep(3)
+        srv.start_kafka()
+        scenario.publish(records[half:])
+        wait_until_complete(scenario, worker)
+    finally:
+        worker.stop()
+
+
+def redis_outage(srv: Servers, worker, retries_before: int) -> int:
+    """Stop Redis (saving its data first, so what was written stays) and wait until the
+    worker has retried a write; returns the number of retry lines logged so far."""
+    redis.Redis.from_url(srv.redis_url).shutdown(save=True)  # stops after an RDB save
+    srv.stop_redis()  # the process is gone; this clears its PID file
+    deadline = time.monotonic() + 120  # redis-py itself retries a few times first
+    while worker.tail(200_000).count("retry") <= retries_before:
+        assert time.monotonic() < deadline, "the worker never hit the outage"
+        time.sleep(1)
+    assert worker.proc.poll() is None, "an outage must not stop the worker"
+    return worker.tail(200_000).count("retry")
+
+
+def test_redis_outage_is_retried_caught_up_and_commits_nothing_unwritten(
+        restartable_servers: Servers, tmp_path):
+    """Redis goes away mid-stream twice. The first time the worker retries and catches up
+    by itself once Redis is back. The second time it is SIGKILLed while Redis is down: had
+    it committed offsets past writes that failed, those events would never come back."""
+    srv = restartable_servers
+    scenario = Scenario.create("redis", srv.kafka_bootstrap, srv.redis_url, tmp_path)
+    records = world_records(seed=24, initial_items=1_500)
+    worker = scenario.worker(tmp_path).start()
+    try:
+        scenario.publish(records)
+        before = wait_for_progress(scenario, 0.1)
+        retries = redis_outage(srv, worker, 0)
+        srv.start_redis()
+        after = wait_for_progress(scenario, before + 0.2)  # the same worker goes on
+        assert worker.starts == 1 and after < 1.0, "make the stream longer"
+        redis_outage(srv, worker, retries)
+        worker.kill()
+        srv.start_redis()
+        worker.start()
+        wait_until_complete(scenario, worker)
+    finally:
+        worker.stop()
