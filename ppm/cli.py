@@ -236,16 +236,22 @@ def _publish(args: argparse.Namespace, cfg: Config) -> int:
 
 def _status(args: argparse.Namespace, cfg: Config) -> int:
     from streams.freshness import FreshnessStats
-    from streams.topics import consumer_lag
 
     kafka = _kafka_config(args, cfg)
     freshness = FreshnessStats.read(cfg.data_dir / "freshness.parquet")
     print(json.dumps({
         "bootstrap": kafka.bootstrap, "group": kafka.app_id,
-        "topics": consumer_lag(kafka),
+        "topics": _lag(kafka),
         "freshness": {"items": freshness.count, **freshness.percentiles()},
     }))
     return 0
+
+
+def _lag(kafka):
+    from streams.topics import LagProbe
+
+    with LagProbe(kafka) as probe:
+        return probe.lag()
 
 
 def _kafka_config(args: argparse.Namespace, cfg: Config):

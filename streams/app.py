@@ -4,7 +4,7 @@ Run a worker (settings from ``$PPM_CONFIG`` and ``PPM__...`` variables, see ``pp
 
     PPM__KAFKA__BOOTSTRAP=127.0.0.1:9092 \\
     PPM__FEATURES__STORE_YAML=feature_repo/feature_store.redis.yaml PPM_REDIS=127.0.0.1:6379 \\
-    faust -A streams.app worker -l info
+    faust -A streams.app worker --without-web -l info
 
 Agents (each a thin adapter: decode, batch, call the processor, retry, dead-letter):
 
@@ -142,7 +142,10 @@ def create_app(cfg: Config) -> faust.App:
         # Behavior events stay unacknowledged until their window is written; a rebalance
         # must not wait for that.
         stream_wait_empty=False,
-        web_enabled=False,  # no HTTP server on 0.0.0.0; `ppm status` reports instead
+        # `faust worker` turns the web server on unless told --without-web; if it is on, it
+        # listens on the loopback only, never on every interface.
+        web_enabled=False,
+        web_bind="127.0.0.1",
     )
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
            "value_serializer": "raw"}

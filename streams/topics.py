@@ -57,31 +57,48 @@ def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
         admin.close()
 
 
-def consumer_lag(kafka: KafkaConfig, timeout_s: float = 10.0) -> dict[str, dict[str, int]]:
-    """Per input topic: the end offset, the offset the workers' consumer group
-    (``kafka.app_id``) has committed, and the difference (lag), summed over partitions;
-    per dead-letter topic: how many dead letters it holds. Behavior events count as lag
-    until the training window they belong to is written (see ``streams.app``)."""
-    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+class LagProbe:
+    """Consumer lag of the workers' group (``kafka.app_id``), per topic of the layout.
 
-    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="ppm-status",
-                             request_timeout_ms=int(timeout_s * 1000))
-    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, client_id="ppm-status",
-                             request_timeout_ms=int(timeout_s * 1000) + 1)
-    try:
-        committed = admin.list_group_offsets(kafka.app_id).get(kafka.app_id, {})
+    Holds its Kafka clients, so probing again is cheap. Use as a context manager."""
+
+    def __init__(self, kafka: KafkaConfig, timeout_s: float = 10.0):
+        from kafka import KafkaAdminClient, KafkaConsumer
+
+        self.kafka = kafka
+        ms = int(timeout_s * 1000)
+        self.admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="ppm-status",
+                                      request_timeout_ms=ms)
+        self.consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap,
+                                      client_id="ppm-status", request_timeout_ms=ms + 1)
+
+    def __enter__(self) -> LagProbe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def lag(self) -> dict[str, dict[str, int]]:
+        """Per input topic: the end offset, the offset the group has committed, and the
+        difference (lag), summed over partitions; per dead-letter topic: how many dead
+        letters it holds. Behavior events count as lag until the training window they
+        belong to is written (see ``streams.app``)."""
+        from kafka import TopicPartition
+
+        kafka = self.kafka
+        committed = self.admin.list_group_offsets(kafka.app_id).get(kafka.app_id, {})
         out: dict[str, dict[str, int]] = {}
         for spec in topic_layout(kafka):
-            parts = consumer.partitions_for_topic(spec.name) or set()
+            parts = self.consumer.partitions_for_topic(spec.name) or set()
             tps = [TopicPartition(spec.name, p) for p in sorted(parts)]
-            ends = consumer.end_offsets(tps) if tps else {}
-            end = sum(ends.values())
+            end = sum(self.consumer.end_offsets(tps).values()) if tps else 0
             if spec.name.endswith(kafka.dead_letter_suffix):
                 out[spec.name] = {"dead_letters": end}
                 continue
             done = sum(max(committed[tp].offset, 0) for tp in tps if tp in committed)
             out[spec.name] = {"end": end, "committed": done, "lag": end - done}
         return out
-    finally:
-        consumer.close()
-        admin.close()
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.admin.close()

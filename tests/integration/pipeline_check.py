@@ -1,15 +1,12 @@
-"""What the distributed-path tests need: a Faust worker process, a per-test topic layout and
-Redis database, and the check that the online store holds exactly what the embedded
-pipeline's processors make of the same events."""
+"""What the distributed-path tests need: a per-test topic layout and Redis database, and
+the check that the online store holds exactly what the embedded pipeline's processors
+make of the same events."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,61 +15,12 @@ import redis
 
 from ppm.config import Config, SimulatorConfig, load_config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode
+from ppm.servers import FaustWorker
 from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
 from streams.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parents[2]
-FAUST = Path(sys.executable).parent / "faust"
 _databases = itertools.count(1)  # Redis database per test: 1..15 (0 is left to people)
-
-
-class FaustWorker:
-    """``faust -A streams.app worker`` as a child process with its own log file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self, timeout_s: float = 180) -> FaustWorker:
-        """Start and wait until Faust says the worker is ready."""
-        self.starts += 1
-        mark = f"--- start {self.starts} ---\n"
-        with self.log_path.open("a") as fh:
-            fh.write(mark)
-        log = self.log_path.open("a")
-        self.proc = subprocess.Popen([str(FAUST), "-A", "streams.app", "worker", "-l", "info"],
-                                     cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            text = self.log_path.read_text().split(mark)[-1]
-            if "[^Worker]: Ready" in text:
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited ({self.proc.returncode}):\n{self.tail()}")
-            time.sleep(0.5)
-        raise TimeoutError(f"the worker was not ready in {timeout_s}s:\n{self.tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up, no final commit."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text()[-chars:]
 
 
 @dataclass

@@ -9,6 +9,8 @@ import time
 import pytest
 import redis
 
+from ppm.servers import Servers
+
 from .pipeline_check import (
     Scenario,
     dead_letters,
@@ -16,7 +18,6 @@ from .pipeline_check import (
     wait_until_complete,
     world_records,
 )
-from .servers import Servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

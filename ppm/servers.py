@@ -1,4 +1,7 @@
-"""Real Kafka and Redis servers for the integration tests.
+"""The processes of the distributed path, for tests, benchmarks and people: Kafka and Redis
+servers, and a Faust worker.
+
+The servers (``start_servers``) are used by the integration tests and bench/freshness.py.
 
 Where they come from, first match wins:
 
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 INFRA_UP = REPO / "infra" / "up"
 INFRA_DOWN = REPO / "infra" / "down"
 
@@ -264,3 +269,58 @@ def _run(cmd: list) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n"
                            f"{proc.stderr}{proc.stdout}")
+
+
+class FaustWorker:
+    """``faust -A streams.app worker`` as a child process, its output in ``log_path``.
+
+    ``env`` is the worker's whole environment (its config comes from ``PPM__`` variables
+    and ``PPM_REDIS``, see ``streams.app``).
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = env
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout_s: float = 180) -> FaustWorker:
+        """Start and wait until Faust says the worker is ready; raise with the log tail if it
+        exits or takes longer than ``timeout_s``."""
+        self.starts += 1
+        mark = f"--- start {self.starts} ---\n"
+        with self.log_path.open("a") as fh:
+            fh.write(mark)
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "faust"), "-A", "streams.app", "worker",
+                 "--without-web", "-l", "info"], cwd=REPO, env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if "[^Worker]: Ready" in self.log_path.read_text().split(mark)[-1]:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the worker exited ({self.proc.returncode}):\n{self.tail()}")
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"the worker was not ready in {timeout_s}s:\n{self.tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, no final commit."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """SIGTERM (Faust stops cleanly), SIGKILL after 30 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text()[-chars:]

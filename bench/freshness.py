@@ -1,0 +1,250 @@
+"""Freshness through the distributed path: kafka-python -> Kafka -> Faust worker -> Redis.
+
+Servers: ``KAFKA_BOOTSTRAP`` and ``REDIS_URL`` when both are set, else local processes
+(``infra/up``, stopped at the end). One Faust worker (``streams.app``) runs on its own topics
+and Redis database (``--redis-db``, flushed first).
+
+1. Baseline, same run: the bare ``ItemEncoder`` on the same item events (batches of 64),
+   items/s, while the worker is idle.
+2. Items: new items (fresh ids, ``event_time`` = the moment they are sent) are published at
+   ``--rate`` (default: half the bare encoder's items/s) for ``--duration`` seconds. The
+   worker records when each became readable in Redis (``freshness.parquet``); p50/p99 are of
+   readable - event_time. ``lost``: published items not readable ``--drain`` seconds after
+   the last one; ``max_lag``: the largest consumer lag on ``items`` seen (sampled each s).
+3. Behaviors: ``--behaviors`` simulated behavior events are published as fast as possible,
+   then one last click per partition; ``behavior_events_per_s`` is the events divided by the
+   time from the first send until every partition's last click is in Redis (sequences and
+   the training-log writer included; a lower bound when publishing is the slower side).
+
+Last line: ``{"rate_items_per_s", "bare_items_per_s", "p50_ms", "p99_ms", "lost", "max_lag",
+"behavior_events_per_s", ...}``. Goals: p99 <= 1,000 ms with nothing lost at half the bare
+throughput; >= 10,000 behavior events/s on one worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, help="items/s (default: half the bare encoder)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of publishing")
+    parser.add_argument("--drain", type=float, default=60.0,
+                        help="seconds to wait for the last items")
+    parser.add_argument("--behaviors", type=int, default=150_000)
+    parser.add_argument("--redis-db", type=int, default=9)
+    parser.add_argument("--batch-wait", type=float, default=0.25,
+                        help="pipeline.item_batch_wait_s of the worker: the longest an item "
+                        "waits for its batch (default 0.25 s)")
+    args = parser.parse_args()
+
+    from ppm.servers import start_servers
+
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers and the worker this
+    # run started (in their own sessions) are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = start_servers(Path(tmp) / "run")
+        try:
+            print(json.dumps(run(args, servers, Path(tmp))))
+        finally:
+            servers.close()
+
+
+def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
+    import redis
+
+    from encoders.item_encoder import ItemEncoder
+    from ppm.config import SimulatorConfig, load_config
+    from ppm.events import ItemEvent, decode
+    from ppm.servers import FaustWorker
+    from streams.freshness import FreshnessStats
+    from streams.publisher import Publisher, routing_key
+    from streams.shop_simulator import ShopSimulator
+    from streams.topics import LagProbe, ensure_topics
+
+    host_port = servers.redis_url.removeprefix("redis://").rstrip("/")
+    env = {**os.environ,
+           "PPM__KAFKA__BOOTSTRAP": servers.kafka_bootstrap,
+           "PPM__KAFKA__ITEMS_TOPIC": "bench-items",
+           "PPM__KAFKA__BEHAVIORS_TOPIC": "bench-behaviors",
+           "PPM__KAFKA__APP_ID": "ppm-bench-freshness",
+           "PPM__DATA_DIR": str(tmp / "data"),
+           "PPM__FEATURES__STORE_YAML": str(REPO / "feature_repo" / "feature_store.redis.yaml"),
+           "PPM_REDIS": f"{host_port},db={args.redis_db}",
+           "PPM__PIPELINE__ITEM_BATCH_WAIT_S": str(args.batch_wait),
+           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    cfg = load_config(env=env)
+    os.environ["PPM_REDIS"] = env["PPM_REDIS"]  # for this process's reads of the store
+    redis.Redis.from_url(f"{servers.redis_url}/{args.redis_db}").flushdb()
+    ensure_topics(cfg.kafka)
+
+    # Item events to send: the simulator's catalog, re-stamped at send time.
+    sim = ShopSimulator(SimulatorConfig(seed=5, days=0.01, n_users=10, initial_items=3_000,
+                                        items_per_day=0))
+    templates = [json.loads(raw) for kind, raw in sim.records() if kind == "item"]
+
+    log(f"servers: Kafka {servers.kafka_bootstrap}, Redis {servers.redis_url}; "
+        "starting the worker ...")
+    worker = FaustWorker(env, tmp / "worker.log").start()
+    try:
+        events = [decode(json.dumps(t).encode(), "item", "bench", cfg.contracts)
+                  for t in templates]
+        bare = bare_items_per_s(ItemEncoder.from_config(cfg),
+                                [e for e in events if isinstance(e, ItemEvent)])
+        rate = args.rate or bare / 2
+        log(f"bare encoder: {bare:.1f} items/s; publishing items at {rate:.1f}/s "
+            f"for {args.duration:.0f}s ...")
+
+        lags: list[int] = []
+        sampling = threading.Event()
+
+        def sample_lag() -> None:
+            with LagProbe(cfg.kafka) as probe:
+                while not sampling.wait(1.0):
+                    try:
+                        lags.append(probe.lag()[cfg.kafka.items_topic]["lag"])
+                    except Exception as exc:  # a sample lost is not a result lost
+                        log(f"lag sample failed: {exc!r}")
+
+        sampler = threading.Thread(target=sample_lag, daemon=True)
+        sampler.start()
+        sent: list[str] = []
+        with Publisher(cfg.kafka, linger_ms=0) as publisher:
+            started = time.monotonic()
+            while (elapsed := time.monotonic() - started) < args.duration:
+                due = int(elapsed * rate) + 1
+                while len(sent) < due:
+                    item = dict(templates[len(sent) % len(templates)])
+                    item["item_id"] = f"fresh-{len(sent):06d}"
+                    item["event_time"] = datetime.now(UTC).isoformat()
+                    raw = json.dumps(item).encode()
+                    publisher.send("item", raw, routing_key("item", raw))
+                    sent.append(item["item_id"])
+                time.sleep(min(0.01, max(0.0, len(sent) / rate - elapsed)))
+        lost, lags_ms = drain(cfg, sent, args.drain, FreshnessStats)
+        sampling.set()
+        sampler.join()
+
+        log(f"publishing {args.behaviors:,} behavior events ...")
+        behavior_rate, behavior_count = behaviors_per_s(cfg, args.behaviors)
+    except BaseException:
+        log(worker.tail())
+        raise
+    finally:
+        worker.stop()
+
+    return {
+        "rate_items_per_s": round(rate, 1),
+        "bare_items_per_s": round(bare, 1),
+        "p50_ms": round(float(np.percentile(lags_ms, 50)), 1) if lags_ms else None,
+        "p99_ms": round(float(np.percentile(lags_ms, 99)), 1) if lags_ms else None,
+        "lost": lost,
+        "max_lag": max(lags, default=0),
+        "behavior_events_per_s": round(behavior_rate),
+        "items": len(sent),
+        "duration_s": args.duration,
+        "behavior_events": behavior_count,
+        "item_batch_wait_s": args.batch_wait,
+        "goal_p99_ms": 1000,
+        "goal_behavior_events_per_s": 10_000,
+    }
+
+
+def bare_items_per_s(encoder, events: list, batch: int = 64, batches: int = 4) -> float:
+    encoder.encode(events[:batch])  # warm-up
+    started = time.perf_counter()
+    for i in range(1, batches + 1):
+        encoder.encode(events[i * batch:(i + 1) * batch])
+    return batches * batch / (time.perf_counter() - started)
+
+
+def drain(cfg, sent: list[str], timeout_s: float, stats_cls) -> tuple[int, list[float]]:
+    """Wait until every sent item is in the worker's freshness records (readable in Redis)
+    and confirm in Redis itself; return (lost, event-to-readable lags in ms)."""
+    from streams.online_features import OnlineFeatures
+
+    path = cfg.data_dir / "freshness.parquet"
+    wanted = set(sent)
+    deadline = time.monotonic() + timeout_s
+    lags: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        stats = stats_cls.read(path)
+        rows = stats.state_dict()
+        lags = {i: (r - e) / 1000 for i, e, r in zip(rows["item_id"], rows["event_time"],
+                                                     rows["readable"], strict=True)
+                if i in wanted}
+        if len(lags) == len(wanted):
+            break
+        time.sleep(1.0)
+    online = OnlineFeatures.open(cfg, apply=False).read_items(sent)
+    lost = sum(1 for i in sent if i not in online or online[i].state.encoder_version is None)
+    return lost, list(lags.values())
+
+
+def behaviors_per_s(cfg, count: int) -> tuple[float, int]:
+    from kafka.partitioner.default import murmur2
+
+    from ppm.config import SimulatorConfig
+    from streams.online_features import OnlineFeatures
+    from streams.publisher import Publisher, routing_key
+    from streams.shop_simulator import ShopSimulator
+
+    sim = ShopSimulator(SimulatorConfig(seed=6, days=3.0, n_users=8_000, initial_items=600,
+                                        items_per_day=0))
+    records = []
+    last_time = ""
+    for kind, raw in sim.records():
+        if kind == "behavior":
+            records.append(raw)
+            if len(records) == count:
+                last_time = json.loads(raw)["event_time"]
+                break
+    # One last click per partition, on a user of that partition: when all are readable,
+    # every event before them in their partitions has been through the agent.
+    n = cfg.kafka.partitions
+    sentinels: dict[int, str] = {}
+    i = 0
+    while len(sentinels) < n:
+        user = f"sentinel-{i}"
+        sentinels.setdefault((murmur2(user.encode()) & 0x7FFFFFFF) % n, user)
+        i += 1
+    for user in sentinels.values():
+        records.append(json.dumps({"kind": "behavior", "user_id": user, "item_id": "i0000001",
+                                   "action": "click", "event_time": last_time,
+                                   "request_id": "sentinel", "position": 0}).encode())
+    online = OnlineFeatures.open(cfg, apply=False)
+    started = time.monotonic()
+    with Publisher(cfg.kafka) as publisher:
+        for raw in records:
+            publisher.send("behavior", raw, routing_key("behavior", raw))
+    published_s = time.monotonic() - started
+    log(f"published in {published_s:.1f}s; waiting for the last clicks ...")
+    deadline = started + 120
+    while time.monotonic() < deadline:
+        if len(online.read_sequences(list(sentinels.values()))) == n:
+            return len(records) / (time.monotonic() - started), len(records)
+        time.sleep(0.1)
+    raise TimeoutError("the behavior events were not through in 2 minutes")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
