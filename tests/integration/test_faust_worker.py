@@ -4,6 +4,9 @@ events run through the processors without Kafka (``pipeline_check.expected``).""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -33,6 +36,21 @@ def wait_for_progress(scenario: Scenario, share: float, timeout_s: float = 240) 
     raise TimeoutError(f"the worker made no progress: {readable_share(scenario):.0%}")
 
 
+def ppm_status(scenario: Scenario) -> dict:
+    """`ppm status` as a user runs it, with the scenario's settings; waits (bounded) until
+    the worker has committed every item event."""
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run([sys.executable, "-m", "ppm.cli", "status"], env=scenario.env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        status = json.loads(done.stdout.strip().splitlines()[-1])
+        if status["topics"][scenario.cfg.kafka.items_topic]["lag"] == 0:
+            return status
+        assert time.monotonic() < deadline, f"items never fully committed: {status}"
+        time.sleep(2)
+
+
 def test_every_item_is_readable_and_every_bad_record_is_a_dead_letter(servers: Servers,
                                                                       tmp_path):
     scenario = Scenario.create("all", servers.kafka_bootstrap, servers.redis_url, tmp_path)
@@ -43,9 +61,16 @@ def test_every_item_is_readable_and_every_bad_record_is_a_dead_letter(servers: S
         scenario.publish(records)
         want = wait_until_complete(scenario, worker)
         letters = dead_letters(scenario.cfg)
+        status = ppm_status(scenario)
     finally:
         worker.stop()
     assert want.dead >= 5 and len(letters) == want.dead
+    k = scenario.cfg.kafka
+    items = status["topics"][k.items_topic]
+    dead = sum(status["topics"][t + k.dead_letter_suffix]["dead_letters"]
+               for t in (k.items_topic, k.behaviors_topic))
+    assert items["end"] == sum(kind == "item" for kind, _ in records)
+    assert dead == want.dead and status["freshness"]["items"] > 0
     assert all(letter["reason"] for letter in letters)
     assert want.valid + len(letters) == len(records)  # nothing lost, nothing doubled
 
