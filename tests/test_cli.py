@@ -81,4 +81,4 @@ def test_demo_quick_streams_the_shop_through_feast(tmp_path, capsys):
     for key in ("auc_idrec", "auc_ppm", "auc_cold_idrec", "auc_cold_ppm"):
         assert 0 <= f[key] <= 1, key
     assert (tmp_path / "registry" / "ppm" / "champion.json").exists()
-    assert "not implemented yet (issue #5)" in out  # it does not pretend to do more
+    assert "The distributed path" in out  # it points to the Kafka/Faust/Redis path
