@@ -172,7 +172,11 @@ class ItemEmbedder:
         known = {i: self.state[i] for i in item_ids if i in self.state}
         missing = [i for i in item_ids if i not in known]
         if missing:
-            known.update({i: online.state for i, online in self.store.read_items(missing).items()})
+            stored = {i: online.state for i, online in self.store.read_items(missing).items()}
+            # What the store holds was applied (by this embedder before a restart, or another
+            # one): remember it, so the state also covers items a replay finds unchanged.
+            self.state.update(stored)
+            known.update(stored)
         return known
 
     def _embedded(self, state: ItemState | None, event: ItemEvent) -> bool:
