@@ -390,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Kafka brokers (default from config: kafka.bootstrap)")
     status.set_defaults(run=_status)
 
-    topics = sub.add_parser("topics", help="create the Kafka topics (items, behaviors and "
-                            "their dead-letter topics) with the configured partitions")
+    topics = sub.add_parser("topics", help="create the Kafka topics (items, behaviors, "
+                            "their dead-letter topics and the Faust app's internal ones) with "
+                            "the configured partitions")
     topics.add_argument("--bootstrap", metavar="HOST:PORT",
                         help="Kafka brokers (default from config: kafka.bootstrap)")
     topics.set_defaults(run=_topics)

@@ -44,6 +44,7 @@ from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode
 from streams.item_state import ItemState
 from streams.online_features import now_us
 from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
+from streams.topics import ITEM_TABLE, SEQUENCE_TABLE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -154,9 +155,9 @@ def create_app(cfg: Config) -> faust.App:
     items_dead = app.topic(kafka.items_topic + kafka.dead_letter_suffix, **raw)
     behaviors_dead = app.topic(kafka.behaviors_topic + kafka.dead_letter_suffix, **raw)
     # bytes -> bytes, seen through TableView: keys are the topics' own key bytes.
-    sequence_table = app.Table("sequences", partitions=kafka.partitions, key_type=bytes,
+    sequence_table = app.Table(SEQUENCE_TABLE, partitions=kafka.partitions, key_type=bytes,
                                value_type=bytes, use_partitioner=True)
-    item_table = app.GlobalTable("item-states", partitions=kafka.partitions, key_type=bytes,
+    item_table = app.GlobalTable(ITEM_TABLE, partitions=kafka.partitions, key_type=bytes,
                                  value_type=bytes, use_partitioner=True)
     item_states = TableView(item_table, ItemState)
     outages = store_outages()

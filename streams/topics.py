@@ -7,6 +7,7 @@ fixes the partition count (the unit of parallelism, and of sequence ownership fo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ppm.config import KafkaConfig
@@ -29,8 +30,33 @@ def topic_layout(kafka: KafkaConfig) -> list[TopicSpec]:
     return streams + dead
 
 
+#: The Faust app's tables (``streams.app``); their changelogs are ``<app_id>-<name>-changelog``.
+SEQUENCE_TABLE = "sequences"
+ITEM_TABLE = "item-states"
+
+
+@dataclass(frozen=True)
+class InternalTopic:
+    name: str
+    partitions: int
+    configs: tuple[tuple[str, str], ...] = ()
+
+
+def faust_topics(kafka: KafkaConfig) -> list[InternalTopic]:
+    """The topics the Faust app would otherwise create itself when it starts: the tables'
+    compacted changelogs and the partition assignor's leader topic. On a fresh broker
+    Faust's assignor can run before its own new topics are in the metadata; it then ignores
+    them and the worker never gets ready, so they are created up front."""
+    compact = (("cleanup.policy", "compact"),)
+    return [InternalTopic(f"{kafka.app_id}-{SEQUENCE_TABLE}-changelog", kafka.partitions,
+                          compact),
+            InternalTopic(f"{kafka.app_id}-{ITEM_TABLE}-changelog", kafka.partitions, compact),
+            InternalTopic(f"{kafka.app_id}-__assignor-__leader", 1)]
+
+
 def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
-    """Create the missing topics of :func:`topic_layout`; return the names created.
+    """Create the missing topics of :func:`topic_layout` and :func:`faust_topics`, wait
+    until the broker's metadata lists them, and return the names created.
 
     An existing topic with another partition count is an error, not silently reused:
     keys would land on other partitions than the running workers expect.
@@ -41,17 +67,24 @@ def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
                              request_timeout_ms=int(timeout_s * 1000))
     try:
         existing = {t["name"]: len(t["partitions"]) for t in admin.describe_topics()}
-        layout = topic_layout(kafka)
-        for spec in layout:
+        wanted = [InternalTopic(s.name, s.partitions) for s in topic_layout(kafka)]
+        wanted += faust_topics(kafka)
+        for spec in wanted:
             have = existing.get(spec.name)
             if have is not None and have != spec.partitions:
                 raise ValueError(f"topic {spec.name!r} has {have} partitions, the layout "
                                  f"wants {spec.partitions}; delete it or change "
                                  "kafka.partitions")
-        missing = [s for s in layout if s.name not in existing]
+        missing = [s for s in wanted if s.name not in existing]
         if missing:
-            admin.create_topics([NewTopic(s.name, s.partitions, kafka.replication_factor)
-                                 for s in missing], timeout_ms=int(timeout_s * 1000))
+            admin.create_topics([NewTopic(s.name, s.partitions, kafka.replication_factor,
+                                          topic_configs=dict(s.configs)) for s in missing],
+                                timeout_ms=int(timeout_s * 1000))
+            deadline = time.monotonic() + timeout_s
+            while not {s.name for s in missing} <= set(admin.list_topics()):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"topics not in the metadata after {timeout_s:.0f}s")
+                time.sleep(0.2)
         return [s.name for s in missing]
     finally:
         admin.close()
