@@ -79,9 +79,9 @@ class ItemCache:
                 if entry is not None and entry[0] > clock and (
                         entry[1] is None or entry[1].with_embedding or not with_embeddings):
                     found[item_id] = entry[1]
-        wanted = [i for i in item_ids if i not in found]
-        self.counters["hits"] += len(found)
-        self.counters["misses"] += len(wanted)
+            wanted = [i for i in item_ids if i not in found]
+            self.counters["hits"] += len(found)
+            self.counters["misses"] += len(wanted)
         if wanted:
             fetched_at = time.monotonic()
             stored = self.store.fetch_items(wanted, with_embeddings)
