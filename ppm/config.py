@@ -161,6 +161,13 @@ class TrainerConfig(_Section):
     """Windows the first model is fitted on before incremental steps start."""
     replay_share: float = Field(0.25, ge=0, le=10)
     """Older samples mixed into a fine-tuning step, as a share of the new window's size."""
+    id_dropout: float = Field(0.3, ge=0, lt=1)
+    """``ppm`` only: the share of training samples whose target item id is hidden (the
+    "unknown" id), so the model learns to score an item by its modal vector when its id
+    embedding has learned nothing yet, which is the case of every new item. On the demo
+    world it lifts ``ppm``'s click AUC on items younger than a day by about 0.02 (0.58 to
+    0.60). ``idrec`` always trains with 0: it has no other view of the item, and hiding
+    ids cost it 0.01 overall AUC for nothing on cold items (measured the same way)."""
     promote_tolerance: float = Field(0.01, ge=0)
     """A candidate is promoted unless its click AUC on the next window is worse than the
     champion's by more than this. One window's AUC is noisy (about +-0.02 on the demo's

@@ -146,7 +146,8 @@ def test_default_config_runs_and_variants_have_only_their_modules():
 
 
 @pytest.mark.parametrize("bad", [{"variant": "bert"}, {"task_weights": (1.0,)},
-                                 {"d_model": 30, "n_heads": 4}, {"gap_buckets": 1}])
+                                 {"d_model": 30, "n_heads": 4}, {"gap_buckets": 1},
+                                 {"id_dropout": 1.0}, {"id_dropout": -0.1}])
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValueError):
         tiny(**bad)
@@ -371,6 +372,27 @@ def test_modal_weights_plug_into_a_ppm_model():
 
 # -----------------------------------------------------------------------------
 # Determinism, checkpoints
+
+
+def test_id_dropout_hides_target_ids_in_training_only():
+    model = make_model("ppm", id_dropout=0.5)
+    batch = random_batch(model.config, B=64, labels=False)
+    unknown = {**batch, "item_id": torch.zeros_like(batch["item_id"])}
+    model.eval()  # eval: every id is read, the scores are deterministic
+    assert torch.equal(scores(model, batch), scores(model, batch))
+    assert not torch.allclose(scores(model, batch), scores(model, unknown))
+    # Training: dropout off everywhere else, so a hidden id scores exactly like "unknown".
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    torch.manual_seed(3)
+    with torch.no_grad():
+        trained, known, hidden = model(batch)[0], model.eval()(batch)[0], model(unknown)[0]
+    as_hidden = torch.isclose(trained, hidden, atol=1e-6).all(1)
+    as_known = torch.isclose(trained, known, atol=1e-6).all(1)
+    assert (as_hidden | as_known).all()
+    assert 0.25 < as_hidden.float().mean() < 0.75  # about half of the ids were hidden
 
 
 def test_same_seed_same_model_same_training_step():

@@ -241,3 +241,38 @@ def test_cli_batch_training_and_eval_report(data_dir, capsys, tmp_path):
         assert click["new_in_test"]["samples"] <= click["all"]["samples"]
     text = table.read_text()
     assert "idrec" in text and "ppm" in text and "new_in_test" in text
+
+
+# A world dense enough to learn from in a test: 800 users with three sessions a day for two
+# days (~41k impressions, a quarter on items younger than a day).
+DENSE_WORLD = SimulatorConfig(seed=3, days=2.0, n_users=800, initial_items=200,
+                              items_per_day=200, sessions_per_user_per_day=3.0)
+
+
+def test_ppm_beats_idrec_on_new_items_in_a_small_world(tmp_path, item_encoder):
+    """The demo's claim in small: both variants fitted on the first two thirds of the time,
+    scored on the rest; on items younger than a day (at the impression) ppm ranks clicks
+    better than idrec, and it is not worse overall."""
+    from trainer.metrics import auc
+    from trainer.train import split_windows, train_batch
+
+    cfg = Config(data_dir=tmp_path)
+    cfg = cfg.model_copy(update={
+        "pipeline": cfg.pipeline.model_copy(update={"log_window_s": 6 * 3600.0}),
+        "trainer": cfg.trainer.model_copy(update={"batch_size": 512, "initial_epochs": 2}),
+    })
+    LocalRunner(cfg, encoder=item_encoder, resume=False).run(
+        ShopSimulator(DENSE_WORLD).records(), "dense", progress=False)
+    train, test, _ = split_windows(cfg, 0.34)
+    assert len(train) >= 4 and len(test) >= 2
+    result = {}
+    for variant in ("idrec", "ppm"):
+        model = train_batch(cfg, train, variant=variant, progress=False)
+        data = IncrementalTrainer(cfg, variant=variant).dataset(test, model.config)
+        click, young = predict(model, data)[:, 0], data.item_age_s < 86_400  # NaN: not young
+        y = data.labels[:, 0]
+        result[variant] = {"all": auc(y, click), "young": auc(y[young], click[young])}
+    assert young.sum() > 2_000 and y[young].sum() > 200, result  # enough to tell apart
+    # Measured: young 0.583 vs 0.559, all 0.635 vs 0.636.
+    assert result["ppm"]["young"] > result["idrec"]["young"] + 0.01, result
+    assert result["ppm"]["all"] >= result["idrec"]["all"] - 0.01, result

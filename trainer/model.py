@@ -84,6 +84,9 @@ class RankerConfig:
     #   every token, the sequence too sees the target (one full pass per candidate)
     side_dim: int = 16  # width of each target side feature (category, brand, shop, price)
     dropout: float = 0.1  # in the experts and towers, on (B, expert_dim) activations: cheap
+    id_dropout: float = 0.0  # training only: share of samples whose target item id is
+    #   replaced by "unknown" (bucket 0, a zero vector), so the model learns to score an item
+    #   whose id embedding taught it nothing yet, which is every new item (DropoutNet-style)
     seq_dropout: float = 0.0  # inside the transformers; off because on CPU the masks over
     #   (B, L, d) cost ~1.7x in step time at 0.1 (bench/train.py --seq-dropout 0.1)
     # multi-task head (MMoE)
@@ -100,6 +103,8 @@ class RankerConfig:
             raise ValueError(f"{len(self.tasks)} tasks but {len(self.task_weights)} weights")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if self.gap_buckets < 2:
             raise ValueError("gap_buckets must be >= 2 (0 is padding)")
         if self.attention not in ("target", "full"):
@@ -267,10 +272,15 @@ class IDModule(nn.Module):
         self.shop_emb = nn.Embedding(c.shop_buckets, c.side_dim, padding_idx=0)
         self.price_emb = nn.Embedding(c.price_buckets, c.side_dim)  # bucket 0 is a real price
         self.transformer = BehaviorTransformer(c)
+        self.id_dropout = c.id_dropout
         self.out_dim = 2 * c.d_model + 4 * c.side_dim
 
     def forward(self, batch: dict) -> torch.Tensor:
-        target = self.item_emb(batch["item_id"])  # (B, d)
+        item = batch["item_id"]  # (B,)
+        if self.training and self.id_dropout > 0:
+            item = item.masked_fill(torch.rand(item.shape, device=item.device)
+                                    < self.id_dropout, 0)
+        target = self.item_emb(item)  # (B, d)
         seq = self.item_emb(batch["seq_item_id"])  # (B, L, d)
         h = self.transformer(seq, target, batch)  # (B, d)
         side = [self.category_emb(batch["category"]), self.brand_emb(batch["brand"]),

@@ -96,9 +96,13 @@ def click_auc(metrics: dict, bucket: str = "all") -> float | None:
 
 
 def new_model(cfg: Config, variant: str | None = None, modal_dim: int = 1664) -> UnifiedRanker:
+    """A freshly initialised model (seeded by ``trainer.seed``); ``trainer.id_dropout``
+    applies to ``ppm`` only (see its docstring)."""
     torch.manual_seed(cfg.trainer.seed)
-    return UnifiedRanker(RankerConfig(variant=variant or cfg.trainer.variant,
-                                      modal_dim=modal_dim))
+    variant = variant or cfg.trainer.variant
+    return UnifiedRanker(RankerConfig(
+        variant=variant, modal_dim=modal_dim,
+        id_dropout=cfg.trainer.id_dropout if variant == "ppm" else 0.0))
 
 
 @dataclass
