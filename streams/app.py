@@ -25,17 +25,21 @@ acknowledged later still, once the training window they belong to is written, so
 replays what the log writer held in memory; the processors make replays harmless (older or
 equal item events are ignored, a duplicate interaction changes no sequence, a closed window
 is never written twice). Records that do not decode go to the topic's dead-letter topic
-(``<topic>-dead``) with their reason, and count as done.
+(``<topic>-dead``) with their reason, and count as done. Events are acknowledged in offset
+order per partition (:class:`InOrderAcks`), so a commit never passes an event that is not
+done yet, whatever Faust's own gap handling does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any, TypeVar
 
 import faust
@@ -96,6 +100,40 @@ class TableView(MutableMapping[str, V]):
             return default
 
 
+class InOrderAcks:
+    """Holds a stream's events and acknowledges them to Faust in offset order per partition.
+
+    Faust commits the first run of consecutive acknowledged offsets of a partition, but
+    while nothing has been committed yet (a new consumer group) it does not check that the
+    run starts where the partition does (``faust.transport.consumer.Consumer._new_offset``):
+    an event acknowledged ahead of an earlier one, such as a dead letter behind a batch
+    still being written, could commit past the earlier one. Here an event is acknowledged
+    only once it and every event before it on its partition are done.
+    """
+
+    def __init__(self, stream: faust.StreamT):
+        self.stream = stream
+        self._held: dict[Any, collections.deque[list]] = collections.defaultdict(
+            collections.deque)  # partition -> [event, done] in offset order
+
+    def hold(self, event: faust.EventT) -> list:
+        """Keep ``event`` unacknowledged (take_events' own acknowledgement only releases
+        its reference); call in the order events arrive. Returns its handle for
+        :meth:`done`."""
+        event.message.incref()
+        entry = [event, False]
+        self._held[event.message.tp].append(entry)
+        return entry
+
+    async def done(self, entries: Iterable[list]) -> None:
+        """Mark these events done and acknowledge every partition's done prefix."""
+        for entry in entries:
+            entry[1] = True
+        for held in self._held.values():
+            while held and held[0][1]:
+                await self.stream.ack(held.popleft()[0])
+
+
 async def retrying(what: str, outage: tuple[type[BaseException], ...],
                    call: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any) -> T:
     """``call(*args)`` (awaited if it is a coroutine) until it succeeds; an ``outage``
@@ -122,10 +160,40 @@ def store_outages() -> tuple[type[BaseException], ...]:
 
 def stop_worker(what: str, exc: BaseException) -> None:
     """Exit at once, before Faust acknowledges the batch: an exception escaping an agent
-    would end ``take_events``, whose clean-up acknowledges the batch that failed."""
+    would end ``take_events``, whose clean-up acknowledges the batch that failed (and one
+    escaping a task would go unnoticed)."""
     log.critical("%s failed; stopping the worker without committing it", what, exc_info=exc)
     logging.shutdown()
     os._exit(70)
+
+
+@contextlib.asynccontextmanager
+async def one_batch_ahead(apply: Callable[[T], Awaitable[None]], what: str
+                          ) -> AsyncIterator[Callable[[T], Awaitable[None]]]:
+    """Yield ``submit``: ``await submit(batch)`` hands ``batch`` to one task that runs
+    ``await apply(batch)`` on the batches in order, while the agent gathers the next one.
+
+    ``take_events`` waits up to its ``within`` after every batch; a processor idle for that
+    long under load builds a backlog (p50 event-to-readable 1.5 s instead of 0.4-0.6 s in
+    bench/freshness.py). ``submit`` waits while a batch is already waiting, so a backlog
+    stays in Kafka. ``apply`` owns its events' acknowledgements (take_events acknowledges a
+    batch when the agent's body is done, so the agent holds them: :class:`InOrderAcks`).
+    Anything escaping ``apply`` stops the worker (:func:`stop_worker`), so nothing after a
+    failed batch is acknowledged.
+    """
+    ready: asyncio.Queue[T] = asyncio.Queue(maxsize=1)
+
+    async def apply_ready() -> None:
+        while True:
+            await apply(await ready.get())
+
+    task = asyncio.ensure_future(apply_ready())
+    task.add_done_callback(lambda done: done.cancelled() or done.exception() is None
+                           or stop_worker(what, done.exception()))
+    try:
+        yield ready.put
+    finally:
+        task.cancel()
 
 
 def create_app(cfg: Config) -> faust.App:
@@ -199,52 +267,32 @@ def create_app(cfg: Config) -> faust.App:
         opened["freshness"] = freshness
         embedder = ItemEmbedder(encoder, await store(), ItemLog(cfg.data_dir / "offline" /
                                                         "item_embedding"), freshness=freshness)
-        # The encoder works on one batch while the next one gathers: take_events waits up to
-        # item_batch_wait_s after every batch, and an encoder idle for that long under load
-        # builds a backlog (p50 event-to-readable 1.5 s instead of 0.3 s, bench/freshness.py).
-        # One batch may wait here, so items queue in Kafka, not in this worker.
-        ready: asyncio.Queue[tuple[list[ItemEvent], int, list[faust.EventT]]] = \
-            asyncio.Queue(maxsize=1)
 
-        async def embed_ready() -> None:
-            while True:
-                good, arrived, events = await ready.get()
-                try:
-                    await retrying("item batch", outages, asyncio.to_thread, embedder.process,
-                                   good, [arrived] * len(good))
-                except Exception as exc:  # not an outage: a bug or bad state, never skip it
-                    stop_worker("item batch", exc)
-                for item in good:  # what the log writer needs, for every worker
-                    state = embedder.state.get(item.item_id)
-                    if state is not None:
-                        item_states[item.item_id] = state
-                for event in events:  # written: now the offsets may be committed
-                    await stream.ack(event)
+        acks = InOrderAcks(stream)
 
-        embedding = asyncio.ensure_future(embed_ready())
-        # Anything escaping embed_ready would leave the agent blocked on a full queue.
-        embedding.add_done_callback(
-            lambda task: task.cancelled() or task.exception() is None
-            or stop_worker("item batch", task.exception()))
-        try:
+        async def embed(batch: tuple[list[ItemEvent], int, list[list]]) -> None:
+            good, arrived, held = batch
+            if good:
+                await retrying("item batch", outages, asyncio.to_thread, embedder.process,
+                               good, [arrived] * len(good))
+            for item in good:  # what the log writer needs, for every worker
+                state = embedder.state.get(item.item_id)
+                if state is not None:
+                    item_states[item.item_id] = state
+            await acks.done(held)  # written: now their offsets may be committed
+
+        async with one_batch_ahead(embed, "item batch") as submit:
             async for batch in stream.take_events(pipeline.item_batch_size,
                                                   within=pipeline.item_batch_wait_s):
                 arrived = now_us()
                 good: list[ItemEvent] = []
-                events: list[faust.EventT] = []
+                held = [acks.hold(event) for event in batch]
                 for event, item in decoded(batch, "item", kafka.items_topic):
                     if isinstance(item, DeadLetter):
                         await dead_letter(items_dead, item, event.key)
                     else:
-                        # take_events acknowledges the batch when this body is done; one
-                        # more reference keeps an event until embed_ready has written it.
-                        event.message.incref()
                         good.append(item)
-                        events.append(event)
-                if good:
-                    await ready.put((good, arrived, events))
-        finally:
-            embedding.cancel()
+                await submit((good, arrived, held))
 
     @app.timer(interval=2.0)
     async def save_freshness() -> None:
@@ -265,20 +313,19 @@ def create_app(cfg: Config) -> faust.App:
             items=item_states,
             attribution_window_s=pipeline.attribution_window_s,
             window_s=pipeline.log_window_s)
-        held: list[tuple[int, faust.EventT]] = []  # (event time, event) not yet in a window
+        acks = InOrderAcks(stream)
+        waiting: list[tuple[int, list]] = []  # (event time, held event) not yet in a window
         async for batch in stream.take_events(pipeline.behavior_batch_size, within=1.0):
             good: list[BehaviorEvent] = []
+            dead: list[list] = []
             for event, behavior in decoded(batch, "behavior", kafka.behaviors_topic):
+                held = acks.hold(event)  # until its training window is written (below)
                 if isinstance(behavior, DeadLetter):
                     await dead_letter(behaviors_dead, behavior, event.key)
-                    continue
-                good.append(behavior)
-                # take_events acknowledges the batch when this body is done; one more
-                # reference keeps it until the event's window is written (see below).
-                event.message.incref()
-                held.append((to_us(behavior.event_time), event))
-            if not good:
-                continue
+                    dead.append(held)
+                else:
+                    good.append(behavior)
+                    waiting.append((to_us(behavior.event_time), held))
             try:
                 # The write runs in a thread (a Redis outage must not stall the event loop
                 # and its heartbeats); the table is only touched here, in the loop.
@@ -293,13 +340,9 @@ def create_app(cfg: Config) -> faust.App:
             # Events before the earliest open window are in written windows (or were late
             # and logged as such): done.
             done_before = writer.open_from_us
-            keep = []
-            for t, event in held:
-                if done_before is not None and t < done_before:
-                    await stream.ack(event)
-                else:
-                    keep.append((t, event))
-            held = keep
+            finished = [h for t, h in waiting if done_before is not None and t < done_before]
+            waiting = [(t, h) for t, h in waiting if done_before is None or t >= done_before]
+            await acks.done(dead + finished)
 
     app.ppm_config = cfg  # for `ppm status` and tests
     return app

@@ -1,0 +1,108 @@
+"""The Faust app's parts that need no broker: batches applied in order, one batch ahead.
+(The agents themselves run against a real Kafka and Redis in tests/integration.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+
+@pytest.fixture
+def app_module(tmp_path, monkeypatch):
+    # Importing the module builds the worker's app from the environment's configuration.
+    monkeypatch.setenv("PPM__DATA_DIR", str(tmp_path))
+    import streams.app
+
+    return streams.app
+
+
+def test_batches_are_applied_in_order_while_the_next_one_gathers(app_module):
+    started, applied = [], []
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+
+        async def apply(batch: int) -> None:
+            started.append(batch)
+            await gate.wait()
+            applied.append(batch)
+
+        async with app_module.one_batch_ahead(apply, "test batch") as submit:
+            await submit(1)  # taken at once
+            await asyncio.sleep(0.01)
+            await submit(2)  # waits while 1 is applied
+            third = asyncio.ensure_future(submit(3))  # one batch waits already: back-pressure
+            await asyncio.sleep(0.01)
+            assert started == [1] and not third.done()
+            gate.set()
+            await third
+            while len(applied) < 3:
+                await asyncio.sleep(0.001)
+
+    asyncio.run(scenario())
+    assert applied == [1, 2, 3]
+
+
+def test_a_batch_that_fails_stops_the_worker(app_module, monkeypatch):
+    stopped = []
+    monkeypatch.setattr(app_module, "stop_worker", lambda what, exc: stopped.append((what, exc)))
+
+    async def scenario() -> None:
+        async def apply(batch: int) -> None:
+            raise ValueError(f"bad batch {batch}")
+
+        async with app_module.one_batch_ahead(apply, "item batch") as submit:
+            await submit(1)
+            for _ in range(1_000):
+                if stopped:
+                    break
+                await asyncio.sleep(0.001)
+
+    asyncio.run(scenario())
+    assert [what for what, _ in stopped] == ["item batch"]
+    assert isinstance(stopped[0][1], ValueError)
+
+
+class _Message:
+    def __init__(self, tp: str, offset: int):
+        self.tp, self.offset, self.refcount = tp, offset, 1
+
+    def incref(self) -> None:
+        self.refcount += 1
+
+
+class _Event:
+    def __init__(self, tp: str, offset: int):
+        self.message = _Message(tp, offset)
+
+
+class _Stream:
+    """Records what is acknowledged, in order (Faust's Stream.ack is a coroutine)."""
+
+    def __init__(self):
+        self.acked: list[tuple[str, int]] = []
+
+    async def ack(self, event: _Event) -> bool:
+        self.acked.append((event.message.tp, event.message.offset))
+        return True
+
+
+def test_events_are_acknowledged_in_offset_order_per_partition(app_module):
+    stream = _Stream()
+    acks = app_module.InOrderAcks(stream)
+    events = [_Event(tp, offset) for offset in range(3) for tp in ("p0", "p1")]
+    held = {(e.message.tp, e.message.offset): acks.hold(e) for e in events}
+    assert all(e.message.refcount == 2 for e in events)  # take_events' own ack only decrefs
+
+    async def scenario() -> None:
+        # A dead letter (p0:2) and a late event (p1:1) are done before earlier events.
+        await acks.done([held["p0", 2], held["p1", 1]])
+        assert stream.acked == []
+        await acks.done([held["p1", 0]])
+        assert stream.acked == [("p1", 0), ("p1", 1)]
+        await acks.done([held["p0", 0], held["p0", 1], held["p1", 2]])
+
+    asyncio.run(scenario())
+    assert sorted(stream.acked[2:]) == [("p0", 0), ("p0", 1), ("p0", 2), ("p1", 2)]
+    assert [o for tp, o in stream.acked if tp == "p0"] == [0, 1, 2]
