@@ -174,7 +174,7 @@ async def one_batch_ahead(apply: Callable[[T], Awaitable[None]], what: str
     ``await apply(batch)`` on the batches in order, while the agent gathers the next one.
 
     ``take_events`` waits up to its ``within`` after every batch; a processor idle for that
-    long under load builds a backlog (p50 event-to-readable 1.5 s instead of 0.4-0.6 s in
+    long under load builds a backlog (p50 event-to-readable 1.4 s instead of 0.5 s in
     bench/freshness.py). ``submit`` waits while a batch is already waiting, so a backlog
     stays in Kafka. ``apply`` owns its events' acknowledgements (take_events acknowledges a
     batch when the agent's body is done, so the agent holds them: :class:`InOrderAcks`).
