@@ -169,7 +169,8 @@ class TrainerConfig(_Section):
     MovieLens, whose items are only a title and genres, it costs ``ppm`` 0.005 to 0.025
     (README): use 0 where an item's content says little. ``idrec`` always trains with 0: it
     has no other view of the item, and hiding ids cost it 0.01 overall AUC on the demo for
-    nothing on cold items."""
+    nothing on cold items. The share is part of a model's config: fine-tuning keeps the
+    champion's, so a change applies from the next model trained from scratch."""
     promote_tolerance: float = Field(0.01, ge=0)
     """A candidate is promoted unless its click AUC on the next window is worse than the
     champion's by more than this. One window's AUC is noisy (about +-0.02 on the demo's
