@@ -76,7 +76,7 @@ def train_and_score(run_cfg: Config, progress: bool = True) -> tuple[dict, list[
     (``auc_<variant>``, ``auc_cold_<variant>``) and one row per evaluated window."""
     import numpy as np
 
-    from trainer.metrics import auc
+    from trainer.metrics import auc, cold_buckets
     from trainer.train import IncrementalTrainer
 
     totals: dict = {}
@@ -86,7 +86,8 @@ def train_and_score(run_cfg: Config, progress: bool = True) -> tuple[dict, list[
 
         def collect(step, variant=variant, labels=labels, scores=scores, cold=cold) -> None:
             y, s = step.eval_data.labels[:, 0], step.eval_logits[:, 0]
-            young = np.nan_to_num(step.eval_data.item_age_s, nan=np.inf) < 86_400
+            young = cold_buckets(step.eval_data.item_age_s,
+                                 step.eval_data.item_clicks_before)["age<1d"]
             labels.append(y)
             scores.append(s)
             cold.append(young)

@@ -1,5 +1,6 @@
-"""The Faust app's parts that need no broker: batches applied in order, one batch ahead.
-(The agents themselves run against a real Kafka and Redis in tests/integration.)"""
+"""The Faust app's parts that need no broker: batches applied in order, one batch ahead, and
+events acknowledged in offset order. (The agents themselves run against a real Kafka and
+Redis in tests/integration.)"""
 
 from __future__ import annotations
 
