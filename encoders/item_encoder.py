@@ -73,6 +73,18 @@ class ItemEmbeddings:
     """item_id -> reason, for rows whose image part is zero (no image, or it failed to load)."""
 
 
+def content_hash(encoder_version: str, item: ItemEvent) -> str:
+    """sha256 (hex) of exactly what the item's vector depends on.
+
+    That is the encoder version, the item text (:func:`item_text`) and the image reference
+    as given (for a data URL, its bytes; for a path or URL, the string, so a photo replaced
+    behind an unchanged URL is not noticed). Price, shop and event time do not count. The
+    item id does not either: identical items share a hash.
+    """
+    payload = json.dumps([encoder_version, item_text(item), item.image])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 class ItemEncoder:
     """Turns upsert :class:`~ppm.events.ItemEvent` batches into modal feature vectors.
 
@@ -149,15 +161,9 @@ class ItemEncoder:
         return f"enc-{digest[:12]}"
 
     def content_hash(self, item: ItemEvent) -> str:
-        """sha256 (hex) of exactly what the item's vector depends on.
-
-        That is the encoder version, the item text (:func:`item_text`) and the image
-        reference as given (for a data URL, its bytes; for a path or URL, the string, so a
-        photo replaced behind an unchanged URL is not noticed). Price, shop and event time do
-        not count. The item id does not either: identical items share a hash.
-        """
-        payload = json.dumps([self.encoder_version, item_text(item), item.image])
-        return hashlib.sha256(payload.encode()).hexdigest()
+        """sha256 (hex) of exactly what the item's vector depends on: see
+        :func:`content_hash`."""
+        return content_hash(self.encoder_version, item)
 
     def encode(
         self, items: Sequence[ItemEvent], seen: MutableMapping[str, str] | None = None

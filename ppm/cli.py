@@ -229,7 +229,8 @@ def _publish(args: argparse.Namespace, cfg: Config) -> int:
                else ShopSimulator(_simulator_config(args, cfg)).records())
     with Publisher(_kafka_config(args, cfg)) as publisher:
         summary = publisher.publish(records, rate=args.rate, limit=args.limit,
-                                    duration_s=args.duration, progress=not args.quiet)
+                                    duration_s=args.duration, progress=not args.quiet,
+                                    events_per_record=args.events_per_record)
     print(json.dumps({**summary.__dict__, "records": summary.records}))
     return 0
 
@@ -379,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--rate", type=float, help="records per second (default: no limit)")
     publish.add_argument("--limit", type=int, help="stop after this many records")
     publish.add_argument("--duration", type=float, help="stop after this many seconds")
+    publish.add_argument("--events-per-record", type=int, default=1, metavar="N",
+                         help="send up to N consecutive behavior events of one user as one "
+                         "Kafka record (a JSON array; default 1). A worker's cost per record is "
+                         "about that of 2 events, so pages of impressions travel best together")
     publish.add_argument("--bootstrap", metavar="HOST:PORT",
                          help="Kafka brokers (default from config: kafka.bootstrap)")
     publish.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -67,9 +67,12 @@ class ContractConfig(_Section):
     """Limits the event decoder enforces on the wire."""
 
     max_payload_bytes: int = Field(8_000_000, ge=1)
+    """Largest record accepted, whether it holds one event or several."""
     max_text_chars: int = Field(10_000, ge=1)
     """Longest title or description accepted."""
     max_id_chars: int = Field(128, ge=1)
+    max_events_per_record: int = Field(1_000, ge=1)
+    """Most events one Kafka record may carry (a JSON array of one key's events)."""
 
 
 class SimulatorConfig(_Section):

@@ -19,6 +19,7 @@ import binascii
 import io
 import json
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -52,9 +53,10 @@ def _parse_event_time(value: Any) -> datetime:
             raise ValueError("not an ISO-8601 timestamp") from None
     else:
         raise ValueError("must be an ISO-8601 string with a UTC offset, e.g. 2026-01-01T12:00:00Z")
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise ValueError("timestamp has no UTC offset; add 'Z' or '+00:00'")
-    parsed = parsed.astimezone(UTC)
+    if parsed.tzinfo is not UTC:  # the common spelling ("Z", "+00:00") skips this
+        if parsed.tzinfo is None or parsed.utcoffset() is None:
+            raise ValueError("timestamp has no UTC offset; add 'Z' or '+00:00'")
+        parsed = parsed.astimezone(UTC)
     if not MIN_EVENT_TIME <= parsed < MAX_EVENT_TIME:
         raise ValueError(f"timestamp {parsed.isoformat()} is outside 1990..2100")
     return parsed
@@ -225,52 +227,138 @@ def decode(
     ``reason`` names the field and the problem.
     """
     limits = limits or ContractConfig()
-    received_at = now or datetime.now(UTC)
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-
-    def dead(reason: str) -> DeadLetter:
-        try:
-            return DeadLetter(
-                expected=expected, reason=reason, source=source, received_at=received_at,
-                payload=data.decode("utf-8"),
-            )
-        except UnicodeDecodeError:
-            return DeadLetter(
-                expected=expected, reason=reason, source=source, received_at=received_at,
-                payload=base64.b64encode(data).decode(), payload_encoding="base64",
-            )
-
+    dead = _DeadLetters(expected, source, now)
     if len(data) > limits.max_payload_bytes:
-        return dead(f"payload of {len(data)} bytes exceeds {limits.max_payload_bytes}")
+        return dead(data, f"payload of {len(data)} bytes exceeds {limits.max_payload_bytes}")
+    obj = _parse(data, dead)
+    if isinstance(obj, DeadLetter):
+        return obj
+    return _validate(obj, expected, lambda reason: dead(data, reason), limits,
+                     max_image_bytes)
+
+
+def decode_record(
+    raw: bytes | str,
+    expected: Literal["item", "behavior"],
+    source: str,
+    limits: ContractConfig | None = None,
+    max_image_bytes: int = 4_000_000,
+    now: datetime | None = None,
+) -> list[ItemEvent | BehaviorEvent | DeadLetter]:
+    """Turn one Kafka record into its events and dead letters, in order.
+
+    A record holds one event (a JSON object, as :func:`decode`) or several events of one
+    key (a JSON array of objects, at most ``limits.max_events_per_record``, and at most
+    ``limits.max_payload_bytes`` in all, like any record): a front end
+    sends a result page's impressions in one record, for instance. Each element is checked
+    on its own and becomes an event or a dead letter (source ``<source>[i]``, payload the
+    element); an element whose key field (``user_id``, ``item_id``) differs from the first
+    element's is a dead letter too, since the record's key, and so its partition, is the
+    first one's. A record that is not such an array at all is one dead letter. Never raises.
+    """
+    limits = limits or ContractConfig()
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    if data.lstrip()[:1] != b"[":
+        return [decode(data, expected, source, limits, max_image_bytes, now)]
+    dead = _DeadLetters(expected, source, now)
+    if len(data) > limits.max_payload_bytes:
+        return [dead(data, f"payload of {len(data)} bytes exceeds {limits.max_payload_bytes}")]
+    elements = _parse(data, dead)
+    if isinstance(elements, DeadLetter):
+        return [elements]
+    most = limits.max_events_per_record
+    if not 1 <= len(elements) <= most:
+        return [dead(data, f"a record holds 1 to {most} events, got {len(elements)}")]
+    key_field = KEY_FIELDS[expected]
+    key = elements[0].get(key_field) if isinstance(elements[0], dict) else None
+    out: list[ItemEvent | BehaviorEvent | DeadLetter] = []
+    for i, element in enumerate(elements):
+        def fail(reason: str, element: Any = element, i: int = i) -> DeadLetter:
+            # The element's own JSON is its payload: only a dead letter needs it.
+            payload = json.dumps(element, ensure_ascii=False).encode()
+            return dead.at(f"{source}[{i}]")(payload, reason)
+
+        if isinstance(element, dict) and element.get(key_field) != key:
+            out.append(fail(f"{key_field}: differs from the record's first event "
+                            f"({str(key)[:50]!r}); a record carries one key's events"))
+        else:
+            out.append(_validate(element, expected, fail, limits, max_image_bytes))
+    return out
+
+
+#: The field each kind of event is keyed (and partitioned) by.
+KEY_FIELDS = {"item": "item_id", "behavior": "user_id"}
+
+
+class _DeadLetters:
+    """Makes the dead letters of one source, ``dead(payload, reason)``, all received at
+    ``now`` (default: the first one's making)."""
+
+    def __init__(self, expected: str, source: str, now: datetime | None):
+        self.expected, self.source, self.received_at = expected, source, now
+
+    def at(self, source: str) -> _DeadLetters:
+        """The same for a part of the source (an element of a record)."""
+        return _DeadLetters(self.expected, source, self._received_at())
+
+    def __call__(self, data: bytes, reason: str) -> DeadLetter:
+        received_at = self._received_at()
+        try:
+            return DeadLetter(expected=self.expected, reason=reason, source=self.source,
+                              received_at=received_at, payload=data.decode("utf-8"))
+        except UnicodeDecodeError:
+            return DeadLetter(expected=self.expected, reason=reason, source=self.source,
+                              received_at=received_at,
+                              payload=base64.b64encode(data).decode(), payload_encoding="base64")
+
+    def _received_at(self) -> datetime:
+        if self.received_at is None:
+            self.received_at = datetime.now(UTC)
+        return self.received_at
+
+
+def _parse(data: bytes, dead: _DeadLetters) -> Any:
     try:
         # Decode explicitly: json.loads(bytes) would also guess UTF-16/32, but the wire is UTF-8.
-        obj = json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
-        return dead("payload is not UTF-8")
+        return dead(data, "payload is not UTF-8")
     except (ValueError, RecursionError) as exc:
-        return dead(f"not JSON: {str(exc)[:200]}")
+        return dead(data, f"not JSON: {str(exc)[:200]}")
+
+
+# The string fields of each kind with a configurable limit: (name, is an id).
+_LIMITED_FIELDS = {
+    "item": (("item_id", True), ("category", True), ("brand", True), ("shop", True),
+             ("title", False), ("description", False)),
+    "behavior": (("user_id", True), ("item_id", True), ("request_id", True)),
+}
+
+
+def _validate(obj: Any, expected: Literal["item", "behavior"],
+              fail: Callable[[str], DeadLetter], limits: ContractConfig, max_image_bytes: int
+              ) -> ItemEvent | BehaviorEvent | DeadLetter:
+    """The event a parsed JSON value describes, or ``fail(reason)``."""
     if not isinstance(obj, dict):
-        return dead(f"expected a JSON object, got {type(obj).__name__}")
+        return fail(f"expected a JSON object, got {type(obj).__name__}")
     kind = obj.get("kind", expected)
     if kind != expected:
-        return dead(f"kind: expected {expected!r}, got {str(kind)[:50]!r}")
-    for field in ("title", "description"):
+        return fail(f"kind: expected {expected!r}, got {str(kind)[:50]!r}")
+    for field, is_id in _LIMITED_FIELDS[expected]:
         value = obj.get(field)
-        if isinstance(value, str) and len(value) > limits.max_text_chars:
-            return dead(f"{field}: longer than {limits.max_text_chars} characters")
-    for field in ("item_id", "user_id", "request_id", "category", "brand", "shop"):
-        value = obj.get(field)
-        if isinstance(value, str) and len(value) > limits.max_id_chars:
-            return dead(f"{field}: longer than {limits.max_id_chars} characters")
+        most = limits.max_id_chars if is_id else limits.max_text_chars
+        if isinstance(value, str) and len(value) > most:
+            return fail(f"{field}: longer than {most} characters")
     try:
         event = EVENT_TYPES[expected].model_validate(obj)
     except ValidationError as exc:
-        return dead(_describe(exc))
+        return fail(_describe(exc))
     except (ValueError, TypeError, RecursionError) as exc:  # defensive: odd nested input
-        return dead(f"invalid event: {str(exc)[:200]}")
+        return fail(f"invalid event: {str(exc)[:200]}")
     if isinstance(event, ItemEvent) and event.image and event.image.startswith("data:"):
         try:
             check_inline_image(event.image, limits, max_image_bytes)
         except ValueError as exc:
-            return dead(f"image: {exc}")
+            return fail(f"image: {exc}")
     return event

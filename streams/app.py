@@ -36,6 +36,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ from typing import Any, TypeVar
 import faust
 
 from ppm.config import Config, load_config
-from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode
+from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode_record
 from streams.item_state import ItemState
 from streams.online_features import now_us
 from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
@@ -60,28 +61,49 @@ RETRY_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class TableView(MutableMapping[str, V]):
-    """A Faust table of bytes -> bytes seen as ``str`` -> dataclass.
+    """A Faust table of bytes -> bytes seen as ``str`` -> frozen dataclass.
 
     Keys are stored as the UTF-8 bytes the topics are keyed by: with ``use_partitioner``
     the changelog partition of a user is then the partition of the user's events, whichever
     event is current when it is written. Values are JSON (not pickle: a changelog is data
     anyone with topic access can write, and must not be able to run code in a worker).
+
+    The last ``cache_size`` values read or written are kept decoded, each with the bytes it
+    came from: the training-log writer reads a user's sequence and an item's state for every
+    impression, and decoding JSON each time was most of its cost. A cached value is used
+    only while the table still holds those very bytes, so a value the table got some other
+    way (changelog recovery, another worker's write to a global table) is decoded afresh.
     """
 
-    def __init__(self, table: MutableMapping[bytes, bytes], kind: type[V]):
+    def __init__(self, table: MutableMapping[bytes, bytes], kind: type[V],
+                 cache_size: int = 100_000):
         self.table = table
         self.kind = kind
+        self.cache_size = cache_size
+        self._fields = tuple(f.name for f in dataclasses.fields(kind))
+        self._decoded: collections.OrderedDict[str, tuple[bytes, V]] = (
+            collections.OrderedDict())
 
     def __getitem__(self, key: str) -> V:
-        fields = json.loads(self.table[key.encode()])
+        raw = self.table[key.encode()]
+        hit = self._decoded.get(key)
+        if hit is not None and hit[0] is raw:
+            self._decoded.move_to_end(key)
+            return hit[1]
+        fields = json.loads(raw)
         # JSON has lists where the dataclasses hold tuples.
-        return self.kind(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in fields.items()})
+        value = self.kind(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in fields.items()})
+        self._remember(key, raw, value)
+        return value
 
     def __setitem__(self, key: str, value: V) -> None:
-        self.table[key.encode()] = json.dumps(dataclasses.asdict(value)).encode()
+        raw = json.dumps({name: getattr(value, name) for name in self._fields}).encode()
+        self.table[key.encode()] = raw
+        self._remember(key, raw, value)
 
     def __delitem__(self, key: str) -> None:
+        self._decoded.pop(key, None)
         del self.table[key.encode()]
 
     def __iter__(self) -> Iterator[str]:
@@ -98,6 +120,12 @@ class TableView(MutableMapping[str, V]):
             return self[key]
         except KeyError:
             return default
+
+    def _remember(self, key: str, raw: bytes, value: V) -> None:
+        self._decoded[key] = (raw, value)
+        self._decoded.move_to_end(key)
+        if len(self._decoded) > self.cache_size:
+            self._decoded.popitem(last=False)
 
 
 class InOrderAcks:
@@ -249,26 +277,31 @@ def create_app(cfg: Config) -> faust.App:
         await topic.send(key=key, value=letter.to_json())
 
     def decoded(events: list[faust.EventT], kind: str, topic: str
-                ) -> Iterator[tuple[faust.EventT, ItemEvent | BehaviorEvent | DeadLetter]]:
+                ) -> Iterator[tuple[faust.EventT, list[ItemEvent | BehaviorEvent | DeadLetter]]]:
+        """Each record with its events and dead letters (a record may hold several)."""
         for event in events:
             m = event.message
             where = f"{topic}:{m.partition}:{m.offset}"
-            yield event, decode(event.value, kind, where, cfg.contracts, cfg.images.max_bytes)
+            yield event, decode_record(event.value, kind, where, cfg.contracts,
+                                       cfg.images.max_bytes)
 
     @app.agent(items_topic)
     async def embed_items(stream: faust.StreamT) -> None:
-        from encoders.item_encoder import ItemEncoder
+        from encoders.encoder_process import EncoderProcess
         from streams.freshness import FreshnessStats
         from streams.item_embedder import ItemEmbedder
         from streams.item_log import ItemLog
 
-        encoder = await asyncio.to_thread(ItemEncoder.from_config, cfg)
+        # In a child process: the models' Python code would share this process's GIL with
+        # the event loop, and ran at half speed here (encoders/encoder_process.py).
+        encoder = await asyncio.to_thread(EncoderProcess, cfg)
         freshness = FreshnessStats.read(freshness_path)  # a restart adds to the records
         opened["freshness"] = freshness
         embedder = ItemEmbedder(encoder, await store(), ItemLog(cfg.data_dir / "offline" /
                                                         "item_embedding"), freshness=freshness)
 
         acks = InOrderAcks(stream)
+        tune_gc()
 
         async def embed(batch: tuple[list[ItemEvent], int, list[list]]) -> None:
             good, arrived, held = batch
@@ -281,18 +314,22 @@ def create_app(cfg: Config) -> faust.App:
                     item_states[item.item_id] = state
             await acks.done(held)  # written: now their offsets may be committed
 
-        async with one_batch_ahead(embed, "item batch") as submit:
-            async for batch in stream.take_events(pipeline.item_batch_size,
-                                                  within=pipeline.item_batch_wait_s):
-                arrived = now_us()
-                good: list[ItemEvent] = []
-                held = [acks.hold(event) for event in batch]
-                for event, item in decoded(batch, "item", kafka.items_topic):
-                    if isinstance(item, DeadLetter):
-                        await dead_letter(items_dead, item, event.key)
-                    else:
-                        good.append(item)
-                await submit((good, arrived, held))
+        try:
+            async with one_batch_ahead(embed, "item batch") as submit:
+                async for batch in stream.take_events(pipeline.item_batch_size,
+                                                      within=pipeline.item_batch_wait_s):
+                    arrived = now_us()
+                    good: list[ItemEvent] = []
+                    held = [acks.hold(event) for event in batch]
+                    for event, items in decoded(batch, "item", kafka.items_topic):
+                        for item in items:
+                            if isinstance(item, DeadLetter):
+                                await dead_letter(items_dead, item, event.key)
+                            else:
+                                good.append(item)
+                    await submit((good, arrived, held))
+        finally:
+            await asyncio.to_thread(encoder.close)
 
     @app.timer(interval=2.0)
     async def save_freshness() -> None:
@@ -314,18 +351,26 @@ def create_app(cfg: Config) -> faust.App:
             attribution_window_s=pipeline.attribution_window_s,
             window_s=pipeline.log_window_s)
         acks = InOrderAcks(stream)
-        waiting: list[tuple[int, list]] = []  # (event time, held event) not yet in a window
+        tune_gc()
+        # (latest event time, held record) of records not yet all in written windows
+        waiting: list[tuple[int, list]] = []
         async for batch in stream.take_events(pipeline.behavior_batch_size, within=1.0):
             good: list[BehaviorEvent] = []
-            dead: list[list] = []
-            for event, behavior in decoded(batch, "behavior", kafka.behaviors_topic):
-                held = acks.hold(event)  # until its training window is written (below)
-                if isinstance(behavior, DeadLetter):
-                    await dead_letter(behaviors_dead, behavior, event.key)
-                    dead.append(held)
+            settled: list[list] = []  # records of dead letters only
+            for event, behaviors in decoded(batch, "behavior", kafka.behaviors_topic):
+                held = acks.hold(event)  # until its training windows are written (below)
+                latest = None
+                for behavior in behaviors:
+                    if isinstance(behavior, DeadLetter):
+                        await dead_letter(behaviors_dead, behavior, event.key)
+                    else:
+                        good.append(behavior)
+                        t = to_us(behavior.event_time)
+                        latest = t if latest is None else max(latest, t)
+                if latest is None:
+                    settled.append(held)
                 else:
-                    good.append(behavior)
-                    waiting.append((to_us(behavior.event_time), held))
+                    waiting.append((latest, held))
             try:
                 # The write runs in a thread (a Redis outage must not stall the event loop
                 # and its heartbeats); the table is only touched here, in the loop.
@@ -342,10 +387,24 @@ def create_app(cfg: Config) -> faust.App:
             done_before = writer.open_from_us
             finished = [h for t, h in waiting if done_before is not None and t < done_before]
             waiting = [(t, h) for t, h in waiting if done_before is None or t >= done_before]
-            await acks.done(dead + finished)
+            await acks.done(settled + finished)
 
     app.ppm_config = cfg  # for `ppm status` and tests
     return app
+
+
+def tune_gc() -> None:
+    """Make Python's cyclic garbage collector cheap for a long-running worker.
+
+    Everything loaded so far (Faust, Feast, torch and the encoders' modules: each agent
+    calls this once it is set up) is moved out of the collector's sight (``gc.freeze``),
+    and the youngest generation is collected
+    every 50,000 allocations instead of 700: a worker allocates a few objects per event and
+    frees almost all of them by reference counting, and with the default thresholds the
+    collector's passes over a large heap were about a fifth of the behavior agent's time.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 # `faust -A streams.app worker` looks the application up here.

@@ -18,6 +18,7 @@ from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from encoders.encoder_process import EncoderProcess
 from encoders.item_encoder import NO_IMAGE, ItemEncoder
 from ppm.events import ItemEvent, ItemOp
 from streams.freshness import FreshnessStats
@@ -60,7 +61,8 @@ class ItemEmbedder:
     """Embeds item events and keeps the online store's item features current.
 
     Args:
-        encoder: the frozen encoders.
+        encoder: the frozen encoders, in this process or in a child
+            (:class:`~encoders.encoder_process.EncoderProcess`).
         store: where vectors and ID features go (``OnlineFeatures``).
         log: the offline item-feature log.
         state: ``item_id -> ItemState`` of items this embedder has applied; owned by the
@@ -71,7 +73,7 @@ class ItemEmbedder:
 
     def __init__(
         self,
-        encoder: ItemEncoder,
+        encoder: ItemEncoder | EncoderProcess,
         store: ItemStore,
         log: ItemLog,
         state: MutableMapping[str, ItemState] | None = None,

@@ -5,6 +5,11 @@ too, so the workers' dead-letter path is exercised) to the ``items`` and ``behav
 topics, keyed by item_id and user_id, at a given rate. It is also the load generator of
 ``bench/freshness.py``. The producer is kafka-python's idempotent one with ``acks="all"``:
 a record counts as published only when the broker has it.
+
+With ``events_per_record`` > 1, consecutive behavior events of one user go out as one
+Kafka record (a JSON array, see :func:`ppm.events.decode_record`), as a front end sends a
+result page's impressions together: a Faust worker pays a fixed cost per record (about
+0.1 ms on two cores) on top of the cost per event.
 """
 
 from __future__ import annotations
@@ -15,15 +20,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ppm.config import KafkaConfig
-
-ROUTING_KEY = {"item": "item_id", "behavior": "user_id"}
+from ppm.events import KEY_FIELDS
 
 
 def routing_key(kind: str, raw: bytes) -> bytes | None:
-    """The record's key: its item_id (items) or user_id (behaviors), as UTF-8 bytes; None
-    for a record without one (malformed: any partition will do, it becomes a dead letter)."""
+    """The record's key: its (first event's) item_id or user_id, as UTF-8 bytes; None for a
+    record without one (malformed: any partition will do, it becomes a dead letter)."""
     try:
-        value = json.loads(raw).get(ROUTING_KEY[kind])
+        obj = json.loads(raw)
+        if isinstance(obj, list) and obj:
+            obj = obj[0]
+        value = obj.get(KEY_FIELDS[kind])
     except (ValueError, AttributeError):
         return None
     return value.encode() if isinstance(value, str) and value else None
@@ -33,8 +40,11 @@ def routing_key(kind: str, raw: bytes) -> bytes | None:
 class PublishSummary:
     items: int = 0
     behaviors: int = 0
+    """Input records (events, malformed ones included) sent, by kind."""
     unkeyed: int = 0
     """Records without a usable key (malformed); sent anyway, to be dead-lettered."""
+    messages: int = 0
+    """Kafka records sent: fewer than items + behaviors when behaviors are packed."""
     seconds: float = 0.0
 
     @property
@@ -77,12 +87,30 @@ class Publisher:
 
     def publish(self, records: Iterable[tuple[str, bytes]], rate: float | None = None,
                 limit: int | None = None, duration_s: float | None = None,
-                progress: bool = False) -> PublishSummary:
+                progress: bool = False, events_per_record: int = 1) -> PublishSummary:
         """Send ``records`` at ``rate`` records/s (None: as fast as possible), stopping after
-        ``limit`` records or ``duration_s`` seconds, then wait until the broker has all."""
+        ``limit`` records or ``duration_s`` seconds, then wait until the broker has all.
+
+        ``events_per_record`` > 1 packs up to that many consecutive behavior records of one
+        user (JSON objects; anything else goes alone) into one Kafka record; rate and limit
+        still count input records. Order is kept: a pack is sent before the next record
+        of any other user or kind.
+        """
         from tqdm import tqdm
 
+        if events_per_record < 1:
+            raise ValueError(f"events_per_record must be >= 1, got {events_per_record}")
         summary = PublishSummary()
+        pack: list[bytes] = []
+        pack_key: bytes | None = None
+
+        def send_pack() -> None:
+            if pack:
+                self.send("behavior", pack[0] if len(pack) == 1
+                          else b"[" + b",".join(pack) + b"]", pack_key)
+                summary.messages += 1
+                pack.clear()
+
         started = time.monotonic()
         bar = tqdm(desc="publish", unit=" ev", disable=not progress, mininterval=0.5)
         for n, (kind, raw) in enumerate(records):
@@ -96,13 +124,23 @@ class Publisher:
                 if ahead > 0:
                     time.sleep(ahead)
             key = routing_key(kind, raw)
-            self.send(kind, raw, key=key)
             summary.unkeyed += key is None
-            if kind == "item":
-                summary.items += 1
-            else:
+            if kind == "behavior":
                 summary.behaviors += 1
+            else:
+                summary.items += 1
+            if (kind == "behavior" and events_per_record > 1 and key is not None
+                    and raw.lstrip()[:1] == b"{"):
+                if pack and (key != pack_key or len(pack) == events_per_record):
+                    send_pack()
+                pack.append(raw)
+                pack_key = key
+            else:
+                send_pack()
+                self.send(kind, raw, key=key)
+                summary.messages += 1
             bar.update(1)
+        send_pack()
         bar.close()
         self.flush()
         summary.seconds = time.monotonic() - started

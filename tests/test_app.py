@@ -1,6 +1,7 @@
-"""The Faust app's parts that need no broker: batches applied in order, one batch ahead, and
-events acknowledged in offset order. (The agents themselves run against a real Kafka and
-Redis in tests/integration.)"""
+"""The Faust app's parts that need no broker: batches applied in order, one batch ahead,
+events acknowledged in offset order, the tables' decoded-value cache and the worker's
+garbage-collector settings. (The agents themselves run against a real Kafka and Redis in
+tests/integration.)"""
 
 from __future__ import annotations
 
@@ -107,3 +108,36 @@ def test_events_are_acknowledged_in_offset_order_per_partition(app_module):
     asyncio.run(scenario())
     assert sorted(stream.acked[2:]) == [("p0", 0), ("p0", 1), ("p0", 2), ("p1", 2)]
     assert [o for tp, o in stream.acked if tp == "p0"] == [0, 1, 2]
+
+
+def test_table_view_decodes_a_value_once_and_never_serves_a_replaced_one(app_module):
+    from streams.sequence_builder import UserSequence
+
+    table: dict[bytes, bytes] = {}
+    view = app_module.TableView(table, UserSequence, cache_size=2)
+    seq = UserSequence("u1", ("i1",), ("click",), (5,))
+    view["u1"] = seq
+    assert table[b"u1"].startswith(b"{") and view["u1"] is seq  # written through, cached
+    # The table got other bytes for the key (changelog recovery, another worker's write):
+    # the view decodes those, not the cached value.
+    table[b"u1"] = view.table[b"u1"].replace(b'"i1"', b'"i2"')
+    assert view["u1"] == UserSequence("u1", ("i2",), ("click",), (5,))
+    assert view["u1"] is view["u1"]
+    for user in ("u2", "u3"):  # the least recently used value leaves the cache
+        view[user] = UserSequence(user)
+    assert list(view._decoded) == ["u2", "u3"]
+    assert view["u1"].item_ids == ("i2",) and view.get("nobody") is None
+    del view["u1"]
+    assert "u1" not in view and "u1" not in view._decoded and len(view) == 2
+
+
+def test_tune_gc_freezes_what_is_loaded_and_raises_the_young_threshold(app_module):
+    import gc
+
+    before = gc.get_threshold()
+    try:
+        app_module.tune_gc()
+        assert gc.get_threshold()[0] == 50_000 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -20,6 +20,7 @@ from ppm.events import (
     ItemEvent,
     ItemOp,
     decode,
+    decode_record,
     format_event_time,
 )
 
@@ -164,6 +165,49 @@ def test_dead_letter_round_trips_as_json():
     assert again == dl and again.raw() == b"\x80binary"
 
 
+# ---------------------------------------------------------------- records of several events
+
+
+def test_a_record_of_one_object_decodes_as_one_event():
+    raw = json.dumps(behavior_dict()).encode()
+    assert decode_record(raw, "behavior", "t", now=NOW) == [decode(raw, "behavior", "t",
+                                                                  now=NOW)]
+
+
+def test_a_record_array_gives_its_events_in_order_and_its_bad_ones_as_dead_letters():
+    page = [behavior_dict(item_id=f"i{n}", action="impression", position=n) for n in range(3)]
+    page[1]["position"] = -1
+    page.append(behavior_dict(user_id="someone-else"))
+    out = decode_record(json.dumps(page).encode(), "behavior", "behaviors:0:7", now=NOW)
+    assert [type(e) for e in out] == [BehaviorEvent, DeadLetter, BehaviorEvent, DeadLetter]
+    assert [out[0].item_id, out[2].item_id] == ["i0", "i2"]
+    bad, foreign = out[1], out[3]
+    assert bad.source == "behaviors:0:7[1]" and bad.reason.startswith("position:")
+    assert json.loads(bad.payload) == page[1]  # the element, ready to replay on its own
+    assert foreign.source.endswith("[3]") and "user_id: differs" in foreign.reason
+    assert bad.received_at == foreign.received_at == NOW
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"[", "not JSON"),
+    (b"[]", "a record holds 1 to 3 events, got 0"),
+    (json.dumps([behavior_dict()] * 4).encode(), "a record holds 1 to 3 events, got 4"),
+    (json.dumps([behavior_dict(query="q" * 500)] * 3).encode(), "payload of 1"),
+])
+def test_a_bad_record_array_is_one_dead_letter(payload, reason):
+    limits = ContractConfig(max_events_per_record=3, max_payload_bytes=1_000)
+    out = decode_record(payload, "behavior", "t", limits, now=NOW)
+    assert len(out) == 1 and isinstance(out[0], DeadLetter)
+    assert out[0].reason.startswith(reason) and out[0].raw() == payload
+
+
+def test_elements_that_are_not_objects_are_dead_letters_each():
+    out = decode_record(json.dumps([behavior_dict(), 7, None]).encode(), "behavior", "t")
+    assert isinstance(out[0], BehaviorEvent)
+    assert [d.reason for d in out[1:]] == ["expected a JSON object, got int",
+                                           "expected a JSON object, got NoneType"]
+
+
 # ---------------------------------------------------------------- properties
 
 json_values = st.recursive(
@@ -185,6 +229,16 @@ def test_any_bytes_give_an_event_or_a_dead_letter(raw, expected):
     assert isinstance(out, ItemEvent | BehaviorEvent | DeadLetter)
     if isinstance(out, DeadLetter):
         assert out.reason and out.raw() == raw
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(elements=st.lists(json_values, min_size=1, max_size=5))
+def test_any_array_gives_one_outcome_per_element(elements):
+    out = decode_record(json.dumps(elements).encode(), "behavior", "fuzz")
+    assert len(out) == len(elements)
+    for element, got in zip(elements, out, strict=True):
+        if isinstance(got, DeadLetter):
+            assert got.reason and json.loads(got.payload) == element
 
 
 @settings(max_examples=300, deadline=None)
