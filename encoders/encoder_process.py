@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -45,6 +46,10 @@ def _child_version() -> str:
     return _child_encoder.encoder_version
 
 
+def _child_pid() -> int:
+    return os.getpid()
+
+
 def _child_encode(items: list[ItemEvent]) -> ItemEmbeddings:
     assert _child_encoder is not None
     return _child_encoder.encode(items)
@@ -65,6 +70,11 @@ class EncoderProcess:
             max_workers=1, mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_child, initargs=(cfg,))
         self.encoder_version: str = self._call(_child_version)
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._call(_child_pid)
 
     def content_hash(self, item: ItemEvent) -> str:
         """As :meth:`ItemEncoder.content_hash`; computed here, no round trip."""

@@ -382,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--duration", type=float, help="stop after this many seconds")
     publish.add_argument("--events-per-record", type=int, default=1, metavar="N",
                          help="send up to N consecutive behavior events of one user as one "
-                         "Kafka record (a JSON array; default 1). A worker's cost per record is "
-                         "about that of 2 events, so pages of impressions travel best together")
+                         "Kafka record (a JSON array; default 1): a worker pays a fixed cost "
+                         "per record, so pages of impressions travel best together")
     publish.add_argument("--bootstrap", metavar="HOST:PORT",
                          help="Kafka brokers (default from config: kafka.bootstrap)")
     publish.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -10,8 +10,9 @@ Agents (each a thin adapter: decode, batch, call the processor, retry, dead-lett
 
 * ``embed_items`` reads ``items`` (keyed by item_id) in batches of ``take(n, within)`` and
   hands them to :class:`streams.item_embedder.ItemEmbedder` unchanged, one batch at a time
-  while the next one gathers; the items' ID features also go to a global table, which the
-  training-log writer reads.
+  while the next one gathers, with the encoder in a child process
+  (:class:`encoders.encoder_process.EncoderProcess`); the items' ID features also go to a
+  global table, which the training-log writer reads.
 * ``build_sequences`` reads ``behaviors`` (keyed by user_id) in batches: sequences through
   :class:`streams.sequence_builder.SequenceBuilder` into a changelog-backed table (partitioned
   like the topic, so a restarted worker recovers its users' sequences), then labelled
@@ -24,8 +25,9 @@ is not an outage stops the worker before the batch is acknowledged. Behavior eve
 acknowledged later still, once the training window they belong to is written, so a crash
 replays what the log writer held in memory; the processors make replays harmless (older or
 equal item events are ignored, a duplicate interaction changes no sequence, a closed window
-is never written twice). Records that do not decode go to the topic's dead-letter topic
-(``<topic>-dead``) with their reason, and count as done. Events are acknowledged in offset
+is never written twice). A record holds one event or an array of one key's events
+(:func:`ppm.events.decode_record`); what does not decode goes to the topic's dead-letter
+topic (``<topic>-dead``) with its reason, and counts as done. Events are acknowledged in offset
 order per partition (:class:`InOrderAcks`), so a commit never passes an event that is not
 done yet, whatever Faust's own gap handling does.
 """

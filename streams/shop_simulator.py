@@ -423,7 +423,9 @@ def _wrong_kind(obj: dict[str, Any], line: bytes, rng: np.random.Generator) -> b
 
 
 def _not_an_object(obj: dict[str, Any], line: bytes, rng: np.random.Generator) -> bytes:
-    return _dumps([obj])
+    # The record as a JSON string. (Not as a one-element array: a Kafka record may carry an
+    # array of one key's events, see ppm.events.decode_record.)
+    return _dumps(line.decode())
 
 
 def _bad_image(obj: dict[str, Any], line: bytes, rng: np.random.Generator) -> bytes:

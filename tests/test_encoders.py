@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -366,3 +367,54 @@ def test_docstring_examples_run(offline: None) -> None:
     for module in (text_encoder, image_encoder, item_encoder):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+# --- in a child process ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_encoder_in_a_child_process_gives_the_same_vectors(enc: ItemEncoder) -> None:
+    from encoders.encoder_process import EncoderProcess
+
+    items = [item("a"), item("b", "Nordvik grey wool scarf"), item("c", image=None)]
+    with EncoderProcess(Config(images=FETCH)) as child:
+        assert child.pid != os.getpid()
+        got = child.encode(items)
+        assert child.encoder_version == enc.encoder_version
+        assert child.content_hash(items[0]) == enc.content_hash(items[0])
+        with pytest.raises(ValueError, match="cannot encode a delete"):
+            child.encode([ItemEvent(item_id="d", op="delete", event_time="2026-01-01T00:00:00Z")])
+    want = enc.encode(items)
+    assert got.item_ids == want.item_ids and got.image_errors == want.image_errors
+    np.testing.assert_allclose(got.vectors, want.vectors, atol=1e-6)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent has not collected it
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux")
+def test_the_encoder_process_dies_with_its_parent() -> None:
+    script = ("import time\n"
+              "from encoders.encoder_process import EncoderProcess\n"
+              "from ppm.config import Config\n"
+              "print(EncoderProcess(Config()).pid, flush=True)\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+    finally:
+        parent.kill()  # SIGKILL: no clean-up code of the parent runs
+        parent.wait()
+    for _ in range(100):
+        if not _alive(child):
+            break
+        time.sleep(0.1)
+    assert not _alive(child)

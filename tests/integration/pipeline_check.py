@@ -57,12 +57,15 @@ class Scenario:
     def worker(self, tmp: Path) -> FaustWorker:
         return FaustWorker(self.env, tmp / f"worker-{self.name}.log")
 
-    def publish(self, records: list[tuple[str, bytes]], rate: float | None = None) -> None:
+    def publish(self, records: list[tuple[str, bytes]], rate: float | None = None,
+                events_per_record: int = 1):
+        """Publish with ``ppm publish``'s code; returns its summary."""
         from streams.publisher import Publisher
 
         with Publisher(self.cfg.kafka) as publisher:
-            publisher.publish(records, rate=rate)
+            summary = publisher.publish(records, rate=rate, events_per_record=events_per_record)
         self.published.extend(records)
+        return summary
 
     def online(self):
         from streams.online_features import OnlineFeatures
@@ -110,6 +113,8 @@ def expected(cfg: Config, records: list[tuple[str, bytes]]) -> Expected:
     valid = dead = 0
     behaviors = []
     for kind, raw in records:
+        # One event per simulator record; the publisher may pack a user's consecutive
+        # behavior records, whose elements decode the same (ppm.events.decode_record).
         event = decode(raw, kind, "test", cfg.contracts, cfg.images.max_bytes)
         if isinstance(event, DeadLetter):
             dead += 1

@@ -58,7 +58,10 @@ def test_every_item_is_readable_and_every_bad_record_is_a_dead_letter(servers: S
     assert sum(kind == "item" for kind, _ in records) >= 2_000
     worker = scenario.worker(tmp_path).start()
     try:
-        scenario.publish(records)
+        # A result page's impressions travel as one record; bad ones inside are dead letters.
+        summary = scenario.publish(records, events_per_record=10)
+        assert summary.records == len(records)
+        assert summary.messages - summary.items < 0.5 * summary.behaviors  # items go alone
         want = wait_until_complete(scenario, worker)
         letters = dead_letters(scenario.cfg)
         status = ppm_status(scenario)
@@ -81,7 +84,7 @@ def test_sigkill_of_the_worker_mid_stream_loses_nothing(servers: Servers, tmp_pa
     records = world_records(seed=22, initial_items=600)
     worker = scenario.worker(tmp_path).start()
     try:
-        scenario.publish(records)
+        scenario.publish(records, events_per_record=10)  # a replay of packed records too
         got = wait_for_progress(scenario, 0.2)
         assert got < 1.0, "the worker finished before the kill: make the stream longer"
         worker.kill()
