@@ -297,26 +297,26 @@ def create_app(cfg: Config) -> faust.App:
         # In a child process: the models' Python code would share this process's GIL with
         # the event loop, and ran at half speed here (encoders/encoder_process.py).
         encoder = await asyncio.to_thread(EncoderProcess, cfg)
-        freshness = FreshnessStats.read(freshness_path)  # a restart adds to the records
-        opened["freshness"] = freshness
-        embedder = ItemEmbedder(encoder, await store(), ItemLog(cfg.data_dir / "offline" /
-                                                        "item_embedding"), freshness=freshness)
+        try:  # whatever fails from here on, the encoder's process is stopped
+            freshness = FreshnessStats.read(freshness_path)  # a restart adds to the records
+            opened["freshness"] = freshness
+            item_log = ItemLog(cfg.data_dir / "offline" / "item_embedding")
+            embedder = ItemEmbedder(encoder, await store(), item_log, freshness=freshness)
 
-        acks = InOrderAcks(stream)
-        tune_gc()
+            acks = InOrderAcks(stream)
+            tune_gc()
 
-        async def embed(batch: tuple[list[ItemEvent], int, list[list]]) -> None:
-            good, arrived, held = batch
-            if good:
-                await retrying("item batch", outages, asyncio.to_thread, embedder.process,
-                               good, [arrived] * len(good))
-            for item in good:  # what the log writer needs, for every worker
-                state = embedder.state.get(item.item_id)
-                if state is not None:
-                    item_states[item.item_id] = state
-            await acks.done(held)  # written: now their offsets may be committed
+            async def embed(batch: tuple[list[ItemEvent], int, list[list]]) -> None:
+                good, arrived, held = batch
+                if good:
+                    await retrying("item batch", outages, asyncio.to_thread, embedder.process,
+                                   good, [arrived] * len(good))
+                for item in good:  # what the log writer needs, for every worker
+                    state = embedder.state.get(item.item_id)
+                    if state is not None:
+                        item_states[item.item_id] = state
+                await acks.done(held)  # written: now their offsets may be committed
 
-        try:
             async with one_batch_ahead(embed, "item batch") as submit:
                 async for batch in stream.take_events(pipeline.item_batch_size,
                                                       within=pipeline.item_batch_wait_s):
