@@ -7,10 +7,13 @@ and Redis database (``--redis-db``, flushed first).
 1. Baseline, same run: the bare ``ItemEncoder`` on the same item events (batches of 64),
    items/s, while the worker is idle (after one warm-up item, so its encoder is loaded).
 2. Items: new items (fresh ids, ``event_time`` = the moment they are sent) are published at
-   ``--rate`` (default: half the bare encoder's items/s) for ``--duration`` seconds. The
-   worker records when each became readable in Redis (``freshness.parquet``); p50/p99 are of
-   readable - event_time. ``lost``: published items not readable ``--drain`` seconds after
-   the last one; ``max_lag``: the largest consumer lag on ``items`` seen (sampled each s).
+   ``--rate`` (default: half the bare encoder's items/s) for ``--warm-up`` + ``--duration``
+   seconds; the warm-up's items count for ``lost`` but not for the latencies. (A fresh
+   broker's JIT compiler is busy then, and the encoder falls behind for some seconds.)
+   The worker records when each item
+   became readable in Redis (``freshness.parquet``); p50/p99 are of readable - event_time.
+   ``lost``: published items not readable ``--drain`` seconds after the last one;
+   ``max_lag``: the largest consumer lag on ``items`` seen (sampled each s).
 3. Behaviors: ``--behaviors`` simulated behavior events are published as fast as possible,
    then one last click per partition; the rate is the events divided by the time from the
    first send until every partition's last click is in Redis (sequences and the
@@ -47,7 +50,11 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, help="items/s (default: half the bare encoder)")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds of publishing")
+    parser.add_argument("--duration", type=float, default=60.0,
+                        help="seconds of publishing measured items")
+    parser.add_argument("--warm-up", type=float, default=15.0,
+                        help="seconds of publishing at the same rate first, not measured "
+                        "(default 15)")
     parser.add_argument("--drain", type=float, default=60.0,
                         help="seconds to wait for the last items")
     parser.add_argument("--behaviors", type=int, default=150_000,
@@ -111,14 +118,14 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     worker = FaustWorker(env, tmp / "worker.log").start()
     try:
         log("waiting until the worker's encoder is up (one warm-up item readable) ...")
-        warm_up(cfg, templates[0], FreshnessStats)
+        wait_for_encoder(cfg, templates[0], FreshnessStats)
         events = [decode(json.dumps(t).encode(), "item", "bench", cfg.contracts)
                   for t in templates]
         bare = bare_items_per_s(ItemEncoder.from_config(cfg),
                                 [e for e in events if isinstance(e, ItemEvent)])
         rate = args.rate or bare / 2
         log(f"bare encoder: {bare:.1f} items/s; publishing items at {rate:.1f}/s "
-            f"for {args.duration:.0f}s ...")
+            f"for {args.warm_up:.0f}s (warm-up) + {args.duration:.0f}s ...")
 
         lags: list[int] = []
         sampling = threading.Event()
@@ -134,9 +141,10 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
         sampler = threading.Thread(target=sample_lag, daemon=True)
         sampler.start()
         sent: list[str] = []
+        unmeasured = 0  # items sent in the warm-up: not in the latency figures
         with Publisher(cfg.kafka, linger_ms=0) as publisher:
             started = time.monotonic()
-            while (elapsed := time.monotonic() - started) < args.duration:
+            while (elapsed := time.monotonic() - started) < args.warm_up + args.duration:
                 due = int(elapsed * rate) + 1
                 while len(sent) < due:
                     item = dict(templates[len(sent) % len(templates)])
@@ -145,8 +153,10 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
                     raw = json.dumps(item).encode()
                     publisher.send("item", raw, routing_key("item", raw))
                     sent.append(item["item_id"])
+                    unmeasured += elapsed < args.warm_up
                 time.sleep(min(0.01, max(0.0, len(sent) / rate - elapsed)))
-        lost, lags_ms = drain(cfg, sent, args.drain, FreshnessStats)
+        lost, lags_by_item = drain(cfg, sent, args.drain, FreshnessStats)
+        lags_ms = [lags_by_item[i] for i in sent[unmeasured:] if i in lags_by_item]
         sampling.set()
         sampler.join()
 
@@ -168,8 +178,9 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
         "max_lag": max(lags, default=0),
         "behavior_events_per_s": round(behavior_rate),
         "behavior_events_per_s_one_per_record": round(single_rate),
-        "items": len(sent),
+        "items": len(sent) - unmeasured,
         "duration_s": args.duration,
+        "warm_up_items": unmeasured,
         "behavior_events": behavior_count,
         "behavior_records": behavior_records,
         "item_batch_wait_s": args.batch_wait,
@@ -178,7 +189,7 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     }
 
 
-def warm_up(cfg, template: dict, stats_cls, timeout_s: float = 180) -> None:
+def wait_for_encoder(cfg, template: dict, stats_cls, timeout_s: float = 180) -> None:
     """Publish one item and wait until the worker has made it readable: the worker's encoder
     loads in a child process after Faust says it is ready, and that start-up is not part
     of a steady-state latency (nor should it share the cores with the bare baseline)."""
@@ -205,9 +216,10 @@ def bare_items_per_s(encoder, events: list, batch: int = 64, batches: int = 4) -
     return batches * batch / (time.perf_counter() - started)
 
 
-def drain(cfg, sent: list[str], timeout_s: float, stats_cls) -> tuple[int, list[float]]:
+def drain(cfg, sent: list[str], timeout_s: float, stats_cls
+          ) -> tuple[int, dict[str, float]]:
     """Wait until every sent item is in the worker's freshness records (readable in Redis)
-    and confirm in Redis itself; return (lost, event-to-readable lags in ms)."""
+    and confirm in Redis itself; return (lost, item_id -> event-to-readable ms)."""
     from streams.online_features import OnlineFeatures
 
     path = cfg.data_dir / "freshness.parquet"
@@ -225,7 +237,7 @@ def drain(cfg, sent: list[str], timeout_s: float, stats_cls) -> tuple[int, list[
         time.sleep(1.0)
     online = OnlineFeatures.open(cfg, apply=False).read_items(sent)
     lost = sum(1 for i in sent if i not in online or online[i].state.encoder_version is None)
-    return lost, list(lags.values())
+    return lost, lags
 
 
 def behaviors_per_s(cfg, count: int, events_per_record: int, world: int
