@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from feast.errors import FeatureViewNotFoundException
 
 from ppm.config import Config, SimulatorConfig, load_config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode
@@ -178,7 +179,10 @@ def wait_until_complete(scenario: Scenario, worker: FaustWorker, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     problems = ["not checked yet"]
     while time.monotonic() < deadline:
-        problems = differences(scenario, want)
+        try:
+            problems = differences(scenario, want)
+        except FeatureViewNotFoundException:  # the worker has not applied the repo yet
+            problems = ["the worker has not applied the feature repo yet"]
         if not problems:
             return want
         if worker.proc is not None and worker.proc.poll() is not None:
@@ -191,5 +195,8 @@ def wait_until_complete(scenario: Scenario, worker: FaustWorker, timeout_s: floa
 def readable_share(scenario: Scenario) -> float:
     """Share of the published items readable online now (how far the worker got)."""
     want = expected(scenario.cfg, scenario.published)
-    got = scenario.online().read_items(sorted(want.item_times))
+    try:
+        got = scenario.online().read_items(sorted(want.item_times))
+    except FeatureViewNotFoundException:  # the worker is still starting: it applies the repo
+        return 0.0
     return len(got) / max(1, len(want.item_times))
