@@ -250,12 +250,12 @@ def decode_record(
 
     A record holds one event (a JSON object, as :func:`decode`) or several events of one
     key (a JSON array of objects, at most ``limits.max_events_per_record``, and at most
-    ``limits.max_payload_bytes`` in all, like any record): a front end
-    sends a result page's impressions in one record, for instance. Each element is checked
-    on its own and becomes an event or a dead letter (source ``<source>[i]``, payload the
-    element); an element whose key field (``user_id``, ``item_id``) differs from the first
-    element's is a dead letter too, since the record's key, and so its partition, is the
-    first one's. A record that is not such an array at all is one dead letter. Never raises.
+    ``limits.max_payload_bytes`` in all, like any record): a front end sends a result
+    page's impressions in one record, for instance. Each element is checked on its own and
+    becomes an event or a dead letter (source ``<source>[i]``, payload the element); an
+    element whose key field (``user_id``, ``item_id``) differs from the first element's is
+    a dead letter too, since the record's key, and so its partition, is the first one's. A
+    record that is not such an array at all is one dead letter. Never raises.
     """
     limits = limits or ContractConfig()
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
