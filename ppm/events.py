@@ -227,11 +227,7 @@ def decode(
     ``reason`` names the field and the problem.
     """
     limits = limits or ContractConfig()
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-    dead = _DeadLetters(expected, source, now)
-    if len(data) > limits.max_payload_bytes:
-        return dead(data, f"payload of {len(data)} bytes exceeds {limits.max_payload_bytes}")
-    obj = _parse(data, dead)
+    data, dead, obj = _load(raw, expected, source, limits, now)
     if isinstance(obj, DeadLetter):
         return obj
     return _validate(obj, expected, lambda reason: dead(data, reason), limits,
@@ -258,15 +254,12 @@ def decode_record(
     record that is not such an array at all is one dead letter. Never raises.
     """
     limits = limits or ContractConfig()
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-    if data.lstrip()[:1] != b"[":
-        return [decode(data, expected, source, limits, max_image_bytes, now)]
-    dead = _DeadLetters(expected, source, now)
-    if len(data) > limits.max_payload_bytes:
-        return [dead(data, f"payload of {len(data)} bytes exceeds {limits.max_payload_bytes}")]
-    elements = _parse(data, dead)
+    data, dead, elements = _load(raw, expected, source, limits, now)
     if isinstance(elements, DeadLetter):
         return [elements]
+    if not isinstance(elements, list):  # one event (or not an event at all)
+        return [_validate(elements, expected, lambda reason: dead(data, reason), limits,
+                          max_image_bytes)]
     most = limits.max_events_per_record
     if not 1 <= len(elements) <= most:
         return [dead(data, f"a record holds 1 to {most} events, got {len(elements)}")]
@@ -318,14 +311,22 @@ class _DeadLetters:
         return self.received_at
 
 
-def _parse(data: bytes, dead: _DeadLetters) -> Any:
+def _load(raw: bytes | str, expected: str, source: str, limits: ContractConfig,
+          now: datetime | None) -> tuple[bytes, _DeadLetters, Any]:
+    """(the record's bytes, its dead-letter maker, its parsed JSON value or the dead letter
+    of a record too large or not JSON)."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    dead = _DeadLetters(expected, source, now)
+    if len(data) > limits.max_payload_bytes:
+        return data, dead, dead(data, f"payload of {len(data)} bytes exceeds "
+                                      f"{limits.max_payload_bytes}")
     try:
         # Decode explicitly: json.loads(bytes) would also guess UTF-16/32, but the wire is UTF-8.
-        return json.loads(data.decode("utf-8"))
+        return data, dead, json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
-        return dead(data, "payload is not UTF-8")
+        return data, dead, dead(data, "payload is not UTF-8")
     except (ValueError, RecursionError) as exc:
-        return dead(data, f"not JSON: {str(exc)[:200]}")
+        return data, dead, dead(data, f"not JSON: {str(exc)[:200]}")
 
 
 # The string fields of each kind with a configurable limit: (name, is an id).

@@ -398,12 +398,12 @@ def create_app(cfg: Config) -> faust.App:
 def tune_gc() -> None:
     """Make Python's cyclic garbage collector cheap for a long-running worker.
 
-    Everything loaded so far (Faust, Feast, torch and the encoders' modules: each agent
-    calls this once it is set up) is moved out of the collector's sight (``gc.freeze``),
-    and the youngest generation is collected
-    every 50,000 allocations instead of 700: a worker allocates a few objects per event and
-    frees almost all of them by reference counting, and with the default thresholds the
-    collector's passes over a large heap were about a fifth of the behavior agent's time.
+    Everything loaded so far (Faust's, Feast's and torch's modules: each agent calls this
+    once it is set up) is moved out of the collector's sight (``gc.freeze``), and the
+    youngest generation is collected every 50,000 allocations instead of 700. A worker
+    allocates a few objects per event and frees almost all of them by reference counting;
+    with the default thresholds the collector's passes over the large heap took about a
+    fifth of the behavior agent's time (profiled while tuning bench/freshness.py).
     """
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
