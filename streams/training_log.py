@@ -68,6 +68,22 @@ Late and duplicate data
   window after its own has closed. A repeated follow-up (same user, item, request, action and
   time) is dropped while it is remembered (one attribution window after its time).
 
+* A writer started on a folder whose manifest already has windows (another process wrote
+  them: a restarted worker, a partition that moved between workers) opens after the last
+  recorded window. An impression whose own window is recorded is looked up in the recorded
+  files (their ``sample_id`` column, read when first needed): found, it is a replay and is
+  dropped (``already_recorded_impressions``); not found, it is late like any other.
+
+Acknowledging what is durable
+-----------------------------
+A driver that must not acknowledge an input before its effect is on disk (the Faust agent:
+Kafka offsets) passes a *tag* per event (``process(events, tags)``; any hashable, e.g. the
+record). :meth:`TrainingLogWriter.take_done` returns the tags whose every event is durable:
+an impression once the window file holding its sample is written (or it was a duplicate); a
+follow-up once the sample it labelled is written, or once it is appended to
+``late_events.jsonl``. So a late impression, placed in a later window, keeps its record
+unacknowledged until that window is written.
+
 Nothing is dropped silently; :attr:`TrainingLogWriter.counters` balances:
 ``impressions == samples_logged + pending_impressions`` and
 ``followups == attributed_followups + late_events + unresolved_followups``.
@@ -166,6 +182,8 @@ class _FollowUp:
     json: str
     """The event's wire JSON, kept for late_events.jsonl."""
     claimed: bool = False
+    tag: Any = None
+    """The driver's tag, until the follow-up's fate is durable (see take_done)."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,11 @@ class ClosedWindow:
     end_us: int
     path: Path
     samples: int
+
+
+def _row(values: Sequence[Any]) -> tuple[Any, ...]:
+    """A window row read back from JSON: the sequence columns as tuples again."""
+    return (*values[:10], *(tuple(v) for v in values[10:13]), *values[13:])
 
 
 def _datetime(us: int) -> datetime:
@@ -255,10 +278,19 @@ class TrainingLogWriter:
         self._seen: dict[int, set[str]] = {}
         """Sample ids by the start of the impression's own window, for duplicate detection."""
         self._item_clicks: dict[str, int] = {}
+        self._recorded_ids: dict[int, set[str]] = {}
+        """Sample ids of recorded windows, read from their files when a replay needs them."""
+        # Durable acknowledgement (see the module docstring): tags not yet durable, with
+        # how many of their events are outstanding; where each outstanding event waits.
+        self._outstanding: dict[Any, int] = {}
+        self._done: list[Any] = []
+        self._sample_tags: dict[str, list[Any]] = {}
+        self._window_tags: dict[int, list[Any]] = {}
         self._counters = dict.fromkeys(
             ("events", "impressions", "duplicate_impressions", "late_impressions",
-             "followups", "duplicate_followups", "attributed_followups", "late_events",
-             "samples_logged", "windows_closed", "windows_already_recorded"), 0)
+             "already_recorded_impressions", "followups", "duplicate_followups",
+             "attributed_followups", "late_events", "samples_logged", "windows_closed",
+             "windows_already_recorded"), 0)
 
     # ------------------------------------------------------------------ public API
 
@@ -288,31 +320,62 @@ class TrainingLogWriter:
             "open_window_samples": sum(len(rows) for rows in self._windows.values()),
         }
 
-    def process(self, events: Sequence[BehaviorEvent]) -> list[ClosedWindow]:
-        """Apply one batch (any order inside); return the windows it closed, oldest first."""
+    def process(self, events: Sequence[BehaviorEvent],
+                tags: Sequence[Any] | None = None) -> list[ClosedWindow]:
+        """Apply one batch (any order inside); return the windows it closed, oldest first.
+
+        ``tags[i]`` (optional, hashable, not None) names the input ``events[i]`` came from;
+        :meth:`take_done` says when it is durable.
+        """
         if not events:
             return []
+        if tags is None:
+            tags = [None] * len(events)
         previous_watermark = self._watermark_us
         # Labels are set at finalisation, so arrival order does not matter for them; this
         # order (event time, impressions first at equal times) makes item_clicks_before count
         # exactly the batch's clicks strictly before each impression.
         batch = sorted(
-            ((to_us(e.event_time), e.action is not Action.IMPRESSION, e) for e in events),
-            key=itemgetter(0, 1),
+            ((to_us(e.event_time), e.action is not Action.IMPRESSION, i)
+             for i, e in enumerate(events)),
+            key=itemgetter(0, 1, 2),
         )
         if self._open_from_us is None:
             self._open_from_us = self._window_of(batch[0][0])
+            if self._manifest:  # written by an earlier writer: continue after it
+                self._open_from_us = max(self._open_from_us,
+                                         max(self._manifest) + self._window_us)
         self._watermark_us = max(self._watermark_us, batch[-1][0])
         self._counters["events"] += len(batch)
-        for time_us, is_followup, event in batch:
+        for time_us, is_followup, i in batch:
+            tag = tags[i]
+            if tag is not None:
+                self._outstanding[tag] = self._outstanding.get(tag, 0) + 1
             if is_followup:
-                self._add_followup(time_us, event)
+                self._add_followup(time_us, events[i], tag)
             else:
-                self._add_impression(time_us, event)
+                self._add_impression(time_us, events[i], tag)
         final_us = self._watermark_us - self._attribution_us
         self._finalise(final_us)
         self._expire(final_us, late_until_us=previous_watermark - self._attribution_us)
         return self._close(through_end_us=final_us)
+
+    def take_done(self) -> list[Any]:
+        """Tags (of :meth:`process`) whose every event is now durable, each once, in the
+        order they became so; forgets them."""
+        done, self._done = self._done, []
+        return done
+
+    def _release(self, tags: Sequence[Any]) -> None:
+        for tag in tags:
+            if tag is None:
+                continue
+            left = self._outstanding[tag] - 1
+            if left:
+                self._outstanding[tag] = left
+            else:
+                del self._outstanding[tag]
+                self._done.append(tag)
 
     def close_all(self) -> list[ClosedWindow]:
         """End of stream: finalise everything and close every window up to the watermark's.
@@ -327,7 +390,8 @@ class TrainingLogWriter:
         return self._close(through_end_us=self._window_of(self._watermark_us) + self._window_us)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything in memory as plain picklable data (copies; safe to keep).
+        """Everything in memory as plain JSON-ready data (copies; safe to keep). Tags are
+        not in it: a driver that tags restores from its input, not from a state.
 
         The files under ``out_dir`` are not in it: closed windows are recognised by the
         manifest, and ``late_events.jsonl`` is cut back to its length at this point by
@@ -339,11 +403,12 @@ class TrainingLogWriter:
             "window_us": self._window_us,
             "watermark_us": self._watermark_us,
             "open_from_us": self._open_from_us,
-            "pending": [tuple(self._pending[sid]) for _, sid in sorted(self._due)],
-            "followups": [(f.time_us, *key, f.action, f.json, f.claimed)
+            "pending": [list(self._pending[sid]) for _, sid in sorted(self._due)],
+            "followups": [[f.time_us, *key, f.action, f.json, f.claimed]
                           for key, entries in self._followups.items() for f in entries],
-            "windows": {start: list(rows) for start, rows in self._windows.items()},
-            "seen": {start: set(ids) for start, ids in self._seen.items()},
+            # JSON object keys are strings: lists of [start, ...] pairs instead.
+            "windows": [[start, [list(r) for r in rows]] for start, rows in self._windows.items()],
+            "seen": [[start, sorted(ids)] for start, ids in self._seen.items()],
             "item_clicks": dict(self._item_clicks),
             "counters": dict(self._counters),
             "late_events_bytes": self._late_bytes,
@@ -366,7 +431,7 @@ class TrainingLogWriter:
         self._pending = {}
         self._pending_times = {}
         for fields in state["pending"]:
-            imp = _Impression(*fields)
+            imp = _Impression(*fields[:7], *(tuple(f) for f in fields[7:10]), *fields[10:])
             self._pending[imp.sample_id] = imp
             key = (imp.user_id, imp.item_id, imp.request_id)
             bisect.insort(self._pending_times.setdefault(key, []), imp.time_us)
@@ -379,8 +444,8 @@ class TrainingLogWriter:
                 _FollowUp(time_us, action, text, claimed))
             self._expiry.append((time_us, user, item, request, action))
         heapq.heapify(self._expiry)
-        self._windows = {start: list(rows) for start, rows in state["windows"].items()}
-        self._seen = {start: set(ids) for start, ids in state["seen"].items()}
+        self._windows = {start: [_row(r) for r in rows] for start, rows in state["windows"]}
+        self._seen = {start: set(ids) for start, ids in state["seen"]}
         self._item_clicks = dict(state["item_clicks"])
         self._counters = dict(state["counters"])
         truncate_to(self.late_events_path, state["late_events_bytes"])
@@ -391,11 +456,18 @@ class TrainingLogWriter:
     def _window_of(self, time_us: int) -> int:
         return time_us - time_us % self._window_us
 
-    def _add_impression(self, time_us: int, event: BehaviorEvent) -> None:
+    def _add_impression(self, time_us: int, event: BehaviorEvent, tag: Any = None) -> None:
         sample_id = f"{event.request_id}:{event.item_id}:{time_us}"
-        seen = self._seen.setdefault(self._window_of(time_us), set())
+        own_window = self._window_of(time_us)
+        seen = self._seen.setdefault(own_window, set())
         if sample_id in seen:
             self._counters["duplicate_impressions"] += 1
+            self._release((tag,))
+            return
+        if self._open_from_us is not None and own_window < self._open_from_us and (
+                self._in_recorded_window(sample_id, own_window)):
+            self._counters["already_recorded_impressions"] += 1
+            self._release((tag,))
             return
         seen.add(sample_id)
         self._counters["impressions"] += 1
@@ -425,18 +497,34 @@ class TrainingLogWriter:
             event.query, time_us, *history, *features, self._item_clicks.get(event.item_id, 0),
         )
         self._pending[sample_id] = imp
+        if tag is not None:
+            self._sample_tags[sample_id] = [tag]
         heapq.heappush(self._due, (time_us, sample_id))
         key = (event.user_id, event.item_id, event.request_id)
         bisect.insort(self._pending_times.setdefault(key, []), time_us)
 
-    def _add_followup(self, time_us: int, event: BehaviorEvent) -> None:
+    def _in_recorded_window(self, sample_id: str, own_window: int) -> bool:
+        """Whether a recorded window from ``own_window`` on holds ``sample_id`` (a late
+        sample lands in a later window than its own)."""
+        for start in sorted(s for s in self._manifest if s >= own_window):
+            ids = self._recorded_ids.get(start)
+            if ids is None:
+                path = self.windows_dir / self._manifest[start]["path"]
+                ids = set(pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist())
+                self._recorded_ids[start] = ids
+            if sample_id in ids:
+                return True
+        return False
+
+    def _add_followup(self, time_us: int, event: BehaviorEvent, tag: Any = None) -> None:
         key = (event.user_id, event.item_id, event.request_id)
         action = event.action.value
         entries = self._followups.setdefault(key, [])
         if any(f.time_us == time_us and f.action == action for f in entries):
             self._counters["duplicate_followups"] += 1
+            self._release((tag,))
             return
-        entries.append(_FollowUp(time_us, action, event.to_json().decode()))
+        entries.append(_FollowUp(time_us, action, event.to_json().decode(), tag=tag))
         heapq.heappush(self._expiry, (time_us, *key, action))
         self._counters["followups"] += 1
         if action == Action.CLICK.value:
@@ -460,17 +548,23 @@ class TrainingLogWriter:
             else:
                 del self._pending_times[key]
             labels = [0, 0, 0]
+            tags = self._sample_tags.pop(sample_id, [])
             for f in self._followups.get(key, ()):
                 if not f.claimed and time_us <= f.time_us < until_us:
                     f.claimed = True
                     labels[_LABEL_INDEX[f.action]] = 1
                     self._counters["attributed_followups"] += 1
+                    if f.tag is not None:  # durable with the sample it labels
+                        tags.append(f.tag)
+                        f.tag = None
             own_window = self._window_of(time_us)
             assert self._open_from_us is not None  # set by the first batch
             window = max(own_window, self._open_from_us)
             if window != own_window:
                 self._counters["late_impressions"] += 1
             self._windows.setdefault(window, []).append((*imp[:7], *labels, *imp[7:]))
+            if tags:
+                self._window_tags.setdefault(window, []).extend(tags)
             self._counters["samples_logged"] += 1
 
     def _expire(self, final_us: int, late_until_us: int) -> None:
@@ -480,6 +574,7 @@ class TrainingLogWriter:
         late. Any other one had its chance and found no impression.
         """
         lines = []
+        logged_tags = []
         while self._expiry and self._expiry[0][0] <= final_us:
             time_us, user, item, request, action = heapq.heappop(self._expiry)
             key = (user, item, request)
@@ -492,6 +587,7 @@ class TrainingLogWriter:
             if not f.claimed:
                 reason = LATE if time_us <= late_until_us else UNMATCHED
                 lines.append(f'{{"reason":{json.dumps(reason)},"event":{f.json}}}\n')
+                logged_tags.append(f.tag)
         if lines:
             data = "".join(lines).encode()
             with open(self.late_events_path, "ab") as fh:
@@ -499,10 +595,12 @@ class TrainingLogWriter:
                 fh.flush()
             self._late_bytes += len(data)
             self._counters["late_events"] += len(lines)
+            self._release(logged_tags)
 
     def _close(self, through_end_us: int) -> list[ClosedWindow]:
         """Close, in order, every open window that ends at or before through_end_us."""
         closed: list[ClosedWindow] = []
+        released: list[Any] = []
         new_entries = False
         while self._open_from_us is not None and (
                 self._open_from_us + self._window_us <= through_end_us):
@@ -510,16 +608,21 @@ class TrainingLogWriter:
             window, written = self._write_window(start, self._windows.pop(start, []))
             closed.append(window)
             new_entries |= written
+            released.extend(self._window_tags.pop(start, ()))
             self._open_from_us = start + self._window_us
         if new_entries:
             entries = [self._manifest[start] for start in sorted(self._manifest)]
             payload = json.dumps(entries, indent=2).encode() + b"\n"
             write_atomically(self.manifest_path, lambda fh: fh.write(payload))
+        # A window counts once the manifest has it (a file without an entry is rewritten).
+        self._release(released)
         if closed:
             # Remember sample ids until the window after theirs has closed.
             forget_before = self._open_from_us - self._window_us
             for start in [s for s in self._seen if s < forget_before]:
                 del self._seen[start]
+            for start in [s for s in self._recorded_ids if s < forget_before]:
+                del self._recorded_ids[start]
         return closed
 
     def _write_window(self, start: int, rows: list[tuple[Any, ...]]) -> tuple[ClosedWindow, bool]:

@@ -78,7 +78,8 @@ def assert_balanced(writer: TrainingLogWriter) -> None:
     assert c["impressions"] == c["samples_logged"] + c["pending_impressions"]
     assert c["followups"] == (c["attributed_followups"] + c["late_events"]
                               + c["unresolved_followups"])
-    assert c["events"] == (c["impressions"] + c["duplicate_impressions"] + c["followups"]
+    assert c["events"] == (c["impressions"] + c["duplicate_impressions"]
+                           + c["already_recorded_impressions"] + c["followups"]
                            + c["duplicate_followups"])
 
 
@@ -351,16 +352,68 @@ def test_duplicates_make_no_second_sample_or_label(tmp_path: Path) -> None:
     assert late_lines(tmp_path) == []
 
 
-def test_impression_ids_are_remembered_until_the_next_window_closes(tmp_path: Path) -> None:
+def test_a_repeated_impression_is_dropped_however_late_it_comes(tmp_path: Path) -> None:
     writer = writer_for(tmp_path)
     impression = behavior("impression", 0)
     writer.process([impression])
     writer.process([tick(3600 + W)])  # window 0 closed
     writer.process([impression])
     assert writer.counters["duplicate_impressions"] == 1
-    writer.process([tick(2 * 3600 + W)])  # window 1 closed: window 0's ids are forgotten
-    writer.process([impression])
-    assert writer.counters["late_impressions"] == 1  # the documented limit of dedup
+    writer.process([tick(2 * 3600 + W)])  # window 1 closed: window 0's ids are forgotten...
+    writer.process([impression])  # ...and window 0's file is looked up instead
+    c = writer.counters
+    assert (c["already_recorded_impressions"], c["late_impressions"]) == (1, 0)
+    writer.close_all()
+    assert len(read_samples(tmp_path)) == 1
+
+
+def test_tags_are_done_only_when_their_samples_are_in_written_windows(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path)
+    writer.process([behavior("impression", 10), behavior("impression", 20, item="i2")],
+                   tags=["page", "page"])
+    writer.process([behavior("click", 30)], tags=["click"])
+    writer.process([behavior("click", 40, item="nothing")], tags=["stray"])
+    writer.process([tick(W + 100)], tags=["tick1"])
+    # Final (labelled) but window 0 is still open: in memory only, not done; the stray
+    # click is in late_events.jsonl, done.
+    assert writer.take_done() == ["stray"]
+    # A late impression (its window closes below) waits for the window it is put in.
+    writer.process([tick(3600 + W)], tags=["tick2"])
+    done = writer.take_done()
+    assert {"page", "click", "tick1"} <= set(done)  # window 0 is written
+    writer.process([behavior("impression", 50, user="late")], tags=["late"])
+    assert writer.counters["late_impressions"] == 1  # in window 1, still open
+    assert "late" not in writer.take_done()
+    writer.process([tick(2 * 3600 + W)], tags=["tick3"])
+    assert "late" in writer.take_done()  # window 1 (where it went) is written now
+    late = [s for s in read_samples(tmp_path) if s["user_id"] == "late"]
+    assert len(late) == 1
+    writer.close_all()
+    assert writer._outstanding == {}
+
+
+def test_a_new_writer_on_recorded_windows_continues_after_them(tmp_path: Path) -> None:
+    """A restarted worker, or a partition that moved: replayed events that are already in
+    recorded windows (late ones included) are not written twice, the rest is written."""
+    events = [behavior("impression", at, item=f"i{at}") for at in range(0, 3 * 3600, 600)]
+    late = behavior("impression", 300, item="late")  # arrives after window 0 closed
+    first = writer_for(tmp_path)
+    first.process(events[:10])  # up to 1:30: window 0 closes
+    first.process([late])
+    first.process(events[10:])
+    assert first.counters["late_impressions"] == 1
+    recorded = {s["sample_id"] for s in read_samples(tmp_path)}
+    assert recorded and len(first._manifest) == 2
+    # The replay starts somewhere before the end of what was recorded.
+    again = writer_for(tmp_path)
+    again.process(events[7:10], tags=[1, 2, 3])
+    again.process([late], tags=[4])
+    again.process(events[10:], tags=list(range(5, 5 + len(events[10:]))))
+    again.close_all()
+    assert again.counters["already_recorded_impressions"] >= 3
+    assert set(again.take_done()) == set(range(1, 5 + len(events[10:])))
+    ids = [s["sample_id"] for s in read_samples(tmp_path)]
+    assert len(ids) == len(set(ids)) == len(events) + 1
 
 
 @settings(max_examples=40, deadline=None)
