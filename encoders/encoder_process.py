@@ -32,13 +32,13 @@ _PR_SET_PDEATHSIG = 1
 _child_encoder: ItemEncoder | None = None  # the child's own encoder (one per child process)
 
 
-def _start_child(cfg: Config) -> None:
+def _start_child(cfg: Config, local_files: bool) -> None:
     global _child_encoder
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     from encoders.item_encoder import ItemEncoder
 
-    _child_encoder = ItemEncoder.from_config(cfg)
+    _child_encoder = ItemEncoder.from_config(cfg, local_files=local_files)
 
 
 def _child_version() -> str:
@@ -56,19 +56,22 @@ def _child_encode(items: list[ItemEvent]) -> ItemEmbeddings:
 
 
 class EncoderProcess:
-    """``ItemEncoder.from_config(cfg)`` running in a child process; what
-    :class:`~streams.item_embedder.ItemEmbedder` needs of an encoder: ``encoder_version``,
+    """``ItemEncoder.from_config(cfg, local_files=local_files)`` running in a child process;
+    what :class:`~streams.item_embedder.ItemEmbedder` needs of an encoder: ``encoder_version``,
     :meth:`content_hash` and :meth:`encode` (without ``seen``).
+
+    ``local_files`` (default True, for trusted input) says whether an item's image may be a
+    local path or ``file://`` URL; the Faust worker passes ``images.local_files_from_kafka``.
 
     Raises RuntimeError at construction if the child cannot load the encoder, and from
     :meth:`encode` if the child has died since; the encoder's own errors (a delete event)
     come back as they are. Call :meth:`close` when done (or use it as a context manager).
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, local_files: bool = True):
         self._pool = concurrent.futures.ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_child, initargs=(cfg,))
+            initializer=_start_child, initargs=(cfg, local_files))
         self.encoder_version: str = self._call(_child_version)
 
     @property

@@ -91,6 +91,10 @@ class ItemEncoder:
     Args:
         config: models, sizes, batch size, output dtype and threads.
         images: limits for reading image references (default: ``ImageFetchConfig()``).
+        local_files: whether an item's ``image`` may be a local path or ``file://`` URL. True
+            (the default) suits a trusted source: the local runner, ``ppm import``. The Faust
+            worker passes ``images.local_files_from_kafka`` (off by default), since anyone who
+            can produce to the items topic chooses those references.
 
     Both models are loaded, frozen and warmed up here, at construction (about 1 s on 2 cores
     once torch and transformers are imported, which takes several seconds more), so a bad
@@ -111,9 +115,11 @@ class ItemEncoder:
         ['42']
     """
 
-    def __init__(self, config: EncoderConfig, images: ImageFetchConfig | None = None):
+    def __init__(self, config: EncoderConfig, images: ImageFetchConfig | None = None, *,
+                 local_files: bool = True):
         self.config = config
         self.images = images or ImageFetchConfig()
+        self.local_files = local_files
         torch.set_num_threads(config.threads or os.cpu_count() or 1)
         # The image encoder first: a ResNet without weights fails before the slower text load.
         self.image = ImageEncoder(
@@ -123,9 +129,10 @@ class ItemEncoder:
         self.encoder_version = self._version()
 
     @classmethod
-    def from_config(cls, cfg: Config) -> ItemEncoder:
-        """The encoder for ``cfg.encoders``, reading images within ``cfg.images``."""
-        return cls(cfg.encoders, cfg.images)
+    def from_config(cls, cfg: Config, *, local_files: bool = True) -> ItemEncoder:
+        """The encoder for ``cfg.encoders``, reading images within ``cfg.images``;
+        ``local_files`` as in the constructor."""
+        return cls(cfg.encoders, cfg.images, local_files=local_files)
 
     @property
     def text_dim(self) -> int:
@@ -230,6 +237,6 @@ class ItemEncoder:
         if not item.image:
             return NO_IMAGE
         try:
-            return load_image(item.image, self.images)
+            return load_image(item.image, self.images, local_files=self.local_files)
         except ImageLoadError as exc:
             return exc.reason

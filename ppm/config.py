@@ -57,10 +57,21 @@ class ImageFetchConfig(_Section):
     """How an item's image reference (path, file:// or http(s) URL, data URL) is read."""
 
     timeout_s: float = Field(5.0, gt=0)
+    """Seconds one image read may take in all: name lookup, connect, redirects and every read
+    together, so a server trickling bytes cannot hold a batch past it."""
     max_bytes: int = Field(4_000_000, ge=1)
     """Larger images are refused (a dead letter, not a crash)."""
     max_pixels: int = Field(40_000_000, ge=1)
     """Decompression-bomb guard: refuse images with more pixels than this."""
+    local_files_from_kafka: bool = False
+    """Whether item events read from Kafka may name local paths and ``file://`` URLs. Off
+    because any producer could otherwise have the worker read its files (/proc/self/environ,
+    keys) into vectors, or probe which exist. The local runner (``ppm stream`` on files the
+    user names, ``ppm import`` output with absolute paths) reads local images either way."""
+    private_networks: bool = False
+    """Whether http(s) images may come from loopback, private, link-local, multicast or
+    reserved addresses. Off so that an image URL cannot reach the worker's own services or a
+    cloud metadata endpoint; turn on for an image server inside your own network."""
 
 
 class ContractConfig(_Section):
@@ -195,6 +206,11 @@ class KafkaConfig(_Section):
     """Behavior events, keyed by user_id (one user's sequence lives on one partition)."""
     dead_letter_suffix: str = "-dead"
     """Dead letters of topic T go to ``T + suffix`` with their reason."""
+    dead_letter_max_bytes: int = Field(256_000, ge=1024)
+    """Largest dead letter sent, as JSON: a larger one keeps only a prefix of its payload
+    (with the whole record's size and SHA-256; ``DeadLetter.capped``). Records may be up to
+    ``contracts.max_payload_bytes`` (8 MB) and JSON escaping can grow them 6x, while the
+    broker refuses messages over ``message.max.bytes`` (about 1 MB by default)."""
     partitions: int = Field(4, ge=1)
     """Partitions of every topic: the most workers that can share the work."""
     replication_factor: int = Field(1, ge=1)

@@ -35,6 +35,7 @@ from encoders.image_encoder import (
     packaged_efficientnet_weights,
     preprocess,
 )
+from encoders.image_source import LOCAL_FILES_REFUSED
 from encoders.item_encoder import NO_IMAGE, ItemEncoder, item_text
 from encoders.text_encoder import TextEncoder
 from ppm.config import Config, EncoderConfig, ImageFetchConfig
@@ -269,6 +270,19 @@ def test_missing_or_broken_image_gives_zero_image_part(enc: ItemEncoder, tmp_pat
     assert set(seen) == {"none", "fine"}
 
 
+def test_local_images_are_read_only_when_allowed(enc: ItemEncoder, tmp_path: Path) -> None:
+    path = tmp_path / "red.png"
+    Image.new("RGB", (28, 28), "red").save(path)
+    items = [item("path", image=str(path)), item("url", image=path.as_uri()), item("inline")]
+    assert enc.local_files  # the default: a trusted source, as the local runner is
+    assert enc.encode(items).image_errors == {}
+    strict = ItemEncoder.from_config(Config(images=FETCH), local_files=False)
+    assert strict.local_files is False and strict.encoder_version == enc.encoder_version
+    out = strict.encode(items)
+    assert out.image_errors == {"path": LOCAL_FILES_REFUSED, "url": LOCAL_FILES_REFUSED}
+    assert not out.vectors[:2, 384:].any() and out.vectors[2, 384:].any()
+
+
 # --- image encoder -----------------------------------------------------------------------------
 
 
@@ -373,13 +387,20 @@ def test_docstring_examples_run(offline: None) -> None:
 
 
 @pytest.mark.slow
-def test_an_encoder_in_a_child_process_gives_the_same_vectors(enc: ItemEncoder) -> None:
+def test_an_encoder_in_a_child_process_gives_the_same_vectors(
+    enc: ItemEncoder, tmp_path: Path
+) -> None:
     from encoders.encoder_process import EncoderProcess
 
     items = [item("a"), item("b", "Nordvik grey wool scarf"), item("c", image=None)]
-    with EncoderProcess(Config(images=FETCH)) as child:
+    path = tmp_path / "red.png"
+    Image.new("RGB", (28, 28), "red").save(path)
+    with EncoderProcess(Config(images=FETCH), local_files=False) as child:
         assert child.pid != os.getpid()
         got = child.encode(items)
+        # The child got local_files too, as the Faust worker passes it.
+        local = child.encode([item("p", image=str(path))])
+        assert local.image_errors == {"p": LOCAL_FILES_REFUSED}
         assert child.encoder_version == enc.encoder_version
         assert child.content_hash(items[0]) == enc.content_hash(items[0])
         with pytest.raises(ValueError, match="cannot encode a delete"):

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
+import struct
+import zlib
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, PngImagePlugin
+from pydantic import ValidationError
 
-from ppm.config import ContractConfig
+from ppm import events
+from ppm.config import ContractConfig, KafkaConfig
 from ppm.events import (
     Action,
     BehaviorEvent,
     DeadLetter,
     ItemEvent,
     ItemOp,
+    check_inline_image,
     decode,
     decode_record,
     format_event_time,
@@ -286,3 +292,393 @@ def test_valid_items_round_trip(item_id, title, price, when, offset_minutes):
 def test_huge_strings_are_refused_with_a_reason(n, field):
     out = dec(item_dict(**{field: "x" * n}))
     assert isinstance(out, DeadLetter) and field in out.reason
+
+
+# ---------------------------------------------------------------- image bombs
+# Tiny files whose headers claim huge pictures. Each is a valid small picture at 8x8, so a
+# dead letter at a larger size is the size check speaking, not a broken file.
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 9)) + _png_chunk(b"IEND", b""))
+
+
+def _saved(fmt: str, **options) -> bytearray:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=fmt, **options)
+    return bytearray(buf.getvalue())
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    data = _saved("GIF")
+    data[6:10] = struct.pack("<HH", width, height)  # the logical screen
+    return bytes(data)
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    data = _saved("JPEG")
+    at = data.index(b"\xff\xc0") + 5  # SOF0: marker, length, precision, then height, width
+    data[at:at + 4] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def tiff_claiming(width: int, height: int) -> bytes:
+    # ImageWidth, ImageLength, BitsPerSample, Compression, Photometric, StripOffsets,
+    # RowsPerStrip, StripByteCounts: (tag, type 3 short / 4 long, count, value).
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1),
+            (262, 3, 1, 1), (273, 4, 1, 8), (278, 4, 1, height), (279, 4, 1, 1)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags)
+    return b"II*\x00" + struct.pack("<I", 9) + b"\x00" + ifd + b"\x00" * 4
+
+
+def webp_claiming(width: int, height: int) -> bytes:
+    exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x00\x00"  # makes Pillow write a VP8X header
+    data = _saved("WEBP", lossless=True, exif=exif)
+    assert data[12:16] == b"VP8X"
+    data[24:30] = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    return bytes(data)
+
+
+CLAIMING = {"png": png_claiming, "gif": gif_claiming, "jpeg": jpeg_claiming,
+            "tiff": tiff_claiming, "webp": webp_claiming}
+
+
+def data_url(data: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.mark.parametrize("fmt", CLAIMING)
+def test_small_crafted_pictures_are_accepted(fmt):
+    assert isinstance(dec(item_dict(image=data_url(CLAIMING[fmt](8, 8), fmt))), ItemEvent)
+
+
+@pytest.mark.parametrize("fmt", CLAIMING)
+def test_a_header_claiming_billions_of_pixels_is_a_dead_letter(fmt):
+    # Beyond twice Pillow's MAX_IMAGE_PIXELS, where Image.open raises DecompressionBombError.
+    side = 16_383 if fmt == "webp" else 65_500
+    raw = json.dumps(item_dict(image=data_url(CLAIMING[fmt](side, side), fmt))).encode()
+    assert len(raw) < 2_000  # a small record, a huge claim
+    for out in (decode(raw, "item", "t", now=NOW), *decode_record(raw, "item", "t", now=NOW)):
+        assert isinstance(out, DeadLetter) and out.reason.startswith("image: ")
+        assert "more than 40000000 pixels (DecompressionBombError)" in out.reason
+        assert out.raw() == raw
+
+
+@pytest.mark.parametrize("fmt", ["png", "gif", "jpeg", "tiff"])
+@pytest.mark.parametrize("side", [7_000, 10_000])  # under and over Pillow's warning limit
+def test_a_header_over_max_pixels_is_a_dead_letter(fmt, side, recwarn):
+    out = dec(item_dict(image=data_url(CLAIMING[fmt](side, side), fmt)))
+    assert isinstance(out, DeadLetter)
+    assert f"image of {side}x{side} has more than 40000000 pixels" in out.reason
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_max_pixels_is_the_callers():
+    raw = json.dumps(item_dict(image=png_data_url(size=8))).encode()
+    assert isinstance(decode(raw, "item", "t", max_pixels=64), ItemEvent)
+    out = decode(raw, "item", "t", max_pixels=63)
+    assert isinstance(out, DeadLetter) and "8x8 has more than 63 pixels" in out.reason
+
+
+def test_formats_outside_the_common_ones_are_not_decoded():
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PPM")  # Pillow reads it, but not from the wire
+    out = dec(item_dict(image=data_url(buf.getvalue())))
+    assert isinstance(out, DeadLetter)
+    assert "not a readable picture (UnidentifiedImageError)" in out.reason
+
+
+@pytest.mark.parametrize("where", ["open", "verify"])
+def test_any_exception_from_pillow_is_a_bad_picture(monkeypatch, where):
+    class Surprise(Exception):
+        pass
+
+    def boom(*args, **kwargs):
+        raise Surprise("decoder bug")
+
+    if where == "open":
+        monkeypatch.setattr(Image, "open", boom)
+    else:
+        monkeypatch.setattr(PngImagePlugin.PngImageFile, "verify", boom)
+    with pytest.raises(ValueError, match=r"not a readable picture \(Surprise\)"):
+        check_inline_image(png_data_url(), ContractConfig(), 4_000_000)
+    out = dec(item_dict())
+    assert isinstance(out, DeadLetter) and "(Surprise)" in out.reason
+
+
+# ---------------------------------------------------------------- lone surrogates
+
+
+def assert_serialises(letter: DeadLetter) -> None:
+    wire = letter.to_json()
+    wire.decode("utf-8")  # strict
+    assert DeadLetter.model_validate_json(wire) == letter
+
+
+@pytest.mark.parametrize(("obj", "expected", "where"), [
+    (item_dict(title="coat \ud800"), "item", "title: not valid Unicode"),
+    (item_dict(item_id="i\udfff"), "item", "item_id: not valid Unicode"),
+    (behavior_dict(query="\udc80 coat"), "behavior", "query: not valid Unicode"),
+    (behavior_dict(user_id="\ud83d"), "behavior", "user_id: not valid Unicode"),
+    (item_dict(**{"colour\ud800": "red"}), "item", "event: a key is not valid Unicode"),
+    (item_dict(extra={"tags": ["ok", "\udbff"]}), "item", "extra.tags.1: not valid Unicode"),
+    (item_dict(extra={"\ud800": 1}), "item", "extra: a key is not valid Unicode"),
+])
+def test_a_lone_surrogate_anywhere_is_a_dead_letter(obj, expected, where):
+    raw = json.dumps(obj).encode()  # ensure_ascii: the surrogate travels as a \u escape
+    out = decode(raw, expected, "t", now=NOW)
+    assert isinstance(out, DeadLetter) and out.reason.startswith(where), out
+    assert out.raw() == raw
+    assert_serialises(out)
+
+
+def test_a_surrogate_escape_in_upper_case_is_found_too():
+    raw = json.dumps(item_dict(title="x\ud800")).encode().replace(b"\\ud800", b"\\uD800")
+    out = decode(raw, "item", "t", now=NOW)
+    assert isinstance(out, DeadLetter) and "title: not valid Unicode" in out.reason
+
+
+def test_an_escaped_surrogate_pair_is_a_character():
+    raw = json.dumps(item_dict(title="coat \U0001f600")).encode()
+    assert b"\\ud83d\\ude00" in raw
+    out = decode(raw, "item", "t", now=NOW)
+    assert isinstance(out, ItemEvent) and out.title == "coat \U0001f600"
+
+
+def test_a_surrogate_in_a_packed_element_costs_only_that_element():
+    page = [behavior_dict(item_id=f"i{n}") for n in range(3)]
+    page[1]["query"] = "\ud800"
+    out = decode_record(json.dumps(page).encode(), "behavior", "b:0:1", now=NOW)
+    assert [type(e) for e in out] == [BehaviorEvent, DeadLetter, BehaviorEvent]
+    bad = out[1]
+    assert bad.source == "b:0:1[1]" and bad.reason.startswith("query: not valid Unicode")
+    assert json.loads(bad.raw()) == page[1]  # \u-escaped, the same JSON value
+    assert_serialises(bad)
+
+
+def test_a_str_record_holding_a_surrogate_is_not_utf8():
+    out = decode('{"item_id": "\ud800"}', "item", "t", now=NOW)
+    assert isinstance(out, DeadLetter) and out.reason == "payload is not UTF-8"
+    assert out.raw() == '{"item_id": "\ud800"}'.encode("utf-8", "surrogatepass")
+    assert_serialises(out)
+
+
+def test_a_dead_letter_always_serialises_whatever_text_it_is_given():
+    letter = DeadLetter(expected="item\ud800", reason="bad \udc80" * 1_000,
+                        source="file:caf\udce9.jsonl:3", received_at=NOW, payload="x\ud800",
+                        error_type="Oops\ud800")
+    assert letter.source == "file:caf\\udce9.jsonl:3" and letter.error_type == "Oops\\ud800"
+    assert len(letter.reason) <= 2_000 and letter.reason.endswith("…")
+    assert letter.payload_encoding == "base64"
+    assert letter.raw() == "x\ud800".encode("utf-8", "surrogatepass")
+    assert_serialises(letter)
+
+
+surrogates = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+texts_with_surrogates = st.builds(lambda a, s, b: a + s + b, st.text(max_size=5), surrogates,
+                                  st.text(max_size=5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(base=st.sampled_from(["item", "behavior"]), field=field_names | st.text(max_size=5),
+       value=texts_with_surrogates, as_key=st.booleans(), packed=st.booleans())
+def test_surrogates_anywhere_give_dead_letters_that_serialise(base, field, value, as_key,
+                                                              packed):
+    obj = item_dict() if base == "item" else behavior_dict()
+    if as_key:
+        obj[value] = field
+    else:
+        obj[field] = value
+    raw = json.dumps([obj, obj] if packed else obj).encode()
+    out = decode_record(raw, base, "fuzz", now=NOW)
+    assert len(out) == (2 if packed else 1)
+    for got in out:
+        assert isinstance(got, DeadLetter)  # a key differing from the first: also a letter
+        assert_serialises(got)
+
+
+# ---------------------------------------------------------------- nothing escapes decode
+
+HOSTILE = [
+    b"[" * 100_000,
+    b'{"a":' * 100_000,
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"item_id": ' + b"9" * 5_000 + b"}",  # over int_max_str_digits
+    b'{"position": 1e999999, "user_id": "u"}',
+    json.dumps([behavior_dict(extra=json.loads("[" * 900 + "]" * 900))]).encode(),
+    json.dumps([behavior_dict(), behavior_dict(user_id=json.loads("[" * 900 + "]" * 900))]
+               ).encode(),
+    json.dumps(item_dict(title="t" * 2_000_000)).encode(),
+    json.dumps(item_dict(item_id="i" * 1_000_000)).encode(),
+    json.dumps(item_dict(image="data:image/png;base64," + "A" * 5_000_000)).encode(),
+    json.dumps(item_dict(extra={str(n): n for n in range(100_000)})).encode(),
+    json.dumps([behavior_dict()] * 2_000).encode(),
+    b"\x00" * 1_000,
+    b"\xef\xbb\xbf{}",
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE, ids=lambda raw: raw[:20].decode("latin-1"))
+@pytest.mark.parametrize("expected", ["item", "behavior"])
+def test_hostile_records_never_raise(raw, expected):
+    one = decode(raw, expected, "t", now=NOW)
+    many = decode_record(raw, expected, "t", now=NOW)
+    for out in (one, *many):
+        assert isinstance(out, ItemEvent | BehaviorEvent | DeadLetter)
+        if isinstance(out, DeadLetter):
+            assert out.reason and not out.reason.startswith("internal"), out.reason
+            assert_serialises(out.capped(KafkaConfig().dead_letter_max_bytes))
+
+
+@pytest.mark.parametrize("raw", [None, 42, b"", bytearray(b"{}"), memoryview(b"[1]")])
+def test_odd_values_never_raise(raw):
+    for out in (decode(raw, "item", "t", now=NOW), *decode_record(raw, "item", "t", now=NOW)):
+        assert isinstance(out, DeadLetter) and out.reason
+        assert_serialises(out)
+
+
+def test_an_unforeseen_exception_becomes_an_internal_dead_letter(monkeypatch):
+    raw = json.dumps(item_dict()).encode()
+    monkeypatch.setattr(events, "_load", lambda *a: 1 / 0)
+    for out in (decode(raw, "item", "t", now=NOW), *decode_record(raw, "item", "t", now=NOW)):
+        assert isinstance(out, DeadLetter) and out.raw() == raw
+        assert out.reason.startswith("internal decode error: ZeroDivisionError: ")
+        assert out.error_type == "ZeroDivisionError" and out.stage == "decode"
+
+
+def test_an_unforeseen_exception_in_one_element_costs_only_that_element(monkeypatch):
+    real = BehaviorEvent.model_validate.__func__
+
+    def picky(cls, obj, *args, **kwargs):
+        if obj.get("item_id") == "poison":
+            raise KeyError("surprise")
+        return real(cls, obj, *args, **kwargs)
+
+    monkeypatch.setattr(BehaviorEvent, "model_validate", classmethod(picky))
+    page = [behavior_dict(), behavior_dict(item_id="poison"), behavior_dict(item_id="i2")]
+    out = decode_record(json.dumps(page).encode(), "behavior", "t", now=NOW)
+    assert [type(e) for e in out] == [BehaviorEvent, DeadLetter, BehaviorEvent]
+    assert out[1].reason == "internal decode error: KeyError: 'surprise'"
+    assert out[1].error_type == "KeyError" and json.loads(out[1].payload) == page[1]
+
+
+hostile_fragments = st.sampled_from([
+    "[", "]", "{", "}", ",", ":", '"', '"\\ud800"', '"\\uDFFF"', '"\\ud83d\\ude00"', "\\",
+    '"item_id"', '"user_id"', '"title"', '"kind"', '"u1"', '"2026-01-01T00:00:00Z"',
+    "1" * 5_000, "1e999", "-0", "NaN", "true", "null", "\x00", "\u2028",
+])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(hostile_fragments | st.text(max_size=5), max_size=40),
+       prefix=st.sampled_from(["", "[", "{", json.dumps(behavior_dict())[:-1] + ","]),
+       expected=st.sampled_from(["item", "behavior"]))
+def test_hostile_json_never_raises_and_every_letter_serialises(parts, prefix, expected):
+    raw = (prefix + "".join(parts)).encode("utf-8", "surrogatepass")
+    for out in (decode(raw, expected, "fuzz"), *decode_record(raw, expected, "fuzz")):
+        if isinstance(out, DeadLetter):
+            assert out.reason and not out.reason.startswith("internal"), out.reason
+            assert_serialises(out)
+        else:
+            out.to_json().decode("utf-8")  # strict: an event holds only valid Unicode
+
+
+# ---------------------------------------------------------------- dead letters that fit
+
+
+def test_old_dead_letter_json_still_validates():
+    old = (b'{"kind":"dead_letter","expected":"item","reason":"r","source":"s",'
+           b'"received_at":"2026-03-01T12:00:00.000000Z","payload":"abc",'
+           b'"payload_encoding":"utf-8"}')
+    letter = DeadLetter.model_validate_json(old)
+    assert letter.stage == "decode" and letter.error_type is None
+    assert letter.payload_bytes == 3 and not letter.payload_truncated
+    assert letter.payload_sha256 == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_a_letter_that_fits_is_its_own_capped_copy():
+    letter = dec(b"{not json")
+    assert letter.capped(1_024) is letter
+    assert letter.payload_bytes == 9 and letter.payload_sha256 == hashlib.sha256(
+        b"{not json").hexdigest()
+
+
+def test_the_issues_800kb_record_of_quotes_fits_the_broker():
+    raw = b'{"item_id": "' + b'\\"' * 400_000 + b'"'  # 800 KB, 1.6 MB once escaped
+    letter = decode(raw, "item", "t", now=NOW)
+    assert isinstance(letter, DeadLetter) and len(letter.to_json()) > 1_500_000
+    capped = letter.capped(KafkaConfig().dead_letter_max_bytes)
+    assert len(capped.to_json()) <= 256_000 and capped.payload_truncated
+    assert capped.payload_bytes == len(raw)
+    assert capped.payload_sha256 == hashlib.sha256(raw).hexdigest()
+    assert raw.startswith(capped.raw()) and len(capped.raw()) > 100_000
+
+
+def test_capping_shortens_text_only_when_it_would_not_leave_room():
+    letter = DeadLetter(expected="item", reason="\x01" * 5_000, source="s" * 5_000,
+                        received_at=NOW, payload="p" * 10_000)
+    capped = letter.capped(1_024)
+    assert len(capped.to_json()) <= 1_024 and capped.reason.endswith("…")
+    assert capped.raw() and letter.raw().startswith(capped.raw())
+    with pytest.raises(ValueError, match="even without its payload"):
+        letter.capped(100)
+
+
+payloads = st.one_of(
+    st.binary(max_size=3_000),
+    st.text(max_size=3_000).map(str.encode),
+    st.builds(lambda unit, n: unit * n,
+              st.sampled_from([b'"', b"\x01", b"\\", b"\x7f", "é".encode(), "😀".encode(),
+                               b"\xff", b"a"]),
+              st.sampled_from([1, 1_000, 100_000, 800_000])),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.data_too_large])
+@given(raw=payloads, max_bytes=st.integers(min_value=1_024, max_value=300_000),
+       reason=st.sampled_from(["short", "\x01" * 2_000, "\ud800" * 10]))
+def test_capped_always_fits_and_keeps_the_whole_records_digest(raw, max_bytes, reason):
+    letter = events._DeadLetters("item", "kafka:items/0@1", NOW)(raw, reason)
+    capped = letter.capped(max_bytes)
+    wire = capped.to_json()
+    assert len(wire) <= max_bytes
+    assert capped.payload_bytes == len(raw)
+    assert capped.payload_sha256 == hashlib.sha256(raw).hexdigest()
+    assert raw.startswith(capped.raw())
+    assert capped.payload_truncated == (capped.raw() != raw)
+    assert DeadLetter.model_validate_json(wire) == capped
+    if capped.payload_truncated and capped.reason == letter.reason:
+        assert len(wire) > max_bytes - 16  # the longest prefix that fits, give or take a char
+        assert capped.capped(max_bytes) is capped
+
+
+def test_an_element_that_cannot_be_re_encoded_keeps_the_whole_record(monkeypatch):
+    page = [behavior_dict(), behavior_dict(position=-1)]
+    raw = json.dumps(page).encode()
+
+    def too_deep(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(json, "dumps", too_deep)
+    out = decode_record(raw, "behavior", "t", now=NOW)
+    assert isinstance(out[1], DeadLetter) and out[1].raw() == raw
+    assert out[1].reason.startswith("position:") and "the whole record" in out[1].reason
+
+
+def test_processing_and_production_failures_are_letters_too():
+    letter = DeadLetter(expected="item", reason="image: timed out", source="kafka:items/0@3",
+                        received_at=NOW, payload="{}", stage="process",
+                        error_type="ImageLoadError")
+    assert_serialises(letter)
+    with pytest.raises(ValidationError):
+        DeadLetter(expected="item", reason="r", source="s", received_at=NOW, payload="",
+                   stage="elsewhere")
+    with pytest.raises(ValidationError):
+        KafkaConfig(dead_letter_max_bytes=1_000)
