@@ -66,8 +66,12 @@ import json
 import math
 import os
 import re
+import shutil
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -700,6 +704,52 @@ def _write_lines(path: Path, lines: list[bytes]) -> None:
     write_atomically(path, b"".join(line + b"\n" for line in lines))
 
 
+OUTPUT_FILES = ("items.jsonl", "behaviors.jsonl", "rejected.jsonl", "import_summary.json")
+"""What :func:`write_events` writes; an ``out_dir`` holding anything else is refused."""
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    # The folder is replaced as a whole, so whatever else is in it would be deleted.
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is not a folder")
+    others = sorted(set(os.listdir(out_dir)) - set(OUTPUT_FILES))
+    if others:
+        raise FileExistsError(f"{out_dir} holds files an import did not write "
+                              f"({', '.join(others[:5])}); give an empty or new folder")
+
+
+@contextmanager
+def _staged_folder(target: Path) -> Iterator[Path]:
+    """A new empty folder next to ``target`` to write in; it replaces ``target`` when the
+    block ends without an error, and is deleted when it raises."""
+    target = Path(os.path.abspath(target))  # "." and ".." have no name to put next to
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name per call: two imports never share it, and a crash's leftover (hidden,
+    # ".<name>.<hex>.tmp") never blocks the next one.
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    staging.mkdir()
+    old = staging.with_name(staging.name + ".old")
+    try:
+        yield staging
+        # rename(2) cannot replace a folder that holds files, so the old one steps aside
+        # first: a crash in between leaves no target (the old one is ``old``), never a
+        # mix of old and new files.
+        if target.exists():
+            os.rename(target, old)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            with suppress(OSError):
+                os.rename(old, target)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_events(
     items: pa.Table,
     interactions: pa.Table,
@@ -715,7 +765,11 @@ def write_events(
         items: the catalog (columns: module docstring).
         interactions: user-item events with ``action``, or the columns ``rule`` reads.
         rule: a :class:`LabelRule` (or its text) for rating data; None for action data.
-        out_dir: created if needed; the four files in it are replaced.
+        out_dir: created if needed, else replaced as a whole (the files are written into a
+            temporary folder next to it that is renamed into place at the end: a failure or
+            a crash leaves the old folder, or none, never a mix). FileExistsError, before
+            anything is read or written, when it holds files other than
+            :data:`OUTPUT_FILES`.
         image_root: folder relative image paths resolve against. Default: the items file's
             folder when the table came from :func:`read_table`, else the working directory.
 
@@ -727,6 +781,7 @@ def write_events(
     if isinstance(rule, str):
         rule = LabelRule.parse(rule)
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     catalog = _read_catalog(items, image_root)
     acts = _read_interactions(interactions, rule)
 
@@ -760,13 +815,6 @@ def write_events(
 
     dated.sort(key=lambda x: x[:2])
     behaviors.sort(key=lambda x: x[:3])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_lines(out_dir / "items.jsonl", [e.to_json() for _, _, e in dated])
-    _write_lines(out_dir / "behaviors.jsonl", [line for *_, line in behaviors])
-    _write_lines(out_dir / "rejected.jsonl",
-                 _rejected_lines(items, "items", catalog.reasons)
-                 + _rejected_lines(interactions, "interactions", acts.reasons))
-
     by_field = Counter(f"items.{r.split(':', 1)[0]}" for r in catalog.reasons.values())
     by_field.update(f"interactions.{r.split(':', 1)[0]}" for r in acts.reasons.values())
     times = [t for t, *_ in dated] + [t for t, *_ in behaviors[:1] + behaviors[-1:]]
@@ -781,9 +829,15 @@ def write_events(
         first_event_time=_from_us(min(times)).isoformat() if times else None,
         last_event_time=_from_us(max(times)).isoformat() if times else None,
     )
-    summary.seconds = round(time.perf_counter() - started, 3)
-    write_atomically(out_dir / "import_summary.json",
-                     json.dumps(asdict(summary), indent=2).encode() + b"\n")
+    with _staged_folder(out_dir) as staging:
+        _write_lines(staging / "items.jsonl", [e.to_json() for _, _, e in dated])
+        _write_lines(staging / "behaviors.jsonl", [line for *_, line in behaviors])
+        _write_lines(staging / "rejected.jsonl",
+                     _rejected_lines(items, "items", catalog.reasons)
+                     + _rejected_lines(interactions, "interactions", acts.reasons))
+        summary.seconds = round(time.perf_counter() - started, 3)
+        write_atomically(staging / "import_summary.json",
+                         json.dumps(asdict(summary), indent=2).encode() + b"\n")
     return summary
 
 
@@ -875,6 +929,17 @@ def history_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"pipeline": pipeline})
 
 
+def refuse_existing_run(data_dir: Path) -> None:
+    """Raise FileExistsError if ``data_dir`` holds a pipeline run (its checkpoint or training
+    windows): an import's windows and items would mix with it. Call it before writing
+    anything for an import into ``data_dir``."""
+    root = Path(data_dir)
+    for leftover in ("checkpoint.json", "training/windows/manifest.json"):
+        if (root / leftover).exists():
+            raise FileExistsError(f"{root} already holds a run ({leftover}); import into a new "
+                                  "data folder or delete it first")
+
+
 def import_into_pipeline(cfg: Config, events_dir: Path, progress: bool = True,
                          encoder=None) -> RunSummary:
     """Stream ``events_dir`` (from :func:`write_events`) through a fresh
@@ -889,10 +954,6 @@ def import_into_pipeline(cfg: Config, events_dir: Path, progress: bool = True,
     from streams.local_runner import LocalRunner, jsonl_records  # torch: only when needed
 
     events_dir = Path(events_dir)
-    root = Path(cfg.data_dir)
-    for leftover in ("checkpoint.pkl", "training/windows/manifest.json"):
-        if (root / leftover).exists():
-            raise FileExistsError(f"{root} already holds a run ({leftover}); import into a new "
-                                  "data folder or delete it first")
+    refuse_existing_run(cfg.data_dir)
     runner = LocalRunner(history_config(cfg), encoder=encoder, resume=False)
     return runner.run(jsonl_records(events_dir), source=f"jsonl:{events_dir}", progress=progress)

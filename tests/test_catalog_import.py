@@ -18,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import streams.catalog_import as catalog_import
+from ppm.cli import main
 from ppm.config import Config
 from ppm.events import MIN_EVENT_TIME, BehaviorEvent, ItemEvent, decode
 from streams.catalog_import import (
@@ -28,6 +30,7 @@ from streams.catalog_import import (
     import_into_pipeline,
     movielens,
     read_table,
+    refuse_existing_run,
     temporal_split_time,
     write_events,
 )
@@ -367,6 +370,94 @@ def test_any_rows_are_written_or_rejected_never_lost(item_rows, rows):
         assert len(lines(out / "rejected.jsonl")) == s.items_rejected + s.interactions_rejected
         items_out, behaviors_out = decoded(out)
         assert len(items_out) == s.items_written and len(behaviors_out) == s.interactions_written
+
+
+# ---------------------------------------------------------------------------- the output folder
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under ``folder`` (hidden ones too): file -> its bytes, folder -> None."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+def small_import() -> tuple[pa.Table, pa.Table]:
+    items = pa.table({"item_id": ["i1", "i2"], "title": ["Hat", "Cap"]})
+    inter = pa.table({"user_id": ["u1", "u2"], "item_id": ["i1", "i2"],
+                      "timestamp": [T0_S, T0_S + 60], "action": ["impression"] * 2})
+    return items, inter
+
+
+@pytest.mark.parametrize("run_file", ["checkpoint.json", "training/windows/manifest.json"])
+def test_ppm_import_into_a_folder_holding_a_run_refuses_and_touches_nothing(tmp_path, run_file,
+                                                                            capsys):
+    items_csv, _ = write_both(tmp_path, "items", shop_items(tmp_path))
+    ratings_csv, _ = write_both(tmp_path, "ratings", shop_ratings())
+    data = tmp_path / "data"
+    write_events(*small_import(), None, data / "import")  # an earlier import's events
+    (data / run_file).parent.mkdir(parents=True, exist_ok=True)
+    (data / run_file).write_bytes(b"a run")
+    before = tree(data)
+
+    assert main(["--data-dir", str(data), "import", "--items", str(items_csv), "--interactions",
+                 str(ratings_csv), "--label-rule", "rating>=4:click", "--quiet"]) == 1
+    assert f"already holds a run ({run_file})" in capsys.readouterr().err
+    assert tree(data) == before  # byte for byte, and no temporary folder either
+    with pytest.raises(FileExistsError):
+        refuse_existing_run(data)
+
+
+def test_an_output_folder_holding_other_files_is_refused_untouched(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "items.jsonl").write_text("old")
+    before = tree(tmp_path)
+    with pytest.raises(FileExistsError, match=r"holds files an import did not write \(notes"):
+        write_events(*small_import(), None, out)
+    assert tree(tmp_path) == before
+
+
+def test_a_new_import_replaces_the_whole_folder(tmp_path):
+    items, inter = small_import()
+    write_events(items, inter, None, tmp_path / "out")
+    write_events(items.slice(0, 1), inter.slice(0, 1), None, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or old folder left
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(catalog_import.OUTPUT_FILES)
+    assert [e.item_id for e in decoded(tmp_path / "out")[0]] == ["i1"]
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["over an import", "into nothing"])
+@pytest.mark.parametrize("fail_at", ["writing", "renaming"])
+def test_a_failure_mid_write_leaves_the_old_folder_or_none(tmp_path, monkeypatch, earlier,
+                                                          fail_at):
+    items, inter = small_import()
+    out = tmp_path / "out"
+    if earlier:
+        write_events(items.slice(0, 1), inter.slice(0, 1), None, out)
+    before = tree(tmp_path)
+
+    if fail_at == "writing":  # after items.jsonl and behaviors.jsonl are written
+        def fail(*args):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(catalog_import, "_rejected_lines", fail)
+    else:  # the finished folder cannot be moved into place (the old one has stepped aside)
+        rename = os.rename
+
+        def fail(src, dst):
+            if Path(src).name.endswith(".tmp"):
+                raise OSError("disk full")
+            rename(src, dst)
+
+        monkeypatch.setattr(catalog_import.os, "rename", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_events(items, inter, None, out)
+    assert tree(tmp_path) == before
+    monkeypatch.undo()
+
+    write_events(items, inter, None, out)  # and nothing is in the next import's way
+    assert [e.item_id for e in decoded(out)[0]] == ["i1", "i2"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
 # ---------------------------------------------------------------------------- time split

@@ -7,11 +7,15 @@ Layout under ``root``::
     champion.json                {"version": "v000001", ...}: the model serving uses
     trainer_state.json           where the incremental trainer is (last window trained)
 
-A version folder is written under a temporary name and renamed into place, so it is either
-complete or absent; it is never changed afterwards. ``champion.json`` and
-``trainer_state.json`` are replaced atomically. A ``kill -9`` at any moment therefore leaves
-the last promoted champion usable, and at worst a finished but unrecorded step that the
-trainer simply does again.
+Several trainers may register into one registry at once: a version's name is claimed with
+``mkdir`` (atomic, so no two processes ever get the same one) before anything is written.
+The files are written under a temporary name and renamed onto the claimed, empty folder, so
+a version is either complete (it has ``meta.json``) or an empty claim; it is never changed
+afterwards. ``champion.json`` and ``trainer_state.json`` are replaced atomically. A
+``kill -9`` at any moment therefore leaves the last promoted champion usable, and at worst
+an empty claimed folder (skipped: the next version takes a higher number; its
+``.vNNNNNN.tmp`` may stay behind and can be deleted) plus a finished but unrecorded step
+that the trainer simply does again.
 """
 
 from __future__ import annotations
@@ -58,11 +62,16 @@ class Registry:
         return out
 
     def register(self, model, meta: dict[str, Any]) -> Version:
-        """Store ``model`` with ``meta`` as a new immutable version; returns it."""
+        """Store ``model`` with ``meta`` as a new immutable version; returns it.
+
+        Safe to call from several processes at once: each gets its own version name.
+        """
         from trainer.model import save_checkpoint
 
-        existing = [int(p.name[1:]) for p in self.versions_dir.glob("v[0-9]*")]
-        name = f"v{max(existing, default=0) + 1:06d}"
+        name = self._claim_name()
+        final = self.versions_dir / name
+        # ``name`` is ours alone, so nobody is writing this temporary name now: a leftover
+        # is a dead write (from before names were claimed), safe to clear.
         tmp = self.versions_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -72,11 +81,39 @@ class Registry:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        os.rename(tmp, self.versions_dir / name)
-        return Version(name, self.versions_dir / name, meta)
+        _fsync_dir(tmp)
+        # rename(2) may replace an *empty* folder: the claim becomes the whole version in
+        # one step, so no reader ever sees it half written.
+        os.rename(tmp, final)
+        _fsync_dir(self.versions_dir)
+        return Version(name, final, meta)
+
+    def _claim_name(self) -> str:
+        """Create the empty folder of the next free version and return its name.
+
+        ``mkdir`` either creates the folder or fails because it exists, atomically, also
+        between processes: whoever creates ``vN`` owns it. Losing the race to another
+        trainer just means trying the next number. Claims left empty by a crash count as
+        taken, so they are skipped, never reused and never block.
+        """
+        while True:
+            taken = [int(p.name[1:]) for p in self.versions_dir.glob("v[0-9]*")]
+            name = f"v{max(taken, default=0) + 1:06d}"
+            try:
+                (self.versions_dir / name).mkdir()
+            except FileExistsError:
+                continue
+            return name
 
     def promote(self, version: Version) -> None:
-        """Make ``version`` the champion (atomic)."""
+        """Make ``version`` the champion (atomic).
+
+        Raises ValueError unless ``version`` is a complete version of this registry (one
+        still being written by another process, or from another registry, cannot be
+        promoted).
+        """
+        if not (self.versions_dir / version.name / "meta.json").exists():
+            raise ValueError(f"{version.name} is not a complete version in {self.versions_dir}")
         pointer = {"version": version.name, "promoted_at": datetime.now(UTC).isoformat()}
         write_atomically(self.champion_path, json.dumps(pointer).encode())
 
@@ -100,3 +137,12 @@ class Registry:
 
     def save_state(self, state: dict[str, Any]) -> None:
         write_atomically(self.state_path, json.dumps(state, indent=2).encode())
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename or a new file lives in its folder's entry: sync it, or a power cut can undo it.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
