@@ -154,7 +154,14 @@ class PipelineConfig(_Section):
     """Length of one training-log window (event time); one parquet file per window."""
     max_clock_jump_s: float = Field(86_400.0, gt=0)
     """A behavior event this far ahead of the newest behavior so far becomes a dead letter:
-    one wrong timestamp would otherwise move the watermark and close every window up to it."""
+    one wrong timestamp would otherwise move the watermark and close every window up to it.
+    So does an item event this far ahead of the wall clock (``streams/intake.py``)."""
+    idle_close_s: float | None = Field(None, gt=0)
+    """Faust worker: a behaviors partition with no new event for this many seconds (wall
+    clock) closes every window up to its watermark, as the local runner does at the end of
+    its input, so its last records become durable and their offsets committed. Follow-ups
+    that come later for those impressions are then late. None: windows close only as event
+    time moves on (the last records of a quiet partition stay uncommitted until then)."""
     checkpoint_every: int = Field(20_000, ge=1)
     """The local runner checkpoints after this many input records."""
 

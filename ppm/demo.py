@@ -26,7 +26,7 @@ QUICK_WORLD = {"days": 2.0, "n_users": 500, "initial_items": 200, "items_per_day
 QUICK_TRAINING = {"log_window_s": 3 * 3600.0, "warmup_windows": 8}
 # Everything the demo writes in its folder; removed before a run so each demo starts fresh.
 DEMO_OUTPUTS = ("feast", "offline", "training", "registry", "dead_letters.jsonl",
-                "item_warnings.jsonl", "freshness.parquet", "checkpoint.pkl", "summary.json",
+                "item_warnings.jsonl", "freshness.parquet", "checkpoint.json", "summary.json",
                 "demo_windows.json")
 
 
@@ -118,6 +118,7 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
 
     from streams.local_runner import LocalRunner
     from streams.shop_simulator import ShopSimulator
+    from trainer.dataset import window_files
 
     world = cfg.simulator.model_copy(
         update={"malformed_share": max(cfg.simulator.malformed_share, 0.005)}
@@ -143,7 +144,7 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
     runner = LocalRunner(run_cfg, resume=False)
     summary = runner.run(ShopSimulator(world).records(), source="demo")
 
-    windows = sorted((out / "training" / "windows").glob("*.parquet"))
+    windows = window_files(out / "training")
     samples = ds.dataset(windows, format="parquet").to_table(
         columns=["item_id", "item_age_s", "item_encoder_version"])
     cold = samples.filter(pc.less(samples["item_age_s"], 86_400.0))

@@ -6,30 +6,52 @@ Run a worker (settings from ``$PPM_CONFIG`` and ``PPM__...`` variables, see ``pp
     PPM__FEATURES__STORE_YAML=feature_repo/feature_store.redis.yaml PPM_REDIS=127.0.0.1:6379 \\
     faust -A streams.app worker --without-web -l info
 
-Agents (each a thin adapter: decode, batch, call the processor, retry, dead-letter):
+More workers: the same command, on this host or others; they share the partitions.
+
+Agents (each a short loop over :class:`ItemLane` / :class:`BehaviorLane`, which hold what
+is the worker's own: batching, acknowledgements, retries, dead-letter topics):
 
 * ``embed_items`` reads ``items`` (keyed by item_id) in batches of ``take(n, within)`` and
-  hands them to :class:`streams.item_embedder.ItemEmbedder` unchanged, one batch at a time
-  while the next one gathers, with the encoder in a child process
+  hands them to :class:`streams.item_embedder.ItemEmbedder`, one batch at a time while the
+  next one gathers, with the encoder in a child process
   (:class:`encoders.encoder_process.EncoderProcess`); the items' ID features also go to a
-  global table, which the training-log writer reads.
+  global table, which the training-log writers read.
 * ``build_sequences`` reads ``behaviors`` (keyed by user_id) in batches: sequences through
   :class:`streams.sequence_builder.SequenceBuilder` into a changelog-backed table (partitioned
-  like the topic, so a restarted worker recovers its users' sequences), then labelled
-  samples through :class:`streams.training_log.TrainingLogWriter` into the windowed logs.
+  like the topic, so a worker that takes over a partition recovers its users' sequences),
+  then labelled samples through one :class:`streams.training_log.TrainingLogWriter` per
+  partition, into ``DATA_DIR/training/partition-<p>/``.
 
-Delivery is at least once. Faust commits an offset only after the event is acknowledged,
-and the agents acknowledge a batch only after its online write returned: a store outage is
-retried until it ends (nothing after the failed batch is read meanwhile), and an error that
-is not an outage stops the worker before the batch is acknowledged. Behavior events are
-acknowledged later still, once the training window they belong to is written, so a crash
-replays what the log writer held in memory; the processors make replays harmless (older or
-equal item events are ignored, a duplicate interaction changes no sequence, a closed window
-is never written twice). A record holds one event or an array of one key's events
-(:func:`ppm.events.decode_record`); what does not decode goes to the topic's dead-letter
-topic (``<topic>-dead``) with its reason, and counts as done. Events are acknowledged in offset
-order per partition (:class:`InOrderAcks`), so a commit never passes an event that is not
-done yet, whatever Faust's own gap handling does.
+Failures, by class (Kafka Streams' three, KIP-1034), each with a fate:
+
+* **decoding**: every record goes through :class:`streams.intake.Intake`, as in the local
+  runner; what is not a valid event (or is too far ahead of the clock) goes to the topic's
+  dead-letter topic (``<topic>-dead``) with its reason;
+* **processing**: an item the encoder fails on alone is a dead letter too (``stage:
+  "process"``, with the exception's type); the rest of its batch goes on;
+* **production**: a dead letter is capped to ``kafka.dead_letter_max_bytes`` (a prefix of
+  the payload, its full size and sha256) so it always fits the topic; its delivery is
+  awaited, and retried while the broker is unreachable;
+* **outages** (store or broker unreachable): retried with backoff and jitter; nothing after
+  the failed batch is acknowledged meanwhile;
+* **anything else** stops the worker (exit 70) before the batch is acknowledged, so a
+  restart replays it: a crash, never a silent gap (an exception escaping an agent would be
+  restarted by Faust with its events never acknowledged).
+
+Delivery is at least once, and an offset is committed only after the durable write it
+stands for: an item record once its batch is in the item log and the online store; a
+behavior record once every sample it made is in a written window file (a late impression
+included: :meth:`TrainingLogWriter.take_done`) and its sequences are in the store; a dead
+letter once the broker has it. Events are acknowledged in offset order per partition
+(:class:`InOrderAcks`). The processors make replays harmless (older or equal item events
+are ignored, a duplicate interaction changes no sequence, a sample already in a recorded
+window is not written again).
+
+Several workers never write the same file: training windows are per partition, the item
+log's parts are named by their rows, and each worker keeps its own freshness figures and
+photo warnings (``freshness/<worker>.parquet``, ``item_warnings/<worker>.jsonl``). When a
+partition is revoked (a rebalance), its writer and its unacknowledged events are dropped;
+its next owner replays them from the committed offset.
 """
 
 from __future__ import annotations
@@ -42,23 +64,28 @@ import gc
 import json
 import logging
 import os
+import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any, TypeVar
 
 import faust
 
 from ppm.config import Config, load_config
-from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode_record
+from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
+from streams.atomic_file import append_line
+from streams.intake import Intake, processing_dead_letter
 from streams.item_state import ItemState
 from streams.online_features import now_us
-from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
+from streams.sequence_builder import SequenceBuilder, UserSequence
 from streams.topics import ITEM_TABLE, SEQUENCE_TABLE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 V = TypeVar("V")
 
-#: How long a failed store write waits before the next try (doubling up to the last).
+#: How long a failed write waits before the next try (the last one repeats), each with up
+#: to half of it again as jitter, so several workers do not retry in step.
 RETRY_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -130,6 +157,21 @@ class TableView(MutableMapping[str, V]):
             self._decoded.popitem(last=False)
 
 
+
+
+class Held:
+    """One record held unacknowledged by :class:`InOrderAcks`; hashable by identity, so
+    it can be a training-log tag."""
+
+    __slots__ = ("done", "dropped", "event")
+
+    def __init__(self, event: faust.EventT):
+        self.event = event
+        self.done = False
+        self.dropped = False
+        """Its partition was revoked: never acknowledged here, and not to be processed."""
+
+
 class InOrderAcks:
     """Holds a stream's events and acknowledges them to Faust in offset order per partition.
 
@@ -143,49 +185,64 @@ class InOrderAcks:
 
     def __init__(self, stream: faust.StreamT):
         self.stream = stream
-        self._held: dict[Any, collections.deque[list]] = collections.defaultdict(
-            collections.deque)  # partition -> [event, done] in offset order
+        self._held: dict[Any, collections.deque[Held]] = collections.defaultdict(
+            collections.deque)  # partition -> held records in offset order
 
-    def hold(self, event: faust.EventT) -> list:
+    def hold(self, event: faust.EventT) -> Held:
         """Keep ``event`` unacknowledged (take_events' own acknowledgement only releases
-        its reference); call in the order events arrive. Returns its handle for
-        :meth:`done`."""
+        its reference); call in the order events arrive."""
         event.message.incref()
-        entry = [event, False]
-        self._held[event.message.tp].append(entry)
-        return entry
+        held = Held(event)
+        self._held[event.message.tp].append(held)
+        return held
 
-    async def done(self, entries: Iterable[list]) -> None:
-        """Mark these events done and acknowledge every partition's done prefix."""
-        for entry in entries:
-            entry[1] = True
-        for held in self._held.values():
-            while held and held[0][1]:
-                await self.stream.ack(held.popleft()[0])
+    async def done(self, records: Iterable[Held]) -> None:
+        """Mark these records done and acknowledge every partition's done prefix."""
+        for held in records:
+            held.done = True
+        for queue in self._held.values():
+            while queue and queue[0].done:
+                await self.stream.ack(queue.popleft().event)
+
+    def drop(self, tps: Iterable[Any]) -> None:
+        """Forget the records of revoked partitions: their next owner replays them."""
+        for tp in tps:
+            for held in self._held.pop(tp, ()):
+                held.dropped = True
 
 
-async def retrying(what: str, outage: tuple[type[BaseException], ...],
-                   call: Callable[..., Awaitable[T]] | Callable[..., T], *args: Any) -> T:
-    """``call(*args)`` (awaited if it is a coroutine) until it succeeds; an ``outage``
-    exception is logged and retried with backoff, anything else propagates."""
-    for attempt in range(1_000_000_000):
+def is_retriable(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the store or the broker is unreachable for now"."""
+    import aiokafka.errors
+    import redis.exceptions
+
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+                        redis.exceptions.BusyLoadingError, ConnectionError, TimeoutError,
+                        aiokafka.errors.KafkaConnectionError,
+                        aiokafka.errors.KafkaTimeoutError)):
+        return True
+    return isinstance(exc, aiokafka.errors.KafkaError) and bool(getattr(exc, "retriable", False))
+
+
+async def retrying(what: str, call: Callable[..., Awaitable[T]] | Callable[..., T],
+                   *args: Any) -> T:
+    """``call(*args)`` (awaited if it is a coroutine) until it succeeds; a retriable error
+    (:func:`is_retriable`) is logged and retried with backoff and jitter, anything else
+    propagates."""
+    attempt = 0
+    while True:
         try:
             result = call(*args)
             return await result if asyncio.iscoroutine(result) else result
-        except outage as exc:
+        except Exception as exc:
+            if not is_retriable(exc):
+                raise
             delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+            delay *= 1 + random.random() / 2
+            attempt += 1
             log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__,
-                        exc, attempt + 1, delay)
+                        exc, attempt, delay)
             await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def store_outages() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the store is unreachable for now", worth retrying."""
-    import redis.exceptions
-
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-            redis.exceptions.BusyLoadingError, ConnectionError, TimeoutError)
 
 
 def stop_worker(what: str, exc: BaseException) -> None:
@@ -198,18 +255,26 @@ def stop_worker(what: str, exc: BaseException) -> None:
 
 
 @contextlib.asynccontextmanager
+async def stopping_on_error(what: str) -> AsyncIterator[None]:
+    """Anything but a cancellation escaping the block stops the worker (:func:`stop_worker`)."""
+    try:
+        yield
+    except Exception as exc:
+        stop_worker(what, exc)
+
+
+@contextlib.asynccontextmanager
 async def one_batch_ahead(apply: Callable[[T], Awaitable[None]], what: str
                           ) -> AsyncIterator[Callable[[T], Awaitable[None]]]:
     """Yield ``submit``: ``await submit(batch)`` hands ``batch`` to one task that runs
     ``await apply(batch)`` on the batches in order, while the agent gathers the next one.
 
     ``take_events`` waits up to its ``within`` after every batch; a processor idle for that
-    long under load builds a backlog (p50 event-to-readable 1.4 s instead of 0.5 s in
-    bench/freshness.py). ``submit`` waits while a batch is already waiting, so a backlog
-    stays in Kafka. ``apply`` owns its events' acknowledgements (take_events acknowledges a
-    batch when the agent's body is done, so the agent holds them: :class:`InOrderAcks`).
-    Anything escaping ``apply`` stops the worker (:func:`stop_worker`), so nothing after a
-    failed batch is acknowledged.
+    long under load builds a backlog. ``submit`` waits while a batch is already waiting, so
+    a backlog stays in Kafka. ``apply`` owns its events' acknowledgements (take_events
+    acknowledges a batch when the agent's body is done, so the agent holds them:
+    :class:`InOrderAcks`). Anything escaping ``apply`` stops the worker
+    (:func:`stop_worker`), so nothing after a failed batch is acknowledged.
     """
     ready: asyncio.Queue[T] = asyncio.Queue(maxsize=1)
 
@@ -224,6 +289,206 @@ async def one_batch_ahead(apply: Callable[[T], Awaitable[None]], what: str
         yield ready.put
     finally:
         task.cancel()
+
+
+class DeadLetterTopic:
+    """Where a topic's dead letters go: capped to fit, delivery awaited, outages retried."""
+
+    def __init__(self, topic: faust.TopicT, max_bytes: int, intake: Intake):
+        self.topic = topic
+        self.max_bytes = max_bytes
+        self.intake = intake
+
+    async def send(self, letters: list[tuple[DeadLetter, bytes | None]]) -> None:
+        """Produce ``(letter, key)`` pairs and wait until the broker has every one."""
+        if letters:
+            await asyncio.gather(*(retrying("dead letter", self._send_one, letter, key)
+                                   for letter, key in letters))
+
+    async def _send_one(self, letter: DeadLetter, key: bytes | None) -> None:
+        value = letter.capped(self.max_bytes).to_json()
+        # wait=True: the broker's acknowledgement, not a place in the producer's buffer.
+        await self.topic.publish_message(self.topic.as_future_message(key, value), wait=True)
+
+
+def loop_time() -> float:
+    """Monotonic seconds (the event loop's clock)."""
+    return asyncio.get_running_loop().time()
+
+
+def worker_name() -> str:
+    """This worker process's name in file names: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclasses.dataclass
+class Shared:
+    """What both lanes of one worker use."""
+
+    cfg: Config
+    intake: Intake
+    item_states: TableView[ItemState]
+    store_opener: Callable[[], Awaitable[Any]]
+    opened: dict[str, Any]
+
+    def decoded(self, events: list[faust.EventT], kind: str, topic: str
+                ) -> Iterator[tuple[faust.EventT, list[ItemEvent | BehaviorEvent | DeadLetter]]]:
+        """Each record with its events and dead letters (a record may hold several)."""
+        for event in events:
+            m = event.message
+            yield event, self.intake.admit(kind, event.value, f"{topic}:{m.partition}:{m.offset}")
+
+
+class ItemLane:
+    """The item agent's work: admit a batch, embed it while the next one gathers,
+    acknowledge it once written."""
+
+    def __init__(self, shared: Shared, stream: faust.StreamT, dead: DeadLetterTopic,
+                 encoder: Any, store: Any):
+        from streams.freshness import FreshnessStats
+        from streams.item_embedder import ItemEmbedder
+        from streams.item_log import ItemLog
+
+        cfg = shared.cfg
+        self.shared, self.dead, self.topic = shared, dead, cfg.kafka.items_topic
+        self.acks = InOrderAcks(stream)
+        self.freshness = FreshnessStats()  # this worker's own file: nobody else writes it
+        shared.opened["freshness"] = self.freshness
+        self.warnings_path = cfg.data_dir / "item_warnings" / f"{worker_name()}.jsonl"
+        self.warnings_path.parent.mkdir(parents=True, exist_ok=True)
+        self.embedder = ItemEmbedder(encoder, store,
+                                     ItemLog(cfg.data_dir / "offline" / "item_embedding"),
+                                     freshness=self.freshness)
+
+    async def admit(self, batch: list[faust.EventT]
+                    ) -> tuple[list[ItemEvent], list[str], int, list[Held]]:
+        """Hold and decode a batch; its dead letters are delivered before this returns."""
+        arrived = now_us()
+        held = [self.acks.hold(event) for event in batch]
+        good: list[ItemEvent] = []
+        sources: list[str] = []
+        letters = []
+        for event, items in self.shared.decoded(batch, "item", self.topic):
+            m = event.message
+            for i, item in enumerate(items):
+                if isinstance(item, DeadLetter):
+                    letters.append((item, event.key))
+                else:
+                    good.append(item)
+                    sources.append(f"{self.topic}:{m.partition}:{m.offset}"
+                                   + (f"[{i}]" if len(items) > 1 else ""))
+        await self.dead.send(letters)
+        return good, sources, arrived, held
+
+    async def apply(self, batch: tuple[list[ItemEvent], list[str], int, list[Held]]) -> None:
+        good, sources, arrived, held = batch
+        if good:
+            result = await retrying("item batch", asyncio.to_thread, self.embedder.process,
+                                    good, [arrived] * len(good))
+            source_of = dict(zip((e.item_id for e in good), sources, strict=True))
+            rejected = [processing_dead_letter(event, source_of[item_id], reason, error_type)
+                        for item_id, (event, reason, error_type) in result.rejected.items()]
+            for letter in rejected:
+                self.shared.intake.count_dead_letter(letter)
+            await self.dead.send([(letter, letter_key) for letter, letter_key in zip(
+                rejected, (item_id.encode() for item_id in result.rejected), strict=True)])
+            for item_id, reason in result.image_errors.items():
+                append_line(self.warnings_path,
+                            json.dumps({"item_id": item_id, "reason": reason}).encode())
+            for item in good:  # what the log writers need, for every worker
+                state = self.embedder.state.get(item.item_id)
+                if state is not None:
+                    self.shared.item_states[item.item_id] = state
+        await self.acks.done(held)  # written: now their offsets may be committed
+
+    def revoke(self, tps: Iterable[Any]) -> None:
+        """Partitions moved to another worker: forget their held records (a batch being
+        embedded still finishes: its writes are idempotent)."""
+        self.acks.drop(tps)
+
+
+class BehaviorLane:
+    """The behavior agent's work: sequences for the whole batch, samples through one
+    training-log writer per partition, records acknowledged once their samples are on
+    disk."""
+
+    def __init__(self, shared: Shared, stream: faust.StreamT, dead: DeadLetterTopic,
+                 sequences: TableView[UserSequence], store: Any):
+        cfg = shared.cfg
+        self.shared, self.dead, self.topic = shared, dead, cfg.kafka.behaviors_topic
+        self.acks = InOrderAcks(stream)
+        self.sequences = sequences
+        self.builder = SequenceBuilder(store, state=sequences, k=cfg.features.sequence_length)
+        self.writers: dict[int, Any] = {}  # partition -> TrainingLogWriter
+        self.last_event_s: dict[int, float] = {}  # partition -> monotonic time of its last
+
+    def writer(self, partition: int):
+        """The partition's writer; a new one continues after the windows on disk."""
+        from streams.training_log import TrainingLogWriter
+
+        writer = self.writers.get(partition)
+        if writer is None:
+            pipeline = self.shared.cfg.pipeline
+            writer = self.writers[partition] = TrainingLogWriter(
+                self.shared.cfg.data_dir / "training" / f"partition-{partition}",
+                sequences=self.sequences, items=self.shared.item_states,
+                attribution_window_s=pipeline.attribution_window_s,
+                window_s=pipeline.log_window_s)
+        return writer
+
+    def revoke(self, tps: Iterable[Any]) -> None:
+        """Partitions moved to another worker: forget their writers and held records."""
+        tps = [tp for tp in tps if tp.topic == self.topic]
+        self.acks.drop(tps)
+        for tp in tps:
+            self.writers.pop(tp.partition, None)
+            self.last_event_s.pop(tp.partition, None)
+
+    async def close_idle(self, idle_s: float) -> None:
+        """Close every window of partitions quiet for ``idle_s`` (``pipeline.idle_close_s``)
+        and acknowledge what that made durable."""
+        now = loop_time()
+        done: list[Held] = []
+        for partition, writer in list(self.writers.items()):
+            if now - self.last_event_s.get(partition, now) >= idle_s:
+                counters = writer.counters
+                if counters["pending_impressions"] or counters["open_window_samples"] or (
+                        counters["unresolved_followups"]):
+                    writer.close_all()
+                    done += writer.take_done()
+        await self.acks.done(done)
+
+    async def process(self, batch: list[faust.EventT]) -> None:
+        by_partition: dict[int, tuple[list[BehaviorEvent], list[Held]]] = {}
+        settled: list[Held] = []  # records of dead letters only
+        letters = []
+        for event, behaviors in self.shared.decoded(batch, "behavior", self.topic):
+            held = self.acks.hold(event)  # until its samples are in written windows
+            good = [b for b in behaviors if not isinstance(b, DeadLetter)]
+            letters += [(b, event.key) for b in behaviors if isinstance(b, DeadLetter)]
+            if good:
+                events, tags = by_partition.setdefault(event.message.partition, ([], []))
+                events += good
+                tags += [held] * len(good)
+            else:
+                settled.append(held)
+        await self.dead.send(letters)
+        # The write runs in a thread (a Redis outage must not stall the event loop and its
+        # heartbeats); the table is only touched here, in the loop.
+        changed = self.builder.plan([e for events, _ in by_partition.values() for e in events])
+        if changed:
+            await retrying("sequence batch", asyncio.to_thread,
+                           self.builder.sink.write_sequences, changed)
+            self.builder.commit(changed)
+        done = settled
+        for partition, (events, tags) in by_partition.items():
+            if tags[0].dropped:  # revoked while the sequences were written
+                continue
+            writer = self.writer(partition)
+            writer.process(events, tags)
+            self.last_event_s[partition] = loop_time()
+            done += writer.take_done()
+        await self.acks.done(done)
 
 
 def create_app(cfg: Config) -> faust.App:
@@ -251,18 +516,13 @@ def create_app(cfg: Config) -> faust.App:
            "value_serializer": "raw"}
     items_topic = app.topic(kafka.items_topic, **raw)
     behaviors_topic = app.topic(kafka.behaviors_topic, **raw)
-    items_dead = app.topic(kafka.items_topic + kafka.dead_letter_suffix, **raw)
-    behaviors_dead = app.topic(kafka.behaviors_topic + kafka.dead_letter_suffix, **raw)
     # bytes -> bytes, seen through TableView: keys are the topics' own key bytes.
     sequence_table = app.Table(SEQUENCE_TABLE, partitions=kafka.partitions, key_type=bytes,
                                value_type=bytes, use_partitioner=True)
     item_table = app.GlobalTable(ITEM_TABLE, partitions=kafka.partitions, key_type=bytes,
                                  value_type=bytes, use_partitioner=True)
-    item_states = TableView(item_table, ItemState)
-    outages = store_outages()
     pipeline = cfg.pipeline
     opened: dict[str, Any] = {}  # what the agents open once per worker
-    freshness_path = cfg.data_dir / "freshness.parquet"
     opening = asyncio.Lock()
 
     async def store():
@@ -275,121 +535,68 @@ def create_app(cfg: Config) -> faust.App:
                 opened["store"] = await asyncio.to_thread(OnlineFeatures.open, cfg)
             return opened["store"]
 
-    async def dead_letter(topic: faust.TopicT, letter: DeadLetter, key: bytes | None) -> None:
-        await topic.send(key=key, value=letter.to_json())
+    shared = Shared(cfg, Intake(cfg), TableView(item_table, ItemState), store, opened)
 
-    def decoded(events: list[faust.EventT], kind: str, topic: str
-                ) -> Iterator[tuple[faust.EventT, list[ItemEvent | BehaviorEvent | DeadLetter]]]:
-        """Each record with its events and dead letters (a record may hold several)."""
-        for event in events:
-            m = event.message
-            where = f"{topic}:{m.partition}:{m.offset}"
-            yield event, decode_record(event.value, kind, where, cfg.contracts,
-                                       cfg.images.max_bytes)
+    def dead_letters(topic: str) -> DeadLetterTopic:
+        return DeadLetterTopic(app.topic(topic + kafka.dead_letter_suffix, **raw),
+                               kafka.dead_letter_max_bytes, shared.intake)
+
+    lanes: dict[str, Any] = {}
 
     @app.agent(items_topic)
     async def embed_items(stream: faust.StreamT) -> None:
         from encoders.encoder_process import EncoderProcess
-        from streams.freshness import FreshnessStats
-        from streams.item_embedder import ItemEmbedder
-        from streams.item_log import ItemLog
 
-        # In a child process: the models' Python code would share this process's GIL with
-        # the event loop, and ran at half speed here (encoders/encoder_process.py).
-        encoder = await asyncio.to_thread(EncoderProcess, cfg)
-        try:  # whatever fails from here on, the encoder's process is stopped
-            freshness = FreshnessStats.read(freshness_path)  # a restart adds to the records
-            opened["freshness"] = freshness
-            item_log = ItemLog(cfg.data_dir / "offline" / "item_embedding")
-            embedder = ItemEmbedder(encoder, await store(), item_log, freshness=freshness)
+        async with stopping_on_error("embed_items"):
+            # In a child process: the models' Python code would share this process's GIL
+            # with the event loop, and ran at half speed here (encoders/encoder_process.py).
+            encoder = await asyncio.to_thread(
+                EncoderProcess, cfg, local_files=cfg.images.local_files_from_kafka)
+            try:  # whatever fails from here on, the encoder's process is stopped
+                lane = lanes["items"] = ItemLane(shared, stream, dead_letters(kafka.items_topic),
+                                                 encoder, await store())
+                tune_gc()
+                async with one_batch_ahead(lane.apply, "item batch") as submit:
+                    async for batch in stream.take_events(pipeline.item_batch_size,
+                                                          within=pipeline.item_batch_wait_s):
+                        await submit(await lane.admit(batch))
+            finally:
+                await asyncio.to_thread(encoder.close)
 
-            acks = InOrderAcks(stream)
+    @app.agent(behaviors_topic)
+    async def build_sequences(stream: faust.StreamT) -> None:
+        async with stopping_on_error("build_sequences"):
+            lane = lanes["behaviors"] = BehaviorLane(
+                shared, stream, dead_letters(kafka.behaviors_topic),
+                TableView(sequence_table, UserSequence), await store())
             tune_gc()
+            async for batch in stream.take_events(pipeline.behavior_batch_size, within=1.0):
+                await lane.process(batch)
 
-            async def embed(batch: tuple[list[ItemEvent], int, list[list]]) -> None:
-                good, arrived, held = batch
-                if good:
-                    await retrying("item batch", outages, asyncio.to_thread, embedder.process,
-                                   good, [arrived] * len(good))
-                for item in good:  # what the log writer needs, for every worker
-                    state = embedder.state.get(item.item_id)
-                    if state is not None:
-                        item_states[item.item_id] = state
-                await acks.done(held)  # written: now their offsets may be committed
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
+        for lane in lanes.values():
+            lane.revoke(revoked)
 
-            async with one_batch_ahead(embed, "item batch") as submit:
-                async for batch in stream.take_events(pipeline.item_batch_size,
-                                                      within=pipeline.item_batch_wait_s):
-                    arrived = now_us()
-                    good: list[ItemEvent] = []
-                    held = [acks.hold(event) for event in batch]
-                    for event, items in decoded(batch, "item", kafka.items_topic):
-                        for item in items:
-                            if isinstance(item, DeadLetter):
-                                await dead_letter(items_dead, item, event.key)
-                            else:
-                                good.append(item)
-                    await submit((good, arrived, held))
-        finally:
-            await asyncio.to_thread(encoder.close)
+    if pipeline.idle_close_s is not None:
+        idle_s = pipeline.idle_close_s
+
+        @app.timer(interval=min(1.0, idle_s / 2))
+        async def close_idle_partitions() -> None:
+            if "behaviors" in lanes:
+                async with stopping_on_error("close_idle_partitions"):
+                    await lanes["behaviors"].close_idle(idle_s)
+
+    freshness_path = cfg.data_dir / "freshness" / f"{worker_name()}.parquet"
+    freshness_path.parent.mkdir(parents=True, exist_ok=True)
 
     @app.timer(interval=2.0)
     async def save_freshness() -> None:
-        """Keep DATA_DIR/freshness.parquet (read by `ppm status`) a few seconds behind."""
+        """Keep this worker's freshness file (read by `ppm status`) a few seconds behind."""
         stats = opened.get("freshness")
         if stats is not None and stats.count != opened.get("freshness_saved"):
             opened["freshness_saved"] = stats.count
             await asyncio.to_thread(stats.save, freshness_path)
-
-    @app.agent(behaviors_topic)
-    async def build_sequences(stream: faust.StreamT) -> None:
-        from streams.training_log import TrainingLogWriter
-
-        sequences = TableView(sequence_table, UserSequence)
-        builder = SequenceBuilder(await store(), state=sequences, k=cfg.features.sequence_length)
-        writer = TrainingLogWriter(
-            cfg.data_dir / "training", sequences=sequences,
-            items=item_states,
-            attribution_window_s=pipeline.attribution_window_s,
-            window_s=pipeline.log_window_s)
-        acks = InOrderAcks(stream)
-        tune_gc()
-        # (latest event time, held record) of records not yet all in written windows
-        waiting: list[tuple[int, list]] = []
-        async for batch in stream.take_events(pipeline.behavior_batch_size, within=1.0):
-            good: list[BehaviorEvent] = []
-            settled: list[list] = []  # records of dead letters only
-            for event, behaviors in decoded(batch, "behavior", kafka.behaviors_topic):
-                held = acks.hold(event)  # until its training windows are written (below)
-                latest = None
-                for behavior in behaviors:
-                    if isinstance(behavior, DeadLetter):
-                        await dead_letter(behaviors_dead, behavior, event.key)
-                    else:
-                        good.append(behavior)
-                        t = to_us(behavior.event_time)
-                        latest = t if latest is None else max(latest, t)
-                if latest is None:
-                    settled.append(held)
-                else:
-                    waiting.append((latest, held))
-            try:
-                # The write runs in a thread (a Redis outage must not stall the event loop
-                # and its heartbeats); the table is only touched here, in the loop.
-                changed = builder.plan(good)
-                if changed:
-                    await retrying("sequence batch", outages, asyncio.to_thread,
-                                   builder.sink.write_sequences, changed)
-                    builder.commit(changed)
-                writer.process(good)
-            except Exception as exc:
-                stop_worker("behavior batch", exc)
-            # Events before the earliest open window are in written windows (or were late
-            # and logged as such): done.
-            done_before = writer.open_from_us
-            finished = [h for t, h in waiting if done_before is not None and t < done_before]
-            waiting = [(t, h) for t, h in waiting if done_before is None or t >= done_before]
-            await acks.done(settled + finished)
 
     app.ppm_config = cfg  # for `ppm status` and tests
     return app

@@ -10,6 +10,11 @@ bound: the local runner's batcher, or Faust's ``stream.take(n, within)``) and
 3. appends the new vectors to the offline item log, then writes vectors and ID features
    (with tombstones for deletes) to the online store, each in one batch;
 4. only then updates its state, so a failed write can be retried with the same batch.
+
+An event the encoder fails on by itself (any exception for that item alone) is left out and
+reported in :attr:`EmbedResult.rejected`, for the caller's dead-letter route; the rest of the
+batch goes on. A failure of the whole batch (the encoder's process is gone, every item
+fails) is raised, as is a store or log failure.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class ItemStore(Protocol):
 @dataclass
 class EmbedResult:
     """What one batch did. Every input event is counted in exactly one of ``applied``,
-    ``older`` and ``duplicates``."""
+    ``older``, ``duplicates`` and ``rejected``."""
 
     applied: int = 0
     """Events written (upserts and deletes)."""
@@ -52,6 +57,9 @@ class EmbedResult:
     """Events older than what the item already had: ignored."""
     duplicates: int = 0
     """Events with the same time as what the item already had: ignored."""
+    rejected: dict[str, tuple[ItemEvent, str, str]] = field(default_factory=dict)
+    """item_id -> (event, reason, exception type) of events the encoder failed on alone:
+    not applied, for the caller to dead-letter."""
     image_errors: dict[str, str] = field(default_factory=dict)
     """item_id -> reason its photo could not be used (the vector has a zero image part)."""
     freshness_ms: list[float] = field(default_factory=list)
@@ -118,13 +126,19 @@ class ItemEmbedder:
             else:
                 accepted.append((event, arrived))
 
-        # 2. Encode what changed.
+        # 2. Encode what changed; an event the encoder fails on alone is left out.
         version = self.encoder.encoder_version
         to_encode = [
             (e, a) for e, a in accepted
             if e.op is ItemOp.UPSERT and not self._embedded(known.get(e.item_id), e)
         ]
-        embeddings = self.encoder.encode([e for e, _ in to_encode])
+        embeddings, failed = self._encode([e for e, _ in to_encode])
+        if failed:
+            result.rejected = {e.item_id: (e, f"encoder failed: {str(exc)[:500]}",
+                                           type(exc).__name__)
+                               for e, exc in failed}
+            to_encode = [(e, a) for e, a in to_encode if e.item_id not in result.rejected]
+            accepted = [(e, a) for e, a in accepted if e.item_id not in result.rejected]
         result.image_errors = {i: r for i, r in embeddings.image_errors.items() if r != NO_IMAGE}
         sent_us = now_us()
         rows = [
@@ -170,6 +184,28 @@ class ItemEmbedder:
         result.unchanged = result.applied - result.deleted - result.encoded
         return result
 
+    def _encode(self, events: list[ItemEvent]):
+        """(embeddings of the events that encode, [(event, exception)] of those that fail
+        on their own). Tried one by one only after the batch failed; raises when every one
+        fails (the batch, not a record, is the problem) or the encoder's process is gone."""
+        try:
+            return self.encoder.encode(events), []
+        except Exception as exc:
+            if _encoder_gone(exc):
+                raise
+            failed = []
+            for event in events:
+                try:
+                    self.encoder.encode([event])
+                except Exception as one:
+                    if _encoder_gone(one):
+                        raise
+                    failed.append((event, one))
+            if len(failed) == len(events) > 1:
+                raise
+            bad = {id(e) for e, _ in failed}
+            return self.encoder.encode([e for e in events if id(e) not in bad]), failed
+
     def _known(self, item_ids: list[str]) -> dict[str, ItemState]:
         known = {i: self.state[i] for i in item_ids if i in self.state}
         missing = [i for i in item_ids if i not in known]
@@ -211,3 +247,10 @@ class ItemEmbedder:
             updated_us=t,
             **carried,
         )
+
+
+def _encoder_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` says the encoder's child process died (no record's fault)."""
+    import concurrent.futures.process
+
+    return isinstance(exc.__cause__, concurrent.futures.process.BrokenProcessPool)

@@ -1,6 +1,8 @@
 """The local runner: replays an event stream through the processors, with no servers.
 
-It decodes wire records (malformed ones go to ``dead_letters.jsonl`` with their reason),
+It admits wire records through :class:`streams.intake.Intake`, as the Faust worker does
+(malformed ones, and events too far ahead of the stream's clock, go to
+``dead_letters.jsonl`` with their reason; so does an item the encoder fails on alone),
 micro-batches item events into :class:`ItemEmbedder` and behavior events into
 :class:`SequenceBuilder` then :class:`TrainingLogWriter`, at full speed or at N x real time.
 
@@ -11,10 +13,11 @@ the wall clock; for a replay it keeps the pipeline's behaviour (how long a new i
 be embedded, measured in the stream's own time) independent of replay speed.
 
 **Checkpoints.** Every ``pipeline.checkpoint_every`` records, and at the end, the runner
-flushes its batches and writes ``checkpoint.pkl`` atomically: the input position and every
-processor's state. A restarted runner resumes from it: records before the position are
-skipped, files it appends to are cut back to their checkpointed size, and work redone
-after the checkpoint is idempotent (guarded online writes, window files by name).
+flushes its batches and writes ``checkpoint.json`` atomically: the input position and every
+processor's state (JSON: loading a checkpoint runs no code). A restarted runner resumes
+from it: records before the position are skipped, files it appends to are cut back to their
+checkpointed size, and work redone after the checkpoint is idempotent (guarded online
+writes, window files by name).
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
-import pickle
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,16 +33,18 @@ from pathlib import Path
 from typing import Literal
 
 from ppm.config import Config
-from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode
+from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
 from streams.atomic_file import append_line, size_of, truncate_to, write_atomically
 from streams.freshness import FreshnessStats
+from streams.intake import Intake, processing_dead_letter
 from streams.item_embedder import EmbedResult, ItemEmbedder
 from streams.item_log import ItemLog
+from streams.item_state import ItemState
 from streams.online_features import OnlineFeatures, now_us
-from streams.sequence_builder import SequenceBuilder, to_us
+from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
 from streams.training_log import TrainingLogWriter
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 Record = tuple[Literal["item", "behavior"], bytes]
 
 
@@ -67,6 +71,8 @@ class RunSummary:
     finished: bool = False
     training_log: dict = field(default_factory=dict)
     freshness: dict = field(default_factory=dict)
+    intake: dict = field(default_factory=dict)
+    """Records, admitted events and dead letters by failure class (``streams.intake``)."""
 
 
 class LocalRunner:
@@ -75,13 +81,13 @@ class LocalRunner:
     Layout of ``cfg.data_dir``: ``feast/`` (the online store), ``offline/item_embedding/``
     (item log parts), ``training/windows/`` (labelled windows), ``dead_letters.jsonl``,
     ``item_warnings.jsonl`` (photos that could not be used), ``freshness.parquet`` (per
-    embedded item: event time, arrival, readable online), ``checkpoint.pkl`` and its
+    embedded item: event time, arrival, readable online), ``checkpoint.json`` and its
     readable twin ``summary.json``.
 
     Args:
         cfg: the configuration.
         encoder: an ``ItemEncoder``; built from ``cfg`` when None (loading takes seconds).
-        resume: continue from ``checkpoint.pkl`` when there is one.
+        resume: continue from ``checkpoint.json`` when there is one.
     """
 
     def __init__(self, cfg: Config, encoder=None, resume: bool = True):
@@ -105,16 +111,16 @@ class LocalRunner:
             attribution_window_s=cfg.pipeline.attribution_window_s,
             window_s=cfg.pipeline.log_window_s,
         )
+        self.intake = Intake(cfg)
         self.summary = RunSummary()
         self.dead_letter_path = self.root / "dead_letters.jsonl"
         self.warning_path = self.root / "item_warnings.jsonl"
-        self.checkpoint_path = self.root / "checkpoint.pkl"
+        self.checkpoint_path = self.root / "checkpoint.json"
         self.summary_path = self.root / "summary.json"
         self.freshness_path = self.root / "freshness.parquet"
-        self._items: list[tuple[ItemEvent, int]] = []
+        self._items: list[tuple[ItemEvent, int, str]] = []  # (event, arrived, source)
         self._behaviors: list[BehaviorEvent] = []
         self._clock_us = 0  # the stream's clock: the newest event time seen
-        self._behavior_clock_us = 0  # the newest behavior event time seen
         if resume and self.checkpoint_path.exists():
             self._restore()
         else:
@@ -158,8 +164,9 @@ class LocalRunner:
                 bar.close()
                 return self.summary
             where = f"{kind}:{position}"
-            self._accept(decode(raw, kind, where, self.cfg.contracts, self.cfg.images.max_bytes),
-                         where, pace)
+            events = self.intake.admit(kind, raw, where)
+            for i, event in enumerate(events):
+                self._accept(event, where if len(events) == 1 else f"{where}[{i}]", pace)
             self.summary.records = position + 1
             bar.update(1)
             if self.summary.records % every == 0:
@@ -181,24 +188,13 @@ class LocalRunner:
             self._dead_letter(event)
             return
         t = to_us(event.event_time)
-        jump_s = (t - self._behavior_clock_us) / 1e6
-        if (isinstance(event, BehaviorEvent) and self._behavior_clock_us
-                and jump_s > self.cfg.pipeline.max_clock_jump_s):
-            self._dead_letter(DeadLetter(
-                expected="behavior", source=source, received_at=datetime.now(UTC),
-                payload=event.to_json().decode(),
-                reason=f"event_time: {jump_s:,.0f}s ahead of the stream (limit "
-                       f"pipeline.max_clock_jump_s = {self.cfg.pipeline.max_clock_jump_s:,.0f}s)",
-            ))
-            return
         pace.wait_for(t)
         self._clock_us = max(self._clock_us, t)
         if isinstance(event, ItemEvent):
             self.summary.item_events += 1
-            self._items.append((event, now_us()))
+            self._items.append((event, now_us(), source))
         else:
             self.summary.behavior_events += 1
-            self._behavior_clock_us = max(self._behavior_clock_us, t)
             self._behaviors.append(event)
         wait_us = self.cfg.pipeline.item_batch_wait_s * 1e6
         if ((self._items and (
@@ -218,9 +214,14 @@ class LocalRunner:
     def _flush_items(self) -> None:
         if not self._items:
             return
-        events, arrived = zip(*self._items, strict=True)
+        events, arrived, sources = zip(*self._items, strict=True)
         result: EmbedResult = self.embedder.process(list(events), list(arrived))
+        source_of = {e.item_id: src for e, src in zip(events, sources, strict=True)}
         self._items = []
+        for item_id, (event, reason, error_type) in result.rejected.items():
+            letter = processing_dead_letter(event, source_of[item_id], reason, error_type)
+            self.intake.count_dead_letter(letter)
+            self._dead_letter(letter)
         s = self.summary
         s.items_embedded += result.encoded
         s.items_unchanged += result.unchanged
@@ -246,20 +247,21 @@ class LocalRunner:
         self._flush()
         self.summary.training_log = dict(self.training_log.counters)
         self.summary.freshness = self.freshness.percentiles()
+        self.summary.intake = dict(self.intake.counts)
         state = {
             "version": CHECKPOINT_VERSION,
             "encoder_version": self.encoder.encoder_version,
-            "summary": self.summary,
+            "summary": asdict(self.summary),
             "clock_us": self._clock_us,
-            "behavior_clock_us": self._behavior_clock_us,
-            "items": dict(self.embedder.state),
-            "sequences": dict(self.sequences.state),
+            "intake": self.intake.state_dict(),
+            "items": [asdict(s) for s in self.embedder.state.values()],
+            "sequences": [asdict(s) for s in self.sequences.state.values()],
             "training_log": self.training_log.state_dict(),
             "freshness": self.freshness.state_dict(),
             "file_sizes": {p.name: size_of(p) for p in (self.dead_letter_path,
                                                              self.warning_path)},
         }
-        write_atomically(self.checkpoint_path, pickle.dumps(state, pickle.HIGHEST_PROTOCOL))
+        write_atomically(self.checkpoint_path, json.dumps(state).encode())
         self.freshness.save(self.freshness_path)
         # The same figures for people and other commands (ppm features get reads the clock).
         readable = {"clock": datetime.fromtimestamp(self._clock_us / 1e6, UTC).isoformat(),
@@ -267,16 +269,17 @@ class LocalRunner:
         write_atomically(self.summary_path, json.dumps(readable, indent=2).encode())
 
     def _restore(self) -> None:
-        with open(self.checkpoint_path, "rb") as fh:
-            state = pickle.load(fh)
+        state = json.loads(self.checkpoint_path.read_bytes())
         if state.get("version") != CHECKPOINT_VERSION:
             raise RuntimeError(f"{self.checkpoint_path} is from another ppm version; "
                                "delete it (or use --fresh) to start over")
-        self.summary = state["summary"]
+        self.summary = RunSummary(**state["summary"])
         self._clock_us = state["clock_us"]
-        self._behavior_clock_us = state["behavior_clock_us"]
-        self.embedder.state.update(state["items"])
-        self.sequences.state.update(state["sequences"])
+        self.intake.load_state_dict(state["intake"])
+        self.embedder.state.update({s["item_id"]: ItemState(**s) for s in state["items"]})
+        self.sequences.state.update({
+            s["user_id"]: UserSequence(s["user_id"], *(tuple(s[k]) for k in (
+                "item_ids", "actions", "times_us"))) for s in state["sequences"]})
         self.training_log.load_state_dict(state["training_log"])
         self.freshness.load_state_dict(state["freshness"])
         # Lines appended after the checkpoint will be appended again: cut them off.

@@ -176,3 +176,39 @@ def test_ranker_item_cache_reuses_reads_for_its_max_age_and_judges_each_request(
     assert lean.read(["a"], True, to_us(T0), None)["a"].embedding is not None
     lean.read(["b", "a"], False, to_us(T0), None)
     assert len(lean._entries) == 1  # bounded: the least recently read left
+
+
+class PickyEncoder:
+    """The real encoder, except that it fails on titles containing "poison" (a record the
+    encoder rejects by itself), or on everything once ``dead`` is set."""
+
+    def __init__(self, encoder, dead: bool = False):
+        self.encoder, self.dead = encoder, dead
+        self.encoder_version = encoder.encoder_version
+        self.content_hash = encoder.content_hash
+
+    def encode(self, items):
+        if self.dead or any("poison" in i.title for i in items):
+            raise ValueError("cannot encode this")
+        return self.encoder.encode(items)
+
+
+def test_an_item_the_encoder_fails_on_alone_is_rejected_and_the_rest_applied(
+        item_encoder, online, cfg):
+    embedder = ItemEmbedder(PickyEncoder(item_encoder), online,
+                            ItemLog(cfg.data_dir / "offline" / "items"))
+    result = embedder.process([item("a", 0), item("p", 1, title="Acme poison coat"),
+                               item("b", 2)])
+    assert (result.applied, result.encoded) == (2, 2)
+    [(event, reason, error_type)] = result.rejected.values()
+    assert event.item_id == "p" and "cannot encode" in reason and error_type == "ValueError"
+    assert set(online.read_items(["a", "b", "p"], now=to_us(T0))) == {"a", "b"}
+    assert "p" not in embedder.state  # a re-sent event is tried again
+
+
+def test_a_batch_that_fails_as_a_whole_raises_and_changes_nothing(item_encoder, online, cfg):
+    embedder = ItemEmbedder(PickyEncoder(item_encoder, dead=True), online,
+                            ItemLog(cfg.data_dir / "offline" / "items"))
+    with pytest.raises(ValueError):
+        embedder.process([item("a", 0), item("b", 1)])
+    assert online.read_items(["a", "b"], now=to_us(T0)) == {} and not embedder.state

@@ -95,7 +95,7 @@ def test_sigkill_mid_stream_then_restart(tmp_path, straight):
     proc = subprocess.Popen(cmd, env=env | world_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "checkpoint.pkl").exists() and time.monotonic() < deadline:
+    while not (tmp_path / "checkpoint.json").exists() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.05)
     time.sleep(0.3)  # somewhere after a checkpoint, in the middle of work

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -529,7 +528,7 @@ def test_restored_writer_writes_identical_files(tmp_path: Path, stream: Any) -> 
 
     first = TrainingLogWriter(tmp_path / "first", sequences, items, W, 3600.0)
     run(first, sequences, stream, range(4))
-    state = pickle.loads(pickle.dumps(first.state_dict()))
+    state = json.loads(json.dumps(first.state_dict()))
     shutil.copytree(tmp_path / "first", tmp_path / "restored")  # the checkpoint's files
     restored = TrainingLogWriter(tmp_path / "restored", sequences, items, W, 3600.0)
     restored.load_state_dict(state)
@@ -551,7 +550,7 @@ def test_replay_after_a_crash_rewrites_nothing_and_duplicates_nothing(
     # Checkpoint after batch 3, then windows and late events written up to batch 7, then a crash.
     crashed = TrainingLogWriter(tmp_path / "log", sequences, items, W, 3600.0)
     run(crashed, sequences, stream, range(4))
-    state = pickle.loads(pickle.dumps(crashed.state_dict()))
+    state = json.loads(json.dumps(crashed.state_dict()))
     run(crashed, sequences, stream, range(4, 8))
     assert crashed.counters["late_events"] > state["counters"]["late_events"]
     assert crashed.counters["windows_closed"] > state["counters"]["windows_closed"]
