@@ -11,7 +11,8 @@ and Redis database (``--redis-db``, flushed first).
    seconds; the warm-up's items count for ``lost`` but not for the latencies. (A fresh
    broker's JIT compiler is busy then, and the encoder falls behind for some seconds.)
    The worker records when each item
-   became readable in Redis (``freshness.parquet``); p50/p99 are of readable - event_time.
+   became readable in Redis (``freshness/<worker>.parquet``); p50/p99 are of readable -
+   event_time.
    ``lost``: published items not readable ``--drain`` seconds after the last one;
    ``max_lag``: the largest consumer lag on ``items`` seen (sampled each s).
 3. Behaviors: ``--behaviors`` simulated behavior events are published as fast as possible,
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     from ppm.config import SimulatorConfig, load_config
     from ppm.events import ItemEvent, decode
     from ppm.servers import FaustWorker
-    from streams.freshness import FreshnessStats
+    from streams.freshness import read_freshness
     from streams.publisher import Publisher, routing_key
     from streams.shop_simulator import ShopSimulator
     from streams.topics import LagProbe, ensure_topics
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     worker = FaustWorker(env, tmp / "worker.log").start()
     try:
         log("waiting until the worker's encoder is up (one warm-up item readable) ...")
-        wait_for_encoder(cfg, templates[0], FreshnessStats)
+        wait_for_encoder(cfg, templates[0], read_freshness)
         events = [decode(json.dumps(t).encode(), "item", "bench", cfg.contracts)
                   for t in templates]
         bare = bare_items_per_s(ItemEncoder.from_config(cfg),
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
                     sent.append(item["item_id"])
                     unmeasured += elapsed < args.warm_up
                 time.sleep(min(0.01, max(0.0, len(sent) / rate - elapsed)))
-        lost, lags_by_item = drain(cfg, sent, args.drain, FreshnessStats)
+        lost, lags_by_item = drain(cfg, sent, args.drain, read_freshness)
         lags_ms = [lags_by_item[i] for i in sent[unmeasured:] if i in lags_by_item]
         sampling.set()
         sampler.join()
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     }
 
 
-def wait_for_encoder(cfg, template: dict, stats_cls, timeout_s: float = 180) -> None:
+def wait_for_encoder(cfg, template: dict, read_stats, timeout_s: float = 180) -> None:
     """Publish one item and wait until the worker has made it readable: the worker's encoder
     loads in a child process after Faust says it is ready, and that start-up is not part
     of a steady-state latency (nor should it share the cores with the bare baseline)."""
@@ -199,10 +200,9 @@ def wait_for_encoder(cfg, template: dict, stats_cls, timeout_s: float = 180) -> 
     raw = json.dumps(item).encode()
     with Publisher(cfg.kafka, linger_ms=0) as publisher:
         publisher.send("item", raw, routing_key("item", raw))
-    path = cfg.data_dir / "freshness.parquet"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if "warm-up" in stats_cls.read(path).state_dict()["item_id"]:
+        if "warm-up" in read_stats(cfg.data_dir).state_dict()["item_id"]:
             return
         time.sleep(0.5)
     raise TimeoutError(f"the warm-up item was not readable within {timeout_s:.0f}s")
@@ -216,18 +216,17 @@ def bare_items_per_s(encoder, events: list, batch: int = 64, batches: int = 4) -
     return batches * batch / (time.perf_counter() - started)
 
 
-def drain(cfg, sent: list[str], timeout_s: float, stats_cls
+def drain(cfg, sent: list[str], timeout_s: float, read_stats
           ) -> tuple[int, dict[str, float]]:
     """Wait until every sent item is in the worker's freshness records (readable in Redis)
     and confirm in Redis itself; return (lost, item_id -> event-to-readable ms)."""
     from streams.online_features import OnlineFeatures
 
-    path = cfg.data_dir / "freshness.parquet"
     wanted = set(sent)
     deadline = time.monotonic() + timeout_s
     lags: dict[str, float] = {}
     while time.monotonic() < deadline:
-        stats = stats_cls.read(path)
+        stats = read_stats(cfg.data_dir)
         rows = stats.state_dict()
         lags = {i: (r - e) / 1000 for i, e, r in zip(rows["item_id"], rows["event_time"],
                                                      rows["readable"], strict=True)

@@ -46,7 +46,7 @@ def _stream(args: argparse.Namespace, cfg: Config) -> int:
 
     if args.jsonl:
         source = f"jsonl:{Path(args.jsonl).resolve()}"
-        records = jsonl_records(Path(args.jsonl))
+        records = jsonl_records(Path(args.jsonl), cfg.pipeline.max_clock_jump_s)
     else:
         world = _simulator_config(args, cfg)
         source = f"simulate:{world.model_dump_json()}"
@@ -133,9 +133,15 @@ def _import(args: argparse.Namespace, cfg: Config) -> int:
         import_into_pipeline,
         movielens,
         read_table,
+        refuse_existing_run,
         write_events,
     )
 
+    try:
+        refuse_existing_run(cfg.data_dir)  # before import/ is replaced, not after
+    except FileExistsError as exc:
+        print(f"ppm import: {exc}", file=sys.stderr)
+        return 1
     if args.movielens:
         items, interactions, rule = movielens(args.label_rule or "rating>=4:click")
     else:
@@ -225,7 +231,7 @@ def _publish(args: argparse.Namespace, cfg: Config) -> int:
     from streams.publisher import Publisher
     from streams.shop_simulator import ShopSimulator
 
-    records = (jsonl_records(Path(args.jsonl)) if args.jsonl
+    records = (jsonl_records(Path(args.jsonl), cfg.pipeline.max_clock_jump_s) if args.jsonl
                else ShopSimulator(_simulator_config(args, cfg)).records())
     with Publisher(_kafka_config(args, cfg)) as publisher:
         summary = publisher.publish(records, rate=args.rate, limit=args.limit,
@@ -236,16 +242,53 @@ def _publish(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _status(args: argparse.Namespace, cfg: Config) -> int:
-    from streams.freshness import FreshnessStats
+    from streams.freshness import read_freshness
 
     kafka = _kafka_config(args, cfg)
-    freshness = FreshnessStats.read(cfg.data_dir / "freshness.parquet")
-    print(json.dumps({
+    freshness = read_freshness(cfg.data_dir)
+    status = {
         "bootstrap": kafka.bootstrap, "group": kafka.app_id,
         "topics": _lag(kafka),
         "freshness": {"items": freshness.count, **freshness.percentiles()},
-    }))
+        "training": _training_status(cfg.data_dir / "training"),
+    }
+    by_stage = _dead_letter_stages(cfg.data_dir / "dead_letters.jsonl")
+    if by_stage is not None:
+        status["dead_letter_file"] = {"dead_letters": sum(by_stage.values()),
+                                      "by_stage": by_stage}
+    print(json.dumps(status))
     return 0
+
+
+def _training_status(training_dir: Path) -> dict:
+    """The windows closed for training over every source, and each source's last window:
+    the source whose last window is the earliest holds training back."""
+    from trainer.windows import closed_windows, window_sources
+
+    closed = closed_windows(training_dir)
+    return {
+        "windows_closed": len(closed),
+        "samples": sum(w.samples for w in closed),
+        "closed_through": closed[-1].name if closed else None,
+        "sources": {source: {"windows": len(windows),
+                             "last": windows[-1].name if windows else None}
+                    for source, windows in window_sources(training_dir).items()},
+    }
+
+
+def _dead_letter_stages(path: Path) -> dict[str, int] | None:
+    """Dead letters in the local runner's file by ``stage`` (decode, process, produce;
+    "unknown" where a letter has none); None without a file."""
+    if not path.exists():
+        return None
+    counts: dict[str, int] = {}
+    with open(path, "rb") as fh:
+        for line in fh:
+            if not line.endswith(b"\n"):  # being appended right now: not a letter yet
+                break
+            stage = json.loads(line).get("stage") or "unknown"
+            counts[stage] = counts.get(stage, 0) + 1
+    return counts
 
 
 def _lag(kafka):
@@ -390,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(run=_publish)
 
     status = sub.add_parser("status", help="the distributed path: consumer lag per topic, dead "
-                            "letters and freshness (arrival to readable) of DATA_DIR's worker")
+                            "letters, freshness (arrival to readable) and training windows of "
+                            "DATA_DIR's workers")
     status.add_argument("--bootstrap", metavar="HOST:PORT",
                         help="Kafka brokers (default from config: kafka.bootstrap)")
     status.set_defaults(run=_status)

@@ -118,7 +118,7 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
 
     from streams.local_runner import LocalRunner
     from streams.shop_simulator import ShopSimulator
-    from trainer.dataset import window_files
+    from trainer.windows import window_files
 
     world = cfg.simulator.model_copy(
         update={"malformed_share": max(cfg.simulator.malformed_share, 0.005)}

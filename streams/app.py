@@ -181,19 +181,33 @@ class InOrderAcks:
     an event acknowledged ahead of an earlier one, such as a dead letter behind a batch
     still being written, could commit past the earlier one. Here an event is acknowledged
     only once it and every event before it on its partition are done.
+
+    After a rebalance, events of a revoked partition fetched before it (still in
+    ``take_events``' hands, say) are *stale*: they are marked dropped, never processed or
+    acknowledged (their extra reference keeps Faust from acknowledging them either). Their
+    partition's owner replays them from the committed offset; acknowledging them instead,
+    ahead of the dropped ones, would let Faust commit past those while the group has no
+    committed offset for the partition, and they would never be read again.
     """
 
     def __init__(self, stream: faust.StreamT):
         self.stream = stream
         self._held: dict[Any, collections.deque[Held]] = collections.defaultdict(
             collections.deque)  # partition -> held records in offset order
+        self._stale_through: dict[Any, int] = {}  # partition -> last generation revoked
 
     def hold(self, event: faust.EventT) -> Held:
         """Keep ``event`` unacknowledged (take_events' own acknowledgement only releases
-        its reference); call in the order events arrive."""
+        its reference); call in the order events arrive. A stale event comes back dropped
+        (see the class docstring): skip it."""
         event.message.incref()
         held = Held(event)
-        self._held[event.message.tp].append(held)
+        tp = event.message.tp
+        generation = event.message.generation_id
+        if generation is not None and generation <= self._stale_through.get(tp, -1):
+            held.dropped = True
+        else:
+            self._held[tp].append(held)
         return held
 
     async def done(self, records: Iterable[Held]) -> None:
@@ -205,8 +219,11 @@ class InOrderAcks:
                 await self.stream.ack(queue.popleft().event)
 
     def drop(self, tps: Iterable[Any]) -> None:
-        """Forget the records of revoked partitions: their next owner replays them."""
+        """Forget the records of revoked partitions, and any fetched before now that are
+        still to come: their next owner replays them."""
+        generation = self.stream.app.consumer_generation_id
         for tp in tps:
+            self._stale_through[tp] = generation
             for held in self._held.pop(tp, ()):
                 held.dropped = True
 
@@ -368,7 +385,8 @@ class ItemLane:
         good: list[ItemEvent] = []
         sources: list[str] = []
         letters = []
-        for event, items in self.shared.decoded(batch, "item", self.topic):
+        fresh = [event for event, h in zip(batch, held, strict=True) if not h.dropped]
+        for event, items in self.shared.decoded(fresh, "item", self.topic):
             m = event.message
             for i, item in enumerate(items):
                 if isinstance(item, DeadLetter):
@@ -462,8 +480,10 @@ class BehaviorLane:
         by_partition: dict[int, tuple[list[BehaviorEvent], list[Held]]] = {}
         settled: list[Held] = []  # records of dead letters only
         letters = []
-        for event, behaviors in self.shared.decoded(batch, "behavior", self.topic):
-            held = self.acks.hold(event)  # until its samples are in written windows
+        held_of = {id(event): self.acks.hold(event) for event in batch}
+        fresh = [event for event in batch if not held_of[id(event)].dropped]
+        for event, behaviors in self.shared.decoded(fresh, "behavior", self.topic):
+            held = held_of[id(event)]  # until its samples are in written windows
             good = [b for b in behaviors if not isinstance(b, DeadLetter)]
             letters += [(b, event.key) for b in behaviors if isinstance(b, DeadLetter)]
             if good:
@@ -482,8 +502,8 @@ class BehaviorLane:
             self.builder.commit(changed)
         done = settled
         for partition, (events, tags) in by_partition.items():
-            if tags[0].dropped:  # revoked while the sequences were written
-                continue
+            if tags[0].dropped:  # revoked while the sequences were written (a whole
+                continue         # partition's records are dropped together)
             writer = self.writer(partition)
             writer.process(events, tags)
             self.last_event_s[partition] = loop_time()

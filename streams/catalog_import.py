@@ -956,4 +956,5 @@ def import_into_pipeline(cfg: Config, events_dir: Path, progress: bool = True,
     events_dir = Path(events_dir)
     refuse_existing_run(cfg.data_dir)
     runner = LocalRunner(history_config(cfg), encoder=encoder, resume=False)
-    return runner.run(jsonl_records(events_dir), source=f"jsonl:{events_dir}", progress=progress)
+    return runner.run(jsonl_records(events_dir, runner.cfg.pipeline.max_clock_jump_s),
+                      source=f"jsonl:{events_dir}", progress=progress)

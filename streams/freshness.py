@@ -84,3 +84,17 @@ class FreshnessStats:
 
     def load_state_dict(self, state: dict) -> None:
         self._rows = {name: list(state[name]) for name in SCHEMA.names}
+
+
+def read_freshness(data_dir: Path) -> FreshnessStats:
+    """Every writer's records under ``data_dir`` as one :class:`FreshnessStats`: the local
+    runner's ``freshness.parquet`` and each Faust worker's ``freshness/<worker>.parquet``
+    (empty when there is none)."""
+    data_dir = Path(data_dir)
+    union = FreshnessStats()
+    for path in (data_dir / "freshness.parquet",
+                 *sorted((data_dir / "freshness").glob("*.parquet"))):
+        part = FreshnessStats.read(path)
+        for name, values in part._rows.items():
+            union._rows[name].extend(values)
+    return union

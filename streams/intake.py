@@ -7,14 +7,15 @@ events to process and the dead letters to route. The rules, stated once:
 * **Decoding** (:func:`ppm.events.decode_record`): a record is one event or a JSON array of
   one key's events; anything else, and any element that is not a valid event, is a dead
   letter with its reason. It never raises.
-* **Clock guards**: a behavior event more than ``pipeline.max_clock_jump_s`` ahead of the
-  newest behavior admitted so far (before the first one: of the wall clock) is a dead
-  letter, and so is an item event that far ahead of the wall clock (or of the newest item,
-  in a world dated ahead of the wall clock). One far-future event would otherwise close
-  every training window (behaviors) or make every later update and delete of an item look
-  "older" (items). Items are not held to the item stream's own clock: a catalog may be
-  quiet for days. (A simulated world dated more than ``max_clock_jump_s`` in the future
-  needs a larger ``max_clock_jump_s``.)
+* **Clock guards**, with ``J = pipeline.max_clock_jump_s``: any event more than J ahead of
+  the wall clock (or, in a world dated ahead of it, of the newest event of its kind) is a
+  dead letter; so is a behavior more than J ahead of the newest behavior admitted so far
+  while it is itself more than J behind the wall clock (a replay of history, where a wrong
+  timestamp would still be in the past). One far-future event would otherwise close every
+  training window (behaviors) or make every later update and delete of an item look
+  "older" (items). Items are not held to the item stream's own clock, nor live behaviors
+  (within J of the wall clock) to the behavior stream's: a catalog, or a shop, may be quiet
+  for days. A simulated world dated more than J in the future needs a larger J.
 * **Counters**: records, events and dead letters by failure class (``stage``), so every
   event has a fate: processed, or a dead letter with its reason.
 
@@ -65,24 +66,28 @@ class Intake:
         self.counts["records"] += 1
         out = decode_record(raw, kind, source, self.cfg.contracts, self.cfg.images.max_bytes)
         jump_us = self.cfg.pipeline.max_clock_jump_s * 1e6
+        # The element sources decode_record gives: "[i]" whenever the record is an array.
+        packed = isinstance(raw, bytes | bytearray | str) and raw[:1] in (b"[", "[")
         for i, event in enumerate(out):
             if isinstance(event, DeadLetter):
                 self.counts["dead_letters:decode"] += 1
                 continue
             t = to_us(event.event_time)
             clock = self.clock_us[kind]
-            if kind == "item":
-                base = max(clock, self.wall_clock_us())
-                clock = 0 if base != clock else clock  # for the reason's wording
+            wall = self.wall_clock_us()
+            if t > max(wall, clock) + jump_us:
+                ahead_of = "the wall clock" if wall >= clock else "the stream"
+                base = max(wall, clock)
+            elif kind == "behavior" and clock and t > clock + jump_us and t < wall - jump_us:
+                ahead_of, base = "the stream", clock
             else:
-                base = clock or self.wall_clock_us()
-            if t > base + jump_us:
+                ahead_of = None
+            if ahead_of is not None:
                 out[i] = DeadLetter(
-                    expected=kind, source=source if len(out) == 1 else f"{source}[{i}]",
+                    expected=kind, source=f"{source}[{i}]" if packed else source,
                     received_at=datetime.now(UTC), payload=event.to_json().decode(),
-                    reason=(f"event_time: {(t - base) / 1e6:,.0f}s ahead of "
-                            f"{'the stream' if clock else 'the wall clock'} (limit "
-                            f"pipeline.max_clock_jump_s = "
+                    reason=(f"event_time: {(t - base) / 1e6:,.0f}s ahead of {ahead_of} "
+                            f"(limit pipeline.max_clock_jump_s = "
                             f"{self.cfg.pipeline.max_clock_jump_s:,.0f}s)"))
                 self.counts["dead_letters:decode"] += 1
                 continue

@@ -308,12 +308,14 @@ class _Pacer:
             time.sleep(delay)
 
 
-def jsonl_records(folder: Path) -> Iterator[Record]:
+def jsonl_records(folder: Path, max_jump_s: float = 86_400.0) -> Iterator[Record]:
     """``items.jsonl`` and ``behaviors.jsonl`` of ``folder`` merged into one stream.
 
     Each file must be in event-time order (``ppm simulate`` writes them so). Lines are
-    merged by the ``event_time`` they carry; a line without a readable one (malformed) keeps
-    its place after the previous line of its file. At equal times items come first.
+    merged by the ``event_time`` they carry; a line without a readable one (malformed), or
+    one more than ``max_jump_s`` ahead of the previous line of its file (a wrong timestamp:
+    it would hold back every later line of its file), keeps its place after the previous
+    line. At equal times items come first.
     """
 
     def lines(kind: Literal["item", "behavior"]) -> Iterator[tuple[float, int, Record]]:
@@ -325,8 +327,11 @@ def jsonl_records(folder: Path) -> Iterator[Record]:
             for raw in fh:
                 raw = raw.rstrip(b"\n")
                 # A malformed line keeps the previous time; the decoder will say what is wrong.
-                with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-                    last = datetime.fromisoformat(json.loads(raw)["event_time"]).timestamp()
+                with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError,
+                                         RecursionError):
+                    t = datetime.fromisoformat(json.loads(raw)["event_time"]).timestamp()
+                    if last == float("-inf") or t <= last + max_jump_s:
+                        last = t
                 yield last, 0 if kind == "item" else 1, (kind, raw)
 
     for _, _, record in heapq.merge(lines("item"), lines("behavior"), key=lambda x: x[:2]):

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ppm.config import KafkaConfig
+from ppm.config import ContractConfig, KafkaConfig
 from ppm.events import KEY_FIELDS
 
 
@@ -31,9 +31,15 @@ def routing_key(kind: str, raw: bytes) -> bytes | None:
         if isinstance(obj, list) and obj:
             obj = obj[0]
         value = obj.get(KEY_FIELDS[kind])
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # any hostile record is sent as is
         return None
-    return value.encode() if isinstance(value, str) and value else None
+    # A lone surrogate cannot be a key's bytes: unkeyed, the worker dead-letters it.
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return value.encode()
+    except UnicodeEncodeError:
+        return None
 
 
 @dataclass
@@ -55,14 +61,20 @@ class PublishSummary:
 class Publisher:
     """A keyed, paced Kafka producer for ppm's topics. Use as a context manager."""
 
-    def __init__(self, kafka: KafkaConfig, linger_ms: int = 5):
+    def __init__(self, kafka: KafkaConfig, linger_ms: int = 5,
+                 contracts: ContractConfig | None = None):
         from kafka import KafkaProducer
+
+        from streams.topics import RECORD_HEADROOM_BYTES
 
         self.kafka = kafka
         self.topics = {"item": kafka.items_topic, "behavior": kafka.behaviors_topic}
+        # Any record the contract accepts can be sent (the topics take it too, see
+        # streams.topics.input_topic_configs); the client's default cap is 1 MB.
+        most = (contracts or ContractConfig()).max_payload_bytes + RECORD_HEADROOM_BYTES
         self.producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all",
                                       enable_idempotence=True, linger_ms=linger_ms,
-                                      client_id="ppm-publish")
+                                      max_request_size=most, client_id="ppm-publish")
         self.failures: list[BaseException] = []
 
     def __enter__(self) -> Publisher:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ppm.config import KafkaConfig
+from ppm.config import ContractConfig, KafkaConfig
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,25 @@ def faust_topics(kafka: KafkaConfig) -> list[InternalTopic]:
             InternalTopic(f"{kafka.app_id}-__assignor-__leader", 1)]
 
 
-def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
+#: Room in a Kafka message for what surrounds a record's value (batch header, key, record
+#: framing), on top of the largest value the contract accepts.
+RECORD_HEADROOM_BYTES = 64 * 1024
+
+
+def input_topic_configs(contracts: ContractConfig) -> tuple[tuple[str, str], ...]:
+    """The two event topics take any record the contract accepts: ``max.message.bytes``
+    of ``contracts.max_payload_bytes`` plus headroom (the broker's default is about 1 MB,
+    the contract's 8 MB). A producer needs a ``max_request_size`` as large to send one."""
+    return (("max.message.bytes", str(contracts.max_payload_bytes + RECORD_HEADROOM_BYTES)),)
+
+
+def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0,
+                  contracts: ContractConfig | None = None) -> list[str]:
     """Create the missing topics of :func:`topic_layout` and :func:`faust_topics`, wait
     until the broker's metadata lists them, and return the names created.
 
+    The event topics are created with :func:`input_topic_configs` of ``contracts``
+    (default: the default contract); an existing topic keeps the configs it has.
     An existing topic with another partition count is an error, not silently reused:
     keys would land on other partitions than the running workers expect.
     """
@@ -67,7 +82,10 @@ def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0) -> list[str]:
                              request_timeout_ms=int(timeout_s * 1000))
     try:
         existing = {t["name"]: len(t["partitions"]) for t in admin.describe_topics()}
-        wanted = [InternalTopic(s.name, s.partitions) for s in topic_layout(kafka)]
+        inputs = {kafka.items_topic, kafka.behaviors_topic}
+        large = input_topic_configs(contracts or ContractConfig())
+        wanted = [InternalTopic(s.name, s.partitions, large if s.name in inputs else ())
+                  for s in topic_layout(kafka)]
         wanted += faust_topics(kafka)
         for spec in wanted:
             have = existing.get(spec.name)

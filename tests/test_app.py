@@ -67,16 +67,17 @@ def test_a_batch_that_fails_stops_the_worker(app_module, monkeypatch):
 
 
 class _Message:
-    def __init__(self, tp: str, offset: int):
+    def __init__(self, tp: str, offset: int, generation_id: int = 1):
         self.tp, self.offset, self.refcount = tp, offset, 1
+        self.generation_id = generation_id  # the consumer group generation it was fetched in
 
     def incref(self) -> None:
         self.refcount += 1
 
 
 class _Event:
-    def __init__(self, tp: str, offset: int):
-        self.message = _Message(tp, offset)
+    def __init__(self, tp: str, offset: int, generation_id: int = 1):
+        self.message = _Message(tp, offset, generation_id)
 
 
 class _Stream:
@@ -84,6 +85,7 @@ class _Stream:
 
     def __init__(self):
         self.acked: list[tuple[str, int]] = []
+        self.app = type("App", (), {"consumer_generation_id": 1})()
 
     async def ack(self, event: _Event) -> bool:
         self.acked.append((event.message.tp, event.message.offset))
@@ -108,6 +110,30 @@ def test_events_are_acknowledged_in_offset_order_per_partition(app_module):
     asyncio.run(scenario())
     assert sorted(stream.acked[2:]) == [("p0", 0), ("p0", 1), ("p0", 2), ("p1", 2)]
     assert [o for tp, o in stream.acked if tp == "p0"] == [0, 1, 2]
+
+
+def test_a_revoked_partitions_records_are_never_acknowledged_nor_its_stale_ones(app_module):
+    """A rebalance revokes p0 while p0:0 is held and p0:1 is still in take_events' hands:
+    neither may be acknowledged (p0:1 ahead of p0:0 would let Faust commit past p0:0 when
+    the group has no committed offset); the replay, fetched in the next generation, is."""
+    stream = _Stream()
+    acks = app_module.InOrderAcks(stream)
+    first = acks.hold(_Event("p0", 0))
+    other = acks.hold(_Event("p1", 0))
+    acks.drop(["p0"])
+    stream.app.consumer_generation_id = 2  # the new assignment
+    stale = acks.hold(_Event("p0", 1, generation_id=1))
+    assert first.dropped and stale.dropped and not other.dropped
+    replayed = [acks.hold(_Event("p0", offset, generation_id=2)) for offset in (0, 1)]
+
+    async def scenario() -> None:
+        await acks.done([first, stale, other])
+        assert stream.acked == [("p1", 0)]
+        await acks.done(replayed)
+
+    asyncio.run(scenario())
+    assert stream.acked == [("p1", 0), ("p0", 0), ("p0", 1)]
+    assert stale.event.message.refcount == 2  # never released: Faust never acks it either
 
 
 def test_table_view_decodes_a_value_once_and_never_serves_a_replaced_one(app_module):

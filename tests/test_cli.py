@@ -82,3 +82,46 @@ def test_demo_quick_streams_the_shop_through_feast(tmp_path, capsys):
         assert 0 <= f[key] <= 1, key
     assert (tmp_path / "registry" / "ppm" / "champion.json").exists()
     assert "The distributed path" in out  # it points to the Kafka/Faust/Redis path
+
+
+def test_status_reads_every_workers_freshness_windows_and_dead_letters(tmp_path, monkeypatch,
+                                                                       capsys):
+    from streams.freshness import FreshnessStats
+
+    monkeypatch.setattr("ppm.cli._lag", lambda kafka: {})  # no broker here
+    # Freshness: the local runner's file and two Faust workers' files.
+    lags_ms = {"freshness.parquet": [10, 20], "freshness/w1.parquet": [30],
+               "freshness/w2.parquet": [40, 50, 1000]}
+    for i, (path, lags) in enumerate(lags_ms.items()):
+        stats = FreshnessStats()
+        for j, lag in enumerate(lags):
+            stats.record([f"i{i}-{j}"], [0], [1_000_000], 1_000_000 + lag * 1000)
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        stats.save(tmp_path / path)
+    # Windows: partition 1 has closed only the first of partition 0's two hours.
+    hours = ["2026-01-01T00:00:00+00:00", "2026-01-01T01:00:00+00:00",
+             "2026-01-01T02:00:00+00:00"]
+    for partition, closed in ((0, 2), (1, 1)):
+        folder = tmp_path / "training" / f"partition-{partition}" / "windows"
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps([
+            {"start": hours[h], "end": hours[h + 1], "path": f"h{h}.parquet",
+             "samples": 10 + partition, "closed_at_watermark": hours[h + 1]}
+            for h in range(closed)]))
+    letters = [{"reason": "json: bad", "stage": "decode"}, {"reason": "x", "stage": "decode"},
+               {"reason": "image: too big", "stage": "process"}, {"reason": "old"}]
+    (tmp_path / "dead_letters.jsonl").write_text(
+        "".join(json.dumps(letter) + "\n" for letter in letters) + '{"reason": "half')
+
+    assert main(["--data-dir", str(tmp_path), "status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    freshness = status["freshness"]
+    assert freshness["items"] == 6 and freshness["max_ms"] == 1000
+    assert freshness["p50_ms"] == 35  # the median of all six lags, not of one file's
+    assert status["training"] == {
+        "windows_closed": 1, "samples": 10 + 11, "closed_through": "h0.parquet",
+        "sources": {"partition-0/windows": {"windows": 2, "last": "h1.parquet"},
+                    "partition-1/windows": {"windows": 1, "last": "h0.parquet"}}}
+    # The line still being written is not counted.
+    assert status["dead_letter_file"] == {"dead_letters": 4, "by_stage": {
+        "decode": 2, "process": 1, "unknown": 1}}

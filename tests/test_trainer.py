@@ -22,7 +22,7 @@ from ppm.config import Config, SimulatorConfig
 from streams.local_runner import LocalRunner
 from streams.online_features import OnlineFeatures
 from streams.shop_simulator import ShopSimulator
-from trainer.dataset import WindowDataset, hash_ids, window_files
+from trainer.dataset import WindowDataset, closed_windows, hash_ids, window_files
 from trainer.registry import Registry
 from trainer.train import IncrementalTrainer, new_model, predict
 
@@ -80,6 +80,40 @@ def test_an_item_without_an_embedding_uses_the_missing_vector(world):
     assert (data.target_row == 0).all() and (data.seq_modal == 0).all()
     logits = predict(new_model(small_cfg(world), "ppm"), data)
     assert np.isfinite(logits).all()
+
+
+def test_windows_written_per_partition_train_like_one_folder(data_dir):
+    """The world's windows rewritten as two partition writers (the Faust path's layout,
+    users split between them), one two windows behind: the union has the samples of the
+    one folder, up to the lagging writer's last window, and training keys on window names."""
+    import pyarrow.parquet as pq
+
+    training = data_dir / "training"
+    entries = json.loads((training / "windows" / "manifest.json").read_text())
+    for partition, recorded in ((0, entries), (1, entries[:-2])):
+        folder = training / f"partition-{partition}" / "windows"
+        folder.mkdir(parents=True)
+        manifest = []
+        for entry in recorded:
+            table = pq.read_table(training / "windows" / entry["path"])
+            mine = [int(u[-1]) % 2 == partition for u in table["user_id"].to_pylist()]
+            pq.write_table(table.filter(mine), folder / entry["path"])
+            manifest.append({**entry, "samples": sum(mine)})
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(training / "windows")
+
+    windows = closed_windows(training)
+    assert [w.name for w in windows] == [e["path"] for e in entries[:-2]]
+    assert [w.samples for w in windows] == [e["samples"] for e in entries[:-2]]
+    assert all(len(w.files) == 2 for w in windows)
+    trainer = IncrementalTrainer(small_cfg(data_dir), variant="idrec")
+    assert len(trainer.dataset(windows)) == sum(e["samples"] for e in entries[:-2])
+    result = trainer.step()
+    warmup = trainer.cfg.trainer.warmup_windows
+    assert result.version.meta["trained_on"] == [e["path"] for e in entries[:warmup]]
+    assert result.eval_window == entries[warmup]["path"]
+    assert len(result.eval_data) == entries[warmup]["samples"]
+    assert trainer.registry.state()["trained_through"] == entries[warmup - 1]["path"]
 
 
 def test_steps_promote_or_reject_and_every_version_is_kept(data_dir):

@@ -1,5 +1,6 @@
 """Training data: the pipeline's parquet windows as model-ready tensors.
 
+Which windows are closed, over every writer's folder, is :mod:`trainer.windows`.
 :class:`WindowDataset` reads closed training windows with Arrow and turns every column into a
 NumPy array once (no per-row pandas), then cuts batches in the model's contract
 (``trainer.model``). Item vectors come from the offline item log, joined by
@@ -21,10 +22,8 @@ still lands in a bucket.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
 
-from streams.item_log import read_item_log
 from trainer.model import RankerConfig, gap_bucket
+from trainer.windows import Window, closed_windows, files_of, window_files, window_sources
+
+__all__ = ["TASKS", "ModalTable", "Window", "WindowDataset", "closed_windows", "files_of",
+           "hash_ids", "window_files", "window_sources"]
 
 TASKS = ("click", "order", "collect")
 ACTION_CODES = {"click": 1, "order": 2, "collect": 3}
@@ -91,6 +93,10 @@ class ModalTable:
                       dim: int = 1664) -> ModalTable:
         """The newest vector per item of ``encoder_version`` (default: the version with the
         most recent write) from the offline item log under ``folder``."""
+        # Imported here: streams.item_log loads Feast (seconds), which readers of the window
+        # listing (ppm status) do not need.
+        from streams.item_log import read_item_log
+
         log = read_item_log(folder)
         if log.num_rows == 0:
             return cls(encoder_version, {}, np.zeros((1, dim), np.float32), np.zeros(1, np.int64))
@@ -117,32 +123,11 @@ class ModalTable:
         return np.fromiter((get(i, 0) if i else 0 for i in item_ids), np.int64, len(item_ids))
 
 
-def window_entries(training_dir: Path) -> list[dict]:
-    """Closed windows under ``training_dir/windows``, oldest first, from the manifest:
-    ``{"file": Path, "start_us": int, "end_us": int, "samples": int}``."""
-    manifest = Path(training_dir) / "windows" / "manifest.json"
-    if not manifest.exists():
-        return []
-
-    def us(text: str) -> int:
-        return int(datetime.fromisoformat(text).timestamp() * 1_000_000)
-
-    entries = [{"file": manifest.parent / e["path"], "start_us": us(e["start"]),
-                "end_us": us(e["end"]), "samples": e["samples"]}
-               for e in json.loads(manifest.read_text())]
-    return sorted(entries, key=lambda e: e["start_us"])
-
-
-def window_files(training_dir: Path) -> list[Path]:
-    """Closed window files under ``training_dir/windows``, oldest first."""
-    return [e["file"] for e in window_entries(training_dir)]
-
-
 class WindowDataset:
     """Samples of some windows as arrays, batched into the model's contract.
 
     Args:
-        files: window parquet files.
+        windows: closed windows (their files in order), or window parquet files.
         modal: cached item vectors (see :class:`ModalTable`).
         config: the model config (hash bucket sizes, sequence length, gap buckets).
         freshness_window_s: a target vector older than this at the impression is "missing"
@@ -152,11 +137,12 @@ class WindowDataset:
             absent, not as all-negative).
     """
 
-    def __init__(self, files: Sequence[Path], modal: ModalTable, config: RankerConfig,
+    def __init__(self, windows: Sequence[Window | Path], modal: ModalTable, config: RankerConfig,
                  freshness_window_s: float | None = None,
                  tasks: Sequence[str] | None = None):
         self.modal = modal
         self.config = config
+        files = files_of(windows)
         table = (ds.dataset([str(f) for f in files], format="parquet").to_table(
             columns=SAMPLE_COLUMNS) if files else None)
         self.n = 0 if table is None else table.num_rows

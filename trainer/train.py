@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ppm.config import Config
-from trainer.dataset import TASKS, ModalTable, WindowDataset, window_entries, window_files
+from trainer.dataset import TASKS, ModalTable, Window, WindowDataset, closed_windows
 from trainer.metrics import evaluate
 from trainer.model import RankerConfig, UnifiedRanker
 from trainer.registry import Registry, Version
@@ -107,7 +107,7 @@ def new_model(cfg: Config, variant: str | None = None, modal_dim: int = 1664) ->
 
 @dataclass
 class StepResult:
-    """One incremental step: trained on ``train_windows``, judged on ``eval_window``."""
+    """One incremental step, judged on ``eval_window`` (a window name)."""
 
     version: Version
     promoted: bool
@@ -139,12 +139,12 @@ class IncrementalTrainer:
         self._modal: tuple[tuple[str, ...], ModalTable] | None = None
         self._champion_cache: tuple[Version, UnifiedRanker] | None = None
 
-    def dataset(self, files: Sequence[Path], config: RankerConfig | None = None
-              ) -> WindowDataset:
-        """Samples of ``files`` hashed and padded for ``config`` (the model's own config;
-        default: a new model's)."""
+    def dataset(self, windows: Sequence[Window | Path], config: RankerConfig | None = None
+                ) -> WindowDataset:
+        """Samples of ``windows`` (or window files) hashed and padded for ``config`` (the
+        model's own config; default: a new model's)."""
         config = config or RankerConfig(variant=self.variant, modal_dim=self.modal.dim)
-        return WindowDataset(files, self.modal, config, self.cfg.features.freshness_window_s)
+        return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s)
 
     @property
     def modal(self) -> ModalTable:
@@ -165,47 +165,54 @@ class IncrementalTrainer:
             self._champion_cache = (champion, self.registry.load(champion))
         return self._champion_cache
 
-    def next_step(self) -> tuple[list[Path], Path] | None:
-        """(windows to train on, window to evaluate on), or None when waiting for data."""
-        files = window_files(Path(self.cfg.data_dir) / "training")
+    def next_step(self) -> tuple[list[Window], Window] | None:
+        """(windows to train on, window to evaluate on), or None when waiting for data.
+
+        Windows are those every source has closed (:func:`trainer.dataset.closed_windows`).
+        """
+        windows = closed_windows(Path(self.cfg.data_dir) / "training")
         done = self.registry.state().get("trained_through")
         if done is None:
             warmup = self.cfg.trainer.warmup_windows
-            return (files[:warmup], files[warmup]) if len(files) > warmup else None
-        names = [f.name for f in files]
+            return (windows[:warmup], windows[warmup]) if len(windows) > warmup else None
+        names = [w.name for w in windows]
         if done not in names:
+            # A source that appeared since (a partition's first writer) can hold the closed
+            # windows back behind what was trained on: wait for it. Names sort as times.
+            if names and done > names[-1]:
+                return None
             raise RuntimeError(f"registry says it trained through {done}, which is not a "
                                f"closed window in {self.cfg.data_dir}")
         i = names.index(done)
-        return ([files[i + 1]], files[i + 2]) if len(files) > i + 2 else None
+        return ([windows[i + 1]], windows[i + 2]) if len(windows) > i + 2 else None
 
     def step(self, progress: bool = False) -> StepResult | None:
         """Do the next step if its windows are closed; None otherwise."""
         plan = self.next_step()
         if plan is None:
             return None
-        train_files, eval_file = plan
+        train_windows, eval_window = plan
         t = self.cfg.trainer
         held = self._champion()
         if held is None:
             champion, champion_model = None, None
             candidate = new_model(self.cfg, self.variant, self.modal.dim)
-            train = self.dataset(train_files, candidate.config)
+            train = self.dataset(train_windows, candidate.config)
             fit(candidate, train, t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed, progress=progress)
         else:
             champion, champion_model = held
             candidate = copy.deepcopy(champion_model)
-            train = self.dataset(train_files, candidate.config)
-            all_files = window_files(Path(self.cfg.data_dir) / "training")
-            older = all_files[: all_files.index(train_files[0])]
+            train = self.dataset(train_windows, candidate.config)
+            closed = closed_windows(Path(self.cfg.data_dir) / "training")
+            older = closed[: [w.name for w in closed].index(train_windows[0].name)]
             replay = (self.dataset(older[-24:], candidate.config)
                       if t.replay_share > 0 and older else None)
             fit(candidate, train, t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
-                seed=t.seed + len(all_files), extra=replay, extra_share=t.replay_share,
+                seed=t.seed + len(closed), extra=replay, extra_share=t.replay_share,
                 progress=progress)
 
-        holdout = self.dataset([eval_file], candidate.config)
+        holdout = self.dataset([eval_window], candidate.config)
         cand_logits = predict(candidate, holdout)
         cand_metrics = report(holdout, cand_logits)
         champ_metrics, champ_logits = None, None
@@ -216,8 +223,8 @@ class IncrementalTrainer:
         version = self.registry.register(candidate, {
             "variant": self.variant,
             "parent": champion.name if champion else None,
-            "trained_on": [f.name for f in train_files],
-            "evaluated_on": eval_file.name,
+            "trained_on": [w.name for w in train_windows],
+            "evaluated_on": eval_window.name,
             "samples": len(train),
             "encoder_version": self.modal.encoder_version,
             "metrics": cand_metrics,
@@ -227,10 +234,10 @@ class IncrementalTrainer:
         if promoted:
             self.registry.promote(version)
             self._champion_cache = (version, candidate)
-        self.registry.save_state({"trained_through": train_files[-1].name,
+        self.registry.save_state({"trained_through": train_windows[-1].name,
                                   "last_version": version.name,
                                   "updated_at": datetime.now(UTC).isoformat()})
-        return StepResult(version, promoted, cand_metrics, champ_metrics, eval_file.name,
+        return StepResult(version, promoted, cand_metrics, champ_metrics, eval_window.name,
                           cand_logits if promoted or champ_logits is None else champ_logits,
                           holdout)
 
@@ -260,7 +267,7 @@ class IncrementalTrainer:
                 on_step(result)
 
 
-def train_batch(cfg: Config, windows: Sequence[Path], variant: str | None = None,
+def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
                 epochs: int | None = None, progress: bool = True) -> UnifiedRanker:
     """``ppm train --batch``: one fit over ``windows`` from scratch."""
     trainer = IncrementalTrainer(cfg, variant=variant)
@@ -271,18 +278,18 @@ def train_batch(cfg: Config, windows: Sequence[Path], variant: str | None = None
     return model
 
 
-def split_windows(cfg: Config, test_share: float) -> tuple[list[Path], list[Path], int]:
+def split_windows(cfg: Config, test_share: float) -> tuple[list[Window], list[Window], int]:
     """(train windows, test windows, test start µs): the test period is the last
     ``test_share`` of the time the closed windows span (time, not samples)."""
     if not 0 < test_share < 1:
         raise ValueError(f"test_share must be in (0, 1), got {test_share}")
-    entries = window_entries(Path(cfg.data_dir) / "training")
-    if not entries:
+    windows = closed_windows(Path(cfg.data_dir) / "training")
+    if not windows:
         return [], [], 0
-    first, last = entries[0]["start_us"], entries[-1]["end_us"]
+    first, last = windows[0].start_us, windows[-1].end_us
     test_start = last - int(test_share * (last - first))
-    train = [e["file"] for e in entries if e["end_us"] <= test_start]
-    test = [e["file"] for e in entries if e["start_us"] >= test_start]
+    train = [w for w in windows if w.end_us <= test_start]
+    test = [w for w in windows if w.start_us >= test_start]
     return train, test, test_start
 
 
@@ -293,8 +300,8 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
     Returns ``({variant: report}, buckets)``; besides the buckets of
     ``trainer.metrics.cold_buckets`` a report has ``new_in_test``: items first seen in the
     test period (the cold items of a temporal split)."""
-    _, test_files, test_start = split_windows(cfg, test_share)
-    if not test_files:
+    _, test_windows, test_start = split_windows(cfg, test_share)
+    if not test_windows:
         raise SystemExit("no closed windows in the test period")
     reports = {}
     for variant in variants:
@@ -303,14 +310,14 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
         if champion is None:
             raise SystemExit(f"no {variant} model yet: run ppm train --batch --variant {variant}")
         model = trainer.registry.load(champion)
-        data = trainer.dataset(test_files, model.config)
+        data = trainer.dataset(test_windows, model.config)
         logits = predict(model, data)
         result = report(data, logits)
         first_seen = data.impression_us - np.nan_to_num(data.item_age_s, nan=np.inf) * 1e6
         new = report(data, logits, rows=first_seen >= test_start)
         for task in result:
             result[task]["new_in_test"] = new[task]["all"]
-        result["model"] = {"version": champion.name, "test_windows": len(test_files),
+        result["model"] = {"version": champion.name, "test_windows": len(test_windows),
                            "test_start": datetime.fromtimestamp(test_start / 1e6, UTC)
                            .isoformat()}
         reports[variant] = result

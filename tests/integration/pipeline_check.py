@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +16,9 @@ import redis
 from feast.errors import FeatureViewNotFoundException
 
 from ppm.config import Config, SimulatorConfig, load_config
-from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode
+from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
 from ppm.servers import FaustWorker
+from streams.intake import Intake
 from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
 from streams.topics import ensure_topics
 
@@ -48,6 +50,8 @@ class Scenario:
                "PPM__FEATURES__STORE_YAML": str(REPO / "feature_repo" /
                                                 "feature_store.redis.yaml"),
                "PPM__PIPELINE__ITEM_BATCH_WAIT_S": "0.5",
+               # The end of a test's stream: close the windows, so lag can reach 0.
+               "PPM__PIPELINE__IDLE_CLOSE_S": "5",
                "PPM_REDIS": f"{host_port},db={db}",
                "PYTHONWARNINGS": "ignore::DeprecationWarning"}
         cfg = load_config(env=env)
@@ -113,21 +117,23 @@ def expected(cfg: Config, records: list[tuple[str, bytes]]) -> Expected:
     deleted: set[str] = set()
     valid = dead = 0
     behaviors = []
+    intake = Intake(cfg)  # the worker's own rules: decoding and clock guards
     for kind, raw in records:
-        # One event per simulator record; the publisher may pack a user's consecutive
-        # behavior records, whose elements decode the same (ppm.events.decode_record).
-        event = decode(raw, kind, "test", cfg.contracts, cfg.images.max_bytes)
-        if isinstance(event, DeadLetter):
-            dead += 1
-            continue
-        valid += 1
-        if isinstance(event, ItemEvent):
-            t = to_us(event.event_time)
-            if t >= item_times.get(event.item_id, -1):
-                item_times[event.item_id] = t
-                (deleted.add if event.op.value == "delete" else deleted.discard)(event.item_id)
-        elif isinstance(event, BehaviorEvent):
-            behaviors.append(event)
+        # The publisher may pack a user's consecutive behavior records; their elements are
+        # admitted the same (ppm.events.decode_record).
+        for event in intake.admit(kind, raw, "test"):
+            if isinstance(event, DeadLetter):
+                dead += 1
+                continue
+            valid += 1
+            if isinstance(event, ItemEvent):
+                t = to_us(event.event_time)
+                if t >= item_times.get(event.item_id, -1):
+                    item_times[event.item_id] = t
+                    (deleted.add if event.op.value == "delete" else deleted.discard)(
+                        event.item_id)
+            elif isinstance(event, BehaviorEvent):
+                behaviors.append(event)
     builder.process(behaviors)
     return Expected(item_times, deleted, dict(builder.state), valid, dead)
 
@@ -200,3 +206,111 @@ def readable_share(scenario: Scenario) -> float:
     except FeatureViewNotFoundException:  # the worker is still starting: it applies the repo
         return 0.0
     return len(got) / max(1, len(want.item_times))
+
+
+# ------------------------------------------------------------------ accounting by identity
+# Issue 11: every published event is applied or a dead letter with its reason, and the
+# training windows hold exactly the samples the same records make without Kafka. Shared with
+# bench/fuzz.py.
+
+
+def admit_all(cfg: Config, records: list[tuple[str, bytes]]
+              ) -> list[list[ItemEvent | BehaviorEvent | DeadLetter]]:
+    """What :class:`streams.intake.Intake` makes of each record, in order, without Kafka:
+    its events and dead letters (one record may hold several; ``streams.hostile``'s fates).
+    The clock guards judge behaviors by the behaviors before them, as a worker does."""
+    gate = Intake(cfg)
+    return [gate.admit(kind, raw, f"{kind}:{n}")  # type: ignore[arg-type]
+            for n, (kind, raw) in enumerate(records)]
+
+
+_SOURCE = re.compile(r"^(?P<record>.*?)(?:\[(?P<element>\d+)\])?$")
+
+
+def letter_element(source: str) -> tuple[str, int]:
+    """``("behaviors-x:1:42", 3)`` for a dead letter's source ``behaviors-x:1:42[3]``: the
+    record, and the element of a packed record (0 for a letter that names a whole record)."""
+    m = _SOURCE.match(source)
+    assert m is not None  # the pattern matches any string
+    return m["record"], int(m["element"] or 0)
+
+
+def window_samples(data_dir: Path) -> list[tuple[str, int, int, int]]:
+    """``(sample_id, click, order, collect)`` of every row of every window file a manifest
+    lists (the local runner's ``training/windows/`` and each partition's
+    ``training/partition-<p>/windows/``), a sample written twice listed twice."""
+    import pyarrow.parquet as pq
+
+    training = Path(data_dir) / "training"
+    rows: list[tuple[str, int, int, int]] = []
+    for manifest in sorted([*training.glob("windows/manifest.json"),
+                            *training.glob("partition-*/windows/manifest.json")]):
+        for entry in json.loads(manifest.read_text()):
+            table = pq.read_table(manifest.parent / entry["path"],
+                                  columns=["sample_id", "click", "order", "collect"])
+            rows += zip(*(table[c].to_pylist() for c in table.column_names), strict=True)
+    return rows
+
+
+def late_events(data_dir: Path) -> list[str]:
+    """The events of every ``late_events.jsonl`` under ``data_dir/training`` (wire JSON)."""
+    training = Path(data_dir) / "training"
+    lines = []
+    for path in sorted([*training.glob("late_events.jsonl"),
+                        *training.glob("partition-*/late_events.jsonl")]):
+        lines += [json.dumps(json.loads(line)["event"], separators=(",", ":"))
+                  for line in path.read_text().splitlines() if line]
+    return lines
+
+
+def publish_tracked(cfg: Config, records: list[tuple[str, bytes]], progress: bool = False
+                    ) -> list[tuple[str, int, int]]:
+    """Publish ``records`` keyed as ``ppm publish`` keys them, one Kafka record each, and
+    return each one's ``(topic, partition, offset)``, so a dead letter's source names the
+    record it came from. An empty record goes out as a real tombstone (no value). The
+    producer takes records up to ``contracts.max_payload_bytes``."""
+    from kafka import KafkaProducer
+    from tqdm import tqdm
+
+    from streams.topics import RECORD_HEADROOM_BYTES
+
+    topics = {"item": cfg.kafka.items_topic, "behavior": cfg.kafka.behaviors_topic}
+    where: list[tuple[str, int, int] | None] = [None] * len(records)
+    failures: list[BaseException] = []
+
+    def delivered(n: int):
+        def on_success(meta) -> None:
+            where[n] = (meta.topic, meta.partition, meta.offset)
+        return on_success
+
+    producer = KafkaProducer(
+        bootstrap_servers=cfg.kafka.bootstrap, acks="all", enable_idempotence=True,
+        linger_ms=5, client_id="ppm-publish-tracked",
+        max_request_size=cfg.contracts.max_payload_bytes + RECORD_HEADROOM_BYTES)
+    try:
+        for n, (kind, raw) in enumerate(tqdm(records, desc="publish", unit=" rec",
+                                             disable=not progress, mininterval=0.5)):
+            key = _routing_key(kind, raw)
+            if not raw and key is None:
+                key = b"tombstone"  # Kafka takes a record with a key or a value, not neither
+            future = producer.send(topics[kind], key=key, value=raw or None)
+            future.add_callback(delivered(n))
+            future.add_errback(failures.append)
+        producer.flush()
+    finally:
+        producer.close()
+    if failures or None in where:
+        raise RuntimeError(f"{len(failures)} records were not published; first: "
+                           f"{failures[:1]!r}")
+    return where  # type: ignore[return-value]
+
+
+def _routing_key(kind: str, raw: bytes) -> bytes | None:
+    """``streams.publisher.routing_key``, and None where that raises (JSON nested too deep
+    to parse)."""
+    from streams.publisher import routing_key
+
+    try:
+        return routing_key(kind, raw)
+    except RecursionError:
+        return None

@@ -1,6 +1,8 @@
 """The distributed path end to end: kafka-python publishes, a real Faust worker embeds and
 builds sequences, Redis serves them. Each test checks the online store against the same
-events run through the processors without Kafka (``pipeline_check.expected``)."""
+events run through the processors without Kafka (``pipeline_check.expected``); the restart
+and outage tests also check the training windows and the committed offsets by identity
+(``identity_check``)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import redis
 
 from ppm.servers import Servers
 
+from .identity_check import assert_nothing_lost
 from .pipeline_check import (
     Scenario,
     dead_letters,
@@ -90,6 +93,7 @@ def test_sigkill_of_the_worker_mid_stream_loses_nothing(servers: Servers, tmp_pa
         worker.kill()
         worker.start()
         wait_until_complete(scenario, worker)
+        assert_nothing_lost(scenario)
     finally:
         worker.stop()
 
@@ -108,6 +112,7 @@ def test_broker_restart_mid_stream_loses_nothing(restartable_servers: Servers, t
         srv.start_kafka()
         scenario.publish(records[half:])
         wait_until_complete(scenario, worker)
+        assert_nothing_lost(scenario)
     finally:
         worker.stop()
 
@@ -146,5 +151,6 @@ def test_redis_outage_is_retried_caught_up_and_commits_nothing_unwritten(
         srv.start_redis()
         worker.start()
         wait_until_complete(scenario, worker)
+        assert_nothing_lost(scenario)
     finally:
         worker.stop()
