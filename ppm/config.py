@@ -153,9 +153,10 @@ class PipelineConfig(_Section):
     log_window_s: float = Field(3_600.0, gt=0)
     """Length of one training-log window (event time); one parquet file per window."""
     max_clock_jump_s: float = Field(86_400.0, gt=0)
-    """A behavior event this far ahead of the newest behavior so far becomes a dead letter:
-    one wrong timestamp would otherwise move the watermark and close every window up to it.
-    So does an item event this far ahead of the wall clock (``streams/intake.py``)."""
+    """An event this far ahead of when its record was received (the Kafka record's
+    timestamp, or the wall clock) becomes a dead letter, and in the local runner a behavior
+    this far ahead of the newest behavior so far: one wrong timestamp would otherwise move
+    the watermark and close every window up to it (``streams/intake.py``)."""
     idle_close_s: float | None = Field(None, gt=0)
     """Faust worker: a behaviors partition with no new event for this many seconds (wall
     clock) closes every window up to its watermark, as the local runner does at the end of

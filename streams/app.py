@@ -74,7 +74,7 @@ import faust
 from ppm.config import Config, load_config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
 from streams.atomic_file import append_line
-from streams.intake import Intake, processing_dead_letter
+from streams.intake import Admitted, Intake, processing_dead_letter
 from streams.item_state import ItemState
 from streams.online_features import now_us
 from streams.sequence_builder import SequenceBuilder, UserSequence
@@ -158,7 +158,6 @@ class TableView(MutableMapping[str, V]):
 
 
 
-
 class Held:
     """One record held unacknowledged by :class:`InOrderAcks`; hashable by identity, so
     it can be a training-log tag."""
@@ -175,12 +174,13 @@ class Held:
 class InOrderAcks:
     """Holds a stream's events and acknowledges them to Faust in offset order per partition.
 
-    Faust commits the first run of consecutive acknowledged offsets of a partition, but
-    while nothing has been committed yet (a new consumer group) it does not check that the
-    run starts where the partition does (``faust.transport.consumer.Consumer._new_offset``):
-    an event acknowledged ahead of an earlier one, such as a dead letter behind a batch
-    still being written, could commit past the earlier one. Here an event is acknowledged
-    only once it and every event before it on its partition are done.
+    Faust commits the first run of consecutive acknowledged offsets of a partition, but it
+    does not always check that the run starts at the first unacknowledged offset
+    (``faust.transport.consumer.Consumer._new_offset``: not while the committed offset is
+    None or 0, and a gap of exactly one offset passes): an event acknowledged ahead of an
+    earlier one, such as a dead letter behind a batch still being written, could commit
+    past the earlier one. Here an event is acknowledged only once it and every event before
+    it on its partition are done.
 
     After a rebalance, events of a revoked partition fetched before it (still in
     ``take_events``' hands, say) are *stale*: they are marked dropped, never processed or
@@ -263,9 +263,11 @@ async def retrying(what: str, call: Callable[..., Awaitable[T]] | Callable[..., 
 
 
 def stop_worker(what: str, exc: BaseException) -> None:
-    """Exit at once, before Faust acknowledges the batch: an exception escaping an agent
-    would end ``take_events``, whose clean-up acknowledges the batch that failed (and one
-    escaping a task would go unnoticed)."""
+    """Exit at once, committing nothing more: an exception escaping an agent would have
+    Faust restart the agent with its held events never released (their partition stuck,
+    or, for a group with nothing committed, later offsets committed past them), and one
+    escaping a task would go unnoticed. A restarted worker replays from the committed
+    offsets."""
     log.critical("%s failed; stopping the worker without committing it", what, exc_info=exc)
     logging.shutdown()
     os._exit(70)
@@ -349,11 +351,14 @@ class Shared:
     opened: dict[str, Any]
 
     def decoded(self, events: list[faust.EventT], kind: str, topic: str
-                ) -> Iterator[tuple[faust.EventT, list[ItemEvent | BehaviorEvent | DeadLetter]]]:
-        """Each record with its events and dead letters (a record may hold several)."""
+                ) -> Iterator[tuple[faust.EventT, list[tuple[str, Admitted]]]]:
+        """Each record with its events and dead letters (a record may hold several), each
+        with its source (``topic:partition:offset``, ``[i]`` for an array's elements)."""
         for event in events:
             m = event.message
-            yield event, self.intake.admit(kind, event.value, f"{topic}:{m.partition}:{m.offset}")
+            received_us = None if m.timestamp is None else int(m.timestamp * 1e6)
+            yield event, self.intake.admit_with_sources(
+                kind, event.value, f"{topic}:{m.partition}:{m.offset}", received_us)
 
 
 class ItemLane:
@@ -387,14 +392,12 @@ class ItemLane:
         letters = []
         fresh = [event for event, h in zip(batch, held, strict=True) if not h.dropped]
         for event, items in self.shared.decoded(fresh, "item", self.topic):
-            m = event.message
-            for i, item in enumerate(items):
+            for source, item in items:
                 if isinstance(item, DeadLetter):
                     letters.append((item, event.key))
                 else:
                     good.append(item)
-                    sources.append(f"{self.topic}:{m.partition}:{m.offset}"
-                                   + (f"[{i}]" if len(items) > 1 else ""))
+                    sources.append(source)
         await self.dead.send(letters)
         return good, sources, arrived, held
 
@@ -403,9 +406,9 @@ class ItemLane:
         if good:
             result = await retrying("item batch", asyncio.to_thread, self.embedder.process,
                                     good, [arrived] * len(good))
-            source_of = dict(zip((e.item_id for e in good), sources, strict=True))
-            rejected = [processing_dead_letter(event, source_of[item_id], reason, error_type)
-                        for item_id, (event, reason, error_type) in result.rejected.items()]
+            source_of = {id(e): source for e, source in zip(good, sources, strict=True)}
+            rejected = [processing_dead_letter(event, source_of[id(event)], reason, error_type)
+                        for event, reason, error_type in result.rejected.values()]
             for letter in rejected:
                 self.shared.intake.count_dead_letter(letter)
             await self.dead.send([(letter, letter_key) for letter, letter_key in zip(
@@ -439,6 +442,7 @@ class BehaviorLane:
         self.builder = SequenceBuilder(store, state=sequences, k=cfg.features.sequence_length)
         self.writers: dict[int, Any] = {}  # partition -> TrainingLogWriter
         self.last_event_s: dict[int, float] = {}  # partition -> monotonic time of its last
+        self.busy = False  # a batch is being processed
 
     def writer(self, partition: int):
         """The partition's writer; a new one continues after the windows on disk."""
@@ -465,6 +469,8 @@ class BehaviorLane:
     async def close_idle(self, idle_s: float) -> None:
         """Close every window of partitions quiet for ``idle_s`` (``pipeline.idle_close_s``)
         and acknowledge what that made durable."""
+        if self.busy:  # a batch is between its events and its writers (an outage, say)
+            return
         now = loop_time()
         done: list[Held] = []
         for partition, writer in list(self.writers.items()):
@@ -477,15 +483,24 @@ class BehaviorLane:
         await self.acks.done(done)
 
     async def process(self, batch: list[faust.EventT]) -> None:
+        self.busy = True
+        try:
+            await self._process(batch)
+        finally:
+            self.busy = False
+
+    async def _process(self, batch: list[faust.EventT]) -> None:
         by_partition: dict[int, tuple[list[BehaviorEvent], list[Held]]] = {}
         settled: list[Held] = []  # records of dead letters only
         letters = []
         held_of = {id(event): self.acks.hold(event) for event in batch}
         fresh = [event for event in batch if not held_of[id(event)].dropped]
-        for event, behaviors in self.shared.decoded(fresh, "behavior", self.topic):
+        for event, admitted in self.shared.decoded(fresh, "behavior", self.topic):
             held = held_of[id(event)]  # until its samples are in written windows
+            behaviors = [b for _, b in admitted]
             good = [b for b in behaviors if not isinstance(b, DeadLetter)]
             letters += [(b, event.key) for b in behaviors if isinstance(b, DeadLetter)]
+            self.last_event_s[event.message.partition] = loop_time()
             if good:
                 events, tags = by_partition.setdefault(event.message.partition, ([], []))
                 events += good
@@ -499,7 +514,11 @@ class BehaviorLane:
         if changed:
             await retrying("sequence batch", asyncio.to_thread,
                            self.builder.sink.write_sequences, changed)
-            self.builder.commit(changed)
+            # A partition revoked meanwhile is its new owner's: its table rows are not ours
+            # to change (the store write is repeated by the replay there).
+            revoked = {e.user_id for events, tags in by_partition.values() if tags[0].dropped
+                       for e in events}
+            self.builder.commit([s for s in changed if s.user_id not in revoked])
         done = settled
         for partition, (events, tags) in by_partition.items():
             if tags[0].dropped:  # revoked while the sequences were written (a whole

@@ -7,15 +7,17 @@ events to process and the dead letters to route. The rules, stated once:
 * **Decoding** (:func:`ppm.events.decode_record`): a record is one event or a JSON array of
   one key's events; anything else, and any element that is not a valid event, is a dead
   letter with its reason. It never raises.
-* **Clock guards**, with ``J = pipeline.max_clock_jump_s``: any event more than J ahead of
-  the wall clock (or, in a world dated ahead of it, of the newest event of its kind) is a
-  dead letter; so is a behavior more than J ahead of the newest behavior admitted so far
-  while it is itself more than J behind the wall clock (a replay of history, where a wrong
-  timestamp would still be in the past). One far-future event would otherwise close every
-  training window (behaviors) or make every later update and delete of an item look
-  "older" (items). Items are not held to the item stream's own clock, nor live behaviors
-  (within J of the wall clock) to the behavior stream's: a catalog, or a shop, may be quiet
-  for days. A simulated world dated more than J in the future needs a larger J.
+* **Clock guards**, with ``J = pipeline.max_clock_jump_s``: an event more than J ahead of
+  when its record was received is a dead letter: the Kafka record's timestamp (the
+  producer's clock, never later than this worker's), so a replay decides the same; for a
+  file, the wall clock. One far-future event would otherwise close every training window
+  (behaviors) or make every later update and delete of an item look "older" (items). A
+  driver that reads one ordered stream (the local runner) also holds behaviors to the
+  stream's own clock (``stream_clock``): one more than J ahead of the newest behavior so
+  far is a dead letter, as a wrong timestamp in a replay of history would still be in the
+  past. The Faust worker does not: its clock would depend on which partitions a worker
+  happens to own, and the same record could be applied by one worker and dead-lettered by
+  another. A simulated world dated more than J in the future needs a larger J.
 * **Counters**: records, events and dead letters by failure class (``stage``), so every
   event has a fate: processed, or a dead letter with its reason.
 
@@ -45,11 +47,14 @@ class Intake:
     Args:
         cfg: the configuration (``contracts``, ``images.max_bytes``,
             ``pipeline.max_clock_jump_s``).
+        stream_clock: also hold behaviors to the newest behavior admitted so far (for a
+            driver that reads one ordered stream; see the module docstring).
         wall_clock_us: the wall clock, µs since the epoch (a parameter for tests).
     """
 
-    def __init__(self, cfg: Config, wall_clock_us=now_us):
+    def __init__(self, cfg: Config, stream_clock: bool = False, wall_clock_us=now_us):
         self.cfg = cfg
+        self.stream_clock = stream_clock
         self.wall_clock_us = wall_clock_us
         self.clock_us: dict[str, int] = {"item": 0, "behavior": 0}
         """The newest admitted event time per kind, µs; 0 before the first."""
@@ -57,44 +62,51 @@ class Intake:
         """``records``, ``item_events``, ``behavior_events`` (admitted) and
         ``dead_letters:<stage>``."""
 
-    def admit(self, kind: Kind, raw: bytes | str, source: str) -> list[Admitted]:
+    def admit(self, kind: Kind, raw: bytes | str | None, source: str,
+              received_us: int | None = None) -> list[Admitted]:
         """The events and dead letters of one record, in the record's order. Never raises.
 
         ``source`` names the record (``items:3:1042`` for topic, partition, offset; or
         ``item:17`` for a file position); an element of a packed record is ``source[i]``.
+        ``received_us``: the Kafka record's timestamp (µs); None: now.
         """
+        return [event for _, event in self.admit_with_sources(kind, raw, source, received_us)]
+
+    def admit_with_sources(self, kind: Kind, raw: bytes | str | None, source: str,
+                           received_us: int | None = None) -> list[tuple[str, Admitted]]:
+        """As :meth:`admit`, each event or dead letter with its own source (``source``, or
+        ``source[i]`` for the elements of an array)."""
         self.counts["records"] += 1
         out = decode_record(raw, kind, source, self.cfg.contracts, self.cfg.images.max_bytes)
         jump_us = self.cfg.pipeline.max_clock_jump_s * 1e6
+        received = self.wall_clock_us()
+        if received_us is not None:
+            received = min(received, received_us)  # a producer's clock may be wrong, too
         # The element sources decode_record gives: "[i]" whenever the record is an array.
-        packed = isinstance(raw, bytes | bytearray | str) and raw[:1] in (b"[", "[")
+        packed = isinstance(raw, bytes | bytearray | str) and raw.lstrip()[:1] in (b"[", "[")
+        sources = [f"{source}[{i}]" if packed else source for i in range(len(out))]
         for i, event in enumerate(out):
             if isinstance(event, DeadLetter):
                 self.counts["dead_letters:decode"] += 1
                 continue
             t = to_us(event.event_time)
             clock = self.clock_us[kind]
-            wall = self.wall_clock_us()
-            if t > max(wall, clock) + jump_us:
-                ahead_of = "the wall clock" if wall >= clock else "the stream"
-                base = max(wall, clock)
-            elif kind == "behavior" and clock and t > clock + jump_us and t < wall - jump_us:
-                ahead_of, base = "the stream", clock
+            if t > received + jump_us:
+                ahead = f"{(t - received) / 1e6:,.0f}s ahead of when it was received"
+            elif (self.stream_clock and kind == "behavior" and clock
+                  and t > clock + jump_us):
+                ahead = f"{(t - clock) / 1e6:,.0f}s ahead of the stream"
             else:
-                ahead_of = None
-            if ahead_of is not None:
-                out[i] = DeadLetter(
-                    expected=kind, source=f"{source}[{i}]" if packed else source,
-                    received_at=datetime.now(UTC), payload=event.to_json().decode(),
-                    reason=(f"event_time: {(t - base) / 1e6:,.0f}s ahead of {ahead_of} "
-                            f"(limit pipeline.max_clock_jump_s = "
-                            f"{self.cfg.pipeline.max_clock_jump_s:,.0f}s)"))
-                self.counts["dead_letters:decode"] += 1
+                self.clock_us[kind] = max(clock, t)
+                self.counts[f"{kind}_events"] += 1
                 continue
-            if t > clock:
-                self.clock_us[kind] = t
-            self.counts[f"{kind}_events"] += 1
-        return out
+            out[i] = DeadLetter(
+                expected=kind, source=sources[i], received_at=datetime.now(UTC),
+                payload=event.to_json().decode(),
+                reason=(f"event_time: {ahead} (limit pipeline.max_clock_jump_s = "
+                        f"{self.cfg.pipeline.max_clock_jump_s:,.0f}s)"))
+            self.counts["dead_letters:decode"] += 1
+        return list(zip(sources, out, strict=True))
 
     def count_dead_letter(self, letter: DeadLetter) -> None:
         """Count a dead letter made after intake (processing, production)."""

@@ -186,8 +186,10 @@ class ItemEmbedder:
 
     def _encode(self, events: list[ItemEvent]):
         """(embeddings of the events that encode, [(event, exception)] of those that fail
-        on their own). Tried one by one only after the batch failed; raises when every one
-        fails (the batch, not a record, is the problem) or the encoder's process is gone."""
+        on their own). Tried one by one only after the batch failed. When every one fails,
+        a plain item tells the records' fault from the encoder's: if it fails too, its
+        error is raised (nothing is dead-lettered for a broken encoder), as is any error
+        when the encoder's process is gone."""
         try:
             return self.encoder.encode(events), []
         except Exception as exc:
@@ -201,8 +203,8 @@ class ItemEmbedder:
                     if _encoder_gone(one):
                         raise
                     failed.append((event, one))
-            if len(failed) == len(events) > 1:
-                raise
+            if len(failed) == len(events):
+                self.encoder.encode([_PROBE])  # raises if the encoder itself is broken
             bad = {id(e) for e, _ in failed}
             return self.encoder.encode([e for e in events if id(e) not in bad]), failed
 
@@ -254,3 +256,8 @@ def _encoder_gone(exc: BaseException) -> bool:
     import concurrent.futures.process
 
     return isinstance(exc.__cause__, concurrent.futures.process.BrokenProcessPool)
+
+
+_PROBE = ItemEvent(item_id="ppm-encoder-probe", event_time="2026-01-01T00:00:00Z",
+                   title="plain cotton shirt", category="shirt")
+"""An item any working encoder encodes: tells a poison batch from a broken encoder."""

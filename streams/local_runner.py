@@ -111,7 +111,7 @@ class LocalRunner:
             attribution_window_s=cfg.pipeline.attribution_window_s,
             window_s=cfg.pipeline.log_window_s,
         )
-        self.intake = Intake(cfg)
+        self.intake = Intake(cfg, stream_clock=True)  # one ordered stream: its own clock
         self.summary = RunSummary()
         self.dead_letter_path = self.root / "dead_letters.jsonl"
         self.warning_path = self.root / "item_warnings.jsonl"
@@ -164,9 +164,8 @@ class LocalRunner:
                 bar.close()
                 return self.summary
             where = f"{kind}:{position}"
-            events = self.intake.admit(kind, raw, where)
-            for i, event in enumerate(events):
-                self._accept(event, where if len(events) == 1 else f"{where}[{i}]", pace)
+            for source, event in self.intake.admit_with_sources(kind, raw, where):
+                self._accept(event, source, pace)
             self.summary.records = position + 1
             bar.update(1)
             if self.summary.records % every == 0:
@@ -216,10 +215,10 @@ class LocalRunner:
             return
         events, arrived, sources = zip(*self._items, strict=True)
         result: EmbedResult = self.embedder.process(list(events), list(arrived))
-        source_of = {e.item_id: src for e, src in zip(events, sources, strict=True)}
+        source_of = {id(e): src for e, src in zip(events, sources, strict=True)}
         self._items = []
-        for item_id, (event, reason, error_type) in result.rejected.items():
-            letter = processing_dead_letter(event, source_of[item_id], reason, error_type)
+        for event, reason, error_type in result.rejected.values():
+            letter = processing_dead_letter(event, source_of[id(event)], reason, error_type)
             self.intake.count_dead_letter(letter)
             self._dead_letter(letter)
         s = self.summary

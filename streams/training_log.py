@@ -37,7 +37,9 @@ item_first_seen_us    int64, nullable
 item_age_s            float64, nullable          impression time - first_seen, in seconds
 item_clicks_before    int32                      clicks on the item this writer saw with event
                                                  time before the impression (exact for
-                                                 event-time-ordered input)
+                                                 event-time-ordered input; a Faust worker's
+                                                 writer is per partition and counts only its
+                                                 partition's clicks since it started)
 window_start          timestamp[us, UTC]         the window the sample was written to
 ====================  =========================  =============================================
 
@@ -55,7 +57,9 @@ window``, so all its impressions are final, and closing writes
 ``out_dir/windows/manifest.json`` (a JSON list of ``{start, end, path, samples,
 closed_at_watermark}``, times as ISO-8601 UTC, ``path`` relative to the manifest's folder).
 Windows close in order and without gaps: a window with no samples is still written (0 rows),
-so consumers see a contiguous sequence. A window already in the manifest is never rewritten.
+so consumers see a contiguous sequence (a writer started on recorded windows continues after
+the last one, or at its first event's window if that is later). A window already in the
+manifest is never rewritten. The manifest exists (empty) from the writer's start.
 
 Late and duplicate data
 -----------------------
@@ -260,6 +264,10 @@ class TrainingLogWriter:
         if self.manifest_path.exists():
             for entry in json.loads(self.manifest_path.read_text()):
                 self._manifest[_micros(datetime.fromisoformat(entry["start"]))] = entry
+        else:
+            # An empty manifest from the start: readers of several writers' windows
+            # (trainer.windows) then wait for this one before calling a window closed.
+            write_atomically(self.manifest_path, lambda fh: fh.write(b"[]\n"))
         self._late_bytes = size_of(self.late_events_path)
 
         self._watermark_us = 0

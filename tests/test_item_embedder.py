@@ -206,6 +206,14 @@ def test_an_item_the_encoder_fails_on_alone_is_rejected_and_the_rest_applied(
     assert "p" not in embedder.state  # a re-sent event is tried again
 
 
+def test_a_batch_of_poison_items_only_is_rejected_not_a_crash(item_encoder, online, cfg):
+    embedder = ItemEmbedder(PickyEncoder(item_encoder), online,
+                            ItemLog(cfg.data_dir / "offline" / "items"))
+    result = embedder.process([item("p", 0, title="Acme poison coat"),
+                               item("q", 1, title="Acme poison dress")])
+    assert set(result.rejected) == {"p", "q"} and result.applied == 0
+
+
 def test_a_batch_that_fails_as_a_whole_raises_and_changes_nothing(item_encoder, online, cfg):
     embedder = ItemEmbedder(PickyEncoder(item_encoder, dead=True), online,
                             ItemLog(cfg.data_dir / "offline" / "items"))

@@ -126,7 +126,7 @@ def test_a_timestamp_far_ahead_becomes_a_dead_letter(tmp_path, item_encoder):
         records(), "w", progress=False)
     reasons = [json.loads(line)["reason"]
                for line in (tmp_path / "dead_letters.jsonl").read_text().splitlines()]
-    assert any("ahead of the stream" in r for r in reasons)
+    assert any("ahead of" in r for r in reasons)
     assert summary.windows_closed < 40  # one day of hourly windows, not decades of them
 
 
