@@ -75,8 +75,10 @@ Late and duplicate data
 * A writer started on a folder whose manifest already has windows (another process wrote
   them: a restarted worker, a partition that moved between workers) opens after the last
   recorded window. An impression whose own window is recorded is looked up in the recorded
-  files (their ``sample_id`` column, read when first needed): found, it is a replay and is
-  dropped (``already_recorded_impressions``); not found, it is late like any other.
+  files (read when first needed): found, it is a replay and is dropped
+  (``already_recorded_impressions``); not found, it is late like any other. A follow-up
+  that labels nothing while a recorded sample it could label carries its label is a replay
+  too (``already_recorded_followups``), not a late event.
 
 Acknowledging what is durable
 -----------------------------
@@ -90,7 +92,8 @@ unacknowledged until that window is written.
 
 Nothing is dropped silently; :attr:`TrainingLogWriter.counters` balances:
 ``impressions == samples_logged + pending_impressions`` and
-``followups == attributed_followups + late_events + unresolved_followups``.
+``followups == attributed_followups + late_events + unresolved_followups +
+already_recorded_followups``.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ import bisect
 import heapq
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
@@ -200,6 +203,27 @@ class ClosedWindow:
     samples: int
 
 
+@dataclass(frozen=True)
+class _Recorded:
+    """What a replay needs of a recorded window file: its sample ids, and per (user, item,
+    request) the impressions' times and labels."""
+
+    ids: frozenset[str]
+    labels: dict[_Key, list[tuple[int, tuple[int, int, int]]]]
+
+    @classmethod
+    def read(cls, path: Path) -> _Recorded:
+        table = pq.read_table(path, columns=["sample_id", "user_id", "item_id", "request_id",
+                                             "impression_time", "click", "order", "collect"])
+        times = table["impression_time"].cast(pa.int64()).to_pylist()
+        labels: dict[_Key, list[tuple[int, tuple[int, int, int]]]] = {}
+        for user, item, request, t, c, o, k in zip(
+                *(table[n].to_pylist() for n in ("user_id", "item_id", "request_id")), times,
+                *(table[n].to_pylist() for n in ("click", "order", "collect")), strict=True):
+            labels.setdefault((user, item, request), []).append((t, (c, o, k)))
+        return cls(frozenset(table["sample_id"].to_pylist()), labels)
+
+
 def _row(values: Sequence[Any]) -> tuple[Any, ...]:
     """A window row read back from JSON: the sequence columns as tuples again."""
     return (*values[:10], *(tuple(v) for v in values[10:13]), *values[13:])
@@ -286,8 +310,8 @@ class TrainingLogWriter:
         self._seen: dict[int, set[str]] = {}
         """Sample ids by the start of the impression's own window, for duplicate detection."""
         self._item_clicks: dict[str, int] = {}
-        self._recorded_ids: dict[int, set[str]] = {}
-        """Sample ids of recorded windows, read from their files when a replay needs them."""
+        self._recorded: dict[int, _Recorded] = {}
+        """Recorded windows' samples, read from their files when a replay needs them."""
         # Durable acknowledgement (see the module docstring): tags not yet durable, with
         # how many of their events are outstanding; where each outstanding event waits.
         self._outstanding: dict[Any, int] = {}
@@ -297,7 +321,8 @@ class TrainingLogWriter:
         self._counters = dict.fromkeys(
             ("events", "impressions", "duplicate_impressions", "late_impressions",
              "already_recorded_impressions", "followups", "duplicate_followups",
-             "attributed_followups", "late_events", "samples_logged", "windows_closed",
+             "attributed_followups", "already_recorded_followups", "late_events",
+             "samples_logged", "windows_closed",
              "windows_already_recorded"), 0)
 
     # ------------------------------------------------------------------ public API
@@ -511,17 +536,29 @@ class TrainingLogWriter:
         key = (event.user_id, event.item_id, event.request_id)
         bisect.insort(self._pending_times.setdefault(key, []), time_us)
 
+    def _recorded_from(self, window: int) -> Iterator[_Recorded]:
+        """The recorded windows from ``window`` on (a late sample lands in a later window
+        than its own), read when first needed."""
+        for start in sorted(s for s in self._manifest if s >= window):
+            recorded = self._recorded.get(start)
+            if recorded is None:
+                recorded = self._recorded[start] = _Recorded.read(
+                    self.windows_dir / self._manifest[start]["path"])
+            yield recorded
+
     def _in_recorded_window(self, sample_id: str, own_window: int) -> bool:
-        """Whether a recorded window from ``own_window`` on holds ``sample_id`` (a late
-        sample lands in a later window than its own)."""
-        for start in sorted(s for s in self._manifest if s >= own_window):
-            ids = self._recorded_ids.get(start)
-            if ids is None:
-                path = self.windows_dir / self._manifest[start]["path"]
-                ids = set(pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist())
-                self._recorded_ids[start] = ids
-            if sample_id in ids:
-                return True
+        """Whether a recorded window holds ``sample_id``: a replay of a written sample."""
+        return any(sample_id in r.ids for r in self._recorded_from(own_window))
+
+    def _labelled_in_recorded_window(self, key: _Key, time_us: int, action: str) -> bool:
+        """Whether a recorded sample of ``key`` that a follow-up at ``time_us`` could label
+        is labelled with ``action``: a replay of a follow-up that labelled it."""
+        label = _LABEL_INDEX[action]
+        for recorded in self._recorded_from(self._window_of(time_us - self._attribution_us)):
+            for impression_us, labels in recorded.labels.get(key, ()):
+                if impression_us <= time_us < impression_us + self._attribution_us and (
+                        labels[label]):
+                    return True
         return False
 
     def _add_followup(self, time_us: int, event: BehaviorEvent, tag: Any = None) -> None:
@@ -592,7 +629,13 @@ class TrainingLogWriter:
             f = entries.pop(index)
             if not entries:
                 del self._followups[key]
-            if not f.claimed:
+            if not f.claimed and self._manifest and self._labelled_in_recorded_window(
+                    key, time_us, action):
+                # Replayed (a restarted worker, a partition that moved): it labelled a
+                # sample already written. Not late, not unmatched.
+                self._counters["already_recorded_followups"] += 1
+                self._release((f.tag,))
+            elif not f.claimed:
                 reason = LATE if time_us <= late_until_us else UNMATCHED
                 lines.append(f'{{"reason":{json.dumps(reason)},"event":{f.json}}}\n')
                 logged_tags.append(f.tag)
@@ -629,8 +672,8 @@ class TrainingLogWriter:
             forget_before = self._open_from_us - self._window_us
             for start in [s for s in self._seen if s < forget_before]:
                 del self._seen[start]
-            for start in [s for s in self._recorded_ids if s < forget_before]:
-                del self._recorded_ids[start]
+            for start in [s for s in self._recorded if s < forget_before]:
+                del self._recorded[start]
         return closed
 
     def _write_window(self, start: int, rows: list[tuple[Any, ...]]) -> tuple[ClosedWindow, bool]:

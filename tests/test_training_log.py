@@ -76,7 +76,7 @@ def assert_balanced(writer: TrainingLogWriter) -> None:
     c = writer.counters
     assert c["impressions"] == c["samples_logged"] + c["pending_impressions"]
     assert c["followups"] == (c["attributed_followups"] + c["late_events"]
-                              + c["unresolved_followups"])
+                              + c["unresolved_followups"] + c["already_recorded_followups"])
     assert c["events"] == (c["impressions"] + c["duplicate_impressions"]
                            + c["already_recorded_impressions"] + c["followups"]
                            + c["duplicate_followups"])
@@ -389,6 +389,23 @@ def test_tags_are_done_only_when_their_samples_are_in_written_windows(tmp_path: 
     assert len(late) == 1
     writer.close_all()
     assert writer._outstanding == {}
+
+
+def test_a_replayed_follow_up_of_a_written_sample_is_not_a_late_event(tmp_path: Path) -> None:
+    first = writer_for(tmp_path)
+    batch = [behavior("impression", 10), behavior("click", 20), tick(3600 + W)]
+    first.process(batch)  # window 0 written, its sample labelled
+    again = writer_for(tmp_path)  # e.g. the partition's next owner, replaying
+    again.process(batch, tags=["imp", "click", "tick"])
+    again.close_all()
+    assert late_lines(tmp_path) == []
+    assert again.counters["already_recorded_followups"] == 1
+    assert set(again.take_done()) == {"imp", "click", "tick"}
+    assert_balanced(again)
+    late = writer_for(tmp_path / "late")  # a click that truly comes too late is still logged
+    late.process([behavior("impression", 10), tick(3600 + W)])
+    late.process([behavior("click", 20)])
+    assert [line["reason"] for line in late_lines(tmp_path / "late")] == [LATE]
 
 
 def test_a_new_writer_on_recorded_windows_continues_after_them(tmp_path: Path) -> None:
