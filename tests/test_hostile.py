@@ -215,6 +215,20 @@ def jsonl_of(mix: list[MixedRecord], folder: Path) -> list[tuple[str, bytes]]:
 
 
 @pytest.mark.slow
+def test_ppm_stream_on_the_hostile_jsonl_exits_0_with_the_same_accounting(tmp_path, mix,
+                                                                          monkeypatch, capsys):
+    from ppm.cli import main
+
+    records = jsonl_of(mix, tmp_path / "jsonl")
+    monkeypatch.setenv("PPM__PIPELINE__ITEM_BATCH_WAIT_S", "1e9")  # as below: fewer batches
+    data = tmp_path / "data"
+    assert main(["--data-dir", str(data), "stream", "--jsonl", str(tmp_path / "jsonl")]) == 0
+    fates = check_accounting(records, data, tmp_path)
+    summary = json.loads((data / "summary.json").read_text())
+    assert summary["finished"] and summary["dead_letters"] == fates["dead_letters"] > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("source", [
     "list",
     "jsonl",
