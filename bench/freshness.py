@@ -45,8 +45,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -87,23 +85,15 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     from encoders.item_encoder import ItemEncoder
     from ppm.config import SimulatorConfig, load_config
     from ppm.events import ItemEvent, decode
-    from ppm.servers import FaustWorker
+    from ppm.servers import FaustWorker, worker_env
     from streams.freshness import read_freshness
     from streams.publisher import Publisher, routing_key
     from streams.shop_simulator import ShopSimulator
     from streams.topics import LagProbe, ensure_topics
 
-    host_port = servers.redis_url.removeprefix("redis://").rstrip("/")
-    env = {**os.environ,
-           "PPM__KAFKA__BOOTSTRAP": servers.kafka_bootstrap,
-           "PPM__KAFKA__ITEMS_TOPIC": "bench-items",
-           "PPM__KAFKA__BEHAVIORS_TOPIC": "bench-behaviors",
-           "PPM__KAFKA__APP_ID": "ppm-bench-freshness",
-           "PPM__DATA_DIR": str(tmp / "data"),
-           "PPM__FEATURES__STORE_YAML": str(REPO / "feature_repo" / "feature_store.redis.yaml"),
-           "PPM_REDIS": f"{host_port},db={args.redis_db}",
-           "PPM__PIPELINE__ITEM_BATCH_WAIT_S": str(args.batch_wait),
-           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env = worker_env(servers.kafka_bootstrap, servers.redis_url, "bench-freshness", tmp / "data",
+                     args.redis_db,
+                     item_batch_wait_s=args.batch_wait)
     cfg = load_config(env=env)
     os.environ["PPM_REDIS"] = env["PPM_REDIS"]  # for this process's reads of the store
     redis.Redis.from_url(f"{servers.redis_url}/{args.redis_db}").flushdb()

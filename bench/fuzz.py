@@ -42,7 +42,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -98,21 +97,13 @@ def run(args: argparse.Namespace, servers, tmp: Path, started: float) -> dict:
     )
 
     from ppm.config import load_config
-    from ppm.servers import FaustWorker
+    from ppm.servers import FaustWorker, worker_env
     from streams.hostile import labelled_mix
     from streams.topics import ensure_topics
 
-    host_port = servers.redis_url.removeprefix("redis://").rstrip("/")
-    env = {**os.environ,
-           "PPM__KAFKA__BOOTSTRAP": servers.kafka_bootstrap,
-           "PPM__KAFKA__ITEMS_TOPIC": "fuzz-items",
-           "PPM__KAFKA__BEHAVIORS_TOPIC": "fuzz-behaviors",
-           "PPM__KAFKA__APP_ID": "ppm-bench-fuzz",
-           "PPM__DATA_DIR": str(tmp / "data"),
-           "PPM__FEATURES__STORE_YAML": str(REPO / "feature_repo" / "feature_store.redis.yaml"),
-           "PPM_REDIS": f"{host_port},db={args.redis_db}",
-           "PPM__PIPELINE__IDLE_CLOSE_S": str(args.idle_close),
-           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env = worker_env(servers.kafka_bootstrap, servers.redis_url, "bench-fuzz", tmp / "data",
+                     args.redis_db,
+                     idle_close_s=args.idle_close)
     cfg = load_config(env=env)
     phases: dict[str, float] = {}
     clock = [time.monotonic()]

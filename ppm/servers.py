@@ -271,6 +271,25 @@ def _run(cmd: list) -> None:
                            f"{proc.stderr}{proc.stdout}")
 
 
+def worker_env(kafka_bootstrap: str, redis_url: str, name: str, data_dir: Path, redis_db: int,
+               **pipeline: object) -> dict[str, str]:
+    """The environment of a Faust worker (and of its tester's own ``load_config``) on these
+    servers with a world of its own: topics ``items-<name>`` and ``behaviors-<name>``,
+    consumer group ``ppm-<name>``, ``data_dir``, Redis database ``redis_db``, and
+    ``pipeline.<key>`` settings."""
+    host_port = redis_url.removeprefix("redis://").rstrip("/")
+    return {**os.environ,
+            "PPM__KAFKA__BOOTSTRAP": kafka_bootstrap,
+            "PPM__KAFKA__ITEMS_TOPIC": f"items-{name}",
+            "PPM__KAFKA__BEHAVIORS_TOPIC": f"behaviors-{name}",
+            "PPM__KAFKA__APP_ID": f"ppm-{name}",
+            "PPM__DATA_DIR": str(data_dir),
+            "PPM__FEATURES__STORE_YAML": str(REPO / "feature_repo" / "feature_store.redis.yaml"),
+            "PPM_REDIS": f"{host_port},db={redis_db}",
+            **{f"PPM__PIPELINE__{k.upper()}": str(v) for k, v in pipeline.items()},
+            "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
 class FaustWorker:
     """``faust -A streams.app worker`` as a child process, its output in ``log_path``.
 

@@ -6,8 +6,6 @@ import base64
 import hashlib
 import io
 import json
-import struct
-import zlib
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -28,6 +26,13 @@ from ppm.events import (
     decode,
     decode_record,
     format_event_time,
+)
+from streams.hostile import (
+    gif_claiming,
+    jpeg_claiming,
+    png_claiming,
+    tiff_claiming,
+    webp_claiming,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -295,54 +300,8 @@ def test_huge_strings_are_refused_with_a_reason(n, field):
 
 
 # ---------------------------------------------------------------- image bombs
-# Tiny files whose headers claim huge pictures. Each is a valid small picture at 8x8, so a
-# dead letter at a larger size is the size check speaking, not a broken file.
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 9)) + _png_chunk(b"IEND", b""))
-
-
-def _saved(fmt: str, **options) -> bytearray:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format=fmt, **options)
-    return bytearray(buf.getvalue())
-
-
-def gif_claiming(width: int, height: int) -> bytes:
-    data = _saved("GIF")
-    data[6:10] = struct.pack("<HH", width, height)  # the logical screen
-    return bytes(data)
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    data = _saved("JPEG")
-    at = data.index(b"\xff\xc0") + 5  # SOF0: marker, length, precision, then height, width
-    data[at:at + 4] = struct.pack(">HH", height, width)
-    return bytes(data)
-
-
-def tiff_claiming(width: int, height: int) -> bytes:
-    # ImageWidth, ImageLength, BitsPerSample, Compression, Photometric, StripOffsets,
-    # RowsPerStrip, StripByteCounts: (tag, type 3 short / 4 long, count, value).
-    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1),
-            (262, 3, 1, 1), (273, 4, 1, 8), (278, 4, 1, height), (279, 4, 1, 1)]
-    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", *t) for t in tags)
-    return b"II*\x00" + struct.pack("<I", 9) + b"\x00" + ifd + b"\x00" * 4
-
-
-def webp_claiming(width: int, height: int) -> bytes:
-    exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x00\x00"  # makes Pillow write a VP8X header
-    data = _saved("WEBP", lossless=True, exif=exif)
-    assert data[12:16] == b"VP8X"
-    data[24:30] = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
-    return bytes(data)
+# Tiny files whose headers claim huge pictures (streams.hostile makes them). Each is a valid
+# small picture at 8x8, so a dead letter at a larger size is the size check speaking.
 
 
 CLAIMING = {"png": png_claiming, "gif": gif_claiming, "jpeg": jpeg_claiming,

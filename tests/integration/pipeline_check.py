@@ -17,12 +17,11 @@ from feast.errors import FeatureViewNotFoundException
 
 from ppm.config import Config, SimulatorConfig, load_config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
-from ppm.servers import FaustWorker
+from ppm.servers import FaustWorker, worker_env
 from streams.intake import Intake
 from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
 from streams.topics import ensure_topics
 
-REPO = Path(__file__).resolve().parents[2]
 _databases = itertools.count(1)  # Redis database per test: 1..15 (0 is left to people)
 
 
@@ -39,21 +38,10 @@ class Scenario:
 
     @classmethod
     def create(cls, name: str, kafka_bootstrap: str, redis_url: str, tmp: Path) -> Scenario:
-        host_port = redis_url.removeprefix("redis://").rstrip("/")
         db = next(_databases)
-        env = {**os.environ,
-               "PPM__KAFKA__BOOTSTRAP": kafka_bootstrap,
-               "PPM__KAFKA__ITEMS_TOPIC": f"items-{name}",
-               "PPM__KAFKA__BEHAVIORS_TOPIC": f"behaviors-{name}",
-               "PPM__KAFKA__APP_ID": f"ppm-{name}",
-               "PPM__DATA_DIR": str(tmp / "data"),
-               "PPM__FEATURES__STORE_YAML": str(REPO / "feature_repo" /
-                                                "feature_store.redis.yaml"),
-               "PPM__PIPELINE__ITEM_BATCH_WAIT_S": "0.5",
-               # The end of a test's stream: close the windows, so lag can reach 0.
-               "PPM__PIPELINE__IDLE_CLOSE_S": "5",
-               "PPM_REDIS": f"{host_port},db={db}",
-               "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+        # idle_close_s: the end of a test's stream closes the windows, so lag can reach 0.
+        env = worker_env(kafka_bootstrap, redis_url, name, tmp / "data", db,
+                         item_batch_wait_s=0.5, idle_close_s=5)
         cfg = load_config(env=env)
         redis.Redis.from_url(f"{redis_url}/{db}").flushdb()
         ensure_topics(cfg.kafka)
