@@ -265,6 +265,7 @@ def account(cfg, records, outcomes, where, letters, want, store_problems) -> dic
 
     from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
     from streams.sequence_builder import to_us
+    from streams.training_log import sample_id_of
 
     record_at = {f"{topic}:{partition}:{offset}": n
                  for n, (topic, partition, offset) in enumerate(where)}
@@ -297,7 +298,7 @@ def account(cfg, records, outcomes, where, letters, want, store_problems) -> dic
     rows = window_samples(cfg.data_dir)
     counts = Counter(sample for sample, *_ in rows)
     labels = {sample: tuple(labels) for sample, *labels in rows}
-    impressions = {f"{e.request_id}:{e.item_id}:{to_us(e.event_time)}"
+    impressions = {sample_id_of(e.request_id, e.item_id, to_us(e.event_time))
                    for e in admitted.values()
                    if isinstance(e, BehaviorEvent) and e.action.value == "impression"}
     labelled = {(sample.rsplit(":", 2)[0], sample.rsplit(":", 2)[1], action)
@@ -310,7 +311,7 @@ def account(cfg, records, outcomes, where, letters, want, store_problems) -> dic
         if isinstance(e, ItemEvent):
             return e.item_id not in troubled_items
         if e.action.value == "impression":
-            return counts[f"{e.request_id}:{e.item_id}:{to_us(e.event_time)}"] >= 1
+            return counts[sample_id_of(e.request_id, e.item_id, to_us(e.event_time))] >= 1
         return ((e.request_id, e.item_id, e.action.value) in labelled
                 or late[e.to_json().decode()] > 0)
 

@@ -313,10 +313,9 @@ async def one_batch_ahead(apply: Callable[[T], Awaitable[None]], what: str
 class DeadLetterTopic:
     """Where a topic's dead letters go: capped to fit, delivery awaited, outages retried."""
 
-    def __init__(self, topic: faust.TopicT, max_bytes: int, intake: Intake):
+    def __init__(self, topic: faust.TopicT, max_bytes: int):
         self.topic = topic
         self.max_bytes = max_bytes
-        self.intake = intake
 
     async def send(self, letters: list[tuple[DeadLetter, bytes | None]]) -> None:
         """Produce ``(letter, key)`` pairs and wait until the broker has every one."""
@@ -347,8 +346,8 @@ class Shared:
     cfg: Config
     intake: Intake
     item_states: TableView[ItemState]
-    store_opener: Callable[[], Awaitable[Any]]
     opened: dict[str, Any]
+    """What the worker opens once (its store, its freshness figures)."""
 
     def decoded(self, events: list[faust.EventT], kind: str, topic: str
                 ) -> Iterator[tuple[faust.EventT, list[tuple[str, Admitted]]]]:
@@ -574,11 +573,11 @@ def create_app(cfg: Config) -> faust.App:
                 opened["store"] = await asyncio.to_thread(OnlineFeatures.open, cfg)
             return opened["store"]
 
-    shared = Shared(cfg, Intake(cfg), TableView(item_table, ItemState), store, opened)
+    shared = Shared(cfg, Intake(cfg), TableView(item_table, ItemState), opened)
 
     def dead_letters(topic: str) -> DeadLetterTopic:
         return DeadLetterTopic(app.topic(topic + kafka.dead_letter_suffix, **raw),
-                               kafka.dead_letter_max_bytes, shared.intake)
+                               kafka.dead_letter_max_bytes)
 
     lanes: dict[str, Any] = {}
 

@@ -21,9 +21,10 @@ events to process and the dead letters to route. The rules, stated once:
 * **Counters**: records, events and dead letters by failure class (``stage``), so every
   event has a fate: processed, or a dead letter with its reason.
 
-Dead letters of the other two failure classes are made here too, so they read alike:
+The dead letters of a processing failure are made here too, so they read alike:
 :func:`processing_dead_letter` (one record failed in a processor; the rest of its batch
-went on) and the ``stage="produce"`` field a driver sets when it had to cap a letter.
+went on). A failure to produce a dead letter has no letter: it is retried, or the worker
+stops.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ bound: the local runner's batcher, or Faust's ``stream.take(n, within)``) and
 
 An event the encoder fails on by itself (any exception for that item alone) is left out and
 reported in :attr:`EmbedResult.rejected`, for the caller's dead-letter route; the rest of the
-batch goes on. A failure of the whole batch (the encoder's process is gone, every item
-fails) is raised, as is a store or log failure.
+batch goes on. A failure of the encoder itself (its process is gone, or every item fails
+and so does a plain probe item) is raised, as is a store or log failure.
 """
 
 from __future__ import annotations

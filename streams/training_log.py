@@ -224,6 +224,11 @@ class _Recorded:
         return cls(frozenset(table["sample_id"].to_pylist()), labels)
 
 
+def sample_id_of(request_id: str, item_id: str, impression_us: int) -> str:
+    """The sample id of an impression (``impression_us``: its event time, µs)."""
+    return f"{request_id}:{item_id}:{impression_us}"
+
+
 def _row(values: Sequence[Any]) -> tuple[Any, ...]:
     """A window row read back from JSON: the sequence columns as tuples again."""
     return (*values[:10], *(tuple(v) for v in values[10:13]), *values[13:])
@@ -490,7 +495,7 @@ class TrainingLogWriter:
         return time_us - time_us % self._window_us
 
     def _add_impression(self, time_us: int, event: BehaviorEvent, tag: Any = None) -> None:
-        sample_id = f"{event.request_id}:{event.item_id}:{time_us}"
+        sample_id = sample_id_of(event.request_id, event.item_id, time_us)
         own_window = self._window_of(time_us)
         seen = self._seen.setdefault(own_window, set())
         if sample_id in seen:

@@ -24,7 +24,7 @@ from streams.hostile import (
 from streams.intake import Intake
 from streams.sequence_builder import SequenceBuilder, to_us
 from streams.shop_simulator import ShopSimulator
-from streams.training_log import TrainingLogWriter
+from streams.training_log import TrainingLogWriter, sample_id_of
 
 WORLD = SimulatorConfig(seed=11, days=0.5, n_users=60, initial_items=20, items_per_day=50,
                         malformed_share=0.02)
@@ -53,7 +53,7 @@ def fate(outcome: Outcome) -> str:
 
 
 def sample_id(event: BehaviorEvent) -> str:
-    return f"{event.request_id}:{event.item_id}:{to_us(event.event_time)}"
+    return sample_id_of(event.request_id, event.item_id, to_us(event.event_time))
 
 
 # ---------------------------------------------------------------- the mix

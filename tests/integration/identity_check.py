@@ -13,17 +13,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from ppm.config import Config
 from ppm.events import BehaviorEvent, DeadLetter
 from streams.intake import Intake
 from streams.sequence_builder import to_us
+from streams.training_log import sample_id_of
 
-
-def sample_id(event: BehaviorEvent) -> str:
-    """The training log's sample id of an impression (``streams/training_log.py``)."""
-    return f"{event.request_id}:{event.item_id}:{to_us(event.event_time)}"
+from .pipeline_check import window_samples
 
 
 def letter_key(letter: dict | DeadLetter) -> str:
@@ -58,21 +54,14 @@ class Expected:
                 if isinstance(event, DeadLetter):  # as the worker sends it: capped
                     self.letters[letter_key(event.capped(cfg.kafka.dead_letter_max_bytes))] += 1
                 elif isinstance(event, BehaviorEvent) and event.action.value == "impression":
-                    self.sample_ids.add(sample_id(event))
+                    self.sample_ids.add(sample_id_of(event.request_id, event.item_id,
+                                                     to_us(event.event_time)))
 
 
 def window_sample_ids(data_dir: Path) -> Counter[str]:
     """Every sample id in every recorded window file (local runner's and every partition's),
     with how often it occurs."""
-    ids: Counter[str] = Counter()
-    manifests = [Path(data_dir) / "training" / "windows" / "manifest.json",
-                 *sorted((Path(data_dir) / "training").glob("partition-*/windows/manifest.json"))]
-    for manifest in manifests:
-        if manifest.exists():
-            for entry in json.loads(manifest.read_text()):
-                table = pq.read_table(manifest.parent / entry["path"], columns=["sample_id"])
-                ids.update(table["sample_id"].to_pylist())
-    return ids
+    return Counter(sample for sample, *_ in window_samples(data_dir))
 
 
 def sample_problems(want: Expected, data_dir: Path) -> list[str]:

@@ -206,7 +206,7 @@ def admit_all(cfg: Config, records: list[tuple[str, bytes]]
               ) -> list[list[ItemEvent | BehaviorEvent | DeadLetter]]:
     """What :class:`streams.intake.Intake` makes of each record, in order, without Kafka:
     its events and dead letters (one record may hold several; ``streams.hostile``'s fates).
-    The clock guards judge behaviors by the behaviors before them, as a worker does."""
+    The clock guards are a worker's (no stream clock: the record's time decides)."""
     gate = Intake(cfg)
     return [gate.admit(kind, raw, f"{kind}:{n}")  # type: ignore[arg-type]
             for n, (kind, raw) in enumerate(records)]
@@ -229,13 +229,12 @@ def window_samples(data_dir: Path) -> list[tuple[str, int, int, int]]:
     ``training/partition-<p>/windows/``), a sample written twice listed twice."""
     import pyarrow.parquet as pq
 
-    training = Path(data_dir) / "training"
+    from trainer.windows import window_sources
+
     rows: list[tuple[str, int, int, int]] = []
-    for manifest in sorted([*training.glob("windows/manifest.json"),
-                            *training.glob("partition-*/windows/manifest.json")]):
-        for entry in json.loads(manifest.read_text()):
-            table = pq.read_table(manifest.parent / entry["path"],
-                                  columns=["sample_id", "click", "order", "collect"])
+    for windows in window_sources(Path(data_dir) / "training").values():
+        for path in (f for window in windows for f in window.files):
+            table = pq.read_table(path, columns=["sample_id", "click", "order", "collect"])
             rows += zip(*(table[c].to_pylist() for c in table.column_names), strict=True)
     return rows
 
@@ -260,6 +259,7 @@ def publish_tracked(cfg: Config, records: list[tuple[str, bytes]], progress: boo
     from kafka import KafkaProducer
     from tqdm import tqdm
 
+    from streams.publisher import routing_key
     from streams.topics import RECORD_HEADROOM_BYTES
 
     topics = {"item": cfg.kafka.items_topic, "behavior": cfg.kafka.behaviors_topic}
@@ -278,7 +278,7 @@ def publish_tracked(cfg: Config, records: list[tuple[str, bytes]], progress: boo
     try:
         for n, (kind, raw) in enumerate(tqdm(records, desc="publish", unit=" rec",
                                              disable=not progress, mininterval=0.5)):
-            key = _routing_key(kind, raw)
+            key = routing_key(kind, raw)
             if not raw and key is None:
                 key = b"tombstone"  # Kafka takes a record with a key or a value, not neither
             future = producer.send(topics[kind], key=key, value=raw or None)
@@ -292,13 +292,3 @@ def publish_tracked(cfg: Config, records: list[tuple[str, bytes]], progress: boo
                            f"{failures[:1]!r}")
     return where  # type: ignore[return-value]
 
-
-def _routing_key(kind: str, raw: bytes) -> bytes | None:
-    """``streams.publisher.routing_key``, and None where that raises (JSON nested too deep
-    to parse)."""
-    from streams.publisher import routing_key
-
-    try:
-        return routing_key(kind, raw)
-    except RecursionError:
-        return None
