@@ -66,7 +66,7 @@ def main() -> None:
                         "waits for its batch (default 0.25 s)")
     args = parser.parse_args()
 
-    from ppm.servers import start_servers
+    from tests.servers import start_servers
 
     # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers and the worker this
     # run started (in their own sessions) are stopped too.
@@ -85,11 +85,11 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     from encoders.item_encoder import ItemEncoder
     from ppm.config import SimulatorConfig, load_config
     from ppm.events import ItemEvent, decode
-    from ppm.servers import FaustWorker, worker_env
     from streams.freshness import read_freshness
-    from streams.publisher import Publisher, routing_key
-    from streams.shop_simulator import ShopSimulator
+    from streams.sources.publisher import Publisher, routing_key
+    from streams.sources.shop_simulator import ShopSimulator
     from streams.topics import LagProbe, ensure_topics
+    from tests.servers import FaustWorker, worker_env
 
     env = worker_env(servers.kafka_bootstrap, servers.redis_url, "bench-freshness", tmp / "data",
                      args.redis_db,
@@ -184,7 +184,7 @@ def wait_for_encoder(cfg, template: dict, read_stats, timeout_s: float = 180) ->
     """Publish one item and wait until the worker has made it readable: the worker's encoder
     loads in a child process after Faust says it is ready, and that start-up is not part
     of a steady-state latency (nor should it share the cores with the bare baseline)."""
-    from streams.publisher import Publisher, routing_key
+    from streams.sources.publisher import Publisher, routing_key
 
     item = dict(template, item_id="warm-up", event_time=datetime.now(UTC).isoformat())
     raw = json.dumps(item).encode()
@@ -210,7 +210,7 @@ def drain(cfg, sent: list[str], timeout_s: float, read_stats
           ) -> tuple[int, dict[str, float]]:
     """Wait until every sent item is in the worker's freshness records (readable in Redis)
     and confirm in Redis itself; return (lost, item_id -> event-to-readable ms)."""
-    from streams.online_features import OnlineFeatures
+    from feature_repo.online_features import OnlineFeatures
 
     wanted = set(sent)
     deadline = time.monotonic() + timeout_s
@@ -236,10 +236,10 @@ def behaviors_per_s(cfg, count: int, events_per_record: int, world: int
     run's events are late or duplicates for the worker), packed ``events_per_record``."""
     from kafka.partitioner.default import murmur2
 
+    from feature_repo.online_features import OnlineFeatures
     from ppm.config import SimulatorConfig
-    from streams.online_features import OnlineFeatures
-    from streams.publisher import Publisher
-    from streams.shop_simulator import ShopSimulator
+    from streams.sources.publisher import Publisher
+    from streams.sources.shop_simulator import ShopSimulator
 
     days = 3.0
     base = SimulatorConfig()

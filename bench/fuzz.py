@@ -6,9 +6,9 @@ consumer group, Redis database (``--redis-db``, flushed first) and data dir, wit
 ``pipeline.idle_close_s`` set so that a quiet partition closes its windows and the group can
 commit everything.
 
-1. Records: a simulated shop (``streams.shop_simulator``, users scaled to reach ``--records``,
-   items a small share since the encoder does 40-75 items/s on two cores) with
-   ``--hostile-share`` of hostile records (``streams.hostile``: every case at least once,
+1. Records: a simulated shop (``streams.sources.shop_simulator``, users scaled to reach
+   ``--records``, items a small share since the encoder does 40-75 items/s on two cores) with
+   ``--hostile-share`` of hostile records (``streams.sources.hostile``: every case at least once,
    the one 8 MB record included).
 2. Expected, without Kafka: what :class:`streams.intake.Intake` makes of each record (its
    events and dead letters), the sample ids of the admitted impressions, their labels and
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--redis-db", type=int, default=10)
     args = parser.parse_args()
 
-    from ppm.servers import start_servers
+    from tests.servers import start_servers
 
     # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers and the worker this
     # run started (in their own sessions) are stopped too.
@@ -97,9 +97,9 @@ def run(args: argparse.Namespace, servers, tmp: Path, started: float) -> dict:
     )
 
     from ppm.config import load_config
-    from ppm.servers import FaustWorker, worker_env
-    from streams.hostile import labelled_mix
+    from streams.sources.hostile import labelled_mix
     from streams.topics import ensure_topics
+    from tests.servers import FaustWorker, worker_env
 
     env = worker_env(servers.kafka_bootstrap, servers.redis_url, "bench-fuzz", tmp / "data",
                      args.redis_db,
@@ -180,7 +180,7 @@ def world(records: int, share: float, seed: int) -> list[tuple[str, bytes]]:
     from tqdm import tqdm
 
     from ppm.config import SimulatorConfig
-    from streams.shop_simulator import ShopSimulator
+    from streams.sources.shop_simulator import ShopSimulator
 
     valid = math.ceil(records * (1 - share))
     sim = ShopSimulator(SimulatorConfig(seed=seed, days=3.0, n_users=max(50, valid // 10),
@@ -263,8 +263,8 @@ def account(cfg, records, outcomes, where, letters, want, store_problems) -> dic
     """Every event's fate, found by identity (see the module docstring)."""
     from pipeline_check import late_events, letter_element, window_samples
 
+    from ppm.clock import to_us
     from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
-    from streams.sequence_builder import to_us
     from streams.training_log import sample_id_of
 
     record_at = {f"{topic}:{partition}:{offset}": n

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ppm.config import Config, SimulatorConfig
 from ppm.events import BehaviorEvent, ItemEvent, ItemOp
-from streams.shop_simulator import ShopSimulator
+from streams.sources.shop_simulator import ShopSimulator
 
 
 def main() -> None:
@@ -37,9 +37,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from encoders.item_encoder import ItemEncoder
+    from feature_repo.item_log import ItemLog
+    from feature_repo.online_features import OnlineFeatures
     from streams.item_embedder import ItemEmbedder
-    from streams.item_log import ItemLog
-    from streams.online_features import OnlineFeatures
     from streams.sequence_builder import SequenceBuilder
     from streams.training_log import TrainingLogWriter
 

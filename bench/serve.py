@@ -36,11 +36,11 @@ def main() -> None:
 
     import torch
 
+    from feature_repo.online_features import OnlineFeatures
     from ppm.config import Config, SimulatorConfig
     from streams.local_runner import LocalRunner
-    from streams.online_features import OnlineFeatures
-    from streams.shop_simulator import ShopSimulator
-    from trainer.ranker import Ranker
+    from streams.sources.shop_simulator import ShopSimulator
+    from trainer.serving.ranker import Ranker
     from trainer.train import IncrementalTrainer
 
     world = SimulatorConfig(seed=11, days=1.0, n_users=300, initial_items=300,

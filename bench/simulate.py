@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ppm.config import SimulatorConfig
-from streams.shop_simulator import ShopSimulator
+from streams.sources.shop_simulator import ShopSimulator
 
 GOAL_S = 60
 

@@ -20,7 +20,7 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.types import Array, Bool, Float32, Int64, String
 
 # Feast's FeatureView ttl is not applied on online reads (feast-dev/feast#6821), so views
-# keep no ttl here and the freshness window is enforced by streams.online_features instead.
+# keep no ttl here and the freshness window is enforced by feature_repo.online_features instead.
 NO_TTL = timedelta(0)
 
 ITEM_EMBEDDING_VIEW = "item_embedding"

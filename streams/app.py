@@ -71,13 +71,13 @@ from typing import Any, TypeVar
 
 import faust
 
+from ppm.atomic_file import append_line
+from ppm.clock import now_us
 from ppm.config import Config, load_config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
-from streams.atomic_file import append_line
+from ppm.records import ItemState, UserSequence
 from streams.intake import Admitted, Intake, processing_dead_letter
-from streams.item_state import ItemState
-from streams.online_features import now_us
-from streams.sequence_builder import SequenceBuilder, UserSequence
+from streams.sequence_builder import SequenceBuilder
 from streams.topics import ITEM_TABLE, SEQUENCE_TABLE
 
 log = logging.getLogger(__name__)
@@ -366,9 +366,9 @@ class ItemLane:
 
     def __init__(self, shared: Shared, stream: faust.StreamT, dead: DeadLetterTopic,
                  encoder: Any, store: Any):
+        from feature_repo.item_log import ItemLog
         from streams.freshness import FreshnessStats
         from streams.item_embedder import ItemEmbedder
-        from streams.item_log import ItemLog
 
         cfg = shared.cfg
         self.shared, self.dead, self.topic = shared, dead, cfg.kafka.items_topic
@@ -568,7 +568,7 @@ def create_app(cfg: Config) -> faust.App:
         agents opening it side by side would write the registry file concurrently."""
         async with opening:
             if "store" not in opened:
-                from streams.online_features import OnlineFeatures
+                from feature_repo.online_features import OnlineFeatures
 
                 opened["store"] = await asyncio.to_thread(OnlineFeatures.open, cfg)
             return opened["store"]

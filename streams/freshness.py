@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from streams.atomic_file import write_atomically
+from ppm.atomic_file import write_atomically
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),

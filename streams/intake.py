@@ -33,10 +33,9 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from ppm.clock import now_us, to_us
 from ppm.config import Config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, decode_record
-from streams.online_features import now_us
-from streams.sequence_builder import to_us
 
 Kind = Literal["item", "behavior"]
 Admitted = ItemEvent | BehaviorEvent | DeadLetter

@@ -25,12 +25,12 @@ from typing import Protocol
 
 from encoders.encoder_process import EncoderProcess
 from encoders.item_encoder import NO_IMAGE, ItemEncoder
+from feature_repo.item_log import ItemLog
+from feature_repo.online_features import ItemEmbeddingRow, OnlineItem
+from ppm.clock import now_us, to_us
 from ppm.events import ItemEvent, ItemOp
+from ppm.records import ItemState, price_bucket
 from streams.freshness import FreshnessStats
-from streams.item_log import ItemLog
-from streams.item_state import ItemState, price_bucket
-from streams.online_features import ItemEmbeddingRow, OnlineItem, now_us
-from streams.sequence_builder import to_us
 
 
 class ItemStore(Protocol):

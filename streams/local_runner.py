@@ -32,16 +32,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from feature_repo.item_log import ItemLog
+from feature_repo.online_features import OnlineFeatures
+from ppm.atomic_file import append_line, size_of, truncate_to, write_atomically
+from ppm.clock import now_us, to_us
 from ppm.config import Config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
-from streams.atomic_file import append_line, size_of, truncate_to, write_atomically
+from ppm.records import ItemState, UserSequence
 from streams.freshness import FreshnessStats
 from streams.intake import Intake, processing_dead_letter
 from streams.item_embedder import EmbedResult, ItemEmbedder
-from streams.item_log import ItemLog
-from streams.item_state import ItemState
-from streams.online_features import OnlineFeatures, now_us
-from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
+from streams.sequence_builder import SequenceBuilder
+from streams.sources.catalog_import import history_config, refuse_existing_run
 from streams.training_log import TrainingLogWriter
 
 CHECKPOINT_VERSION = 2
@@ -335,3 +337,21 @@ def jsonl_records(folder: Path, max_jump_s: float = 86_400.0) -> Iterator[Record
 
     for _, _, record in heapq.merge(lines("item"), lines("behavior"), key=lambda x: x[:2]):
         yield record
+
+
+def import_into_pipeline(cfg: Config, events_dir: Path, progress: bool = True,
+                         encoder=None) -> RunSummary:
+    """Stream ``events_dir`` (from :func:`streams.sources.catalog_import.write_events`)
+    through a fresh :class:`LocalRunner` into ``cfg.data_dir``, with
+    :data:`~streams.sources.catalog_import.HISTORY_PIPELINE` overriding ``cfg.pipeline``.
+
+    ``cfg.data_dir`` must not hold another run (FileExistsError): old training windows and
+    stored items would mix with this import. ``encoder``: an ``ItemEncoder`` to reuse
+    (default: built from ``cfg``, a few seconds). Items with no image get a zero image part;
+    that is not an image error (``item_warnings.jsonl`` lists only unreadable images).
+    """
+    events_dir = Path(events_dir)
+    refuse_existing_run(cfg.data_dir)
+    runner = LocalRunner(history_config(cfg), encoder=encoder, resume=False)
+    return runner.run(jsonl_records(events_dir, runner.cfg.pipeline.max_clock_jump_s),
+                      source=f"jsonl:{events_dir}", progress=progress)

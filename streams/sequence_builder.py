@@ -8,57 +8,13 @@ table in the distributed path), and writes the changed sequences to a sink in on
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable, MutableMapping, Sequence
-from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ppm.events import Action, BehaviorEvent
+from ppm.records import UserSequence
 
 INTERACTIONS = frozenset({Action.CLICK, Action.ORDER, Action.COLLECT})
-
-
-def to_us(event_time) -> int:
-    """A timezone-aware datetime as integer microseconds since the Unix epoch (UTC)."""
-    return int(event_time.timestamp() * 1_000_000)
-
-
-@dataclass(frozen=True)
-class UserSequence:
-    """A user's last interactions, oldest first; the three tuples are parallel."""
-
-    user_id: str
-    item_ids: tuple[str, ...] = ()
-    actions: tuple[str, ...] = ()
-    times_us: tuple[int, ...] = ()
-    """Event times, microseconds since the Unix epoch (UTC)."""
-
-    @property
-    def updated_us(self) -> int:
-        return self.times_us[-1] if self.times_us else 0
-
-    def before(self, time_us: int) -> UserSequence:
-        """The part strictly before ``time_us``: what was known at that moment."""
-        cut = bisect.bisect_left(self.times_us, time_us)
-        return replace(self, item_ids=self.item_ids[:cut], actions=self.actions[:cut],
-                       times_us=self.times_us[:cut])
-
-    def with_interaction(self, event: BehaviorEvent, k: int) -> UserSequence:
-        """This sequence plus ``event`` at its event-time place, cut to the last ``k``.
-
-        A late event is inserted where it belongs; an exact duplicate (same item, action and
-        time) changes nothing.
-        """
-        t = to_us(event.event_time)
-        lo = bisect.bisect_left(self.times_us, t)
-        hi = bisect.bisect_right(self.times_us, t)
-        for i in range(lo, hi):
-            if self.item_ids[i] == event.item_id and self.actions[i] == event.action.value:
-                return self
-        items = (*self.item_ids[:hi], event.item_id, *self.item_ids[hi:])
-        actions = (*self.actions[:hi], event.action.value, *self.actions[hi:])
-        times = (*self.times_us[:hi], t, *self.times_us[hi:])
-        return replace(self, item_ids=items[-k:], actions=actions[-k:], times_us=times[-k:])
 
 
 class SequenceSink(Protocol):

@@ -29,7 +29,7 @@ seq_actions           list<string>               impression (``UserSequence.befo
 seq_times_us          list<int64>                first; times in microseconds since the epoch
 item_encoder_version  string, nullable           the item's embedding version; None unless its
 item_content_hash     string, nullable           ``content_time_us <= impression time``
-item_category         string, nullable           from :class:`~streams.item_state.ItemState`;
+item_category         string, nullable           from :class:`~ppm.records.ItemState`;
 item_brand            string, nullable           all item_* columns are None for an item the
 item_shop             string, nullable           ``items`` mapping does not know
 item_price_bucket     int32, nullable
@@ -112,10 +112,10 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ppm.atomic_file import size_of, truncate_to, write_atomically
+from ppm.clock import to_us
 from ppm.events import Action, BehaviorEvent, format_event_time
-from streams.atomic_file import size_of, truncate_to, write_atomically
-from streams.item_state import ItemState
-from streams.sequence_builder import UserSequence, to_us
+from ppm.records import ItemState, UserSequence
 
 log = logging.getLogger(__name__)
 

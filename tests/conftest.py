@@ -26,6 +26,6 @@ def cfg(tmp_path: Path) -> Config:
 @pytest.fixture
 def online(cfg: Config):
     """A registered Feast store on SQLite (the embedded default), empty."""
-    from streams.online_features import OnlineFeatures
+    from feature_repo.online_features import OnlineFeatures
 
     return OnlineFeatures.open(cfg)

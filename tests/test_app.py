@@ -137,7 +137,7 @@ def test_a_revoked_partitions_records_are_never_acknowledged_nor_its_stale_ones(
 
 
 def test_table_view_decodes_a_value_once_and_never_serves_a_replaced_one(app_module):
-    from streams.sequence_builder import UserSequence
+    from ppm.records import UserSequence
 
     table: dict[bytes, bytes] = {}
     view = app_module.TableView(table, UserSequence, cache_size=2)

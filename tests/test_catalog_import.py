@@ -18,16 +18,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import streams.catalog_import as catalog_import
-from ppm.cli import main
+import streams.sources.catalog_import as catalog_import
+from ppm.cli.main import main
 from ppm.config import Config
 from ppm.events import MIN_EVENT_TIME, BehaviorEvent, ItemEvent, decode
-from streams.catalog_import import (
+from streams.local_runner import import_into_pipeline
+from streams.sources.catalog_import import (
     HISTORY_PIPELINE,
     LabelCondition,
     LabelRule,
     history_config,
-    import_into_pipeline,
     movielens,
     read_table,
     refuse_existing_run,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ppm.cli import main
+from ppm.cli.main import main
 
 HEAVY = ("torch", "transformers", "feast", "faust", "pandas", "pyarrow")
 
@@ -16,7 +16,7 @@ HEAVY = ("torch", "transformers", "feast", "faust", "pandas", "pyarrow")
 def test_help_imports_nothing_heavy():
     code = (
         "import sys\n"
-        "from ppm.cli import main\n"
+        "from ppm.cli.main import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
     )
@@ -88,7 +88,7 @@ def test_status_reads_every_workers_freshness_windows_and_dead_letters(tmp_path,
                                                                        capsys):
     from streams.freshness import FreshnessStats
 
-    monkeypatch.setattr("ppm.cli._lag", lambda kafka: {})  # no broker here
+    monkeypatch.setattr("ppm.cli.main._lag", lambda kafka: {})  # no broker here
     # Freshness: the local runner's file and two Faust workers' files.
     lags_ms = {"freshness.parquet": [10, 20], "freshness/w1.parquet": [30],
                "freshness/w2.parquet": [40, 50, 1000]}

@@ -27,7 +27,7 @@ from ppm.events import (
     decode_record,
     format_event_time,
 )
-from streams.hostile import (
+from streams.sources.hostile import (
     gif_claiming,
     jpeg_claiming,
     png_claiming,
@@ -300,7 +300,7 @@ def test_huge_strings_are_refused_with_a_reason(n, field):
 
 
 # ---------------------------------------------------------------- image bombs
-# Tiny files whose headers claim huge pictures (streams.hostile makes them). Each is a valid
+# Tiny files whose headers claim huge pictures (streams.sources.hostile makes them). Each is a valid
 # small picture at 8x8, so a dead letter at a larger size is the size check speaking.
 
 

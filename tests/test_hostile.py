@@ -1,4 +1,4 @@
-"""Hostile records (streams/hostile.py): every case, its fate, and a local run that accounts
+"""Hostile records (streams/sources/hostile.py): every case, its fate, and a local run that accounts
 for every event by identity."""
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from ppm.clock import to_us
 from ppm.config import Config, SimulatorConfig
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
-from streams.hostile import (
+from streams.intake import Intake
+from streams.sequence_builder import SequenceBuilder
+from streams.sources.hostile import (
     HOSTILE_CASES,
     OVERSIZED,
     MixedRecord,
@@ -21,9 +24,7 @@ from streams.hostile import (
     labelled_mix,
     write_jsonl,
 )
-from streams.intake import Intake
-from streams.sequence_builder import SequenceBuilder, to_us
-from streams.shop_simulator import ShopSimulator
+from streams.sources.shop_simulator import ShopSimulator
 from streams.training_log import TrainingLogWriter, sample_id_of
 
 WORLD = SimulatorConfig(seed=11, days=0.5, n_users=60, initial_items=20, items_per_day=50,
@@ -217,7 +218,7 @@ def jsonl_of(mix: list[MixedRecord], folder: Path) -> list[tuple[str, bytes]]:
 @pytest.mark.slow
 def test_ppm_stream_on_the_hostile_jsonl_exits_0_with_the_same_accounting(tmp_path, mix,
                                                                           monkeypatch, capsys):
-    from ppm.cli import main
+    from ppm.cli.main import main
 
     records = jsonl_of(mix, tmp_path / "jsonl")
     monkeypatch.setenv("PPM__PIPELINE__ITEM_BATCH_WAIT_S", "1e9")  # as below: fewer batches

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+from ppm.clock import to_us
 from ppm.config import Config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
 from streams.intake import Intake, processing_dead_letter
-from streams.sequence_builder import to_us
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
+from feature_repo.item_log import ItemLog, read_item_log
+from ppm.clock import to_us
 from ppm.events import ItemEvent, ItemOp
 from streams.item_embedder import ItemEmbedder
-from streams.item_log import ItemLog, read_item_log
-from streams.sequence_builder import to_us
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 pytestmark = pytest.mark.slow  # loads the pretrained encoders once per session
@@ -153,7 +153,7 @@ def test_ranker_item_cache_reuses_reads_for_its_max_age_and_judges_each_request(
         embedder, online):
     import time
 
-    from trainer.ranker import ItemCache
+    from trainer.serving.ranker import ItemCache
 
     embedder.process([item("a", 0)])
     cache = ItemCache(online, max_age_s=0.5, max_items=10)

@@ -19,7 +19,7 @@ import pytest
 from ppm.config import Config, SimulatorConfig
 from ppm.events import Action, BehaviorEvent
 from streams.local_runner import LocalRunner, _Pacer, jsonl_records
-from streams.shop_simulator import ShopSimulator
+from streams.sources.shop_simulator import ShopSimulator
 
 pytestmark = pytest.mark.slow
 WORLD = SimulatorConfig(seed=5, days=1.0, n_users=150, initial_items=60, items_per_day=80,
@@ -164,7 +164,7 @@ def test_samples_never_see_the_future_and_freshness_is_recorded(straight):
 
 
 def test_features_cli_shows_age_and_staleness(straight, capsys):
-    from ppm.cli import main
+    from ppm.cli.main import main
 
     path = straight[0]
     item_id = samples(path)[-1]["sample_id"].split(":")[1]
@@ -194,7 +194,7 @@ def test_features_cli_shows_age_and_staleness(straight, capsys):
 
 
 def test_features_apply_registers_the_repo(tmp_path, capsys):
-    from ppm.cli import main
+    from ppm.cli.main import main
 
     assert main(["--data-dir", str(tmp_path), "features", "apply"]) == 0
     out = capsys.readouterr().out

@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ppm.clock import to_us
 from ppm.events import Action, BehaviorEvent
-from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
+from ppm.records import UserSequence
+from streams.sequence_builder import SequenceBuilder
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ppm.config import SimulatorConfig
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, ItemOp, decode
-from streams.shop_simulator import CATEGORIES, ShopSimulator
+from streams.sources.shop_simulator import CATEGORIES, ShopSimulator
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)  # decode's received_at: no wall clock in tests
 DAY = timedelta(days=1)

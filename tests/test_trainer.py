@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
+from feature_repo.online_features import OnlineFeatures
 from ppm.config import Config, SimulatorConfig
 from streams.local_runner import LocalRunner
-from streams.online_features import OnlineFeatures
-from streams.shop_simulator import ShopSimulator
+from streams.sources.shop_simulator import ShopSimulator
 from trainer.dataset import WindowDataset, closed_windows, hash_ids, window_files
 from trainer.registry import Registry
 from trainer.train import IncrementalTrainer, new_model, predict
@@ -189,8 +189,8 @@ def test_kill_9_leaves_a_usable_champion_and_the_trainer_resumes(data_dir):
 
 
 def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
-    from trainer.http_server import make_server
-    from trainer.ranker import Ranker
+    from trainer.serving.http_server import make_server
+    from trainer.serving.ranker import Ranker
 
     cfg = small_cfg(data_dir)
     trainer = IncrementalTrainer(cfg, variant="ppm")
@@ -258,7 +258,7 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
 
 
 def test_cli_batch_training_and_eval_report(data_dir, capsys, tmp_path):
-    from ppm.cli import main
+    from ppm.cli.main import main
 
     assert main(["--data-dir", str(data_dir), "train", "--batch", "--variant", "idrec",
                  "--variant", "ppm", "--epochs", "1", "--quiet"]) == 0

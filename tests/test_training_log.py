@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ppm.clock import to_us
 from ppm.config import SimulatorConfig
 from ppm.events import Action, BehaviorEvent, ItemEvent, ItemOp
-from streams.item_state import ItemState, price_bucket
-from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
-from streams.shop_simulator import ShopSimulator
+from ppm.records import ItemState, UserSequence, price_bucket
+from streams.sequence_builder import SequenceBuilder
+from streams.sources.shop_simulator import ShopSimulator
 from streams.training_log import LATE, SCHEMA, UNMATCHED, ClosedWindow, TrainingLogWriter
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)  # a window boundary

@@ -93,9 +93,9 @@ class ModalTable:
                       dim: int = 1664) -> ModalTable:
         """The newest vector per item of ``encoder_version`` (default: the version with the
         most recent write) from the offline item log under ``folder``."""
-        # Imported here: streams.item_log loads Feast (seconds), which readers of the window
+        # Imported here: feature_repo.item_log loads Feast (seconds), which readers of the window
         # listing (ppm status) do not need.
-        from streams.item_log import read_item_log
+        from feature_repo.item_log import read_item_log
 
         log = read_item_log(folder)
         if log.num_rows == 0:

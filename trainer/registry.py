@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from streams.atomic_file import write_atomically
+from ppm.atomic_file import write_atomically
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ppm.servers import LocalServers, Servers, start_servers
+from tests.servers import LocalServers, Servers, start_servers
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ppm.clock import to_us
 from ppm.config import Config
 from ppm.events import BehaviorEvent, DeadLetter
 from streams.intake import Intake
-from streams.sequence_builder import to_us
 from streams.training_log import sample_id_of
 
 from .pipeline_check import window_samples

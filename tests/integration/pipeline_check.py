@@ -15,12 +15,14 @@ from pathlib import Path
 import redis
 from feast.errors import FeatureViewNotFoundException
 
+from ppm.clock import to_us
 from ppm.config import Config, SimulatorConfig, load_config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
-from ppm.servers import FaustWorker, worker_env
+from ppm.records import UserSequence
 from streams.intake import Intake
-from streams.sequence_builder import SequenceBuilder, UserSequence, to_us
+from streams.sequence_builder import SequenceBuilder
 from streams.topics import ensure_topics
+from tests.servers import FaustWorker, worker_env
 
 _databases = itertools.count(1)  # Redis database per test: 1..15 (0 is left to people)
 
@@ -53,7 +55,7 @@ class Scenario:
     def publish(self, records: list[tuple[str, bytes]], rate: float | None = None,
                 events_per_record: int = 1):
         """Publish with ``ppm publish``'s code; returns its summary."""
-        from streams.publisher import Publisher
+        from streams.sources.publisher import Publisher
 
         with Publisher(self.cfg.kafka) as publisher:
             summary = publisher.publish(records, rate=rate, events_per_record=events_per_record)
@@ -61,7 +63,7 @@ class Scenario:
         return summary
 
     def online(self):
-        from streams.online_features import OnlineFeatures
+        from feature_repo.online_features import OnlineFeatures
 
         old = os.environ.get("PPM_REDIS")
         os.environ["PPM_REDIS"] = self.env["PPM_REDIS"]
@@ -76,7 +78,7 @@ class Scenario:
 
 def world_records(seed: int, initial_items: int, users: int = 300, days: float = 0.25,
                   malformed_share: float = 0.01) -> list[tuple[str, bytes]]:
-    from streams.shop_simulator import ShopSimulator
+    from streams.sources.shop_simulator import ShopSimulator
 
     world = SimulatorConfig(seed=seed, days=days, n_users=users, initial_items=initial_items,
                             items_per_day=400, malformed_share=malformed_share)
@@ -205,7 +207,7 @@ def readable_share(scenario: Scenario) -> float:
 def admit_all(cfg: Config, records: list[tuple[str, bytes]]
               ) -> list[list[ItemEvent | BehaviorEvent | DeadLetter]]:
     """What :class:`streams.intake.Intake` makes of each record, in order, without Kafka:
-    its events and dead letters (one record may hold several; ``streams.hostile``'s fates).
+    its events and dead letters (one record may hold several; ``streams.sources.hostile``'s fates).
     The clock guards are a worker's (no stream clock: the record's time decides)."""
     gate = Intake(cfg)
     return [gate.admit(kind, raw, f"{kind}:{n}")  # type: ignore[arg-type]
@@ -259,7 +261,7 @@ def publish_tracked(cfg: Config, records: list[tuple[str, bytes]], progress: boo
     from kafka import KafkaProducer
     from tqdm import tqdm
 
-    from streams.publisher import routing_key
+    from streams.sources.publisher import routing_key
     from streams.topics import RECORD_HEADROOM_BYTES
 
     topics = {"item": cfg.kafka.items_topic, "behavior": cfg.kafka.behaviors_topic}

@@ -14,7 +14,7 @@ import time
 import pytest
 import redis
 
-from ppm.servers import Servers
+from tests.servers import Servers
 
 from .identity_check import assert_nothing_lost
 from .pipeline_check import (

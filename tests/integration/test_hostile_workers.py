@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from ppm.servers import FaustWorker, Servers
-from streams.hostile import HOSTILE_CASES, labelled_mix
+from streams.sources.hostile import HOSTILE_CASES, labelled_mix
+from tests.servers import FaustWorker, Servers
 
 from .identity_check import Expected, letter_problems, sample_problems, wait_for_zero_lag
 from .pipeline_check import Scenario, dead_letters, wait_until_complete, world_records

@@ -14,8 +14,8 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient
 
 from ppm.config import KafkaConfig
-from ppm.servers import Servers
 from streams.topics import topic_layout
+from tests.servers import Servers
 
 pytestmark = pytest.mark.integration
 

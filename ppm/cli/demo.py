@@ -117,7 +117,7 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
     import pyarrow.dataset as ds
 
     from streams.local_runner import LocalRunner
-    from streams.shop_simulator import ShopSimulator
+    from streams.sources.shop_simulator import ShopSimulator
     from trainer.windows import window_files
 
     world = cfg.simulator.model_copy(

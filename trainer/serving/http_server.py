@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from trainer.ranker import Ranker
+from trainer.serving.ranker import Ranker
 
 MAX_BODY_BYTES = 1_000_000
 MAX_CANDIDATES = 10_000

@@ -1,6 +1,6 @@
 """Hostile records: a seeded mix of records built to break a stream, among valid ones.
 
-A data source, like :mod:`streams.shop_simulator` (whose ``malformed_share`` spoils ordinary
+A data source, like :mod:`streams.sources.shop_simulator` (whose ``malformed_share`` spoils ordinary
 fields): :func:`hostile_mix` takes wire records, e.g. ``ShopSimulator(...).records()``, and
 inserts records that a careless catalog service or an attacker could publish, each next to
 a valid record and stamped with its time, so ``items`` and ``behaviors`` each stay roughly
@@ -24,7 +24,7 @@ valid world; their impressions are samples like any other.
 :func:`labelled_mix` gives the same records with their case and fate (for tests), and
 :func:`write_jsonl` writes a mix as the input of ``ppm stream --jsonl``. Example::
 
-    from streams.shop_simulator import ShopSimulator
+    from streams.sources.shop_simulator import ShopSimulator
     records = hostile_mix(list(ShopSimulator(world).records()), seed=7, share=0.05)
     LocalRunner(cfg).run(records, "hostile-world")
 

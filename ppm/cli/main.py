@@ -17,7 +17,7 @@ from ppm.config import Config, load_config
 
 
 def _simulate(args: argparse.Namespace, cfg: Config) -> int:
-    from streams.shop_simulator import ShopSimulator
+    from streams.sources.shop_simulator import ShopSimulator
 
     out = Path(args.out) if args.out else cfg.data_dir / "simulated"
     summary = ShopSimulator(_simulator_config(args, cfg)).write_jsonl(out, progress=not args.quiet)
@@ -42,7 +42,7 @@ def _simulator_config(args: argparse.Namespace, cfg: Config):
 
 def _stream(args: argparse.Namespace, cfg: Config) -> int:
     from streams.local_runner import LocalRunner, jsonl_records
-    from streams.shop_simulator import ShopSimulator
+    from streams.sources.shop_simulator import ShopSimulator
 
     if args.jsonl:
         source = f"jsonl:{Path(args.jsonl).resolve()}"
@@ -107,10 +107,10 @@ def _eval(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
-    from streams.online_features import OnlineFeatures
-    from trainer.http_server import make_server
-    from trainer.ranker import Ranker
+    from feature_repo.online_features import OnlineFeatures
     from trainer.registry import Registry
+    from trainer.serving.http_server import make_server
+    from trainer.serving.ranker import Ranker
 
     ranker = Ranker(OnlineFeatures.open(cfg, apply=False),
                     Registry(cfg.data_dir / "registry" / (args.variant or cfg.trainer.variant)),
@@ -128,9 +128,8 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _import(args: argparse.Namespace, cfg: Config) -> int:
-    from streams.catalog_import import (
+    from streams.sources.catalog_import import (
         LabelRule,
-        import_into_pipeline,
         movielens,
         read_table,
         refuse_existing_run,
@@ -153,13 +152,15 @@ def _import(args: argparse.Namespace, cfg: Config) -> int:
     events_dir = cfg.data_dir / "import"
     summary = write_events(items, interactions, rule, events_dir)
     print(json.dumps({"events": summary.__dict__}, default=str), file=sys.stderr)
+    from streams.local_runner import import_into_pipeline  # torch: only once it is needed
+
     run = import_into_pipeline(cfg, events_dir, progress=not args.quiet)
     print(json.dumps(run.__dict__, default=str))
     return 0
 
 
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
-    from ppm.demo import run_demo
+    from ppm.cli.demo import run_demo
 
     report = run_demo(cfg, quick=args.quick, out_dir=Path(args.out) if args.out else None)
     print(report.text())
@@ -169,7 +170,7 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _features(args: argparse.Namespace, cfg: Config) -> int:
-    from streams.online_features import OnlineFeatures
+    from feature_repo.online_features import OnlineFeatures
 
     store = OnlineFeatures.open(cfg, apply=args.action == "apply")
     if args.action == "apply":
@@ -228,8 +229,8 @@ def _topics(args: argparse.Namespace, cfg: Config) -> int:
 
 def _publish(args: argparse.Namespace, cfg: Config) -> int:
     from streams.local_runner import jsonl_records
-    from streams.publisher import Publisher
-    from streams.shop_simulator import ShopSimulator
+    from streams.sources.publisher import Publisher
+    from streams.sources.shop_simulator import ShopSimulator
 
     records = (jsonl_records(Path(args.jsonl), cfg.pipeline.max_clock_jump_s) if args.jsonl
                else ShopSimulator(_simulator_config(args, cfg)).records())
@@ -474,6 +475,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ click, order and collect. Item features are reused for ``features.serving_cache_
 (:class:`ItemCache`), so a request reads from the store only the items it has not seen
 lately; the user's sequence is read on every request, and encoded once for all candidates
 (``trainer.model.BehaviorTransformer``). Features that are missing or stale (see
-``streams.online_features``) do not fail the request: the model gets its learned "missing"
+``feature_repo.online_features``) do not fail the request: the model gets its learned "missing"
 vector, and the response counts them.
 
 The champion model is re-read when the registry's pointer changes (checked at most every
@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from streams.online_features import OnlineFeatures, OnlineItem, StoredItem, now_us
-from streams.sequence_builder import UserSequence
+from feature_repo.online_features import OnlineFeatures, OnlineItem, StoredItem
+from ppm.clock import now_us
+from ppm.records import UserSequence
 from trainer.dataset import ACTION_CODES, TASKS, hash_ids
 from trainer.model import UnifiedRanker, gap_bucket
 from trainer.registry import Registry

@@ -9,7 +9,7 @@ local replay reads (``items.jsonl``, ``behaviors.jsonl``, see
    :class:`~ppm.events.BehaviorEvent` (validated by the event contract itself) and writes
    them in event-time order; every row that cannot become an event goes to
    ``rejected.jsonl`` with its reason, so ``written + rejected == rows`` for both inputs;
-3. :func:`import_into_pipeline` streams them through :class:`~streams.local_runner.LocalRunner`
+3. :func:`streams.local_runner.import_into_pipeline` streams them through the local runner
    with settings for historical data (:data:`HISTORY_PIPELINE`).
 
 Columns (names are fixed; other columns are ignored, like unknown event fields)
@@ -75,7 +75,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -85,12 +85,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from ppm.atomic_file import write_atomically
 from ppm.config import Config, PipelineConfig
 from ppm.events import MAX_EVENT_TIME, MIN_EVENT_TIME, Action, BehaviorEvent, ItemEvent
-from streams.atomic_file import write_atomically
-
-if TYPE_CHECKING:
-    from streams.local_runner import RunSummary
 
 _DAY_S = 86_400
 HISTORY_PIPELINE: dict[str, float] = {
@@ -103,7 +100,8 @@ HISTORY_PIPELINE: dict[str, float] = {
     # instead of encoding items one by one when catalog changes are days apart.
     "item_batch_wait_s": 30 * _DAY_S,
 }
-"""``pipeline.*`` overrides :func:`import_into_pipeline` applies for historical replays."""
+"""``pipeline.*`` overrides for historical replays
+(:func:`streams.local_runner.import_into_pipeline`)."""
 
 DEFAULT_CATEGORY = "unknown"
 SOURCE_METADATA_KEY = b"ppm.source_path"
@@ -938,23 +936,3 @@ def refuse_existing_run(data_dir: Path) -> None:
         if (root / leftover).exists():
             raise FileExistsError(f"{root} already holds a run ({leftover}); import into a new "
                                   "data folder or delete it first")
-
-
-def import_into_pipeline(cfg: Config, events_dir: Path, progress: bool = True,
-                         encoder=None) -> RunSummary:
-    """Stream ``events_dir`` (from :func:`write_events`) through a fresh
-    :class:`~streams.local_runner.LocalRunner` into ``cfg.data_dir``, with
-    :data:`HISTORY_PIPELINE` overriding ``cfg.pipeline``.
-
-    ``cfg.data_dir`` must not hold another run (FileExistsError): old training windows and
-    stored items would mix with this import. ``encoder``: an ``ItemEncoder`` to reuse
-    (default: built from ``cfg``, a few seconds). Items with no image get a zero image part;
-    that is not an image error (``item_warnings.jsonl`` lists only unreadable images).
-    """
-    from streams.local_runner import LocalRunner, jsonl_records  # torch: only when needed
-
-    events_dir = Path(events_dir)
-    refuse_existing_run(cfg.data_dir)
-    runner = LocalRunner(history_config(cfg), encoder=encoder, resume=False)
-    return runner.run(jsonl_records(events_dir, runner.cfg.pipeline.max_clock_jump_s),
-                      source=f"jsonl:{events_dir}", progress=progress)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -36,19 +35,14 @@ from feature_repo.feature_definitions import (
     FeatureDefinitions,
     feature_definitions,
 )
+from ppm.clock import now_us
 from ppm.config import Config
-from streams.item_state import ItemState
-from streams.sequence_builder import UserSequence
+from ppm.records import ItemState, UserSequence
 
 PROFILE_FIELDS = ("category", "brand", "shop", "price_bucket", "first_seen_us", "updated_us",
                   "deleted")
 EMBEDDING_META = ("encoder_version", "content_hash", "content_time_us", "embedded_at_us")
 SEQUENCE_FIELDS = ("seq_item_ids", "seq_actions", "seq_times_us", "updated_us")
-
-
-def now_us() -> int:
-    """Wall-clock time, microseconds since the Unix epoch."""
-    return time.time_ns() // 1_000
 
 
 def _timestamps(us: Iterable[int]) -> pd.Series:

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from streams.atomic_file import write_atomically
-from streams.online_features import ItemEmbeddingRow
+from feature_repo.online_features import ItemEmbeddingRow
+from ppm.atomic_file import write_atomically
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),

@@ -1,0 +1,77 @@
+"""The records the layers share: what the pipeline knows about an item (:class:`ItemState`)
+and a user's recent interactions (:class:`UserSequence`)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, replace
+
+from ppm.clock import to_us
+from ppm.events import BehaviorEvent
+
+
+def price_bucket(price: float | None) -> int:
+    """A log-scale price bucket: 0 for unknown, then one bucket per factor of ~1.5."""
+    if price is None:
+        return 0
+    return 1 + max(0, min(30, int(math.log(price + 1.0, 1.5))))
+
+
+@dataclass(frozen=True)
+class ItemState:
+    """An item as of its newest applied event. Times are microseconds since the epoch (UTC).
+
+    ``encoder_version``, ``content_hash`` and ``content_time_us`` describe the embedding in the
+    online store and are None until the item has been embedded.
+    """
+
+    item_id: str
+    category: str | None
+    brand: str | None
+    shop: str | None
+    price_bucket: int
+    first_seen_us: int
+    updated_us: int
+    deleted: bool = False
+    encoder_version: str | None = None
+    content_hash: str | None = None
+    content_time_us: int | None = None
+
+
+@dataclass(frozen=True)
+class UserSequence:
+    """A user's last interactions, oldest first; the three tuples are parallel."""
+
+    user_id: str
+    item_ids: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()
+    times_us: tuple[int, ...] = ()
+    """Event times, microseconds since the Unix epoch (UTC)."""
+
+    @property
+    def updated_us(self) -> int:
+        return self.times_us[-1] if self.times_us else 0
+
+    def before(self, time_us: int) -> UserSequence:
+        """The part strictly before ``time_us``: what was known at that moment."""
+        cut = bisect.bisect_left(self.times_us, time_us)
+        return replace(self, item_ids=self.item_ids[:cut], actions=self.actions[:cut],
+                       times_us=self.times_us[:cut])
+
+    def with_interaction(self, event: BehaviorEvent, k: int) -> UserSequence:
+        """This sequence plus ``event`` at its event-time place, cut to the last ``k``.
+
+        A late event is inserted where it belongs; an exact duplicate (same item, action and
+        time) changes nothing.
+        """
+        t = to_us(event.event_time)
+        lo = bisect.bisect_left(self.times_us, t)
+        hi = bisect.bisect_right(self.times_us, t)
+        for i in range(lo, hi):
+            if self.item_ids[i] == event.item_id and self.actions[i] == event.action.value:
+                return self
+        items = (*self.item_ids[:hi], event.item_id, *self.item_ids[hi:])
+        actions = (*self.actions[:hi], event.action.value, *self.actions[hi:])
+        times = (*self.times_us[:hi], t, *self.times_us[hi:])
+        return replace(self, item_ids=items[-k:], actions=actions[-k:], times_us=times[-k:])
