@@ -45,6 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+# The server harness (tests/servers.py): the repo first, since site-packages holds another
+# package called "tests".
+sys.path.insert(0, str(REPO))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

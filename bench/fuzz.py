@@ -51,8 +51,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # The integration tests' checks (tests/integration/pipeline_check.py), imported by module
-# name: site-packages holds another package called "tests".
-sys.path.insert(0, str(REPO / "tests" / "integration"))
+# name, and the server harness (tests/servers.py): the repo first, since site-packages holds
+# another package called "tests".
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]
 
 
 def main() -> None:
