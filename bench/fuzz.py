@@ -206,6 +206,7 @@ def local_training_log(cfg, outcomes: list[list], out: Path) -> dict:
     windows closed at the end: ``samples`` (sample_id -> labels) and ``late`` (events)."""
     from pipeline_check import late_events, window_samples
 
+    from ppm.data_dir import DataDir
     from ppm.events import BehaviorEvent
     from streams.sequence_builder import SequenceBuilder
     from streams.training_log import TrainingLogWriter
@@ -215,7 +216,7 @@ def local_training_log(cfg, outcomes: list[list], out: Path) -> dict:
             pass
 
     builder = SequenceBuilder(Sink(), k=cfg.features.sequence_length)
-    writer = TrainingLogWriter(out / "training", sequences=builder.state, items={},
+    writer = TrainingLogWriter(DataDir(out).training, sequences=builder.state, items={},
                                attribution_window_s=cfg.pipeline.attribution_window_s,
                                window_s=cfg.pipeline.log_window_s)
     behaviors = [e for o in outcomes for e in o if isinstance(e, BehaviorEvent)]

@@ -65,7 +65,7 @@ def main() -> None:
             cfg = base.model_copy(update={"data_dir": Path(tmp) / f"rep{rep}"})
             store = OnlineFeatures.open(cfg)
             store.read_items(["warm-up"])  # the first Feast read opens the SQLite file
-            embedder = ItemEmbedder(encoder, store, ItemLog(cfg.data_dir / "items"))
+            embedder = ItemEmbedder(encoder, store, ItemLog(cfg.paths.item_log))
             started = time.perf_counter()
             for batch in batches:
                 result = embedder.process(batch)
@@ -82,7 +82,7 @@ def main() -> None:
         store = OnlineFeatures.open(cfg)
         sequences = SequenceBuilder(store, k=cfg.features.sequence_length)
         writer = TrainingLogWriter(
-            cfg.data_dir / "training", sequences=sequences.state, items={},
+            cfg.paths.training, sequences=sequences.state, items={},
             attribution_window_s=cfg.pipeline.attribution_window_s,
             window_s=cfg.pipeline.log_window_s,
         )

@@ -61,7 +61,7 @@ def main() -> None:
         sim = ShopSimulator(world)
         items = sim.catalog["item_id"].tolist()
         users = sim.user_tastes.index.tolist()
-        clock = json.loads((Path(tmp) / "summary.json").read_text())["clock"]
+        clock = json.loads(cfg.paths.summary.read_text())["clock"]
         now = int(datetime.fromisoformat(clock).timestamp() * 1e6)
         rng = np.random.default_rng(0)
         requests = [(users[rng.integers(len(users))],

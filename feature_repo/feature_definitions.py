@@ -19,6 +19,8 @@ from pathlib import Path
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, Bool, Float32, Int64, String
 
+from ppm.data_dir import DataDir
+
 # Feast's FeatureView ttl is not applied on online reads (feast-dev/feast#6821), so views
 # keep no ttl here and the freshness window is enforced by feature_repo.online_features instead.
 NO_TTL = timedelta(0)
@@ -62,12 +64,10 @@ class FeatureDefinitions:
 def feature_definitions(data_dir: Path) -> FeatureDefinitions:
     """The feature repo for a deployment whose files live under ``data_dir``."""
     # DuckDB resolves relative FileSource paths against the working directory: use absolute.
-    logs = Path(data_dir).resolve() / "offline"
+    paths = DataDir(Path(data_dir).resolve())
 
-    def push_source(name: str, log: str) -> PushSource:
-        batch = FileSource(
-            name=f"{name}_log", path=str(logs / log), timestamp_field="event_timestamp"
-        )
+    def push_source(name: str, log: Path) -> PushSource:
+        batch = FileSource(name=f"{name}_log", path=str(log), timestamp_field="event_timestamp")
         return PushSource(name=name, batch_source=batch)
 
     # A catalog item, keyed by the catalog's own id.
@@ -77,13 +77,13 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING)
 
     # Written by ItemEmbedder when an item's content is new or changed.
-    item_embedding_push = push_source(ITEM_EMBEDDING_PUSH, "item_embedding")
+    item_embedding_push = push_source(ITEM_EMBEDDING_PUSH, paths.item_log)
 
     # Written by ItemEmbedder on every newer item event (price changes, deletes).
-    item_profile_push = push_source(ITEM_PROFILE_PUSH, "item_profile")
+    item_profile_push = push_source(ITEM_PROFILE_PUSH, paths.item_profile_log)
 
     # Written by SequenceBuilder for the users whose sequence changed in a batch.
-    user_sequence_push = push_source(USER_SEQUENCE_PUSH, "user_sequence")
+    user_sequence_push = push_source(USER_SEQUENCE_PUSH, paths.user_sequence_log)
 
     # The cached output of the frozen encoders: the PPM module's input.
     item_embedding = FeatureView(

@@ -111,7 +111,7 @@ class OnlineFeatures:
         land in that folder. ``apply=True`` runs the equivalent of ``feast apply`` (cheap when
         nothing changed).
         """
-        repo = Path(cfg.data_dir) / "feast"
+        repo = cfg.paths.feast_repo
         repo.mkdir(parents=True, exist_ok=True)
         source = cfg.features.store_yaml or Path(
             str(resources.files("feature_repo") / "feature_store.yaml"))

@@ -8,6 +8,9 @@ A config comes from three layers, later ones winning:
 3. environment variables ``PPM__<SECTION>__<FIELD>=value`` (double underscores), e.g.
    ``PPM__ENCODERS__IMAGE_SIZE=160`` or ``PPM__DATA_DIR=/srv/ppm``.
 
+A named preset (:data:`PRESETS`: ``quick``, ``history``) may then be laid over the result
+(:meth:`Config.with_preset`, ``ppm --preset NAME``); its values win.
+
 Unknown keys are errors, so a typo never silently falls back to a default.
 """
 
@@ -18,9 +21,11 @@ import tomllib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ppm.data_dir import DataDir
 
 ENV_PREFIX = "PPM__"
 CONFIG_ENV = "PPM_CONFIG"
@@ -128,7 +133,8 @@ class FeatureStoreConfig(_Section):
     vectors of another encoder version are stale regardless. Feast's own ttl is not applied
     on online reads (feast-dev/feast#6821), so ppm enforces this itself."""
     sequence_length: int = Field(50, ge=1, le=1_000)
-    """K: the user's last K interactions (click, order, collect) kept in the online store."""
+    """K: the user's last K interactions (click, order, collect) kept in the online store,
+    and the longest sequence a model trained from scratch reads (its ``max_seq_len``)."""
     serving_cache_s: float = Field(1.0, ge=0)
     """The ranker reuses an item's features read from the online store for this many
     seconds (wall clock), so a request reads only the items it has not seen lately: a new
@@ -147,6 +153,9 @@ class PipelineConfig(_Section):
     """Longest an item waits for its batch to fill (wall clock): bounds freshness lag."""
     behavior_batch_size: int = Field(5_000, ge=1)
     """Behavior events per batch through SequenceBuilder and TrainingLogWriter."""
+    behavior_batch_wait_s: float = Field(1.0, gt=0, le=60)
+    """Faust worker: longest a behavior batch waits to fill (wall clock). The local runner
+    closes a behavior batch when it is full or with the next item batch."""
     attribution_window_s: float = Field(1_800.0, gt=0)
     """A click, order or collect counts for an impression of the same user and item (same
     request when both carry one) if it happens within this many seconds (event time)."""
@@ -175,6 +184,9 @@ class TrainerConfig(_Section):
     batch_size: int = Field(1024, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
+    grad_clip: float | None = Field(5.0, gt=0)
+    """Gradients are scaled down to at most this norm each step (one bad batch cannot throw
+    the model far); None: never clipped."""
     initial_epochs: int = Field(3, ge=1)
     """Epochs of the first fit (no champion yet), over every window up to then."""
     incremental_epochs: int = Field(1, ge=1)
@@ -183,6 +195,8 @@ class TrainerConfig(_Section):
     """Windows the first model is fitted on before incremental steps start."""
     replay_share: float = Field(0.25, ge=0, le=10)
     """Older samples mixed into a fine-tuning step, as a share of the new window's size."""
+    replay_windows: int = Field(24, ge=1)
+    """How many windows before the new one those older samples are drawn from."""
     id_dropout: float = Field(0.3, ge=0, lt=1)
     """``ppm`` only: the share of training samples whose target item id is hidden (the
     "unknown" id), so the model learns to score an item by its modal vector when its id
@@ -201,6 +215,92 @@ class TrainerConfig(_Section):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     """torch threads for training; None: one per CPU core."""
+
+
+class ModelConfig(_Section):
+    """The ranker's shape (``trainer.model.RankerConfig``) when a model is trained from
+    scratch; fine-tuning keeps the champion's, which its checkpoint holds. The rest of a
+    RankerConfig comes from elsewhere: the variant and the id dropout from ``[trainer]``, the
+    sequence length from ``features.sequence_length``, the modal width from the encoders."""
+
+    tasks: tuple[str, ...] = Field(("click", "order", "collect"), min_length=1)
+    """The model's heads, each trained on the window column of that name: some of click,
+    order, collect. The first one orders the ranker's answers. In a ``PPM__`` variable:
+    comma-separated (``click,order``)."""
+    task_weights: tuple[Annotated[float, Field(ge=0)], ...] = (1.0, 0.5, 0.5)
+    """Loss weight of each task, aligned with ``tasks`` (comma-separated in a variable)."""
+    item_buckets: int = Field(2**16, ge=2)
+    """Rows of the item id table (ids are hashed into ``[1, buckets)``; 0 is unknown): the
+    bulk of the parameters, and dense AdamW touches every row each step, so more rows cost
+    time even when unused."""
+    category_buckets: int = Field(2**10, ge=2)
+    brand_buckets: int = Field(2**12, ge=2)
+    shop_buckets: int = Field(2**12, ge=2)
+    price_buckets: int = Field(32, ge=1)
+    """Price buckets kept (``ppm.records.price_bucket`` makes 32); higher ones are clipped."""
+    gap_buckets: int = Field(16, ge=2)
+    """Recency buckets: 0 is padding, the others log-spaced from < 1 min to >= 30 days."""
+    d_model: int = Field(64, ge=1)
+    """Token width of both transformers; small, because training runs on a few CPU cores."""
+    n_heads: int = Field(2, ge=1)
+    """Attention heads; ``d_model`` must divide by it."""
+    n_layers: int = Field(2, ge=1)
+    """Encoder layers per transformer."""
+    d_ff: int = Field(128, ge=1)
+    """Feed-forward width inside each encoder layer."""
+    attention: Literal["target", "full"] = "target"
+    """target: the sequence is encoded once per request and shared by every candidate;
+    full: the sequence also sees the target (one full pass per candidate, much slower)."""
+    side_dim: int = Field(16, ge=1)
+    """Width of each target side feature (category, brand, shop, price)."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """In the experts and towers."""
+    seq_dropout: float = Field(0.0, ge=0, lt=1)
+    """Inside the transformers; off because on CPU it costs ~1.7x in step time at 0.1."""
+    n_experts: int = Field(4, ge=1)
+    """Shared expert MLPs of the multi-task head."""
+    expert_dim: int = Field(64, ge=1)
+    tower_dim: int = Field(32, ge=1)
+    """Hidden width of each task's tower."""
+
+    @field_validator("tasks", "task_weights", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return value.split(",") if isinstance(value, str) else value
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from ppm.events import INTERACTIONS  # not at the top: ppm.events imports this module
+
+        known = [a.value for a in INTERACTIONS]
+        unknown = [t for t in value if t not in known]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}: a task is one of {known}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"tasks {list(value)} name a task twice")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if len(self.task_weights) != len(self.tasks):
+            raise ValueError(f"{len(self.tasks)} tasks but {len(self.task_weights)} "
+                             "task_weights")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads "
+                             f"{self.n_heads}")
+        return self
+
+
+class ServingConfig(_Section):
+    """``ppm serve``: the ranker behind HTTP. (Its item cache is ``features.serving_cache_*``.)"""
+
+    reload_every_s: float = Field(1.0, ge=0)
+    """How often the ranker looks for a newly promoted champion (wall clock)."""
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    """Largest request body accepted; larger ones get a 400."""
+    max_candidates: int = Field(10_000, ge=1)
+    """Most candidates one request may ask to rank."""
 
 
 class KafkaConfig(_Section):
@@ -224,6 +324,24 @@ class KafkaConfig(_Section):
     replication_factor: int = Field(1, ge=1)
     app_id: str = "ppm-stream"
     """Faust application id: names the consumer group and the changelog topics."""
+    commit_interval_s: float = Field(1.0, gt=0, le=60)
+    """Faust worker: how often it commits the offsets acknowledged so far (wall clock)."""
+    retry_delays_s: tuple[Annotated[float, Field(gt=0, le=300)], ...] = Field(
+        (0.1, 0.2, 0.5, 1.0, 2.0, 5.0), min_length=1)
+    """Faust worker: how long a write that failed because the store or the broker is
+    unreachable waits before each next try (the last delay repeats), each with up to half
+    of it again as jitter, so several workers do not retry in step. In a ``PPM__``
+    variable: comma-separated (``0.1,1,5``)."""
+    table_cache_items: int = Field(100_000, ge=1)
+    """Faust worker: decoded values kept per table (user sequences, item states) besides
+    the table's own bytes; the training-log writer reads them for every impression."""
+    freshness_save_s: float = Field(2.0, gt=0, le=3_600)
+    """Faust worker: how often it saves its freshness file (``ppm status`` reads it)."""
+
+    @field_validator("retry_delays_s", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return value.split(",") if isinstance(value, str) else value
 
 
 class Config(_Section):
@@ -238,7 +356,51 @@ class Config(_Section):
     features: FeatureStoreConfig = FeatureStoreConfig()
     pipeline: PipelineConfig = PipelineConfig()
     trainer: TrainerConfig = TrainerConfig()
+    model: ModelConfig = ModelConfig()
+    serving: ServingConfig = ServingConfig()
     kafka: KafkaConfig = KafkaConfig()
+
+    @property
+    def paths(self) -> DataDir:
+        """Every path under ``data_dir``, named (``ppm.data_dir``)."""
+        return DataDir(self.data_dir)
+
+    def with_preset(self, name: str) -> Config:
+        """This config with the preset ``name`` (:data:`PRESETS`) laid over it: the preset's
+        values win. Raises ``pydantic.ValidationError`` if the result is not a valid config,
+        ``ValueError`` for an unknown name."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return Config.model_validate(_deep_merge(self.model_dump(), PRESETS[name]))
+
+
+_DAY_S = 86_400.0
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # `ppm demo --quick`: a smaller world, and 3-hour training windows (a one-day warm-up,
+    # then 8 steps per variant) instead of 47 hourly steps: same mechanics, a fraction of
+    # the time.
+    "quick": {
+        "simulator": {"days": 2.0, "n_users": 500, "initial_items": 200, "items_per_day": 150},
+        "pipeline": {"log_window_s": 3 * 3_600.0},
+        "trainer": {"warmup_windows": 8},
+    },
+    # Replays of historical data (`ppm import`: streams.local_runner.import_into_pipeline).
+    "history": {
+        "pipeline": {
+            # A week per training-log file: MovieLens spans 1995-2016, so hourly windows
+            # would be ~180k files (empty windows are written too, as 0-row files).
+            "log_window_s": 7 * _DAY_S,
+            # Gaps between ratings can exceed a day; without this they become dead letters.
+            "max_clock_jump_s": 30 * 365 * _DAY_S,
+            # Items are flushed before every behavior batch anyway; a long wait lets batches
+            # fill instead of encoding items one by one when catalog changes are days apart.
+            "item_batch_wait_s": 30 * _DAY_S,
+        },
+    },
+}
+"""Named sets of overrides, applied with :meth:`Config.with_preset` (or ``ppm --preset``):
+section -> field -> value, as in a config file."""
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -100,6 +100,11 @@ class Action(StrEnum):
     COLLECT = "collect"
 
 
+INTERACTIONS = (Action.CLICK, Action.ORDER, Action.COLLECT)
+"""The actions that enter a user's sequence and label an impression, in label order (the
+ranker's tasks, ``trainer.features.TASKS``)."""
+
+
 class _Event(BaseModel):
     # Unknown fields are ignored, so producers can add fields before consumers know them.
     model_config = ConfigDict(frozen=True, extra="ignore")

@@ -66,7 +66,15 @@ import logging
 import os
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    MutableMapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import faust
@@ -84,10 +92,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 V = TypeVar("V")
 
-#: How long a failed write waits before the next try (the last one repeats), each with up
-#: to half of it again as jitter, so several workers do not retry in step.
-RETRY_DELAYS_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-
 
 class TableView(MutableMapping[str, V]):
     """A Faust table of bytes -> bytes seen as ``str`` -> frozen dataclass.
@@ -97,15 +101,15 @@ class TableView(MutableMapping[str, V]):
     event is current when it is written. Values are JSON (not pickle: a changelog is data
     anyone with topic access can write, and must not be able to run code in a worker).
 
-    The last ``cache_size`` values read or written are kept decoded, each with the bytes it
-    came from: the training-log writer reads a user's sequence and an item's state for every
-    impression, and decoding JSON each time was most of its cost. A cached value is used
+    The last ``cache_size`` values (``kafka.table_cache_items``) read or written are kept
+    decoded, each with the bytes it came from: the training-log writer reads a user's
+    sequence and an item's state for every impression, and decoding JSON each time was most
+    of its cost. A cached value is used
     only while the table still holds those very bytes, so a value the table got some other
     way (changelog recovery, another worker's write to a global table) is decoded afresh.
     """
 
-    def __init__(self, table: MutableMapping[bytes, bytes], kind: type[V],
-                 cache_size: int = 100_000):
+    def __init__(self, table: MutableMapping[bytes, bytes], kind: type[V], cache_size: int):
         self.table = table
         self.kind = kind
         self.cache_size = cache_size
@@ -242,10 +246,10 @@ def is_retriable(exc: BaseException) -> bool:
 
 
 async def retrying(what: str, call: Callable[..., Awaitable[T]] | Callable[..., T],
-                   *args: Any) -> T:
+                   *args: Any, delays: Sequence[float]) -> T:
     """``call(*args)`` (awaited if it is a coroutine) until it succeeds; a retriable error
-    (:func:`is_retriable`) is logged and retried with backoff and jitter, anything else
-    propagates."""
+    (:func:`is_retriable`) is logged and retried after ``delays`` (``kafka.retry_delays_s``,
+    the last one repeating) with up to half again as jitter; anything else propagates."""
     attempt = 0
     while True:
         try:
@@ -254,7 +258,7 @@ async def retrying(what: str, call: Callable[..., Awaitable[T]] | Callable[..., 
         except Exception as exc:
             if not is_retriable(exc):
                 raise
-            delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)]
+            delay = delays[min(attempt, len(delays) - 1)]
             delay *= 1 + random.random() / 2
             attempt += 1
             log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__,
@@ -313,14 +317,16 @@ async def one_batch_ahead(apply: Callable[[T], Awaitable[None]], what: str
 class DeadLetterTopic:
     """Where a topic's dead letters go: capped to fit, delivery awaited, outages retried."""
 
-    def __init__(self, topic: faust.TopicT, max_bytes: int):
+    def __init__(self, topic: faust.TopicT, max_bytes: int, retry_delays_s: Sequence[float]):
         self.topic = topic
         self.max_bytes = max_bytes
+        self.retry_delays_s = retry_delays_s
 
     async def send(self, letters: list[tuple[DeadLetter, bytes | None]]) -> None:
         """Produce ``(letter, key)`` pairs and wait until the broker has every one."""
         if letters:
-            await asyncio.gather(*(retrying("dead letter", self._send_one, letter, key)
+            await asyncio.gather(*(retrying("dead letter", self._send_one, letter, key,
+                                            delays=self.retry_delays_s)
                                    for letter, key in letters))
 
     async def _send_one(self, letter: DeadLetter, key: bytes | None) -> None:
@@ -375,10 +381,10 @@ class ItemLane:
         self.acks = InOrderAcks(stream)
         self.freshness = FreshnessStats()  # this worker's own file: nobody else writes it
         shared.opened["freshness"] = self.freshness
-        self.warnings_path = cfg.data_dir / "item_warnings" / f"{worker_name()}.jsonl"
+        self.warnings_path = cfg.paths.worker_item_warnings(worker_name())
         self.warnings_path.parent.mkdir(parents=True, exist_ok=True)
         self.embedder = ItemEmbedder(encoder, store,
-                                     ItemLog(cfg.data_dir / "offline" / "item_embedding"),
+                                     ItemLog(cfg.paths.item_log),
                                      freshness=self.freshness)
 
     async def admit(self, batch: list[faust.EventT]
@@ -404,7 +410,8 @@ class ItemLane:
         good, sources, arrived, held = batch
         if good:
             result = await retrying("item batch", asyncio.to_thread, self.embedder.process,
-                                    good, [arrived] * len(good))
+                                    good, [arrived] * len(good),
+                                    delays=self.shared.cfg.kafka.retry_delays_s)
             source_of = {id(e): source for e, source in zip(good, sources, strict=True)}
             rejected = [processing_dead_letter(event, source_of[id(event)], reason, error_type)
                         for event, reason, error_type in result.rejected.values()]
@@ -451,7 +458,7 @@ class BehaviorLane:
         if writer is None:
             pipeline = self.shared.cfg.pipeline
             writer = self.writers[partition] = TrainingLogWriter(
-                self.shared.cfg.data_dir / "training" / f"partition-{partition}",
+                self.shared.cfg.paths.training_partition(partition),
                 sequences=self.sequences, items=self.shared.item_states,
                 attribution_window_s=pipeline.attribution_window_s,
                 window_s=pipeline.log_window_s)
@@ -512,7 +519,8 @@ class BehaviorLane:
         changed = self.builder.plan([e for events, _ in by_partition.values() for e in events])
         if changed:
             await retrying("sequence batch", asyncio.to_thread,
-                           self.builder.sink.write_sequences, changed)
+                           self.builder.sink.write_sequences, changed,
+                           delays=self.shared.cfg.kafka.retry_delays_s)
             # A partition revoked meanwhile is its new owner's: its table rows are not ours
             # to change (the store write is repeated by the replay there).
             revoked = {e.user_id for events, tags in by_partition.values() if tags[0].dropped
@@ -532,16 +540,16 @@ class BehaviorLane:
 def create_app(cfg: Config) -> faust.App:
     """The Faust application of ``cfg``: topics, tables and the two agents."""
     kafka = cfg.kafka
-    (cfg.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    cfg.paths.faust.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         kafka.app_id,
         broker=[f"kafka://{b.strip()}" for b in kafka.bootstrap.split(",")],
         store="memory://",  # tables live in memory and are rebuilt from their changelogs
-        datadir=str(cfg.data_dir / "faust"),
+        datadir=str(cfg.paths.faust),
         topic_partitions=kafka.partitions,
         topic_replication_factor=kafka.replication_factor,
         consumer_auto_offset_reset="earliest",
-        broker_commit_interval=1.0,
+        broker_commit_interval=kafka.commit_interval_s,
         # Behavior events stay unacknowledged until their window is written; a rebalance
         # must not wait for that.
         stream_wait_empty=False,
@@ -573,11 +581,12 @@ def create_app(cfg: Config) -> faust.App:
                 opened["store"] = await asyncio.to_thread(OnlineFeatures.open, cfg)
             return opened["store"]
 
-    shared = Shared(cfg, Intake(cfg), TableView(item_table, ItemState), opened)
+    shared = Shared(cfg, Intake(cfg), TableView(item_table, ItemState, kafka.table_cache_items),
+                    opened)
 
     def dead_letters(topic: str) -> DeadLetterTopic:
         return DeadLetterTopic(app.topic(topic + kafka.dead_letter_suffix, **raw),
-                               kafka.dead_letter_max_bytes)
+                               kafka.dead_letter_max_bytes, kafka.retry_delays_s)
 
     lanes: dict[str, Any] = {}
 
@@ -606,9 +615,10 @@ def create_app(cfg: Config) -> faust.App:
         async with stopping_on_error("build_sequences"):
             lane = lanes["behaviors"] = BehaviorLane(
                 shared, stream, dead_letters(kafka.behaviors_topic),
-                TableView(sequence_table, UserSequence), await store())
+                TableView(sequence_table, UserSequence, kafka.table_cache_items), await store())
             tune_gc()
-            async for batch in stream.take_events(pipeline.behavior_batch_size, within=1.0):
+            async for batch in stream.take_events(pipeline.behavior_batch_size,
+                                                  within=pipeline.behavior_batch_wait_s):
                 await lane.process(batch)
 
     @app.on_partitions_revoked.connect
@@ -625,10 +635,10 @@ def create_app(cfg: Config) -> faust.App:
                 async with stopping_on_error("close_idle_partitions"):
                     await lanes["behaviors"].close_idle(idle_s)
 
-    freshness_path = cfg.data_dir / "freshness" / f"{worker_name()}.parquet"
+    freshness_path = cfg.paths.worker_freshness(worker_name())
     freshness_path.parent.mkdir(parents=True, exist_ok=True)
 
-    @app.timer(interval=2.0)
+    @app.timer(interval=kafka.freshness_save_s)
     async def save_freshness() -> None:
         """Keep this worker's freshness file (read by `ppm status`) a few seconds behind."""
         stats = opened.get("freshness")

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ppm.atomic_file import write_atomically
+from ppm.data_dir import DataDir
 
 SCHEMA = pa.schema([
     ("item_id", pa.string()),
@@ -90,10 +91,9 @@ def read_freshness(data_dir: Path) -> FreshnessStats:
     """Every writer's records under ``data_dir`` as one :class:`FreshnessStats`: the local
     runner's ``freshness.parquet`` and each Faust worker's ``freshness/<worker>.parquet``
     (empty when there is none)."""
-    data_dir = Path(data_dir)
+    paths = DataDir(Path(data_dir))
     union = FreshnessStats()
-    for path in (data_dir / "freshness.parquet",
-                 *sorted((data_dir / "freshness").glob("*.parquet"))):
+    for path in (paths.freshness, *sorted(paths.freshness_dir.glob("*.parquet"))):
         part = FreshnessStats.read(path)
         for name, values in part._rows.items():
             union._rows[name].extend(values)

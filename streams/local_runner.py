@@ -43,7 +43,7 @@ from streams.freshness import FreshnessStats
 from streams.intake import Intake, processing_dead_letter
 from streams.item_embedder import EmbedResult, ItemEmbedder
 from streams.sequence_builder import SequenceBuilder
-from streams.sources.catalog_import import history_config, refuse_existing_run
+from streams.sources.catalog_import import refuse_existing_run
 from streams.training_log import TrainingLogWriter
 
 CHECKPOINT_VERSION = 2
@@ -84,7 +84,7 @@ class LocalRunner:
     (item log parts), ``training/windows/`` (labelled windows), ``dead_letters.jsonl``,
     ``item_warnings.jsonl`` (photos that could not be used), ``freshness.parquet`` (per
     embedded item: event time, arrival, readable online), ``checkpoint.json`` and its
-    readable twin ``summary.json``.
+    readable twin ``summary.json`` (named by ``cfg.paths``: :class:`ppm.data_dir.DataDir`).
 
     Args:
         cfg: the configuration.
@@ -98,16 +98,17 @@ class LocalRunner:
         self.cfg = cfg
         self.root = Path(cfg.data_dir)
         self.root.mkdir(parents=True, exist_ok=True)
+        paths = cfg.paths
         self.store = OnlineFeatures.open(cfg)
         self.encoder = encoder or ItemEncoder.from_config(cfg)
         self.freshness = FreshnessStats()
         self.embedder = ItemEmbedder(
-            self.encoder, self.store, ItemLog(self.root / "offline" / "item_embedding"),
+            self.encoder, self.store, ItemLog(paths.item_log),
             freshness=self.freshness,
         )
         self.sequences = SequenceBuilder(self.store, k=cfg.features.sequence_length)
         self.training_log = TrainingLogWriter(
-            self.root / "training",
+            paths.training,
             sequences=self.sequences.state,
             items=self.embedder.state,
             attribution_window_s=cfg.pipeline.attribution_window_s,
@@ -115,11 +116,11 @@ class LocalRunner:
         )
         self.intake = Intake(cfg, stream_clock=True)  # one ordered stream: its own clock
         self.summary = RunSummary()
-        self.dead_letter_path = self.root / "dead_letters.jsonl"
-        self.warning_path = self.root / "item_warnings.jsonl"
-        self.checkpoint_path = self.root / "checkpoint.json"
-        self.summary_path = self.root / "summary.json"
-        self.freshness_path = self.root / "freshness.parquet"
+        self.dead_letter_path = paths.dead_letters
+        self.warning_path = paths.item_warnings
+        self.checkpoint_path = paths.checkpoint
+        self.summary_path = paths.summary
+        self.freshness_path = paths.freshness
         self._items: list[tuple[ItemEvent, int, str]] = []  # (event, arrived, source)
         self._behaviors: list[BehaviorEvent] = []
         self._clock_us = 0  # the stream's clock: the newest event time seen
@@ -342,8 +343,8 @@ def jsonl_records(folder: Path, max_jump_s: float = 86_400.0) -> Iterator[Record
 def import_into_pipeline(cfg: Config, events_dir: Path, progress: bool = True,
                          encoder=None) -> RunSummary:
     """Stream ``events_dir`` (from :func:`streams.sources.catalog_import.write_events`)
-    through a fresh :class:`LocalRunner` into ``cfg.data_dir``, with
-    :data:`~streams.sources.catalog_import.HISTORY_PIPELINE` overriding ``cfg.pipeline``.
+    through a fresh :class:`LocalRunner` into ``cfg.data_dir``, with the ``history`` preset
+    (:data:`ppm.config.PRESETS`) laid over ``cfg``.
 
     ``cfg.data_dir`` must not hold another run (FileExistsError): old training windows and
     stored items would mix with this import. ``encoder``: an ``ItemEncoder`` to reuse
@@ -352,6 +353,6 @@ def import_into_pipeline(cfg: Config, events_dir: Path, progress: bool = True,
     """
     events_dir = Path(events_dir)
     refuse_existing_run(cfg.data_dir)
-    runner = LocalRunner(history_config(cfg), encoder=encoder, resume=False)
+    runner = LocalRunner(cfg.with_preset("history"), encoder=encoder, resume=False)
     return runner.run(jsonl_records(events_dir, runner.cfg.pipeline.max_clock_jump_s),
                       source=f"jsonl:{events_dir}", progress=progress)

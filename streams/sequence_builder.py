@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, MutableMapping, Sequence
 from typing import Protocol
 
-from ppm.events import Action, BehaviorEvent
+from ppm.events import INTERACTIONS, BehaviorEvent
 from ppm.records import UserSequence
-
-INTERACTIONS = frozenset({Action.CLICK, Action.ORDER, Action.COLLECT})
 
 
 class SequenceSink(Protocol):

@@ -114,7 +114,8 @@ import pyarrow.parquet as pq
 
 from ppm.atomic_file import size_of, truncate_to, write_atomically
 from ppm.clock import to_us
-from ppm.events import Action, BehaviorEvent, format_event_time
+from ppm.data_dir import TrainingLogDir
+from ppm.events import INTERACTIONS, Action, BehaviorEvent, format_event_time
 from ppm.records import ItemState, UserSequence
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ SCHEMA = pa.schema([
 STATE_VERSION = 1
 LATE = "late: every impression it could belong to was already final when it arrived"
 UNMATCHED = "unmatched: no impression of this user, item and request within the attribution window"
-_LABEL_INDEX = {Action.CLICK.value: 0, Action.ORDER.value: 1, Action.COLLECT.value: 2}
+_LABEL_INDEX = {action.value: i for i, action in enumerate(INTERACTIONS)}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = 1_000_000
 
@@ -280,10 +281,11 @@ class TrainingLogWriter:
         if window_s <= 0 or window_s != int(window_s):
             raise ValueError("window_s must be a positive whole number of seconds")
         self.out_dir = Path(out_dir)
-        self.windows_dir = self.out_dir / "windows"
+        files = TrainingLogDir(self.out_dir)
+        self.windows_dir = files.windows
         self.windows_dir.mkdir(parents=True, exist_ok=True)
-        self.manifest_path = self.windows_dir / "manifest.json"
-        self.late_events_path = self.out_dir / "late_events.jsonl"
+        self.manifest_path = files.manifest
+        self.late_events_path = files.late_events
         self._sequences = sequences
         self._items = items
         self._attribution_us = round(attribution_window_s * _US)

@@ -20,14 +20,13 @@ from hypothesis import strategies as st
 
 import streams.sources.catalog_import as catalog_import
 from ppm.cli.main import main
-from ppm.config import Config
+from ppm.config import PRESETS, Config
+from ppm.data_dir import DataDir
 from ppm.events import MIN_EVENT_TIME, BehaviorEvent, ItemEvent, decode
 from streams.local_runner import import_into_pipeline
 from streams.sources.catalog_import import (
-    HISTORY_PIPELINE,
     LabelCondition,
     LabelRule,
-    history_config,
     movielens,
     read_table,
     refuse_existing_run,
@@ -387,20 +386,24 @@ def small_import() -> tuple[pa.Table, pa.Table]:
     return items, inter
 
 
-@pytest.mark.parametrize("run_file", ["checkpoint.json", "training/windows/manifest.json"])
+@pytest.mark.parametrize("run_file", [lambda paths: paths.checkpoint,
+                                      lambda paths: paths.training_log.manifest],
+                         ids=["checkpoint", "training_manifest"])
 def test_ppm_import_into_a_folder_holding_a_run_refuses_and_touches_nothing(tmp_path, run_file,
                                                                             capsys):
     items_csv, _ = write_both(tmp_path, "items", shop_items(tmp_path))
     ratings_csv, _ = write_both(tmp_path, "ratings", shop_ratings())
     data = tmp_path / "data"
-    write_events(*small_import(), None, data / "import")  # an earlier import's events
-    (data / run_file).parent.mkdir(parents=True, exist_ok=True)
-    (data / run_file).write_bytes(b"a run")
+    paths = DataDir(data)
+    write_events(*small_import(), None, paths.import_events)  # an earlier import's events
+    run_path = run_file(paths)
+    run_path.parent.mkdir(parents=True, exist_ok=True)
+    run_path.write_bytes(b"a run")
     before = tree(data)
 
     assert main(["--data-dir", str(data), "import", "--items", str(items_csv), "--interactions",
                  str(ratings_csv), "--label-rule", "rating>=4:click", "--quiet"]) == 1
-    assert f"already holds a run ({run_file})" in capsys.readouterr().err
+    assert f"already holds a run ({run_path.relative_to(data)})" in capsys.readouterr().err
     assert tree(data) == before  # byte for byte, and no temporary folder either
     with pytest.raises(FileExistsError):
         refuse_existing_run(data)
@@ -521,10 +524,12 @@ def test_movielens_adapter_on_the_real_data(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- the pipeline
 
-def test_history_config_overrides_only_the_documented_settings():
+def test_the_history_preset_overrides_only_its_pipeline_settings():
     cfg = Config()
-    history = history_config(cfg)
-    assert {k: getattr(history.pipeline, k) for k in HISTORY_PIPELINE} == HISTORY_PIPELINE
+    history = cfg.with_preset("history")
+    overrides = PRESETS["history"]["pipeline"]
+    assert set(PRESETS["history"]) == {"pipeline"}
+    assert {k: getattr(history.pipeline, k) for k in overrides} == overrides
     assert history.pipeline.attribution_window_s == cfg.pipeline.attribution_window_s
     assert history.encoders == cfg.encoders
 
@@ -558,15 +563,14 @@ def test_import_into_pipeline_embeds_items_and_logs_samples(tmp_path, item_encod
     log = run.training_log
     assert log["samples_logged"] == log["impressions"] == 300
     assert log["attributed_followups"] == s.behavior_events["click"] and log["late_events"] == 0
-    windows = sorted((cfg.data_dir / "training" / "windows").glob("*.parquet"))
+    windows = sorted(cfg.paths.training_log.windows.glob("*.parquet"))
     assert run.windows_closed == len(windows) in (10, 11)  # 7-day windows over 70 days
     samples = ds.dataset(windows, format="parquet").to_table()
     assert samples.num_rows == 300
     assert samples.column("click").to_pylist().count(1) == s.behavior_events["click"]
     # Items are published before their first rating, so every sample sees an embedding.
     assert samples.column("item_encoder_version").null_count == 0
-    assert not (cfg.data_dir / "item_warnings.jsonl").exists() or not (
-        cfg.data_dir / "item_warnings.jsonl").read_text()
+    assert not cfg.paths.item_warnings.exists() or not cfg.paths.item_warnings.read_text()
     with pytest.raises(FileExistsError, match="already holds a run"):
         import_into_pipeline(cfg, events, progress=False, encoder=item_encoder)
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from ppm.cli.main import main
+from ppm.data_dir import DataDir, TrainingLogDir
 
 HEAVY = ("torch", "transformers", "feast", "faust", "pandas", "pyarrow")
 
@@ -39,6 +40,18 @@ def test_config_prints_the_effective_values(monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["simulator"]["seed"] == 42
 
 
+def test_a_preset_is_laid_over_the_config_and_wins(monkeypatch, capsys):
+    monkeypatch.setenv("PPM__PIPELINE__LOG_WINDOW_S", "60")
+    monkeypatch.setenv("PPM__PIPELINE__ATTRIBUTION_WINDOW_S", "90")
+    assert main(["--preset", "history", "config"]) == 0
+    pipeline = json.loads(capsys.readouterr().out)["pipeline"]
+    assert pipeline["log_window_s"] == 7 * 86_400  # the preset's
+    assert pipeline["attribution_window_s"] == 90  # not in the preset: the environment's
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "nope", "config"])
+    assert exc.value.code == 2
+
+
 def test_simulate_same_seed_gives_byte_identical_files(tmp_path, capsys):
     # The acceptance command, run twice.
     for out in ("a", "b"):
@@ -64,12 +77,13 @@ def test_demo_quick_streams_the_shop_through_feast(tmp_path, capsys):
     assert f["items_embedded"] > 300 and f["embedding_dim"] == 1664
     assert 0 < f["freshness_p50_ms"] <= f["freshness_p99_ms"]
     # Every impression became exactly one sample (the run finished, nothing pending).
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    paths = DataDir(tmp_path)
+    summary = json.loads(paths.summary.read_text())
     assert summary["finished"] and summary["training_log"]["pending_impressions"] == 0
     assert f["samples_logged"] == summary["training_log"]["impressions"] > 1_000
-    assert f["windows_closed"] == len(list((tmp_path / "training" / "windows").glob("*.parquet")))
+    assert f["windows_closed"] == len(list(paths.training_log.windows.glob("*.parquet")))
     # Malformed records are mixed in; each one is a dead letter with a reason, none lost.
-    dead = (tmp_path / "dead_letters.jsonl").read_text().splitlines()
+    dead = paths.dead_letters.read_text().splitlines()
     assert f["dead_letters"] == len(dead) > 0
     assert all(json.loads(line)["reason"] for line in dead)
     assert summary["records"] == (summary["item_events"] + summary["behavior_events"]
@@ -80,7 +94,7 @@ def test_demo_quick_streams_the_shop_through_feast(tmp_path, capsys):
     assert f["windows_evaluated"] >= 5
     for key in ("auc_idrec", "auc_ppm", "auc_cold_idrec", "auc_cold_ppm"):
         assert 0 <= f[key] <= 1, key
-    assert (tmp_path / "registry" / "ppm" / "champion.json").exists()
+    assert (paths.registry("ppm") / "champion.json").exists()
     assert "The distributed path" in out  # it points to the Kafka/Faust/Redis path
 
 
@@ -89,28 +103,29 @@ def test_status_reads_every_workers_freshness_windows_and_dead_letters(tmp_path,
     from streams.freshness import FreshnessStats
 
     monkeypatch.setattr("ppm.cli.main._lag", lambda kafka: {})  # no broker here
+    paths = DataDir(tmp_path)
     # Freshness: the local runner's file and two Faust workers' files.
-    lags_ms = {"freshness.parquet": [10, 20], "freshness/w1.parquet": [30],
-               "freshness/w2.parquet": [40, 50, 1000]}
+    lags_ms = {paths.freshness: [10, 20], paths.worker_freshness("w1"): [30],
+               paths.worker_freshness("w2"): [40, 50, 1000]}
     for i, (path, lags) in enumerate(lags_ms.items()):
         stats = FreshnessStats()
         for j, lag in enumerate(lags):
             stats.record([f"i{i}-{j}"], [0], [1_000_000], 1_000_000 + lag * 1000)
-        (tmp_path / path).parent.mkdir(exist_ok=True)
-        stats.save(tmp_path / path)
+        path.parent.mkdir(exist_ok=True)
+        stats.save(path)
     # Windows: partition 1 has closed only the first of partition 0's two hours.
     hours = ["2026-01-01T00:00:00+00:00", "2026-01-01T01:00:00+00:00",
              "2026-01-01T02:00:00+00:00"]
     for partition, closed in ((0, 2), (1, 1)):
-        folder = tmp_path / "training" / f"partition-{partition}" / "windows"
-        folder.mkdir(parents=True)
-        (folder / "manifest.json").write_text(json.dumps([
+        manifest = TrainingLogDir(paths.training_partition(partition)).manifest
+        manifest.parent.mkdir(parents=True)
+        manifest.write_text(json.dumps([
             {"start": hours[h], "end": hours[h + 1], "path": f"h{h}.parquet",
              "samples": 10 + partition, "closed_at_watermark": hours[h + 1]}
             for h in range(closed)]))
     letters = [{"reason": "json: bad", "stage": "decode"}, {"reason": "x", "stage": "decode"},
                {"reason": "image: too big", "stage": "process"}, {"reason": "old"}]
-    (tmp_path / "dead_letters.jsonl").write_text(
+    paths.dead_letters.write_text(
         "".join(json.dumps(letter) + "\n" for letter in letters) + '{"reason": "half')
 
     assert main(["--data-dir", str(tmp_path), "status"]) == 0

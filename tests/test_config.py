@@ -54,3 +54,64 @@ def test_missing_file_is_an_error(tmp_path: Path):
 def test_malformed_variable_name():
     with pytest.raises(ValueError, match="empty path segment"):
         load_config(env={"PPM__ENCODERS____X": "1"})
+
+
+# -----------------------------------------------------------------------------
+# [model]: the ranker's shape
+
+
+def test_model_defaults_are_the_ranker_defaults_and_cover_its_fields():
+    from dataclasses import fields
+
+    from ppm.config import ModelConfig
+    from trainer.model import RankerConfig
+    from trainer.train import ranker_config
+
+    assert ranker_config(Config(), "idrec") == RankerConfig(variant="idrec")
+    # Every field a user may turn is in [model]; the others come from elsewhere.
+    elsewhere = {"variant", "id_dropout", "max_seq_len", "modal_dim"}
+    assert {f.name for f in fields(RankerConfig)} == set(ModelConfig.model_fields) | elsewhere
+
+
+def test_an_environment_override_reaches_the_model():
+    from trainer.train import new_model
+
+    cfg = load_config(env={"PPM__MODEL__D_MODEL": "32", "PPM__MODEL__N_HEADS": "4",
+                           "PPM__MODEL__ATTENTION": "full", "PPM__MODEL__TASKS": "click,order",
+                           "PPM__MODEL__TASK_WEIGHTS": "1,0.25",
+                           "PPM__FEATURES__SEQUENCE_LENGTH": "20",
+                           "PPM__TRAINER__ID_DROPOUT": "0.1"})
+    c = new_model(cfg, "ppm", modal_dim=16).config
+    assert (c.d_model, c.n_heads, c.attention) == (32, 4, "full")
+    assert c.tasks == ("click", "order") and c.task_weights == (1.0, 0.25)
+    assert c.max_seq_len == 20  # one knob: the store's K is the model's sequence length
+    assert (c.variant, c.id_dropout, c.modal_dim) == ("ppm", 0.1, 16)
+    assert new_model(cfg, "idrec").config.id_dropout == 0.0
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"PPM__MODEL__N_HEADS": "3"}, "d_model 64 is not divisible by n_heads 3"),
+    ({"PPM__MODEL__TASKS": "click,view", "PPM__MODEL__TASK_WEIGHTS": "1,1"},
+     r"unknown tasks \['view'\]"),
+    ({"PPM__MODEL__TASKS": "click,click", "PPM__MODEL__TASK_WEIGHTS": "1,1"}, "twice"),
+    ({"PPM__MODEL__TASKS": "click"}, "1 tasks but 3 task_weights"),
+    ({"PPM__MODEL__TASK_WEIGHTS": "1,-1,1"}, "greater than or equal to 0"),
+    ({"PPM__MODEL__DROPOUT": "1.5"}, r"model\.dropout"),
+    ({"PPM__MODEL__ATTENTION": "sparse"}, r"model\.attention"),
+    ({"PPM__MODEL__ITEM_BUCKETS": "1"}, r"model\.item_buckets"),
+    ({"PPM__MODEL__D_MODLE": "32"}, r"model\.d_modle"),
+    ({"PPM__FEATURES__SEQUENCE_LENGTH": "0"}, r"features\.sequence_length"),
+])
+def test_a_bad_model_value_is_refused_with_a_clear_error(env, message):
+    with pytest.raises(ValidationError, match=message):
+        load_config(env=env)
+
+
+def test_trainer_and_serving_knobs_come_from_the_config():
+    cfg = load_config(env={"PPM__TRAINER__GRAD_CLIP": "1.5", "PPM__TRAINER__REPLAY_WINDOWS": "3",
+                           "PPM__SERVING__MAX_CANDIDATES": "5",
+                           "PPM__SERVING__RELOAD_EVERY_S": "0"})
+    assert (cfg.trainer.grad_clip, cfg.trainer.replay_windows) == (1.5, 3)
+    assert (cfg.serving.max_candidates, cfg.serving.reload_every_s) == (5, 0.0)
+    with pytest.raises(ValidationError, match=r"serving\.max_body_bytes"):
+        load_config(env={"PPM__SERVING__MAX_BODY_BYTES": "0"})

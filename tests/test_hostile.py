@@ -13,6 +13,7 @@ import pytest
 
 from ppm.clock import to_us
 from ppm.config import Config, SimulatorConfig
+from ppm.data_dir import DataDir, TrainingLogDir
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
 from streams.intake import Intake
 from streams.sequence_builder import SequenceBuilder
@@ -155,9 +156,10 @@ def expected_windows(records: list[tuple[str, bytes]], out: Path) -> dict[str, t
 def windows(training: Path) -> list[tuple[str, tuple]]:
     """(sample_id, (click, order, collect)) of every window file ``training/windows/``'s
     manifest lists."""
-    folder = training / "windows"
+    files = TrainingLogDir(training)
+    folder = files.windows
     rows = []
-    for entry in json.loads((folder / "manifest.json").read_text()):
+    for entry in json.loads(files.manifest.read_text()):
         table = pq.read_table(folder / entry["path"],
                               columns=["sample_id", "click", "order", "collect"]).to_pylist()
         rows += [(r["sample_id"], (r["click"], r["order"], r["collect"])) for r in table]
@@ -174,7 +176,7 @@ def check_accounting(records: list[tuple[str, bytes]], data_dir: Path, tmp: Path
                 if not isinstance(e, DeadLetter)}
 
     letters = [json.loads(line) for line in
-               (data_dir / "dead_letters.jsonl").read_text().splitlines()]
+               DataDir(data_dir).dead_letters.read_text().splitlines()]
     keys: Counter[tuple[int, int]] = Counter()
     decoded: set[tuple[int, int]] = set()
     for letter in letters:
@@ -194,13 +196,13 @@ def check_accounting(records: list[tuple[str, bytes]], data_dir: Path, tmp: Path
     applied = len(admitted) - len(processed)
     assert applied + len(letters) == sum(len(o) for o in outcomes)
 
-    got = windows(data_dir / "training")
+    got = windows(DataDir(data_dir).training)
     counts = Counter(s for s, _ in got)
     assert max(counts.values()) == 1  # no sample twice
     impressions = {sample_id(e) for e in admitted.values()
                    if isinstance(e, BehaviorEvent) and e.action.value == "impression"}
     assert set(counts) == impressions  # none missing, none made up
-    assert dict(got) == expected_windows(records, tmp / "expected" / "training")
+    assert dict(got) == expected_windows(records, DataDir(tmp / "expected").training)
     return {"events": sum(len(o) for o in outcomes), "applied": applied,
             "dead_letters": len(letters), "processed": processed}
 
@@ -225,7 +227,7 @@ def test_ppm_stream_on_the_hostile_jsonl_exits_0_with_the_same_accounting(tmp_pa
     data = tmp_path / "data"
     assert main(["--data-dir", str(data), "stream", "--jsonl", str(tmp_path / "jsonl")]) == 0
     fates = check_accounting(records, data, tmp_path)
-    summary = json.loads((data / "summary.json").read_text())
+    summary = json.loads(DataDir(data).summary.read_text())
     assert summary["finished"] and summary["dead_letters"] == fates["dead_letters"] > 0
 
 
@@ -260,7 +262,7 @@ def test_the_local_runner_accounts_for_every_event(tmp_path, mix, item_encoder, 
         assert store[item_id].updated_us == to_us(
             ItemEvent.model_validate_json(delete.raw).event_time)
     warned = {json.loads(line)["item_id"]: json.loads(line)["reason"] for line in
-              (cfg.data_dir / "item_warnings.jsonl").read_text().splitlines()}
+              cfg.paths.item_warnings.read_text().splitlines()}
     for m in mix:
         if m.case in ("image_proc_environ", "image_loopback"):
             item_id = json.loads(m.raw)["item_id"]

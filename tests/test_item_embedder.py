@@ -29,7 +29,7 @@ def delete(item_id: str, minutes: float) -> ItemEvent:
 
 @pytest.fixture
 def embedder(item_encoder, online, cfg):
-    return ItemEmbedder(item_encoder, online, ItemLog(cfg.data_dir / "offline" / "items"))
+    return ItemEmbedder(item_encoder, online, ItemLog(cfg.paths.item_log))
 
 
 def test_push_and_read_back(embedder, online, item_encoder):
@@ -57,7 +57,7 @@ def test_older_update_after_newer_is_ignored(embedder, online):
 def test_older_update_is_ignored_even_by_a_fresh_embedder(embedder, online, item_encoder, cfg):
     # A restarted process without local state must still not let the old event win.
     embedder.process([item("a", 10, title="Acme new title coat")])
-    fresh = ItemEmbedder(item_encoder, online, ItemLog(cfg.data_dir / "offline" / "items"))
+    fresh = ItemEmbedder(item_encoder, online, ItemLog(cfg.paths.item_log))
     result = fresh.process([item("a", 5, title="Acme old title coat")])
     assert result.older == 1 and result.applied == 0
     assert online.read_items(["a"], now=to_us(T0))["a"].state.updated_us == to_us(
@@ -67,12 +67,12 @@ def test_older_update_is_ignored_even_by_a_fresh_embedder(embedder, online, item
 def test_duplicate_is_a_no_op(embedder, online, cfg):
     embedder.process([item("a", 1)])
     before = online.read_items(["a"], with_embeddings=True, now=to_us(T0))["a"]
-    parts = sorted((cfg.data_dir / "offline" / "items").iterdir())
+    parts = sorted(cfg.paths.item_log.iterdir())
     result = embedder.process([item("a", 1), item("a", 1)])
     assert (result.applied, result.duplicates, result.encoded) == (0, 2, 0)
     after = online.read_items(["a"], with_embeddings=True, now=to_us(T0))["a"]
     assert after.embedded_at_us == before.embedded_at_us
-    assert sorted((cfg.data_dir / "offline" / "items").iterdir()) == parts
+    assert sorted(cfg.paths.item_log.iterdir()) == parts
 
 
 def test_newer_event_with_same_content_is_not_encoded_again(embedder, online):
@@ -120,9 +120,9 @@ def test_batch_keeps_newest_per_item_and_logs_offline_once(embedder, cfg):
     result = embedder.process([item("a", 1), item("a", 3, title="Acme grey coat"),
                                item("a", 2), item("b", 1)])
     assert (result.applied, result.older, result.encoded) == (2, 2, 2)
-    log = read_item_log(cfg.data_dir / "offline" / "items")
+    log = read_item_log(cfg.paths.item_log)
     assert sorted(log["item_id"].to_pylist()) == ["a", "b"]
-    assert len(list((cfg.data_dir / "offline" / "items").glob("*.parquet"))) == 1
+    assert len(list(cfg.paths.item_log.glob("*.parquet"))) == 1
     assert len(log["embedding"][0]) == embedder.encoder.dim
     assert len(result.freshness_ms) == 2 and min(result.freshness_ms) >= 0
     assert embedder.freshness.percentiles()["p99_ms"] is not None
@@ -196,7 +196,7 @@ class PickyEncoder:
 def test_an_item_the_encoder_fails_on_alone_is_rejected_and_the_rest_applied(
         item_encoder, online, cfg):
     embedder = ItemEmbedder(PickyEncoder(item_encoder), online,
-                            ItemLog(cfg.data_dir / "offline" / "items"))
+                            ItemLog(cfg.paths.item_log))
     result = embedder.process([item("a", 0), item("p", 1, title="Acme poison coat"),
                                item("b", 2)])
     assert (result.applied, result.encoded) == (2, 2)
@@ -208,7 +208,7 @@ def test_an_item_the_encoder_fails_on_alone_is_rejected_and_the_rest_applied(
 
 def test_a_batch_of_poison_items_only_is_rejected_not_a_crash(item_encoder, online, cfg):
     embedder = ItemEmbedder(PickyEncoder(item_encoder), online,
-                            ItemLog(cfg.data_dir / "offline" / "items"))
+                            ItemLog(cfg.paths.item_log))
     result = embedder.process([item("p", 0, title="Acme poison coat"),
                                item("q", 1, title="Acme poison dress")])
     assert set(result.rejected) == {"p", "q"} and result.applied == 0
@@ -216,7 +216,7 @@ def test_a_batch_of_poison_items_only_is_rejected_not_a_crash(item_encoder, onli
 
 def test_a_batch_that_fails_as_a_whole_raises_and_changes_nothing(item_encoder, online, cfg):
     embedder = ItemEmbedder(PickyEncoder(item_encoder, dead=True), online,
-                            ItemLog(cfg.data_dir / "offline" / "items"))
+                            ItemLog(cfg.paths.item_log))
     with pytest.raises(ValueError):
         embedder.process([item("a", 0), item("b", 1)])
     assert online.read_items(["a", "b"], now=to_us(T0)) == {} and not embedder.state

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ppm.config import Config, SimulatorConfig
+from ppm.data_dir import DataDir
 from ppm.events import Action, BehaviorEvent
 from streams.local_runner import LocalRunner, _Pacer, jsonl_records
 from streams.sources.shop_simulator import ShopSimulator
@@ -32,7 +33,7 @@ def run_cfg(path: Path, **pipeline) -> Config:
 
 
 def samples(data_dir: Path) -> list[dict]:
-    files = sorted((data_dir / "training" / "windows").glob("*.parquet"))
+    files = sorted(DataDir(data_dir).training_log.windows.glob("*.parquet"))
     table = ds.dataset(files, format="parquet").to_table(
         columns=["sample_id", "click", "order", "collect", "item_encoder_version"])
     return table.to_pylist()
@@ -55,7 +56,7 @@ def test_straight_run_logs_every_impression_once(straight):
     assert len(rows) == summary["training_log"]["impressions"]
     assert summary["finished"] and summary["records"] == (
         summary["item_events"] + summary["behavior_events"] + summary["dead_letters"])
-    dead = (path / "dead_letters.jsonl").read_text().splitlines()
+    dead = DataDir(path).dead_letters.read_text().splitlines()
     assert len(dead) == summary["dead_letters"] > 0
     assert all(json.loads(d)["reason"] and json.loads(d)["source"] for d in dead)
 
@@ -74,7 +75,7 @@ def test_stop_and_resume_loses_nothing_and_duplicates_nothing(tmp_path, straight
     assert sorted(samples(tmp_path), key=lambda r: r["sample_id"]) == sorted(
         reference, key=lambda r: r["sample_id"])
     assert done.dead_letters == straight[1]["dead_letters"]
-    assert len((tmp_path / "dead_letters.jsonl").read_text().splitlines()) == done.dead_letters
+    assert len(DataDir(tmp_path).dead_letters.read_text().splitlines()) == done.dead_letters
 
 
 def test_resuming_another_source_is_refused(tmp_path, item_encoder):
@@ -95,13 +96,13 @@ def test_sigkill_mid_stream_then_restart(tmp_path, straight):
     proc = subprocess.Popen(cmd, env=env | world_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "checkpoint.json").exists() and time.monotonic() < deadline:
+    while not DataDir(tmp_path).checkpoint.exists() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.05)
     time.sleep(0.3)  # somewhere after a checkpoint, in the middle of work
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = json.loads((tmp_path / "summary.json").read_text())["records"]
+    killed_at = json.loads(DataDir(tmp_path).summary.read_text())["records"]
     assert killed_at > 0
     done = subprocess.run(cmd, env=env | world_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -125,7 +126,7 @@ def test_a_timestamp_far_ahead_becomes_a_dead_letter(tmp_path, item_encoder):
     summary = LocalRunner(run_cfg(tmp_path), encoder=item_encoder, resume=False).run(
         records(), "w", progress=False)
     reasons = [json.loads(line)["reason"]
-               for line in (tmp_path / "dead_letters.jsonl").read_text().splitlines()]
+               for line in DataDir(tmp_path).dead_letters.read_text().splitlines()]
     assert any("ahead of" in r for r in reasons)
     assert summary.windows_closed < 40  # one day of hourly windows, not decades of them
 
@@ -152,13 +153,13 @@ def test_pacer_releases_events_at_n_times_real_time():
 
 def test_samples_never_see_the_future_and_freshness_is_recorded(straight):
     path, summary = straight
-    files = sorted((path / "training" / "windows").glob("*.parquet"))
+    files = sorted(DataDir(path).training_log.windows.glob("*.parquet"))
     table = ds.dataset(files, format="parquet").to_table(
         columns=["impression_time", "seq_times_us", "item_encoder_version"])
     for row in table.to_pylist():
         t = int(row["impression_time"].timestamp() * 1_000_000)
         assert all(s < t for s in row["seq_times_us"])
-    fresh = pq.read_table(path / "freshness.parquet")
+    fresh = pq.read_table(DataDir(path).freshness)
     assert fresh.num_rows == summary["items_embedded"]
     assert pc.all(pc.greater_equal(fresh["readable"], fresh["arrived"])).as_py()
 
@@ -199,4 +200,4 @@ def test_features_apply_registers_the_repo(tmp_path, capsys):
     assert main(["--data-dir", str(tmp_path), "features", "apply"]) == 0
     out = capsys.readouterr().out
     assert "item_embedding" in out and "user_sequence" in out and "ranker" in out
-    assert (tmp_path / "feast" / "registry.db").exists()
+    assert (DataDir(tmp_path).feast_repo / "registry.db").exists()

@@ -11,18 +11,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from trainer.model import (
     VARIANTS,
     RankerConfig,
     UnifiedRanker,
-    gap_bucket,
     load_checkpoint,
     save_checkpoint,
 )
-
-DAY = 86_400.0
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,36 +80,6 @@ def scores(model: UnifiedRanker, batch: dict) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(batch)[0]
-
-
-# -----------------------------------------------------------------------------
-# gap_bucket
-
-
-def test_gap_bucket_edges():
-    got = gap_bucket(np.array([-5.0, 0.0, 59.9, 60.0, 3600.0, 29.9 * DAY, 30 * DAY, 1e12]), 16)
-    assert got.dtype == np.int64
-    assert got[:3].tolist() == [1, 1, 1]  # under a minute (and clock skew)
-    assert got[3] == 2
-    assert got[5] == 14 and got[6] == 15 and got[7] == 15  # 30 days or more: the last bucket
-    assert gap_bucket([float("nan")], 16).tolist() == [15]  # unknown time: "long ago"
-    assert gap_bucket(np.zeros((2, 3)), 16).shape == (2, 3)
-    assert gap_bucket(np.array([1.0, 1e9]), 2).tolist() == [1, 1]
-    with pytest.raises(ValueError):
-        gap_bucket(np.array([1.0]), 1)
-
-
-@given(
-    seconds=hnp.arrays(np.float64, st.integers(0, 50),
-                       elements=st.floats(-1e3, 1e10, allow_nan=False)),
-    n_buckets=st.integers(2, 64),
-)
-def test_gap_bucket_monotone_and_in_range(seconds, n_buckets):
-    got = gap_bucket(seconds, n_buckets)
-    assert got.shape == seconds.shape
-    assert ((got >= 1) & (got <= n_buckets - 1)).all()
-    order = np.argsort(seconds, kind="stable")
-    assert (np.diff(got[order]) >= 0).all()
 
 
 # -----------------------------------------------------------------------------

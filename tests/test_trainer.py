@@ -22,7 +22,7 @@ from feature_repo.online_features import OnlineFeatures
 from ppm.config import Config, SimulatorConfig
 from streams.local_runner import LocalRunner
 from streams.sources.shop_simulator import ShopSimulator
-from trainer.dataset import WindowDataset, closed_windows, hash_ids, window_files
+from trainer.dataset import WindowDataset, closed_windows, window_files
 from trainer.registry import Registry
 from trainer.train import IncrementalTrainer, new_model, predict
 
@@ -56,20 +56,18 @@ def data_dir(world, tmp_path) -> Path:
     return target
 
 
-def test_dataset_joins_cached_vectors_and_hashes_stably(world):
+def test_dataset_joins_cached_vectors(world):
     trainer = IncrementalTrainer(small_cfg(world), variant="ppm")
     files = window_files(world / "training")
     data = trainer.dataset(files)
     assert len(data) > 1_000 and data.tasks == ("click", "order", "collect")
-    assert (data.target_row > 0).mean() > 0.9  # nearly every impression has its vector
+    assert (data.features["target_modal_row"] > 0).mean() > 0.9  # nearly all have a vector
     batch = data.batch(np.arange(64))
     assert batch["modal_table"].shape[1] == 1664
     assert batch["seq_item_id"].shape == (64, 50)
     # Left padding: where a sequence exists, its last slot is filled.
     has = batch["seq_mask"].any(dim=1)
     assert batch["seq_mask"][has, -1].all()
-    assert (hash_ids(["a", None, "a", ""], 1024) == hash_ids(["a", None, "a", ""], 1024)).all()
-    assert hash_ids(["a", None, ""], 1024)[1:].tolist() == [0, 0]
 
 
 def test_an_item_without_an_embedding_uses_the_missing_vector(world):
@@ -77,7 +75,8 @@ def test_an_item_without_an_embedding_uses_the_missing_vector(world):
     data = WindowDataset(window_files(world / "training")[:2], trainer.modal.__class__(
         None, {}, np.zeros((1, 1664), np.float32), np.zeros(1, np.int64)),
         new_model(small_cfg(world), "ppm").config)
-    assert (data.target_row == 0).all() and (data.seq_modal == 0).all()
+    assert (data.features["target_modal_row"] == 0).all()
+    assert (data.features["seq_modal_row"] == 0).all()
     logits = predict(new_model(small_cfg(world), "ppm"), data)
     assert np.isfinite(logits).all()
 
@@ -311,3 +310,40 @@ def test_ppm_beats_idrec_on_new_items_in_a_small_world(tmp_path, item_encoder):
     # Measured: young 0.583 vs 0.559, all 0.635 vs 0.636.
     assert result["ppm"]["young"] > result["idrec"]["young"] + 0.01, result
     assert result["ppm"]["all"] >= result["idrec"]["all"] - 0.01, result
+
+
+def test_the_http_server_refuses_requests_over_its_limits():
+    from ppm.config import ServingConfig
+    from trainer.serving.http_server import make_server
+    from trainer.serving.ranker import RankResult
+
+    class Echo:  # a ranker that needs no model: scores are the candidates' positions
+        model_version, counters = "v-test", {"requests": 0}
+
+        def rank(self, user_id, item_ids):
+            return RankResult(list(item_ids), {"click": [1.0 / (k + 1) for k in
+                                                         range(len(item_ids))]}, "v-test")
+
+    server = make_server(Echo(), "127.0.0.1", 0, ServingConfig(max_candidates=2,
+                                                                max_body_bytes=200))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/rank"
+
+    def post(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(url, json.dumps(body).encode())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    try:
+        status, reply = post({"user_id": "u", "item_ids": ["a", "b"]})
+        assert status == 200 and [i["item_id"] for i in reply["items"]] == ["a", "b"]
+        status, reply = post({"user_id": "u", "item_ids": ["a", "b", "c"]})
+        assert status == 400 and "at most 2 candidates" in reply["error"]
+        status, reply = post({"user_id": "u", "item_ids": ["x" * 200]})
+        assert status == 400 and "1..200 bytes" in reply["error"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from ppm.clock import to_us
 from ppm.config import SimulatorConfig
+from ppm.data_dir import TrainingLogDir
 from ppm.events import Action, BehaviorEvent, ItemEvent, ItemOp
 from ppm.records import ItemState, UserSequence, price_bucket
 from streams.sequence_builder import SequenceBuilder
@@ -54,7 +55,7 @@ def writer_for(out: Path, sequences: dict[str, UserSequence] | None = None,
 
 
 def read_samples(out: Path) -> list[dict[str, Any]]:
-    return [row for path in sorted((out / "windows").glob("*.parquet"))
+    return [row for path in sorted(TrainingLogDir(out).windows.glob("*.parquet"))
             for row in pq.read_table(path).to_pylist() if row["user_id"] != "clock"]
 
 
@@ -65,7 +66,7 @@ def by_key(out: Path) -> dict[tuple[str, str, str, int], dict[str, Any]]:
 
 
 def late_lines(out: Path) -> list[dict[str, Any]]:
-    path = out / "late_events.jsonl"
+    path = TrainingLogDir(out).late_events
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -243,17 +244,17 @@ def test_window_closes_only_after_its_end_plus_the_attribution_window(tmp_path: 
     writer = writer_for(tmp_path)
     assert writer.process([behavior("impression", 100), behavior("click", 200)]) == []
     assert writer.process([tick(3600 + W - 1e-6)]) == []
-    assert not (tmp_path / "windows" / "20260101T000000Z.parquet").exists()
+    assert not (TrainingLogDir(tmp_path).windows / "20260101T000000Z.parquet").exists()
 
     closed = writer.process([tick(3600 + W)])
-    path = tmp_path / "windows" / "20260101T000000Z.parquet"
+    path = TrainingLogDir(tmp_path).windows / "20260101T000000Z.parquet"
     assert closed == [ClosedWindow(T0_US, T0_US + HOUR_US, path, 1)]
     table = pq.read_table(path)
     assert table.schema == SCHEMA
     [row] = table.to_pylist()
     assert (row["sample_id"], row["click"]) == (f"r1:i1:{T0_US + 100_000_000}", 1)
     assert to_us(row["window_start"]) == T0_US
-    manifest = json.loads((tmp_path / "windows" / "manifest.json").read_text())
+    manifest = json.loads(TrainingLogDir(tmp_path).manifest.read_text())
     assert manifest == [{"start": "2026-01-01T00:00:00.000000Z",
                          "end": "2026-01-01T01:00:00.000000Z",
                          "path": "20260101T000000Z.parquet", "samples": 1,
@@ -268,7 +269,7 @@ def test_empty_windows_are_written_so_the_sequence_has_no_gaps(tmp_path: Path) -
     assert [(w.start_us - T0_US) // HOUR_US for w in closed] == [0, 1, 2]
     assert [w.samples for w in closed] == [1, 0, 0]
     assert all(pq.read_table(w.path).schema == SCHEMA for w in closed)
-    manifest = json.loads((tmp_path / "windows" / "manifest.json").read_text())
+    manifest = json.loads(TrainingLogDir(tmp_path).manifest.read_text())
     assert [m["end"] for m in manifest[:-1]] == [m["start"] for m in manifest[1:]]
 
 
@@ -281,8 +282,9 @@ def test_window_file_depends_on_its_samples_not_their_arrival(tmp_path: Path) ->
     for batch in ([behavior("impression", 100), behavior("impression", 500)], [tick(500 + W)],
                   [tick(3600 + W)]):
         other.process(batch)
-    name = "windows/20260101T000000Z.parquet"
-    assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "other" / name).read_bytes()
+    name = "20260101T000000Z.parquet"
+    assert (TrainingLogDir(tmp_path / "one").windows / name).read_bytes() == (
+        TrainingLogDir(tmp_path / "other").windows / name).read_bytes()
 
 
 def test_closing_a_window_again_changes_nothing(tmp_path: Path) -> None:
@@ -291,14 +293,14 @@ def test_closing_a_window_again_changes_nothing(tmp_path: Path) -> None:
     state = first.state_dict()
     first.process([tick(3600 + W)])
     before = snapshot(tmp_path)
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "windows").iterdir()}
+    stamps = {p: p.stat().st_mtime_ns for p in TrainingLogDir(tmp_path).windows.iterdir()}
 
     again = writer_for(tmp_path)  # e.g. restarted from the older checkpoint
     again.load_state_dict(state)
     [window] = again.process([tick(3600 + W)])
     assert window.samples == 1
     assert snapshot(tmp_path) == before
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "windows").iterdir()} == stamps
+    assert {p: p.stat().st_mtime_ns for p in TrainingLogDir(tmp_path).windows.iterdir()} == stamps
     assert again.counters["windows_already_recorded"] == 1
 
 
@@ -532,7 +534,7 @@ def test_simulated_day_logs_every_impression_once(tmp_path: Path, stream: Any) -
     assert (c["late_impressions"], c["late_events"]) == (1, 1)
     assert c["duplicate_impressions"] + c["duplicate_followups"] == 3
     assert sum(s["click"] for s in samples) > 0
-    manifest = json.loads((tmp_path / "windows" / "manifest.json").read_text())
+    manifest = json.loads(TrainingLogDir(tmp_path).manifest.read_text())
     assert sum(m["samples"] for m in manifest) == len(samples)
     assert [m["end"] for m in manifest[:-1]] == [m["start"] for m in manifest[1:]]
 
@@ -572,7 +574,8 @@ def test_replay_after_a_crash_rewrites_nothing_and_duplicates_nothing(
     run(crashed, sequences, stream, range(4, 8))
     assert crashed.counters["late_events"] > state["counters"]["late_events"]
     assert crashed.counters["windows_closed"] > state["counters"]["windows_closed"]
-    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "log" / "windows").glob("*.parquet")}
+    written = {p: p.stat().st_mtime_ns
+               for p in TrainingLogDir(tmp_path / "log").windows.glob("*.parquet")}
 
     rerun = TrainingLogWriter(tmp_path / "log", sequences, items, W, 3600.0)
     rerun.load_state_dict(state)

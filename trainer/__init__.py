@@ -1,4 +1,6 @@
-"""The unified ranker and its incremental trainer (ID transformer + PPM module + MMoE).
+"""Training and online scoring of the unified ranker (ID transformer + PPM module + MMoE).
 
-Empty until the ranker lands (issue #4); the package exists so the layout is fixed.
+``features`` builds the model's input for both; ``dataset`` reads the pipeline's windows,
+``model`` is the network, ``train`` the loop and incremental promotion, ``registry`` the
+versions, ``metrics`` the offline report; ``serving/`` scores requests from the online store.
 """

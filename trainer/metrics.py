@@ -27,9 +27,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-TASKS = ("click", "order", "collect")
-"""The ranker's heads, in report order; :func:`evaluate` reports whichever it is given."""
-
 DAY_S = 86_400.0
 
 BUCKETS = ("all", "age<1d", "age1-7d", "age>7d", "no_click_before")

@@ -15,15 +15,18 @@ Variants (``RankerConfig.variant``):
   are never read. Its ``ppm.*`` weights load into a ``"ppm"`` model (same names), which is
   the paper's "pre-train, then plug in" step.
 
-The batch contract — a dict of tensors on the model's device. B = batch size, L = sequence
-length (L <= ``max_seq_len``), M = rows of the modal table::
+The batch contract — a dict of tensors on the model's device, built alike for training and
+serving by ``trainer.features``. B = batch size, L = sequence length (L <= ``max_seq_len``),
+M = rows of the modal table::
 
     item_id, category, brand, shop   int64 (B,)    target item's ids, hashed by the data layer
                                                    into [1, <x>_buckets); 0 = unknown
     price_bucket                     int64 (B,)    in [0, price_buckets)
     seq_item_id                      int64 (B, L)  hashed like item_id; 0 = padding
     seq_action                       int64 (B, L)  0 padding, 1 click, 2 order, 3 collect
-    seq_gap                          int64 (B, L)  gap_bucket(impression - interaction time);
+                                                   (trainer.features.ACTION_CODES)
+    seq_gap                          int64 (B, L)  recency bucket of the interaction at the
+                                                   impression (trainer.features.gap_bucket);
                                                    0 = padding
     seq_mask                         bool  (B, L)  True where a real interaction is
                                                    (the four seq_* tensors may instead have
@@ -49,19 +52,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainer.features import N_ACTIONS, TASKS
+
 VARIANTS = ("idrec", "ppm", "modal")
-N_ACTIONS = 4  # 0 padding, 1 click, 2 order, 3 collect
 
 
 @dataclass
 class RankerConfig:
     variant: str = "ppm"  # "idrec" (IDs only), "ppm" (IDs + modal, unified), "modal" (modal only)
-    tasks: tuple[str, ...] = ("click", "order", "collect")  # one tower and label column each
+    tasks: tuple[str, ...] = TASKS  # one tower and label column each (a subset of TASKS)
     task_weights: tuple[float, ...] = (1.0, 0.5, 0.5)  # loss weight per task, aligned w/ tasks
     # hash buckets: sizes of the id tables (the data layer hashes into [1, buckets); 0 unknown)
     item_buckets: int = 2**16  # 65k item rows x d_model: the bulk of the parameters; dense
@@ -130,29 +133,6 @@ class RankerConfig:
             raise ValueError(f"unknown RankerConfig fields {sorted(unknown)} (newer checkpoint?)")
         # Checkpoints from before ``attention`` existed were trained with full attention.
         return cls(**{"attention": "full", **d})
-
-
-# -----------------------------------------------------------------------------
-# Recency buckets (used by the data layer and serving, so that both bucket alike)
-
-GAP_MIN_S = 60.0  # bucket 1: less than a minute ago
-GAP_MAX_S = 30 * 86_400.0  # last bucket: 30 days ago or more
-
-
-def gap_bucket(seconds: np.ndarray, n_buckets: int) -> np.ndarray:
-    """Recency buckets of ``seconds`` (impression time - interaction time; any array-like of
-    numbers), int64 in ``[1, n_buckets)``, same shape as ``seconds``.
-
-    Bucket 1 is "< 1 min", bucket ``n_buckets - 1`` is ">= 30 days", and the buckets between
-    are log-spaced (about x2.3 each with 16 buckets: <1 min, <2.3 min, <5 min, ... <13 d,
-    <30 d). Non-decreasing in ``seconds``. Negative gaps (clock skew) land in bucket 1, NaN in
-    the last bucket. 0 is never returned: it is the padding bucket.
-    """
-    if n_buckets < 2:
-        raise ValueError("n_buckets must be >= 2 (0 is padding)")
-    s = np.asarray(seconds, dtype=np.float64)
-    edges = np.geomspace(GAP_MIN_S, GAP_MAX_S, n_buckets - 2)  # (n_buckets - 2,)
-    return (np.searchsorted(edges, s, side="right") + 1).astype(np.int64)
 
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ppm.config import Config
-from trainer.dataset import TASKS, ModalTable, Window, WindowDataset, closed_windows
+from trainer.dataset import ModalTable, Window, WindowDataset, closed_windows
 from trainer.metrics import evaluate
 from trainer.model import RankerConfig, UnifiedRanker
 from trainer.registry import Registry, Version
@@ -32,11 +32,13 @@ from trainer.registry import Registry, Version
 
 def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int, lr: float,
         weight_decay: float = 0.0, seed: int = 0, extra: WindowDataset | None = None,
-        extra_share: float = 0.0, progress: bool = False) -> float:
+        extra_share: float = 0.0, grad_clip: float | None = None,
+        progress: bool = False) -> float:
     """Train ``model`` in place; returns the mean loss of the last epoch.
 
     ``extra`` (older samples) contributes ``extra_share * len(data)`` random samples per
-    epoch: replay against forgetting.
+    epoch: replay against forgetting. ``grad_clip``: the largest gradient norm of a step
+    (``trainer.grad_clip``; None: not clipped).
     """
     from tqdm import tqdm
 
@@ -60,7 +62,8 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
             _, loss = model(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             losses.append(loss.item())
         last = float(np.mean(losses)) if losses else float("nan")
@@ -70,20 +73,22 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
 
 @torch.inference_mode()
 def predict(model: UnifiedRanker, data: WindowDataset, batch_size: int = 4096) -> np.ndarray:
-    """Logits (n, 3) for click, order, collect, in the dataset's row order."""
+    """Logits (n, n_tasks), tasks in ``model.config.tasks`` order, rows in the dataset's."""
     model.eval()
     out = [model(b)[0].numpy() for b in data.batches(batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, len(TASKS)), np.float32)
+    return (np.concatenate(out) if out
+            else np.zeros((0, len(model.config.tasks)), np.float32))
 
 
 def report(data: WindowDataset, logits: np.ndarray, rows: np.ndarray | None = None) -> dict:
     """Per task and cold-start bucket metrics (``trainer.metrics.evaluate``), over ``rows``
-    (a boolean mask; default all)."""
+    (a boolean mask; default all); ``logits`` columns in the order of ``data.config.tasks``."""
     rows = np.ones(len(data), bool) if rows is None else rows
+    tasks = data.config.tasks
     return evaluate(
-        task_labels={t: data.labels[rows, i] for i, t in enumerate(TASKS) if t in data.tasks},
+        task_labels={t: data.labels[rows, i] for i, t in enumerate(tasks) if t in data.tasks},
         task_label_masks=None,
-        task_scores={t: logits[rows, i] for i, t in enumerate(TASKS) if t in data.tasks},
+        task_scores={t: logits[rows, i] for i, t in enumerate(tasks) if t in data.tasks},
         users=data.user_id[rows],
         requests=data.request_id[rows],
         item_age_s=data.item_age_s[rows],
@@ -95,14 +100,23 @@ def click_auc(metrics: dict, bucket: str = "all") -> float | None:
     return metrics.get("click", {}).get(bucket, {}).get("auc")
 
 
-def new_model(cfg: Config, variant: str | None = None, modal_dim: int = 1664) -> UnifiedRanker:
-    """A freshly initialised model (seeded by ``trainer.seed``); ``trainer.id_dropout``
-    applies to ``ppm`` only (see its docstring)."""
-    torch.manual_seed(cfg.trainer.seed)
+def ranker_config(cfg: Config, variant: str | None = None, modal_dim: int = 1664
+                  ) -> RankerConfig:
+    """The shape of a model trained from scratch: the ``[model]`` section, the variant
+    (``trainer.variant`` unless given), ``features.sequence_length`` as ``max_seq_len``,
+    ``modal_dim`` (the cached vectors' width) and ``trainer.id_dropout``, which applies to
+    ``ppm`` only (see its docstring)."""
     variant = variant or cfg.trainer.variant
-    return UnifiedRanker(RankerConfig(
-        variant=variant, modal_dim=modal_dim,
-        id_dropout=cfg.trainer.id_dropout if variant == "ppm" else 0.0))
+    return RankerConfig(
+        variant=variant, max_seq_len=cfg.features.sequence_length, modal_dim=modal_dim,
+        id_dropout=cfg.trainer.id_dropout if variant == "ppm" else 0.0,
+        **cfg.model.model_dump())
+
+
+def new_model(cfg: Config, variant: str | None = None, modal_dim: int = 1664) -> UnifiedRanker:
+    """A freshly initialised model of :func:`ranker_config` (seeded by ``trainer.seed``)."""
+    torch.manual_seed(cfg.trainer.seed)
+    return UnifiedRanker(ranker_config(cfg, variant, modal_dim))
 
 
 @dataclass
@@ -143,7 +157,7 @@ class IncrementalTrainer:
                 ) -> WindowDataset:
         """Samples of ``windows`` (or window files) hashed and padded for ``config`` (the
         model's own config; default: a new model's)."""
-        config = config or RankerConfig(variant=self.variant, modal_dim=self.modal.dim)
+        config = config or ranker_config(self.cfg, self.variant, self.modal.dim)
         return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s)
 
     @property
@@ -199,18 +213,18 @@ class IncrementalTrainer:
             candidate = new_model(self.cfg, self.variant, self.modal.dim)
             train = self.dataset(train_windows, candidate.config)
             fit(candidate, train, t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
-                seed=t.seed, progress=progress)
+                seed=t.seed, grad_clip=t.grad_clip, progress=progress)
         else:
             champion, champion_model = held
             candidate = copy.deepcopy(champion_model)
             train = self.dataset(train_windows, candidate.config)
             closed = closed_windows(Path(self.cfg.data_dir) / "training")
             older = closed[: [w.name for w in closed].index(train_windows[0].name)]
-            replay = (self.dataset(older[-24:], candidate.config)
+            replay = (self.dataset(older[-t.replay_windows:], candidate.config)
                       if t.replay_share > 0 and older else None)
             fit(candidate, train, t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed + len(closed), extra=replay, extra_share=t.replay_share,
-                progress=progress)
+                grad_clip=t.grad_clip, progress=progress)
 
         holdout = self.dataset([eval_window], candidate.config)
         cand_logits = predict(candidate, holdout)
@@ -274,7 +288,8 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     model = new_model(cfg, trainer.variant, trainer.modal.dim)
     t = cfg.trainer
     fit(model, trainer.dataset(windows, model.config), epochs or t.initial_epochs,
-        t.batch_size, t.lr, t.weight_decay, seed=t.seed, progress=progress)
+        t.batch_size, t.lr, t.weight_decay, seed=t.seed, grad_clip=t.grad_clip,
+        progress=progress)
     return model
 
 

@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from ppm.config import Config
+from ppm.data_dir import DataDir
 
 DISTRIBUTED = "the same processors on Kafka, Faust and Redis: README, The distributed path"
 VARIANTS = ("idrec", "ppm")
-QUICK_WORLD = {"days": 2.0, "n_users": 500, "initial_items": 200, "items_per_day": 150}
-# The quick demo trains on 3-hour windows (a one-day warm-up, then 8 steps per variant)
-# instead of 47 hourly steps: same mechanics, a fraction of the time.
-QUICK_TRAINING = {"log_window_s": 3 * 3600.0, "warmup_windows": 8}
-# Everything the demo writes in its folder; removed before a run so each demo starts fresh.
-DEMO_OUTPUTS = ("feast", "offline", "training", "registry", "dead_letters.jsonl",
-                "item_warnings.jsonl", "freshness.parquet", "checkpoint.json", "summary.json",
-                "demo_windows.json")
+
+
+def demo_outputs(paths: DataDir) -> tuple[Path, ...]:
+    """Everything the demo writes in its folder; removed before a run so each demo starts
+    fresh."""
+    return (paths.feast_repo, paths.offline, paths.training, paths.registry_dir,
+            paths.dead_letters, paths.item_warnings, paths.freshness, paths.checkpoint,
+            paths.summary, paths.demo_windows)
 
 
 @dataclass
@@ -112,7 +113,8 @@ def train_and_score(run_cfg: Config, progress: bool = True) -> tuple[dict, list[
 
 
 def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> DemoReport:
-    """Simulate and stream a shop into ``out_dir`` (default ``DATA_DIR/demo``); the figures."""
+    """Simulate and stream a shop into ``out_dir`` (default ``DATA_DIR/demo``); the figures.
+    ``quick``: with the ``quick`` preset (:data:`ppm.config.PRESETS`)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
@@ -120,37 +122,29 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
     from streams.sources.shop_simulator import ShopSimulator
     from trainer.windows import window_files
 
+    if quick:
+        cfg = cfg.with_preset("quick")
     world = cfg.simulator.model_copy(
-        update={"malformed_share": max(cfg.simulator.malformed_share, 0.005)}
-        | (QUICK_WORLD if quick else {})
-    )
-    out = Path(out_dir or cfg.data_dir / "demo")
+        update={"malformed_share": max(cfg.simulator.malformed_share, 0.005)})
+    out = Path(out_dir or cfg.paths.demo)
     out.mkdir(parents=True, exist_ok=True)
-    for name in DEMO_OUTPUTS:
-        path = out / name
+    run_cfg = cfg.model_copy(update={"data_dir": out})
+    for path in demo_outputs(run_cfg.paths):
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    run_cfg = cfg.model_copy(update={"data_dir": out})
-    if quick:
-        run_cfg = run_cfg.model_copy(update={
-            "pipeline": run_cfg.pipeline.model_copy(
-                update={"log_window_s": QUICK_TRAINING["log_window_s"]}),
-            "trainer": run_cfg.trainer.model_copy(
-                update={"warmup_windows": QUICK_TRAINING["warmup_windows"]}),
-        })
 
     runner = LocalRunner(run_cfg, resume=False)
     summary = runner.run(ShopSimulator(world).records(), source="demo")
 
-    windows = window_files(out / "training")
+    windows = window_files(run_cfg.paths.training)
     samples = ds.dataset(windows, format="parquet").to_table(
         columns=["item_id", "item_age_s", "item_encoder_version"])
     cold = samples.filter(pc.less(samples["item_age_s"], 86_400.0))
     cold_embedded = cold.filter(pc.is_valid(cold["item_encoder_version"]))
     totals, windows_evaluated = train_and_score(run_cfg)
-    (out / "demo_windows.json").write_text(json.dumps(windows_evaluated, indent=1))
+    run_cfg.paths.demo_windows.write_text(json.dumps(windows_evaluated, indent=1))
     freshness = summary.freshness
     return DemoReport({
         "days": world.days,
@@ -166,7 +160,7 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
         "freshness_p95_ms": freshness["p95_ms"],
         "freshness_p99_ms": freshness["p99_ms"],
         "dead_letters": summary.dead_letters,
-        "dead_letter_file": str(out / "dead_letters.jsonl"),
+        "dead_letter_file": str(run_cfg.paths.dead_letters),
         "windows_closed": summary.windows_closed,
         "samples_logged": samples.num_rows,
         "cold_sample_share": cold.num_rows / max(samples.num_rows, 1),

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ppm.config import Config, load_config
+from ppm.config import PRESETS, Config, load_config
 
 
 def _simulate(args: argparse.Namespace, cfg: Config) -> int:
     from streams.sources.shop_simulator import ShopSimulator
 
-    out = Path(args.out) if args.out else cfg.data_dir / "simulated"
+    out = Path(args.out) if args.out else cfg.paths.simulated
     summary = ShopSimulator(_simulator_config(args, cfg)).write_jsonl(out, progress=not args.quiet)
     print(
         f"wrote {summary.item_events:,} item events and {summary.behavior_events:,} behavior "
@@ -113,10 +113,11 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.serving.ranker import Ranker
 
     ranker = Ranker(OnlineFeatures.open(cfg, apply=False),
-                    Registry(cfg.data_dir / "registry" / (args.variant or cfg.trainer.variant)),
+                    Registry(cfg.paths.registry(args.variant or cfg.trainer.variant)),
+                    reload_every_s=cfg.serving.reload_every_s,
                     cache_s=cfg.features.serving_cache_s,
                     cache_items=cfg.features.serving_cache_items)
-    server = make_server(ranker, "127.0.0.1", args.port)
+    server = make_server(ranker, "127.0.0.1", args.port, cfg.serving)
     host, port = server.server_address[:2]
     print(f"serving model {ranker.model_version} on http://{host}:{port} "
           "(POST /rank, GET /health); Ctrl-C stops", file=sys.stderr, flush=True)
@@ -149,7 +150,7 @@ def _import(args: argparse.Namespace, cfg: Config) -> int:
             return 2
         items, interactions = read_table(Path(args.items)), read_table(Path(args.interactions))
         rule = LabelRule.parse(args.label_rule) if args.label_rule else None
-    events_dir = cfg.data_dir / "import"
+    events_dir = cfg.paths.import_events
     summary = write_events(items, interactions, rule, events_dir)
     print(json.dumps({"events": summary.__dict__}, default=str), file=sys.stderr)
     from streams.local_runner import import_into_pipeline  # torch: only once it is needed
@@ -175,7 +176,7 @@ def _features(args: argparse.Namespace, cfg: Config) -> int:
     store = OnlineFeatures.open(cfg, apply=args.action == "apply")
     if args.action == "apply":
         names = [getattr(o, "name", "?") for o in store.definitions.all()]
-        print(f"registered {len(names)} Feast objects in {cfg.data_dir / 'feast'}: "
+        print(f"registered {len(names)} Feast objects in {cfg.paths.feast_repo}: "
               + ", ".join(names))
         return 0
     if not (args.item or args.user):
@@ -210,7 +211,7 @@ def _clock(at: str | None, cfg: Config) -> datetime:
     if at and at != "now":
         parsed = datetime.fromisoformat(at)
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    state = cfg.data_dir / "summary.json"
+    state = cfg.paths.summary
     if at is None and state.exists():
         return datetime.fromisoformat(json.loads(state.read_text())["clock"])
     return datetime.now(UTC)
@@ -251,9 +252,9 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
         "bootstrap": kafka.bootstrap, "group": kafka.app_id,
         "topics": _lag(kafka),
         "freshness": {"items": freshness.count, **freshness.percentiles()},
-        "training": _training_status(cfg.data_dir / "training"),
+        "training": _training_status(cfg.paths.training),
     }
-    by_stage = _dead_letter_stages(cfg.data_dir / "dead_letters.jsonl")
+    by_stage = _dead_letter_stages(cfg.paths.dead_letters)
     if by_stage is not None:
         status["dead_letter_file"] = {"dead_letters": sum(by_stage.values()),
                                       "by_stage": by_stage}
@@ -335,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
         "defaults); PPM__SECTION__FIELD variables override it",
     )
     parser.add_argument("--data-dir", metavar="DIR", help="override data_dir of the config")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="lay a named preset over the config (ppm.config.PRESETS; its "
+                        "values win): quick (a smaller world, 3-hour windows), history "
+                        "(weekly windows and long clock jumps, for historical replays)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="simulate a shop and stream it through ppm (embedded)")
@@ -467,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.data_dir:
             cfg = cfg.model_copy(update={"data_dir": Path(args.data_dir)})
+        if args.preset:
+            cfg = cfg.with_preset(args.preset)
     except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         parser.error(f"bad configuration: {exc}")
     try:

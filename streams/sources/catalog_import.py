@@ -10,7 +10,7 @@ local replay reads (``items.jsonl``, ``behaviors.jsonl``, see
    them in event-time order; every row that cannot become an event goes to
    ``rejected.jsonl`` with its reason, so ``written + rejected == rows`` for both inputs;
 3. :func:`streams.local_runner.import_into_pipeline` streams them through the local runner
-   with settings for historical data (:data:`HISTORY_PIPELINE`).
+   with settings for historical data (the ``history`` preset, :data:`ppm.config.PRESETS`).
 
 Columns (names are fixed; other columns are ignored, like unknown event fields)
 -------------------------------------------------------------------------------
@@ -86,22 +86,8 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from ppm.atomic_file import write_atomically
-from ppm.config import Config, PipelineConfig
+from ppm.data_dir import DataDir
 from ppm.events import MAX_EVENT_TIME, MIN_EVENT_TIME, Action, BehaviorEvent, ItemEvent
-
-_DAY_S = 86_400
-HISTORY_PIPELINE: dict[str, float] = {
-    # A week per training-log file: MovieLens spans 1995-2016, so hourly windows would be
-    # ~180k files (empty windows are written too, as 0-row files).
-    "log_window_s": 7 * _DAY_S,
-    # Gaps between ratings can exceed a day; without this they become dead letters.
-    "max_clock_jump_s": 30 * 365 * _DAY_S,
-    # Items are flushed before every behavior batch anyway; a long wait lets batches fill
-    # instead of encoding items one by one when catalog changes are days apart.
-    "item_batch_wait_s": 30 * _DAY_S,
-}
-"""``pipeline.*`` overrides for historical replays
-(:func:`streams.local_runner.import_into_pipeline`)."""
 
 DEFAULT_CATEGORY = "unknown"
 SOURCE_METADATA_KEY = b"ppm.source_path"
@@ -921,18 +907,13 @@ def temporal_split_time(source: pa.Table | Path, test_share: float = 0.2) -> dat
 
 # ---------------------------------------------------------------------------- replay
 
-def history_config(cfg: Config) -> Config:
-    """``cfg`` with :data:`HISTORY_PIPELINE` applied to its pipeline section (validated)."""
-    pipeline = PipelineConfig.model_validate({**cfg.pipeline.model_dump(), **HISTORY_PIPELINE})
-    return cfg.model_copy(update={"pipeline": pipeline})
-
-
 def refuse_existing_run(data_dir: Path) -> None:
     """Raise FileExistsError if ``data_dir`` holds a pipeline run (its checkpoint or training
     windows): an import's windows and items would mix with it. Call it before writing
     anything for an import into ``data_dir``."""
-    root = Path(data_dir)
-    for leftover in ("checkpoint.json", "training/windows/manifest.json"):
-        if (root / leftover).exists():
-            raise FileExistsError(f"{root} already holds a run ({leftover}); import into a new "
+    paths = DataDir(Path(data_dir))
+    for leftover in (paths.checkpoint, paths.training_log.manifest):
+        if leftover.exists():
+            raise FileExistsError(f"{paths.root} already holds a run "
+                                  f"({leftover.relative_to(paths.root)}); import into a new "
                                   "data folder or delete it first")

@@ -17,6 +17,7 @@ from feast.errors import FeatureViewNotFoundException
 
 from ppm.clock import to_us
 from ppm.config import Config, SimulatorConfig, load_config
+from ppm.data_dir import DataDir
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
 from ppm.records import UserSequence
 from streams.intake import Intake
@@ -234,7 +235,7 @@ def window_samples(data_dir: Path) -> list[tuple[str, int, int, int]]:
     from trainer.windows import window_sources
 
     rows: list[tuple[str, int, int, int]] = []
-    for windows in window_sources(Path(data_dir) / "training").values():
+    for windows in window_sources(DataDir(Path(data_dir)).training).values():
         for path in (f for window in windows for f in window.files):
             table = pq.read_table(path, columns=["sample_id", "click", "order", "collect"])
             rows += zip(*(table[c].to_pylist() for c in table.column_names), strict=True)
@@ -243,10 +244,11 @@ def window_samples(data_dir: Path) -> list[tuple[str, int, int, int]]:
 
 def late_events(data_dir: Path) -> list[str]:
     """The events of every ``late_events.jsonl`` under ``data_dir/training`` (wire JSON)."""
-    training = Path(data_dir) / "training"
     lines = []
-    for path in sorted([*training.glob("late_events.jsonl"),
-                        *training.glob("partition-*/late_events.jsonl")]):
+    for log in DataDir(Path(data_dir)).training_logs():
+        path = log.late_events
+        if not path.exists():
+            continue
         lines += [json.dumps(json.loads(line)["event"], separators=(",", ":"))
                   for line in path.read_text().splitlines() if line]
     return lines

@@ -7,7 +7,8 @@ Endpoints:
   "missing": {...}}``, items by descending click probability.
 * ``GET /health`` answers ``{"status": "ok", "model_version": ..., "requests": n}``.
 
-Bad requests get a 400 with ``{"error": reason}``; no model yet gives a 503.
+Bad requests get a 400 with ``{"error": reason}``; no model yet gives a 503. The limits on
+a request are the ``[serving]`` section of the config.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ppm.config import ServingConfig
 from trainer.serving.ranker import Ranker
 
-MAX_BODY_BYTES = 1_000_000
-MAX_CANDIDATES = 10_000
 
-
-def make_server(ranker: Ranker, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """A server bound to ``host:port`` (0: a free port; read ``server.server_address``)."""
+def make_server(ranker: Ranker, host: str = "127.0.0.1", port: int = 0,
+                limits: ServingConfig | None = None) -> ThreadingHTTPServer:
+    """A server bound to ``host:port`` (0: a free port; read ``server.server_address``),
+    refusing requests over ``limits`` (default: the config's defaults)."""
+    limits = limits or ServingConfig()
+    max_body_bytes, max_candidates = limits.max_body_bytes, limits.max_candidates
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self, status: int, body: dict) -> None:
@@ -43,16 +46,16 @@ def make_server(ranker: Ranker, host: str = "127.0.0.1", port: int = 0) -> Threa
             if self.path != "/rank":
                 return self._reply(404, {"error": f"no such path {self.path}"})
             length = int(self.headers.get("Content-Length") or 0)
-            if not 0 < length <= MAX_BODY_BYTES:
-                return self._reply(400, {"error": f"body must be 1..{MAX_BODY_BYTES} bytes"})
+            if not 0 < length <= max_body_bytes:
+                return self._reply(400, {"error": f"body must be 1..{max_body_bytes} bytes"})
             try:
                 request = json.loads(self.rfile.read(length))
                 user_id, item_ids = request["user_id"], request["item_ids"]
                 if not isinstance(user_id, str) or not isinstance(item_ids, list) or not all(
                         isinstance(i, str) for i in item_ids):
                     raise TypeError("user_id must be a string and item_ids a list of strings")
-                if len(item_ids) > MAX_CANDIDATES:
-                    raise ValueError(f"at most {MAX_CANDIDATES} candidates per request")
+                if len(item_ids) > max_candidates:
+                    raise ValueError(f"at most {max_candidates} candidates per request")
             except (ValueError, KeyError, TypeError) as exc:
                 return self._reply(400, {"error": f"bad request: {exc}"})
             try:

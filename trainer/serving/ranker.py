@@ -2,17 +2,18 @@
 
 Per request the ranker reads the user's sequence and the candidates' (and sequence items')
 features from the Feast online store in one batched read each, builds the model's batch
-(the same hashing, recency buckets and padding as training, ``trainer.dataset``), and scores
-click, order and collect. Item features are reused for ``features.serving_cache_s`` seconds
-(:class:`ItemCache`), so a request reads from the store only the items it has not seen
-lately; the user's sequence is read on every request, and encoded once for all candidates
-(``trainer.model.BehaviorTransformer``). Features that are missing or stale (see
-``feature_repo.online_features``) do not fail the request: the model gets its learned "missing"
-vector, and the response counts them.
+with the functions training uses (``trainer.features``), and scores every task of the
+model (click, order and collect by default). Item features are reused for
+``features.serving_cache_s`` seconds (:class:`ItemCache`), so a request reads from the store
+only the items it has not seen lately; the user's sequence is read on every request, and
+encoded once for all candidates (``trainer.model.BehaviorTransformer``). A vector that is
+missing or stale (``trainer.features.usable_vectors``, the rule training applies to its
+targets) does not fail the request: the model gets its learned "missing" vector, and the
+response counts them.
 
 The champion model is re-read when the registry's pointer changes (checked at most every
-``reload_every_s``); the swap is one reference assignment, so a request in flight finishes on
-the model it started with and no request is dropped.
+``reload_every_s``: ``serving.reload_every_s``); the swap is one reference assignment, so a
+request in flight finishes on the model it started with and no request is dropped.
 """
 
 from __future__ import annotations
@@ -30,14 +31,22 @@ import torch
 from feature_repo.online_features import OnlineFeatures, OnlineItem, StoredItem
 from ppm.clock import now_us
 from ppm.records import UserSequence
-from trainer.dataset import ACTION_CODES, TASKS, hash_ids
-from trainer.model import UnifiedRanker, gap_bucket
+from trainer.features import (
+    Sequences,
+    Targets,
+    model_batch,
+    sequence_features,
+    target_features,
+    usable_vectors,
+)
+from trainer.model import UnifiedRanker
 from trainer.registry import Registry
 
 
 @dataclass
 class RankResult:
-    """Candidates in descending click probability, with every task's probability."""
+    """Candidates in descending probability of the model's first task (click by default),
+    with every task's probability."""
 
     item_ids: list[str]
     scores: dict[str, list[float]]
@@ -154,14 +163,15 @@ class Ranker:
         self.counters["requests"] += 1
         item_ids = list(item_ids)
         if not item_ids:
-            return RankResult([], {t: [] for t in TASKS}, version)
+            return RankResult([], {t: [] for t in model.config.tasks}, version)
         batch, missing = self.build_batch(model, encoder_version, user_id, item_ids, now)
         with torch.inference_mode():
             probs = torch.sigmoid(model(batch)[0]).numpy()
         order = np.argsort(-probs[:, 0], kind="stable")
         return RankResult(
             item_ids=[item_ids[i] for i in order],
-            scores={task: probs[order, j].tolist() for j, task in enumerate(TASKS)},
+            scores={task: probs[order, j].tolist()
+                    for j, task in enumerate(model.config.tasks)},
             model_version=version,
             missing=missing,
         )
@@ -175,50 +185,38 @@ class Ranker:
         c = model.config
         sequence = self.store.read_sequences([user_id]).get(user_id) or UserSequence(user_id)
         seq = sequence.before(now)
-        seq_ids = list(seq.item_ids[-c.max_seq_len:])
+        L = c.max_seq_len  # the model reads the last L: read no more from the store
+        seq = UserSequence(user_id, seq.item_ids[-L:], seq.actions[-L:], seq.times_us[-L:])
+        seq_ids = list(seq.item_ids)
         wanted = list(dict.fromkeys(item_ids + seq_ids))
         online = self.items.read(wanted, c.uses_modal, now, encoder_version)
 
-        # The modal table of this request: row 0 = missing, then every usable vector.
-        usable = [i for i in wanted if i in online and not online[i].stale
-                  and online[i].embedding is not None]
-        row_of = {item_id: row + 1 for row, item_id in enumerate(usable)}
-        table = np.zeros((len(usable) + 1, c.modal_dim), np.float32)
+        # This request's vector table: row 0 = missing, then every usable vector.
+        found = [online.get(i) for i in wanted]
+        usable = usable_vectors(
+            embedded=[o is not None and o.embedding is not None for o in found],
+            encoder_versions=[o.state.encoder_version if o else None for o in found],
+            content_time_us=[np.nan if o is None or o.state.content_time_us is None
+                             else o.state.content_time_us for o in found],
+            at_us=now, model_version=encoder_version,
+            freshness_window_s=self.store.freshness_window_s,
+            deleted=[o is not None and o.state.deleted for o in found])
+        row_of = {i: row for row, i in enumerate(
+            (i for i, ok in zip(wanted, usable, strict=True) if ok), start=1)}
+        vectors = np.zeros((len(row_of) + 1, c.modal_dim), np.float32)
         for item_id, row in row_of.items():
-            table[row] = online[item_id].embedding
+            vectors[row] = online[item_id].embedding
 
-        L, k = c.max_seq_len, len(seq_ids)
         states = [online[i].state if i in online else None for i in item_ids]
-        seq_item = np.zeros((1, L), np.int64)
-        seq_action = np.zeros((1, L), np.int64)
-        seq_gap = np.zeros((1, L), np.int64)
-        seq_row = np.zeros((1, L), np.int64)
-        if k:  # left-padded, as in training (trainer.dataset)
-            seq_item[0, L - k:] = hash_ids(seq_ids, c.item_buckets)
-            seq_action[0, L - k:] = [ACTION_CODES.get(a, 0) for a in seq.actions[-k:]]
-            seq_gap[0, L - k:] = gap_bucket((now - np.asarray(seq.times_us[-k:])) / 1e6,
-                                            c.gap_buckets)
-            seq_row[0, L - k:] = [row_of.get(i, 0) for i in seq_ids]
-        t = torch.from_numpy
         # One sequence row shared by every candidate: the model encodes it once.
-        batch = {
-            "item_id": t(hash_ids(item_ids, c.item_buckets)),
-            "category": t(hash_ids([s.category if s else None for s in states],
-                                   c.category_buckets)),
-            "brand": t(hash_ids([s.brand if s else None for s in states], c.brand_buckets)),
-            "shop": t(hash_ids([s.shop if s else None for s in states], c.shop_buckets)),
-            "price_bucket": t(np.clip([s.price_bucket if s else 0 for s in states], 0,
-                                      c.price_buckets - 1).astype(np.int64)),
-            "seq_item_id": t(seq_item),
-            "seq_action": t(seq_action),
-            "seq_gap": t(seq_gap),
-            "seq_mask": t(seq_item > 0),
-            "modal_table": t(table),
-            "target_modal_row": t(np.array([row_of.get(i, 0) for i in item_ids], np.int64)),
-            "seq_modal_row": t(seq_row),
-        }
+        batch = model_batch({
+            **target_features(Targets.from_states(item_ids, states), c),
+            "target_modal_row": np.array([row_of.get(i, 0) for i in item_ids], np.int64),
+            **sequence_features(Sequences.of([seq]), np.array([now], np.int64),
+                                np.array([row_of.get(i, 0) for i in seq_ids], np.int64), c),
+        }, vectors)
         missing = {
-            "user_sequence": int(k == 0),
+            "user_sequence": int(not seq_ids),
             "item_profile": sum(s is None for s in states),
             "item_embedding": sum(i not in row_of for i in item_ids) if c.uses_modal else 0,
             "sequence_embedding": sum(i not in row_of for i in seq_ids) if c.uses_modal else 0,

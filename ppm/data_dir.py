@@ -1,0 +1,214 @@
+"""Every path under a data directory, named once.
+
+A data directory (``Config.data_dir``, ``ppm-data`` by default; ``Config.paths`` gives its
+:class:`DataDir`) holds everything a deployment writes::
+
+    feast/                          Feast repo: feature_store.yaml, registry, online store
+    offline/item_embedding/         item log parts (Feast's offline source of item_embedding)
+    training/                       the local runner's training log: windows/, late_events.jsonl
+    training/partition-<p>/         a Faust worker's training log of partition p
+    registry/<variant>/             model versions and the champion of each variant
+    checkpoint.json  summary.json  dead_letters.jsonl  item_warnings.jsonl  freshness.parquet
+                                    the local runner's state and side files
+    freshness/<worker>.parquet  item_warnings/<worker>.jsonl
+                                    each Faust worker's own side files
+    faust/                          Faust's own data folder
+    import/  simulated/  demo/      default outputs of ppm import, simulate and demo
+
+Code asks :class:`DataDir` for a path instead of joining the root with a name, so the layout
+can be read (and changed) here alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+TRAINING_PARTITION_PREFIX = "partition-"
+
+
+@dataclass(frozen=True)
+class TrainingLogDir:
+    """The files in one training-log writer's folder (``streams.training_log.TrainingLogWriter``
+    owns it; the trainer reads it)."""
+
+    folder: Path
+
+    @property
+    def windows(self) -> Path:
+        """Window files (``<start>.parquet``), written by the writer as windows close."""
+        return self.folder / "windows"
+
+    @property
+    def manifest(self) -> Path:
+        """The writer's list of recorded windows (JSON), rewritten atomically per window."""
+        return self.windows / "manifest.json"
+
+    @property
+    def late_events(self) -> Path:
+        """Follow-ups that labelled no sample, one JSON line each, appended by the writer."""
+        return self.folder / "late_events.jsonl"
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The paths under one data directory ``root`` (nothing is created or read here, except
+    by :meth:`training_logs`, which lists the folders on disk)."""
+
+    root: Path
+
+    # ------------------------------------------------------------------ feature store
+
+    @property
+    def feast_repo(self) -> Path:
+        """The Feast repo: a copy of feature_store.yaml, the registry and (embedded) the
+        SQLite online store; ``OnlineFeatures.open`` writes it."""
+        return self.root / "feast"
+
+    @property
+    def offline(self) -> Path:
+        """The pipeline's own parquet logs, which the Feast push sources name as their
+        offline sources (``feature_repo.feature_definitions``)."""
+        return self.root / "offline"
+
+    @property
+    def item_log(self) -> Path:
+        """Item log parts (every embedding written online), written by ``ItemEmbedder``
+        through ``feature_repo.item_log.ItemLog``; the trainer reads the modal vectors here."""
+        return self.offline / "item_embedding"
+
+    @property
+    def item_profile_log(self) -> Path:
+        """The offline source declared for the item_profile view; ppm writes nothing here."""
+        return self.offline / "item_profile"
+
+    @property
+    def user_sequence_log(self) -> Path:
+        """The offline source declared for the user_sequence view; ppm writes nothing here."""
+        return self.offline / "user_sequence"
+
+    # ------------------------------------------------------------------ training log
+
+    @property
+    def training(self) -> Path:
+        """Every training log: the local runner's in this folder itself, each Faust
+        partition's in :meth:`training_partition`; the trainer reads them all."""
+        return self.root / "training"
+
+    @property
+    def training_log(self) -> TrainingLogDir:
+        """The local runner's training-log files (its writer's folder is :attr:`training`)."""
+        return TrainingLogDir(self.training)
+
+    def training_partition(self, partition: int) -> Path:
+        """The folder of the Faust worker's training-log writer for ``partition``."""
+        return self.training / f"{TRAINING_PARTITION_PREFIX}{partition}"
+
+    def training_logs(self) -> list[TrainingLogDir]:
+        """Every writer's folder on disk (:func:`training_logs`)."""
+        return training_logs(self.training)
+
+    # ------------------------------------------------------------------ models
+
+    @property
+    def registry_dir(self) -> Path:
+        """Every variant's model registry (:meth:`registry`)."""
+        return self.root / "registry"
+
+    def registry(self, variant: str) -> Path:
+        """``trainer.registry.Registry`` of ``variant``: its versions and champion, written
+        by the trainer, read by the ranker."""
+        return self.registry_dir / variant
+
+    # ------------------------------------------------------------------ the local runner
+
+    @property
+    def checkpoint(self) -> Path:
+        """The local runner's checkpoint (input position and every processor's state),
+        written atomically; a restarted runner resumes from it."""
+        return self.root / "checkpoint.json"
+
+    @property
+    def summary(self) -> Path:
+        """The local runner's counts and stream clock as readable JSON, written with each
+        checkpoint; ``ppm features get`` reads the clock."""
+        return self.root / "summary.json"
+
+    @property
+    def dead_letters(self) -> Path:
+        """The local runner's dead letters, one JSON line each (a Faust worker sends them
+        to ``<topic>-dead`` instead)."""
+        return self.root / "dead_letters.jsonl"
+
+    @property
+    def item_warnings(self) -> Path:
+        """Photos the local runner could not use (``{"item_id", "reason"}`` lines)."""
+        return self.root / "item_warnings.jsonl"
+
+    @property
+    def freshness(self) -> Path:
+        """The local runner's freshness records (parquet), saved with each checkpoint."""
+        return self.root / "freshness.parquet"
+
+    # ------------------------------------------------------------------ Faust workers
+
+    @property
+    def freshness_dir(self) -> Path:
+        """Every Faust worker's freshness file (:meth:`worker_freshness`)."""
+        return self.root / "freshness"
+
+    def worker_freshness(self, worker: str) -> Path:
+        """Freshness records of the Faust worker named ``worker``, saved by it alone every
+        ``kafka.freshness_save_s``; ``ppm status`` reads them all."""
+        return self.freshness_dir / f"{worker}.parquet"
+
+    @property
+    def item_warnings_dir(self) -> Path:
+        """Every Faust worker's photo warnings (:meth:`worker_item_warnings`)."""
+        return self.root / "item_warnings"
+
+    def worker_item_warnings(self, worker: str) -> Path:
+        """Photos the Faust worker named ``worker`` could not use, appended by it alone."""
+        return self.item_warnings_dir / f"{worker}.jsonl"
+
+    @property
+    def faust(self) -> Path:
+        """Faust's own data folder (``faust.App(datadir=...)``)."""
+        return self.root / "faust"
+
+    # ------------------------------------------------------------------ commands
+
+    @property
+    def import_events(self) -> Path:
+        """``ppm import``'s events (items.jsonl, behaviors.jsonl, rejected.jsonl), replaced
+        by each import and then streamed into this data directory."""
+        return self.root / "import"
+
+    @property
+    def simulated(self) -> Path:
+        """``ppm simulate``'s default output folder (items.jsonl, behaviors.jsonl)."""
+        return self.root / "simulated"
+
+    @property
+    def demo(self) -> Path:
+        """``ppm demo``'s default output folder: a data directory of its own."""
+        return self.root / "demo"
+
+    @property
+    def demo_windows(self) -> Path:
+        """``ppm demo``'s per-window click AUCs of each variant (JSON), in the demo's own
+        data directory."""
+        return self.root / "demo_windows.json"
+
+
+def training_logs(training: Path) -> list[TrainingLogDir]:
+    """The training-log writers' folders in ``training`` (:attr:`DataDir.training`): the
+    local runner's first (listed even when it has written nothing), then each
+    ``partition-<p>`` folder on disk by number (a name whose ``<p>`` is not a number is
+    not a partition)."""
+    training = Path(training)
+    partitions = sorted(
+        (p for p in training.glob(f"{TRAINING_PARTITION_PREFIX}*")
+         if p.name.removeprefix(TRAINING_PARTITION_PREFIX).isdigit()),
+        key=lambda p: int(p.name.removeprefix(TRAINING_PARTITION_PREFIX)))
+    return [TrainingLogDir(training), *(TrainingLogDir(p) for p in partitions)]

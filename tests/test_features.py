@@ -1,0 +1,309 @@
+"""The model's input: vocabularies, hashing, recency buckets, padding, the vector rule, and
+one impression built by the training path and by the serving path into the same tensors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from feature_repo.item_log import ItemLog
+from feature_repo.online_features import ItemEmbeddingRow, OnlineFeatures, StoredItem
+from ppm.config import ModelConfig
+from ppm.records import ItemState, UserSequence
+from trainer.dataset import SAMPLE_COLUMNS, ModalTable, WindowDataset
+from trainer.features import (
+    ACTION_CODES,
+    BATCH_KEYS,
+    N_ACTIONS,
+    TASKS,
+    Sequences,
+    gap_bucket,
+    hash_ids,
+    model_batch,
+    sequence_features,
+    usable_vectors,
+)
+from trainer.model import RankerConfig, UnifiedRanker
+from trainer.registry import Registry
+from trainer.serving.ranker import Ranker
+
+DAY = 86_400.0
+S = 1_000_000  # µs per second
+
+
+# -----------------------------------------------------------------------------
+# Vocabularies, hashing, recency
+
+
+def test_one_vocabulary_serves_labels_heads_actions_and_config():
+    assert TASKS == ("click", "order", "collect")
+    assert ACTION_CODES == {"click": 1, "order": 2, "collect": 3} and N_ACTIONS == 4
+    assert RankerConfig().tasks == TASKS
+    assert ModelConfig().tasks == TASKS  # the config's default is spelled out: pin it
+
+
+def test_hash_ids_are_stable_and_keep_unknown_at_zero():
+    assert (hash_ids(["a", None, "a", ""], 1024) == hash_ids(["a", None, "a", ""], 1024)).all()
+    assert hash_ids(["a", None, ""], 1024)[1:].tolist() == [0, 0]
+    got = hash_ids([f"id{i}" for i in range(500)], 7)
+    assert got.dtype == np.int64 and got.min() >= 1 and got.max() <= 6
+
+
+def test_gap_bucket_edges():
+    got = gap_bucket(np.array([-5.0, 0.0, 59.9, 60.0, 3600.0, 29.9 * DAY, 30 * DAY, 1e12]), 16)
+    assert got.dtype == np.int64
+    assert got[:3].tolist() == [1, 1, 1]  # under a minute (and clock skew)
+    assert got[3] == 2
+    assert got[5] == 14 and got[6] == 15 and got[7] == 15  # 30 days or more: the last bucket
+    assert gap_bucket([float("nan")], 16).tolist() == [15]  # unknown time: "long ago"
+    assert gap_bucket(np.zeros((2, 3)), 16).shape == (2, 3)
+    assert gap_bucket(np.array([1.0, 1e9]), 2).tolist() == [1, 1]
+    with pytest.raises(ValueError):
+        gap_bucket(np.array([1.0]), 1)
+
+
+@given(
+    seconds=hnp.arrays(np.float64, st.integers(0, 50),
+                       elements=st.floats(-1e3, 1e10, allow_nan=False)),
+    n_buckets=st.integers(2, 64),
+)
+def test_gap_bucket_monotone_and_in_range(seconds, n_buckets):
+    got = gap_bucket(seconds, n_buckets)
+    assert got.shape == seconds.shape
+    assert ((got >= 1) & (got <= n_buckets - 1)).all()
+    order = np.argsort(seconds, kind="stable")
+    assert (np.diff(got[order]) >= 0).all()
+
+
+# -----------------------------------------------------------------------------
+# Padding and the modal table
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(0, 7), min_size=1, max_size=4), L=st.integers(1, 5),
+       seed=st.integers(0, 1000))
+def test_sequences_are_left_padded_to_their_last_L(lengths, L, seed):
+    rng = np.random.default_rng(seed)
+    users = [UserSequence(f"u{s}", tuple(f"i{rng.integers(5)}" for _ in range(n)),
+                          tuple(rng.choice(["click", "order", "collect", "view"], n)),
+                          tuple(sorted(int(t) for t in rng.integers(0, 10**9, n))))
+             for s, n in enumerate(lengths)]
+    impression_us = np.full(len(users), 10**12, np.int64)
+    rows = rng.integers(0, 9, sum(lengths))
+    c = RankerConfig(max_seq_len=L, item_buckets=64, gap_buckets=8)
+    got = sequence_features(Sequences.of(users), impression_us, rows, c)
+
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    for s, user in enumerate(users):  # the plain per-row reading of the same rule
+        k = min(len(user.item_ids), L)
+        want = {key: np.zeros(L, np.int64) for key in got}
+        if k:
+            want["seq_item_id"][L - k:] = hash_ids(user.item_ids[-k:], 64)
+            want["seq_action"][L - k:] = [ACTION_CODES.get(a, 0) for a in user.actions[-k:]]
+            want["seq_gap"][L - k:] = gap_bucket(
+                (impression_us[s] - np.array(user.times_us[-k:])) / 1e6, 8)
+            want["seq_modal_row"][L - k:] = rows[offsets[s + 1] - k : offsets[s + 1]]
+        want["seq_mask"] = want["seq_item_id"] > 0
+        for key, value in want.items():
+            assert got[key].shape == (len(users), L)
+            assert (got[key][s] == value).all(), key
+
+
+@settings(max_examples=100, deadline=None)
+@given(target=hnp.arrays(np.int64, st.integers(1, 6), elements=st.integers(0, 9)),
+       seq=hnp.arrays(np.int64, st.tuples(st.integers(1, 6), st.integers(1, 5)),
+                      elements=st.integers(0, 9)))
+def test_the_batch_table_holds_the_rows_used_in_order_of_first_use(target, seq):
+    vectors = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    vectors[0] = 0
+    batch = model_batch({"target_modal_row": target, "seq_modal_row": seq}, vectors)
+    table = batch["modal_table"].numpy()
+    assert (table[batch["target_modal_row"].numpy()] == vectors[target]).all()
+    assert (table[batch["seq_modal_row"].numpy()] == vectors[seq]).all()
+    used = list(dict.fromkeys([0, *target.tolist(), *seq.ravel().tolist()]))
+    assert (table == vectors[used]).all()  # row 0 first, then each row once, as first used
+
+
+# -----------------------------------------------------------------------------
+# The vector rule
+
+
+@settings(max_examples=300, deadline=None)
+@given(deleted=st.booleans(), version=st.sampled_from([None, "enc-1", "enc-2"]),
+       model_version=st.sampled_from([None, "enc-1"]),
+       content_age_s=st.one_of(st.none(), st.floats(-DAY, 10 * DAY)),
+       window_s=st.one_of(st.none(), st.floats(1.0, 5 * DAY)))
+def test_the_rule_agrees_with_what_the_store_reports(deleted, version, model_version,
+                                                      content_age_s, window_s):
+    """``OnlineFeatures.judge`` (what ``ppm features`` shows) and the rule the model's input
+    follows say the same thing about an embedded item."""
+    now = 10**15
+    content_us = None if content_age_s is None else now - int(content_age_s * S)
+    state = ItemState("a", "coat", None, None, 3, 0, 0, deleted, version, "h", content_us)
+    stored = StoredItem(state, np.zeros(4, np.float32), 0, True)
+    judged = OnlineFeatures(None, None, window_s).judge(stored, now, model_version)
+    usable = usable_vectors([True], [version], [np.nan if content_us is None else content_us],
+                            now, model_version, window_s, [deleted])
+    assert usable.tolist() == [not judged.stale]
+
+
+# -----------------------------------------------------------------------------
+# Training and serving build the same batch
+
+ENC = "enc-1"
+DIM = 8
+T = int(datetime(2026, 1, 1, 12, tzinfo=UTC).timestamp() * S)  # the impression
+CONFIG = RankerConfig(variant="ppm", modal_dim=DIM, max_seq_len=4, item_buckets=64,
+                      category_buckets=16, brand_buckets=16, shop_buckets=16, price_buckets=8,
+                      gap_buckets=8)
+
+
+def item(item_id: str, content_age_s: float | None, version: str | None = ENC,
+         price: int = 3) -> ItemState:
+    content = None if content_age_s is None else T - int(content_age_s * S)
+    return ItemState(item_id, f"cat-{item_id}", f"brand-{item_id}", "shop-1", price,
+                     first_seen_us=T - 10 * int(DAY) * S, updated_us=T - S,
+                     encoder_version=None if content is None else version,
+                     content_hash=None if content is None else f"h-{item_id}",
+                     content_time_us=content)
+
+
+# What the pipeline knows at the impression: item states and their vectors.
+ITEMS = {
+    "fresh": item("fresh", 3600, price=12),  # price above the model's buckets: clipped
+    "old": item("old", 3 * DAY),  # older than the freshness window: missing
+    "other": item("other", 600, version="enc-0"),  # another encoder's vector: missing
+    "unembedded": item("unembedded", None),  # known, never embedded: missing
+    "s1": item("s1", 7200), "s2": item("s2", 7200), "s3": item("s3", 60),
+    "s4": item("s4", 120, version="enc-0"),
+}
+VECTORS = {i: np.random.default_rng(n).normal(size=DIM).astype(np.float32)
+           for n, i in enumerate(ITEMS)}
+TARGETS = ["fresh", "old", "other", "unembedded", "never-seen", "s2"]
+# Oldest first: "gone" is unknown to the store; the last interaction is after the
+# impression, so neither path may see it; six before it, of which the model keeps four.
+USER = UserSequence(
+    "u1", ("s1", "gone", "s2", "fresh", "s3", "s4", "s2"),
+    ("click", "order", "click", "collect", "click", "order", "click"),
+    tuple(T - int(s * S) for s in (5 * DAY, 3 * DAY, 7200, 3000, 60, 30, -10)))
+
+
+class MemoryStore(OnlineFeatures):
+    """The online store's reads from dicts, the freshness rule inherited: no Feast."""
+
+    def __init__(self, items: dict[str, ItemState], freshness_window_s: float | None):
+        super().__init__(None, None, freshness_window_s)
+        self.items = items
+
+    def fetch_items(self, item_ids, with_embeddings=False):
+        return {i: StoredItem(self.items[i], VECTORS[i] if with_embeddings and
+                              self.items[i].encoder_version else None, T, with_embeddings)
+                for i in item_ids if i in self.items}
+
+    def read_sequences(self, user_ids):
+        return {u: USER for u in user_ids if u == USER.user_id}
+
+
+def write_window(path: Path) -> None:
+    """One sample per target as the training log writes it: the sequence before the
+    impression, the item's features as known then (``streams.training_log``)."""
+    seen = USER.before(T)
+    rows = []
+    for n, target in enumerate(TARGETS):
+        state = ITEMS.get(target)
+        embedded = state is not None and state.content_time_us is not None and (
+            state.content_time_us <= T)
+        rows.append({
+            "sample_id": f"s{n}", "user_id": USER.user_id, "item_id": target,
+            "request_id": "r1", "impression_time": T, "click": n % 2, "order": 0,
+            "collect": int(n == 2), "seq_item_ids": list(seen.item_ids),
+            "seq_actions": list(seen.actions), "seq_times_us": list(seen.times_us),
+            "item_encoder_version": state.encoder_version if embedded else None,
+            **{f"item_{f}": getattr(state, f) if state else None
+               for f in ("category", "brand", "shop", "price_bucket")},
+            "item_age_s": None if state is None else (T - state.first_seen_us) / S,
+            "item_clicks_before": 0,
+        })
+    ts = pa.timestamp("us", tz="UTC")
+    types = {"impression_time": ts, "click": pa.int8(), "order": pa.int8(),
+             "collect": pa.int8(), "seq_item_ids": pa.list_(pa.string()),
+             "seq_actions": pa.list_(pa.string()), "seq_times_us": pa.list_(pa.int64()),
+             "item_price_bucket": pa.int32(), "item_age_s": pa.float64(),
+             "item_clicks_before": pa.int32()}
+    schema = pa.schema([(c, types.get(c, pa.string())) for c in SAMPLE_COLUMNS])
+    pq.write_table(pa.Table.from_pylist(rows, schema), path)
+
+
+def test_training_and_serving_build_the_same_batch(tmp_path):
+    window = 24 * 3600.0
+    # Training: a window file and the offline item log, vectors of both encoder versions.
+    write_window(tmp_path / "window.parquet")
+    ItemLog(tmp_path / "items").append(
+        [ItemEmbeddingRow(i, VECTORS[i], s.encoder_version, s.content_hash, s.content_time_us,
+                          T - 10 * S) for i, s in reversed(ITEMS.items()) if s.encoder_version],
+        [T - 10 * S] * 7)
+    modal = ModalTable.from_item_log(tmp_path / "items", ENC, DIM)
+    data = WindowDataset([tmp_path / "window.parquet"], modal, CONFIG, window)
+    trained = data.batch(np.arange(len(TARGETS)))
+
+    # Serving: the same items and sequence in the online store, a request at the impression.
+    ranker = Ranker(MemoryStore(ITEMS, window), Registry(tmp_path / "registry"))
+    model = UnifiedRanker(CONFIG).eval()
+    served, missing = ranker.build_batch(model, ENC, USER.user_id, TARGETS, now=T)
+
+    assert list(served) == list(BATCH_KEYS)
+    assert set(trained) == {*BATCH_KEYS, "labels", "label_mask"}
+    for key in BATCH_KEYS:
+        want = served[key]
+        if key.startswith("seq_"):  # one shared row in serving, one per sample in training
+            want = want.expand(len(TARGETS), -1)
+        assert trained[key].dtype == served[key].dtype, key
+        assert torch.equal(trained[key], want), key
+
+    # The scenario covers what it claims to: each target's vector rule, padding, clipping.
+    assert (trained["target_modal_row"] > 0).tolist() == [True, False, False, False, False,
+                                                           True]
+    assert trained["seq_mask"][0].tolist() == [True] * 4  # six before the impression, L = 4
+    assert (trained["seq_modal_row"][0] > 0).tolist() == [True, True, True, False]  # s4: enc-0
+    assert trained["price_bucket"].tolist() == [7, 3, 3, 3, 0, 3]
+    assert missing == {"user_sequence": 0, "item_profile": 1, "item_embedding": 4,
+                       "sequence_embedding": 1}
+
+    # And the model scores both the same (serving encodes the shared sequence once).
+    with torch.no_grad():
+        torch.testing.assert_close(model(trained)[0], model(served)[0])
+
+
+def test_a_change_of_freshness_window_moves_both_paths_alike(tmp_path):
+    """No freshness window: the old target's vector becomes usable on both paths."""
+    write_window(tmp_path / "window.parquet")
+    ItemLog(tmp_path / "items").append(
+        [ItemEmbeddingRow(i, VECTORS[i], s.encoder_version, s.content_hash, s.content_time_us,
+                          T) for i, s in ITEMS.items() if s.encoder_version], [T] * 7)
+    modal = ModalTable.from_item_log(tmp_path / "items", ENC, DIM)
+    trained = WindowDataset([tmp_path / "window.parquet"], modal, CONFIG).batch(np.arange(6))
+    ranker = Ranker(MemoryStore(ITEMS, None), Registry(tmp_path / "registry"))
+    served, _ = ranker.build_batch(UnifiedRanker(CONFIG), ENC, "u1", TARGETS, now=T)
+    assert (trained["target_modal_row"] > 0).tolist() == [True, True, False, False, False,
+                                                           True]
+    assert torch.equal(trained["target_modal_row"], served["target_modal_row"])
+    assert torch.equal(trained["modal_table"], served["modal_table"])
+
+
+def test_a_deleted_item_is_missing_when_served(tmp_path):
+    """Serving knows deletions; a window does not (the writer records the version the item
+    had), which matters only for impressions of withdrawn items."""
+    items = {**ITEMS, "fresh": replace(ITEMS["fresh"], deleted=True)}
+    ranker = Ranker(MemoryStore(items, None), Registry(tmp_path / "registry"))
+    served, missing = ranker.build_batch(UnifiedRanker(CONFIG), ENC, "u1", ["fresh"], now=T)
+    assert served["target_modal_row"].tolist() == [0] and missing["item_embedding"] == 1

@@ -1,0 +1,270 @@
+"""The model's input, built one way for training and for serving.
+
+:class:`trainer.dataset.WindowDataset` (logged impressions, a million at a time) and
+:class:`trainer.serving.ranker.Ranker` (one request's candidates) describe what they know
+column-wise and call the same functions, so an impression scored online gets the tensors
+it got in training (``tests/test_features.py`` pins this):
+
+1. :func:`target_features`: the target items' hashed ids and profiles, (N,) each;
+2. :func:`sequence_features`: behaviour sequences left-padded to ``max_seq_len``, (S, L)
+   each: S = N in training, S = 1 in serving (one sequence shared by every candidate);
+3. :func:`usable_vectors`: which cached item vectors the model may read; any other is
+   row 0, for which the model has a learned "missing" vector;
+4. :func:`model_batch`: tensors in the model's batch contract (``trainer.model``'s module
+   docstring), the modal table cut to the rows the batch uses.
+
+The vocabularies live here too: the tasks (label columns and the model's heads) and the
+codes of a sequence's actions, both from ``ppm.events.INTERACTIONS``.
+
+Ids are hashed with BLAKE2b (:func:`hash_ids`): stable across processes and runs, so a
+model trained today and an item first seen tomorrow agree on buckets, and an id never
+seen before still lands in a bucket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from ppm.events import INTERACTIONS
+from ppm.records import ItemState, UserSequence
+
+if TYPE_CHECKING:
+    from trainer.model import RankerConfig
+
+TASKS: tuple[str, ...] = tuple(a.value for a in INTERACTIONS)
+"""The label columns of a window file, in order; the model's heads by default."""
+ACTION_CODES: dict[str, int] = {action: code for code, action in enumerate(TASKS, start=1)}
+"""A sequence position's action -> its code in ``seq_action``; 0 is padding."""
+N_ACTIONS = len(ACTION_CODES) + 1
+"""Rows of the model's action embedding (padding included)."""
+
+HASHED_PROFILE = ("category", "brand", "shop")
+"""Profile fields hashed into ``RankerConfig.<field>_buckets`` rows."""
+PROFILE_FIELDS = (*HASHED_PROFILE, "price_bucket")
+"""The target item's profile: ``ItemState`` fields, window columns ``item_<field>`` and
+batch keys of the same names."""
+
+BATCH_KEYS = ("item_id", *PROFILE_FIELDS, "seq_item_id", "seq_action", "seq_gap", "seq_mask",
+              "modal_table", "target_modal_row", "seq_modal_row")
+"""Every key of a batch but the optional ``labels`` and ``label_mask``."""
+
+GAP_MIN_S = 60.0  # bucket 1: less than a minute ago
+GAP_MAX_S = 30 * 86_400.0  # last bucket: 30 days ago or more
+
+
+def hash_ids(values: Sequence[str | None] | np.ndarray, buckets: int) -> np.ndarray:
+    """Stable int64 buckets in ``[1, buckets)`` for string ids; None and "" map to 0.
+
+    Hashes each distinct value once, so a column of a million rows with a few thousand
+    distinct ids costs a few thousand hashes.
+    """
+    arr = pa.array(values, pa.string())
+    encoded = pc.dictionary_encode(arr).combine_chunks() if isinstance(
+        arr, pa.ChunkedArray) else pc.dictionary_encode(arr)
+    uniques = encoded.dictionary.to_pylist()
+    codes = np.array(
+        [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little")
+         % (buckets - 1) + 1 if u else 0 for u in uniques],
+        dtype=np.int64,
+    )
+    index = encoded.indices.to_numpy(zero_copy_only=False)
+    out = np.zeros(len(arr), dtype=np.int64)
+    valid = ~np.asarray(pc.is_null(encoded.indices))
+    out[valid] = codes[index[valid].astype(np.int64)]
+    return out
+
+
+def gap_bucket(seconds: np.ndarray, n_buckets: int) -> np.ndarray:
+    """Recency buckets of ``seconds`` (impression time - interaction time; any array-like of
+    numbers), int64 in ``[1, n_buckets)``, same shape as ``seconds``.
+
+    Bucket 1 is "< 1 min", bucket ``n_buckets - 1`` is ">= 30 days", and the buckets between
+    are log-spaced. Non-decreasing in ``seconds``. Negative gaps (clock skew) land in
+    bucket 1, NaN in the last bucket. 0 is never returned: it is the padding bucket.
+    """
+    if n_buckets < 2:
+        raise ValueError("n_buckets must be >= 2 (0 is padding)")
+    s = np.asarray(seconds, dtype=np.float64)
+    edges = np.geomspace(GAP_MIN_S, GAP_MAX_S, n_buckets - 2)  # (n_buckets - 2,)
+    return (np.searchsorted(edges, s, side="right") + 1).astype(np.int64)
+
+
+# -----------------------------------------------------------------------------
+# What the data layer knows, column-wise
+
+
+@dataclass(frozen=True)
+class Targets:
+    """N target items and their profiles; None where the data layer does not know them."""
+
+    item_id: Sequence[str | None]
+    category: Sequence[str | None]
+    brand: Sequence[str | None]
+    shop: Sequence[str | None]
+    price_bucket: np.ndarray
+    """(N,) int64; 0 = unknown."""
+
+    @classmethod
+    def from_states(cls, item_ids: Sequence[str], states: Sequence[ItemState | None]
+                    ) -> Targets:
+        """Candidates and their stored states (None: the store does not know the item)."""
+        return cls(list(item_ids),
+                   *([getattr(s, f) if s else None for s in states] for f in HASHED_PROFILE),
+                   np.array([s.price_bucket if s else 0 for s in states], np.int64))
+
+    @classmethod
+    def from_window(cls, table: pa.Table) -> Targets:
+        """The impressions of a window table (columns ``item_id`` and ``item_<field>``)."""
+        col = table.column
+        return cls(col("item_id").to_pylist(),
+                   *(col(f"item_{f}").to_pylist() for f in HASHED_PROFILE),
+                   col("item_price_bucket").fill_null(0).to_numpy().astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """S behaviour sequences flattened as Arrow lists are: sequence ``s`` is positions
+    ``offsets[s]:offsets[s + 1]`` of the flat columns, oldest first."""
+
+    offsets: np.ndarray
+    """(S + 1,) int64, starting at 0."""
+    item_ids: Sequence[str]
+    actions: Sequence[str]
+    times_us: np.ndarray
+    """int64, microseconds since the epoch (UTC)."""
+
+    @classmethod
+    def of(cls, sequences: Sequence[UserSequence]) -> Sequences:
+        lengths = [len(s.item_ids) for s in sequences]
+        return cls(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+                   [i for s in sequences for i in s.item_ids],
+                   [a for s in sequences for a in s.actions],
+                   np.array([t for s in sequences for t in s.times_us], np.int64))
+
+    @classmethod
+    def from_window(cls, table: pa.Table) -> Sequences:
+        """The sequences of a window table (columns ``seq_item_ids``, ``seq_actions``,
+        ``seq_times_us``)."""
+        col = table.column
+        offsets = col("seq_item_ids").combine_chunks().offsets.to_numpy().astype(np.int64)
+        return cls(offsets - offsets[0], pc.list_flatten(col("seq_item_ids")).to_pylist(),
+                   pc.list_flatten(col("seq_actions")).to_pylist(),
+                   pc.list_flatten(col("seq_times_us")).to_numpy().astype(np.int64))
+
+
+# -----------------------------------------------------------------------------
+# The rules
+
+
+def usable_vectors(embedded: Sequence[bool] | np.ndarray,
+                   encoder_versions: Sequence[str | None],
+                   content_time_us: Sequence[float] | np.ndarray,
+                   at_us: int | np.ndarray,
+                   model_version: str | None,
+                   freshness_window_s: float | None,
+                   deleted: Sequence[bool] | np.ndarray | None = None) -> np.ndarray:
+    """Which of N items' cached vectors the model may read, (N,) bool; it reads row 0, its
+    learned "missing" vector, for the others.
+
+    A vector is usable when the item has one (``embedded``; the caller says as of when:
+    the dataset counts only vectors computed from content no later than the impression),
+    the item is not ``deleted``, the vector comes from encoder ``model_version`` (None: any
+    version, but a vector of no version is never usable) and, when ``freshness_window_s``
+    is set, the item event it was computed from (``content_time_us``, NaN = unknown, never
+    too old) is at most that many seconds old at ``at_us`` (a scalar or (N,)).
+
+    ``feature_repo.online_features.OnlineFeatures.judge`` words the same rule for the
+    store's readers (``ppm features``); ``tests/test_features.py`` pins that they agree.
+    """
+    usable = np.asarray(embedded, dtype=bool).copy()
+    usable &= np.array([v is not None and (model_version is None or v == model_version)
+                        for v in encoder_versions], dtype=bool).reshape(usable.shape)
+    if deleted is not None:
+        usable &= ~np.asarray(deleted, dtype=bool)
+    if freshness_window_s is not None:
+        age_s = (np.asarray(at_us) - np.asarray(content_time_us, np.float64)) / 1e6
+        usable &= ~(age_s > freshness_window_s)  # NaN (unknown) compares False: kept
+    return usable
+
+
+def target_features(targets: Targets, config: RankerConfig) -> dict[str, np.ndarray]:
+    """``item_id``, ``category``, ``brand``, ``shop`` (hashed; 0 = unknown) and
+    ``price_bucket`` (clipped to the model's buckets), int64 (N,) each."""
+    out = {"item_id": hash_ids(targets.item_id, config.item_buckets)}
+    for field in HASHED_PROFILE:
+        out[field] = hash_ids(getattr(targets, field), getattr(config, f"{field}_buckets"))
+    out["price_bucket"] = np.clip(np.asarray(targets.price_bucket, np.int64), 0,
+                                  config.price_buckets - 1)
+    return out
+
+
+def sequence_features(sequences: Sequences, impression_us: np.ndarray,
+                      vector_rows: np.ndarray, config: RankerConfig
+                      ) -> dict[str, np.ndarray]:
+    """S sequences as the model reads them, (S, L) each with L = ``config.max_seq_len``.
+
+    LEFT-padded: the most recent interaction is in the last slot, and a longer sequence
+    keeps its last L. ``seq_item_id`` (hashed), ``seq_action`` (:data:`ACTION_CODES`),
+    ``seq_gap`` (:func:`gap_bucket` of ``impression_us[s]`` (S,) minus the interaction's
+    time), ``seq_modal_row`` (``vector_rows``: the flat positions' rows in the caller's
+    vector table, 0 = none) are int64 and 0 at padding; ``seq_mask`` is True at real
+    interactions.
+    """
+    L = config.max_seq_len
+    offsets = np.asarray(sequences.offsets, np.int64)
+    S = len(offsets) - 1
+    keep = np.minimum(np.diff(offsets), L)  # (S,) positions kept per sequence
+    # Each kept position: its sequence, its index in the flat columns, its slot in (S, L).
+    seq_of = np.repeat(np.arange(S), keep)
+    pos_in_kept = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
+    flat = np.repeat(offsets[1:] - keep, keep) + pos_in_kept
+    slot = np.repeat(L - keep, keep) + pos_in_kept
+    actions = sequences.actions
+    flat_values = {
+        "seq_item_id": hash_ids(sequences.item_ids, config.item_buckets),
+        "seq_action": np.fromiter((ACTION_CODES.get(a, 0) for a in actions), np.int64,
+                                  len(actions)),
+        "seq_modal_row": np.asarray(vector_rows, np.int64),
+    }
+    out = {}
+    for key, values in flat_values.items():
+        out[key] = np.zeros((S, L), np.int64)
+        out[key][seq_of, slot] = values[flat]
+    gaps_s = (np.asarray(impression_us, np.int64)[seq_of] - sequences.times_us[flat]) / 1e6
+    out["seq_gap"] = np.zeros((S, L), np.int64)
+    out["seq_gap"][seq_of, slot] = gap_bucket(gaps_s, config.gap_buckets)
+    out["seq_mask"] = out["seq_item_id"] > 0
+    return out
+
+
+def model_batch(features: Mapping[str, np.ndarray], vectors: np.ndarray
+                ) -> dict[str, torch.Tensor]:
+    """Tensors in the model's contract from :func:`target_features`,
+    :func:`sequence_features` and ``target_modal_row`` (B,), whose modal rows index
+    ``vectors`` (row 0: missing). Other keys (``labels``, ``label_mask``) pass through.
+
+    The batch's ``modal_table`` holds row 0 and then only the rows used, in order of first
+    use (targets, then sequence positions): small, and the same for two callers that hold
+    the same vectors in differently ordered tables.
+    """
+    target, seq = features["target_modal_row"], features["seq_modal_row"]
+    rows = np.concatenate([[0], target, seq.ravel()]).astype(np.int64)
+    used, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    by_first_use = np.argsort(first, kind="stable")  # row 0 (at index 0) stays first
+    local = np.empty(len(used), np.int64)
+    local[by_first_use] = np.arange(len(used))
+    local = local[inverse.ravel()]  # rows renumbered into the batch's table
+    arrays = {**features,
+              "modal_table": vectors[used[by_first_use]],
+              "target_modal_row": local[1 : 1 + len(target)],
+              "seq_modal_row": local[1 + len(target):].reshape(seq.shape)}
+    order = [*(k for k in BATCH_KEYS if k in arrays), *(k for k in arrays if k not in BATCH_KEYS)]
+    return {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in order}
