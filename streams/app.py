@@ -43,9 +43,11 @@ stands for: an item record once its batch is in the item log and the online stor
 behavior record once every sample it made is in a written window file (a late impression
 included: :meth:`TrainingLogWriter.take_done`) and its sequences are in the store; a dead
 letter once the broker has it. Events are acknowledged in offset order per partition
-(:class:`InOrderAcks`). The processors make replays harmless (older or equal item events
-are ignored, a duplicate interaction changes no sequence, a sample already in a recorded
-window is not written again).
+(:class:`InOrderAcks`), and only those acknowledgements count: Faust's Kafka transport is
+replaced by :mod:`streams.kafka_transport`, which fixes how Faust's consumer loses or counts
+records it skipped around a rebalance. The processors make replays harmless (older or equal
+item events are ignored, a duplicate interaction changes no sequence, a sample already in a
+recorded window is not written again).
 
 Several workers never write the same file: training windows are per partition, the item
 log's parts are named by their rows, and each worker keeps its own freshness figures and
@@ -85,6 +87,7 @@ from ppm.config import Config, load_config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
 from ppm.records import ItemState, UserSequence
 from streams.intake import Admitted, Intake, processing_dead_letter
+from streams.kafka_transport import Transport
 from streams.sequence_builder import SequenceBuilder
 from streams.topics import ITEM_TABLE, SEQUENCE_TABLE
 
@@ -218,9 +221,12 @@ class InOrderAcks:
         """Mark these records done and acknowledge every partition's done prefix."""
         for held in records:
             held.done = True
+        consumer = self.stream.app.consumer
         for queue in self._held.values():
             while queue and queue[0].done:
-                await self.stream.ack(queue.popleft().event)
+                event = queue.popleft().event
+                consumer.release(event.message)  # only released records count as acked
+                await self.stream.ack(event)
 
     def drop(self, tps: Iterable[Any]) -> None:
         """Forget the records of revoked partitions, and any fetched before now that are
@@ -558,6 +564,8 @@ def create_app(cfg: Config) -> faust.App:
         web_enabled=False,
         web_bind="127.0.0.1",
     )
+    # Before any topic is declared (that creates the transport): see streams/kafka_transport.py.
+    app.transport = Transport(app.conf.broker_consumer, app)
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
            "value_serializer": "raw"}
     items_topic = app.topic(kafka.items_topic, **raw)

@@ -80,14 +80,24 @@ class _Event:
         self.message = _Message(tp, offset, generation_id)
 
 
+class _Consumer:
+    def __init__(self):
+        self.released: set[_Message] = set()
+
+    def release(self, message: _Message) -> None:
+        self.released.add(message)
+
+
 class _Stream:
-    """Records what is acknowledged, in order (Faust's Stream.ack is a coroutine)."""
+    """Records what is acknowledged, in order (Faust's Stream.ack is a coroutine); a record
+    must be released to the consumer first (streams.kafka_transport.Consumer)."""
 
     def __init__(self):
         self.acked: list[tuple[str, int]] = []
-        self.app = type("App", (), {"consumer_generation_id": 1})()
+        self.app = type("App", (), {"consumer_generation_id": 1, "consumer": _Consumer()})()
 
     async def ack(self, event: _Event) -> bool:
+        assert event.message in self.app.consumer.released
         self.acked.append((event.message.tp, event.message.offset))
         return True
 

@@ -17,12 +17,6 @@ from .test_faust_worker import wait_for_progress
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-# Known open bug (issue #11): in about two runs of five here, the first items of some
-# partitions are never embedded while the group commits past them, after the rebalance that
-# follows the kill. The test runs every time and reports XPASS when it holds; it must become
-# strict again once the rebalance path is fixed.
-@pytest.mark.xfail(strict=False, reason="open: items lost after the kill's rebalance "
-                                        "(issue #11), intermittent")
 def test_two_workers_one_killed_hostile_records_nothing_lost_nothing_twice(servers: Servers,
                                                                             tmp_path):
     scenario = Scenario.create("hostile", servers.kafka_bootstrap, servers.redis_url, tmp_path)
