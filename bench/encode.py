@@ -13,7 +13,7 @@ each as the median of ``--repeats`` runs, at the configured batch size and image
 
 The LAST line of stdout is one JSON object:
 ``{"text_items_per_s": ..., "image_items_per_s": ..., "item_items_per_s": ..., "batch": ...,
-"image_size": ...}``. Progress goes to stderr. Runs in about half a minute on 2 cores.
+"image_size": ...}``. Progress goes to stderr.
 """
 
 from __future__ import annotations

@@ -9,10 +9,9 @@ and Redis database (``--redis-db``, flushed first).
 2. Items: new items (fresh ids, ``event_time`` = the moment they are sent) are published at
    ``--rate`` (default: half the bare encoder's items/s) for ``--warm-up`` + ``--duration``
    seconds; the warm-up's items count for ``lost`` but not for the latencies. (A fresh
-   broker's JIT compiler is busy then, and the encoder falls behind for some seconds.)
-   The worker records when each item
-   became readable in Redis (``freshness/<worker>.parquet``); p50/p99 are of readable -
-   event_time.
+   broker's JIT compiler is busy then, and the encoder falls behind for some seconds.) The
+   worker records when each item became readable in Redis (``freshness/<worker>.parquet``);
+   p50/p99 are of readable - event_time.
    ``lost``: published items not readable ``--drain`` seconds after the last one;
    ``max_lag``: the largest consumer lag on ``items`` seen (sampled each s).
 3. Behaviors: ``--behaviors`` simulated behavior events are published as fast as possible,
@@ -21,9 +20,10 @@ and Redis database (``--redis-db``, flushed first).
    training-log writer included; the publisher shares the machine). Twice, on two
    consecutive simulated worlds: one event per Kafka record
    (``behavior_events_per_s_one_per_record``), then consecutive events of one user packed
-   into one record, up to ``--events-per-record`` (``behavior_events_per_s``; the
-   simulator's result pages make about 4.5 events per record). A Faust worker's cost per
-   record is about that of a few events, so the packed figure is the one the goal is for.
+   into one record, up to ``--events-per-record`` (``behavior_events_per_s``; a result page
+   makes several events per record: ``behavior_events`` / ``behavior_records`` in the last
+   line). A Faust worker's cost per record is about that of a few events, so the packed
+   figure is the one the goal is for.
 
 Last line: ``{"rate_items_per_s", "bare_items_per_s", "p50_ms", "p99_ms", "lost", "max_lag",
 "behavior_events_per_s", ...}``. Goals: p99 <= 1,000 ms with nothing lost at half the bare

@@ -7,7 +7,7 @@ consumer group, Redis database (``--redis-db``, flushed first) and data dir, wit
 commit everything.
 
 1. Records: a simulated shop (``streams.sources.shop_simulator``, users scaled to reach
-   ``--records``, items a small share since the encoder does 40-75 items/s on two cores) with
+   ``--records``, items a small share since the encoder is the slowest stage) with
    ``--hostile-share`` of hostile records (``streams.sources.hostile``: every case at least once,
    the one 8 MB record included).
 2. Expected, without Kafka: what :class:`streams.intake.Intake` makes of each record (its
@@ -32,8 +32,8 @@ An event is *applied* when step 5 finds its effect, *dead* when its letter is on
 dead-letter topic, else *lost*. Last line: ``{"records", "events", "applied",
 "dead_letters", "lost", "duplicated_samples", "worker_restarts", "seconds",
 "missing_samples", "dead_letters_by_stage", ...}``. Goals: lost 0, duplicated_samples 0,
-applied + dead_letters == events, worker_restarts 0. About 4 minutes here at the default
-100,000 records (two cores; servers and worker start included).
+applied + dead_letters == events, worker_restarts 0. docs/results.md has a run at the
+default 100,000 records, its time included.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
   decoded pictures, within limits.
 
 Names are imported on first use: ``import encoders`` or ``from encoders.image_source import
-load_image`` does not import torch (about 3 s); touching an encoder class does.
+load_image`` does not import torch (a slow import); touching an encoder class does.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """An :class:`~encoders.item_encoder.ItemEncoder` in a child process of its own.
 
-Inside a Faust worker the encoder ran at about half its bare speed (45 instead of 90 items/s
-in batches of 10, bench/freshness.py): the models' Python code and the worker's event loop
-share one interpreter lock, and each waits for the other. In a child process the encoder
-has an interpreter to itself (about 75 items/s there), and the worker only sends item
-events and receives vectors.
+Inside a Faust worker's own process the encoder ran well below its bare speed: the models'
+Python code and the worker's event loop share one interpreter lock, and each waits for the
+other. In a child process the encoder has an interpreter to itself, and the worker only
+sends item events and receives vectors (bench/freshness.py measures the bare encoder and the
+worker's latency; docs/results.md has the figures).
 
 The child is started with ``spawn`` (a fork of a process with running threads is unsafe), so
 it imports torch and loads the models itself: a few seconds, waited for at construction. On

@@ -119,9 +119,8 @@ class ImageEncoder:
         dim: feature length: 1280 (EfficientNet-Lite0), 512 (ResNet-18), 2048 (ResNet-50).
 
     Raises ValueError for a ResNet without weights and for an unknown model name. The model
-    is loaded, frozen and warmed up in the constructor (well under a second for
-    EfficientNet-Lite0). Threading as for ``TextEncoder``: torch's process-wide thread count,
-    one ``encode`` at a time per instance.
+    is loaded, frozen and warmed up in the constructor. Threading as for ``TextEncoder``:
+    torch's process-wide thread count, one ``encode`` at a time per instance.
 
     Example:
         >>> enc = ImageEncoder(image_size=112)

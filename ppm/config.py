@@ -201,17 +201,17 @@ class TrainerConfig(_Section):
     """``ppm`` only: the share of training samples whose target item id is hidden (the
     "unknown" id), so the model learns to score an item by its modal vector when its id
     embedding has learned nothing yet, which is the case of every new item. On the demo
-    world it lifts ``ppm``'s click AUC on items younger than a day from 0.580 to 0.606; on
-    MovieLens, whose items are only a title and genres, it costs ``ppm`` 0.005 to 0.025
-    (README): use 0 where an item's content says little. ``idrec`` always trains with 0: it
-    has no other view of the item, and hiding ids cost it 0.01 overall AUC on the demo for
-    nothing on cold items. The share is part of a model's config: fine-tuning keeps the
-    champion's, so a change applies from the next model trained from scratch."""
+    world it lifts ``ppm``'s click AUC on items younger than a day; on MovieLens, whose
+    items are only a title and genres, it costs ``ppm`` a little (docs/results.md has both):
+    use 0 where an item's content says little. ``idrec`` always trains with 0: it has no
+    other view of the item, and hiding ids cost it overall AUC on the demo for nothing on
+    cold items. The share is part of a model's config: fine-tuning keeps the champion's, so
+    a change applies from the next model trained from scratch."""
     promote_tolerance: float = Field(0.01, ge=0)
     """A candidate is promoted unless its click AUC on the next window is worse than the
-    champion's by more than this. One window's AUC is noisy (about +-0.02 on the demo's
-    ~800 impressions an hour): a much stricter tolerance rejects most steps on noise and
-    freezes the champion."""
+    champion's by more than this. One window's AUC is noisy (docs/results.md has its spread
+    on the demo world): a much stricter tolerance rejects most steps on noise and freezes
+    the champion."""
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     """torch threads for training; None: one per CPU core."""
@@ -256,7 +256,8 @@ class ModelConfig(_Section):
     dropout: float = Field(0.1, ge=0, lt=1)
     """In the experts and towers."""
     seq_dropout: float = Field(0.0, ge=0, lt=1)
-    """Inside the transformers; off because on CPU it costs ~1.7x in step time at 0.1."""
+    """Inside the transformers; off because on CPU it slows each training step
+    (``bench/train.py --seq-dropout 0.1``)."""
     n_experts: int = Field(4, ge=1)
     """Shared expert MLPs of the multi-task head."""
     expert_dim: int = Field(64, ge=1)

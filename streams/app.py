@@ -107,9 +107,9 @@ class TableView(MutableMapping[str, V]):
     The last ``cache_size`` values (``kafka.table_cache_items``) read or written are kept
     decoded, each with the bytes it came from: the training-log writer reads a user's
     sequence and an item's state for every impression, and decoding JSON each time was most
-    of its cost. A cached value is used
-    only while the table still holds those very bytes, so a value the table got some other
-    way (changelog recovery, another worker's write to a global table) is decoded afresh.
+    of its cost. A cached value is used only while the table still holds those very bytes,
+    so a value the table got some other way (changelog recovery, another worker's write to a
+    global table) is decoded afresh.
     """
 
     def __init__(self, table: MutableMapping[bytes, bytes], kind: type[V], cache_size: int):
@@ -604,7 +604,7 @@ def create_app(cfg: Config) -> faust.App:
 
         async with stopping_on_error("embed_items"):
             # In a child process: the models' Python code would share this process's GIL
-            # with the event loop, and ran at half speed here (encoders/encoder_process.py).
+            # with the event loop, and slowed down (encoders/encoder_process.py).
             encoder = await asyncio.to_thread(
                 EncoderProcess, cfg, local_files=cfg.images.local_files_from_kafka)
             try:  # whatever fails from here on, the encoder's process is stopped
@@ -665,8 +665,9 @@ def tune_gc() -> None:
     once it is set up) is moved out of the collector's sight (``gc.freeze``), and the
     youngest generation is collected every 50,000 allocations instead of 700. A worker
     allocates a few objects per event and frees almost all of them by reference counting;
-    with the default thresholds the collector's passes over the large heap took about a
-    fifth of the behavior agent's time (profiled while tuning bench/freshness.py).
+    with the default thresholds the collector's passes over the large heap took a sizeable
+    share of the behavior agent's time (profiled while tuning bench/freshness.py; figure in
+    docs/results.md).
     """
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

@@ -8,9 +8,9 @@ micro-batches item events into :class:`ItemEmbedder` and behavior events into
 
 **Clock.** Batches are bounded in *event time*: an item batch closes when it is full, when
 the stream has moved ``item_batch_wait_s`` past its first event, or with the next behavior
-batch (``behavior_batch_size`` events). For a live stream that is
-the wall clock; for a replay it keeps the pipeline's behaviour (how long a new item waits to
-be embedded, measured in the stream's own time) independent of replay speed.
+batch (``behavior_batch_size`` events). For a live stream that is the wall clock; for a
+replay it keeps the pipeline's behaviour (how long a new item waits to be embedded, measured
+in the stream's own time) independent of replay speed.
 
 **Checkpoints.** Every ``pipeline.checkpoint_every`` records, and at the end, the runner
 flushes its batches and writes ``checkpoint.json`` atomically: the input position and every

@@ -535,7 +535,7 @@ def test_the_history_preset_overrides_only_its_pipeline_settings():
 
 
 @pytest.mark.slow
-def test_import_into_pipeline_embeds_items_and_logs_samples(tmp_path, item_encoder):
+def test_import_into_pipeline_embeds_items_and_logs_samples(tmp_path, item_encoder, cfg):
     rng = np.random.default_rng(7)
     n_items, n_rows = 30, 300
     items = pa.table({
@@ -556,7 +556,6 @@ def test_import_into_pipeline_embeds_items_and_logs_samples(tmp_path, item_encod
     s = write_events(items, inter, "rating>=4:click", events)
     assert (s.items_written, s.interactions_written) == (30, 300)
 
-    cfg = Config(data_dir=tmp_path / "data")
     run = import_into_pipeline(cfg, events, progress=False, encoder=item_encoder)
     assert run.finished and run.dead_letters == 0 and run.image_errors == 0
     assert run.items_embedded == 30 and run.item_events == 30

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ppm.config import Config
+from ppm.data_dir import DataDir, TrainingLogDir
 from trainer.dataset import (
     ModalTable,
     WindowDataset,
@@ -41,14 +41,20 @@ def name(hour: int) -> str:
     return f"{(T0 + hour * HOUR):%Y%m%dT%H%M%SZ}.parquet"
 
 
-def write_source(folder: Path, samples: dict[int, int]) -> None:
+def partition(paths: DataDir, p: int) -> TrainingLogDir:
+    """The training-log folder of partition ``p``'s writer."""
+    return TrainingLogDir(paths.training_partition(p))
+
+
+def write_source(log: TrainingLogDir, samples: dict[int, int]) -> None:
     """A writer's ``windows/``: for each hour a window file with that many samples, and
     the manifest in the writer's format (see streams.training_log)."""
+    folder = log.windows
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for hour, n in sorted(samples.items()):
         start = T0 + hour * HOUR
-        rows = [{"sample_id": f"{folder.parent.name}:{hour}:{i}", "user_id": f"u{i}",
+        rows = [{"sample_id": f"{log.folder.name}:{hour}:{i}", "user_id": f"u{i}",
                  "item_id": f"i{i}", "request_id": f"r{hour}-{i}",
                  "impression_time": start + timedelta(seconds=i), "click": i % 2, "order": 0,
                  "collect": 0, "seq_item_ids": ["i0"], "seq_actions": ["click"],
@@ -60,85 +66,86 @@ def write_source(folder: Path, samples: dict[int, int]) -> None:
         entries.append({"start": start.isoformat(), "end": (start + HOUR).isoformat(),
                         "path": name(hour), "samples": n,
                         "closed_at_watermark": (start + 2 * HOUR).isoformat()})
-    (folder / "manifest.json").write_text(json.dumps(entries))
+    log.manifest.write_text(json.dumps(entries))
 
 
 @pytest.fixture
-def partitions(tmp_path) -> Path:
+def partitions(tmp_path) -> DataDir:
     """Three partition writers: 0 has closed hours 0-4, 1 only 0-2 (it lags), and 2 started
     later, at hour 1, and has closed through hour 5."""
-    training = tmp_path / "training"
-    write_source(training / "partition-0" / "windows", {h: 3 for h in range(5)})
-    write_source(training / "partition-1" / "windows", {h: 2 for h in range(3)})
-    write_source(training / "partition-2" / "windows", {h: 5 for h in range(1, 6)})
-    return training
+    paths = DataDir(tmp_path)
+    write_source(partition(paths, 0), {h: 3 for h in range(5)})
+    write_source(partition(paths, 1), {h: 2 for h in range(3)})
+    write_source(partition(paths, 2), {h: 5 for h in range(1, 6)})
+    return paths
 
 
 def test_a_window_is_closed_once_every_source_has_reached_it(partitions):
-    windows = closed_windows(partitions)
+    windows = closed_windows(partitions.training)
     # The lagging partition 1 (last: hour 2) holds the union back.
     assert [w.name for w in windows] == [name(0), name(1), name(2)]
     first, second = windows[0], windows[1]
     # Partition 2 started later: no file for hour 0, and that does not hold hour 0 back.
-    assert first.files == (partitions / "partition-0/windows" / name(0),
-                           partitions / "partition-1/windows" / name(0))
+    assert first.files == (partition(partitions, 0).windows / name(0),
+                           partition(partitions, 1).windows / name(0))
     assert first.samples == 3 + 2 and second.samples == 3 + 2 + 5
     assert first.start_us == int(T0.timestamp() * 1e6)
     assert first.end_us - first.start_us == 3_600_000_000 == second.start_us - first.start_us
-    assert window_files(partitions) == [f for w in windows for f in w.files]
+    assert window_files(partitions.training) == [f for w in windows for f in w.files]
 
     # Partition 1 catches up: the union moves to the earliest last window, now hour 4.
-    write_source(partitions / "partition-1" / "windows", {h: 2 for h in range(5)})
-    assert [w.name for w in closed_windows(partitions)] == [name(h) for h in range(5)]
+    write_source(partition(partitions, 1), {h: 2 for h in range(5)})
+    assert [w.name for w in closed_windows(partitions.training)] == [name(h) for h in range(5)]
 
 
 def test_the_local_runner_alone_reads_as_before_and_joins_the_union(tmp_path):
-    training = tmp_path / "training"
+    paths = DataDir(tmp_path)
+    training, local = paths.training, paths.training_log
     assert closed_windows(training) == [] and window_files(training) == []
-    write_source(training / "windows", {h: 4 for h in range(3)})
+    write_source(local, {h: 4 for h in range(3)})
     windows = closed_windows(training)
-    assert [w.files for w in windows] == [(training / "windows" / name(h),) for h in range(3)]
+    assert [w.files for w in windows] == [(local.windows / name(h),) for h in range(3)]
     assert [w.samples for w in windows] == [4, 4, 4]
 
     # A worker's partition next to it: the local runner's file comes first in a window.
-    write_source(training / "partition-0" / "windows", {0: 1, 1: 1})
+    write_source(partition(paths, 0), {0: 1, 1: 1})
     windows = closed_windows(training)
     assert [w.name for w in windows] == [name(0), name(1)]
-    assert windows[0].files == (training / "windows" / name(0),
-                                training / "partition-0" / "windows" / name(0))
+    assert windows[0].files == (local.windows / name(0), partition(paths, 0).windows / name(0))
 
 
 def test_sources_are_manifests_in_partition_folders_ordered_by_number(partitions):
-    write_source(partitions / "partition-10" / "windows", {h: 1 for h in range(6)})
-    (partitions / "partition-x" / "windows").mkdir(parents=True)
-    (partitions / "partition-x" / "windows" / "manifest.json").write_text("not json")
-    (partitions / "partition-7" / "windows").mkdir(parents=True)  # nothing recorded yet
-    sources = window_sources(partitions)
+    write_source(partition(partitions, 10), {h: 1 for h in range(6)})
+    not_a_partition = TrainingLogDir(partitions.training / "partition-x")
+    not_a_partition.windows.mkdir(parents=True)
+    not_a_partition.manifest.write_text("not json")
+    partition(partitions, 7).windows.mkdir(parents=True)  # nothing recorded yet
+    sources = window_sources(partitions.training)
     assert list(sources) == ["partition-0/windows", "partition-1/windows",
                              "partition-2/windows", "partition-10/windows"]
     assert [w.name for w in sources["partition-2/windows"]] == [name(h) for h in range(1, 6)]
     assert all(len(w.files) == 1 for ws in sources.values() for w in ws)
-    assert closed_windows(partitions)[1].files[-1] == (
-        partitions / "partition-10" / "windows" / name(1))
+    assert closed_windows(partitions.training)[1].files[-1] == (
+        partition(partitions, 10).windows / name(1))
 
 
 def test_a_source_with_an_empty_manifest_holds_everything_back(partitions):
-    (partitions / "partition-3" / "windows").mkdir(parents=True)
-    (partitions / "partition-3" / "windows" / "manifest.json").write_text("[]")
-    assert closed_windows(partitions) == []
+    partition(partitions, 3).windows.mkdir(parents=True)
+    partition(partitions, 3).manifest.write_text("[]")
+    assert closed_windows(partitions.training) == []
 
 
 def test_sources_with_different_window_sizes_are_an_error(partitions):
-    manifest = partitions / "partition-2" / "windows" / "manifest.json"
+    manifest = partition(partitions, 2).manifest
     entries = json.loads(manifest.read_text())
     entries[0]["end"] = (T0 + 3 * HOUR).isoformat()  # hour 1 ends at 3 instead of 2
     manifest.write_text(json.dumps(entries))
     with pytest.raises(ValueError, match="disagree"):
-        closed_windows(partitions)
+        closed_windows(partitions.training)
 
 
 def test_a_dataset_of_union_windows_reads_every_file(partitions):
-    windows = closed_windows(partitions)
+    windows = closed_windows(partitions.training)
     modal = ModalTable(None, {}, np.zeros((1, 8), np.float32), np.zeros(1, np.int64))
     data = WindowDataset(windows, modal, RankerConfig(variant="idrec", modal_dim=8))
     assert len(data) == sum(w.samples for w in windows) == 5 + 10 + 10
@@ -147,9 +154,7 @@ def test_a_dataset_of_union_windows_reads_every_file(partitions):
 
 
 def test_the_trainer_steps_and_splits_over_union_windows(partitions):
-    cfg = Config(data_dir=partitions.parent)
-    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
-        update={"warmup_windows": 1})})
+    cfg = Config(data_dir=partitions.root, trainer={"warmup_windows": 1})
     trainer = IncrementalTrainer(cfg, variant="idrec")
     train, evaluate = trainer.next_step()
     assert [w.name for w in train] == [name(0)] and evaluate.name == name(1)
@@ -164,7 +169,7 @@ def test_the_trainer_steps_and_splits_over_union_windows(partitions):
     # A partition that shows up late can pull the closed windows back behind what was
     # trained on: the trainer waits rather than failing.
     trainer.registry.save_state({"trained_through": name(2)})
-    write_source(partitions / "partition-4" / "windows", {0: 1, 1: 1})
+    write_source(partition(partitions, 4), {0: 1, 1: 1})
     assert trainer.next_step() is None
     trainer.registry.save_state({"trained_through": "20251231T000000Z.parquet"})
     with pytest.raises(RuntimeError, match="not a closed window"):

@@ -19,6 +19,7 @@ from hypothesis.extra import numpy as hnp
 from feature_repo.item_log import ItemLog
 from feature_repo.online_features import ItemEmbeddingRow, OnlineFeatures, StoredItem
 from ppm.config import ModelConfig
+from ppm.data_dir import DataDir
 from ppm.records import ItemState, UserSequence
 from trainer.dataset import SAMPLE_COLUMNS, ModalTable, WindowDataset
 from trainer.features import (
@@ -257,7 +258,7 @@ def test_training_and_serving_build_the_same_batch(tmp_path):
     trained = data.batch(np.arange(len(TARGETS)))
 
     # Serving: the same items and sequence in the online store, a request at the impression.
-    ranker = Ranker(MemoryStore(ITEMS, window), Registry(tmp_path / "registry"))
+    ranker = Ranker(MemoryStore(ITEMS, window), Registry(DataDir(tmp_path).registry("ppm")))
     model = UnifiedRanker(CONFIG).eval()
     served, missing = ranker.build_batch(model, ENC, USER.user_id, TARGETS, now=T)
 
@@ -292,7 +293,7 @@ def test_a_change_of_freshness_window_moves_both_paths_alike(tmp_path):
                           T) for i, s in ITEMS.items() if s.encoder_version], [T] * 7)
     modal = ModalTable.from_item_log(tmp_path / "items", ENC, DIM)
     trained = WindowDataset([tmp_path / "window.parquet"], modal, CONFIG).batch(np.arange(6))
-    ranker = Ranker(MemoryStore(ITEMS, None), Registry(tmp_path / "registry"))
+    ranker = Ranker(MemoryStore(ITEMS, None), Registry(DataDir(tmp_path).registry("ppm")))
     served, _ = ranker.build_batch(UnifiedRanker(CONFIG), ENC, "u1", TARGETS, now=T)
     assert (trained["target_modal_row"] > 0).tolist() == [True, True, False, False, False,
                                                            True]
@@ -304,6 +305,6 @@ def test_a_deleted_item_is_missing_when_served(tmp_path):
     """Serving knows deletions; a window does not (the writer records the version the item
     had), which matters only for impressions of withdrawn items."""
     items = {**ITEMS, "fresh": replace(ITEMS["fresh"], deleted=True)}
-    ranker = Ranker(MemoryStore(items, None), Registry(tmp_path / "registry"))
+    ranker = Ranker(MemoryStore(items, None), Registry(DataDir(tmp_path).registry("ppm")))
     served, missing = ranker.build_batch(UnifiedRanker(CONFIG), ENC, "u1", ["fresh"], now=T)
     assert served["target_modal_row"].tolist() == [0] and missing["item_embedding"] == 1

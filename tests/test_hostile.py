@@ -236,12 +236,11 @@ def test_ppm_stream_on_the_hostile_jsonl_exits_0_with_the_same_accounting(tmp_pa
     "list",
     "jsonl",
 ])
-def test_the_local_runner_accounts_for_every_event(tmp_path, mix, item_encoder, source):
+def test_the_local_runner_accounts_for_every_event(tmp_path, mix, item_encoder, source, cfg):
     from streams.local_runner import LocalRunner
 
     records = ([(m.kind, m.raw) for m in mix] if source == "list"
                else jsonl_of(mix, tmp_path / "jsonl"))
-    cfg = Config(data_dir=tmp_path / "data")
     # Item batches closed by size alone: a few encoder calls instead of one per item (the
     # catalog's first items are hours apart in event time).
     cfg.pipeline.item_batch_wait_s = 1e9

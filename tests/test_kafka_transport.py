@@ -1,4 +1,4 @@
-"""streams.kafka_transport: the two fixes to Faust's Kafka transport, without a broker."""
+"""streams.kafka_transport: the fixes to Faust's Kafka transport, without a broker."""
 
 from __future__ import annotations
 
@@ -31,6 +31,20 @@ class _AIOKafkaConsumer:
             self.positions[tp] = "beginning"
 
 
+def acking_consumer(app_id: str):
+    """The consumer of a Faust app with this module's Transport installed and ``items`` an
+    acking topic (no broker is contacted)."""
+    app = faust.App(app_id, broker="kafka://127.0.0.1:9", store="memory://")
+    app.transport = Transport(app.conf.broker_consumer, app)
+    app.topic("items", key_type=bytes, value_type=bytes)
+    app.topics.acking_topics.add("items")
+    return app.consumer
+
+
+def record(tp: TP, offset: int) -> Message:
+    return Message(tp.topic, tp.partition, offset, 0.0, 0, {}, b"k", b"v", None, tp=tp)
+
+
 @pytest.mark.parametrize("reset", ["earliest", "latest"])
 def test_a_partition_without_a_committed_offset_is_sought_to_its_beginning(reset):
     tps = [TP("items", p) for p in range(3)]
@@ -47,14 +61,9 @@ def test_a_partition_without_a_committed_offset_is_sought_to_its_beginning(reset
 
 
 def test_only_released_records_are_acknowledged():
-    app = faust.App("ppm-test-transport", broker="kafka://127.0.0.1:9", store="memory://")
-    app.transport = Transport(app.conf.broker_consumer, app)
-    app.topic("items", key_type=bytes, value_type=bytes)
-    app.topics.acking_topics.add("items")
-    consumer = app.consumer
+    consumer = acking_consumer("ppm-test-transport")
     tp = TP("items", 0)
-    skipped, released = (Message("items", 0, offset, 0.0, 0, {}, b"k", b"v", None, tp=tp)
-                         for offset in (0, 1))
+    skipped, released = record(tp, 0), record(tp, 1)
     assert consumer.ack(skipped) is False  # Faust acknowledging a record it skipped
     consumer.release(released)
     assert consumer.ack(released) is True
@@ -62,15 +71,11 @@ def test_only_released_records_are_acknowledged():
 
 
 def test_offsets_skipped_by_the_fetch_are_never_counted_as_done():
-    app = faust.App("ppm-test-transport-gap", broker="kafka://127.0.0.1:9", store="memory://")
-    app.transport = Transport(app.conf.broker_consumer, app)
-    app.topic("items", key_type=bytes, value_type=bytes)
-    app.topics.acking_topics.add("items")
-    consumer = app.consumer
+    consumer = acking_consumer("ppm-test-transport-gap")
     tp = TP("items", 0)
     consumer._committed_offset[tp] = 5
     asyncio.run(consumer._add_gap(tp, 6, 9))  # Faust read offset 10 right after 5
-    later = Message("items", 0, 10, 0.0, 0, {}, b"k", b"v", None, tp=tp)
+    later = record(tp, 10)
     consumer.release(later)
     consumer.ack(later)
     assert consumer._new_offset(tp) is None  # 6..9 were never acknowledged: no commit

@@ -28,8 +28,7 @@ WORLD = SimulatorConfig(seed=5, days=1.0, n_users=150, initial_items=60, items_p
 
 
 def run_cfg(path: Path, **pipeline) -> Config:
-    cfg = Config(data_dir=path)
-    return cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update=pipeline)})
+    return Config(data_dir=path, pipeline=pipeline)
 
 
 def samples(data_dir: Path) -> list[dict]:

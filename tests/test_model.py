@@ -24,7 +24,7 @@ from trainer.model import (
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # Tiny tensors: a second thread only adds synchronisation, and on a busy 2-core machine
-    # spinning OpenMP threads make these tests ~10x slower.
+    # spinning OpenMP threads make these tests many times slower.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ppm.data_dir import DataDir
 from trainer.model import RankerConfig, UnifiedRanker, load_checkpoint
 from trainer.registry import Registry, Version
 
@@ -51,7 +52,7 @@ def register_many(root: str, writer: int, start, results) -> None:
 
 @pytest.mark.parametrize("kind", ["processes", "threads"])
 def test_concurrent_registrations_get_distinct_whole_versions(tmp_path, kind):
-    root = str(tmp_path / "registry")
+    root = str(DataDir(tmp_path).registry("idrec"))
     if kind == "processes":
         # fork: the writers need no import of this test module (spawn would).
         ctx = multiprocessing.get_context("fork")
@@ -83,7 +84,7 @@ def test_concurrent_registrations_get_distinct_whole_versions(tmp_path, kind):
         assert fingerprint(model) == pytest.approx(meta["fingerprint"], rel=1e-12)
     assert {(m["writer"], m["k"]) for _, m in got} == {
         (w, k) for w in range(WRITERS) for k in range(PER_WRITER)}
-    assert not list((tmp_path / "registry" / "versions").glob(".*"))  # no temporary left
+    assert not list(registry.versions_dir.glob(".*"))  # no temporary left
 
 
 def test_a_crash_mid_write_leaves_no_version_and_blocks_nothing(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import torch
 
 from feature_repo.online_features import OnlineFeatures
 from ppm.config import Config, SimulatorConfig
+from ppm.data_dir import DataDir, TrainingLogDir
 from streams.local_runner import LocalRunner
 from streams.sources.shop_simulator import ShopSimulator
 from trainer.dataset import WindowDataset, closed_windows, window_files
@@ -32,12 +33,8 @@ WORLD = SimulatorConfig(seed=7, days=1.5, n_users=300, initial_items=120, items_
 
 
 def small_cfg(data_dir: Path) -> Config:
-    cfg = Config(data_dir=data_dir)
-    return cfg.model_copy(update={
-        "pipeline": cfg.pipeline.model_copy(update={"log_window_s": 3 * 3600.0}),
-        "trainer": cfg.trainer.model_copy(update={"warmup_windows": 6, "initial_epochs": 2,
-                                                  "batch_size": 256}),
-    })
+    return Config(data_dir=data_dir, pipeline={"log_window_s": 3 * 3600.0},
+                  trainer={"warmup_windows": 6, "initial_epochs": 2, "batch_size": 256})
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +55,7 @@ def data_dir(world, tmp_path) -> Path:
 
 def test_dataset_joins_cached_vectors(world):
     trainer = IncrementalTrainer(small_cfg(world), variant="ppm")
-    files = window_files(world / "training")
+    files = window_files(DataDir(world).training)
     data = trainer.dataset(files)
     assert len(data) > 1_000 and data.tasks == ("click", "order", "collect")
     assert (data.features["target_modal_row"] > 0).mean() > 0.9  # nearly all have a vector
@@ -72,7 +69,7 @@ def test_dataset_joins_cached_vectors(world):
 
 def test_an_item_without_an_embedding_uses_the_missing_vector(world):
     trainer = IncrementalTrainer(small_cfg(world), variant="ppm")
-    data = WindowDataset(window_files(world / "training")[:2], trainer.modal.__class__(
+    data = WindowDataset(window_files(DataDir(world).training)[:2], trainer.modal.__class__(
         None, {}, np.zeros((1, 1664), np.float32), np.zeros(1, np.int64)),
         new_model(small_cfg(world), "ppm").config)
     assert (data.features["target_modal_row"] == 0).all()
@@ -87,21 +84,22 @@ def test_windows_written_per_partition_train_like_one_folder(data_dir):
     one folder, up to the lagging writer's last window, and training keys on window names."""
     import pyarrow.parquet as pq
 
-    training = data_dir / "training"
-    entries = json.loads((training / "windows" / "manifest.json").read_text())
+    paths = DataDir(data_dir)
+    local = paths.training_log
+    entries = json.loads(local.manifest.read_text())
     for partition, recorded in ((0, entries), (1, entries[:-2])):
-        folder = training / f"partition-{partition}" / "windows"
-        folder.mkdir(parents=True)
+        log = TrainingLogDir(paths.training_partition(partition))
+        log.windows.mkdir(parents=True)
         manifest = []
         for entry in recorded:
-            table = pq.read_table(training / "windows" / entry["path"])
+            table = pq.read_table(local.windows / entry["path"])
             mine = [int(u[-1]) % 2 == partition for u in table["user_id"].to_pylist()]
-            pq.write_table(table.filter(mine), folder / entry["path"])
+            pq.write_table(table.filter(mine), log.windows / entry["path"])
             manifest.append({**entry, "samples": sum(mine)})
-        (folder / "manifest.json").write_text(json.dumps(manifest))
-    shutil.rmtree(training / "windows")
+        log.manifest.write_text(json.dumps(manifest))
+    shutil.rmtree(local.windows)
 
-    windows = closed_windows(training)
+    windows = closed_windows(paths.training)
     assert [w.name for w in windows] == [e["path"] for e in entries[:-2]]
     assert [w.samples for w in windows] == [e["samples"] for e in entries[:-2]]
     assert all(len(w.files) == 2 for w in windows)
@@ -166,7 +164,7 @@ def test_kill_9_leaves_a_usable_champion_and_the_trainer_resumes(data_dir):
            "PPM__TRAINER__BATCH_SIZE": "256", "PPM__PIPELINE__LOG_WINDOW_S": "10800"}
     cmd = [sys.executable, "-m", "ppm.cli", "--data-dir", str(data_dir), "train", "--variant",
            "idrec", "--quiet"]
-    registry = Registry(data_dir / "registry" / "idrec")
+    registry = Registry(DataDir(data_dir).registry("idrec"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while registry.champion() is None and time.monotonic() < deadline:
@@ -181,7 +179,7 @@ def test_kill_9_leaves_a_usable_champion_and_the_trainer_resumes(data_dir):
     assert model.config.variant == "idrec"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    files = window_files(data_dir / "training")
+    files = window_files(DataDir(data_dir).training)
     assert registry.state()["trained_through"] == files[-2].name  # the last one is eval-only
     for version in registry.versions():  # every registered version is whole and loadable
         assert version.model_path.exists() and registry.load(version) is not None
@@ -199,7 +197,7 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
     first = ranker.model_version
     catalog = ShopSimulator(WORLD).catalog
     candidates = [*catalog["item_id"].tolist()[:50], "never-seen-item"]
-    clock = json.loads((data_dir / "summary.json").read_text())["clock"]
+    clock = json.loads(DataDir(data_dir).summary.read_text())["clock"]
     from datetime import datetime
 
     now = int(datetime.fromisoformat(clock).timestamp() * 1e6)
@@ -277,7 +275,7 @@ def test_cli_batch_training_and_eval_report(data_dir, capsys, tmp_path):
 
 
 # A world dense enough to learn from in a test: 800 users with three sessions a day for two
-# days (~41k impressions, a quarter on items younger than a day).
+# days (tens of thousands of impressions, many on items younger than a day).
 DENSE_WORLD = SimulatorConfig(seed=3, days=2.0, n_users=800, initial_items=200,
                               items_per_day=200, sessions_per_user_per_day=3.0)
 
@@ -289,11 +287,8 @@ def test_ppm_beats_idrec_on_new_items_in_a_small_world(tmp_path, item_encoder):
     from trainer.metrics import auc, cold_buckets
     from trainer.train import split_windows, train_batch
 
-    cfg = Config(data_dir=tmp_path)
-    cfg = cfg.model_copy(update={
-        "pipeline": cfg.pipeline.model_copy(update={"log_window_s": 6 * 3600.0}),
-        "trainer": cfg.trainer.model_copy(update={"batch_size": 512, "initial_epochs": 2}),
-    })
+    cfg = Config(data_dir=tmp_path, pipeline={"log_window_s": 6 * 3600.0},
+                 trainer={"batch_size": 512, "initial_epochs": 2})
     LocalRunner(cfg, encoder=item_encoder, resume=False).run(
         ShopSimulator(DENSE_WORLD).records(), "dense", progress=False)
     train, test, _ = split_windows(cfg, 0.34)

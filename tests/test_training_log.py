@@ -518,6 +518,16 @@ def run(writer: TrainingLogWriter, sequences: dict[str, UserSequence],
         assert_balanced(writer)
 
 
+def run_through(out: Path, sequences: dict[str, UserSequence], stream: Any
+                ) -> TrainingLogWriter:
+    """A writer into ``out`` that processed every batch without a break, all closed: what a
+    restored or replayed writer must match."""
+    writer = TrainingLogWriter(out, sequences, stream[2], W, 3600.0)
+    run(writer, sequences, stream, range(len(stream[0])))
+    writer.close_all()
+    return writer
+
+
 def test_simulated_day_logs_every_impression_once(tmp_path: Path, stream: Any) -> None:
     batches, _, items = stream
     sequences: dict[str, UserSequence] = {}
@@ -542,9 +552,7 @@ def test_simulated_day_logs_every_impression_once(tmp_path: Path, stream: Any) -
 def test_restored_writer_writes_identical_files(tmp_path: Path, stream: Any) -> None:
     batches, _, items = stream
     sequences: dict[str, UserSequence] = {}
-    straight = TrainingLogWriter(tmp_path / "straight", sequences, items, W, 3600.0)
-    run(straight, sequences, stream, range(len(batches)))
-    straight.close_all()
+    straight = run_through(tmp_path / "straight", sequences, stream)
 
     first = TrainingLogWriter(tmp_path / "first", sequences, items, W, 3600.0)
     run(first, sequences, stream, range(4))
@@ -563,9 +571,7 @@ def test_replay_after_a_crash_rewrites_nothing_and_duplicates_nothing(
         tmp_path: Path, stream: Any) -> None:
     batches, _, items = stream
     sequences: dict[str, UserSequence] = {}
-    straight = TrainingLogWriter(tmp_path / "straight", sequences, items, W, 3600.0)
-    run(straight, sequences, stream, range(len(batches)))
-    straight.close_all()
+    run_through(tmp_path / "straight", sequences, stream)
 
     # Checkpoint after batch 3, then windows and late events written up to batch 7, then a crash.
     crashed = TrainingLogWriter(tmp_path / "log", sequences, items, W, 3600.0)

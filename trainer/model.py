@@ -83,15 +83,15 @@ class RankerConfig:
     d_ff: int = 128  # feed-forward width inside each encoder layer
     attention: str = "target"  # "target": sequence tokens attend to each other, the target
     #   to all, so the sequence is encoded once per request and shared by every candidate
-    #   (serving scores 200 candidates in ~1/20 of the time); "full": every token attends to
-    #   every token, the sequence too sees the target (one full pass per candidate)
+    #   (far cheaper to serve: bench/serve.py, docs/results.md); "full": every token attends
+    #   to every token, the sequence too sees the target (one full pass per candidate)
     side_dim: int = 16  # width of each target side feature (category, brand, shop, price)
     dropout: float = 0.1  # in the experts and towers, on (B, expert_dim) activations: cheap
     id_dropout: float = 0.0  # training only: share of samples whose target item id is
     #   replaced by "unknown" (bucket 0, a zero vector), so the model learns to score an item
     #   whose id embedding taught it nothing yet, which is every new item (DropoutNet-style)
     seq_dropout: float = 0.0  # inside the transformers; off because on CPU the masks over
-    #   (B, L, d) cost ~1.7x in step time at 0.1 (bench/train.py --seq-dropout 0.1)
+    #   (B, L, d) slow each step (bench/train.py --seq-dropout 0.1; docs/results.md)
     # multi-task head (MMoE)
     n_experts: int = 4  # shared expert MLPs
     expert_dim: int = 64  # hidden and output width of each expert

@@ -139,7 +139,7 @@ class IncrementalTrainer:
     Args:
         cfg: configuration (``trainer`` section; data under ``cfg.data_dir``).
         registry: where versions and the champion pointer live (default
-            ``DATA_DIR/registry/<variant>``).
+            ``cfg.paths.registry(variant)``).
         variant: overrides ``cfg.trainer.variant``.
     """
 
@@ -147,7 +147,7 @@ class IncrementalTrainer:
                  variant: str | None = None):
         self.cfg = cfg
         self.variant = variant or cfg.trainer.variant
-        self.registry = registry or Registry(Path(cfg.data_dir) / "registry" / self.variant)
+        self.registry = registry or Registry(cfg.paths.registry(self.variant))
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         self._modal: tuple[tuple[str, ...], ModalTable] | None = None
@@ -164,7 +164,7 @@ class IncrementalTrainer:
     def modal(self) -> ModalTable:
         """Cached item vectors, re-read when the item log has new parts (items embedded
         since the last step must be visible)."""
-        folder = Path(self.cfg.data_dir) / "offline" / "item_embedding"
+        folder = self.cfg.paths.item_log
         parts = tuple(sorted(p.name for p in folder.glob("part-*.parquet")))
         if self._modal is None or self._modal[0] != parts:
             self._modal = (parts, ModalTable.from_item_log(folder))
@@ -184,7 +184,7 @@ class IncrementalTrainer:
 
         Windows are those every source has closed (:func:`trainer.dataset.closed_windows`).
         """
-        windows = closed_windows(Path(self.cfg.data_dir) / "training")
+        windows = closed_windows(self.cfg.paths.training)
         done = self.registry.state().get("trained_through")
         if done is None:
             warmup = self.cfg.trainer.warmup_windows
@@ -218,7 +218,7 @@ class IncrementalTrainer:
             champion, champion_model = held
             candidate = copy.deepcopy(champion_model)
             train = self.dataset(train_windows, candidate.config)
-            closed = closed_windows(Path(self.cfg.data_dir) / "training")
+            closed = closed_windows(self.cfg.paths.training)
             older = closed[: [w.name for w in closed].index(train_windows[0].name)]
             replay = (self.dataset(older[-t.replay_windows:], candidate.config)
                       if t.replay_share > 0 and older else None)
@@ -298,7 +298,7 @@ def split_windows(cfg: Config, test_share: float) -> tuple[list[Window], list[Wi
     ``test_share`` of the time the closed windows span (time, not samples)."""
     if not 0 < test_share < 1:
         raise ValueError(f"test_share must be in (0, 1), got {test_share}")
-    windows = closed_windows(Path(cfg.data_dir) / "training")
+    windows = closed_windows(cfg.paths.training)
     if not windows:
         return [], [], 0
     first, last = windows[0].start_us, windows[-1].end_us

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from ppm.data_dir import training_logs
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -45,23 +47,20 @@ def window_sources(training_dir: Path) -> dict[str, list[Window]]:
     """Every source's recorded windows, oldest first, each with its one file.
 
     Keyed by the source's folder relative to ``training_dir`` (``"windows"``,
-    ``"partition-3/windows"``): the local runner's first, then partitions by number. A
-    source is a manifest that exists; a folder ``partition-<p>`` whose ``<p>`` is not an
-    integer is not one.
+    ``"partition-3/windows"``): the local runner's first, then partitions by number
+    (:func:`ppm.data_dir.training_logs`). A source is a manifest that exists; a folder
+    ``partition-<p>`` whose ``<p>`` is not an integer is not one.
     """
     root = Path(training_dir)
-    partitions = sorted(
-        (p for p in root.glob("partition-*") if p.name.removeprefix("partition-").isdigit()),
-        key=lambda p: int(p.name.removeprefix("partition-")))
     sources: dict[str, list[Window]] = {}
-    for folder in (root / "windows", *(p / "windows" for p in partitions)):
-        manifest = folder / "manifest.json"
-        if not manifest.exists():
+    for log in training_logs(root):
+        if not log.manifest.exists():
             continue
         windows = [Window(Path(e["path"]).name, _micros(e["start"]), _micros(e["end"]),
-                          (folder / e["path"],), e["samples"])
-                   for e in json.loads(manifest.read_text())]
-        sources[folder.relative_to(root).as_posix()] = sorted(windows, key=lambda w: w.start_us)
+                          (log.windows / e["path"],), e["samples"])
+                   for e in json.loads(log.manifest.read_text())]
+        sources[log.windows.relative_to(root).as_posix()] = sorted(
+            windows, key=lambda w: w.start_us)
     return sources
 
 

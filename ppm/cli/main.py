@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="simulate a shop and stream it through ppm (embedded)")
-    demo.add_argument("--quick", action="store_true", help="a smaller world (about a minute)")
+    demo.add_argument("--quick", action="store_true", help="a smaller world, 3-hour windows")
     demo.add_argument("--json", action="store_true", help="print the figures as a JSON last line")
     demo.add_argument("--out", metavar="DIR", help="output folder (default: DATA_DIR/demo)")
     demo.set_defaults(run=_demo)
@@ -357,10 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream = sub.add_parser(
         "stream", help="replay events through the embedded pipeline into DATA_DIR; a restart "
         "resumes from its checkpoint")
-    source = stream.add_mutually_exclusive_group(required=True)
-    source.add_argument("--jsonl", metavar="DIR", help="items.jsonl + behaviors.jsonl in DIR")
-    source.add_argument("--simulate", action="store_true", help="a simulated shop (see options)")
-    _add_world_options(stream)
+    _add_input_options(stream)
     stream.add_argument("--speed", type=float, help="N x real time (default: as fast as possible)")
     stream.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     stream.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -422,10 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = sub.add_parser("publish", help="publish item and behavior events to Kafka, keyed "
                              "by item_id / user_id (the catalog service; a load generator)")
-    source = publish.add_mutually_exclusive_group(required=True)
-    source.add_argument("--jsonl", metavar="DIR", help="items.jsonl + behaviors.jsonl in DIR")
-    source.add_argument("--simulate", action="store_true", help="a simulated shop (see options)")
-    _add_world_options(publish)
+    _add_input_options(publish)
     publish.add_argument("--rate", type=float, help="records per second (default: no limit)")
     publish.add_argument("--limit", type=int, help="stop after this many records")
     publish.add_argument("--duration", type=float, help="stop after this many seconds")
@@ -433,28 +427,33 @@ def build_parser() -> argparse.ArgumentParser:
                          help="send up to N consecutive behavior events of one user as one "
                          "Kafka record (a JSON array; default 1): a worker pays a fixed cost "
                          "per record, so pages of impressions travel best together")
-    publish.add_argument("--bootstrap", metavar="HOST:PORT",
-                         help="Kafka brokers (default from config: kafka.bootstrap)")
+    _add_bootstrap_option(publish)
     publish.add_argument("--quiet", action="store_true", help="no progress bar")
     publish.set_defaults(run=_publish)
 
     status = sub.add_parser("status", help="the distributed path: consumer lag per topic, dead "
                             "letters, freshness (arrival to readable) and training windows of "
                             "DATA_DIR's workers")
-    status.add_argument("--bootstrap", metavar="HOST:PORT",
-                        help="Kafka brokers (default from config: kafka.bootstrap)")
+    _add_bootstrap_option(status)
     status.set_defaults(run=_status)
 
     topics = sub.add_parser("topics", help="create the Kafka topics (items, behaviors, "
                             "their dead-letter topics and the Faust app's internal ones) with "
                             "the configured partitions")
-    topics.add_argument("--bootstrap", metavar="HOST:PORT",
-                        help="Kafka brokers (default from config: kafka.bootstrap)")
+    _add_bootstrap_option(topics)
     topics.set_defaults(run=_topics)
 
     config = sub.add_parser("config", help="print the effective configuration as JSON")
     config.set_defaults(run=lambda args, cfg: print(cfg.model_dump_json(indent=2)) or 0)
     return parser
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    """The events to read: ``--jsonl DIR`` or ``--simulate`` with the world options."""
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--jsonl", metavar="DIR", help="items.jsonl + behaviors.jsonl in DIR")
+    source.add_argument("--simulate", action="store_true", help="a simulated shop (see options)")
+    _add_world_options(p)
 
 
 def _add_world_options(p: argparse.ArgumentParser) -> None:
@@ -463,6 +462,11 @@ def _add_world_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, help="number of users (default from config)")
     p.add_argument("--malformed-share", type=float,
                    help="share of malformed records to mix in (0..1)")
+
+
+def _add_bootstrap_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", metavar="HOST:PORT",
+                   help="Kafka brokers (default from config: kafka.bootstrap)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
