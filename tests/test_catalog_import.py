@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streams.sources.catalog_import as catalog_import
-from ppm.cli.main import main
+from ppm.cli.commands import main
 from ppm.config import PRESETS, Config
 from ppm.data_dir import DataDir
 from ppm.events import MIN_EVENT_TIME, BehaviorEvent, ItemEvent, decode

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from ppm.cli.main import main
+from ppm.cli.commands import main
 from ppm.data_dir import DataDir, TrainingLogDir
 
 HEAVY = ("torch", "transformers", "feast", "faust", "pandas", "pyarrow")
@@ -17,7 +17,7 @@ HEAVY = ("torch", "transformers", "feast", "faust", "pandas", "pyarrow")
 def test_help_imports_nothing_heavy():
     code = (
         "import sys\n"
-        "from ppm.cli.main import main\n"
+        "from ppm.cli.commands import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
     )
@@ -102,7 +102,7 @@ def test_status_reads_every_workers_freshness_windows_and_dead_letters(tmp_path,
                                                                        capsys):
     from streams.freshness import FreshnessStats
 
-    monkeypatch.setattr("ppm.cli.main._lag", lambda kafka: {})  # no broker here
+    monkeypatch.setattr("ppm.cli.commands._lag", lambda kafka: {})  # no broker here
     paths = DataDir(tmp_path)
     # Freshness: the local runner's file and two Faust workers' files.
     lags_ms = {paths.freshness: [10, 20], paths.worker_freshness("w1"): [30],

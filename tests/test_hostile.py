@@ -220,7 +220,7 @@ def jsonl_of(mix: list[MixedRecord], folder: Path) -> list[tuple[str, bytes]]:
 @pytest.mark.slow
 def test_ppm_stream_on_the_hostile_jsonl_exits_0_with_the_same_accounting(tmp_path, mix,
                                                                           monkeypatch, capsys):
-    from ppm.cli.main import main
+    from ppm.cli.commands import main
 
     records = jsonl_of(mix, tmp_path / "jsonl")
     monkeypatch.setenv("PPM__PIPELINE__ITEM_BATCH_WAIT_S", "1e9")  # as below: fewer batches

@@ -68,14 +68,3 @@ def test_only_released_records_are_acknowledged():
     consumer.release(released)
     assert consumer.ack(released) is True
     assert dict(consumer._acked) == {tp: [1]}  # offset 0 is not counted as done
-
-
-def test_offsets_skipped_by_the_fetch_are_never_counted_as_done():
-    consumer = acking_consumer("ppm-test-transport-gap")
-    tp = TP("items", 0)
-    consumer._committed_offset[tp] = 5
-    asyncio.run(consumer._add_gap(tp, 6, 9))  # Faust read offset 10 right after 5
-    later = record(tp, 10)
-    consumer.release(later)
-    consumer.ack(later)
-    assert consumer._new_offset(tp) is None  # 6..9 were never acknowledged: no commit

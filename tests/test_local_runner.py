@@ -164,7 +164,7 @@ def test_samples_never_see_the_future_and_freshness_is_recorded(straight):
 
 
 def test_features_cli_shows_age_and_staleness(straight, capsys):
-    from ppm.cli.main import main
+    from ppm.cli.commands import main
 
     path = straight[0]
     item_id = samples(path)[-1]["sample_id"].split(":")[1]
@@ -194,7 +194,7 @@ def test_features_cli_shows_age_and_staleness(straight, capsys):
 
 
 def test_features_apply_registers_the_repo(tmp_path, capsys):
-    from ppm.cli.main import main
+    from ppm.cli.commands import main
 
     assert main(["--data-dir", str(tmp_path), "features", "apply"]) == 0
     out = capsys.readouterr().out

@@ -255,7 +255,7 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
 
 
 def test_cli_batch_training_and_eval_report(data_dir, capsys, tmp_path):
-    from ppm.cli.main import main
+    from ppm.cli.commands import main
 
     assert main(["--data-dir", str(data_dir), "train", "--batch", "--variant", "idrec",
                  "--variant", "ppm", "--epochs", "1", "--quiet"]) == 0

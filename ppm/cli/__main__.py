@@ -2,6 +2,6 @@
 
 import sys
 
-from ppm.cli.main import main
+from ppm.cli import main
 
 sys.exit(main())
