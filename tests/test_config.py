@@ -26,6 +26,17 @@ def test_file_then_environment(tmp_path: Path):
     assert cfg.simulator.seed == 7
 
 
+def test_simulator_world_and_content_signal():
+    assert (Config().simulator.world, Config().simulator.content_signal) == ("v1", 1.0)
+    cfg = load_config(env={"PPM__SIMULATOR__WORLD": "v2",
+                           "PPM__SIMULATOR__CONTENT_SIGNAL": "0.25"})
+    assert (cfg.simulator.world, cfg.simulator.content_signal) == ("v2", 0.25)
+    for env in ({"PPM__SIMULATOR__WORLD": "v3"}, {"PPM__SIMULATOR__CONTENT_SIGNAL": "1.5"},
+                {"PPM__SIMULATOR__CONTENT_SIGNAL": "-0.1"}):
+        with pytest.raises(ValidationError, match=r"simulator\."):
+            load_config(env=env)
+
+
 def test_config_path_from_environment(tmp_path: Path):
     file = tmp_path / "c.toml"
     file.write_text("[simulator]\ndays = 1.5\n")

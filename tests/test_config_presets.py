@@ -28,6 +28,15 @@ def test_the_quick_preset_is_the_small_demo():
     assert quick.pipeline.log_window_s == 3 * 3600 and quick.trainer.warmup_windows == 8
 
 
+def test_the_fair_preset_is_world_v2_and_quick_shrinks_it():
+    fair = Config().with_preset("fair")
+    assert fair.simulator.world == "v2" and fair.simulator.content_signal == 1.0
+    assert fair.simulator.sessions_per_user_per_day == 2.0
+    quick_fair = fair.with_preset("quick")  # `ppm --preset fair demo --quick`
+    assert quick_fair.simulator.world == "v2" and quick_fair.simulator.n_users == 500
+    assert quick_fair.simulator.sessions_per_user_per_day == 2.0
+
+
 def test_a_preset_wins_over_the_values_it_names_only():
     cfg = load_config(env={"PPM__PIPELINE__LOG_WINDOW_S": "60", "PPM__SIMULATOR__SEED": "9"})
     quick = cfg.with_preset("quick")
@@ -35,7 +44,7 @@ def test_a_preset_wins_over_the_values_it_names_only():
 
 
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'fast'; presets: quick, history"):
+    with pytest.raises(ValueError, match="unknown preset 'fast'; presets: quick, fair, history"):
         Config().with_preset("fast")
 
 
