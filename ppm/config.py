@@ -8,8 +8,8 @@ A config comes from three layers, later ones winning:
 3. environment variables ``PPM__<SECTION>__<FIELD>=value`` (double underscores), e.g.
    ``PPM__ENCODERS__IMAGE_SIZE=160`` or ``PPM__DATA_DIR=/srv/ppm``.
 
-A named preset (:data:`PRESETS`: ``quick``, ``history``) may then be laid over the result
-(:meth:`Config.with_preset`, ``ppm --preset NAME``); its values win.
+A named preset (:data:`PRESETS`: ``quick``, ``fair``, ``history``) may then be laid over the
+result (:meth:`Config.with_preset`, ``ppm --preset NAME``); its values win.
 
 Unknown keys are errors, so a typo never silently falls back to a default.
 """
@@ -94,6 +94,22 @@ class ContractConfig(_Section):
 class SimulatorConfig(_Section):
     """The seeded shop world behind ``ppm simulate`` and the demo."""
 
+    world: Literal["v1", "v2"] = "v1"
+    """v1: the first demo world, where an item's title names every attribute users have
+    tastes over and the photo only repeats its colour, so content is nearly a sufficient
+    statistic of an item. v2, the fair world: attributes are split across modalities (colour
+    and pattern only in the photo, material and style only in the text, category, brand,
+    shop and price tier as catalog fields that idrec reads too) and latent quality is in
+    none; ``content_signal`` sets how much the content-only ones matter. The ``fair``
+    preset selects v2 with enough sessions per user to learn tastes from."""
+    content_signal: float = Field(1.0, ge=0, le=1)
+    """v2 only: how much of the user x item taste term of the click logit comes from the
+    content-only attributes (photo-only and text-only) rather than the catalog fields. The
+    content-only tastes carry a share of that term's variance proportional to the dial
+    (``streams.sources.shop_simulator.CONTENT_SHARE`` at 1), the catalog fields the rest;
+    the term's overall scale stays the same, so the base CTR hardly moves. 0: the photo and
+    the text say nothing about a click that the catalog fields and past clicks do not.
+    Latent quality is outside the dial."""
     seed: int = 1
     start: datetime = datetime(2026, 1, 1, tzinfo=UTC)
     """Event time of the first simulated moment (UTC)."""
@@ -385,6 +401,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "simulator": {"days": 2.0, "n_users": 500, "initial_items": 200, "items_per_day": 150},
         "pipeline": {"log_window_s": 3 * 3_600.0},
         "trainer": {"warmup_windows": 8},
+    },
+    # The fair world (simulator v2, see SimulatorConfig.world): attributes split across
+    # photo, text and catalog fields; fewer users with more sessions each, so a user's
+    # sequence holds a few clicks to learn tastes from (about the impressions of the default
+    # world). With `demo --quick` laid over it, the quick world's sizes win.
+    "fair": {
+        "simulator": {"world": "v2", "n_users": 1000, "sessions_per_user_per_day": 2.0,
+                      "initial_items": 400, "items_per_day": 200},
     },
     # Replays of historical data (`ppm import`: streams.local_runner.import_into_pipeline).
     "history": {

@@ -23,7 +23,8 @@ def _simulate(args: argparse.Namespace, cfg: Config) -> int:
     summary = ShopSimulator(_simulator_config(args, cfg)).write_jsonl(out, progress=not args.quiet)
     print(
         f"wrote {summary.item_events:,} item events and {summary.behavior_events:,} behavior "
-        f"events ({summary.malformed:,} malformed) to {out}/",
+        f"events ({summary.malformed:,} malformed) to {out}/, and each impression's true "
+        f"click probability to {out}/oracle.parquet (for evaluation only)",
         file=sys.stderr,
     )
     print(json.dumps({"out": str(out), **summary.__dict__}))
@@ -338,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", metavar="DIR", help="override data_dir of the config")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="lay a named preset over the config (ppm.config.PRESETS; its "
-                        "values win): quick (a smaller world, 3-hour windows), history "
-                        "(weekly windows and long clock jumps, for historical replays)")
+                        "values win): quick (a smaller world, 3-hour windows), fair (the "
+                        "fair simulated world, v2), history (weekly windows and long clock "
+                        "jumps, for historical replays)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="simulate a shop and stream it through ppm (embedded)")
