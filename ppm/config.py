@@ -8,8 +8,8 @@ A config comes from three layers, later ones winning:
 3. environment variables ``PPM__<SECTION>__<FIELD>=value`` (double underscores), e.g.
    ``PPM__ENCODERS__IMAGE_SIZE=160`` or ``PPM__DATA_DIR=/srv/ppm``.
 
-A named preset (:data:`PRESETS`: ``quick``, ``history``) may then be laid over the result
-(:meth:`Config.with_preset`, ``ppm --preset NAME``); its values win.
+A named preset (:data:`PRESETS`: ``quick``, ``fair``, ``history``) may then be laid over the
+result (:meth:`Config.with_preset`, ``ppm --preset NAME``); its values win.
 
 Unknown keys are errors, so a typo never silently falls back to a default.
 """
@@ -94,6 +94,22 @@ class ContractConfig(_Section):
 class SimulatorConfig(_Section):
     """The seeded shop world behind ``ppm simulate`` and the demo."""
 
+    world: Literal["v1", "v2"] = "v1"
+    """v1: the first demo world, where an item's title names every attribute users have
+    tastes over and the photo only repeats its colour, so content is nearly a sufficient
+    statistic of an item. v2, the fair world: attributes are split across modalities (colour
+    and pattern only in the photo, material and style only in the text, category, brand,
+    shop and price tier as catalog fields that idrec reads too) and latent quality is in
+    none; ``content_signal`` sets how much the content-only ones matter. The ``fair``
+    preset selects v2 with enough sessions per user to learn tastes from."""
+    content_signal: float = Field(1.0, ge=0, le=1)
+    """v2 only: how much of the user x item taste term of the click logit comes from the
+    content-only attributes (photo-only and text-only) rather than the catalog fields. The
+    content-only tastes carry a share of that term's variance proportional to the dial
+    (``streams.sources.shop_simulator.CONTENT_SHARE`` at 1), the catalog fields the rest;
+    the term's overall scale stays the same, so the base CTR hardly moves. 0: the photo and
+    the text say nothing about a click that the catalog fields and past clicks do not.
+    Latent quality is outside the dial."""
     seed: int = 1
     start: datetime = datetime(2026, 1, 1, tzinfo=UTC)
     """Event time of the first simulated moment (UTC)."""
@@ -177,7 +193,14 @@ class PipelineConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    """The ranker's training: variant, optimisation, incremental promotion."""
+    """The ranker's training: variant, optimisation, incremental promotion.
+
+    Values marked *chosen on validation* are tuned on the validation period, the windows
+    just before the test period (``ppm train --batch --valid-share``), never on the test
+    period: ``ppm train --batch --tune FIELD=V1,V2,...`` trains one model per value and
+    keeps the one with the best validation click AUC (the number of epochs is chosen the
+    same way by every ``--batch`` fit). The defaults are starting points, not results.
+    """
 
     variant: Literal["idrec", "ppm", "modal"] = "ppm"
     """idrec: ID transformer only; ppm: ID + PPM modality transformer; modal: PPM only."""
@@ -188,7 +211,12 @@ class TrainerConfig(_Section):
     """Gradients are scaled down to at most this norm each step (one bad batch cannot throw
     the model far); None: never clipped."""
     initial_epochs: int = Field(3, ge=1)
-    """Epochs of the first fit (no champion yet), over every window up to then."""
+    """Epochs of the first fit (no champion yet), over every window up to then; for
+    ``ppm train --batch`` the most epochs, of which the one with the best validation click
+    AUC is kept (chosen on validation)."""
+    patience: int = Field(2, ge=1)
+    """``ppm train --batch``: stop after this many epochs without a better validation click
+    AUC than the best so far."""
     incremental_epochs: int = Field(1, ge=1)
     """Epochs of each fine-tuning step on one new window."""
     warmup_windows: int = Field(24, ge=1)
@@ -203,15 +231,26 @@ class TrainerConfig(_Section):
     embedding has learned nothing yet, which is the case of every new item. On the demo
     world it lifts ``ppm``'s click AUC on items younger than a day; on MovieLens, whose
     items are only a title and genres, it costs ``ppm`` a little (docs/results.md has both):
-    use 0 where an item's content says little. ``idrec`` always trains with 0: it has no
+    use 0 where an item's content says little. Chosen on validation, per data set
+    (``--tune id_dropout=0,0.1,0.3``). ``idrec`` always trains with 0: it has no
     other view of the item, and hiding ids cost it overall AUC on the demo for nothing on
     cold items. The share is part of a model's config: fine-tuning keeps the champion's, so
     a change applies from the next model trained from scratch."""
+    min_item_count: int = Field(1, ge=1)
+    """An item id seen fewer times than this as an impression's target in a model's
+    training data is "unknown" (bucket 0) to the model, in training, evaluation and
+    serving alike (``trainer.features.ItemVocabulary``, saved with the model). 1 admits
+    exactly the ids the training data holds: an id it never held has an untrained row, or
+    shares another item's, and a score read from it is noise. A higher value also sends
+    ids with a handful of impressions, whose rows learned little, to "unknown", which the
+    model learns to read from them; chosen on validation (``--tune min_item_count=1,3,10``).
+    Fine-tuning keeps the champion's."""
     promote_tolerance: float = Field(0.01, ge=0)
     """A candidate is promoted unless its click AUC on the next window is worse than the
     champion's by more than this. One window's AUC is noisy (docs/results.md has its spread
     on the demo world): a much stricter tolerance rejects most steps on noise and freezes
-    the champion."""
+    the champion. Chosen on validation: from the spread of one window's click AUC over
+    windows before the test period, never from the test period's."""
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     """torch threads for training; None: one per CPU core."""
@@ -374,6 +413,25 @@ class Config(_Section):
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
         return Config.model_validate(_deep_merge(self.model_dump(), PRESETS[name]))
 
+    def with_values(self, values: Mapping[str, Any]) -> Config:
+        """This config with some fields set, e.g. ``{"id_dropout": "0.1"}`` (``ppm train
+        --tune``): a key is ``section.field``, or a bare field of ``[trainer]`` or, failing
+        that, ``[model]``; a value as in a config file, strings parsed as in a ``PPM__``
+        variable. Raises ``ValueError`` for an unknown field or a bad value."""
+        tree: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            section, _, name = key.rpartition(".")
+            section = section or next(
+                (s for s in ("trainer", "model") if name in type(getattr(self, s)).model_fields),
+                "trainer")
+            fields = getattr(type(self).model_fields.get(section), "annotation", None)
+            if not (isinstance(fields, type) and issubclass(fields, _Section)
+                    and name in fields.model_fields):
+                raise ValueError(f"unknown config field {key!r}: give section.field, or a "
+                                 "field of [trainer] or [model]")
+            tree.setdefault(section, {})[name] = value
+        return Config.model_validate(_deep_merge(self.model_dump(), tree))
+
 
 _DAY_S = 86_400.0
 
@@ -385,6 +443,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "simulator": {"days": 2.0, "n_users": 500, "initial_items": 200, "items_per_day": 150},
         "pipeline": {"log_window_s": 3 * 3_600.0},
         "trainer": {"warmup_windows": 8},
+    },
+    # The fair world (simulator v2, see SimulatorConfig.world): attributes split across
+    # photo, text and catalog fields; fewer users with more sessions each, so a user's
+    # sequence holds a few clicks to learn tastes from (about the impressions of the default
+    # world). With `demo --quick` laid over it, the quick world's sizes win.
+    "fair": {
+        "simulator": {"world": "v2", "n_users": 1000, "sessions_per_user_per_day": 2.0,
+                      "initial_items": 400, "items_per_day": 200},
     },
     # Replays of historical data (`ppm import`: streams.local_runner.import_into_pipeline).
     "history": {

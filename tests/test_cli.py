@@ -140,3 +140,13 @@ def test_status_reads_every_workers_freshness_windows_and_dead_letters(tmp_path,
     # The line still being written is not counted.
     assert status["dead_letter_file"] == {"dead_letters": 4, "by_stage": {
         "decode": 2, "process": 1, "unknown": 1}}
+
+
+def test_train_options_that_cannot_work_are_usage_errors(tmp_path, capsys):
+    data = ["--data-dir", str(tmp_path)]
+    assert main([*data, "train", "--tune", "id_dropout=0,0.1"]) == 2  # not --batch
+    assert "--tune goes with --batch" in capsys.readouterr().err
+    assert main([*data, "train", "--batch", "--tune", "id_dropout"]) == 2
+    assert "FIELD=V1,V2" in capsys.readouterr().err
+    assert main([*data, "train", "--batch", "--valid-share", "0.9"]) == 2
+    assert "valid_share" in capsys.readouterr().err

@@ -27,6 +27,17 @@ def test_file_then_environment(tmp_path: Path):
     assert cfg.simulator.seed == 7
 
 
+def test_simulator_world_and_content_signal():
+    assert (Config().simulator.world, Config().simulator.content_signal) == ("v1", 1.0)
+    cfg = load_config(env={"PPM__SIMULATOR__WORLD": "v2",
+                           "PPM__SIMULATOR__CONTENT_SIGNAL": "0.25"})
+    assert (cfg.simulator.world, cfg.simulator.content_signal) == ("v2", 0.25)
+    for env in ({"PPM__SIMULATOR__WORLD": "v3"}, {"PPM__SIMULATOR__CONTENT_SIGNAL": "1.5"},
+                {"PPM__SIMULATOR__CONTENT_SIGNAL": "-0.1"}):
+        with pytest.raises(ValidationError, match=r"simulator\."):
+            load_config(env=env)
+
+
 def test_config_path_from_environment(tmp_path: Path):
     file = tmp_path / "c.toml"
     file.write_text("[simulator]\ndays = 1.5\n")
@@ -148,8 +159,17 @@ def test_a_preset_wins_over_the_values_it_names_only():
     assert quick.pipeline.log_window_s == 3 * 3600 and quick.simulator.seed == 9
 
 
+def test_the_fair_preset_is_world_v2_and_quick_shrinks_it():
+    fair = Config().with_preset("fair")
+    assert fair.simulator.world == "v2" and fair.simulator.content_signal == 1.0
+    assert fair.simulator.sessions_per_user_per_day == 2.0
+    quick_fair = fair.with_preset("quick")  # `ppm --preset fair demo --quick`
+    assert quick_fair.simulator.world == "v2" and quick_fair.simulator.n_users == 500
+    assert quick_fair.simulator.sessions_per_user_per_day == 2.0
+
+
 def test_unknown_preset():
-    with pytest.raises(ValueError, match="unknown preset 'fast'; presets: quick, history"):
+    with pytest.raises(ValueError, match="unknown preset 'fast'; presets: quick, fair, history"):
         Config().with_preset("fast")
 
 

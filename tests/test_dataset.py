@@ -17,6 +17,7 @@ from trainer.dataset import (
     ModalTable,
     WindowDataset,
     closed_windows,
+    item_vocabulary,
     window_files,
     window_sources,
 )
@@ -175,7 +176,61 @@ def test_the_trainer_steps_and_splits_over_union_windows(partitions):
     with pytest.raises(RuntimeError, match="not a closed window"):
         trainer.next_step()
 
-    train_windows, test_windows, test_start = split_windows(cfg, 0.5)
-    assert [w.name for w in train_windows] == [name(0)]
-    assert [w.name for w in test_windows] == [name(1)]
-    assert test_start == int((T0 + HOUR).timestamp() * 1e6)
+    split = split_windows(cfg, 0.5)
+    assert [w.name for w in split.train] == [name(0)] and split.valid == []
+    assert [w.name for w in split.test] == [name(1)]
+    assert split.test_start_us == split.valid_start_us == int((T0 + HOUR).timestamp() * 1e6)
+
+
+def test_the_split_is_train_then_validation_then_test_in_whole_windows(tmp_path):
+    """Ten hourly windows: the test period is the last 20% of the time, validation the
+    30% before it; a window cut by a boundary belongs to the earlier period."""
+    paths = DataDir(tmp_path)
+    write_source(paths.training_log, {h: 1 for h in range(10)})
+    cfg = Config(data_dir=tmp_path)
+    split = split_windows(cfg, test_share=0.2, valid_share=0.3)
+    assert [w.name for w in split.train] == [name(h) for h in range(5)]
+    assert [w.name for w in split.valid] == [name(h) for h in range(5, 8)]
+    assert [w.name for w in split.test] == [name(8), name(9)]
+    assert split.valid_start_us == split.valid[0].start_us
+    assert split.test_start_us == split.test[0].start_us
+
+    # Boundaries inside a window (test from 7.5 h, validation from 6.45 h): no window is
+    # cut or dropped, and every period starts on a window.
+    split = split_windows(cfg, test_share=0.25, valid_share=0.105)
+    assert [len(split.train), len(split.valid), len(split.test)] == [7, 1, 2]
+    assert split.train + split.valid + split.test == closed_windows(paths.training)
+
+    none = split_windows(cfg, test_share=0.2, valid_share=0.0)
+    assert none.valid == [] and len(none.train) == 8
+    default = split_windows(cfg)  # test 20%, validation 10%
+    assert [len(default.train), len(default.valid), len(default.test)] == [7, 1, 2]
+    for test_share, valid_share in ((0.0, 0.1), (1.0, 0.0), (0.5, 0.5), (0.2, -0.1)):
+        with pytest.raises(ValueError, match="share"):
+            split_windows(cfg, test_share, valid_share)
+
+
+def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknown(tmp_path):
+    """Hours 0-1 show items i0..i3, hour 2 also i4 and i5: i0..i3 are seen twice in the
+    first two windows, i4 and i5 not at all; at min_count 2 only i0..i3 keep a bucket, as
+    targets and in sequences (every sample's sequence is [i0]; i0 is admitted here)."""
+    paths = DataDir(tmp_path)
+    write_source(paths.training_log, {0: 4, 1: 4, 2: 6})
+    windows = closed_windows(paths.training)
+    vocabulary = item_vocabulary(windows[:2], min_count=2)
+    assert vocabulary.counts == {f"i{i}": 2 for i in range(4)}
+    assert item_vocabulary(windows[2:], 2, base=vocabulary).counts == {
+        **{f"i{i}": 3 for i in range(4)}, "i4": 1, "i5": 1}
+
+    config = RankerConfig(variant="idrec", modal_dim=8, item_buckets=1024)
+    modal = ModalTable(None, {}, np.zeros((1, 8), np.float32), np.zeros(1, np.int64))
+    plain = WindowDataset([windows[2]], modal, config)
+    data = WindowDataset([windows[2]], modal, config, vocabulary=vocabulary)
+    assert (plain.features["item_id"] > 0).all()
+    assert (data.features["item_id"] == np.where(np.arange(6) < 4, plain.features["item_id"],
+                                                 0)).all()
+    assert (data.features["seq_item_id"] == plain.features["seq_item_id"]).all()
+    rare = WindowDataset([windows[2]], modal, config,
+                         vocabulary=item_vocabulary(windows[:1], min_count=2))
+    assert (rare.features["item_id"] == 0).all() and (rare.features["seq_item_id"] == 0).all()
+    assert (rare.features["seq_mask"] == plain.features["seq_mask"]).all()  # still there

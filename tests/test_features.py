@@ -27,9 +27,11 @@ from trainer.features import (
     BATCH_KEYS,
     N_ACTIONS,
     TASKS,
+    ItemVocabulary,
     Sequences,
     gap_bucket,
     hash_ids,
+    item_buckets,
     model_batch,
     sequence_features,
     usable_vectors,
@@ -86,6 +88,23 @@ def test_gap_bucket_monotone_and_in_range(seconds, n_buckets):
     assert (np.diff(got[order]) >= 0).all()
 
 
+@given(ids=st.lists(st.one_of(st.none(), st.sampled_from(["", "a", "b", "c", "d"])),
+                    max_size=30),
+       min_count=st.integers(1, 4), extra=st.lists(st.sampled_from(["a", "b", "e"])))
+def test_an_item_id_is_admitted_once_seen_min_count_times(ids, min_count, extra):
+    vocabulary = ItemVocabulary.of(ids, min_count)
+    counted = ids + extra
+    assert vocabulary.plus(extra) == ItemVocabulary.of(counted, min_count)
+    queries = ["a", "b", "c", "d", "e", "", None]
+    got = vocabulary.plus(extra).admits(queries)
+    assert got.tolist() == [bool(q) and counted.count(q) >= min_count for q in queries]
+    # Admitted ids keep their bucket; any other is unknown, 0.
+    buckets = item_buckets(queries, 64, vocabulary.plus(extra))
+    assert (buckets == np.where(got, hash_ids(queries, 64), 0)).all()
+    assert (item_buckets(queries, 64, None) == hash_ids(queries, 64)).all()
+    assert ItemVocabulary.from_dict(vocabulary.to_dict()) == vocabulary
+
+
 # -----------------------------------------------------------------------------
 # Padding and the modal table
 
@@ -114,7 +133,7 @@ def test_sequences_are_left_padded_to_their_last_L(lengths, L, seed):
             want["seq_gap"][L - k:] = gap_bucket(
                 (impression_us[s] - np.array(user.times_us[-k:])) / 1e6, 8)
             want["seq_modal_row"][L - k:] = rows[offsets[s + 1] - k : offsets[s + 1]]
-        want["seq_mask"] = want["seq_item_id"] > 0
+        want["seq_mask"] = np.arange(L) >= L - k  # the real interactions
         for key, value in want.items():
             assert got[key].shape == (len(users), L)
             assert (got[key][s] == value).all(), key
@@ -308,3 +327,46 @@ def test_a_deleted_item_is_missing_when_served(tmp_path):
     ranker = Ranker(MemoryStore(items, None), Registry(DataDir(tmp_path).registry("ppm")))
     served, missing = ranker.build_batch(UnifiedRanker(CONFIG), ENC, "u1", ["fresh"], now=T)
     assert served["target_modal_row"].tolist() == [0] and missing["item_embedding"] == 1
+
+
+def test_rare_item_ids_are_unknown_in_training_and_in_serving_alike(tmp_path):
+    """A model whose vocabulary admits ids seen at least twice, stored in a registry and
+    served from it: the ids it does not admit are 0 in its training batch and in its
+    serving batch, targets and sequence positions alike (still real positions); a
+    frequent id keeps its bucket. Both paths build the same batch."""
+    window = 24 * 3600.0
+    write_window(tmp_path / "window.parquet")
+    ItemLog(tmp_path / "items").append(
+        [ItemEmbeddingRow(i, VECTORS[i], s.encoder_version, s.content_hash, s.content_time_us,
+                          T - 10 * S) for i, s in ITEMS.items() if s.encoder_version],
+        [T - 10 * S] * 7)
+    modal = ModalTable.from_item_log(tmp_path / "items", ENC, DIM)
+    model = UnifiedRanker(CONFIG).eval()
+    model.item_vocabulary = ItemVocabulary({"fresh": 9, "s2": 2, "s3": 5, "old": 1, "s4": 1},
+                                           min_count=2)
+    registry = Registry(DataDir(tmp_path).registry("ppm"))
+    registry.promote(registry.register(model, {"trained_on": [], "encoder_version": ENC}))
+    ranker = Ranker(MemoryStore(ITEMS, window), registry)
+    served_model = registry.load(registry.champion())  # as the ranker loads it
+    assert served_model.item_vocabulary == model.item_vocabulary
+
+    trained = WindowDataset([tmp_path / "window.parquet"], modal, CONFIG, window,
+                            vocabulary=served_model.item_vocabulary).batch(np.arange(6))
+    served, _ = ranker.build_batch(served_model, ENC, USER.user_id, TARGETS, now=T)
+    for key in BATCH_KEYS:
+        want = served[key].expand(len(TARGETS), -1) if key.startswith("seq_") else served[key]
+        assert torch.equal(trained[key], want), key
+
+    # Targets: fresh and s2 admitted; old (once), other, unembedded, never-seen not.
+    admitted = np.array([True, False, False, False, False, True])
+    assert (trained["item_id"].numpy() == np.where(
+        admitted, hash_ids(TARGETS, CONFIG.item_buckets), 0)).all()
+    # The model's last four interactions: s2, fresh, s3 (admitted) and s4 (seen once).
+    assert (served["seq_item_id"][0].numpy() == np.append(
+        hash_ids(["s2", "fresh", "s3"], CONFIG.item_buckets), 0)).all()
+    assert served["seq_mask"][0].tolist() == [True] * 4
+    with torch.no_grad():
+        want = torch.sigmoid(served_model(trained)[0][:, 0]).tolist()
+    ranked = ranker.rank(USER.user_id, TARGETS, now=T)  # the ranker's own model and batch
+    got = dict(zip(ranked.item_ids, ranked.scores["click"], strict=True))
+    assert [got[i] for i in TARGETS] == pytest.approx(want, rel=1e-5)

@@ -41,7 +41,7 @@ def register_many(root: str, writer: int, start, results) -> None:
         start.wait(timeout=60)  # all writers race for the same first names
         for k in range(PER_WRITER):
             model = tiny_model(seed=writer * 100 + k)
-            version = registry.register(model, {"writer": writer, "k": k,
+            version = registry.register(model, {"writer": writer, "k": k, "trained_on": [],
                                                 "fingerprint": fingerprint(model)})
             done.append((version.name, version.meta))
     except BaseException as exc:  # reported to the test, which fails with it
@@ -99,7 +99,7 @@ def test_a_crash_mid_write_leaves_no_version_and_blocks_nothing(tmp_path, monkey
 
     monkeypatch.setattr(trainer.model, "save_checkpoint", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        registry.register(tiny_model(0), {"step": 1})
+        registry.register(tiny_model(0), {"step": 1, "trained_on": []})
     monkeypatch.setattr(trainer.model, "save_checkpoint", real_save)
 
     assert registry.versions() == [] and registry.champion() is None
@@ -110,7 +110,7 @@ def test_a_crash_mid_write_leaves_no_version_and_blocks_nothing(tmp_path, monkey
         registry.promote(Version(claim.name, claim, {}))
     assert registry.champion() is None
 
-    version = registry.register(tiny_model(1), {"step": 2})
+    version = registry.register(tiny_model(1), {"step": 2, "trained_on": []})
     assert version.name > claim.name  # the dead claim is skipped, not reused
     registry.promote(version)
     assert registry.champion() == version
@@ -122,7 +122,25 @@ def test_a_leftover_temporary_folder_from_an_old_crash_is_cleared(tmp_path):
     stale = tmp_path / "versions" / ".v000001.tmp"
     stale.mkdir()
     (stale / "model.pt").write_bytes(b"junk")
-    version = registry.register(tiny_model(0), {"step": 1})
+    version = registry.register(tiny_model(0), {"step": 1, "trained_on": []})
     assert version.name == "v000001" and not stale.exists()
     assert sorted(p.name for p in version.path.iterdir()) == ["meta.json", "model.pt"]
     assert load_checkpoint(version.model_path)[1] == {"version": "v000001"}
+
+
+def test_a_version_says_what_it_trained_on_and_keeps_its_item_vocabulary(tmp_path):
+    from trainer.features import ItemVocabulary
+
+    registry = Registry(tmp_path)
+    with pytest.raises(ValueError, match="trained_on"):
+        registry.register(tiny_model(0), {"step": 1})
+    assert registry.versions() == []
+    model = tiny_model(0)
+    model.item_vocabulary = ItemVocabulary({"a": 3, "b": 1}, min_count=2)
+    version = registry.register(model, {"trained_on": ["20260101T000000Z.parquet"]})
+    loaded = registry.load(version)
+    assert loaded.item_vocabulary == model.item_vocabulary
+    assert loaded.item_vocabulary.admits(["a", "b", "c", None]).tolist() == [
+        True, False, False, False]
+    assert registry.load(registry.register(tiny_model(1), {"trained_on": []})
+                         ).item_vocabulary is None

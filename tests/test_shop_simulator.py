@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import io
 import json
+import re
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +21,21 @@ from PIL import Image
 
 from ppm.config import SimulatorConfig
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent, ItemOp, decode
-from streams.sources.shop_simulator import CATEGORIES, ShopSimulator
+from streams.sources.shop_simulator import (
+    CATEGORIES,
+    COLOURS,
+    CONTENT_ONLY,
+    MATERIALS,
+    ORACLE_FILE,
+    PATTERNS,
+    PHOTO_ONLY,
+    SEARCH_INTENT,
+    STRUCTURED,
+    STYLES,
+    TEXT_ONLY,
+    ShopSimulator,
+    render_photo,
+)
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)  # decode's received_at: no wall clock in tests
 DAY = timedelta(days=1)
@@ -254,13 +270,230 @@ def test_missing_fashion_mnist_warns_and_falls_back_to_decodable_images(tmp_path
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(-(2**40), 2**40), days=st.floats(0.05, 1.5),
-       malformed=st.floats(0.0, 0.5), deleted=st.floats(0.0, 1.0))
+       malformed=st.floats(0.0, 0.5), deleted=st.floats(0.0, 1.0),
+       world=st.sampled_from(["v1", "v2"]), signal=st.floats(0.0, 1.0))
 def test_any_world_gives_valid_events_and_dead_letters(seed: int, days: float, malformed: float,
-                                                       deleted: float) -> None:
+                                                       deleted: float, world: str,
+                                                       signal: float) -> None:
     config = SimulatorConfig(seed=seed, days=days, n_users=40, initial_items=30,
-                             items_per_day=40, malformed_share=malformed, delete_share=deleted)
+                             items_per_day=40, malformed_share=malformed, delete_share=deleted,
+                             world=world, content_signal=signal)
     sim = ShopSimulator(config)
     records = list(sim.records())
     assert all(b"\n" not in line for _, line in records)
     decoded = [decode(line, kind, "test", now=NOW) for kind, line in records]
-    assert [e for e in decoded if not isinstance(e, DeadLetter)] == list(sim.events())
+    events = list(sim.events())
+    assert [e for e in decoded if not isinstance(e, DeadLetter)] == events
+    oracle = sim.oracle()
+    assert len(oracle) == sum(1 for e in events
+                              if isinstance(e, BehaviorEvent) and e.action == "impression")
+    assert oracle.p_click.between(0, 1).all() and np.isfinite(oracle.logit_structured).all()
+
+
+# --------------------------------------------------------------------------- worlds and oracle
+
+FAIR_SMALL = {"world": "v2", "n_users": 300, "days": 2.0, "initial_items": 200,
+              "items_per_day": 150, "sessions_per_user_per_day": 2.0}
+
+
+def _v1_digests(sim: ShopSimulator) -> tuple[str, str, str]:
+    """sha256 prefixes of (the first 20,000 records' behavior lines, the item events without
+    their photos, the photos' pixels): photos apart, so that a different PNG encoder or a
+    missing Fashion-MNIST changes only the last."""
+    behaviors, items, pixels = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    for n, (kind, line) in enumerate(sim.records()):
+        if n == 20_000:
+            break
+        if kind == "behavior":
+            behaviors.update(line + b"\n")
+    for e in sim.events():
+        if isinstance(e, ItemEvent):
+            items.update(e.model_copy(update={"image": None}).to_json() + b"\n")
+            if e.image:
+                with Image.open(io.BytesIO(base64.b64decode(e.image.partition(",")[2]))) as img:
+                    pixels.update(np.asarray(img).tobytes())
+    return behaviors.hexdigest()[:16], items.hexdigest()[:16], pixels.hexdigest()[:16]
+
+
+def test_world_v1_is_unchanged() -> None:
+    """v1 stays the default, and its output is what it was before v2 existed: the digests
+    were computed with the simulator of commit bf981eb (before v2)."""
+    config = SimulatorConfig(seed=3, malformed_share=0.1, delete_share=0.1, **SMALL)
+    assert config.world == "v1"
+    behaviors, items, pixels = _v1_digests(ShopSimulator(config))
+    assert (behaviors, items) == ("a70d99ae3741e1e2", "30b5b35a32e36fec")
+    if (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        assert pixels == "d89cff4dc98e2ef4"
+
+
+def test_world_v2_is_seeded(tmp_path: Path) -> None:
+    config = SimulatorConfig(seed=5, malformed_share=0.05, **FAIR_SMALL)
+    ShopSimulator(config).write_jsonl(tmp_path / "a")
+    ShopSimulator(config).write_jsonl(tmp_path / "b")
+    ShopSimulator(config.model_copy(update={"seed": 6})).write_jsonl(tmp_path / "c")
+    for name in ("items.jsonl", "behaviors.jsonl", ORACLE_FILE):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
+    v1 = ShopSimulator(config.model_copy(update={"world": "v1"})).write_jsonl(tmp_path / "d")
+    assert v1.behavior_events > 0
+    assert (tmp_path / "a" / "behaviors.jsonl").read_bytes() != (
+        tmp_path / "d" / "behaviors.jsonl").read_bytes()
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+(?:-[a-z]+)*", text.lower()))
+
+
+def test_v2_text_names_text_only_attributes_and_never_photo_only_ones() -> None:
+    sim = ShopSimulator(SimulatorConfig(seed=2, **FAIR_SMALL))
+    catalog = sim.catalog.set_index("item_id")
+    photo_words = set(COLOURS) | set(PATTERNS)
+    upserts = queries = 0
+    for e in sim.events():
+        if isinstance(e, ItemEvent) and e.op is ItemOp.UPSERT:
+            upserts += 1
+            item = catalog.loc[e.item_id]
+            text = " ".join([e.title, e.description or "", e.category or "", e.brand or ""])
+            assert not _words(text) & photo_words, text
+            assert {item.material, item.style} <= _words(e.title) & _words(e.description)
+            assert (e.category, e.brand, e.shop) == (item.category, item.brand, item.shop)
+            assert e.price is not None
+        elif isinstance(e, BehaviorEvent) and e.query:
+            queries += 1
+            assert not _words(e.query) & photo_words, e.query
+    assert upserts >= len(catalog) and queries > 100
+    assert set(PHOTO_ONLY) | set(TEXT_ONLY) == set(CONTENT_ONLY)
+    assert not set(CONTENT_ONLY) & set(STRUCTURED)
+    # Every value of every attribute occurs, and the price tier follows the price.
+    for name in STRUCTURED + CONTENT_ONLY:
+        assert catalog[name].nunique() > 1, name
+    assert set(catalog["material"]) <= set(MATERIALS) and set(catalog["style"]) <= set(STYLES)
+    by_tier = catalog.groupby("price_tier").price.median()
+    assert by_tier["budget"] < by_tier["premium"]
+
+
+def test_v2_photo_shows_colour_and_pattern_and_nothing_of_the_text() -> None:
+    grey = np.zeros((28, 28), np.uint8)
+    grey[4:24, 6:22] = 200  # a garment-sized block
+    shots = {(c, p): render_photo(grey, c, p).tobytes()
+             for c in range(len(COLOURS)) for p in range(len(PATTERNS))}
+    assert len(set(shots.values())) == len(shots)  # every colour x pattern looks different
+    assert render_photo(grey, 3, None).tobytes() == shots[3, PATTERNS.index("plain")]
+
+    images = FASHION_MNIST / "train-images-idx3-ubyte.gz"
+    if not images.is_file():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    pictures = np.frombuffer(gzip.decompress(images.read_bytes()), np.uint8,
+                             offset=16).reshape(-1, 28, 28)
+    sim = ShopSimulator(SimulatorConfig(seed=4, **FAIR_SMALL | {"days": 0.3}))
+    catalog = sim.catalog.set_index("item_id")
+    checked = 0
+    for e in sim.events():
+        if isinstance(e, ItemEvent) and e.image and checked < 40:
+            item = catalog.loc[e.item_id]
+            with Image.open(io.BytesIO(base64.b64decode(e.image.partition(",")[2]))) as img:
+                shown = np.asarray(img)
+            # The photo is a function of the picture, the colour and the pattern alone.
+            expected = render_photo(pictures[item.photo], COLOURS.index(item.colour),
+                                    PATTERNS.index(item.pattern))
+            assert np.array_equal(shown, expected)
+            checked += 1
+    assert checked == 40
+
+
+def _oracle_with_ground_truth(sim: ShopSimulator) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The oracle, and per row the user's summed tastes for the item's structured and
+    content-only values, from the public ground truth (catalog, user_tastes)."""
+    oracle = sim.oracle()
+    catalog, tastes = sim.catalog.set_index("item_id"), sim.user_tastes
+    users = tastes.index.get_indexer(oracle.user_id)
+    items = catalog.loc[oracle.item_id]
+
+    def summed(names: tuple[str, ...]) -> np.ndarray:
+        return sum(tastes[a].to_numpy()[users, tastes[a].columns.get_indexer(items[a])]
+                   for a in names)
+
+    oracle["quality"] = items.quality.to_numpy()
+    return oracle, summed(STRUCTURED), summed(CONTENT_ONLY)
+
+
+def test_v2_click_logit_is_structured_tastes_plus_dialled_content() -> None:
+    """The logit minus quality and search intent is an exact affine function of the summed
+    structured and content-only tastes; at content_signal 0 the content slope is 0, so two
+    items equal in catalog fields and quality get the same logit from every user."""
+    slopes = {}
+    for signal in (0.0, 0.5, 1.0):
+        sim = ShopSimulator(SimulatorConfig(seed=8, content_signal=signal, **FAIR_SMALL))
+        oracle, structured, content = _oracle_with_ground_truth(sim)
+        rest = (oracle.logit - oracle.quality - SEARCH_INTENT * oracle.searched).to_numpy()
+        design = np.stack([np.ones(len(rest)), structured, content], axis=1)
+        coef, *_ = np.linalg.lstsq(design, rest, rcond=None)
+        assert np.abs(design @ coef - rest).max() < 1e-9
+        slopes[signal] = coef[1:]
+        if signal == 0.0:
+            assert coef[2] == pytest.approx(0.0, abs=1e-12)
+            assert np.array_equal(oracle.logit, oracle.logit_structured)
+    ratio = [content / structured for structured, content in slopes.values()]
+    assert abs(ratio[0]) < 1e-12 and 0 < ratio[1] < ratio[2]
+
+
+def test_oracle_rows_are_the_impressions(tmp_path: Path) -> None:
+    sim = ShopSimulator(SimulatorConfig(seed=9, malformed_share=0.1, **FAIR_SMALL))
+    oracle = sim.oracle()
+    impressions = [e for e in sim.events()
+                   if isinstance(e, BehaviorEvent) and e.action == "impression"]
+    assert list(oracle.request_id) == [e.request_id for e in impressions]
+    assert list(oracle.item_id) == [e.item_id for e in impressions]
+    assert list(oracle.user_id) == [e.user_id for e in impressions]
+    assert list(oracle.position) == [e.position for e in impressions]
+    assert list(oracle.searched) == [e.query is not None for e in impressions]
+    assert list(oracle.impression_time) == [e.event_time for e in impressions]
+    assert not oracle.duplicated(["request_id", "item_id"]).any()
+    assert oracle.p_click.between(0, 1, inclusive="neither").all()
+    top = oracle.position == 0
+    np.testing.assert_allclose(oracle.p_click[top], 1 / (1 + np.exp(-oracle.logit[top])))
+    assert (oracle.p_click[~top] < 1 / (1 + np.exp(-oracle.logit[~top]))).all()
+
+    sim.write_jsonl(tmp_path)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / ORACLE_FILE), oracle)
+    sim.write_jsonl(tmp_path, oracle=False)
+    assert not (tmp_path / ORACLE_FILE).exists()
+    # v1 has an oracle too.
+    v1 = ShopSimulator(SimulatorConfig(seed=9, **SMALL | {"days": 0.5}))
+    assert len(v1.oracle()) == sum(1 for e in v1.events()
+                                   if isinstance(e, BehaviorEvent) and e.action == "impression")
+
+
+def _clicked(sim: ShopSimulator, oracle: pd.DataFrame) -> np.ndarray:
+    clicks = set()
+    for kind, line in sim.records():
+        if kind == "behavior" and b'"action":"click"' in line:
+            record = json.loads(line)
+            clicks.add((record["request_id"], record["item_id"]))
+    return np.array([key in clicks for key in zip(oracle.request_id, oracle.item_id,
+                                                  strict=True)])
+
+
+def test_oracle_auc_and_what_content_adds() -> None:
+    """Clicks follow p_click (calibrated, high AUC); a structured-only oracle loses AUC as
+    the content signal grows and loses none at 0; the base CTR stays put along the dial."""
+    config = SimulatorConfig(seed=1, **FAIR_SMALL | {"n_users": 500})
+    full, structured, ctr = {}, {}, {}
+    for signal in (0.0, 0.5, 1.0):
+        sim = ShopSimulator(config.model_copy(update={"content_signal": signal}))
+        oracle = sim.oracle()
+        labels = _clicked(sim, oracle)
+        full[signal] = _auc(oracle.p_click, labels)
+        structured[signal] = _auc(oracle.p_click_structured, labels)
+        ctr[signal] = labels.mean()
+        # Calibration: observed click rate per decile of p_click matches its mean.
+        decile = pd.qcut(oracle.p_click, 10, labels=False)
+        observed = pd.Series(labels).groupby(decile).mean()
+        expected = oracle.p_click.groupby(decile).mean()
+        assert np.abs(observed - expected).max() < 0.03, (observed, expected)
+    print(f"oracle AUC {full}, structured-only {structured}, CTR {ctr}")
+    assert min(full.values()) > 0.75
+    assert structured[0.0] == full[0.0]
+    assert full[1.0] - structured[1.0] > 0.04
+    assert 0 < full[0.5] - structured[0.5] < full[1.0] - structured[1.0]
+    assert max(ctr.values()) < 1.25 * min(ctr.values())

@@ -1,5 +1,8 @@
-"""The trainer end to end on a small streamed world: data, registry decisions, crash resume,
-no encoder in training, the online Ranker's hot swap and the HTTP server."""
+"""The trainer: the protocol (train, validation and test periods, early stopping, tuning,
+test-then-train, ``ppm eval`` refusing a champion that saw the test period) on tiny
+synthetic windows; then, slow, end to end on a small streamed world: data, registry
+decisions, crash resume, no encoder in training, the online Ranker's hot swap and the
+HTTP server."""
 
 from __future__ import annotations
 
@@ -25,9 +28,20 @@ from streams.local_runner import LocalRunner
 from streams.sources.shop_simulator import ShopSimulator
 from trainer.dataset import WindowDataset, closed_windows, window_files
 from trainer.registry import Registry
-from trainer.train import IncrementalTrainer, new_model, predict
+from trainer.train import (
+    IncrementalTrainer,
+    LeakyChampionError,
+    evaluate_champions,
+    names,
+    new_model,
+    predict,
+    split_windows,
+    train_batch,
+    tune_batch,
+    validation_auc,
+    windows_used,
+)
 
-pytestmark = pytest.mark.slow
 WORLD = SimulatorConfig(seed=7, days=1.5, n_users=300, initial_items=120, items_per_day=120,
                         sessions_per_user_per_day=2.0)
 
@@ -53,6 +67,7 @@ def data_dir(world, tmp_path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_dataset_joins_cached_vectors(world):
     trainer = IncrementalTrainer(small_cfg(world), variant="ppm")
     files = window_files(DataDir(world).training)
@@ -67,6 +82,7 @@ def test_dataset_joins_cached_vectors(world):
     assert batch["seq_mask"][has, -1].all()
 
 
+@pytest.mark.slow
 def test_an_item_without_an_embedding_uses_the_missing_vector(world):
     trainer = IncrementalTrainer(small_cfg(world), variant="ppm")
     data = WindowDataset(window_files(DataDir(world).training)[:2], trainer.modal.__class__(
@@ -78,6 +94,7 @@ def test_an_item_without_an_embedding_uses_the_missing_vector(world):
     assert np.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_windows_written_per_partition_train_like_one_folder(data_dir):
     """The world's windows rewritten as two partition writers (the Faust path's layout,
     users split between them), one two windows behind: the union has the samples of the
@@ -113,6 +130,7 @@ def test_windows_written_per_partition_train_like_one_folder(data_dir):
     assert trainer.registry.state()["trained_through"] == entries[warmup - 1]["path"]
 
 
+@pytest.mark.slow
 def test_steps_promote_or_reject_and_every_version_is_kept(data_dir):
     cfg = small_cfg(data_dir)
     trainer = IncrementalTrainer(cfg, variant="idrec")
@@ -140,6 +158,7 @@ def test_steps_promote_or_reject_and_every_version_is_kept(data_dir):
     assert strict._better(better, worse) and not strict._better(worse, better)
 
 
+@pytest.mark.slow
 def test_training_never_runs_the_encoders(data_dir):
     """A training step in a fresh process imports neither the encoders nor transformers."""
     cfg = small_cfg(data_dir)
@@ -159,6 +178,7 @@ def test_training_never_runs_the_encoders(data_dir):
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_a_usable_champion_and_the_trainer_resumes(data_dir):
     env = {**os.environ, "PPM__TRAINER__WARMUP_WINDOWS": "6", "PPM__TRAINER__INITIAL_EPOCHS": "2",
            "PPM__TRAINER__BATCH_SIZE": "256", "PPM__PIPELINE__LOG_WINDOW_S": "10800"}
@@ -185,6 +205,7 @@ def test_kill_9_leaves_a_usable_champion_and_the_trainer_resumes(data_dir):
         assert version.model_path.exists() and registry.load(version) is not None
 
 
+@pytest.mark.slow
 def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
     from trainer.serving.http_server import make_server
     from trainer.serving.ranker import Ranker
@@ -222,8 +243,8 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
     for t in threads:
         t.start()
     torch.manual_seed(1)
-    version = trainer.registry.register(new_model(cfg, "ppm"), {"encoder_version":
-                                                                 trainer.modal.encoder_version})
+    version = trainer.registry.register(new_model(cfg, "ppm"), {
+        "trained_on": [], "encoder_version": trainer.modal.encoder_version})
     trainer.registry.promote(version)
     deadline = time.monotonic() + 30
     while ranker.model_version == first and time.monotonic() < deadline:
@@ -254,6 +275,7 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
         server.server_close()
 
 
+@pytest.mark.slow
 def test_cli_batch_training_and_eval_report(data_dir, capsys, tmp_path):
     from ppm.cli.commands import main
 
@@ -280,22 +302,22 @@ DENSE_WORLD = SimulatorConfig(seed=3, days=2.0, n_users=800, initial_items=200,
                               items_per_day=200, sessions_per_user_per_day=3.0)
 
 
+@pytest.mark.slow
 def test_ppm_beats_idrec_on_new_items_in_a_small_world(tmp_path, item_encoder):
     """The demo's claim in small: both variants fitted on the first two thirds of the time,
     scored on the rest; on items younger than a day (at the impression) ppm ranks clicks
     better than idrec, and it is not worse overall."""
     from trainer.metrics import auc, cold_buckets
-    from trainer.train import split_windows, train_batch
-
     cfg = Config(data_dir=tmp_path, pipeline={"log_window_s": 6 * 3600.0},
                  trainer={"batch_size": 512, "initial_epochs": 2})
     LocalRunner(cfg, encoder=item_encoder, resume=False).run(
         ShopSimulator(DENSE_WORLD).records(), "dense", progress=False)
-    train, test, _ = split_windows(cfg, 0.34)
+    split = split_windows(cfg, 0.34)  # test from 31.7 h, validation from 26.9 h
+    train, test = split.train, split.test
     assert len(train) >= 4 and len(test) >= 2
     result = {}
     for variant in ("idrec", "ppm"):
-        model = train_batch(cfg, train, variant=variant, progress=False)
+        model = train_batch(cfg, train, variant=variant, progress=False).model
         data = IncrementalTrainer(cfg, variant=variant).dataset(test, model.config)
         click = predict(model, data)[:, 0]
         young = cold_buckets(data.item_age_s, data.item_clicks_before)["age<1d"]
@@ -307,6 +329,7 @@ def test_ppm_beats_idrec_on_new_items_in_a_small_world(tmp_path, item_encoder):
     assert result["ppm"]["all"] >= result["idrec"]["all"] - 0.01, result
 
 
+@pytest.mark.slow
 def test_the_http_server_refuses_requests_over_its_limits():
     from ppm.config import ServingConfig
     from trainer.serving.http_server import make_server
@@ -342,3 +365,141 @@ def test_the_http_server_refuses_requests_over_its_limits():
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -----------------------------------------------------------------------------
+# The protocol, on tiny synthetic windows (fast): item i<k> is clicked when k is odd, so
+# an id model has something to learn.
+
+TINY_MODEL = {"item_buckets": 256, "category_buckets": 8, "brand_buckets": 8,
+              "shop_buckets": 8, "d_model": 8, "n_heads": 2, "n_layers": 1, "d_ff": 16,
+              "side_dim": 4, "n_experts": 2, "expert_dim": 8, "tower_dim": 8}
+
+
+def tiny_world(tmp_path: Path, **trainer) -> Config:
+    """Ten hourly windows of the local runner: items i0..i7 in hours 0-5, i0..i11 after
+    (i8..i11 appear in hour 6)."""
+    from tests.test_dataset import write_source
+
+    write_source(DataDir(tmp_path).training_log, {h: 8 if h < 6 else 12 for h in range(10)})
+    return Config(data_dir=tmp_path, features={"sequence_length": 4}, model=TINY_MODEL,
+                  trainer={"warmup_windows": 2, "initial_epochs": 2, "batch_size": 8,
+                           "lr": 0.02, "replay_share": 0.0, **trainer})
+
+
+def test_each_window_is_scored_by_the_model_chosen_before_it(tmp_path):
+    """Test-then-train: every candidate is promoted (tolerance 1), yet a step reports the
+    eval window's logits of the champion going into the step, never those of the model
+    chosen on that window; the first step, with nothing chosen yet, reports its own."""
+    cfg = tiny_world(tmp_path, promote_tolerance=1.0)
+    trainer = IncrementalTrainer(cfg, variant="idrec")
+    windows = {w.name: w for w in closed_windows(cfg.paths.training)}
+    steps = 0
+    while True:
+        before = trainer.registry.champion()
+        result = trainer.step()
+        if result is None:
+            break
+        steps += 1
+        assert result.promoted
+        if before is None:
+            assert result.scored_by == result.version.name
+            continue
+        assert result.scored_by == before.name != result.version.name
+        model = trainer.registry.load(before)
+        want = predict(model, trainer.dataset_for(model, [windows[result.eval_window]]))
+        np.testing.assert_allclose(result.eval_logits, want, rtol=1e-5, atol=1e-6)
+        # Each version says what it trained on: its own windows and its ancestors'.
+        meta = result.version.meta
+        assert meta["trained_on"] == sorted(windows)[: sorted(windows).index(
+            meta["step_windows"][-1]) + 1]
+        assert meta["validated_on"][-1] == result.eval_window
+    assert steps == 8
+
+    # The champion's vocabulary counts every window it trained on, once.
+    champion = trainer.registry.champion()
+    counts = trainer.registry.load(champion).item_vocabulary.counts
+    trained = [windows[n] for n in champion.meta["trained_on"]]
+    assert counts == {f"i{k}": sum(k < w.samples for w in trained) for k in range(12)}
+
+
+def test_batch_training_keeps_the_best_epoch_on_validation(tmp_path):
+    cfg = tiny_world(tmp_path, patience=2)
+    split = split_windows(cfg, test_share=0.2, valid_share=0.2)
+    assert [len(split.train), len(split.valid), len(split.test)] == [6, 2, 2]
+    fitted = train_batch(cfg, split.train, "idrec", epochs=6, progress=False,
+                         valid=split.valid)
+    aucs = fitted.valid_aucs
+    assert len(aucs) == fitted.epochs <= 6
+    assert fitted.best_epoch == 1 + int(np.argmax(aucs)) and fitted.valid_auc == max(aucs)
+    assert fitted.epochs == 6 or fitted.epochs - fitted.best_epoch == 2  # patience
+    # The model returned is the best epoch's, not the last one's.
+    valid = IncrementalTrainer(cfg, variant="idrec").dataset_for(fitted.model, split.valid)
+    assert validation_auc(fitted.model, valid) == pytest.approx(fitted.valid_auc)
+    meta = fitted.meta()
+    assert meta["trained_on"] == names(split.train) and meta["validated_on"] == names(
+        split.valid)
+    # Items first seen in the validation period (i8..i11) are not in the vocabulary.
+    assert set(fitted.model.item_vocabulary.counts) == {f"i{k}" for k in range(8)}
+    assert meta["item_vocabulary"] == {"min_count": 1, "ids_seen": 8, "ids_admitted": 8}
+
+
+def test_tuning_keeps_the_value_with_the_best_validation_auc(tmp_path):
+    cfg = tiny_world(tmp_path)
+    split = split_windows(cfg, test_share=0.2, valid_share=0.2)
+    fitted = tune_batch(cfg, split, {"min_item_count": ["1", "100"]}, "idrec", epochs=2,
+                        progress=False)
+    tried = fitted.tuned["tried"]
+    assert [t["min_item_count"] for t in tried] == ["1", "100"]
+    best = max(tried, key=lambda t: t["valid_click_auc"])
+    assert fitted.tuned["chosen"] == {"min_item_count": best["min_item_count"]}
+    assert fitted.model.item_vocabulary.min_count == int(best["min_item_count"])
+    assert fitted.valid_auc == best["valid_click_auc"]
+    # No id seen 100 times: every item unknown, every sample alike, no ranking at all.
+    assert tried[1]["valid_click_auc"] == 0.5
+    with pytest.raises(ValueError, match="validation period"):
+        tune_batch(cfg, split_windows(cfg, 0.2, 0.0), {"id_dropout": ["0"]}, "idrec")
+
+
+def test_eval_refuses_a_champion_that_saw_the_test_period(tmp_path, capsys, monkeypatch):
+    from ppm.cli.main import main
+
+    cfg = tiny_world(tmp_path)
+    trainer = IncrementalTrainer(cfg, variant="idrec")
+    assert trainer.follow(once=True) == 8  # through hour 8: into the test period
+    with pytest.raises(LeakyChampionError,
+                       match=r"trained on 1 of its windows \(20260101T080000Z"):
+        evaluate_champions(cfg, ["idrec"], test_share=0.2)
+    assert main(["--data-dir", str(tmp_path), "eval", "--variant", "idrec"]) == 1
+    err = capsys.readouterr().err
+    assert "refused" in err and "ppm train --batch" in err and "2026-01-01T08:00:00" in err
+
+    # One trained on the train period and chosen on validation (the command line's
+    # --batch, tuned): accepted.
+    for section in ("features", "model", "trainer"):
+        for key, value in getattr(cfg, section).model_dump(exclude_defaults=True).items():
+            monkeypatch.setenv(f"PPM__{section.upper()}__{key.upper()}", str(value))
+    assert main(["--data-dir", str(tmp_path), "train", "--batch", "--variant", "idrec",
+                 "--quiet", "--tune", "min_item_count=1,2"]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (trained["windows"], trained["valid_windows"]) == (7, 1)
+    assert trained["chosen"]["min_item_count"] in ("1", "2") and trained["promoted"]
+    champion = trainer.registry.champion()
+    assert champion.name == trained["version"] and champion.meta["mode"] == "batch"
+    assert len(champion.meta["tuned"]["tried"]) == 2
+    reports, _ = evaluate_champions(cfg, ["idrec"], test_share=0.2)
+    assert reports["idrec"]["click"]["all"]["samples"] == 24
+    # The same model judged against a longer test period, which its validation reaches.
+    with pytest.raises(LeakyChampionError, match="was chosen on 1 of its windows"):
+        evaluate_champions(cfg, ["idrec"], test_share=0.3)
+
+
+def test_a_champion_is_chosen_on_the_windows_where_its_challengers_lost(tmp_path):
+    registry = Registry(tmp_path)
+    champion = registry.register(new_model(Config(model=TINY_MODEL), "idrec"),
+                                 {"trained_on": ["w1", "w2"], "validated_on": ["w3"]})
+    registry.register(new_model(Config(model=TINY_MODEL), "idrec"),
+                      {"trained_on": ["w1", "w2", "w3"], "parent": champion.name,
+                       "evaluated_on": "w4", "promoted": False})
+    assert windows_used(registry, champion) == {"trained_on": ["w1", "w2"],
+                                                "validated_on": ["w3", "w4"]}

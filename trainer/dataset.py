@@ -13,6 +13,9 @@ item log, joined by ``(item_id, encoder_version)``:
 * sequence items get the current vector of the same encoder version, or row 0. (Serving
   judges them like targets; in a window the newest vector may postdate the impression.)
 
+Item ids go through the model's :class:`trainer.features.ItemVocabulary` (an id it does
+not admit is "unknown", 0); :func:`item_vocabulary` counts one from training windows.
+
 The frozen encoders are never run here: only their cached outputs are read.
 """
 
@@ -31,6 +34,7 @@ import torch
 from trainer.features import (
     PROFILE_FIELDS,
     TASKS,
+    ItemVocabulary,
     Sequences,
     Targets,
     model_batch,
@@ -42,7 +46,7 @@ from trainer.model import RankerConfig
 from trainer.windows import Window, closed_windows, files_of, window_files, window_sources
 
 __all__ = ["ModalTable", "Window", "WindowDataset", "closed_windows", "files_of",
-           "window_files", "window_sources"]
+           "item_vocabulary", "window_files", "window_sources"]
 
 SAMPLE_COLUMNS = [
     "sample_id", "user_id", "item_id", "request_id", "impression_time", *TASKS,
@@ -104,6 +108,20 @@ class ModalTable:
         return np.fromiter((get(i, 0) if i else 0 for i in item_ids), np.int64, len(item_ids))
 
 
+def item_vocabulary(windows: Sequence[Window | Path], min_count: int,
+                    base: ItemVocabulary | None = None) -> ItemVocabulary:
+    """The item vocabulary of a model trained on ``windows``: each impression's target id
+    counted (reading only the ``item_id`` column), added to ``base``'s counts when given
+    (then ``base.min_count`` is kept and ``min_count`` ignored)."""
+    files = files_of(windows)
+    base = base or ItemVocabulary({}, min_count)
+    if not files:
+        return base
+    ids = ds.dataset([str(f) for f in files], format="parquet").to_table(
+        columns=["item_id"]).column("item_id")
+    return base.plus(ids)
+
+
 class WindowDataset:
     """Samples of some windows as arrays, batched into the model's contract.
 
@@ -116,13 +134,18 @@ class WindowDataset:
         tasks: tasks whose labels count; None: those with at least one positive in these
             files (a task never observed, e.g. orders in a ratings data set, is treated as
             absent, not as all-negative).
+        vocabulary: the model's item vocabulary (``UnifiedRanker.item_vocabulary``): item
+            ids it does not admit are unknown (0), targets and sequences alike. None: every
+            id is hashed to its bucket.
     """
 
     def __init__(self, windows: Sequence[Window | Path], modal: ModalTable, config: RankerConfig,
                  freshness_window_s: float | None = None,
-                 tasks: Sequence[str] | None = None):
+                 tasks: Sequence[str] | None = None, *,
+                 vocabulary: ItemVocabulary | None = None):
         self.modal = modal
         self.config = config
+        self.vocabulary = vocabulary
         files = files_of(windows)
         table = (ds.dataset([str(f) for f in files], format="parquet").to_table(
             columns=SAMPLE_COLUMNS) if files else None)
@@ -158,10 +181,10 @@ class WindowDataset:
             rows, 0)
         sequences = Sequences.from_window(table)
         self.features: dict[str, np.ndarray] = {
-            **target_features(Targets.from_window(table), config),
+            **target_features(Targets.from_window(table), config, vocabulary),
             "target_modal_row": target_row,
             **sequence_features(sequences, self.impression_us,
-                                modal.rows(sequences.item_ids), config),
+                                modal.rows(sequences.item_ids), config, vocabulary),
         }
         """Every sample's features, by batch key: (n,) and (n, L); modal rows index
         ``modal.vectors``."""

@@ -13,19 +13,24 @@ it got in training (``tests/test_features.py`` pins this):
 4. :func:`model_batch`: tensors in the model's batch contract (``trainer.model``'s module
    docstring), the modal table cut to the rows the batch uses.
 
-The vocabularies live here too: the tasks (label columns and the model's heads) and the
-codes of a sequence's actions, both from ``ppm.events.INTERACTIONS``.
+The vocabularies live here too: the tasks (label columns and the model's heads), the
+codes of a sequence's actions, both from ``ppm.events.INTERACTIONS``, and a model's
+:class:`ItemVocabulary`, the item ids it admits.
 
 Ids are hashed with BLAKE2b (:func:`hash_ids`): stable across processes and runs, so a
-model trained today and an item first seen tomorrow agree on buckets, and an id never
-seen before still lands in a bucket.
+model trained today and an item first seen tomorrow agree on buckets. An *item* id goes
+through one more rule, :func:`item_buckets`: an id the model's vocabulary does not admit
+(seen fewer than ``trainer.min_item_count`` times as a target in its training data) is
+"unknown", bucket 0, in training, evaluation and serving alike, so a new item's score never
+depends on an untrained row or on the row of another item it collides with.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -60,13 +65,15 @@ GAP_MIN_S = 60.0  # bucket 1: less than a minute ago
 GAP_MAX_S = 30 * 86_400.0  # last bucket: 30 days ago or more
 
 
-def hash_ids(values: Sequence[str | None] | np.ndarray, buckets: int) -> np.ndarray:
+def hash_ids(values: Sequence[str | None] | np.ndarray | pa.Array, buckets: int
+             ) -> np.ndarray:
     """Stable int64 buckets in ``[1, buckets)`` for string ids; None and "" map to 0.
 
     Hashes each distinct value once, so a column of a million rows with a few thousand
     distinct ids costs a few thousand hashes.
     """
-    arr = pa.array(values, pa.string())
+    arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values,
+                                                                                pa.string())
     encoded = pc.dictionary_encode(arr).combine_chunks() if isinstance(
         arr, pa.ChunkedArray) else pc.dictionary_encode(arr)
     uniques = encoded.dictionary.to_pylist()
@@ -79,6 +86,81 @@ def hash_ids(values: Sequence[str | None] | np.ndarray, buckets: int) -> np.ndar
     out = np.zeros(len(arr), dtype=np.int64)
     valid = ~np.asarray(pc.is_null(encoded.indices))
     out[valid] = codes[index[valid].astype(np.int64)]
+    return out
+
+
+@dataclass(frozen=True, repr=False)
+class ItemVocabulary:
+    """The item ids a model admits: those seen at least ``min_count`` times as an
+    impression's target in its training data; any other item id is "unknown" (bucket 0)
+    wherever the model reads it (:func:`item_buckets`).
+
+    It travels with the model (``UnifiedRanker.item_vocabulary``, saved in its checkpoint),
+    so serving and ``ppm eval`` apply the rule training applied. Fine-tuning adds the new
+    windows' counts (:meth:`plus`) and keeps ``min_count``.
+    """
+
+    counts: Mapping[str, int]
+    """Impressions per item id as a target, over the windows the model trained on."""
+    min_count: int = 1
+    """Fewer impressions than this: unknown. 1 admits every id of the training data."""
+
+    def __post_init__(self):
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+
+    def __repr__(self) -> str:
+        return (f"ItemVocabulary({len(self.counts)} ids, {len(self.admitted)} admitted, "
+                f"min_count={self.min_count})")
+
+    @classmethod
+    def of(cls, item_ids: Iterable[str | None], min_count: int = 1) -> ItemVocabulary:
+        """Counted from target item ids (one per impression; None and "" are not counted)."""
+        return cls({}, min_count).plus(item_ids)
+
+    def plus(self, item_ids: Iterable[str | None]) -> ItemVocabulary:
+        """These counts and one more impression per id in ``item_ids``."""
+        arr = item_ids if isinstance(item_ids, pa.Array | pa.ChunkedArray) else pa.array(
+            list(item_ids), pa.string())
+        counts = dict(self.counts)
+        for row in pc.value_counts(arr.filter(pc.fill_null(pc.not_equal(arr, ""), False))
+                                   ).to_pylist():
+            counts[row["values"]] = counts.get(row["values"], 0) + row["counts"]
+        return ItemVocabulary(counts, self.min_count)
+
+    @cached_property
+    def admitted(self) -> pa.Array:
+        """The admitted ids, sorted."""
+        return pa.array(sorted(i for i, n in self.counts.items() if n >= self.min_count),
+                        pa.string())
+
+    def admits(self, item_ids: Sequence[str | None] | pa.Array) -> np.ndarray:
+        """(N,) bool: which of ``item_ids`` are admitted."""
+        arr = item_ids if isinstance(item_ids, pa.Array | pa.ChunkedArray) else pa.array(
+            item_ids, pa.string())
+        return pc.fill_null(pc.is_in(arr, value_set=self.admitted), False).to_numpy(
+            zero_copy_only=False)
+
+    def to_dict(self) -> dict:
+        """Plain values for a checkpoint (:func:`trainer.model.save_checkpoint`)."""
+        ids = list(self.counts)
+        return {"min_count": self.min_count, "ids": ids,
+                "counts": torch.tensor([self.counts[i] for i in ids], dtype=torch.int64)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ItemVocabulary:
+        return cls(dict(zip(d["ids"], (int(n) for n in d["counts"]), strict=True)),
+                   int(d["min_count"]))
+
+
+def item_buckets(item_ids: Sequence[str | None], buckets: int,
+                 vocabulary: ItemVocabulary | None) -> np.ndarray:
+    """:func:`hash_ids` of item ids, 0 (unknown) for an id ``vocabulary`` does not admit
+    (None: every id is admitted, as for a model that has no vocabulary)."""
+    arr = pa.array(item_ids, pa.string())  # converted once for both
+    out = hash_ids(arr, buckets)
+    if vocabulary is not None:
+        out[~vocabulary.admits(arr)] = 0
     return out
 
 
@@ -195,10 +277,12 @@ def usable_vectors(embedded: Sequence[bool] | np.ndarray,
     return usable
 
 
-def target_features(targets: Targets, config: RankerConfig) -> dict[str, np.ndarray]:
-    """``item_id``, ``category``, ``brand``, ``shop`` (hashed; 0 = unknown) and
-    ``price_bucket`` (clipped to the model's buckets), int64 (N,) each."""
-    out = {"item_id": hash_ids(targets.item_id, config.item_buckets)}
+def target_features(targets: Targets, config: RankerConfig,
+                    vocabulary: ItemVocabulary | None = None) -> dict[str, np.ndarray]:
+    """``item_id`` (:func:`item_buckets` with the model's ``vocabulary``), ``category``,
+    ``brand``, ``shop`` (hashed; 0 = unknown) and ``price_bucket`` (clipped to the model's
+    buckets), int64 (N,) each."""
+    out = {"item_id": item_buckets(targets.item_id, config.item_buckets, vocabulary)}
     for field in HASHED_PROFILE:
         out[field] = hash_ids(getattr(targets, field), getattr(config, f"{field}_buckets"))
     out["price_bucket"] = np.clip(np.asarray(targets.price_bucket, np.int64), 0,
@@ -207,12 +291,13 @@ def target_features(targets: Targets, config: RankerConfig) -> dict[str, np.ndar
 
 
 def sequence_features(sequences: Sequences, impression_us: np.ndarray,
-                      vector_rows: np.ndarray, config: RankerConfig
-                      ) -> dict[str, np.ndarray]:
+                      vector_rows: np.ndarray, config: RankerConfig,
+                      vocabulary: ItemVocabulary | None = None) -> dict[str, np.ndarray]:
     """S sequences as the model reads them, (S, L) each with L = ``config.max_seq_len``.
 
     LEFT-padded: the most recent interaction is in the last slot, and a longer sequence
-    keeps its last L. ``seq_item_id`` (hashed), ``seq_action`` (:data:`ACTION_CODES`),
+    keeps its last L. ``seq_item_id`` (:func:`item_buckets` with the model's
+    ``vocabulary``: 0 for an id it does not admit), ``seq_action`` (:data:`ACTION_CODES`),
     ``seq_gap`` (:func:`gap_bucket` of ``impression_us[s]`` (S,) minus the interaction's
     time), ``seq_modal_row`` (``vector_rows``: the flat positions' rows in the caller's
     vector table, 0 = none) are int64 and 0 at padding; ``seq_mask`` is True at real
@@ -229,7 +314,7 @@ def sequence_features(sequences: Sequences, impression_us: np.ndarray,
     slot = np.repeat(L - keep, keep) + pos_in_kept
     actions = sequences.actions
     flat_values = {
-        "seq_item_id": hash_ids(sequences.item_ids, config.item_buckets),
+        "seq_item_id": item_buckets(sequences.item_ids, config.item_buckets, vocabulary),
         "seq_action": np.fromiter((ACTION_CODES.get(a, 0) for a in actions), np.int64,
                                   len(actions)),
         "seq_modal_row": np.asarray(vector_rows, np.int64),
@@ -241,7 +326,9 @@ def sequence_features(sequences: Sequences, impression_us: np.ndarray,
     gaps_s = (np.asarray(impression_us, np.int64)[seq_of] - sequences.times_us[flat]) / 1e6
     out["seq_gap"] = np.zeros((S, L), np.int64)
     out["seq_gap"][seq_of, slot] = gap_bucket(gaps_s, config.gap_buckets)
-    out["seq_mask"] = out["seq_item_id"] > 0
+    # A real interaction, even one whose item id is unknown (0) to the model.
+    out["seq_mask"] = np.zeros((S, L), bool)
+    out["seq_mask"][seq_of, slot] = True
     return out
 
 

@@ -20,9 +20,12 @@ serving by ``trainer.features``. B = batch size, L = sequence length (L <= ``max
 M = rows of the modal table::
 
     item_id, category, brand, shop   int64 (B,)    target item's ids, hashed by the data layer
-                                                   into [1, <x>_buckets); 0 = unknown
+                                                   into [1, <x>_buckets); 0 = unknown (for
+                                                   item ids: not in the model's
+                                                   item_vocabulary)
     price_bucket                     int64 (B,)    in [0, price_buckets)
-    seq_item_id                      int64 (B, L)  hashed like item_id; 0 = padding
+    seq_item_id                      int64 (B, L)  hashed like item_id; 0 = padding or
+                                                   unknown
     seq_action                       int64 (B, L)  0 padding, 1 click, 2 order, 3 collect
                                                    (trainer.features.ACTION_CODES)
     seq_gap                          int64 (B, L)  recency bucket of the interaction at the
@@ -56,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.features import N_ACTIONS, TASKS
+from trainer.features import N_ACTIONS, TASKS, ItemVocabulary
 
 VARIANTS = ("idrec", "ppm", "modal")
 
@@ -357,6 +360,10 @@ class UnifiedRanker(nn.Module):
     def __init__(self, config: RankerConfig):
         super().__init__()
         self.config = config
+        self.item_vocabulary: ItemVocabulary | None = None
+        """The item ids this model admits (``trainer.features.ItemVocabulary``), set by the
+        trainer from its training data and kept in its checkpoint; the batch builders map
+        any other item id to 0. None: every id keeps its bucket (a model never trained)."""
         self.id_module = IDModule(config) if config.uses_ids else None
         self.ppm = PPMModule(config) if config.uses_modal else None
         in_dim = ((self.id_module.out_dim if self.id_module else 0)
@@ -419,14 +426,18 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def save_checkpoint(path: str | Path, model: UnifiedRanker, extra: dict[str, Any]) -> None:
-    """Write config, weights and ``extra`` (plain values and tensors only) to ``path``.
+    """Write config, weights, the item vocabulary and ``extra`` (plain values and tensors
+    only) to ``path``.
 
     Raises TypeError if ``extra`` holds anything ``torch.load(weights_only=True)`` would
     refuse (numpy arrays, Paths, datetimes): better now than when loading.
     """
     _check_plain(extra, "extra")
+    vocabulary = model.item_vocabulary
     torch.save({"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(),
-                "state_dict": model.state_dict(), "extra": dict(extra)}, path)
+                "state_dict": model.state_dict(), "extra": dict(extra),
+                "item_vocabulary": None if vocabulary is None else vocabulary.to_dict()},
+               path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
@@ -438,4 +449,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
                          f"expected {CHECKPOINT_FORMAT}")
     model = UnifiedRanker(RankerConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
+    vocabulary = ckpt.get("item_vocabulary")  # absent in checkpoints from before it existed
+    model.item_vocabulary = None if vocabulary is None else ItemVocabulary.from_dict(vocabulary)
     return model.eval(), ckpt["extra"]

@@ -2,8 +2,14 @@
 
 Layout under ``root``::
 
-    versions/v000001/model.pt    weights and model config (trainer.model.save_checkpoint)
+    versions/v000001/model.pt    weights, model config and item vocabulary
+                                 (trainer.model.save_checkpoint)
     versions/v000001/meta.json   metrics, data range, encoder_version, parent, decision
+
+Every version's meta says which windows shaped it: ``trained_on`` (window names, required:
+every window whose samples its weights and item vocabulary saw, its ancestors' included)
+and, where labels chose it, ``validated_on`` (early stopping, tuning, promotion), so
+``ppm eval`` can refuse a model that saw the test period.
     champion.json                {"version": "v000001", ...}: the model serving uses
     trainer_state.json           where the incremental trainer is (last window trained)
 
@@ -64,9 +70,15 @@ class Registry:
     def register(self, model, meta: dict[str, Any]) -> Version:
         """Store ``model`` with ``meta`` as a new immutable version; returns it.
 
-        Safe to call from several processes at once: each gets its own version name.
+        ``meta["trained_on"]`` (a list of window names; empty for an untrained model) is
+        required: ValueError without it. Safe to call from several processes at once: each
+        gets its own version name.
         """
         from trainer.model import save_checkpoint
+
+        if not isinstance(meta.get("trained_on"), list):
+            raise ValueError("a version's meta must say what it trained on: trained_on, a "
+                             "list of window names ([] for an untrained model)")
 
         name = self._claim_name()
         final = self.versions_dir / name

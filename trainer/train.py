@@ -3,29 +3,49 @@
 The loop reads top to bottom: load the data, fit, evaluate, decide, register.
 
 * :func:`fit` / :func:`predict` are the plain training and scoring loops.
+* :func:`split_windows` cuts the closed windows by time into train, validation and test
+  periods. ``ppm train --batch`` (:func:`train_batch`, :func:`tune_batch`) fits on train and
+  chooses what it tunes (the epoch, ``--tune`` values) on validation; ``ppm eval``
+  (:func:`evaluate_champions`) scores champions on test and refuses one whose data reached
+  into the test period (:func:`windows_used`).
 * :class:`IncrementalTrainer` is ``ppm train --follow``: for each newly closed window it
   loads the champion, fine-tunes a copy on the window (plus a replayed share of older
   samples), evaluates candidate and champion on the *next* window, registers the candidate
   with its metrics, and promotes it unless it is worse than the champion by more than
-  ``trainer.promote_tolerance`` (click AUC). Every step's outcome is in the registry.
+  ``trainer.promote_tolerance`` (click AUC). Every step's outcome is in the registry. The
+  score it reports for that next window is the champion's from *before* the decision
+  (test-then-train): a model chosen on a window never scores that window.
+
+Every model gets an item vocabulary from its training windows
+(:func:`trainer.dataset.item_vocabulary`, ``trainer.min_item_count``), kept with its
+weights; every registered version records the windows it ``trained_on``.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ppm.config import Config
-from trainer.dataset import ModalTable, Window, WindowDataset, closed_windows
-from trainer.metrics import evaluate
+from trainer.dataset import (
+    ModalTable,
+    Window,
+    WindowDataset,
+    closed_windows,
+    item_vocabulary,
+)
+from trainer.features import ItemVocabulary
+from trainer.metrics import auc, evaluate
 from trainer.model import RankerConfig, UnifiedRanker
 from trainer.registry import Registry, Version
 
@@ -33,20 +53,22 @@ from trainer.registry import Registry, Version
 def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int, lr: float,
         weight_decay: float = 0.0, seed: int = 0, extra: WindowDataset | None = None,
         extra_share: float = 0.0, grad_clip: float | None = None,
-        progress: bool = False) -> float:
-    """Train ``model`` in place; returns the mean loss of the last epoch.
+        progress: bool = False, after_epoch: Callable[[int], bool] | None = None) -> float:
+    """Train ``model`` in place; returns the mean loss of the last epoch run.
 
     ``extra`` (older samples) contributes ``extra_share * len(data)`` random samples per
     epoch: replay against forgetting. ``grad_clip``: the largest gradient norm of a step
-    (``trainer.grad_clip``; None: not clipped).
+    (``trainer.grad_clip``; None: not clipped). ``after_epoch(epoch)`` (1-based) is called
+    after each epoch and may score the model (it is put back in training mode after);
+    returning True stops training.
     """
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
     last = float("nan")
     for epoch in range(epochs):
+        model.train()
         batches = list(data.batches(batch_size, shuffle=True, seed=seed + epoch))
         if extra is not None and len(extra) and extra_share > 0:
             rng = np.random.default_rng(seed + 10_000 + epoch)
@@ -67,6 +89,8 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
             optimizer.step()
             losses.append(loss.item())
         last = float(np.mean(losses)) if losses else float("nan")
+        if after_epoch is not None and after_epoch(epoch + 1):
+            break
     model.eval()
     return last
 
@@ -100,6 +124,16 @@ def click_auc(metrics: dict, bucket: str = "all") -> float | None:
     return metrics.get("click", {}).get(bucket, {}).get("auc")
 
 
+def validation_auc(model: UnifiedRanker, data: WindowDataset) -> float | None:
+    """The model's click AUC on ``data`` (its first task's where it has no click head):
+    what validation chooses by. None where undefined (one class only, no samples)."""
+    tasks = model.config.tasks
+    column = tasks.index("click") if "click" in tasks else 0
+    if not len(data):
+        return None
+    return auc(data.labels[:, column], predict(model, data)[:, column])
+
+
 def ranker_config(cfg: Config, variant: str | None = None, modal_dim: int = 1664
                   ) -> RankerConfig:
     """The shape of a model trained from scratch: the ``[model]`` section, the variant
@@ -119,6 +153,19 @@ def new_model(cfg: Config, variant: str | None = None, modal_dim: int = 1664) ->
     return UnifiedRanker(ranker_config(cfg, variant, modal_dim))
 
 
+def names(windows: Sequence[Window | Path]) -> list[str]:
+    """Window names, as version meta records them (``trained_on``, ``validated_on``)."""
+    return [w.name for w in windows]
+
+
+def vocabulary_meta(vocabulary: ItemVocabulary | None) -> dict | None:
+    """What a version's meta says of its item vocabulary (the ids are in its checkpoint)."""
+    if vocabulary is None:
+        return None
+    return {"min_count": vocabulary.min_count, "ids_seen": len(vocabulary.counts),
+            "ids_admitted": len(vocabulary.admitted)}
+
+
 @dataclass
 class StepResult:
     """One incremental step, judged on ``eval_window`` (a window name)."""
@@ -129,8 +176,14 @@ class StepResult:
     champion: dict | None
     eval_window: str
     eval_logits: np.ndarray
-    """The promoted model's (after the step) logits on the eval window: test-then-train."""
+    """Logits on the eval window of the model chosen *before* that window was seen
+    (test-then-train): the champion going into the step, whichever model the step then
+    promotes; at the first step, with no champion yet, the new model (nothing was chosen
+    on the window)."""
     eval_data: WindowDataset
+    """The eval window's samples as the model of ``eval_logits`` reads them."""
+    scored_by: str
+    """The version whose logits ``eval_logits`` are."""
 
 
 class IncrementalTrainer:
@@ -153,12 +206,19 @@ class IncrementalTrainer:
         self._modal: tuple[tuple[str, ...], ModalTable] | None = None
         self._champion_cache: tuple[Version, UnifiedRanker] | None = None
 
-    def dataset(self, windows: Sequence[Window | Path], config: RankerConfig | None = None
-                ) -> WindowDataset:
-        """Samples of ``windows`` (or window files) hashed and padded for ``config`` (the
-        model's own config; default: a new model's)."""
+    def dataset(self, windows: Sequence[Window | Path], config: RankerConfig | None = None,
+                vocabulary: ItemVocabulary | None = None) -> WindowDataset:
+        """Samples of ``windows`` (or window files) as a model of ``config`` (default: a new
+        model's) with item ``vocabulary`` (its ``item_vocabulary``; None: every id keeps
+        its bucket) reads them."""
         config = config or ranker_config(self.cfg, self.variant, self.modal.dim)
-        return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s)
+        return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s,
+                             vocabulary=vocabulary)
+
+    def dataset_for(self, model: UnifiedRanker, windows: Sequence[Window | Path]
+                    ) -> WindowDataset:
+        """Samples of ``windows`` as ``model`` reads them (its config and vocabulary)."""
+        return self.dataset(windows, model.config, model.item_vocabulary)
 
     @property
     def modal(self) -> ModalTable:
@@ -189,15 +249,15 @@ class IncrementalTrainer:
         if done is None:
             warmup = self.cfg.trainer.warmup_windows
             return (windows[:warmup], windows[warmup]) if len(windows) > warmup else None
-        names = [w.name for w in windows]
-        if done not in names:
+        closed = names(windows)
+        if done not in closed:
             # A source that appeared since (a partition's first writer) can hold the closed
             # windows back behind what was trained on: wait for it. Names sort as times.
-            if names and done > names[-1]:
+            if closed and done > closed[-1]:
                 return None
             raise RuntimeError(f"registry says it trained through {done}, which is not a "
                                f"closed window in {self.cfg.data_dir}")
-        i = names.index(done)
+        i = closed.index(done)
         return ([windows[i + 1]], windows[i + 2]) if len(windows) > i + 2 else None
 
     def step(self, progress: bool = False) -> StepResult | None:
@@ -211,36 +271,51 @@ class IncrementalTrainer:
         if held is None:
             champion, champion_model = None, None
             candidate = new_model(self.cfg, self.variant, self.modal.dim)
-            train = self.dataset(train_windows, candidate.config)
+            candidate.item_vocabulary = item_vocabulary(train_windows, t.min_item_count)
+            train = self.dataset_for(candidate, train_windows)
             fit(candidate, train, t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed, grad_clip=t.grad_clip, progress=progress)
+            trained_on, validated_on = names(train_windows), []
         else:
             champion, champion_model = held
             candidate = copy.deepcopy(champion_model)
-            train = self.dataset(train_windows, candidate.config)
             closed = closed_windows(self.cfg.paths.training)
-            older = closed[: [w.name for w in closed].index(train_windows[0].name)]
-            replay = (self.dataset(older[-t.replay_windows:], candidate.config)
-                      if t.replay_share > 0 and older else None)
+            older = closed[: names(closed).index(train_windows[0].name)]
+            replayed = older[-t.replay_windows:] if t.replay_share > 0 else []
+            # The new windows' impressions join the champion's counts (its min_count kept).
+            seen = set(champion.meta.get("trained_on", []))
+            if candidate.item_vocabulary is not None:
+                candidate.item_vocabulary = item_vocabulary(
+                    [w for w in [*replayed, *train_windows] if w.name not in seen],
+                    t.min_item_count, base=candidate.item_vocabulary)
+            train = self.dataset_for(candidate, train_windows)
+            replay = self.dataset_for(candidate, replayed) if replayed else None
             fit(candidate, train, t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed + len(closed), extra=replay, extra_share=t.replay_share,
                 grad_clip=t.grad_clip, progress=progress)
+            trained_on = sorted(seen | {*names(replayed), *names(train_windows)})
+            validated_on = sorted({*champion.meta.get("validated_on", []), eval_window.name})
 
-        holdout = self.dataset([eval_window], candidate.config)
+        holdout = self.dataset_for(candidate, [eval_window])
         cand_logits = predict(candidate, holdout)
         cand_metrics = report(holdout, cand_logits)
-        champ_metrics, champ_logits = None, None
+        champ_metrics = None
         if champion_model is not None:
-            champ_logits = predict(champion_model, holdout)
-            champ_metrics = report(holdout, champ_logits)
+            champ_holdout = self.dataset_for(champion_model, [eval_window])
+            champ_logits = predict(champion_model, champ_holdout)
+            champ_metrics = report(champ_holdout, champ_logits)
         promoted = self._better(cand_metrics, champ_metrics)
         version = self.registry.register(candidate, {
             "variant": self.variant,
+            "mode": "incremental",
             "parent": champion.name if champion else None,
-            "trained_on": [w.name for w in train_windows],
+            "trained_on": trained_on,
+            "step_windows": names(train_windows),
+            "validated_on": validated_on,
             "evaluated_on": eval_window.name,
             "samples": len(train),
             "encoder_version": self.modal.encoder_version,
+            "item_vocabulary": vocabulary_meta(candidate.item_vocabulary),
             "metrics": cand_metrics,
             "champion_metrics": champ_metrics,
             "promoted": promoted,
@@ -251,9 +326,13 @@ class IncrementalTrainer:
         self.registry.save_state({"trained_through": train_windows[-1].name,
                                   "last_version": version.name,
                                   "updated_at": datetime.now(UTC).isoformat()})
+        # Test-then-train: the window is scored by the model chosen before it was seen.
+        if champion is None:
+            scored_by, eval_data, eval_logits = version.name, holdout, cand_logits
+        else:
+            scored_by, eval_data, eval_logits = champion.name, champ_holdout, champ_logits
         return StepResult(version, promoted, cand_metrics, champ_metrics, eval_window.name,
-                          cand_logits if promoted or champ_logits is None else champ_logits,
-                          holdout)
+                          eval_logits, eval_data, scored_by)
 
     def _better(self, candidate: dict, champion: dict | None) -> bool:
         if champion is None:
@@ -281,31 +360,180 @@ class IncrementalTrainer:
                 on_step(result)
 
 
-def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
-                epochs: int | None = None, progress: bool = True) -> UnifiedRanker:
-    """``ppm train --batch``: one fit over ``windows`` from scratch."""
-    trainer = IncrementalTrainer(cfg, variant=variant)
-    model = new_model(cfg, trainer.variant, trainer.modal.dim)
-    t = cfg.trainer
-    fit(model, trainer.dataset(windows, model.config), epochs or t.initial_epochs,
-        t.batch_size, t.lr, t.weight_decay, seed=t.seed, grad_clip=t.grad_clip,
-        progress=progress)
-    return model
+# -----------------------------------------------------------------------------
+# The protocol: train, validation and test periods
 
 
-def split_windows(cfg: Config, test_share: float) -> tuple[list[Window], list[Window], int]:
-    """(train windows, test windows, test start µs): the test period is the last
-    ``test_share`` of the time the closed windows span (time, not samples)."""
+@dataclass(frozen=True)
+class Split:
+    """The closed windows cut by time into three periods of whole windows, in order:
+    ``train``, ``valid`` (chooses what training tunes) and ``test`` (``ppm eval``)."""
+
+    train: list[Window]
+    valid: list[Window]
+    test: list[Window]
+    valid_start_us: int
+    """Start of the validation period, µs since the epoch (UTC); ``test_start_us`` when it
+    holds no window."""
+    test_start_us: int
+    """Start of the test period (its first window's start), µs since the epoch (UTC)."""
+
+
+def split_windows(cfg: Config, test_share: float = 0.2, valid_share: float = 0.1) -> Split:
+    """The closed windows split by time, not samples: the test period is the last
+    ``test_share`` of the time they span, the validation period the ``valid_share`` of that
+    span just before it (0: none), and train the rest. A period starts with the first window
+    that starts at or after its boundary, so no window is cut or left out."""
     if not 0 < test_share < 1:
         raise ValueError(f"test_share must be in (0, 1), got {test_share}")
+    if not 0 <= valid_share < 1 - test_share:
+        raise ValueError(f"valid_share must be in [0, 1 - test_share), got {valid_share}")
     windows = closed_windows(cfg.paths.training)
     if not windows:
-        return [], [], 0
+        return Split([], [], [], 0, 0)
     first, last = windows[0].start_us, windows[-1].end_us
-    test_start = last - int(test_share * (last - first))
-    train = [w for w in windows if w.end_us <= test_start]
-    test = [w for w in windows if w.start_us >= test_start]
-    return train, test, test_start
+    test_from = last - int(test_share * (last - first))
+    valid_from = test_from - int(valid_share * (last - first))
+    train = [w for w in windows if w.start_us < valid_from]
+    valid = [w for w in windows if valid_from <= w.start_us < test_from]
+    test = [w for w in windows if w.start_us >= test_from]
+    test_start = test[0].start_us if test else last
+    return Split(train, valid, test, valid[0].start_us if valid else test_start, test_start)
+
+
+@dataclass
+class BatchFit:
+    """A model fitted from scratch by :func:`train_batch`, and what chose it."""
+
+    model: UnifiedRanker
+    variant: str
+    encoder_version: str | None
+    trained_on: list[str]
+    validated_on: list[str]
+    epochs: int
+    """Epochs run (early stopping may end before the most allowed)."""
+    best_epoch: int | None
+    """The epoch whose weights were kept (1-based); None without validation: the last."""
+    valid_auc: float | None
+    """Its click AUC on the validation period."""
+    valid_aucs: list[float | None] = field(default_factory=list)
+    """Validation click AUC after each epoch run."""
+    tuned: dict[str, Any] | None = None
+    """:func:`tune_batch`: the values chosen and every value tried with its AUC."""
+
+    def meta(self) -> dict[str, Any]:
+        """The registry meta of this model."""
+        return {"variant": self.variant, "mode": "batch", "trained_on": self.trained_on,
+                "validated_on": self.validated_on, "epochs": self.epochs,
+                "best_epoch": self.best_epoch, "valid_click_auc": self.valid_auc,
+                "valid_click_aucs": self.valid_aucs, "tuned": self.tuned,
+                "encoder_version": self.encoder_version,
+                "item_vocabulary": vocabulary_meta(self.model.item_vocabulary)}
+
+
+def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
+                epochs: int | None = None, progress: bool = True,
+                valid: Sequence[Window] = ()) -> BatchFit:
+    """``ppm train --batch``: one fit from scratch over ``windows``, for at most ``epochs``
+    (default ``trainer.initial_epochs``). With ``valid`` windows, the epoch with the best
+    validation click AUC is kept, and training stops after ``trainer.patience`` epochs
+    without a better one. The item vocabulary is counted from ``windows``."""
+    trainer = IncrementalTrainer(cfg, variant=variant)
+    t = cfg.trainer
+    model = new_model(cfg, trainer.variant, trainer.modal.dim)
+    model.item_vocabulary = item_vocabulary(windows, t.min_item_count)
+    data = trainer.dataset_for(model, windows)
+    held_out = trainer.dataset_for(model, valid) if valid else None
+    aucs: list[float | None] = []
+    best: dict[str, Any] = {}
+    ran = 0
+
+    def keep_best(epoch: int) -> bool:
+        nonlocal ran
+        ran = epoch
+        if held_out is None:
+            return False
+        aucs.append(validation_auc(model, held_out))
+        if aucs[-1] is not None and (not best or aucs[-1] > best["auc"]):
+            best.update(epoch=epoch, auc=aucs[-1], state=copy.deepcopy(model.state_dict()))
+        return bool(best) and epoch - best["epoch"] >= t.patience
+
+    fit(model, data, epochs or t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
+        seed=t.seed, grad_clip=t.grad_clip, progress=progress, after_epoch=keep_best)
+    if best:
+        model.load_state_dict(best["state"])
+    return BatchFit(model, trainer.variant, trainer.modal.encoder_version, names(windows),
+                    names(valid) if held_out is not None else [], ran, best.get("epoch"),
+                    best.get("auc"), aucs)
+
+
+def tune_batch(cfg: Config, split: Split, grid: Mapping[str, Sequence[str]],
+               variant: str | None = None, epochs: int | None = None,
+               progress: bool = True) -> BatchFit:
+    """``ppm train --batch --tune``: one :func:`train_batch` per combination of ``grid``'s
+    values (config field -> values, see :meth:`ppm.config.Config.with_values`), each fitted
+    on ``split.train``; returns the one with the best validation click AUC, with every
+    value tried in its ``tuned``. The test period is never read."""
+    if not split.valid:
+        raise ValueError("tuning chooses on the validation period, which holds no window: "
+                         "give a larger --valid-share")
+    choices = [dict(zip(grid, values, strict=True))
+               for values in itertools.product(*grid.values())]
+    configs = [cfg.with_values(choice) for choice in choices]  # a bad value fails first
+    tried: list[dict[str, Any]] = []
+    best: tuple[dict[str, str], BatchFit] | None = None
+    for choice, tuned_cfg in zip(choices, configs, strict=True):
+        fitted = train_batch(tuned_cfg, split.train, variant, epochs, progress,
+                             valid=split.valid)
+        tried.append({**choice, "valid_click_auc": fitted.valid_auc})
+        if fitted.valid_auc is not None and (best is None or fitted.valid_auc > best[1].valid_auc):
+            best = (choice, fitted)
+    if best is None:
+        raise ValueError("no value tried has a validation click AUC (are there clicks in "
+                         "the validation period?)")
+    best[1].tuned = {"chosen": best[0], "tried": tried}
+    return best[1]
+
+
+class LeakyChampionError(ValueError):
+    """``ppm eval``: a champion trained on, or was chosen on, windows of the test period."""
+
+
+def windows_used(registry: Registry, version: Version) -> dict[str, list[str]]:
+    """The windows whose labels shaped or chose ``version``: ``trained_on`` (its meta: its
+    weights and item vocabulary saw them) and ``validated_on`` (its meta's early stopping,
+    tuning and promotions, and the windows on which later candidates lost to it)."""
+    challengers = [v.meta["evaluated_on"] for v in registry.versions()
+                   if v.meta.get("parent") == version.name and v.meta.get("evaluated_on")]
+    return {"trained_on": sorted(version.meta["trained_on"]),
+            "validated_on": sorted({*version.meta.get("validated_on", []), *challengers})}
+
+
+def check_before_test(registry: Registry, version: Version, split: Split) -> None:
+    """Raise :class:`LeakyChampionError` unless every window that shaped or chose
+    ``version`` ends before the test period; the message names the overlap and the fix."""
+    test_start = datetime.fromtimestamp(split.test_start_us / 1e6, UTC).isoformat()
+    if "trained_on" not in version.meta:
+        raise LeakyChampionError(
+            f"{version.name} does not record the windows it trained on, so it cannot be "
+            f"tested: train it again with ppm train --batch")
+    first_test = split.test[0].name  # window names sort as their start times
+    used = windows_used(registry, version)
+    overlap = {kind: [n for n in window_names if n >= first_test]
+               for kind, window_names in used.items()}
+    if not any(overlap.values()):
+        return
+    verbs = {"trained_on": "trained on", "validated_on": "was chosen on"}
+    said = " and ".join(
+        f"{verbs[kind]} {len(o)} of its windows ({', '.join(o[:3])}{', ...' if len(o) > 3 else ''})"
+        for kind, o in overlap.items() if o)
+    variant = version.meta.get("variant", "")
+    raise LeakyChampionError(
+        f"the {variant} champion {version.name} ({version.meta.get('mode', 'incremental')}) "
+        f"saw the test period, which starts {test_start}: it {said}, so its scores there "
+        f"would not be a test. Evaluate a model that never saw it: ppm train --batch "
+        f"--variant {variant} (fits on the train period, chooses on validation), or train "
+        f"incrementally only on windows before {test_start}.")
 
 
 def evaluate_champions(cfg: Config, variants: Sequence[str],
@@ -314,9 +542,11 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
 
     Returns ``({variant: report}, buckets)``; besides the buckets of
     ``trainer.metrics.cold_buckets`` a report has ``new_in_test``: items first seen in the
-    test period (the cold items of a temporal split)."""
-    _, test_windows, test_start = split_windows(cfg, test_share)
-    if not test_windows:
+    test period (the cold items of a temporal split). Raises :class:`LeakyChampionError`
+    for a champion that trained or was chosen on windows of the test period (see
+    :func:`windows_used`)."""
+    split = split_windows(cfg, test_share, valid_share=0.0)
+    if not split.test:
         raise SystemExit("no closed windows in the test period")
     reports = {}
     for variant in variants:
@@ -324,16 +554,17 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
         champion = trainer.registry.champion()
         if champion is None:
             raise SystemExit(f"no {variant} model yet: run ppm train --batch --variant {variant}")
+        check_before_test(trainer.registry, champion, split)
         model = trainer.registry.load(champion)
-        data = trainer.dataset(test_windows, model.config)
+        data = trainer.dataset_for(model, split.test)
         logits = predict(model, data)
         result = report(data, logits)
         first_seen = data.impression_us - np.nan_to_num(data.item_age_s, nan=np.inf) * 1e6
-        new = report(data, logits, rows=first_seen >= test_start)
+        new = report(data, logits, rows=first_seen >= split.test_start_us)
         for task in result:
             result[task]["new_in_test"] = new[task]["all"]
-        result["model"] = {"version": champion.name, "test_windows": len(test_windows),
-                           "test_start": datetime.fromtimestamp(test_start / 1e6, UTC)
+        result["model"] = {"version": champion.name, "test_windows": len(split.test),
+                           "test_start": datetime.fromtimestamp(split.test_start_us / 1e6, UTC)
                            .isoformat()}
         reports[variant] = result
     return reports, ("all", "new_in_test", "age<1d", "age1-7d", "age>7d", "no_click_before")
@@ -345,4 +576,4 @@ def describe(result: StepResult) -> str:
     verdict = "promoted" if result.promoted else "rejected"
     return json.dumps({"version": result.version.name, "eval_window": result.eval_window,
                        "candidate_click_auc": c, "champion_click_auc": o,
-                       "decision": verdict})
+                       "decision": verdict, "scored_by": result.scored_by})

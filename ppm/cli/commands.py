@@ -23,7 +23,8 @@ def _simulate(args: argparse.Namespace, cfg: Config) -> int:
     summary = ShopSimulator(_simulator_config(args, cfg)).write_jsonl(out, progress=not args.quiet)
     print(
         f"wrote {summary.item_events:,} item events and {summary.behavior_events:,} behavior "
-        f"events ({summary.malformed:,} malformed) to {out}/",
+        f"events ({summary.malformed:,} malformed) to {out}/, and each impression's true "
+        f"click probability to {out}/oracle.parquet (for evaluation only)",
         file=sys.stderr,
     )
     print(json.dumps({"out": str(out), **summary.__dict__}))
@@ -61,28 +62,43 @@ def _stream(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.train import IncrementalTrainer, describe, split_windows, train_batch
+    from trainer.train import IncrementalTrainer, describe, split_windows, train_batch, tune_batch
 
     if args.threads:
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
             update={"threads": args.threads})})
+    if args.tune and not args.batch:
+        print("ppm train: --tune goes with --batch", file=sys.stderr)
+        return 2
+    try:
+        grid = dict(_tune_option(t) for t in args.tune or [])
+        split = split_windows(cfg, args.test_share, args.valid_share) if args.batch else None
+    except ValueError as exc:
+        print(f"ppm train: {exc}", file=sys.stderr)
+        return 2
     for variant in args.variant or [cfg.trainer.variant]:
         trainer = IncrementalTrainer(cfg, variant=variant)
         if args.batch:
-            train_windows, _, _ = split_windows(cfg, args.test_share)
-            if not train_windows:
+            if not split.train:
                 print("no closed windows to train on", file=sys.stderr)
                 return 1
-            model = train_batch(cfg, train_windows, variant, epochs=args.epochs,
-                                progress=not args.quiet)
-            version = trainer.registry.register(model, {
-                "variant": variant, "mode": "batch",
-                "trained_on": [w.name for w in train_windows],
-                "encoder_version": trainer.modal.encoder_version,
-            })
+            if not split.valid:
+                print("no window in the validation period: the last epoch is kept and "
+                      "nothing is tuned (a larger --valid-share makes one)", file=sys.stderr)
+            try:
+                fitted = (tune_batch(cfg, split, grid, variant, args.epochs, not args.quiet)
+                          if grid else train_batch(cfg, split.train, variant, args.epochs,
+                                                   not args.quiet, valid=split.valid))
+            except ValueError as exc:
+                print(f"ppm train: {exc}", file=sys.stderr)
+                return 2
+            version = trainer.registry.register(fitted.model, fitted.meta())
             trainer.registry.promote(version)
             print(json.dumps({"variant": variant, "version": version.name,
-                              "windows": len(train_windows), "promoted": True}))
+                              "windows": len(split.train), "valid_windows": len(split.valid),
+                              "best_epoch": fitted.best_epoch,
+                              "valid_click_auc": fitted.valid_auc,
+                              "chosen": (fitted.tuned or {}).get("chosen"), "promoted": True}))
         else:
             steps = trainer.follow(poll_s=args.poll, once=not args.follow,
                                    on_step=lambda r: print(describe(r), flush=True),
@@ -92,12 +108,24 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _tune_option(text: str) -> tuple[str, list[str]]:
+    """``FIELD=V1,V2,...`` -> (FIELD, [V1, V2, ...])."""
+    name, sep, values = text.partition("=")
+    if not (sep and name and values and all(values.split(","))):
+        raise ValueError(f"--tune {text!r}: give FIELD=V1,V2,... e.g. id_dropout=0,0.1,0.3")
+    return name.strip(), [v.strip() for v in values.split(",")]
+
+
 def _eval(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.metrics import to_markdown
-    from trainer.train import evaluate_champions
+    from trainer.train import LeakyChampionError, evaluate_champions
 
-    reports, markdown_rows = evaluate_champions(cfg, args.variant or ["idrec", "ppm"],
-                                                args.test_share)
+    try:
+        reports, markdown_rows = evaluate_champions(cfg, args.variant or ["idrec", "ppm"],
+                                                    args.test_share)
+    except LeakyChampionError as exc:
+        print(f"ppm eval: refused: {exc}", file=sys.stderr)
+        return 1
     markdown = to_markdown(reports, task="click", buckets=markdown_rows)
     if args.markdown:
         Path(args.markdown).write_text(markdown + "\n")
@@ -338,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", metavar="DIR", help="override data_dir of the config")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="lay a named preset over the config (ppm.config.PRESETS; its "
-                        "values win): quick (a smaller world, 3-hour windows), history "
-                        "(weekly windows and long clock jumps, for historical replays)")
+                        "values win): quick (a smaller world, 3-hour windows), fair (the "
+                        "fair simulated world, v2), history (weekly windows and long clock "
+                        "jumps, for historical replays)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="simulate a shop and stream it through ppm (embedded)")
@@ -378,12 +407,22 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--follow", action="store_true",
                       help="keep going: fine-tune on each window as it closes (Ctrl-C stops)")
     mode.add_argument("--batch", action="store_true",
-                      help="one fit over the windows before the test split, then promote")
+                      help="one fit over the train period, the epoch (and --tune values) "
+                      "chosen on the validation period, then promote")
     train.add_argument("--variant", action="append", choices=["idrec", "ppm", "modal"],
                        help="model variant (repeatable; default from config: ppm)")
     train.add_argument("--test-share", type=float, default=0.2,
                        help="--batch: leave the last share of the time span out (default 0.2)")
-    train.add_argument("--epochs", type=int, help="--batch: epochs (default from config)")
+    train.add_argument("--valid-share", type=float, default=0.1,
+                       help="--batch: the share of the time span just before the test period "
+                       "that validates (default 0.1; 0: none)")
+    train.add_argument("--epochs", type=int, help="--batch: most epochs; the best on "
+                       "validation is kept (default from config: trainer.initial_epochs)")
+    train.add_argument("--tune", action="append", metavar="FIELD=V1,V2,...",
+                       help="--batch: train one model per value (repeatable: every "
+                       "combination) and keep the best on validation click AUC; FIELD is a "
+                       "[trainer] or [model] field or section.field, e.g. id_dropout=0,0.1,0.3"
+                       " or min_item_count=1,3,10")
     train.add_argument("--poll", type=float, default=5.0, help="--follow: seconds between looks")
     train.add_argument("--threads", type=int, help="torch threads")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -391,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "eval", help="evaluate champions on the last share of the time span (AUC, GAUC, "
-        "logloss, P@2; overall and by cold-start bucket)")
+        "logloss, P@2; overall and by cold-start bucket); refuses a champion that trained "
+        "or was chosen on windows of that period")
     evaluate.add_argument("--variant", action="append", choices=["idrec", "ppm", "modal"],
                           help="variants to compare (repeatable; default idrec and ppm)")
     evaluate.add_argument("--test-share", type=float, default=0.2,

@@ -30,6 +30,35 @@ The world
   quality, so an item's *content* predicts its clicks before anyone has clicked it: the
   cold-start signal PPM learns from.
 
+That is world ``v1`` (``SimulatorConfig.world``, the default), where content is nearly a
+sufficient statistic of an item: the title names all five attributes, the photo repeats the
+colour, and the catalog fields (what ``idrec`` reads) carry only category and brand.
+
+The fair world, ``v2``
+----------------------
+The same shop, with every attribute in one place (:data:`STRUCTURED`, :data:`PHOTO_ONLY`,
+:data:`TEXT_ONLY`):
+
+* **catalog fields** (``category``, ``brand``, ``shop``, ``price``): on the wire as fields,
+  so ``idrec`` reads them as well; users have tastes over category, brand, shop and the
+  item's *price tier* (its price against its category's median, :data:`PRICE_TIERS`). Price
+  does not depend on quality here.
+* **photo only**: ``colour`` (the tint) and ``pattern`` (:data:`PATTERNS`, drawn on the
+  garment); neither is named in the title, description or query.
+* **text only**: ``material`` and ``style``, named in the title and description; the photo
+  does not depend on them.
+* **nowhere**: latent ``quality`` (no quality line in the description, no price premium):
+  only clicks reveal it.
+
+Searches name the category only ("coat") and show items of that category. The click logit is
+``CLICK_BIAS_V2 + TASTE_STD_V2 * (sqrt(1 - s) * S + sqrt(s) * C) + quality - position decay +
+search intent`` with ``S`` and ``C`` the user's summed tastes for the item's structured and
+content-only attribute values, each standardised over all users x the whole catalog, and
+``s = CONTENT_SHARE * content_signal``: the dial moves taste variance between content and
+catalog fields while the total stays the same, so the base CTR hardly moves. At
+``content_signal = 0`` a click depends on nothing a model without the photo and the text
+could not learn.
+
 Output
 ------
 :meth:`ShopSimulator.events` yields typed events, :meth:`ShopSimulator.records` their JSON wire
@@ -38,6 +67,10 @@ topics as JSONL. Everything is in event-time order (at equal times: item events 
 behaviors by request, position and action) and a pure function of the config: the same seed
 gives byte-identical output. Generation runs vectorised in batches of at most
 ``MAX_BATCH_SESSIONS`` sessions, so memory stays bounded however long the simulation.
+
+:meth:`ShopSimulator.oracle` (and ``oracle.parquet`` beside the JSONL) gives each impression's
+true click probability, for scoring models as a share of the achievable AUC; it is never in
+the events.
 """
 
 from __future__ import annotations
@@ -151,6 +184,29 @@ VOCAB: MappingProxyType[str, tuple[str, ...]] = MappingProxyType({
 the ids on the wire, colour, material and style appear only as words in titles."""
 ATTRIBUTES: tuple[str, ...] = tuple(VOCAB)
 SHOP_IDS: tuple[str, ...] = tuple(_slug(s) for s in SHOPS)
+
+PATTERNS: tuple[str, ...] = ("plain", "striped", "checked", "dotted")
+"""v2: drawn on the garment in the photo, never named."""
+PRICE_TIERS: tuple[str, ...] = ("budget", "mid-range", "premium")
+"""v2: an item's price against its category's median (:data:`PRICE_TIER_EDGES`)."""
+VOCAB_V2: MappingProxyType[str, tuple[str, ...]] = MappingProxyType({
+    "category": VOCAB["category"],
+    "brand": VOCAB["brand"],
+    "shop": SHOP_IDS,
+    "price_tier": PRICE_TIERS,
+    "colour": COLOURS,
+    "pattern": PATTERNS,
+    "material": MATERIALS,
+    "style": STYLES,
+})
+"""The attributes users of the v2 world have tastes over, and their values."""
+STRUCTURED: tuple[str, ...] = ("category", "brand", "shop", "price_tier")
+"""v2: attributes the catalog sends as fields (price as the price itself), which idrec reads."""
+PHOTO_ONLY: tuple[str, ...] = ("colour", "pattern")
+"""v2: attributes only the photo shows."""
+TEXT_ONLY: tuple[str, ...] = ("material", "style")
+"""v2: attributes only the title and description name."""
+CONTENT_ONLY: tuple[str, ...] = PHOTO_ONLY + TEXT_ONLY
 ACTIONS: tuple[str, ...] = tuple(a.value for a in Action)  # index = action code below
 IMPRESSION, CLICK, ORDER, COLLECT = range(len(ACTIONS))
 
@@ -174,12 +230,18 @@ MAX_BATCH_SESSIONS = 20_000
 """Sessions generated at once: bounds memory (~250k events) whatever the world's size."""
 SALE_SHARE = 0.05
 """Share of items that get a second upsert with a sale price."""
+ORACLE_FILE = "oracle.parquet"
+"""What :meth:`ShopSimulator.write_jsonl` names the oracle (:meth:`ShopSimulator.oracle`)."""
 
 # Tastes: one weight per (user, attribute value). Favourites give users distinct profiles;
 # their strength per attribute sets how much each attribute drives clicks.
 TASTE_STRENGTH = MappingProxyType(
     {"category": 1.3, "brand": 0.9, "colour": 1.1, "material": 0.8, "style": 0.8}
 )
+TASTE_STRENGTH_V2 = MappingProxyType({
+    "category": 1.3, "brand": 0.9, "shop": 0.7, "price_tier": 0.7,
+    "colour": 1.1, "pattern": 0.9, "material": 0.8, "style": 0.9,
+})  # v2: sets each attribute's weight inside its group (structured or content-only)
 TASTE_NOISE = 0.3  # per-user idiosyncrasy on every value
 TASTE_TREND = 0.3  # values everybody likes a bit more (or less)
 QUERY_FOCUS = 1.5  # how sharply a search query follows the user's tastes
@@ -193,6 +255,16 @@ SEARCH_INTENT = 0.7  # searchers asked for what they see
 ORDER_BIAS = -2.5
 COLLECT_BIAS = -1.8
 PRICE_SENSITIVITY = 0.5  # order logit lost per log(price / category median)
+
+# v2 click model: the taste term is standardised, then scaled to about the spread of v1's
+# match term, so the base CTR is near v1's and hardly moves with content_signal.
+CLICK_BIAS_V2 = -3.0
+TASTE_STD_V2 = 1.4
+CONTENT_SHARE = 0.6
+"""v2: share of the taste term's variance carried by content-only attributes at
+``content_signal = 1``; catalog fields carry the rest."""
+PRICE_TIER_EDGES = (-0.2, 0.2)
+"""v2: log(list price / category median) cuts between budget, mid-range and premium."""
 
 # Relative traffic per hour of the (UTC) day: quiet nights, a lunch bump, an evening peak.
 _HOURLY_TRAFFIC = np.array(
@@ -335,6 +407,36 @@ def _procedural_photo(category: int, dx: int, dy: int, shade: int) -> np.ndarray
     return np.asarray(canvas)
 
 
+def _pattern_masks() -> np.ndarray:
+    """(len(PATTERNS), 28, 28) bool: the pixels each pattern repaints."""
+    y, x = np.mgrid[0:28, 0:28]
+    return np.stack([
+        np.zeros((28, 28), bool),  # plain
+        y % 5 < 2,  # striped
+        (x % 7 < 2) | (y % 7 < 2),  # checked
+        (x % 5 < 2) & (y % 5 < 2),  # dotted
+    ])
+
+
+_PATTERN_MASKS = _pattern_masks()
+# Pattern ink: light on dark colours, dark on light ones, so every pattern shows on every colour.
+_PATTERN_INK = np.where((_COLOUR_RGB @ np.array([0.3, 0.59, 0.11], np.float32) < 140)[:, None],
+                        np.float32(235.0), np.float32(40.0))  # (n_colours, 1)
+
+
+def render_photo(grey: np.ndarray, colour: int, pattern: int | None = None) -> np.ndarray:
+    """A product shot: a grey picture (28, 28) uint8 tinted with ``COLOURS[colour]``, with
+    ``PATTERNS[pattern]`` drawn on the garment when given (v2), on a white backdrop;
+    (28, 28, 3) uint8."""
+    ink = grey.astype(np.float32)[..., None] / 255.0  # (28, 28, 1)
+    tinted = _COLOUR_RGB[colour] * (0.35 + 0.65 * ink)  # keeps texture
+    if pattern is not None:
+        mask = _PATTERN_MASKS[pattern][..., None]
+        tinted = np.where(mask, 0.4 * tinted + 0.6 * _PATTERN_INK[colour], tinted)
+    alpha = np.minimum(4.0 * ink, 1.0)  # soft edges instead of dark speckles
+    return (alpha * tinted + (1.0 - alpha) * 255.0).astype(np.uint8)  # (28, 28, 3)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -467,6 +569,7 @@ class ShopSimulator:
 
         sim = ShopSimulator(SimulatorConfig(seed=7, days=1, n_users=100))
         summary = sim.write_jsonl(Path("out"))   # out/items.jsonl, out/behaviors.jsonl
+        truth = sim.oracle()                     # as out/oracle.parquet: for evaluation only
     """
 
     def __init__(self, config: SimulatorConfig) -> None:
@@ -475,12 +578,18 @@ class ShopSimulator:
         self._start = start.astimezone(UTC)
         self._start64 = np.datetime64(self._start.replace(tzinfo=None), "us")
         self._end = max(round(config.days * DAY_US), 1)  # µs since start
-        self._queries = [f"{colour} {c.noun}" for c in CATEGORIES for colour in COLOURS]
+        self._v2 = config.world == "v2"
+        self._vocab = VOCAB_V2 if self._v2 else VOCAB  # attributes users have tastes over
+        # v1 searches name a colour and a category; v2 searches only a category, since its
+        # colour is in the photo alone.
+        self._queries = ([c.noun for c in CATEGORIES] if self._v2 else
+                         [f"{colour} {c.noun}" for c in CATEGORIES for colour in COLOURS])
         self._build_catalog()
         self._build_texts()
         self._build_photos()
         self._build_indexes()
         self._build_users()
+        self._build_click_model()
 
     def _rng(self, stream: _Stream, index: int = 0) -> np.random.Generator:
         seq = np.random.SeedSequence(self.config.seed % 2**64, spawn_key=(stream, index))
@@ -499,17 +608,21 @@ class ShopSimulator:
         arrival = np.concatenate(arrivals)  # item index = arrival order
         n = self.n_items = len(arrival)
 
-        self._attr = {
+        self._attr = {  # the price tier (v2) follows from the price below
             name: rng.choice(len(values), n, p=rng.dirichlet(np.full(len(values), 4.0)))
-            for name, values in VOCAB.items()
+            for name, values in self._vocab.items() if name != "price_tier"
         }
-        shop = rng.integers(0, len(SHOPS), n)
+        # v2: the shop is an attribute with tastes, and price says nothing about quality.
+        shop = self._attr["shop"] if self._v2 else rng.integers(0, len(SHOPS), n)
+        quality_premium = 0.0 if self._v2 else 0.4
         quality = rng.normal(0.0, QUALITY_STD, n)
         brand_premium = rng.normal(0.0, 0.25, len(BRANDS))
         median = np.array([c.median_price for c in CATEGORIES])[self._attr["category"]]
-        raw_price = median * np.exp(0.35 * rng.standard_normal(n) + 0.4 * quality
+        raw_price = median * np.exp(0.35 * rng.standard_normal(n) + quality_premium * quality
                                     + brand_premium[self._attr["brand"]])
         price = np.maximum(np.round(raw_price), 1.0) - 0.01  # shop prices end in .99
+        if self._v2:
+            self._attr["price_tier"] = np.digitize(np.log(price / median), PRICE_TIER_EDGES)
 
         # Withdrawals and sales happen after the simulation starts and an hour after arrival.
         earliest = np.maximum(arrival, 0) + HOUR_US
@@ -541,6 +654,13 @@ class ShopSimulator:
             material = MATERIALS[self._attr["material"][i]]
             style = STYLES[self._attr["style"][i]]
             feature = cat.details[int(detail[i] * len(cat.details))]
+            if self._v2:  # no colour, no pattern (photo only), no quality line (nowhere)
+                self._titles.append(f"{brand} {style} {material} {cat.noun}")
+                self._descriptions.append(
+                    f"{style.capitalize()} {cat.noun} in {material} by {brand}, with "
+                    f"{feature}. Sold by {SHOPS[self._shop[i]]}."
+                )
+                continue
             self._titles.append(f"{brand} {style} {colour} {material} {cat.noun}")
             self._descriptions.append(
                 f"{style.capitalize()} {cat.noun} in {colour} {material} by {brand}, with "
@@ -584,11 +704,13 @@ class ShopSimulator:
 
         horizon = self._end + DAY_US
         n_colours = len(COLOURS)
-        self._pools = (  # browsing, search by category, search by category and colour
+        self._pools = (  # browsing, search by category, (v1) search by category and colour
             _Pool(np.zeros(n, np.int64), arrival, horizon),
             _Pool(self._attr["category"], arrival, horizon),
-            _Pool(self._attr["category"] * n_colours + self._attr["colour"], arrival, horizon),
         )
+        if not self._v2:
+            self._pools += (_Pool(self._attr["category"] * n_colours + self._attr["colour"],
+                                  arrival, horizon),)
 
     def _build_users(self) -> None:
         cfg, rng = self.config, self._rng(_Stream.USERS)
@@ -596,8 +718,9 @@ class ShopSimulator:
         self._activity = rng.lognormal(-0.32, 0.8, n)  # mean 1: heavy and light users
         rows = np.arange(n)
         self._tastes: dict[str, np.ndarray] = {}
-        for name, values in VOCAB.items():
-            strength = TASTE_STRENGTH[name]
+        strengths = TASTE_STRENGTH_V2 if self._v2 else TASTE_STRENGTH
+        for name, values in self._vocab.items():
+            strength = strengths[name]
             taste = (rng.normal(0.0, TASTE_NOISE, (n, len(values)))
                      + rng.normal(0.0, TASTE_TREND, len(values)))
             taste[rows, rng.integers(0, len(values), n)] += strength
@@ -608,12 +731,45 @@ class ShopSimulator:
             self._tastes[name] = taste  # (n_users, n_values)
         self._user_ids = [f"u{u:07d}" for u in range(n)]
 
+    def _build_click_model(self) -> None:
+        """What the click logit needs besides tastes and attributes: each user's expected
+        taste for every attribute over the catalog, and in v2 the weights that standardise
+        the structured and the content-only taste sums (over all users x the catalog)."""
+        n_users = self.config.n_users
+        frequency = {name: np.bincount(self._attr[name], minlength=len(values)) / self.n_items
+                     for name, values in self._vocab.items()}
+        self._expected = {name: self._tastes[name] @ frequency[name]  # (n_users,)
+                          for name in self._vocab}
+        if not self._v2:  # idrec reads category and brand; the rest is content
+            self._structured, self._content = ("category", "brand"), ("colour", "material",
+                                                                       "style")
+            return
+        self._structured, self._content = STRUCTURED, CONTENT_ONLY
+
+        def mean_and_std(names: tuple[str, ...]) -> tuple[float, float]:
+            # Attributes are drawn independently per item, so given the user the variance
+            # of the sum is the sum of the per-attribute variances.
+            user_mean = sum((self._expected[a] for a in names), np.zeros(n_users))
+            within = sum(((self._tastes[a] ** 2) @ frequency[a] - self._expected[a] ** 2
+                          for a in names), np.zeros(n_users))
+            mean = float(user_mean.mean())
+            variance = float((user_mean**2).mean() + within.mean()) - mean**2
+            return mean, math.sqrt(max(variance, 0.0))
+
+        share = CONTENT_SHARE * self.config.content_signal
+        self._taste_terms = []  # (attributes, mean, weight) of the v2 taste term
+        for names, part in ((self._structured, 1.0 - share), (self._content, share)):
+            mean, std = mean_and_std(names)
+            weight = TASTE_STD_V2 * math.sqrt(part) / std if std > 0 else 0.0
+            self._taste_terms.append((names, mean, weight))
+
     # ----------------------------------------------------------------- ground truth
 
     @property
     def catalog(self) -> pd.DataFrame:
         """Ground truth, one row per item (a fresh copy): ids, attribute values (as in
-        :data:`VOCAB`), ``shop``, ``title``, ``price``, latent ``quality``, and UTC times
+        :data:`VOCAB`, or :data:`VOCAB_V2` in v2), ``shop``, ``title``, ``price`` (the list
+        price), latent ``quality``, and UTC times
         ``arrival``, ``sale_at`` (with ``sale_price``) and ``deleted_at`` (NaT: never), and
         ``photo``: the index of its picture among Fashion-MNIST's training images (-1 when the
         photos are procedural)."""
@@ -624,7 +780,8 @@ class ShopSimulator:
             return pd.DatetimeIndex(np.where(us < NEVER, when, np.datetime64("NaT")), tz=UTC)
 
         frame = {"item_id": self._item_ids}
-        frame |= {name: np.array(values)[self._attr[name]] for name, values in VOCAB.items()}
+        frame |= {name: np.array(values)[self._attr[name]]
+                  for name, values in self._vocab.items()}
         return pd.DataFrame(frame | {
             "shop": np.array(SHOP_IDS)[self._shop], "title": self._titles, "price": self._price,
             "quality": self._quality, "arrival": stamp(self._arrival),
@@ -641,15 +798,34 @@ class ShopSimulator:
         import pandas as pd
 
         columns = pd.MultiIndex.from_tuples(
-            [(name, value) for name, values in VOCAB.items() for value in values])
-        weights = np.concatenate([self._tastes[name] for name in VOCAB], axis=1)
+            [(name, value) for name, values in self._vocab.items() for value in values])
+        weights = np.concatenate([self._tastes[name] for name in self._vocab], axis=1)
         return pd.DataFrame(weights, index=pd.Index(self._user_ids, name="user_id"),
                             columns=columns)
 
     # ----------------------------------------------------------------- generation
 
-    def _match(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return sum(self._tastes[a][users, self._attr[a][items]] for a in ATTRIBUTES)
+    def _taste(self, users: np.ndarray, items: np.ndarray, names: Sequence[str],
+               blind: bool = False) -> np.ndarray:
+        """Sum over attributes ``names`` of the user's taste for the item's value; ``blind``:
+        the content-only ones replaced by the user's expectation over the catalog."""
+        return sum(self._expected[a][users] if blind and a in self._content
+                   else self._tastes[a][users, self._attr[a][items]] for a in names)
+
+    def _affinity(self, users: np.ndarray, items: np.ndarray, blind: bool = False
+                  ) -> np.ndarray:
+        """The user x item taste term of the click logit, (n,); ``blind`` as in :meth:`_taste`."""
+        if not self._v2:
+            return self._taste(users, items, ATTRIBUTES, blind)
+        return sum(weight * (self._taste(users, items, names, blind) - mean)
+                   for names, mean, weight in self._taste_terms)
+
+    def _click_logit(self, affinity: np.ndarray, items: np.ndarray, position: np.ndarray,
+                     search: np.ndarray) -> np.ndarray:
+        """The logit a click is drawn with: sigmoid of it is the click probability."""
+        bias = CLICK_BIAS_V2 if self._v2 else CLICK_BIAS
+        return (bias + affinity + self._quality[items] - POSITION_DECAY * np.log1p(position)
+                + SEARCH_INTENT * search)
 
     def _sessions(self, day: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(users, times) of the day's sessions, sorted by time."""
@@ -683,12 +859,13 @@ class ShopSimulator:
         search = rng.random(n) < cfg.search_share
         query_cat = _gumbel_argmax(rng, QUERY_FOCUS * self._tastes["category"][users])
         query_colour = _gumbel_argmax(rng, QUERY_FOCUS * self._tastes["colour"][users])
-        query = np.where(search, query_cat * len(COLOURS) + query_colour, -1)
+        asked = query_cat if self._v2 else query_cat * len(COLOURS) + query_colour
+        query = np.where(search, asked, -1)  # into self._queries
 
         # Which pool each session draws from: the narrowest one with items for its query.
-        groups = (np.zeros(n, np.int64), query_cat, query)
+        groups = (np.zeros(n, np.int64), query_cat, query)[: len(self._pools)]
         level = np.zeros(n, np.int64)
-        for lv in (1, 2):
+        for lv in range(1, len(self._pools)):
             first, _, stop = self._pools[lv].ranges(groups[lv], times)
             level[search & (stop > first)] = lv
         fresh = rng.random((n, k)) < cfg.fresh_share
@@ -710,9 +887,8 @@ class ShopSimulator:
         item, pos = items[session, slot], position[session, slot]
         user, t = users[session], times[session]
 
-        match = self._match(user, item)
-        click_logit = (CLICK_BIAS + match + self._quality[item] - POSITION_DECAY * np.log1p(pos)
-                       + SEARCH_INTENT * search[session])
+        match = self._affinity(user, item)
+        click_logit = self._click_logit(match, item, pos, search[session])
         c = np.flatnonzero(rng.random(len(item)) < _sigmoid(click_logit))
         deadline = t[c] + FOLLOW_UP_US - 1
         click_t = np.minimum(t[c] + US + rng.exponential(30 * US, len(c)).astype(np.int64),
@@ -764,22 +940,50 @@ class ShopSimulator:
                 cuts = np.searchsorted(out.time, self._schedule_time[rows], "left")
                 yield _Step(items=rows, behaviors=out, cuts=cuts, until=until)
 
+    def _oracle_rows(self, b: _Behaviors) -> dict[str, np.ndarray]:
+        """The oracle's columns for the impressions among behaviors ``b``, in their order."""
+        shown = b.take(np.flatnonzero(b.action == IMPRESSION))
+        user, item, position, search = shown.user, shown.item, shown.position, shown.query >= 0
+        top = np.zeros_like(position)  # position 0: no position effect
+        affinity = self._affinity(user, item)  # exactly as the clicks were drawn
+        blind = self._affinity(user, item, blind=True)
+        return {
+            "request": shown.request, "item": item, "user": user, "time": shown.time,
+            "position": position, "searched": search,
+            "p_click": _sigmoid(self._click_logit(affinity, item, position, search)),
+            "logit": self._click_logit(affinity, item, top, search),
+            "p_click_structured": _sigmoid(self._click_logit(blind, item, position, search)),
+            "logit_structured": self._click_logit(blind, item, top, search),
+        }
+
+    def _oracle_frame(self, parts: Sequence[dict[str, np.ndarray]]) -> pd.DataFrame:
+        import pandas as pd
+
+        if not parts:
+            parts = [self._oracle_rows(_Behaviors.empty())]
+        col = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return pd.DataFrame({
+            "request_id": [f"r{r:09d}" for r in col["request"].tolist()],
+            "item_id": np.array(self._item_ids, dtype=object)[col["item"]],
+            "user_id": np.array(self._user_ids, dtype=object)[col["user"]],
+            "impression_time": pd.DatetimeIndex(
+                self._start64 + col["time"].astype("timedelta64[us]")).tz_localize(UTC),
+        } | {name: col[name] for name in ("position", "searched", "p_click", "logit",
+                                          "p_click_structured", "logit_structured")})
+
     # ----------------------------------------------------------------- rendering
 
     def _datetime(self, us: int) -> datetime:
         return self._start + timedelta(microseconds=int(us))
 
     def _photo_url(self, item: int) -> str:
-        """The item's photo as an inline PNG data URL: its grey picture tinted with its colour
-        on a white backdrop, like a product shot."""
+        """The item's photo (:func:`render_photo`) as an inline PNG data URL."""
         if self._fashion is not None:
             grey = self._fashion[0][self._photo_index[item]]
         else:
             grey = _procedural_photo(self._attr["category"][item], *map(int, self._jitter[item]))
-        ink = grey.astype(np.float32)[..., None] / 255.0  # (28, 28, 1)
-        tinted = _COLOUR_RGB[self._attr["colour"][item]] * (0.35 + 0.65 * ink)  # keeps texture
-        alpha = np.minimum(4.0 * ink, 1.0)  # soft edges instead of dark speckles
-        pixels = (alpha * tinted + (1.0 - alpha) * 255.0).astype(np.uint8)  # (28, 28, 3)
+        pattern = int(self._attr["pattern"][item]) if "pattern" in self._attr else None
+        pixels = render_photo(grey, self._attr["colour"][item], pattern)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -872,16 +1076,46 @@ class ShopSimulator:
         for _, records in self._record_steps():
             yield from records
 
-    def write_jsonl(self, out_dir: Path, progress: bool = False) -> SimulationSummary:
+    def oracle(self) -> pd.DataFrame:
+        """The truth behind every impression of :meth:`events`, one row each, in event-time
+        order: for scoring models against the best achievable ranking. Never feed it to a
+        model.
+
+        Columns: ``request_id``, ``item_id`` (together the key: a request shows an item
+        once), ``user_id``, ``impression_time`` (UTC), ``position``, ``searched`` (the
+        request had a query, which adds ``SEARCH_INTENT`` to the logit); ``p_click``, the true
+        click probability the click was drawn with (position effect included), and
+        ``logit``, its logit at position 0 (bias, tastes, quality and search intent, no
+        position); ``p_click_structured`` and ``logit_structured``, the same with the
+        content-only attributes' tastes (v2: :data:`CONTENT_ONLY`; v1: colour, material,
+        style) replaced by the user's expectation over the catalog: what an oracle that knows
+        everything but the photo and the text would predict (to first order).
+
+        To score a model as a share of the achievable AUC, join the oracle to its samples
+        and compare AUCs on the same rows. Training-log window files carry ``request_id``
+        and ``item_id``, so::
+
+            samples.merge(sim.oracle(), on=["request_id", "item_id"], how="left")
+
+        (Their ``sample_id`` is ``sample_id_of(request_id, item_id, impression_us)``, with
+        ``impression_us`` the impression time in µs since the Unix epoch: the same row.)
+        Generates the whole simulation again, without rendering any event.
+        """
+        return self._oracle_frame([self._oracle_rows(step.behaviors) for step in self._steps()])
+
+    def write_jsonl(self, out_dir: Path, progress: bool = False,
+                    oracle: bool = True) -> SimulationSummary:
         """Write :meth:`records` to ``out_dir/items.jsonl`` and ``out_dir/behaviors.jsonl``
-        (one record a line, files replaced) and return the counts. ``progress`` shows a tqdm
-        bar over simulated hours."""
+        (one record a line, files replaced) and return the counts. ``oracle``: also write
+        :meth:`oracle` to ``out_dir/oracle.parquet`` (else remove an old one), in the same
+        pass. ``progress`` shows a tqdm bar over simulated hours."""
         from tqdm import tqdm
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         by_action = np.zeros(len(ACTIONS), np.int64)
         item_events = malformed = fresh = 0
+        oracle_parts = []
         with (open(out_dir / "items.jsonl", "wb") as items_file,
               open(out_dir / "behaviors.jsonl", "wb") as behaviors_file,
               tqdm(total=math.ceil(self.config.days * 24), unit="h", desc="simulating",
@@ -895,6 +1129,8 @@ class ShopSimulator:
                     if chunk:
                         files[kind].write(b"\n".join(chunk) + b"\n")
                 b = step.behaviors
+                if oracle:
+                    oracle_parts.append(self._oracle_rows(b))
                 by_action += np.bincount(b.action, minlength=len(ACTIONS))
                 shown = b.action == IMPRESSION
                 fresh += int((b.time[shown] - self._arrival[b.item[shown]] < DAY_US).sum())
@@ -902,6 +1138,10 @@ class ShopSimulator:
                 malformed += len(records) - len(step.items) - len(b)
                 bar.update(math.ceil(step.until / HOUR_US) - bar.n)
                 bar.set_postfix(behaviors=int(by_action.sum()), refresh=False)
+        if oracle:
+            self._oracle_frame(oracle_parts).to_parquet(out_dir / ORACLE_FILE, index=False)
+        else:
+            (out_dir / ORACLE_FILE).unlink(missing_ok=True)
         return SimulationSummary(
             items=self.n_items,
             item_events=item_events,

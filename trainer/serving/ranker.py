@@ -2,7 +2,8 @@
 
 Per request the ranker reads the user's sequence and the candidates' (and sequence items')
 features from the Feast online store in one batched read each, builds the model's batch
-with the functions training uses (``trainer.features``), and scores every task of the
+with the functions training uses (``trainer.features``, with the item vocabulary the model
+was trained with), and scores every task of the
 model (click, order and collect by default). Item features are reused for
 ``features.serving_cache_s`` seconds (:class:`ItemCache`), so a request reads from the store
 only the items it has not seen lately; the user's sequence is read on every request, and
@@ -208,12 +209,15 @@ class Ranker:
             vectors[row] = online[item_id].embedding
 
         states = [online[i].state if i in online else None for i in item_ids]
-        # One sequence row shared by every candidate: the model encodes it once.
+        # One sequence row shared by every candidate: the model encodes it once. Item ids
+        # the model's vocabulary does not admit are unknown (0), as in its training.
+        vocabulary = model.item_vocabulary
         batch = model_batch({
-            **target_features(Targets.from_states(item_ids, states), c),
+            **target_features(Targets.from_states(item_ids, states), c, vocabulary),
             "target_modal_row": np.array([row_of.get(i, 0) for i in item_ids], np.int64),
             **sequence_features(Sequences.of([seq]), np.array([now], np.int64),
-                                np.array([row_of.get(i, 0) for i in seq_ids], np.int64), c),
+                                np.array([row_of.get(i, 0) for i in seq_ids], np.int64), c,
+                                vocabulary),
         }, vectors)
         missing = {
             "user_sequence": int(not seq_ids),
