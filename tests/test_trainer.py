@@ -462,7 +462,7 @@ def test_tuning_keeps_the_value_with_the_best_validation_auc(tmp_path):
 
 
 def test_eval_refuses_a_champion_that_saw_the_test_period(tmp_path, capsys, monkeypatch):
-    from ppm.cli.main import main
+    from ppm.cli.commands import main
 
     cfg = tiny_world(tmp_path)
     trainer = IncrementalTrainer(cfg, variant="idrec")
