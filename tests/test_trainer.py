@@ -303,6 +303,7 @@ DENSE_WORLD = SimulatorConfig(seed=3, days=2.0, n_users=800, initial_items=200,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two fits of a dense world: minutes, more on a loaded machine
 def test_ppm_beats_idrec_on_new_items_in_a_small_world(tmp_path, item_encoder):
     """The demo's claim in small: both variants fitted on the first two thirds of the time,
     scored on the rest; on items younger than a day (at the impression) ppm ranks clicks
