@@ -228,7 +228,7 @@ def test_one_shared_sequence_scores_like_a_sequence_per_candidate(variant, lengt
 def test_only_full_attention_lets_the_sequence_see_the_target(attention):
     """The first layer's outputs at the sequence positions, for one sequence and two
     different targets: equal under "target" attention, different under "full"."""
-    model = make_model("idrec", attention=attention).eval()
+    model = make_model("idrec", attention=attention, n_layers=2).eval()
     batch = random_batch(model.config, B=2, labels=False)
     for key in ("seq_item_id", "seq_action", "seq_gap", "seq_mask"):
         batch[key] = batch[key][1:2].expand(2, -1)  # the same sequence in both rows
@@ -238,12 +238,60 @@ def test_only_full_attention_lets_the_sequence_see_the_target(attention):
     with torch.no_grad():
         model(batch)
     handle.remove()
-    seq_out = seen[0][:, :-1][batch["seq_mask"]].view(2, -1, model.config.d_model)
+    L = batch["seq_mask"].shape[1]
+    seq_out = seen[0][:, :L][batch["seq_mask"]].view(2, -1, model.config.d_model)
     assert batch["item_id"][0] != batch["item_id"][1] and seq_out.shape[1] > 0
     same = torch.allclose(seq_out[0], seq_out[1], atol=1e-6)
     assert same == (attention == "target")
     with pytest.raises(ValueError, match="attention"):
         tiny("ppm", attention="causal")
+
+
+def reference_output(transformer, seq: torch.Tensor, target: torch.Tensor, batch: dict,
+                     target_attention: bool) -> torch.Tensor:
+    """The behaviour transformer written the plain way, with PyTorch's own encoder layers
+    holding the same weights: one pass over [sequence, target], the sequence masked from
+    the target under target attention."""
+    d, n_heads = target.shape[1], transformer.encoder.layers[0].n_heads
+    B, L = target.shape[0], seq.shape[1]
+    layers = []
+    for ours in transformer.encoder.layers:
+        layer = torch.nn.TransformerEncoderLayer(
+            d, n_heads, ours.linear1.out_features, ours.dropout, activation="gelu",
+            batch_first=True, norm_first=True)
+        layer.load_state_dict(ours.state_dict())
+        layers.append(layer.train(transformer.training))
+    pos = torch.arange(L, 0, -1)
+    x = torch.cat([seq + transformer.pos_emb(pos) + transformer.gap_emb(batch["seq_gap"])
+                   + transformer.action_emb(batch["seq_action"]),
+                   (target + transformer.pos_emb.weight[0]).unsqueeze(1)], dim=1)
+    kept = torch.cat([batch["seq_mask"], torch.ones(B, 1, dtype=torch.bool)], dim=1)
+    allowed = kept.unsqueeze(1).repeat(1, L + 1, 1) | torch.eye(L + 1, dtype=torch.bool)
+    if target_attention:
+        allowed[:, :L, L] = False
+    mask = ~allowed.repeat_interleave(n_heads, dim=0)  # (B * heads, L+1, L+1), True = ignore
+    for layer in layers:
+        x = layer(x, src_mask=mask)
+    return transformer.encoder.norm(x[:, -1])
+
+
+@pytest.mark.parametrize("attention", ["target", "full"])
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_behavior_transformer_computes_a_plain_encoder_pass(attention, n_layers):
+    """Target attention skips the target's row in the sequence's attention and the last
+    layer's sequence outputs: shortcuts that must give the numbers of a plain masked pass
+    through PyTorch's TransformerEncoderLayer, outputs and gradients alike."""
+    model = make_model("idrec", attention=attention, n_layers=n_layers)
+    transformer = model.id_module.transformer
+    batch = random_batch(model.config, B=6, L=7)
+    seq = torch.randn(6, 7, model.config.d_model, requires_grad=True)
+    target = torch.randn(6, model.config.d_model, requires_grad=True)
+    ours = transformer(seq, target, batch)
+    plain = reference_output(transformer, seq, target, batch, attention == "target")
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), (seq, target)) for out in (ours, plain)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_recency_action_and_order_matter():

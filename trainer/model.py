@@ -142,6 +142,78 @@ class RankerConfig:
 # Parts
 
 
+class EncoderLayer(nn.Module):
+    """A pre-norm transformer layer: ``x + attention(norm1(x))``, then ``x + ff(norm2(x))``.
+
+    Parameter names are those of ``nn.TransformerEncoderLayer(norm_first=True,
+    activation="gelu")``, so checkpoints written with that module load unchanged. It is
+    written out for :meth:`attend_target`: target tokens that attend to a sequence's keys
+    and to themselves without taking part in the sequence's own attention, and for
+    :meth:`project`, which computes a sequence's queries, keys and values once for both.
+    """
+
+    def __init__(self, d: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.self_attn = nn.Module()  # holds the names nn.MultiheadAttention would
+        self.self_attn.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))  # q, k, v rows
+        self.self_attn.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
+        self.self_attn.out_proj = nn.Linear(d, d)
+        nn.init.xavier_uniform_(self.self_attn.in_proj_weight)  # as nn.MultiheadAttention
+        nn.init.zeros_(self.self_attn.out_proj.bias)
+        self.linear1 = nn.Linear(d, d_ff)
+        self.linear2 = nn.Linear(d_ff, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.norm2 = nn.LayerNorm(d)
+
+    def project(self, x: torch.Tensor, query: bool = True) -> tuple[torch.Tensor, ...]:
+        """x (N, T, d) -> (q, k, v) of ``norm1(x)``, each (N, heads, T, hd); (k, v) only
+        without ``query``."""
+        N, T, d = x.shape
+        w, b = self.self_attn.in_proj_weight, self.self_attn.in_proj_bias
+        if not query:
+            w, b = w[d:], b[d:]
+        parts = w.shape[0] // d
+        out = F.linear(self.norm1(x), w, b).view(N, T, parts, self.n_heads, d // self.n_heads)
+        return out.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor,
+                qkv: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """x (N, T, d) -> (N, T, d). ``allowed`` (N or 1, 1, T, T) bool: True where query t
+        may attend to key u; no row may be all False. ``qkv``: :meth:`project` of x, if
+        already computed."""
+        q, k, v = qkv if qkv is not None else self.project(x)
+        p = self.dropout if self.training else 0.0
+        return self._feed_forward(self._attended(
+            x, F.scaled_dot_product_attention(q, k, v, allowed, dropout_p=p)))
+
+    def attend_target(self, target: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      keep: torch.Tensor) -> torch.Tensor:
+        """The layer for target tokens (B, d), each attending to a sequence's keys and
+        values ``k``, ``v`` (B or 1, heads, L, hd; :meth:`project` of the layer's sequence
+        input) where ``keep`` (B or 1, L) is True, and to itself -> (B, d). A sequence of
+        batch 1 is shared by every target."""
+        t = target.unsqueeze(1)  # (B, 1, d)
+        q, k_t, v_t = self.project(t)  # (B, heads, 1, hd) each
+        scale = q.shape[-1] ** -0.5
+        scores = torch.cat([(q @ k.transpose(-1, -2)).masked_fill(~keep[:, None, None], -torch.inf),
+                            (q * k_t).sum(-1, keepdim=True)], dim=-1) * scale  # (B, h, 1, L+1)
+        weights = F.dropout(F.softmax(scores, dim=-1), self.dropout, self.training)
+        attended = weights[..., :-1] @ v + weights[..., -1:] * v_t  # (B, heads, 1, hd)
+        return self._feed_forward(self._attended(t, attended)).squeeze(1)
+
+    def _attended(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """x (N, T, d) plus the attention output ``heads`` (N, heads, T, hd) projected."""
+        N, _, T, _ = heads.shape
+        out = self.self_attn.out_proj(heads.transpose(1, 2).reshape(N, T, -1))
+        return x + F.dropout(out, self.dropout, self.training)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(F.gelu(self.linear1(self.norm2(x))), self.dropout, self.training)
+        return x + F.dropout(self.linear2(h), self.dropout, self.training)
+
+
 class BehaviorTransformer(nn.Module):
     """A bidirectional transformer over [sequence tokens..., target token] -> target's output.
 
@@ -150,27 +222,28 @@ class BehaviorTransformer(nn.Module):
     0 marks the target), recency and action embeddings, masks padding out of attention and
     returns the target token's final representation.
 
-    With ``attention="target"`` the sequence tokens do not attend to the target, so a
-    sequence shared by many candidates ((1, L) inputs, B targets) is encoded once and each
-    target attends to its layers' outputs: the same numbers as B full passes, at the cost of
-    one pass over L tokens plus B single tokens.
+    With ``attention="target"`` the sequence tokens do not attend to the target, so the
+    sequence is encoded on its own and, layer by layer, the target attends to that layer's
+    sequence keys and to itself: the numbers of a full pass over L+1 tokens with the
+    target masked from the sequence, without the target's row in the sequence's attention
+    and without the last layer's sequence outputs, which nothing reads. A sequence shared by
+    many candidates ((1, L) inputs, B targets) is encoded once for all of them.
     """
 
     def __init__(self, config: RankerConfig):
         super().__init__()
         d = config.d_model
         self.max_seq_len = config.max_seq_len
-        self.n_heads = config.n_heads
         self.target_attention = config.attention == "target"
         self.pos_emb = nn.Embedding(config.max_seq_len + 1, d)  # 0 target, k = k-th most recent
         self.gap_emb = nn.Embedding(config.gap_buckets, d, padding_idx=0)
         self.action_emb = nn.Embedding(N_ACTIONS, d, padding_idx=0)
         self.drop = nn.Dropout(config.seq_dropout)
-        layer = nn.TransformerEncoderLayer(
-            d, config.n_heads, config.d_ff, config.seq_dropout, activation="gelu",
-            batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, config.n_layers, norm=nn.LayerNorm(d),
-                                             enable_nested_tensor=False)
+        self.encoder = nn.Module()  # the names nn.TransformerEncoder would give
+        self.encoder.layers = nn.ModuleList(
+            EncoderLayer(d, config.n_heads, config.d_ff, config.seq_dropout)
+            for _ in range(config.n_layers))
+        self.encoder.norm = nn.LayerNorm(d)
 
     def forward(self, seq: torch.Tensor, target: torch.Tensor, batch: dict) -> torch.Tensor:
         """seq (B, L, d) or shared (1, L, d), and target (B, d) contents -> (B, d)."""
@@ -179,62 +252,34 @@ class BehaviorTransformer(nn.Module):
         if seq_len > self.max_seq_len:
             raise ValueError(f"sequence length {seq_len} > max_seq_len {self.max_seq_len}")
         pos = torch.arange(seq_len, 0, -1, device=seq.device)  # (L,): L ... 1, last slot = 1
-        seq = (seq + self.pos_emb(pos) + self.gap_emb(batch["seq_gap"])
-               + self.action_emb(batch["seq_action"]))  # (B or 1, L, d)
-        target = target + self.pos_emb.weight[0]  # (B, d)
+        seq = self.drop(seq + self.pos_emb(pos) + self.gap_emb(batch["seq_gap"])
+                        + self.action_emb(batch["seq_action"]))  # (B or 1, L, d)
+        target = self.drop(target + self.pos_emb.weight[0])  # (B, d)
         keep = batch["seq_mask"]  # (B or 1, L)
-        if seq.shape[0] == 1 and B > 1 and self.target_attention:
-            return self._shared_sequence(self.drop(seq), self.drop(target), keep[0])
-        seq, keep = seq.expand(B, -1, -1), keep.expand(B, -1)
-        x = torch.cat([seq, target.unsqueeze(1)], dim=1)  # (B, L+1, d)
-        kept = torch.cat([keep, torch.ones(B, 1, dtype=torch.bool, device=seq.device)], 1)
+        layers = self.encoder.layers
         if not self.target_attention:
-            # True = ignore. The target is always attended to, so no row is all-masked.
-            h = self.encoder(self.drop(x), src_key_padding_mask=~kept)  # (B, L+1, d)
-            return h[:, -1]  # (B, d)
-        allowed = kept.unsqueeze(1).repeat(1, seq_len + 1, 1)  # (B, L+1 queries, L+1 keys)
-        allowed[:, :seq_len, seq_len] = False  # the sequence does not see the target
-        # Every token sees itself, so a padding row (or an empty sequence) is never all-masked;
-        # no real token attends to padding, so those rows never reach the target's output.
-        allowed |= torch.eye(seq_len + 1, dtype=torch.bool, device=seq.device)
-        mask = ~allowed.repeat_interleave(self.n_heads, dim=0)  # (B * heads, L+1, L+1)
-        h = self.encoder(self.drop(x), mask=mask)  # (B, L+1, d)
-        return h[:, -1]  # (B, d)
-
-    def _shared_sequence(self, seq: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
-                         ) -> torch.Tensor:
-        """seq (1, L, d) with keep (L,), and target (B, d) -> (B, d), layer by layer: the
-        sequence goes through each layer once; each target attends to that layer's input."""
-        seq_len = seq.shape[1]
-        allowed = keep.unsqueeze(0).repeat(seq_len, 1)  # (L, L)
-        allowed |= torch.eye(seq_len, dtype=torch.bool, device=seq.device)
-        seq_mask = ~allowed.unsqueeze(0).repeat_interleave(self.n_heads, dim=0)  # (heads, L, L)
-        for layer in self.encoder.layers:
-            target = target + _target_attention(layer, seq[0], keep, target)
-            target = target + layer._ff_block(layer.norm2(target))
-            seq = layer(seq, src_mask=seq_mask)
-        return self.encoder.norm(target)
+            x = torch.cat([seq.expand(B, -1, -1), target.unsqueeze(1)], dim=1)  # (B, L+1, d)
+            kept = torch.cat([keep.expand(B, -1), keep.new_ones(B, 1)], dim=1)  # (B, L+1)
+            allowed = _allowed(kept)
+            for layer in layers:
+                x = layer(x, allowed)
+            return self.encoder.norm(x[:, -1])  # (B, d)
+        allowed = _allowed(keep)  # (B or 1, 1, L, L)
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1  # the last layer's sequence outputs are never read
+            qkv = layer.project(seq, query=not last)
+            target = layer.attend_target(target, *qkv[-2:], keep)
+            if not last:
+                seq = layer(seq, allowed, qkv)
+        return self.encoder.norm(target)  # (B, d)
 
 
-def _target_attention(layer: nn.TransformerEncoderLayer, seq: torch.Tensor, keep: torch.Tensor,
-                      target: torch.Tensor) -> torch.Tensor:
-    """One pre-norm layer's self-attention output for B target tokens over a shared
-    sequence (L, d) (keys where ``keep``) plus each target itself -> (B, d)."""
-    attn = layer.self_attn
-    B, d = target.shape
-    h, hd = attn.num_heads, d // attn.num_heads
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    s, t = layer.norm1(seq), layer.norm1(target)
-    q = F.linear(t, w[:d], b[:d]).view(B, h, hd)
-    k_t, v_t = F.linear(t, w[d:], b[d:]).view(B, 2, h, hd).unbind(1)  # (B, h, hd) each
-    k_s, v_s = F.linear(s, w[d:], b[d:]).view(-1, 2, h, hd).unbind(1)  # (L, h, hd) each
-    scale = hd ** -0.5
-    scores = torch.cat([torch.einsum("bhe,lhe->bhl", q, k_s).masked_fill(~keep, float("-inf")),
-                        (q * k_t).sum(-1, keepdim=True)], dim=-1) * scale  # (B, h, L+1)
-    p = attn.dropout if attn.training else 0.0
-    weights = F.dropout(F.softmax(scores, dim=-1), p)
-    out = torch.einsum("bhl,lhe->bhe", weights[..., :-1], v_s) + weights[..., -1:] * v_t
-    return layer.dropout1(attn.out_proj(out.reshape(B, d)))
+def _allowed(keep: torch.Tensor) -> torch.Tensor:
+    """keep (N, T) -> (N, 1, T, T) attention mask: every token attends to the kept ones and
+    to itself, so a padding row (or an empty sequence) is never all-masked; no kept token
+    attends to padding, so padding never reaches a kept token's output."""
+    eye = torch.eye(keep.shape[1], dtype=torch.bool, device=keep.device)
+    return (keep.unsqueeze(1) | eye).unsqueeze(1)
 
 
 class IDModule(nn.Module):
@@ -298,8 +343,8 @@ class PPMModule(nn.Module):
                              f"(M, {self.modal_dim}) (another encoder version?)")
         table = table.to(self.proj[0].weight.dtype)  # the cache may store float16
         projected = torch.cat([self.missing.unsqueeze(0), self.proj(table[1:])])  # (M, d)
-        target = projected[batch["target_modal_row"]]  # (B, d)
-        seq = projected[batch["seq_modal_row"]]  # (B, L, d)
+        target = F.embedding(batch["target_modal_row"], projected)  # (B, d)
+        seq = F.embedding(batch["seq_modal_row"], projected)  # (B, L, d)
         h = self.transformer(seq, target, batch)  # (B, d)
         return torch.cat([h, target], dim=1)  # (B, 2d)
 
