@@ -277,13 +277,21 @@ def reference_output(transformer, seq: torch.Tensor, target: torch.Tensor, batch
 
 @pytest.mark.parametrize("attention", ["target", "full"])
 @pytest.mark.parametrize("n_layers", [1, 3])
-def test_behavior_transformer_computes_a_plain_encoder_pass(attention, n_layers):
+@pytest.mark.parametrize("chunk_rows", [256, 2])
+@pytest.mark.parametrize("left_padded", [True, False])
+def test_behavior_transformer_computes_a_plain_encoder_pass(attention, n_layers, chunk_rows,
+                                                           left_padded):
     """Target attention skips the target's row in the sequence's attention and the last
-    layer's sequence outputs: shortcuts that must give the numbers of a plain masked pass
-    through PyTorch's TransformerEncoderLayer, outputs and gradients alike."""
+    layer's sequence outputs, and runs rows in length-sorted chunks cut to the span they
+    need: shortcuts that must give the numbers of a plain masked pass through PyTorch's
+    TransformerEncoderLayer, outputs and gradients alike, whatever the mask."""
     model = make_model("idrec", attention=attention, n_layers=n_layers)
     transformer = model.id_module.transformer
+    transformer.chunk_rows = chunk_rows
     batch = random_batch(model.config, B=6, L=7)
+    if not left_padded:  # holes anywhere (the contract says left-padded; be exact anyway)
+        batch["seq_mask"] = torch.rand(6, 7, generator=torch.Generator().manual_seed(1)) < 0.5
+        batch["seq_mask"][0] = False
     seq = torch.randn(6, 7, model.config.d_model, requires_grad=True)
     target = torch.randn(6, model.config.d_model, requires_grad=True)
     ours = transformer(seq, target, batch)

@@ -235,6 +235,8 @@ class BehaviorTransformer(nn.Module):
         d = config.d_model
         self.max_seq_len = config.max_seq_len
         self.target_attention = config.attention == "target"
+        self.chunk_rows = 256  # rows per length-sorted chunk (_by_length); large enough that
+        #   each chunk's matrix products stay efficient, small enough that lengths group
         self.pos_emb = nn.Embedding(config.max_seq_len + 1, d)  # 0 target, k = k-th most recent
         self.gap_emb = nn.Embedding(config.gap_buckets, d, padding_idx=0)
         self.action_emb = nn.Embedding(N_ACTIONS, d, padding_idx=0)
@@ -264,6 +266,14 @@ class BehaviorTransformer(nn.Module):
             for layer in layers:
                 x = layer(x, allowed)
             return self.encoder.norm(x[:, -1])  # (B, d)
+        if keep.shape[0] > self.chunk_rows:  # one sequence per row, many rows
+            return self._by_length(seq, target, keep)
+        return self._target_pass(seq, target, keep)
+
+    def _target_pass(self, seq: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
+                     ) -> torch.Tensor:
+        """Target attention: seq (B or 1, L, d), target (B, d), keep (B or 1, L) -> (B, d)."""
+        layers = self.encoder.layers
         allowed = _allowed(keep)  # (B or 1, 1, L, L)
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1  # the last layer's sequence outputs are never read
@@ -272,6 +282,21 @@ class BehaviorTransformer(nn.Module):
             if not last:
                 seq = layer(seq, allowed, qkv)
         return self.encoder.norm(target)  # (B, d)
+
+    def _by_length(self, seq: torch.Tensor, target: torch.Tensor, keep: torch.Tensor
+                   ) -> torch.Tensor:
+        """:meth:`_target_pass` over rows sorted by how far back their sequence reaches, in
+        chunks of ``chunk_rows``, each cut to the span its longest row needs: the padding
+        left of it costs nothing. Rows never interact, so the numbers are those of one pass.
+        seq (B, L, d), target (B, d), keep (B, L) -> (B, d)."""
+        L = keep.shape[1]
+        span = torch.where(keep.any(1), L - keep.int().argmax(1), 0)  # (B,): from first kept
+        order = span.argsort()
+        parts = []
+        for rows in order.split(self.chunk_rows):
+            n = max(int(span[rows[-1]]), 1)
+            parts.append(self._target_pass(seq[rows, L - n:], target[rows], keep[rows, L - n:]))
+        return torch.cat(parts)[order.argsort()]
 
 
 def _allowed(keep: torch.Tensor) -> torch.Tensor:
