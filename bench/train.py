@@ -6,19 +6,33 @@ sequences left-padded to L = 50 with lengths drawn uniformly from 0..50, a modal
 forward, backward, gradient clipping, AdamW. Both variants get the same batches, a few
 warm-up steps, then timed steps interleaved round by round so machine noise hits both.
 
-Run ``python bench/train.py``; the last line is one JSON object:
-``{"batch", "idrec_samples_per_s", "ppm_samples_per_s", "ratio_ppm_to_idrec", ...}``.
+``--against REF`` also builds both variants from ``trainer/model.py`` as it was at git commit
+REF (read with ``git show``; the batch contract must be the same) and interleaves them with
+today's, so a speed-up is measured within one run: machines here differ by 2x or more
+between runs, and their load changes within minutes.
+
+Run ``python bench/train.py [--against REF]``; the last line is one JSON object:
+``{"batch", "idrec_samples_per_s", "ppm_samples_per_s", "ratio_ppm_to_idrec", ...}``, with
+``--against`` also ``"against"``, ``"against_<variant>_samples_per_s"`` and
+``"speedup_<variant>"`` (today's samples/s over REF's).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from trainer.model import RankerConfig, UnifiedRanker
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trainer.model import RankerConfig, UnifiedRanker  # noqa: E402
 
 
 def synthetic_batch(c: RankerConfig, batch: int, seq_len: int, modal_rows: int,
@@ -57,6 +71,17 @@ def train_step(model: UnifiedRanker, optimizer: torch.optim.Optimizer, batch: di
     return loss.item()
 
 
+def model_module_at(ref: str):
+    """``trainer/model.py`` as it was at git commit ``ref``, imported as a module of its own."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:trainer/model.py"],
+                            check=True, capture_output=True, text=True).stdout
+    name = f"model_at_{ref.replace('-', '_').replace('/', '_')}"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    exec(compile(source, f"{ref}:trainer/model.py", "exec"), module.__dict__)
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1024)
@@ -69,16 +94,25 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="e.g. cuda (the goal is CPU)")
     parser.add_argument("--seq-dropout", type=float, default=RankerConfig.seq_dropout,
                         help="dropout inside the transformers (its cost on CPU is the point)")
+    parser.add_argument("--against", metavar="REF",
+                        help="also time trainer/model.py at this git commit, interleaved")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    torch.manual_seed(0)
-    variants = ("idrec", "ppm")
-    models = {v: UnifiedRanker(RankerConfig(variant=v, max_seq_len=args.seq_len,
-                                           seq_dropout=args.seq_dropout)).to(device)
-              for v in variants}
+    builds = {"": (RankerConfig, UnifiedRanker)}
+    if args.against:
+        old = model_module_at(args.against)
+        builds["against_"] = (old.RankerConfig, old.UnifiedRanker)
+    variants = tuple(f"{prefix}{v}" for prefix in builds for v in ("idrec", "ppm"))
+    models = {}
+    for v in variants:
+        prefix, variant = v[: -len(v.split("_")[-1])], v.split("_")[-1]
+        config_cls, model_cls = builds[prefix]
+        torch.manual_seed(0)
+        models[v] = model_cls(config_cls(variant=variant, max_seq_len=args.seq_len,
+                                         seq_dropout=args.seq_dropout)).to(device)
     optimizers = {v: torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-5)
                   for v, m in models.items()}
     g = torch.Generator().manual_seed(0)
@@ -103,7 +137,7 @@ def main() -> None:
     for v in variants:
         print(f"{v}: {models[v].parameter_count():,} parameters, "
               f"{1000 * seconds[v] / steps[v]:.0f} ms/step, {rate[v]:,.0f} samples/s")
-    print(json.dumps({
+    result = {
         "batch": args.batch,
         "idrec_samples_per_s": round(rate["idrec"], 1),
         "ppm_samples_per_s": round(rate["ppm"], 1),
@@ -114,8 +148,13 @@ def main() -> None:
         "seq_dropout": args.seq_dropout,
         "threads": torch.get_num_threads(),
         "device": str(device),
-    }))
-
+    }
+    if args.against:
+        result["against"] = args.against
+        for v in ("idrec", "ppm"):
+            result[f"against_{v}_samples_per_s"] = round(rate[f"against_{v}"], 1)
+            result[f"speedup_{v}"] = round(rate[v] / rate[f"against_{v}"], 3)
+    print(json.dumps(result))
 
 if __name__ == "__main__":
     main()
