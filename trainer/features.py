@@ -129,17 +129,18 @@ class ItemVocabulary:
         return ItemVocabulary(counts, self.min_count)
 
     @cached_property
-    def admitted(self) -> pa.Array:
-        """The admitted ids, sorted."""
-        return pa.array(sorted(i for i, n in self.counts.items() if n >= self.min_count),
-                        pa.string())
+    def admitted(self) -> frozenset[str]:
+        """The admitted ids."""
+        return frozenset(i for i, n in self.counts.items() if n >= self.min_count)
 
     def admits(self, item_ids: Sequence[str | None] | pa.Array) -> np.ndarray:
         """(N,) bool: which of ``item_ids`` are admitted."""
-        arr = item_ids if isinstance(item_ids, pa.Array | pa.ChunkedArray) else pa.array(
-            item_ids, pa.string())
-        return pc.fill_null(pc.is_in(arr, value_set=self.admitted), False).to_numpy(
-            zero_copy_only=False)
+        if isinstance(item_ids, pa.Array | pa.ChunkedArray):
+            item_ids = item_ids.to_pylist()
+        # A set lookup per id: serving asks about a few hundred ids per request, and
+        # Arrow's is_in would build a hash table of the whole vocabulary on every call.
+        admitted = self.admitted
+        return np.fromiter((i in admitted for i in item_ids), bool, len(item_ids))
 
     def to_dict(self) -> dict:
         """Plain values for a checkpoint (:func:`trainer.model.save_checkpoint`)."""
