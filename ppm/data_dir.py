@@ -14,6 +14,7 @@ A data directory (``Config.data_dir``, ``ppm-data`` by default; ``Config.paths``
                                     each Faust worker's own side files
     faust/                          Faust's own data folder
     import/  simulated/  demo/      default outputs of ppm import, simulate and demo
+    experiments/                    ppm eval --seeds results
 
 Code asks :class:`DataDir` for a path instead of joining the root with a name, so the layout
 can be read (and changed) here alone.
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRAINING_PARTITION_PREFIX = "partition-"
+ORACLE_FILE = "oracle.parquet"
+"""The simulator's truth, written beside its JSONL (``ShopSimulator.write_jsonl``)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,21 @@ class DataDir:
     def simulated(self) -> Path:
         """``ppm simulate``'s default output folder (items.jsonl, behaviors.jsonl)."""
         return self.root / "simulated"
+
+    @property
+    def simulated_oracle(self) -> Path:
+        """The oracle of ``ppm simulate``'s default output (each impression's true click
+        logit, for evaluation only): ``ppm eval --seeds`` reads it where there is one."""
+        return self.simulated / ORACLE_FILE
+
+    @property
+    def experiments(self) -> Path:
+        """``ppm eval --seeds`` results, one JSON file per run (:meth:`experiment`)."""
+        return self.root / "experiments"
+
+    def experiment(self, name: str) -> Path:
+        """The result file of the ``ppm eval --seeds`` run ``name`` (its start, UTC)."""
+        return self.experiments / f"{name}.json"
 
     @property
     def demo(self) -> Path:

@@ -90,11 +90,23 @@ def test_demo_quick_streams_the_shop_through_feast(tmp_path, capsys):
                                   + summary["dead_letters"])
     # Cold items are not blank ids: almost every impression of a new item finds its embedding.
     assert 0.1 < f["cold_sample_share"] < 0.5 and f["cold_samples_with_embedding"] > 0.9
-    # The ranker was trained window by window; both variants report AUCs on unseen windows.
+    # The ranker was trained window by window; every variant, the shuffled-vector control
+    # included, reports AUCs on unseen windows, next to the baselines and the oracle, each
+    # with a bootstrap interval over users.
     assert f["windows_evaluated"] >= 5
-    for key in ("auc_idrec", "auc_ppm", "auc_cold_idrec", "auc_cold_ppm"):
-        assert 0 <= f[key] <= 1, key
-    assert (paths.registry("ppm") / "champion.json").exists()
+    models = ("idrec", "ppm", "ppm_shuffled", "baseline_logreg", "baseline_rate", "oracle")
+    for key in (f"auc_{bucket}{m}" for bucket in ("", "cold_") for m in models):
+        lo, hi = f[f"{key}_ci95"]
+        assert 0 <= lo <= hi <= 1 and 0 <= f[key] <= 1, key
+    for bucket in ("", "cold_"):
+        # Nothing beats the truth the clicks were drawn from.
+        assert f[f"auc_{bucket}oracle"] > max(f[f"auc_{bucket}{m}"] for m in models[:-1])
+        diff = f[f"auc_{bucket}diff_ppm_idrec"]
+        assert diff == pytest.approx(f[f"auc_{bucket}ppm"] - f[f"auc_{bucket}idrec"])
+        lo, hi = f[f"auc_{bucket}diff_ppm_idrec_ci95"]
+        assert -1 <= lo < hi <= 1
+    for variant in ("idrec", "ppm", "ppm_shuffled"):
+        assert (paths.registry(variant) / "champion.json").exists()
     assert "The distributed path" in out  # it points to the Kafka/Faust/Redis path
 
 

@@ -234,3 +234,20 @@ def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknow
                          vocabulary=item_vocabulary(windows[:1], min_count=2))
     assert (rare.features["item_id"] == 0).all() and (rare.features["seq_item_id"] == 0).all()
     assert (rare.features["seq_mask"] == plain.features["seq_mask"]).all()  # still there
+
+
+def test_shuffled_vectors_move_between_items_and_missing_stays_missing():
+    rng = np.random.default_rng(0)
+    vectors = np.r_[np.zeros((1, 3)), rng.normal(size=(50, 3))].astype(np.float32)
+    modal = ModalTable("enc-1", {f"i{k}": k + 1 for k in range(50)}, vectors,
+                       np.arange(51, dtype=np.int64))
+    shuffled = modal.shuffled(seed=3)
+    assert shuffled.row_of == modal.row_of and shuffled.encoder_version == "enc-1"
+    np.testing.assert_array_equal(shuffled.content_time_us, modal.content_time_us)
+    assert (shuffled.vectors[0] == 0).all()  # row 0 is "missing" in both
+    # Every item's vector is some item's vector, and almost none is its own.
+    rows = [int(np.flatnonzero((vectors == v).all(axis=1))[0]) for v in shuffled.vectors[1:]]
+    assert sorted(rows) == list(range(1, 51))
+    assert sum(r == k for k, r in enumerate(rows, start=1)) <= 3
+    np.testing.assert_array_equal(modal.shuffled(seed=3).vectors, shuffled.vectors)
+    assert not np.array_equal(modal.shuffled(seed=4).vectors, shuffled.vectors)

@@ -16,12 +16,15 @@ from trainer import metrics
 from trainer.metrics import (
     BUCKETS,
     DAY_S,
+    _weighted_aucs,
     auc,
+    bootstrap_auc,
     cold_buckets,
     compare,
     evaluate,
     gauc,
     logloss,
+    percentile_interval,
     precision_at_n,
     to_markdown,
 )
@@ -349,6 +352,47 @@ def test_to_markdown_compares_models_per_bucket():
     diff = compare({"idrec": idrec, "ppm": ppm}, "click", "all", "auc")
     assert diff == pytest.approx(ppm["click"]["all"]["auc"] - 0.5)
     assert compare({"idrec": idrec, "ppm": ppm}, "click", "age<1d", "p_at_9") is None
+
+
+# --- bootstrap intervals ---------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows, st.data())
+def test_weighted_auc_equals_the_auc_of_the_repeated_rows(data, draw):
+    """The bootstrap's vectorised core: weighting a row k times is repeating it k times."""
+    labels, scores, _ = data
+    weights = np.array(draw.draw(st.lists(st.lists(st.integers(0, 3), min_size=len(labels),
+                                                   max_size=len(labels)),
+                                          min_size=1, max_size=4)), np.int64)
+    if not labels:
+        return  # bootstrap_auc answers NaN for no rows without calling it
+    y, s = np.array(labels, bool), np.array(scores, np.float64)
+    order = np.argsort(s, kind="stable")
+    got = _weighted_aucs(y[order], s[order], weights[:, order])
+    for row, value in zip(weights, got, strict=True):
+        want = auc(np.repeat(y, row), np.repeat(s, row))
+        assert (want is None and np.isnan(value)) or value == pytest.approx(want, abs=1e-12)
+
+
+def test_bootstrap_resamples_users_and_pairs_models():
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(300), 4)  # four impressions per user
+    y = rng.random(users.size) < 0.3
+    good = y + rng.normal(0, 1, users.size)
+    bad = good + rng.normal(0, 2, users.size)  # the same rows, scored worse
+    aucs = bootstrap_auc(y, [good, good, bad], users, resamples=300, seed=5)
+    assert aucs.shape == (3, 300) and not np.isnan(aucs).any()
+    # One set of resamples for every model: the same scores agree on each resample.
+    np.testing.assert_array_equal(aucs[0], aucs[1])
+    np.testing.assert_array_equal(aucs, bootstrap_auc(y, [good, good, bad], users, 300, 5))
+    # The resamples scatter around the AUC of all rows.
+    for resampled, scores in ((aucs[0], good), (aucs[2], bad)):
+        lo, hi = percentile_interval(resampled)
+        assert lo < auc(y, scores) < hi and hi - lo < 0.15
+    # The paired difference varies less than either AUC: both move with the users drawn.
+    assert np.std(aucs[0] - aucs[2]) < np.std(aucs[2])
+    assert percentile_interval([np.nan, np.nan]) is None
 
 
 def test_docstring_examples_run():

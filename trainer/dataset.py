@@ -102,6 +102,16 @@ class ModalTable:
                    {item_id: row + 1 for row, item_id in enumerate(log["item_id"].to_pylist())},
                    vectors, times)
 
+    def shuffled(self, seed: int) -> ModalTable:
+        """The shuffled-vector control: the same items, each with another item's vector (a
+        permutation of rows 1.. seeded by ``seed``; row 0 stays "missing"). Which items have
+        a vector, and since when, is unchanged, so a model trained and scored on this table
+        sees content exactly as often, but content that says nothing about the item: what
+        ``ppm`` gains over ``idrec`` here is not the content's doing."""
+        order = np.r_[0, 1 + np.random.default_rng(seed).permutation(len(self.vectors) - 1)]
+        return ModalTable(self.encoder_version, self.row_of, self.vectors[order],
+                          self.content_time_us)
+
     def rows(self, item_ids: Sequence[str | None]) -> np.ndarray:
         """Rows of ``item_ids`` (0 where unknown), int64."""
         get = self.row_of.get

@@ -1,4 +1,5 @@
-"""Offline metrics for the ranker (``ppm eval``): AUC, GAUC, log loss, P@n, cold-start buckets.
+"""Offline metrics for the ranker (``ppm eval``): AUC, GAUC, log loss, P@n, cold-start buckets,
+and bootstrap intervals over users.
 
 Pure numpy, so importing this module is cheap (no torch). Every function takes 1-D arrays of
 one length ``N`` (anything ``np.asarray`` accepts) and returns Python ``float``/``int``/``None``,
@@ -19,6 +20,9 @@ All metrics are vectorised: sort by (group, score) once, then count per group wi
 ``np.add.reduceat``; :func:`auc` is :func:`gauc`'s routine with a single group. A million rows
 take a fraction of a second. :func:`evaluate` sorts each task once and selects each bucket's
 rows from the sorted order (a subset of a sorted array is still sorted).
+
+:func:`bootstrap_auc` is the exception to the scalar rule: it returns the AUCs of several
+models on many resamples of the users, as an array, for :func:`percentile_interval`.
 """
 
 from __future__ import annotations
@@ -479,3 +483,87 @@ def compare(
     if ours is None or theirs is None:
         return None
     return float(ours) - float(theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals
+# ---------------------------------------------------------------------------------------------
+
+
+def bootstrap_auc(labels, scores, groups, resamples: int = 200, seed: int = 0,
+                  chunk: int = 32) -> np.ndarray:
+    """AUC of several models' scores of the same rows on bootstrap resamples of the groups.
+
+    A resample draws as many groups (users) as the rows hold, with replacement, and takes
+    every row of a drawn group as often as it is drawn: rows of one user are not
+    independent, so users, not rows, are resampled. Every model is scored on the same
+    resamples, so ``aucs[a] - aucs[b]`` is a paired difference. AUC on a resample is the
+    weighted Mann-Whitney count (ties one half), computed for a block of resamples at once
+    from one sort of each model's scores.
+
+    Args:
+        labels: 0/1 or bool, shape (N,).
+        scores: float, shape (M, N) (M models) or (N,) (one).
+        groups: ids (any hashable), shape (N,), e.g. ``user_id``.
+        resamples: B, the number of resamples.
+        seed: seeds the resampling: the same seed and groups give the same resamples.
+        chunk: resamples weighted at once; memory is ``chunk * N`` floats.
+
+    Returns:
+        float64 (M, B): AUC of model m on resample b, NaN where a resample holds one class
+        only.
+
+    >>> aucs = bootstrap_auc([0, 1, 0, 1], [[0.1, 0.9, 0.2, 0.8]], ["a", "a", "b", "b"], 5)
+    >>> aucs.shape, bool((aucs == 1.0).all())
+    ((1, 5), True)
+    """
+    y = _as_binary(labels)
+    rows = y.shape[0]
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    if s.shape[1] != rows or np.isnan(s).any():
+        raise ValueError(f"scores must be (M, {rows}) without NaN, got shape {s.shape}")
+    out = np.full((s.shape[0], resamples), np.nan)
+    if not rows:
+        return out
+    _, users = np.unique(_group_codes(groups, rows, "groups"), return_inverse=True)
+    n_users = int(users.max()) + 1
+    rng = np.random.default_rng(seed)
+    # (B, U): how often each resample draws each user.
+    draws = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=resamples)
+    for m, model_scores in enumerate(s):
+        order = np.argsort(model_scores, kind="stable")
+        for b in range(0, resamples, chunk):
+            out[m, b : b + chunk] = _weighted_aucs(
+                y[order], model_scores[order], draws[b : b + chunk][:, users[order]])
+    return out
+
+
+def _weighted_aucs(y: np.ndarray, s: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC of bool labels ``y`` (N,) and float64 scores ``s`` (N,), sorted by score, under
+    each row of ``weights`` (b, N): how many times each row counts. Returns (b,) float64,
+    NaN where a row of weights leaves one class only."""
+    # The first row of each run of equal scores: a tie counts one half.
+    runs = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    weights = weights.astype(np.float64)
+    pos = np.add.reduceat(weights * y, runs, axis=1)  # (b, runs of equal scores)
+    neg = np.add.reduceat(weights * ~y, runs, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negatives scored lower than the run
+    wins = np.sum(pos * (below + 0.5 * neg), axis=1)
+    pairs = pos.sum(axis=1) * neg.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pairs > 0, wins / pairs, np.nan)
+
+
+def percentile_interval(samples, level: float = 0.95) -> tuple[float, float] | None:
+    """The central ``level`` share of bootstrap ``samples`` (NaN ignored): ``(lo, hi)``, or
+    None when no sample is defined.
+
+    >>> percentile_interval(np.arange(101.0))
+    (2.5, 97.5)
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if not x.size:
+        return None
+    lo, hi = np.percentile(x, [50 - 50 * level, 50 + 50 * level])
+    return float(lo), float(hi)

@@ -15,6 +15,9 @@ The loop reads top to bottom: load the data, fit, evaluate, decide, register.
   ``trainer.promote_tolerance`` (click AUC). Every step's outcome is in the registry. The
   score it reports for that next window is the champion's from *before* the decision
   (test-then-train): a model chosen on a window never scores that window.
+* ``shuffle_vectors_seed`` (:class:`IncrementalTrainer`, :func:`train_batch`) trains and
+  scores the shuffled-vector control (:meth:`ModalTable.shuffled`) that
+  :mod:`trainer.experiment` and the demo hold ``ppm`` against.
 
 Every model gets an item vocabulary from its training windows
 (:func:`trainer.dataset.item_vocabulary`, ``trainer.min_item_count``), kept with its
@@ -45,7 +48,7 @@ from trainer.dataset import (
     item_vocabulary,
 )
 from trainer.features import ItemVocabulary
-from trainer.metrics import auc, evaluate
+from trainer.metrics import BUCKETS, auc, evaluate
 from trainer.model import RankerConfig, UnifiedRanker
 from trainer.registry import Registry, Version
 
@@ -194,13 +197,18 @@ class IncrementalTrainer:
         registry: where versions and the champion pointer live (default
             ``cfg.paths.registry(variant)``).
         variant: overrides ``cfg.trainer.variant``.
+        shuffle_vectors_seed: the shuffled-vector control: train and score on
+            :meth:`ModalTable.shuffled` (that seed) instead of the items' own vectors. A
+            model trained so is an experiment's control, never one to serve: give it a
+            ``registry`` of its own.
     """
 
     def __init__(self, cfg: Config, registry: Registry | None = None,
-                 variant: str | None = None):
+                 variant: str | None = None, shuffle_vectors_seed: int | None = None):
         self.cfg = cfg
         self.variant = variant or cfg.trainer.variant
         self.registry = registry or Registry(cfg.paths.registry(self.variant))
+        self.shuffle_vectors_seed = shuffle_vectors_seed
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         self._modal: tuple[tuple[str, ...], ModalTable] | None = None
@@ -223,11 +231,14 @@ class IncrementalTrainer:
     @property
     def modal(self) -> ModalTable:
         """Cached item vectors, re-read when the item log has new parts (items embedded
-        since the last step must be visible)."""
+        since the last step must be visible); shuffled for the control."""
         folder = self.cfg.paths.item_log
         parts = tuple(sorted(p.name for p in folder.glob("part-*.parquet")))
         if self._modal is None or self._modal[0] != parts:
-            self._modal = (parts, ModalTable.from_item_log(folder))
+            modal = ModalTable.from_item_log(folder)
+            if self.shuffle_vectors_seed is not None:
+                modal = modal.shuffled(self.shuffle_vectors_seed)
+            self._modal = (parts, modal)
         return self._modal[1]
 
     def _champion(self) -> tuple[Version, UnifiedRanker] | None:
@@ -315,6 +326,7 @@ class IncrementalTrainer:
             "evaluated_on": eval_window.name,
             "samples": len(train),
             "encoder_version": self.modal.encoder_version,
+            "shuffle_vectors_seed": self.shuffle_vectors_seed,
             "item_vocabulary": vocabulary_meta(candidate.item_vocabulary),
             "metrics": cand_metrics,
             "champion_metrics": champ_metrics,
@@ -420,6 +432,9 @@ class BatchFit:
     """Validation click AUC after each epoch run."""
     tuned: dict[str, Any] | None = None
     """:func:`tune_batch`: the values chosen and every value tried with its AUC."""
+    shuffle_vectors_seed: int | None = None
+    """The shuffled-vector control's seed (:meth:`ModalTable.shuffled`); None: the items'
+    own vectors."""
 
     def meta(self) -> dict[str, Any]:
         """The registry meta of this model."""
@@ -428,17 +443,21 @@ class BatchFit:
                 "best_epoch": self.best_epoch, "valid_click_auc": self.valid_auc,
                 "valid_click_aucs": self.valid_aucs, "tuned": self.tuned,
                 "encoder_version": self.encoder_version,
+                "shuffle_vectors_seed": self.shuffle_vectors_seed,
                 "item_vocabulary": vocabulary_meta(self.model.item_vocabulary)}
 
 
 def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
                 epochs: int | None = None, progress: bool = True,
-                valid: Sequence[Window] = ()) -> BatchFit:
+                valid: Sequence[Window] = (), shuffle_vectors_seed: int | None = None
+                ) -> BatchFit:
     """``ppm train --batch``: one fit from scratch over ``windows``, for at most ``epochs``
     (default ``trainer.initial_epochs``). With ``valid`` windows, the epoch with the best
     validation click AUC is kept, and training stops after ``trainer.patience`` epochs
-    without a better one. The item vocabulary is counted from ``windows``."""
-    trainer = IncrementalTrainer(cfg, variant=variant)
+    without a better one. The item vocabulary is counted from ``windows``.
+    ``shuffle_vectors_seed``: the shuffled-vector control (see :class:`IncrementalTrainer`;
+    score the model through a trainer with the same seed)."""
+    trainer = IncrementalTrainer(cfg, variant=variant, shuffle_vectors_seed=shuffle_vectors_seed)
     t = cfg.trainer
     model = new_model(cfg, trainer.variant, trainer.modal.dim)
     model.item_vocabulary = item_vocabulary(windows, t.min_item_count)
@@ -464,7 +483,7 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
         model.load_state_dict(best["state"])
     return BatchFit(model, trainer.variant, trainer.modal.encoder_version, names(windows),
                     names(valid) if held_out is not None else [], ran, best.get("epoch"),
-                    best.get("auc"), aucs)
+                    best.get("auc"), aucs, shuffle_vectors_seed=shuffle_vectors_seed)
 
 
 def tune_batch(cfg: Config, split: Split, grid: Mapping[str, Sequence[str]],
@@ -536,6 +555,19 @@ def check_before_test(registry: Registry, version: Version, split: Split) -> Non
         f"incrementally only on windows before {test_start}.")
 
 
+TEST_BUCKETS = ("all", "new_in_test", *BUCKETS[1:])
+"""The buckets of a test-period report, in order: ``trainer.metrics.BUCKETS`` and
+``new_in_test`` (:func:`new_in_period` of the test period)."""
+
+
+def new_in_period(data: WindowDataset, start_us: int) -> np.ndarray:
+    """bool (n,): samples whose item was first seen at or after ``start_us`` (µs since the
+    epoch, UTC), from the impression time and the item's age; an unknown age is never new.
+    With the test period's start: ``new_in_test``, the cold items of a temporal split."""
+    first_seen = data.impression_us - np.nan_to_num(data.item_age_s, nan=np.inf) * 1e6
+    return first_seen >= start_us
+
+
 def evaluate_champions(cfg: Config, variants: Sequence[str],
                        test_share: float) -> tuple[dict, tuple[str, ...]]:
     """``ppm eval``: each variant's champion on the test period.
@@ -559,15 +591,14 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
         data = trainer.dataset_for(model, split.test)
         logits = predict(model, data)
         result = report(data, logits)
-        first_seen = data.impression_us - np.nan_to_num(data.item_age_s, nan=np.inf) * 1e6
-        new = report(data, logits, rows=first_seen >= split.test_start_us)
+        new = report(data, logits, rows=new_in_period(data, split.test_start_us))
         for task in result:
             result[task]["new_in_test"] = new[task]["all"]
         result["model"] = {"version": champion.name, "test_windows": len(split.test),
                            "test_start": datetime.fromtimestamp(split.test_start_us / 1e6, UTC)
                            .isoformat()}
         reports[variant] = result
-    return reports, ("all", "new_in_test", "age<1d", "age1-7d", "age>7d", "no_click_before")
+    return reports, TEST_BUCKETS
 
 
 def describe(result: StepResult) -> str:

@@ -117,6 +117,8 @@ def _tune_option(text: str) -> tuple[str, list[str]]:
 
 
 def _eval(args: argparse.Namespace, cfg: Config) -> int:
+    if args.seeds is not None:
+        return _eval_seeds(args, cfg)
     from trainer.metrics import to_markdown
     from trainer.train import LeakyChampionError, evaluate_champions
 
@@ -131,6 +133,43 @@ def _eval(args: argparse.Namespace, cfg: Config) -> int:
         Path(args.markdown).write_text(markdown + "\n")
     print(markdown, file=sys.stderr)
     print(json.dumps(reports))
+    return 0
+
+
+def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
+    """``ppm eval --seeds N``: the experiment of :mod:`trainer.experiment`; its result goes
+    to ``cfg.paths.experiment(...)`` and, as JSON, to the last line of stdout."""
+    from ppm.atomic_file import write_atomically
+    from trainer.baselines import Oracle
+    from trainer.experiment import run_experiment, to_markdown
+
+    if args.variant:
+        print("ppm eval: --seeds trains idrec, ppm and the shuffled-vector control itself; "
+              "drop --variant", file=sys.stderr)
+        return 2
+    oracle_file = Path(args.oracle) if args.oracle else cfg.paths.simulated_oracle
+    if args.oracle and not oracle_file.is_file():
+        print(f"ppm eval: no oracle file {oracle_file}", file=sys.stderr)
+        return 2
+    started = datetime.now(UTC)
+    try:
+        oracle = Oracle.read(oracle_file) if oracle_file.is_file() else None
+        result = run_experiment(cfg, args.seeds, args.test_share, args.valid_share,
+                                args.epochs, oracle, progress=not args.quiet)
+    except ValueError as exc:
+        print(f"ppm eval: {exc}", file=sys.stderr)
+        return 2
+    result = {"oracle_file": str(oracle_file) if oracle else None, **result}
+    text = json.dumps(result)
+    path = cfg.paths.experiment(started.strftime("%Y%m%dT%H%M%SZ"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, (text + "\n").encode())
+    markdown = to_markdown(result)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown)
+    print(markdown, file=sys.stderr)
+    print(f"results in {path}", file=sys.stderr)
+    print(text)
     return 0
 
 
@@ -437,6 +476,22 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-share", type=float, default=0.2,
                           help="the test period: the last share of the time span")
     evaluate.add_argument("--markdown", metavar="FILE", help="also write the table here")
+    evaluate.add_argument(
+        "--seeds", type=int, metavar="N",
+        help="instead of the champions: fit idrec, ppm and the shuffled-vector control "
+        "with seeds 0..N-1 on the train period (epoch chosen on validation; not "
+        "registered), fit two baselines, score the test period and report mean AUCs with "
+        "95%% intervals and paired differences; results also in DATA_DIR/experiments/")
+    evaluate.add_argument("--valid-share", type=float, default=0.1,
+                          help="--seeds: the share of the time span just before the test "
+                          "period that chooses the epoch (default 0.1)")
+    evaluate.add_argument("--epochs", type=int, help="--seeds: most epochs per fit (default "
+                          "from config: trainer.initial_epochs)")
+    evaluate.add_argument("--oracle", metavar="FILE",
+                          help="--seeds: the simulator's oracle.parquet for these data "
+                          "(default: DATA_DIR/simulated/oracle.parquet where there is one); "
+                          "its AUC is the ceiling")
+    evaluate.add_argument("--quiet", action="store_true", help="--seeds: no progress bar")
     evaluate.set_defaults(run=_eval)
 
     serve = sub.add_parser("serve", help="score candidates over HTTP (POST /rank)")

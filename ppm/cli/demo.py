@@ -2,10 +2,15 @@
 
 It simulates a shop (with a few malformed records mixed in), replays it through the local
 runner (items embedded on arrival into Feast's SQLite online store, user sequences, labelled
-training windows), then trains the ranker incrementally over the closed windows, once as
-``idrec`` (IDs only) and once as ``ppm`` (IDs + cached modal embeddings), and reports what
-happened. Evaluation is test-then-train: each window is scored by the model trained on the
-windows before it, so every AUC is on data the model has not seen.
+training windows), then trains the ranker incrementally over the closed windows, as
+``idrec`` (IDs only), as ``ppm`` (IDs + cached modal embeddings) and as the shuffled-vector
+control (``ppm`` trained and scored with each item's vector swapped for another item's:
+what it gains over ``idrec`` is not the content's doing), and reports what happened.
+Evaluation is test-then-train: each window is scored by the model trained on the windows
+before it, so every AUC is on data the model has not seen. Beside them: two baselines
+(``trainer.baselines``) fitted on the warm-up windows and the simulator's oracle, the best
+AUC any model could reach on the same impressions; intervals are 95% bootstrap intervals
+over users (``trainer.experiment.compare_models``).
 """
 
 from __future__ import annotations
@@ -16,11 +21,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ppm.config import Config
 from ppm.data_dir import DataDir
+from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, clicks
+from trainer.experiment import PAIRS, compare_models
+from trainer.metrics import auc, cold_buckets
+from trainer.registry import Registry
+from trainer.train import IncrementalTrainer
+from trainer.windows import closed_windows
 
 DISTRIBUTED = "the same processors on Kafka, Faust and Redis: README, The distributed path"
-VARIANTS = ("idrec", "ppm")
+RUNS: dict[str, tuple[str, int | None]] = {
+    "idrec": ("idrec", None),
+    "ppm": ("ppm", None),
+    "ppm_shuffled": ("ppm", 0),
+}
+"""The incremental runs: name (also its registry's) -> (variant, the seed of its vector
+shuffle; None: the items' own vectors)."""
+SCORERS = (*RUNS, "baseline_logreg", "baseline_rate", "oracle")
+"""Everything that scores the evaluated windows, in report order."""
 
 
 def demo_outputs(paths: DataDir) -> tuple[Path, ...]:
@@ -55,13 +76,12 @@ class DemoReport:
             f"< 1 day old, {f['cold_samples_with_embedding']:.1%} of those with an embedding",
             f"  dead letters     {f['dead_letters']:,} (reasons in {f['dead_letter_file']})",
             f"  ranker           test-then-train over {f['windows_evaluated']} windows after "
-            f"{f['warmup_windows']} warm-up windows; click AUC:",
-            "                     " + "  ".join(f"{v:>6}" for v in ("", *VARIANTS)),
-            "                     " + "  ".join(
-                [f"{'all':>6}"] + [f"{_num(f[f'auc_{v}']):>6}" for v in VARIANTS]),
-            "                     " + "  ".join(
-                [f"{'cold':>6}"] + [f"{_num(f[f'auc_cold_{v}']):>6}" for v in VARIANTS])
-            + "   (cold: items younger than one day at the impression)",
+            f"{f['warmup_windows']} warm-up windows; click AUC [95% over users] (cold: items "
+            "younger than one day at the impression):",
+            f"{'':21}{'':21}{'all':>27}{'cold':>27}",
+            *(f"{'':21}{label:21}{_auc(f, key, ''):>27}{_auc(f, key, 'cold_'):>27}"
+              for label, key in [*((name, name) for name in SCORERS),
+                                 *((f"{a} - {b}", f"diff_{a}_{b}") for a, b in PAIRS)]),
             f"  data             {f['data_dir']}  (try: ppm --data-dir {f['data_dir']} "
             f"features get --item {f['example_item']})",
             f"  next             {DISTRIBUTED}",
@@ -72,43 +92,84 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
 
 
-def train_and_score(run_cfg: Config, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Incremental training of each variant over the closed windows; returns total click AUCs
-    (``auc_<variant>``, ``auc_cold_<variant>``) and one row per evaluated window."""
-    import numpy as np
+def _auc(f: dict[str, Any], name: str, bucket: str) -> str:
+    """A figure and its interval, e.g. ``0.6302 [0.6211, 0.6390]``."""
+    value, interval = f.get(f"auc_{bucket}{name}"), f.get(f"auc_{bucket}{name}_ci95")
+    return _num(value) + ("" if interval is None else f" [{_num(interval[0])}, "
+                          f"{_num(interval[1])}]")
 
-    from trainer.metrics import auc, cold_buckets
-    from trainer.train import IncrementalTrainer
 
-    totals: dict = {}
+def train_and_score(run_cfg: Config, oracle: Oracle | None = None, progress: bool = True
+                    ) -> tuple[dict, list[dict]]:
+    """Incremental training of each of :data:`RUNS` over the closed windows, test-then-train;
+    returns the click AUCs of everything in :data:`SCORERS` over all evaluated windows
+    (``auc_<name>``; on items younger than a day ``auc_cold_<name>``), each with its 95%
+    bootstrap interval over users (``..._ci95``), the paired differences of
+    :data:`trainer.experiment.PAIRS` (``auc_diff_<a>_<b>``, ``auc_cold_diff_<a>_<b>``, with
+    intervals), and one row per evaluated window.
+
+    The baselines are fitted on the warm-up windows (everything before the first evaluated
+    window) and score every evaluated window: like the models they never score a window
+    they learned from, but unlike them they do not learn from the windows as they close.
+    ``oracle``: the simulator's truth for these impressions (None: no ``auc_oracle``)."""
+    warmup = IncrementalTrainer(run_cfg, variant="idrec").dataset(
+        closed_windows(run_cfg.paths.training)[: run_cfg.trainer.warmup_windows])
+    baselines = {"baseline_logreg": LogisticBaseline.fit(warmup),
+                 "baseline_rate": PositiveRate.fit(warmup)}
+    del warmup  # its sequence features are large
+    # Per evaluated window, in order: labels, users, cold rows and every scorer's logits.
+    columns: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "users", "cold",
+                                                            *SCORERS)}
+    evaluated: dict[str, list[str]] = {}
     per_window: dict[str, dict] = {}
-    for variant in VARIANTS:
-        labels, scores, cold = [], [], []
+    for name, (variant, shuffle_seed) in RUNS.items():
+        evaluated[name] = []
 
-        def collect(step, variant=variant, labels=labels, scores=scores, cold=cold) -> None:
-            y, s = step.eval_data.labels[:, 0], step.eval_logits[:, 0]
-            young = cold_buckets(step.eval_data.item_age_s,
-                                 step.eval_data.item_clicks_before)["age<1d"]
-            labels.append(y)
-            scores.append(s)
-            cold.append(young)
+        def collect(step, name=name) -> None:
+            data = step.eval_data
+            y, young = clicks(data), cold_buckets(data.item_age_s,
+                                                  data.item_clicks_before)["age<1d"]
+            s = step.eval_logits[:, data.config.tasks.index("click")]
+            if name == next(iter(RUNS)):  # the samples are the same in every run
+                columns["labels"].append(y)
+                columns["users"].append(data.user_id)
+                columns["cold"].append(young)
+                for baseline, fitted in baselines.items():
+                    columns[baseline].append(fitted.scores(data))
+                if oracle is not None:
+                    columns["oracle"].append(oracle.scores(data))
+            columns[name].append(s)
+            evaluated[name].append(step.eval_window)
             row = per_window.setdefault(step.eval_window, {"window": step.eval_window,
                                                             "samples": len(y)})
-            row[f"auc_{variant}"] = auc(y, s)
-            row[f"auc_cold_{variant}"] = auc(y[young], s[young])
-            row[f"promoted_{variant}"] = step.promoted
+            row[f"auc_{name}"] = auc(y, s)
+            row[f"auc_cold_{name}"] = auc(y[young], s[young])
+            row[f"promoted_{name}"] = step.promoted
             if progress:
-                print(f"  {variant:5} {step.eval_window}: click AUC {_num(auc(y, s))}, "
+                print(f"  {name:12} {step.eval_window}: click AUC {_num(auc(y, s))}, "
                       f"cold {_num(auc(y[young], s[young]))}, "
                       f"{'promoted' if step.promoted else 'kept champion'}", flush=True)
 
-        IncrementalTrainer(run_cfg, variant=variant).follow(once=True, on_step=collect)
-        if labels:
-            y, s, young = (np.concatenate(x) for x in (labels, scores, cold))
-            totals[f"auc_{variant}"] = auc(y, s)
-            totals[f"auc_cold_{variant}"] = auc(y[young], s[young])
-        else:
-            totals[f"auc_{variant}"] = totals[f"auc_cold_{variant}"] = None
+        IncrementalTrainer(run_cfg, Registry(run_cfg.paths.registry(name)), variant,
+                           shuffle_seed).follow(once=True, on_step=collect)
+    if len({tuple(windows) for windows in evaluated.values()}) > 1:
+        raise RuntimeError(f"the runs evaluated different windows: {evaluated}")
+
+    def joined(key: str) -> np.ndarray:
+        return np.concatenate(columns[key]) if columns[key] else np.zeros(0)
+
+    y, users, cold = joined("labels"), joined("users"), joined("cold").astype(bool)
+    scorers = [name for name in SCORERS if name != "oracle" or oracle is not None]
+    totals: dict[str, Any] = {}
+    for bucket, rows in (("", np.ones(len(y), bool)), ("cold_", cold)):
+        summary = compare_models(y[rows], users[rows], {n: joined(n)[rows] for n in scorers})
+        for name, result in summary["models"].items():
+            totals[f"auc_{bucket}{name}"] = result["auc"]
+            totals[f"auc_{bucket}{name}_ci95"] = result["ci95_users"]
+        for a, b in PAIRS:
+            diff = summary["diffs"][f"{a}-{b}"]
+            totals[f"auc_{bucket}diff_{a}_{b}"] = diff["auc"]
+            totals[f"auc_{bucket}diff_{a}_{b}_ci95"] = diff["ci95"]
     return totals, list(per_window.values())
 
 
@@ -136,14 +197,18 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
             path.unlink(missing_ok=True)
 
     runner = LocalRunner(run_cfg, resume=False)
-    summary = runner.run(ShopSimulator(world).records(), source="demo")
+    simulator = ShopSimulator(world)
+    summary = runner.run(simulator.records(), source="demo")
+    truth = simulator.oracle()
 
     windows = window_files(run_cfg.paths.training)
     samples = ds.dataset(windows, format="parquet").to_table(
         columns=["item_id", "item_age_s", "item_encoder_version"])
     cold = samples.filter(pc.less(samples["item_age_s"], 86_400.0))
     cold_embedded = cold.filter(pc.is_valid(cold["item_encoder_version"]))
-    totals, windows_evaluated = train_and_score(run_cfg)
+    totals, windows_evaluated = train_and_score(
+        run_cfg, Oracle.of(truth.request_id.tolist(), truth.item_id.tolist(),
+                           truth.logit.to_numpy()))
     run_cfg.paths.demo_windows.write_text(json.dumps(windows_evaluated, indent=1))
     freshness = summary.freshness
     return DemoReport({

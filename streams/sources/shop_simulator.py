@@ -94,6 +94,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ppm.config import ContractConfig, SimulatorConfig
+from ppm.data_dir import ORACLE_FILE  # what write_jsonl names the oracle (:meth:`oracle`)
 from ppm.events import Action, BehaviorEvent, ItemEvent, ItemOp
 
 if TYPE_CHECKING:
@@ -230,8 +231,6 @@ MAX_BATCH_SESSIONS = 20_000
 """Sessions generated at once: bounds memory (~250k events) whatever the world's size."""
 SALE_SHARE = 0.05
 """Share of items that get a second upsert with a sale price."""
-ORACLE_FILE = "oracle.parquet"
-"""What :meth:`ShopSimulator.write_jsonl` names the oracle (:meth:`ShopSimulator.oracle`)."""
 
 # Tastes: one weight per (user, attribute value). Favourites give users distinct profiles;
 # their strength per attribute sets how much each attribute drives clicks.

@@ -1,0 +1,237 @@
+"""``ppm eval --seeds N``: is ``ppm`` ahead of ``idrec``, and is its content the reason?
+
+One experiment on the closed windows, cut by :func:`trainer.train.split_windows`:
+
+* for each seed, ``idrec``, ``ppm`` and the shuffled-vector control (``ppm`` trained and
+  scored with each item's vector swapped for another item's, :meth:`ModalTable.shuffled`)
+  are fitted from scratch on the train period by :func:`trainer.train.train_batch` (the
+  epoch chosen on validation) and score the test period; they are not registered;
+* the baselines (:mod:`trainer.baselines`) are fitted once on the train period (the prior
+  strength of the item rate chosen on validation) and score the test period;
+* where the data come from the simulator, its oracle scores the test period too: the
+  ceiling every AUC can be read against.
+
+:func:`compare_models` then reports, per bucket, each model's click AUC (the mean over
+seeds) with a 95% t-interval over seeds (training randomness) and a 95% bootstrap interval
+over users (which users the test period happened to hold), and the paired differences of
+:data:`PAIRS` (``ppm - idrec``, ``ppm - ppm_shuffled``, ``ppm_shuffled - idrec``), with a
+bootstrap interval over users that resamples the same users for both models and averages
+the per-seed differences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from ppm.config import Config
+from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, clicks
+from trainer.metrics import auc, bootstrap_auc, cold_buckets, percentile_interval
+from trainer.train import (
+    TEST_BUCKETS,
+    IncrementalTrainer,
+    new_in_period,
+    predict,
+    split_windows,
+    train_batch,
+)
+
+TRAINED: dict[str, tuple[str, bool]] = {
+    "idrec": ("idrec", False),
+    "ppm": ("ppm", False),
+    "ppm_shuffled": ("ppm", True),
+}
+"""The models fitted per seed: name -> (variant, trained and scored on shuffled vectors)."""
+BASELINES = ("baseline_logreg", "baseline_rate")
+ORACLE = "oracle"
+PAIRS: tuple[tuple[str, str], ...] = (("ppm", "idrec"), ("ppm", "ppm_shuffled"),
+                                      ("ppm_shuffled", "idrec"))
+"""Paired differences reported: (model, the one it is compared with). Where ppm's gain over
+idrec is the content's doing, ppm is ahead of the control and the control is not ahead of
+idrec."""
+RESAMPLES = 200
+"""Bootstrap resamples of the users: enough for the ends of a 95% interval to move by
+less than their distance from the estimate."""
+BOOTSTRAP_SEED = 0
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (numpy has no t
+# distribution, and scipy is not a dependency).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """95% t-interval of the mean of ``values`` (e.g. one AUC per seed); None for fewer
+    than two. Beyond 30 degrees of freedom the quantile is Cornish-Fisher's first order
+    (1.96 + 2.37 / df), within 0.003 of the exact one."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return None
+    df = x.size - 1
+    t = _T975[df - 1] if df <= len(_T975) else 1.96 + 2.372 / df
+    half = t * x.std(ddof=1) / np.sqrt(x.size)
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    return None if not values or any(v is None for v in values) else float(np.mean(values))
+
+
+def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, np.ndarray],
+                   pairs: Sequence[tuple[str, str]] = PAIRS, resamples: int = RESAMPLES,
+                   seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """Click AUC of models that scored the same samples, with 95% intervals.
+
+    Args:
+        labels: 0/1 clicks, (n,).
+        users: user ids, (n,): the bootstrap resamples users, not samples.
+        scores: model name -> its logits (k, n): one row per seed (k = 1 for a
+            deterministic model). A model named :data:`ORACLE` is the ceiling.
+        pairs: ``(a, b)``: report ``a - b``; both have the same seeds, row i of one paired
+            with row i of the other.
+        resamples, seed: of :func:`trainer.metrics.bootstrap_auc`, one call for all models,
+            so every model and difference is judged on the same resamples.
+
+    Returns:
+        ``{"samples", "positives", "models": {name: {"auc", "aucs", "ci95_seeds",
+        "ci95_users", "oracle_share"}}, "diffs": {"a-b": {"auc", "ci95"}}}``: ``auc`` the
+        mean over seeds, ``aucs`` one per seed, ``ci95_seeds`` the t-interval over seeds
+        (None for k = 1), ``ci95_users`` the bootstrap interval of the seed-mean AUC,
+        ``oracle_share`` ``(auc - 0.5) / (oracle auc - 0.5)`` (None without an oracle); a
+        difference's ``auc`` is the mean of the per-seed differences, its ``ci95`` the
+        bootstrap interval of that mean. Intervals are ``[lo, hi]``; anything undefined
+        (a bucket with one class) is None.
+    """
+    names = list(scores)
+    blocks = [np.atleast_2d(np.asarray(scores[m], np.float64)) for m in names]
+    stacked = np.concatenate(blocks) if blocks else np.zeros((0, len(labels)))
+    starts = np.cumsum([0, *(len(b) for b in blocks)])
+    rows = {m: slice(starts[i], starts[i + 1]) for i, m in enumerate(names)}
+    boot = bootstrap_auc(labels, stacked, users, resamples, seed)  # (models x seeds, B)
+    point = [auc(labels, s) for s in stacked]
+
+    def listed(interval: tuple[float, float] | None) -> list[float] | None:
+        return None if interval is None else list(interval)
+
+    models: dict[str, dict[str, Any]] = {}
+    for m in names:
+        aucs = point[rows[m]]
+        defined = all(a is not None for a in aucs)
+        models[m] = {"auc": _mean(aucs), "aucs": aucs,
+                     "ci95_seeds": listed(t_interval(aucs)) if defined else None,
+                     "ci95_users": listed(percentile_interval(boot[rows[m]].mean(axis=0)))}
+    ceiling = models.get(ORACLE, {}).get("auc")
+    for result in models.values():
+        result["oracle_share"] = (
+            (result["auc"] - 0.5) / (ceiling - 0.5)
+            if result["auc"] is not None and ceiling is not None and ceiling != 0.5 else None)
+    diffs = {}
+    for a, b in pairs:
+        if a in models and b in models:
+            per_seed = [None if x is None or y is None else x - y
+                        for x, y in zip(models[a]["aucs"], models[b]["aucs"], strict=True)]
+            paired = (boot[rows[a]] - boot[rows[b]]).mean(axis=0)
+            diffs[f"{a}-{b}"] = {"auc": _mean(per_seed),
+                                 "ci95": listed(percentile_interval(paired))}
+    return {"samples": len(labels), "positives": int(np.sum(labels)),
+            "models": models, "diffs": diffs}
+
+
+def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
+                   valid_share: float = 0.1, epochs: int | None = None,
+                   oracle: Oracle | None = None, resamples: int = RESAMPLES,
+                   progress: bool = True) -> dict[str, Any]:
+    """The experiment of the module docstring over ``seeds`` seeds (``trainer.seed`` =
+    0 .. seeds-1, which also seeds the control's permutation); ``epochs``: the most per fit
+    (default ``trainer.initial_epochs``). Returns a JSON-ready dict: the split, each fit's
+    chosen epoch and validation AUC, and per bucket (:data:`trainer.train.TEST_BUCKETS`)
+    :func:`compare_models`. Raises ``ValueError`` for a bad split or an oracle of other
+    data, ``SystemExit`` when a period holds no window."""
+    from tqdm import tqdm
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    split = split_windows(cfg, test_share, valid_share)
+    if not (split.train and split.test):
+        raise SystemExit("no closed windows in the train or the test period")
+    # Labels, users, buckets and the baselines' inputs; every model's dataset of the same
+    # windows holds the same samples in the same order.
+    reference = IncrementalTrainer(cfg, variant="idrec")
+    test = reference.dataset(split.test)
+    train = reference.dataset(split.train)
+    rate = (PositiveRate.tuned(train, reference.dataset(split.valid)) if split.valid
+            else PositiveRate.fit(train))
+    scores: dict[str, np.ndarray] = {name: np.zeros((seeds, len(test))) for name in TRAINED}
+    scores["baseline_logreg"] = LogisticBaseline.fit(train).scores(test)[None]
+    scores["baseline_rate"] = rate.scores(test)[None]
+    if oracle is not None:
+        scores[ORACLE] = oracle.scores(test)[None]
+    del train  # its sequence features are large, and not needed any more
+
+    fits: dict[str, list[dict[str, Any]]] = {name: [] for name in TRAINED}
+    runs = [(seed, name) for seed in range(seeds) for name in TRAINED]
+    for seed, name in tqdm(runs, desc="eval --seeds", disable=not progress):
+        variant, shuffled = TRAINED[name]
+        shuffle_seed = seed if shuffled else None
+        fitted = train_batch(cfg.with_values({"trainer.seed": seed}), split.train, variant,
+                             epochs, progress=False, valid=split.valid,
+                             shuffle_vectors_seed=shuffle_seed)
+        scorer = IncrementalTrainer(cfg, variant=variant, shuffle_vectors_seed=shuffle_seed)
+        click = fitted.model.config.tasks.index("click")
+        scores[name][seed] = predict(fitted.model,
+                                     scorer.dataset_for(fitted.model, split.test))[:, click]
+        fits[name].append({"seed": seed, "epochs": fitted.epochs,
+                           "best_epoch": fitted.best_epoch, "valid_click_auc": fitted.valid_auc})
+
+    y = clicks(test)
+    buckets = {"all": np.ones(len(test), bool),
+               "new_in_test": new_in_period(test, split.test_start_us),
+               **cold_buckets(test.item_age_s, test.item_clicks_before)}
+    return {
+        "seeds": seeds, "test_share": test_share, "valid_share": valid_share,
+        "windows": {"train": len(split.train), "valid": len(split.valid),
+                    "test": len(split.test)},
+        "test_start": datetime.fromtimestamp(split.test_start_us / 1e6, UTC).isoformat(),
+        "resamples": resamples,
+        "baseline_rate_strength": rate.items.strength,
+        "fits": fits,
+        "buckets": {bucket: compare_models(y[buckets[bucket]], test.user_id[buckets[bucket]],
+                                           {m: s[:, buckets[bucket]] for m, s in scores.items()},
+                                           resamples=resamples)
+                    for bucket in TEST_BUCKETS},
+    }
+
+
+def to_markdown(result: Mapping[str, Any]) -> str:
+    """Two markdown tables of :func:`run_experiment`'s result: each model's click AUC per
+    bucket with its intervals and share of the oracle, then the paired differences."""
+
+    def num(x: float | None, sign: str = "") -> str:
+        return "n/a" if x is None else f"{x:{sign}.4f}"
+
+    def span(interval: Sequence[float] | None, sign: str = "") -> str:
+        if interval is None:
+            return "n/a"
+        return f"[{num(interval[0], sign)}, {num(interval[1], sign)}]"
+
+    lines = [f"click AUC on the test period, mean of {result['seeds']} seed(s); 95% intervals "
+             "over seeds (t) and over users (bootstrap)", "",
+             "| bucket | model | samples | positives | auc | 95% seeds | 95% users | "
+             "share of oracle |", "|---|---|---:|---:|---:|---|---|---:|"]
+    for bucket, summary in result["buckets"].items():
+        for model, m in summary["models"].items():
+            lines.append(f"| {bucket} | {model} | {summary['samples']} | "
+                         f"{summary['positives']} | {num(m['auc'])} | {span(m['ci95_seeds'])} | "
+                         f"{span(m['ci95_users'])} | {num(m['oracle_share'])} |")
+    lines += ["", "paired differences (mean over seeds; 95% bootstrap over users, the same "
+              "resamples for both models)", "",
+              "| bucket | difference | auc | 95% users |", "|---|---|---:|---|"]
+    for bucket, summary in result["buckets"].items():
+        for name, d in summary["diffs"].items():
+            lines.append(f"| {bucket} | {name.replace('-', ' - ')} | {num(d['auc'], '+')} | "
+                         f"{span(d['ci95'], '+')} |")
+    return "\n".join(lines) + "\n"
