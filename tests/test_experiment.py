@@ -166,10 +166,12 @@ def test_the_shuffled_control_loses_ppms_gain_on_young_items(tmp_path, item_enco
                  trainer={"batch_size": 512, "initial_epochs": 2})
     LocalRunner(cfg, encoder=item_encoder, resume=False).run(
         ShopSimulator(DENSE_WORLD).records(), "dense", progress=False)
-    result = run_experiment(cfg, seeds=1, test_share=0.34, valid_share=0.1, progress=False)
+    result = run_experiment(cfg, seeds=2, test_share=0.34, valid_share=0.1, progress=False)
     young = result["buckets"]["age<1d"]
     assert young["samples"] > 2_000 and young["positives"] > 200, young
-    # The margins measured on this world are in docs/results.md (Evaluation).
+    # The margins measured on this world are in docs/results.md (Evaluation). Two seeds: with
+    # one, training randomness alone moved the lower end across 0 when the model's code
+    # changed (same numbers, different rounding and initialisation).
     control = young["diffs"]["ppm-ppm_shuffled"]
     assert control["auc"] > 0 and control["ci95"][0] > 0, young
     shuffled = young["diffs"]["ppm_shuffled-idrec"]
