@@ -105,14 +105,14 @@ def main() -> None:
     if args.against:
         old = model_module_at(args.against)
         builds["against_"] = (old.RankerConfig, old.UnifiedRanker)
-    variants = tuple(f"{prefix}{v}" for prefix in builds for v in ("idrec", "ppm"))
     models = {}
-    for v in variants:
-        prefix, variant = v[: -len(v.split("_")[-1])], v.split("_")[-1]
-        config_cls, model_cls = builds[prefix]
-        torch.manual_seed(0)
-        models[v] = model_cls(config_cls(variant=variant, max_seq_len=args.seq_len,
-                                         seq_dropout=args.seq_dropout)).to(device)
+    for prefix, (config_cls, model_cls) in builds.items():
+        for variant in ("idrec", "ppm"):
+            torch.manual_seed(0)
+            models[f"{prefix}{variant}"] = model_cls(config_cls(
+                variant=variant, max_seq_len=args.seq_len,
+                seq_dropout=args.seq_dropout)).to(device)
+    variants = tuple(models)
     optimizers = {v: torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-5)
                   for v, m in models.items()}
     g = torch.Generator().manual_seed(0)
