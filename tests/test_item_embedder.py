@@ -149,32 +149,26 @@ def test_failed_store_write_leaves_state_untouched(embedder, online, monkeypatch
     assert embedder.process([item("a", 1)]).applied == 1  # the retry is not a "duplicate"
 
 
-def test_ranker_item_cache_reuses_reads_for_its_max_age_and_judges_each_request(
-        embedder, online):
+def test_ranker_item_cache_reuses_reads_for_its_max_age(embedder, online):
     import time
 
     from trainer.serving.ranker import ItemCache
 
     embedder.process([item("a", 0)])
     cache = ItemCache(online, max_age_s=0.5, max_items=10)
-    first = cache.read(["a", "never"], True, to_us(T0), None)
+    first = cache.read(["a", "never"], True)
     assert set(first) == {"a"} and first["a"].state.category == "coat"
     assert first["a"].embedding is not None
     embedder.process([item("a", 5, title="Zed red cotton dress", category="dress")])
-    assert cache.read(["a"], True, to_us(T0), None)["a"].state.category == "coat"  # cached
+    assert cache.read(["a"], True)["a"].state.category == "coat"  # cached
     assert cache.counters == {"hits": 1, "misses": 2}
-    # Freshness is judged per request, also on a cached value.
-    online.freshness_window_s = 60.0
-    late = cache.read(["a"], True, to_us(T0 + timedelta(hours=1)), None)["a"]
-    assert late.stale and "freshness window" in late.stale_reason
-    online.freshness_window_s = None
     time.sleep(0.55)  # past the longest an entry is kept
-    assert cache.read(["a"], True, to_us(T0), None)["a"].state.category == "dress"
+    assert cache.read(["a"], True)["a"].state.category == "dress"
     # Without embeddings cached, a read that needs them goes to the store.
     lean = ItemCache(online, max_age_s=60.0, max_items=1)
-    assert lean.read(["a"], False, to_us(T0), None)["a"].embedding is None
-    assert lean.read(["a"], True, to_us(T0), None)["a"].embedding is not None
-    lean.read(["b", "a"], False, to_us(T0), None)
+    assert lean.read(["a"], False)["a"].embedding is None
+    assert lean.read(["a"], True)["a"].embedding is not None
+    lean.read(["b", "a"], False)
     assert len(lean._entries) == 1  # bounded: the least recently read left
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -77,16 +77,20 @@ def hash_ids(values: Sequence[str | None] | np.ndarray | pa.Array, buckets: int
     encoded = pc.dictionary_encode(arr).combine_chunks() if isinstance(
         arr, pa.ChunkedArray) else pc.dictionary_encode(arr)
     uniques = encoded.dictionary.to_pylist()
-    codes = np.array(
-        [int.from_bytes(hashlib.blake2b(u.encode(), digest_size=8).digest(), "little")
-         % (buckets - 1) + 1 if u else 0 for u in uniques],
-        dtype=np.int64,
-    )
+    codes = np.array([_bucket_of(u, buckets) if u else 0 for u in uniques], dtype=np.int64)
     index = encoded.indices.to_numpy(zero_copy_only=False)
     out = np.zeros(len(arr), dtype=np.int64)
     valid = ~np.asarray(pc.is_null(encoded.indices))
     out[valid] = codes[index[valid].astype(np.int64)]
     return out
+
+
+@lru_cache(maxsize=1 << 20)
+def _bucket_of(value: str, buckets: int) -> int:
+    # Cached: a serving request hashes the same few hundred ids (and their categories,
+    # brands, shops) as the requests before it, and a cache hit costs a tenth of a hash.
+    digest = hashlib.blake2b(value.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (buckets - 1) + 1
 
 
 @dataclass(frozen=True, repr=False)
@@ -350,8 +354,12 @@ def model_batch(features: Mapping[str, np.ndarray], vectors: np.ndarray
     local = np.empty(len(used), np.int64)
     local[by_first_use] = np.arange(len(used))
     local = local[inverse.ravel()]  # rows renumbered into the batch's table
+    rows_used = used[by_first_use]
+    # A table already in first-use order and all used (serving builds it so) is not copied.
+    compact = len(rows_used) == len(vectors) and bool(
+        (rows_used == np.arange(len(vectors))).all())
     arrays = {**features,
-              "modal_table": vectors[used[by_first_use]],
+              "modal_table": vectors if compact else vectors[rows_used],
               "target_modal_row": local[1 : 1 + len(target)],
               "seq_modal_row": local[1 + len(target):].reshape(seq.shape)}
     order = [*(k for k in BATCH_KEYS if k in arrays), *(k for k in arrays if k not in BATCH_KEYS)]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from feature_repo.online_features import OnlineFeatures, OnlineItem, StoredItem
+from feature_repo.online_features import OnlineFeatures, StoredItem
 from ppm.clock import now_us
 from ppm.records import UserSequence
 from trainer.features import (
@@ -64,8 +64,9 @@ class ItemCache:
     Each entry expires at a random moment between half and all of ``max_age_s`` after it was
     read, so the items one request read together are refreshed a few at a time by later
     requests rather than all by one (which would be as slow as no cache). Only the raw
-    stored values are cached; staleness is judged per request at its own clock,
-    so a cached vector still turns stale when the freshness window passes. Items unknown to
+    stored values are cached; the caller judges staleness per request at its own clock
+    (``trainer.features.usable_vectors``), so a cached vector still turns stale when the
+    freshness window passes. Items unknown to
     the store are cached as unknown too (a new item becomes visible within ``max_age_s``).
     Safe to share between request threads.
     """
@@ -79,9 +80,8 @@ class ItemCache:
         self._jitter = random.Random(0)
         self.counters = {"hits": 0, "misses": 0}
 
-    def read(self, item_ids: Sequence[str], with_embeddings: bool, now: int,
-             encoder_version: str | None) -> dict[str, OnlineItem]:
-        """Like ``OnlineFeatures.read_items``: known items judged at ``now``."""
+    def read(self, item_ids: Sequence[str], with_embeddings: bool) -> dict[str, StoredItem]:
+        """Like ``OnlineFeatures.fetch_items``: the known items as stored."""
         clock = time.monotonic()
         found: dict[str, StoredItem | None] = {}
         with self._lock:
@@ -104,8 +104,7 @@ class ItemCache:
                     self._entries.move_to_end(item_id)
                 while len(self._entries) > self.max_items:
                     self._entries.popitem(last=False)
-        return {i: self.store.judge(item, now, encoder_version)
-                for i, item in found.items() if item is not None}
+        return {i: item for i, item in found.items() if item is not None}
 
 
 class Ranker:
@@ -190,10 +189,11 @@ class Ranker:
         seq = UserSequence(user_id, seq.item_ids[-L:], seq.actions[-L:], seq.times_us[-L:])
         seq_ids = list(seq.item_ids)
         wanted = list(dict.fromkeys(item_ids + seq_ids))
-        online = self.items.read(wanted, c.uses_modal, now, encoder_version)
+        stored = self.items.read(wanted, c.uses_modal)
 
-        # This request's vector table: row 0 = missing, then every usable vector.
-        found = [online.get(i) for i in wanted]
+        # This request's vector table: row 0 = missing, then every usable vector, in order
+        # of first use (targets, then the sequence), as model_batch keeps it.
+        found = [stored.get(i) for i in wanted]
         usable = usable_vectors(
             embedded=[o is not None and o.embedding is not None for o in found],
             encoder_versions=[o.state.encoder_version if o else None for o in found],
@@ -206,9 +206,9 @@ class Ranker:
             (i for i, ok in zip(wanted, usable, strict=True) if ok), start=1)}
         vectors = np.zeros((len(row_of) + 1, c.modal_dim), np.float32)
         for item_id, row in row_of.items():
-            vectors[row] = online[item_id].embedding
+            vectors[row] = stored[item_id].embedding
 
-        states = [online[i].state if i in online else None for i in item_ids]
+        states = [stored[i].state if i in stored else None for i in item_ids]
         # One sequence row shared by every candidate: the model encodes it once. Item ids
         # the model's vocabulary does not admit are unknown (0), as in its training.
         vocabulary = model.item_vocabulary
