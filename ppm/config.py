@@ -204,7 +204,12 @@ class TrainerConfig(_Section):
 
     variant: Literal["idrec", "ppm", "modal"] = "ppm"
     """idrec: ID transformer only; ppm: ID + PPM modality transformer; modal: PPM only."""
-    batch_size: int = Field(1024, ge=1)
+    batch_size: int = Field(256, ge=1)
+    """Samples per optimiser step. Chosen on validation (``--tune batch_size=...``, the
+    validation period of ml-latest-small and of the quick demo world's warm-up): 1024 left
+    a small window one or two steps and the quick world's models at chance; 256 with user
+    ids scored 0.649 validation click AUC on ml-latest-small against 0.620 at 1024 (512:
+    0.642 and 1024 at four times the learning rate: 0.638; docs/results.md)."""
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     grad_clip: float | None = Field(5.0, gt=0)
@@ -239,12 +244,15 @@ class TrainerConfig(_Section):
     min_item_count: int = Field(1, ge=1)
     """An item id seen fewer times than this as an impression's target in a model's
     training data is "unknown" (bucket 0) to the model, in training, evaluation and
-    serving alike (``trainer.features.ItemVocabulary``, saved with the model). 1 admits
+    serving alike (``trainer.features.IdVocabulary``, saved with the model). 1 admits
     exactly the ids the training data holds: an id it never held has an untrained row, or
     shares another item's, and a score read from it is noise. A higher value also sends
     ids with a handful of impressions, whose rows learned little, to "unknown", which the
     model learns to read from them; chosen on validation (``--tune min_item_count=1,3,10``).
     Fine-tuning keeps the champion's."""
+    min_user_count: int = Field(1, ge=1)
+    """The same rule for user ids (``model.user_buckets``): a user seen in fewer impressions
+    of the training data is "unknown" (bucket 0), as is every user first seen after it."""
     promote_tolerance: float = Field(0.01, ge=0)
     """A candidate is promoted unless its click AUC on the next window is worse than the
     champion's by more than this. One window's AUC is noisy (docs/results.md has its spread
@@ -275,6 +283,10 @@ class ModelConfig(_Section):
     category_buckets: int = Field(2**10, ge=2)
     brand_buckets: int = Field(2**12, ge=2)
     shop_buckets: int = Field(2**12, ge=2)
+    user_buckets: int = Field(2**14, ge=0)
+    """Rows of the user id table (side_dim wide), read by the ID module beside the target's
+    side features: what a user's sequence of positive actions cannot say, such as how
+    often the user clicks at all. 0: no user ids."""
     price_buckets: int = Field(32, ge=1)
     """Price buckets kept (``ppm.records.price_bucket`` makes 32); higher ones are clipped."""
     gap_buckets: int = Field(16, ge=2)

@@ -17,7 +17,7 @@ from trainer.dataset import (
     ModalTable,
     WindowDataset,
     closed_windows,
-    item_vocabulary,
+    id_vocabulary,
     window_files,
     window_sources,
 )
@@ -217,9 +217,9 @@ def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknow
     paths = DataDir(tmp_path)
     write_source(paths.training_log, {0: 4, 1: 4, 2: 6})
     windows = closed_windows(paths.training)
-    vocabulary = item_vocabulary(windows[:2], min_count=2)
+    vocabulary = id_vocabulary(windows[:2], "item_id", min_count=2)
     assert vocabulary.counts == {f"i{i}": 2 for i in range(4)}
-    assert item_vocabulary(windows[2:], 2, base=vocabulary).counts == {
+    assert id_vocabulary(windows[2:], "item_id", 2, base=vocabulary).counts == {
         **{f"i{i}": 3 for i in range(4)}, "i4": 1, "i5": 1}
 
     config = RankerConfig(variant="idrec", modal_dim=8, item_buckets=1024)
@@ -231,7 +231,7 @@ def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknow
                                                  0)).all()
     assert (data.features["seq_item_id"] == plain.features["seq_item_id"]).all()
     rare = WindowDataset([windows[2]], modal, config,
-                         vocabulary=item_vocabulary(windows[:1], min_count=2))
+                         vocabulary=id_vocabulary(windows[:1], "item_id", min_count=2))
     assert (rare.features["item_id"] == 0).all() and (rare.features["seq_item_id"] == 0).all()
     assert (rare.features["seq_mask"] == plain.features["seq_mask"]).all()  # still there
 

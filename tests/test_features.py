@@ -27,11 +27,11 @@ from trainer.features import (
     BATCH_KEYS,
     N_ACTIONS,
     TASKS,
-    ItemVocabulary,
+    IdVocabulary,
     Sequences,
     gap_bucket,
     hash_ids,
-    item_buckets,
+    id_buckets,
     model_batch,
     sequence_features,
     usable_vectors,
@@ -92,17 +92,17 @@ def test_gap_bucket_monotone_and_in_range(seconds, n_buckets):
                     max_size=30),
        min_count=st.integers(1, 4), extra=st.lists(st.sampled_from(["a", "b", "e"])))
 def test_an_item_id_is_admitted_once_seen_min_count_times(ids, min_count, extra):
-    vocabulary = ItemVocabulary.of(ids, min_count)
+    vocabulary = IdVocabulary.of(ids, min_count)
     counted = ids + extra
-    assert vocabulary.plus(extra) == ItemVocabulary.of(counted, min_count)
+    assert vocabulary.plus(extra) == IdVocabulary.of(counted, min_count)
     queries = ["a", "b", "c", "d", "e", "", None]
     got = vocabulary.plus(extra).admits(queries)
     assert got.tolist() == [bool(q) and counted.count(q) >= min_count for q in queries]
     # Admitted ids keep their bucket; any other is unknown, 0.
-    buckets = item_buckets(queries, 64, vocabulary.plus(extra))
+    buckets = id_buckets(queries, 64, vocabulary.plus(extra))
     assert (buckets == np.where(got, hash_ids(queries, 64), 0)).all()
-    assert (item_buckets(queries, 64, None) == hash_ids(queries, 64)).all()
-    assert ItemVocabulary.from_dict(vocabulary.to_dict()) == vocabulary
+    assert (id_buckets(queries, 64, None) == hash_ids(queries, 64)).all()
+    assert IdVocabulary.from_dict(vocabulary.to_dict()) == vocabulary
 
 
 # -----------------------------------------------------------------------------
@@ -124,9 +124,10 @@ def test_sequences_are_left_padded_to_their_last_L(lengths, L, seed):
     got = sequence_features(Sequences.of(users), impression_us, rows, c)
 
     offsets = np.concatenate([[0], np.cumsum(lengths)])
+    assert (got["user_id"] == hash_ids([u.user_id for u in users], c.user_buckets)).all()
     for s, user in enumerate(users):  # the plain per-row reading of the same rule
         k = min(len(user.item_ids), L)
-        want = {key: np.zeros(L, np.int64) for key in got}
+        want = {key: np.zeros(L, np.int64) for key in got if key != "user_id"}
         if k:
             want["seq_item_id"][L - k:] = hash_ids(user.item_ids[-k:], 64)
             want["seq_action"][L - k:] = [ACTION_CODES.get(a, 0) for a in user.actions[-k:]]
@@ -285,8 +286,8 @@ def test_training_and_serving_build_the_same_batch(tmp_path):
     assert set(trained) == {*BATCH_KEYS, "labels", "label_mask"}
     for key in BATCH_KEYS:
         want = served[key]
-        if key.startswith("seq_"):  # one shared row in serving, one per sample in training
-            want = want.expand(len(TARGETS), -1)
+        if key.startswith("seq_") or key == "user_id":  # one shared user and sequence row
+            want = want.expand(len(TARGETS), *want.shape[1:])  # in serving, one per sample
         assert trained[key].dtype == served[key].dtype, key
         assert torch.equal(trained[key], want), key
 
@@ -329,11 +330,11 @@ def test_a_deleted_item_is_missing_when_served(tmp_path):
     assert served["target_modal_row"].tolist() == [0] and missing["item_embedding"] == 1
 
 
-def test_rare_item_ids_are_unknown_in_training_and_in_serving_alike(tmp_path):
-    """A model whose vocabulary admits ids seen at least twice, stored in a registry and
+def test_rare_item_and_user_ids_are_unknown_in_training_and_in_serving_alike(tmp_path):
+    """A model whose vocabularies admit ids seen at least twice, stored in a registry and
     served from it: the ids it does not admit are 0 in its training batch and in its
-    serving batch, targets and sequence positions alike (still real positions); a
-    frequent id keeps its bucket. Both paths build the same batch."""
+    serving batch, targets, sequence positions (still real positions) and the user alike;
+    a frequent id keeps its bucket. Both paths build the same batch."""
     window = 24 * 3600.0
     write_window(tmp_path / "window.parquet")
     ItemLog(tmp_path / "items").append(
@@ -342,20 +343,30 @@ def test_rare_item_ids_are_unknown_in_training_and_in_serving_alike(tmp_path):
         [T - 10 * S] * 7)
     modal = ModalTable.from_item_log(tmp_path / "items", ENC, DIM)
     model = UnifiedRanker(CONFIG).eval()
-    model.item_vocabulary = ItemVocabulary({"fresh": 9, "s2": 2, "s3": 5, "old": 1, "s4": 1},
+    model.item_vocabulary = IdVocabulary({"fresh": 9, "s2": 2, "s3": 5, "old": 1, "s4": 1},
                                            min_count=2)
+    model.user_vocabulary = IdVocabulary({USER.user_id: 1, "u2": 5}, min_count=2)
     registry = Registry(DataDir(tmp_path).registry("ppm"))
     registry.promote(registry.register(model, {"trained_on": [], "encoder_version": ENC}))
     ranker = Ranker(MemoryStore(ITEMS, window), registry)
     served_model = registry.load(registry.champion())  # as the ranker loads it
     assert served_model.item_vocabulary == model.item_vocabulary
+    assert served_model.user_vocabulary == model.user_vocabulary
 
     trained = WindowDataset([tmp_path / "window.parquet"], modal, CONFIG, window,
-                            vocabulary=served_model.item_vocabulary).batch(np.arange(6))
+                            vocabulary=served_model.item_vocabulary,
+                            user_vocabulary=served_model.user_vocabulary).batch(np.arange(6))
     served, _ = ranker.build_batch(served_model, ENC, USER.user_id, TARGETS, now=T)
     for key in BATCH_KEYS:
-        want = served[key].expand(len(TARGETS), -1) if key.startswith("seq_") else served[key]
+        want = served[key]
+        if key.startswith("seq_") or key == "user_id":  # shared in serving
+            want = want.expand(len(TARGETS), *want.shape[1:])
         assert torch.equal(trained[key], want), key
+
+    assert served["user_id"].tolist() == [0]  # seen once: unknown
+    known = WindowDataset([tmp_path / "window.parquet"], modal, CONFIG, window,
+                          user_vocabulary=IdVocabulary({USER.user_id: 2}, min_count=2))
+    assert (known.features["user_id"] == hash_ids([USER.user_id], CONFIG.user_buckets)).all()
 
     # Targets: fresh and s2 admitted; old (once), other, unembedded, never-seen not.
     admitted = np.array([True, False, False, False, False, True])

@@ -35,7 +35,8 @@ def tiny(variant: str = "ppm", **overrides) -> RankerConfig:
     """A config small enough for fast tests, with every part present."""
     return RankerConfig(**{
         "variant": variant, "item_buckets": 1024, "category_buckets": 16, "brand_buckets": 16,
-        "shop_buckets": 16, "price_buckets": 4, "gap_buckets": 8, "max_seq_len": 12,
+        "shop_buckets": 16, "user_buckets": 32, "price_buckets": 4, "gap_buckets": 8,
+        "max_seq_len": 12,
         "modal_dim": 24, "d_model": 32, "n_heads": 2, "n_layers": 1, "d_ff": 64,
         "side_dim": 4, "n_experts": 2, "expert_dim": 32, "tower_dim": 16, **overrides})
 
@@ -62,6 +63,7 @@ def random_batch(c: RankerConfig, B: int = 5, L: int = 6, M: int = 9, seed: int 
         "brand": ints(0, c.brand_buckets, (B,)),
         "shop": ints(0, c.shop_buckets, (B,)),
         "price_bucket": ints(0, c.price_buckets, (B,)),
+        "user_id": ints(0, c.user_buckets, (B,)),
         "seq_item_id": ints(1, c.item_buckets, (B, L)) * mask,
         "seq_action": ints(1, 4, (B, L)) * mask,
         "seq_gap": ints(1, c.gap_buckets, (B, L)) * mask,
@@ -363,7 +365,7 @@ def test_modal_ignores_ids():
     model = make_model("modal")
     batch = random_batch(model.config, labels=False)
     other = random_batch(model.config, seed=7, labels=False)
-    ids = ("item_id", "category", "brand", "shop", "price_bucket")
+    ids = ("item_id", "category", "brand", "shop", "price_bucket", "user_id")
     changed = dict(batch, **{k: other[k] for k in ids})
     changed["seq_item_id"] = torch.where(batch["seq_mask"], other["seq_item_id"] % 1023 + 1, 0)
     torch.testing.assert_close(scores(model, changed), scores(model, batch))
@@ -549,7 +551,8 @@ def topic_samples(g, topic, table, n: int, targets: torch.Tensor, L: int = 8):
     label_mask = torch.zeros(n, 3, dtype=torch.bool)
     label_mask[:, 0] = True  # only clicks are labelled here
     return {"item_id": target, "category": zeros, "brand": zeros, "shop": zeros,
-            "price_bucket": zeros, "seq_item_id": seq, "seq_action": torch.ones_like(seq),
+            "price_bucket": zeros, "user_id": zeros, "seq_item_id": seq,
+            "seq_action": torch.ones_like(seq),
             "seq_gap": torch.randint(1, 8, seq.shape, generator=g),
             "seq_mask": torch.ones_like(seq, dtype=torch.bool), "modal_table": table,
             "target_modal_row": target, "seq_modal_row": seq, "labels": labels,

@@ -24,8 +24,8 @@ def tiny_model(seed: int) -> UnifiedRanker:
     torch.manual_seed(seed)
     return UnifiedRanker(RankerConfig(
         variant="idrec", item_buckets=64, category_buckets=8, brand_buckets=8, shop_buckets=8,
-        max_seq_len=4, modal_dim=8, d_model=8, n_heads=2, n_layers=1, d_ff=16, side_dim=4,
-        n_experts=2, expert_dim=8, tower_dim=8))
+        user_buckets=8, max_seq_len=4, modal_dim=8, d_model=8, n_heads=2, n_layers=1,
+        d_ff=16, side_dim=4, n_experts=2, expert_dim=8, tower_dim=8))
 
 
 def fingerprint(model: UnifiedRanker) -> float:
@@ -36,6 +36,9 @@ def register_many(root: str, writer: int, start, results) -> None:
     """One trainer: ``PER_WRITER`` registrations, each with its own weights and meta; puts
     one message, the list of (name, meta) it got, or the error that stopped it."""
     done = []
+    # A forked child must not enter OpenMP: the parent's thread pool did not come along, and
+    # a parallel region (a large enough tensor) would wait for it forever.
+    torch.set_num_threads(1)
     try:
         registry = Registry(Path(root))
         start.wait(timeout=60)  # all writers race for the same first names
@@ -129,14 +132,14 @@ def test_a_leftover_temporary_folder_from_an_old_crash_is_cleared(tmp_path):
 
 
 def test_a_version_says_what_it_trained_on_and_keeps_its_item_vocabulary(tmp_path):
-    from trainer.features import ItemVocabulary
+    from trainer.features import IdVocabulary
 
     registry = Registry(tmp_path)
     with pytest.raises(ValueError, match="trained_on"):
         registry.register(tiny_model(0), {"step": 1})
     assert registry.versions() == []
     model = tiny_model(0)
-    model.item_vocabulary = ItemVocabulary({"a": 3, "b": 1}, min_count=2)
+    model.item_vocabulary = IdVocabulary({"a": 3, "b": 1}, min_count=2)
     version = registry.register(model, {"trained_on": ["20260101T000000Z.parquet"]})
     loaded = registry.load(version)
     assert loaded.item_vocabulary == model.item_vocabulary

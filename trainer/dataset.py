@@ -13,8 +13,9 @@ item log, joined by ``(item_id, encoder_version)``:
 * sequence items get the current vector of the same encoder version, or row 0. (Serving
   judges them like targets; in a window the newest vector may postdate the impression.)
 
-Item ids go through the model's :class:`trainer.features.ItemVocabulary` (an id it does
-not admit is "unknown", 0); :func:`item_vocabulary` counts one from training windows.
+Item and user ids go through the model's :class:`trainer.features.IdVocabulary` of their
+kind (an id it does not admit is "unknown", 0); :func:`id_vocabulary` counts one from
+training windows.
 
 The frozen encoders are never run here: only their cached outputs are read.
 """
@@ -34,7 +35,7 @@ import torch
 from trainer.features import (
     PROFILE_FIELDS,
     TASKS,
-    ItemVocabulary,
+    IdVocabulary,
     Sequences,
     Targets,
     model_batch,
@@ -46,7 +47,7 @@ from trainer.model import RankerConfig
 from trainer.windows import Window, closed_windows, files_of, window_files, window_sources
 
 __all__ = ["ModalTable", "Window", "WindowDataset", "closed_windows", "files_of",
-           "item_vocabulary", "window_files", "window_sources"]
+           "id_vocabulary", "window_files", "window_sources"]
 
 SAMPLE_COLUMNS = [
     "sample_id", "user_id", "item_id", "request_id", "impression_time", *TASKS,
@@ -118,17 +119,18 @@ class ModalTable:
         return np.fromiter((get(i, 0) if i else 0 for i in item_ids), np.int64, len(item_ids))
 
 
-def item_vocabulary(windows: Sequence[Window | Path], min_count: int,
-                    base: ItemVocabulary | None = None) -> ItemVocabulary:
-    """The item vocabulary of a model trained on ``windows``: each impression's target id
-    counted (reading only the ``item_id`` column), added to ``base``'s counts when given
-    (then ``base.min_count`` is kept and ``min_count`` ignored)."""
+def id_vocabulary(windows: Sequence[Window | Path], column: str, min_count: int,
+                  base: IdVocabulary | None = None) -> IdVocabulary:
+    """The vocabulary of ``column`` (``item_id``: the target items, ``user_id``: the users)
+    of a model trained on ``windows``: each impression's id counted (reading only that
+    column), added to ``base``'s counts when given (then ``base.min_count`` is kept and
+    ``min_count`` ignored)."""
     files = files_of(windows)
-    base = base or ItemVocabulary({}, min_count)
+    base = base or IdVocabulary({}, min_count)
     if not files:
         return base
     ids = ds.dataset([str(f) for f in files], format="parquet").to_table(
-        columns=["item_id"]).column("item_id")
+        columns=[column]).column(column)
     return base.plus(ids)
 
 
@@ -147,15 +149,16 @@ class WindowDataset:
         vocabulary: the model's item vocabulary (``UnifiedRanker.item_vocabulary``): item
             ids it does not admit are unknown (0), targets and sequences alike. None: every
             id is hashed to its bucket.
+        user_vocabulary: the same for user ids (``UnifiedRanker.user_vocabulary``).
     """
 
     def __init__(self, windows: Sequence[Window | Path], modal: ModalTable, config: RankerConfig,
                  freshness_window_s: float | None = None,
                  tasks: Sequence[str] | None = None, *,
-                 vocabulary: ItemVocabulary | None = None):
+                 vocabulary: IdVocabulary | None = None,
+                 user_vocabulary: IdVocabulary | None = None):
         self.modal = modal
         self.config = config
-        self.vocabulary = vocabulary
         files = files_of(windows)
         table = (ds.dataset([str(f) for f in files], format="parquet").to_table(
             columns=SAMPLE_COLUMNS) if files else None)
@@ -194,7 +197,8 @@ class WindowDataset:
             **target_features(Targets.from_window(table), config, vocabulary),
             "target_modal_row": target_row,
             **sequence_features(sequences, self.impression_us,
-                                modal.rows(sequences.item_ids), config, vocabulary),
+                                modal.rows(sequences.item_ids), config, vocabulary,
+                                user_vocabulary),
         }
         """Every sample's features, by batch key: (n,) and (n, L); modal rows index
         ``modal.vectors``."""

@@ -6,8 +6,9 @@ column-wise and call the same functions, so an impression scored online gets the
 it got in training (``tests/test_features.py`` pins this):
 
 1. :func:`target_features`: the target items' hashed ids and profiles, (N,) each;
-2. :func:`sequence_features`: behaviour sequences left-padded to ``max_seq_len``, (S, L)
-   each: S = N in training, S = 1 in serving (one sequence shared by every candidate);
+2. :func:`sequence_features`: whose sequence it is (the user's hashed id, (S,)) and the
+   behaviour sequences left-padded to ``max_seq_len``, (S, L) each: S = N in training,
+   S = 1 in serving (one user and sequence shared by every candidate);
 3. :func:`usable_vectors`: which cached item vectors the model may read; any other is
    row 0, for which the model has a learned "missing" vector;
 4. :func:`model_batch`: tensors in the model's batch contract (``trainer.model``'s module
@@ -15,14 +16,15 @@ it got in training (``tests/test_features.py`` pins this):
 
 The vocabularies live here too: the tasks (label columns and the model's heads), the
 codes of a sequence's actions, both from ``ppm.events.INTERACTIONS``, and a model's
-:class:`ItemVocabulary`, the item ids it admits.
+:class:`IdVocabulary` of items and of users, the ids it admits.
 
 Ids are hashed with BLAKE2b (:func:`hash_ids`): stable across processes and runs, so a
-model trained today and an item first seen tomorrow agree on buckets. An *item* id goes
-through one more rule, :func:`item_buckets`: an id the model's vocabulary does not admit
-(seen fewer than ``trainer.min_item_count`` times as a target in its training data) is
-"unknown", bucket 0, in training, evaluation and serving alike, so a new item's score never
-depends on an untrained row or on the row of another item it collides with.
+model trained today and an item first seen tomorrow agree on buckets. Item and user ids go
+through one more rule, :func:`id_buckets`: an id the model's vocabulary does not admit
+(seen in fewer than ``trainer.min_item_count`` / ``min_user_count`` impressions of its
+training data) is "unknown", bucket 0, in training, evaluation and serving alike, so a new
+item's or user's score never depends on an untrained row or on the row of another id it
+collides with.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ PROFILE_FIELDS = (*HASHED_PROFILE, "price_bucket")
 """The target item's profile: ``ItemState`` fields, window columns ``item_<field>`` and
 batch keys of the same names."""
 
-BATCH_KEYS = ("item_id", *PROFILE_FIELDS, "seq_item_id", "seq_action", "seq_gap", "seq_mask",
-              "modal_table", "target_modal_row", "seq_modal_row")
+BATCH_KEYS = ("item_id", *PROFILE_FIELDS, "user_id", "seq_item_id", "seq_action", "seq_gap",
+              "seq_mask", "modal_table", "target_modal_row", "seq_modal_row")
 """Every key of a batch but the optional ``labels`` and ``label_mask``."""
 
 GAP_MIN_S = 60.0  # bucket 1: less than a minute ago
@@ -94,18 +96,19 @@ def _bucket_of(value: str, buckets: int) -> int:
 
 
 @dataclass(frozen=True, repr=False)
-class ItemVocabulary:
-    """The item ids a model admits: those seen at least ``min_count`` times as an
-    impression's target in its training data; any other item id is "unknown" (bucket 0)
-    wherever the model reads it (:func:`item_buckets`).
+class IdVocabulary:
+    """The ids of one kind (items, users) a model admits: those seen at least ``min_count``
+    times in the impressions of its training data (as the target item; as the user); any
+    other id of that kind is "unknown" (bucket 0) wherever the model reads it
+    (:func:`id_buckets`).
 
-    It travels with the model (``UnifiedRanker.item_vocabulary``, saved in its checkpoint),
-    so serving and ``ppm eval`` apply the rule training applied. Fine-tuning adds the new
-    windows' counts (:meth:`plus`) and keeps ``min_count``.
+    A model carries one per kind (``UnifiedRanker.item_vocabulary``, ``.user_vocabulary``,
+    saved in its checkpoint), so serving and ``ppm eval`` apply the rule training applied.
+    Fine-tuning adds the new windows' counts (:meth:`plus`) and keeps ``min_count``.
     """
 
     counts: Mapping[str, int]
-    """Impressions per item id as a target, over the windows the model trained on."""
+    """Impressions per id, over the windows the model trained on."""
     min_count: int = 1
     """Fewer impressions than this: unknown. 1 admits every id of the training data."""
 
@@ -114,15 +117,15 @@ class ItemVocabulary:
             raise ValueError(f"min_count must be >= 1, got {self.min_count}")
 
     def __repr__(self) -> str:
-        return (f"ItemVocabulary({len(self.counts)} ids, {len(self.admitted)} admitted, "
+        return (f"IdVocabulary({len(self.counts)} ids, {len(self.admitted)} admitted, "
                 f"min_count={self.min_count})")
 
     @classmethod
-    def of(cls, item_ids: Iterable[str | None], min_count: int = 1) -> ItemVocabulary:
-        """Counted from target item ids (one per impression; None and "" are not counted)."""
+    def of(cls, item_ids: Iterable[str | None], min_count: int = 1) -> IdVocabulary:
+        """Counted from ids (one per impression; None and "" are not counted)."""
         return cls({}, min_count).plus(item_ids)
 
-    def plus(self, item_ids: Iterable[str | None]) -> ItemVocabulary:
+    def plus(self, item_ids: Iterable[str | None]) -> IdVocabulary:
         """These counts and one more impression per id in ``item_ids``."""
         arr = item_ids if isinstance(item_ids, pa.Array | pa.ChunkedArray) else pa.array(
             list(item_ids), pa.string())
@@ -130,7 +133,7 @@ class ItemVocabulary:
         for row in pc.value_counts(arr.filter(pc.fill_null(pc.not_equal(arr, ""), False))
                                    ).to_pylist():
             counts[row["values"]] = counts.get(row["values"], 0) + row["counts"]
-        return ItemVocabulary(counts, self.min_count)
+        return IdVocabulary(counts, self.min_count)
 
     @cached_property
     def admitted(self) -> frozenset[str]:
@@ -153,16 +156,16 @@ class ItemVocabulary:
                 "counts": torch.tensor([self.counts[i] for i in ids], dtype=torch.int64)}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> ItemVocabulary:
+    def from_dict(cls, d: Mapping) -> IdVocabulary:
         return cls(dict(zip(d["ids"], (int(n) for n in d["counts"]), strict=True)),
                    int(d["min_count"]))
 
 
-def item_buckets(item_ids: Sequence[str | None], buckets: int,
-                 vocabulary: ItemVocabulary | None) -> np.ndarray:
-    """:func:`hash_ids` of item ids, 0 (unknown) for an id ``vocabulary`` does not admit
-    (None: every id is admitted, as for a model that has no vocabulary)."""
-    arr = pa.array(item_ids, pa.string())  # converted once for both
+def id_buckets(ids: Sequence[str | None], buckets: int,
+               vocabulary: IdVocabulary | None) -> np.ndarray:
+    """:func:`hash_ids` of item or user ids, 0 (unknown) for an id ``vocabulary`` does not
+    admit (None: every id is admitted, as for a model that has no vocabulary)."""
+    arr = pa.array(ids, pa.string())  # converted once for both
     out = hash_ids(arr, buckets)
     if vocabulary is not None:
         out[~vocabulary.admits(arr)] = 0
@@ -218,9 +221,12 @@ class Targets:
 
 @dataclass(frozen=True)
 class Sequences:
-    """S behaviour sequences flattened as Arrow lists are: sequence ``s`` is positions
-    ``offsets[s]:offsets[s + 1]`` of the flat columns, oldest first."""
+    """S users' behaviour sequences flattened as Arrow lists are: sequence ``s`` (of user
+    ``user_ids[s]``) is positions ``offsets[s]:offsets[s + 1]`` of the flat columns, oldest
+    first."""
 
+    user_ids: Sequence[str | None]
+    """(S,) whose sequence each is."""
     offsets: np.ndarray
     """(S + 1,) int64, starting at 0."""
     item_ids: Sequence[str]
@@ -231,18 +237,20 @@ class Sequences:
     @classmethod
     def of(cls, sequences: Sequence[UserSequence]) -> Sequences:
         lengths = [len(s.item_ids) for s in sequences]
-        return cls(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
+        return cls([s.user_id for s in sequences],
+                   np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]),
                    [i for s in sequences for i in s.item_ids],
                    [a for s in sequences for a in s.actions],
                    np.array([t for s in sequences for t in s.times_us], np.int64))
 
     @classmethod
     def from_window(cls, table: pa.Table) -> Sequences:
-        """The sequences of a window table (columns ``seq_item_ids``, ``seq_actions``,
-        ``seq_times_us``)."""
+        """The sequences of a window table (columns ``user_id``, ``seq_item_ids``,
+        ``seq_actions``, ``seq_times_us``)."""
         col = table.column
         offsets = col("seq_item_ids").combine_chunks().offsets.to_numpy().astype(np.int64)
-        return cls(offsets - offsets[0], pc.list_flatten(col("seq_item_ids")).to_pylist(),
+        return cls(col("user_id").to_pylist(), offsets - offsets[0],
+                   pc.list_flatten(col("seq_item_ids")).to_pylist(),
                    pc.list_flatten(col("seq_actions")).to_pylist(),
                    pc.list_flatten(col("seq_times_us")).to_numpy().astype(np.int64))
 
@@ -283,11 +291,11 @@ def usable_vectors(embedded: Sequence[bool] | np.ndarray,
 
 
 def target_features(targets: Targets, config: RankerConfig,
-                    vocabulary: ItemVocabulary | None = None) -> dict[str, np.ndarray]:
-    """``item_id`` (:func:`item_buckets` with the model's ``vocabulary``), ``category``,
+                    vocabulary: IdVocabulary | None = None) -> dict[str, np.ndarray]:
+    """``item_id`` (:func:`id_buckets` with the model's ``vocabulary``), ``category``,
     ``brand``, ``shop`` (hashed; 0 = unknown) and ``price_bucket`` (clipped to the model's
     buckets), int64 (N,) each."""
-    out = {"item_id": item_buckets(targets.item_id, config.item_buckets, vocabulary)}
+    out = {"item_id": id_buckets(targets.item_id, config.item_buckets, vocabulary)}
     for field in HASHED_PROFILE:
         out[field] = hash_ids(getattr(targets, field), getattr(config, f"{field}_buckets"))
     out["price_bucket"] = np.clip(np.asarray(targets.price_bucket, np.int64), 0,
@@ -297,11 +305,14 @@ def target_features(targets: Targets, config: RankerConfig,
 
 def sequence_features(sequences: Sequences, impression_us: np.ndarray,
                       vector_rows: np.ndarray, config: RankerConfig,
-                      vocabulary: ItemVocabulary | None = None) -> dict[str, np.ndarray]:
-    """S sequences as the model reads them, (S, L) each with L = ``config.max_seq_len``.
+                      vocabulary: IdVocabulary | None = None,
+                      user_vocabulary: IdVocabulary | None = None) -> dict[str, np.ndarray]:
+    """S users and their sequences as the model reads them: ``user_id`` (S,) int64
+    (:func:`id_buckets` with the model's ``user_vocabulary``; all 0 for a model without
+    user ids, ``config.user_buckets`` 0), and (S, L) each with L = ``config.max_seq_len``:
 
     LEFT-padded: the most recent interaction is in the last slot, and a longer sequence
-    keeps its last L. ``seq_item_id`` (:func:`item_buckets` with the model's
+    keeps its last L. ``seq_item_id`` (:func:`id_buckets` with the model's
     ``vocabulary``: 0 for an id it does not admit), ``seq_action`` (:data:`ACTION_CODES`),
     ``seq_gap`` (:func:`gap_bucket` of ``impression_us[s]`` (S,) minus the interaction's
     time), ``seq_modal_row`` (``vector_rows``: the flat positions' rows in the caller's
@@ -319,12 +330,13 @@ def sequence_features(sequences: Sequences, impression_us: np.ndarray,
     slot = np.repeat(L - keep, keep) + pos_in_kept
     actions = sequences.actions
     flat_values = {
-        "seq_item_id": item_buckets(sequences.item_ids, config.item_buckets, vocabulary),
+        "seq_item_id": id_buckets(sequences.item_ids, config.item_buckets, vocabulary),
         "seq_action": np.fromiter((ACTION_CODES.get(a, 0) for a in actions), np.int64,
                                   len(actions)),
         "seq_modal_row": np.asarray(vector_rows, np.int64),
     }
-    out = {}
+    out = {"user_id": id_buckets(sequences.user_ids, config.user_buckets, user_vocabulary)
+           if config.user_buckets else np.zeros(S, np.int64)}
     for key, values in flat_values.items():
         out[key] = np.zeros((S, L), np.int64)
         out[key][seq_of, slot] = values[flat]

@@ -24,6 +24,10 @@ M = rows of the modal table::
                                                    item ids: not in the model's
                                                    item_vocabulary)
     price_bucket                     int64 (B,)    in [0, price_buckets)
+    user_id                          int64 (B,)    the user's id, hashed like item_id into
+                                                   [1, user_buckets); 0 = unknown (not in
+                                                   the model's user_vocabulary); (1,) when
+                                                   one sequence is shared (below)
     seq_item_id                      int64 (B, L)  hashed like item_id; 0 = padding or
                                                    unknown
     seq_action                       int64 (B, L)  0 padding, 1 click, 2 order, 3 collect
@@ -59,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.features import N_ACTIONS, TASKS, ItemVocabulary
+from trainer.features import N_ACTIONS, TASKS, IdVocabulary
 
 VARIANTS = ("idrec", "ppm", "modal")
 
@@ -75,6 +79,7 @@ class RankerConfig:
     category_buckets: int = 2**10  # categories are few; collisions are rare at 1k
     brand_buckets: int = 2**12  # 4k brands
     shop_buckets: int = 2**12  # 4k shops
+    user_buckets: int = 2**14  # 16k user rows x side_dim; 0: no user id feature
     price_buckets: int = 32  # price_bucket values are already in [0, 32)
     gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d
     max_seq_len: int = 50  # longest behaviour sequence L the position table covers
@@ -134,8 +139,9 @@ class RankerConfig:
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown RankerConfig fields {sorted(unknown)} (newer checkpoint?)")
-        # Checkpoints from before ``attention`` existed were trained with full attention.
-        return cls(**{"attention": "full", **d})
+        # Checkpoints from before ``attention`` existed were trained with full attention,
+        # those from before ``user_buckets`` without user ids.
+        return cls(**{"attention": "full", "user_buckets": 0, **d})
 
 
 # -----------------------------------------------------------------------------
@@ -312,8 +318,10 @@ class IDModule(nn.Module):
 
     Returns (B, out_dim): the transformer's target output (d_model), then the target's own
     embeddings, which go to the MMoE directly: item (d_model), category, brand, shop and
-    price (side_dim each). The side features stay out of the transformer, so the target
-    token is the same kind of token as the sequence items it is compared with.
+    price (side_dim each), and the user's (side_dim, when ``user_buckets``: what the
+    sequence cannot say, such as how often this user clicks at all). The side features stay
+    out of the transformer, so the target token is the same kind of token as the sequence
+    items it is compared with.
     """
 
     def __init__(self, config: RankerConfig):
@@ -324,9 +332,11 @@ class IDModule(nn.Module):
         self.brand_emb = nn.Embedding(c.brand_buckets, c.side_dim, padding_idx=0)
         self.shop_emb = nn.Embedding(c.shop_buckets, c.side_dim, padding_idx=0)
         self.price_emb = nn.Embedding(c.price_buckets, c.side_dim)  # bucket 0 is a real price
+        self.user_emb = (nn.Embedding(c.user_buckets, c.side_dim, padding_idx=0)
+                         if c.user_buckets else None)
         self.transformer = BehaviorTransformer(c)
         self.id_dropout = c.id_dropout
-        self.out_dim = 2 * c.d_model + 4 * c.side_dim
+        self.out_dim = 2 * c.d_model + (5 if c.user_buckets else 4) * c.side_dim
 
     def forward(self, batch: dict) -> torch.Tensor:
         item = batch["item_id"]  # (B,)
@@ -338,6 +348,8 @@ class IDModule(nn.Module):
         h = self.transformer(seq, target, batch)  # (B, d)
         side = [self.category_emb(batch["category"]), self.brand_emb(batch["brand"]),
                 self.shop_emb(batch["shop"]), self.price_emb(batch["price_bucket"])]
+        if self.user_emb is not None:
+            side.append(self.user_emb(batch["user_id"]).expand(len(item), -1))  # (B, side)
         return torch.cat([h, target, *side], dim=1)  # (B, out_dim)
 
 
@@ -430,10 +442,12 @@ class UnifiedRanker(nn.Module):
     def __init__(self, config: RankerConfig):
         super().__init__()
         self.config = config
-        self.item_vocabulary: ItemVocabulary | None = None
-        """The item ids this model admits (``trainer.features.ItemVocabulary``), set by the
+        self.item_vocabulary: IdVocabulary | None = None
+        """The item ids this model admits (``trainer.features.IdVocabulary``), set by the
         trainer from its training data and kept in its checkpoint; the batch builders map
         any other item id to 0. None: every id keeps its bucket (a model never trained)."""
+        self.user_vocabulary: IdVocabulary | None = None
+        """The same for user ids (``config.user_buckets``)."""
         self.id_module = IDModule(config) if config.uses_ids else None
         self.ppm = PPMModule(config) if config.uses_modal else None
         in_dim = ((self.id_module.out_dim if self.id_module else 0)
@@ -446,7 +460,7 @@ class UnifiedRanker(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts = []
         if self.id_module is not None:
-            parts.append(self.id_module(batch))  # (B, 2d + 4 side)
+            parts.append(self.id_module(batch))  # (B, 2d + 4 or 5 side)
         if self.ppm is not None:
             parts.append(self.ppm(batch))  # (B, 2d)
         logits = self.mmoe(torch.cat(parts, dim=1))  # (B, n_tasks)
@@ -496,17 +510,18 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def save_checkpoint(path: str | Path, model: UnifiedRanker, extra: dict[str, Any]) -> None:
-    """Write config, weights, the item vocabulary and ``extra`` (plain values and tensors
-    only) to ``path``.
+    """Write config, weights, the item and user vocabularies and ``extra`` (plain values and
+    tensors only) to ``path``.
 
     Raises TypeError if ``extra`` holds anything ``torch.load(weights_only=True)`` would
     refuse (numpy arrays, Paths, datetimes): better now than when loading.
     """
     _check_plain(extra, "extra")
-    vocabulary = model.item_vocabulary
     torch.save({"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(),
                 "state_dict": model.state_dict(), "extra": dict(extra),
-                "item_vocabulary": None if vocabulary is None else vocabulary.to_dict()},
+                **{f"{kind}_vocabulary": None if v is None else v.to_dict()
+                   for kind, v in (("item", model.item_vocabulary),
+                                   ("user", model.user_vocabulary))}},
                path)
 
 
@@ -519,6 +534,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
                          f"expected {CHECKPOINT_FORMAT}")
     model = UnifiedRanker(RankerConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
-    vocabulary = ckpt.get("item_vocabulary")  # absent in checkpoints from before it existed
-    model.item_vocabulary = None if vocabulary is None else ItemVocabulary.from_dict(vocabulary)
+    for kind in ("item", "user"):  # absent in checkpoints from before they existed
+        vocabulary = ckpt.get(f"{kind}_vocabulary")
+        setattr(model, f"{kind}_vocabulary",
+                None if vocabulary is None else IdVocabulary.from_dict(vocabulary))
     return model.eval(), ckpt["extra"]

@@ -19,8 +19,8 @@ The loop reads top to bottom: load the data, fit, evaluate, decide, register.
   scores the shuffled-vector control (:meth:`ModalTable.shuffled`) that
   :mod:`trainer.experiment` and the demo hold ``ppm`` against.
 
-Every model gets an item vocabulary from its training windows
-(:func:`trainer.dataset.item_vocabulary`, ``trainer.min_item_count``), kept with its
+Every model gets an item and a user vocabulary from its training windows
+(:func:`admit_ids`: ``trainer.min_item_count``, ``min_user_count``), kept with its
 weights; every registered version records the windows it ``trained_on``.
 """
 
@@ -39,15 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from ppm.config import Config
+from ppm.config import Config, TrainerConfig
 from trainer.dataset import (
     ModalTable,
     Window,
     WindowDataset,
     closed_windows,
-    item_vocabulary,
+    id_vocabulary,
 )
-from trainer.features import ItemVocabulary
+from trainer.features import IdVocabulary
 from trainer.metrics import BUCKETS, auc, evaluate
 from trainer.model import RankerConfig, UnifiedRanker
 from trainer.registry import Registry, Version
@@ -161,8 +161,22 @@ def names(windows: Sequence[Window | Path]) -> list[str]:
     return [w.name for w in windows]
 
 
-def vocabulary_meta(vocabulary: ItemVocabulary | None) -> dict | None:
-    """What a version's meta says of its item vocabulary (the ids are in its checkpoint)."""
+def admit_ids(model: UnifiedRanker, windows: Sequence[Window | Path], t: TrainerConfig,
+              fine_tune: bool = False) -> None:
+    """Set ``model``'s item and user vocabularies from the impressions of ``windows``
+    (``trainer.min_item_count``, ``min_user_count``). ``fine_tune``: add them to the
+    model's own counts and keep its minimums; a vocabulary it has none of (a checkpoint
+    from before that kind existed) stays None, so the model reads ids as it trained."""
+    for kind, min_count in (("item", t.min_item_count), ("user", t.min_user_count)):
+        base = getattr(model, f"{kind}_vocabulary")
+        if fine_tune and base is None:
+            continue
+        setattr(model, f"{kind}_vocabulary",
+                id_vocabulary(windows, f"{kind}_id", min_count, base if fine_tune else None))
+
+
+def vocabulary_meta(vocabulary: IdVocabulary | None) -> dict | None:
+    """What a version's meta says of a vocabulary (the ids are in its checkpoint)."""
     if vocabulary is None:
         return None
     return {"min_count": vocabulary.min_count, "ids_seen": len(vocabulary.counts),
@@ -215,18 +229,20 @@ class IncrementalTrainer:
         self._champion_cache: tuple[Version, UnifiedRanker] | None = None
 
     def dataset(self, windows: Sequence[Window | Path], config: RankerConfig | None = None,
-                vocabulary: ItemVocabulary | None = None) -> WindowDataset:
+                vocabulary: IdVocabulary | None = None,
+                user_vocabulary: IdVocabulary | None = None) -> WindowDataset:
         """Samples of ``windows`` (or window files) as a model of ``config`` (default: a new
-        model's) with item ``vocabulary`` (its ``item_vocabulary``; None: every id keeps
-        its bucket) reads them."""
+        model's) with item ``vocabulary`` and ``user_vocabulary`` (its ``item_vocabulary``
+        and ``user_vocabulary``; None: every id keeps its bucket) reads them."""
         config = config or ranker_config(self.cfg, self.variant, self.modal.dim)
         return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s,
-                             vocabulary=vocabulary)
+                             vocabulary=vocabulary, user_vocabulary=user_vocabulary)
 
     def dataset_for(self, model: UnifiedRanker, windows: Sequence[Window | Path]
                     ) -> WindowDataset:
-        """Samples of ``windows`` as ``model`` reads them (its config and vocabulary)."""
-        return self.dataset(windows, model.config, model.item_vocabulary)
+        """Samples of ``windows`` as ``model`` reads them (its config and vocabularies)."""
+        return self.dataset(windows, model.config, model.item_vocabulary,
+                            model.user_vocabulary)
 
     @property
     def modal(self) -> ModalTable:
@@ -282,7 +298,7 @@ class IncrementalTrainer:
         if held is None:
             champion, champion_model = None, None
             candidate = new_model(self.cfg, self.variant, self.modal.dim)
-            candidate.item_vocabulary = item_vocabulary(train_windows, t.min_item_count)
+            admit_ids(candidate, train_windows, t)
             train = self.dataset_for(candidate, train_windows)
             fit(candidate, train, t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed, grad_clip=t.grad_clip, progress=progress)
@@ -295,10 +311,8 @@ class IncrementalTrainer:
             replayed = older[-t.replay_windows:] if t.replay_share > 0 else []
             # The new windows' impressions join the champion's counts (its min_count kept).
             seen = set(champion.meta.get("trained_on", []))
-            if candidate.item_vocabulary is not None:
-                candidate.item_vocabulary = item_vocabulary(
-                    [w for w in [*replayed, *train_windows] if w.name not in seen],
-                    t.min_item_count, base=candidate.item_vocabulary)
+            admit_ids(candidate, [w for w in [*replayed, *train_windows] if w.name not in seen],
+                      t, fine_tune=True)
             train = self.dataset_for(candidate, train_windows)
             replay = self.dataset_for(candidate, replayed) if replayed else None
             fit(candidate, train, t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
@@ -328,6 +342,7 @@ class IncrementalTrainer:
             "encoder_version": self.modal.encoder_version,
             "shuffle_vectors_seed": self.shuffle_vectors_seed,
             "item_vocabulary": vocabulary_meta(candidate.item_vocabulary),
+            "user_vocabulary": vocabulary_meta(candidate.user_vocabulary),
             "metrics": cand_metrics,
             "champion_metrics": champ_metrics,
             "promoted": promoted,
@@ -444,7 +459,8 @@ class BatchFit:
                 "valid_click_aucs": self.valid_aucs, "tuned": self.tuned,
                 "encoder_version": self.encoder_version,
                 "shuffle_vectors_seed": self.shuffle_vectors_seed,
-                "item_vocabulary": vocabulary_meta(self.model.item_vocabulary)}
+                "item_vocabulary": vocabulary_meta(self.model.item_vocabulary),
+                "user_vocabulary": vocabulary_meta(self.model.user_vocabulary)}
 
 
 def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
@@ -460,7 +476,7 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     trainer = IncrementalTrainer(cfg, variant=variant, shuffle_vectors_seed=shuffle_vectors_seed)
     t = cfg.trainer
     model = new_model(cfg, trainer.variant, trainer.modal.dim)
-    model.item_vocabulary = item_vocabulary(windows, t.min_item_count)
+    admit_ids(model, windows, t)
     data = trainer.dataset_for(model, windows)
     held_out = trainer.dataset_for(model, valid) if valid else None
     aucs: list[float | None] = []

@@ -209,15 +209,15 @@ class Ranker:
             vectors[row] = stored[item_id].embedding
 
         states = [stored[i].state if i in stored else None for i in item_ids]
-        # One sequence row shared by every candidate: the model encodes it once. Item ids
-        # the model's vocabulary does not admit are unknown (0), as in its training.
+        # One user and sequence row shared by every candidate: the model encodes it once.
+        # Ids the model's vocabularies do not admit are unknown (0), as in its training.
         vocabulary = model.item_vocabulary
         batch = model_batch({
             **target_features(Targets.from_states(item_ids, states), c, vocabulary),
             "target_modal_row": np.array([row_of.get(i, 0) for i in item_ids], np.int64),
             **sequence_features(Sequences.of([seq]), np.array([now], np.int64),
                                 np.array([row_of.get(i, 0) for i in seq_ids], np.int64), c,
-                                vocabulary),
+                                vocabulary, model.user_vocabulary),
         }, vectors)
         missing = {
             "user_sequence": int(not seq_ids),
