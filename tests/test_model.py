@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer.model import (
+    CHECKPOINT_FORMAT,
     VARIANTS,
     RankerConfig,
     UnifiedRanker,
@@ -63,7 +64,7 @@ def random_batch(c: RankerConfig, B: int = 5, L: int = 6, M: int = 9, seed: int 
         "brand": ints(0, c.brand_buckets, (B,)),
         "shop": ints(0, c.shop_buckets, (B,)),
         "price_bucket": ints(0, c.price_buckets, (B,)),
-        "user_id": ints(0, c.user_buckets, (B,)),
+        "user_id": ints(0, max(c.user_buckets, 2), (B,)),
         "seq_item_id": ints(1, c.item_buckets, (B, L)) * mask,
         "seq_action": ints(1, 4, (B, L)) * mask,
         "seq_gap": ints(1, c.gap_buckets, (B, L)) * mask,
@@ -475,6 +476,22 @@ def test_config_dict_round_trip_and_older_dicts_get_defaults():
     # Checkpoints from before the attention option were trained with full attention.
     assert RankerConfig.from_dict({k: v for k, v in d.items() if k != "attention"}
                                   ).attention == "full"
+
+
+def test_a_checkpoint_from_before_user_ids_loads_as_a_model_without_them(tmp_path):
+    old = make_model("idrec", user_buckets=0)  # the shape of such a model
+    assert old.id_module.user_emb is None
+    ckpt = {"format": CHECKPOINT_FORMAT,
+            "config": {k: v for k, v in old.config.to_dict().items() if k != "user_buckets"},
+            "state_dict": old.state_dict(), "extra": {}, "item_vocabulary": None}
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.config.user_buckets == 0 and loaded.user_vocabulary is None
+    batch = random_batch(loaded.config, labels=False)
+    torch.testing.assert_close(scores(loaded, batch), scores(old, batch))
+    # Its scores do not depend on the user.
+    torch.testing.assert_close(scores(loaded, dict(batch, user_id=batch["user_id"] + 1)),
+                               scores(loaded, batch))
 
 
 # -----------------------------------------------------------------------------
