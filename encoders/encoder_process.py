@@ -69,9 +69,19 @@ class EncoderProcess:
     """
 
     def __init__(self, cfg: Config, *, local_files: bool = True):
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_child, initargs=(cfg, local_files))
+        for attempt in range(2):
+            try:
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_start_child, initargs=(cfg, local_files))
+                break
+            except BrokenPipeError:
+                # multiprocessing's resource tracker died between its liveness check and
+                # the pool's first semaphore (seen once in the suite's Faust worker); the
+                # next registration finds it dead and launches a new one (CPython
+                # gh-131788 makes that automatic from 3.14).
+                if attempt:
+                    raise
         self.encoder_version: str = self._call(_child_version)
 
     @property

@@ -419,6 +419,34 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
+def test_a_dead_resource_tracker_at_start_is_retried_once(monkeypatch) -> None:
+    import concurrent.futures
+
+    from encoders.encoder_process import EncoderProcess
+
+    real, calls = concurrent.futures.ProcessPoolExecutor, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # what multiprocessing raises when its tracker died
+            raise BrokenPipeError(32, "Broken pipe")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", flaky)
+    with EncoderProcess(Config()) as child:
+        assert child.pid != os.getpid() and len(calls) == 2
+    calls.clear()
+
+    def dead(*args, **kwargs):
+        calls.append(1)
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", dead)
+    with pytest.raises(BrokenPipeError):  # twice: not hidden
+        EncoderProcess(Config())
+    assert len(calls) == 2
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux")
 def test_the_encoder_process_dies_with_its_parent() -> None:
     script = ("import time\n"
