@@ -303,7 +303,7 @@ class ModelConfig(_Section):
     """target: the sequence is encoded once per request and shared by every candidate;
     full: the sequence also sees the target (one full pass per candidate, much slower)."""
     side_dim: int = Field(16, ge=1)
-    """Width of each target side feature (category, brand, shop, price)."""
+    """Width of each side feature (the target's category, brand, shop, price; the user)."""
     dropout: float = Field(0.1, ge=0, lt=1)
     """In the experts and towers."""
     seq_dropout: float = Field(0.0, ge=0, lt=1)

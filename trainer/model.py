@@ -93,7 +93,7 @@ class RankerConfig:
     #   to all, so the sequence is encoded once per request and shared by every candidate
     #   (far cheaper to serve: bench/serve.py, docs/results.md); "full": every token attends
     #   to every token, the sequence too sees the target (one full pass per candidate)
-    side_dim: int = 16  # width of each target side feature (category, brand, shop, price)
+    side_dim: int = 16  # width of each side feature (category, brand, shop, price, user)
     dropout: float = 0.1  # in the experts and towers, on (B, expert_dim) activations: cheap
     id_dropout: float = 0.0  # training only: share of samples whose target item id is
     #   replaced by "unknown" (bucket 0, a zero vector), so the model learns to score an item
