@@ -26,22 +26,17 @@ import numpy as np
 from ppm.config import Config
 from ppm.data_dir import DataDir
 from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, clicks
-from trainer.experiment import PAIRS, compare_models
+from trainer.experiment import BASELINES, ORACLE, PAIRS, TRAINED, compare_models
 from trainer.metrics import auc, cold_buckets
 from trainer.registry import Registry
 from trainer.train import IncrementalTrainer
 from trainer.windows import closed_windows
 
 DISTRIBUTED = "the same processors on Kafka, Faust and Redis: README, The distributed path"
-RUNS: dict[str, tuple[str, int | None]] = {
-    "idrec": ("idrec", None),
-    "ppm": ("ppm", None),
-    "ppm_shuffled": ("ppm", 0),
-}
-"""The incremental runs: name (also its registry's) -> (variant, the seed of its vector
-shuffle; None: the items' own vectors)."""
-SCORERS = (*RUNS, "baseline_logreg", "baseline_rate", "oracle")
-"""Everything that scores the evaluated windows, in report order."""
+SCORERS = (*TRAINED, *BASELINES, ORACLE)
+"""Everything that scores the evaluated windows, in report order: the incremental runs of
+:data:`trainer.experiment.TRAINED` (each with a registry of its name), the baselines and
+the oracle."""
 
 
 def demo_outputs(paths: DataDir) -> tuple[Path, ...]:
@@ -101,7 +96,8 @@ def _auc(f: dict[str, Any], name: str, bucket: str) -> str:
 
 def train_and_score(run_cfg: Config, oracle: Oracle | None = None, progress: bool = True
                     ) -> tuple[dict, list[dict]]:
-    """Incremental training of each of :data:`RUNS` over the closed windows, test-then-train;
+    """Incremental training of each of :data:`trainer.experiment.TRAINED` over the closed
+    windows, test-then-train (the control's vectors shuffled with ``trainer.seed``);
     returns the click AUCs of everything in :data:`SCORERS` over all evaluated windows
     (``auc_<name>``; on items younger than a day ``auc_cold_<name>``), each with its 95%
     bootstrap interval over users (``..._ci95``), the paired differences of
@@ -122,7 +118,8 @@ def train_and_score(run_cfg: Config, oracle: Oracle | None = None, progress: boo
                                                             *SCORERS)}
     evaluated: dict[str, list[str]] = {}
     per_window: dict[str, dict] = {}
-    for name, (variant, shuffle_seed) in RUNS.items():
+    for name, (variant, shuffled) in TRAINED.items():
+        shuffle_seed = run_cfg.trainer.seed if shuffled else None
         evaluated[name] = []
 
         def collect(step, name=name) -> None:
@@ -130,7 +127,7 @@ def train_and_score(run_cfg: Config, oracle: Oracle | None = None, progress: boo
             y, young = clicks(data), cold_buckets(data.item_age_s,
                                                   data.item_clicks_before)["age<1d"]
             s = step.eval_logits[:, data.config.tasks.index("click")]
-            if name == next(iter(RUNS)):  # the samples are the same in every run
+            if name == next(iter(TRAINED)):  # the samples are the same in every run
                 columns["labels"].append(y)
                 columns["users"].append(data.user_id)
                 columns["cold"].append(young)
@@ -159,7 +156,7 @@ def train_and_score(run_cfg: Config, oracle: Oracle | None = None, progress: boo
         return np.concatenate(columns[key]) if columns[key] else np.zeros(0)
 
     y, users, cold = joined("labels"), joined("users"), joined("cold").astype(bool)
-    scorers = [name for name in SCORERS if name != "oracle" or oracle is not None]
+    scorers = [name for name in SCORERS if name != ORACLE or oracle is not None]
     totals: dict[str, Any] = {}
     for bucket, rows in (("", np.ones(len(y), bool)), ("cold_", cold)):
         summary = compare_models(y[rows], users[rows], {n: joined(n)[rows] for n in scorers})
