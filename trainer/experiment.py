@@ -180,10 +180,9 @@ def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
         fitted = train_batch(cfg.with_values({"trainer.seed": seed}), split.train, variant,
                              epochs, progress=False, valid=split.valid,
                              shuffle_vectors_seed=shuffle_seed)
-        scorer = IncrementalTrainer(cfg, variant=variant, shuffle_vectors_seed=shuffle_seed)
         click = fitted.model.config.tasks.index("click")
-        scores[name][seed] = predict(fitted.model,
-                                     scorer.dataset_for(fitted.model, split.test))[:, click]
+        scores[name][seed] = predict(
+            fitted.model, fitted.trainer.dataset_for(fitted.model, split.test))[:, click]
         fits[name].append({"seed": seed, "epochs": fitted.epochs,
                            "best_epoch": fitted.best_epoch, "valid_click_auc": fitted.valid_auc})
 

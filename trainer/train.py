@@ -450,6 +450,9 @@ class BatchFit:
     shuffle_vectors_seed: int | None = None
     """The shuffled-vector control's seed (:meth:`ModalTable.shuffled`); None: the items'
     own vectors."""
+    trainer: IncrementalTrainer | None = field(default=None, repr=False, compare=False)
+    """The trainer that read its data: its vectors (shuffled for the control) score the
+    model's other windows without reading the item log again."""
 
     def meta(self) -> dict[str, Any]:
         """The registry meta of this model."""
@@ -499,7 +502,8 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
         model.load_state_dict(best["state"])
     return BatchFit(model, trainer.variant, trainer.modal.encoder_version, names(windows),
                     names(valid) if held_out is not None else [], ran, best.get("epoch"),
-                    best.get("auc"), aucs, shuffle_vectors_seed=shuffle_vectors_seed)
+                    best.get("auc"), aucs, shuffle_vectors_seed=shuffle_vectors_seed,
+                    trainer=trainer)
 
 
 def tune_batch(cfg: Config, split: Split, grid: Mapping[str, Sequence[str]],
