@@ -287,6 +287,11 @@ class ModelConfig(_Section):
     """Rows of the user id table (side_dim wide), read by the ID module beside the target's
     side features: what a user's sequence of positive actions cannot say, such as how
     often the user clicks at all. 0: no user ids."""
+    id_rates: bool = True
+    """Read the user's and the target item's click rate (smoothed) and impression count in
+    the model's training data, counted with its id vocabularies; a training impression sees
+    only the counts of earlier ones (``trainer.features.id_rates``). Chosen on validation
+    (docs/results.md)."""
     price_buckets: int = Field(32, ge=1)
     """Price buckets kept (``ppm.records.price_bucket`` makes 32); higher ones are clipped."""
     gap_buckets: int = Field(16, ge=2)

@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ppm.config import Config
 from ppm.data_dir import DataDir, TrainingLogDir
@@ -147,7 +149,7 @@ def test_sources_with_different_window_sizes_are_an_error(partitions):
 
 def test_a_dataset_of_union_windows_reads_every_file(partitions):
     windows = closed_windows(partitions.training)
-    modal = ModalTable(None, {}, np.zeros((1, 8), np.float32), np.zeros(1, np.int64))
+    modal = ModalTable.empty(8)
     data = WindowDataset(windows, modal, RankerConfig(variant="idrec", modal_dim=8))
     assert len(data) == sum(w.samples for w in windows) == 5 + 10 + 10
     # Windows and plain files are the same thing to the dataset.
@@ -223,7 +225,7 @@ def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknow
         **{f"i{i}": 3 for i in range(4)}, "i4": 1, "i5": 1}
 
     config = RankerConfig(variant="idrec", modal_dim=8, item_buckets=1024)
-    modal = ModalTable(None, {}, np.zeros((1, 8), np.float32), np.zeros(1, np.int64))
+    modal = ModalTable.empty(8)
     plain = WindowDataset([windows[2]], modal, config)
     data = WindowDataset([windows[2]], modal, config, vocabulary=vocabulary)
     assert (plain.features["item_id"] > 0).all()
@@ -236,13 +238,53 @@ def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknow
     assert (rare.features["seq_mask"] == plain.features["seq_mask"]).all()  # still there
 
 
+def test_a_training_sample_reads_only_earlier_click_history_never_its_own_label(tmp_path):
+    """Every hour shows i0..i3 to u0..u3; odd ones are clicked. Counted over hours 0-2, a
+    sample of hour h reads h earlier impressions of its item and user (all clicked for odd
+    ones, none for even); scored after training, it reads all three."""
+    paths = DataDir(tmp_path)
+    write_source(paths.training_log, {0: 4, 1: 4, 2: 4})
+    windows = closed_windows(paths.training)
+    items = id_vocabulary(windows, "item_id", min_count=1)
+    users = id_vocabulary(windows, "user_id", min_count=1)
+    assert items.counts == {f"i{i}": 3 for i in range(4)}
+    assert items.clicks == {"i1": 3, "i3": 3}
+    config = RankerConfig(variant="idrec", modal_dim=8, item_buckets=1024)
+    modal = ModalTable.empty(8)
+
+    def history(data):  # (n, 2): impressions and clicks before, from log1p and the lift
+        return np.expm1(data.features["item_rates"][:, 1]).round()
+
+    train = WindowDataset(windows, modal, config, vocabulary=items, user_vocabulary=users,
+                          training=True)
+    hour = np.repeat([0, 1, 2], 4)
+    assert history(train).tolist() == hour.tolist()
+    assert (train.features["user_rates"] == train.features["item_rates"]).all()  # u_i, i_i
+    lift = train.features["item_rates"][:, 0]
+    clicked = train.labels[:, 0] > 0
+    assert (lift[hour == 0] == 0).all()  # nothing before: the prior
+    assert (lift[(hour > 0) & clicked] > 0).all() and (lift[(hour > 0) & ~clicked] < 0).all()
+    # Fine-tuning on the last window alone reads the same history for it.
+    last = WindowDataset(windows[2:], modal, config, vocabulary=items, user_vocabulary=users,
+                         training=True)
+    assert np.allclose(last.features["item_rates"], train.features["item_rates"][8:])
+    # After training: everything counted is history.
+    after = WindowDataset(windows[2:], modal, config, vocabulary=items, user_vocabulary=users)
+    assert history(after).tolist() == [3] * 4
+    # Windows the vocabulary never counted cannot be training data.
+    with pytest.raises(ValueError, match="did not count"):
+        WindowDataset(windows, modal, config, vocabulary=id_vocabulary(windows[:1], "item_id",
+                                                                       1), training=True)
+
+
 def test_shuffled_vectors_move_between_items_and_missing_stays_missing():
     rng = np.random.default_rng(0)
     vectors = np.r_[np.zeros((1, 3)), rng.normal(size=(50, 3))].astype(np.float32)
-    modal = ModalTable("enc-1", {f"i{k}": k + 1 for k in range(50)}, vectors,
-                       np.arange(51, dtype=np.int64))
+    modal = ModalTable.of("enc-1", [f"i{k:02d}" for k in range(50)], vectors[1:],
+                          np.arange(1, 51, dtype=np.int64))
+    assert (modal.vectors == vectors).all()
     shuffled = modal.shuffled(seed=3)
-    assert shuffled.row_of == modal.row_of and shuffled.encoder_version == "enc-1"
+    assert (shuffled.item_ids == modal.item_ids).all() and shuffled.encoder_version == "enc-1"
     np.testing.assert_array_equal(shuffled.content_time_us, modal.content_time_us)
     assert (shuffled.vectors[0] == 0).all()  # row 0 is "missing" in both
     # Every item's vector is some item's vector, and almost none is its own.
@@ -251,3 +293,62 @@ def test_shuffled_vectors_move_between_items_and_missing_stays_missing():
     assert sum(r == k for k, r in enumerate(rows, start=1)) <= 3
     np.testing.assert_array_equal(modal.shuffled(seed=3).vectors, shuffled.vectors)
     assert not np.array_equal(modal.shuffled(seed=4).vectors, shuffled.vectors)
+
+
+@settings(max_examples=100, deadline=None)
+@given(versions=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 20)),
+                         max_size=12),
+       queries=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d", None]),
+                                  st.integers(-1, 22)), max_size=12))
+def test_the_as_of_lookup_finds_the_newest_vector_available_then(versions, queries):
+    """Brute force: the row of an item's vector with the latest ``available_us`` at or
+    before the query time; none (0) before its first, for an unknown id or for None."""
+    versions = list(dict(((i, t), None) for i, t in versions))  # one per (item, time)
+    modal = ModalTable.of("enc", [i for i, _ in versions],
+                          np.arange(len(versions), dtype=np.float32).reshape(-1, 1),
+                          [t for _, t in versions])
+    got = modal.rows_as_of([i for i, _ in queries], np.array([t for _, t in queries],
+                                                             np.int64))
+    for (item, at), row in zip(queries, got, strict=True):
+        seen = [(t, k) for k, (i, t) in enumerate(versions) if i == item and t <= at]
+        if not seen:
+            assert row == 0
+        else:
+            assert modal.item_ids[row] == item
+            assert modal.vectors[row, 0] == max(seen)[1]  # the version made last
+            assert modal.available_us[row] <= at
+
+
+def test_a_sample_never_sees_a_vector_that_became_available_after_its_impression(tmp_path):
+    """Items i0..i3 were embedded at hour 0 and again, with new content, at hour 1 (i1 also
+    at hour 2). Samples of hour 0 read the first vectors, as targets and in sequences
+    (every sequence is [i0]), those of hour 1 the second: a later upsert never leaks
+    back. A refresh policy that makes the second vectors available only at hour 5 keeps
+    hour 1 on the first ones."""
+    paths = DataDir(tmp_path)
+    write_source(paths.training_log, {0: 4, 1: 4})
+    windows = closed_windows(paths.training)
+    us = int(T0.timestamp() * 1e6)
+    hour_us = 3_600 * 10**6
+    log = [(f"i{k}", 0) for k in range(4)] + [(f"i{k}", hour_us) for k in range(4)] + [
+        ("i1", 2 * hour_us)]
+    vectors = np.array([[10 * (t // hour_us) + int(i[1:])] for i, t in log], np.float32)
+    modal = ModalTable.of("enc", [i for i, _ in log], vectors, [us + t for _, t in log])
+    config = RankerConfig(variant="modal", modal_dim=1, item_buckets=64)
+    data = WindowDataset(windows, modal, config, as_recorded=False)
+
+    def vectors_read(d):  # (target's vector, the sequence item i0's vector) per sample
+        batch = d.batch(np.arange(len(d)))
+        table = batch["modal_table"][:, 0]
+        return list(zip(table[batch["target_modal_row"]].tolist(),
+                        table[batch["seq_modal_row"][:, -1]].tolist(), strict=True))
+
+    # Sample k of hour h: item i_k, impression h hours + k seconds after T0.
+    assert vectors_read(data) == [(k, 0.0) for k in range(4)] + [(10 + k, 10.0)
+                                                                  for k in range(4)]
+    # A sample records whether the stream had embedded its target; these say no.
+    assert (WindowDataset(windows, modal, config).features["target_modal_row"] == 0).all()
+    late = modal.available_from(np.where(modal.content_time_us >= us + hour_us,
+                                         us + 5 * hour_us, modal.available_us))
+    assert vectors_read(WindowDataset(windows, late, config, as_recorded=False)) == [
+        (k, 0.0) for k in range(4)] * 2

@@ -29,9 +29,11 @@ from trainer.features import (
     TASKS,
     IdVocabulary,
     Sequences,
+    counts_before,
     gap_bucket,
     hash_ids,
     id_buckets,
+    id_rates,
     model_batch,
     sequence_features,
     usable_vectors,
@@ -105,6 +107,29 @@ def test_an_item_id_is_admitted_once_seen_min_count_times(ids, min_count, extra)
     assert IdVocabulary.from_dict(vocabulary.to_dict()) == vocabulary
 
 
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "", None]),
+                               st.integers(0, 4), st.booleans()), max_size=30))
+def test_counts_before_counts_strictly_earlier_impressions_of_the_same_id(rows):
+    ids = [r[0] for r in rows]
+    times = np.array([r[1] for r in rows], np.int64)
+    clicked = np.array([r[2] for r in rows], bool)
+    shows, hits = counts_before(ids, times, clicked)
+    for n, (i, t, _) in enumerate(rows):  # brute force
+        earlier = [m for m, r in enumerate(rows) if i and r[0] == i and r[1] < t]
+        assert shows[n] == len(earlier)
+        assert hits[n] == sum(clicked[m] for m in earlier)
+
+
+def test_rates_read_zero_without_history_and_move_with_clicks():
+    vocabulary = IdVocabulary.of(["a"] * 10 + ["b"] * 10, clicked=[True] * 8 + [False] * 12)
+    assert vocabulary.prior == pytest.approx(0.4)
+    lift, shows = id_rates(*vocabulary.totals(["a", "b", "new"]), vocabulary.prior).T
+    assert lift[0] > 0 > lift[1] and lift[2] == 0
+    assert shows.tolist() == pytest.approx([np.log1p(10), np.log1p(10), 0.0])
+    assert IdVocabulary.from_dict(vocabulary.to_dict()) == vocabulary
+
+
 # -----------------------------------------------------------------------------
 # Padding and the modal table
 
@@ -125,9 +150,11 @@ def test_sequences_are_left_padded_to_their_last_L(lengths, L, seed):
 
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     assert (got["user_id"] == hash_ids([u.user_id for u in users], c.user_buckets)).all()
+    assert (got["user_rates"] == 0).all()  # no vocabulary: no history
     for s, user in enumerate(users):  # the plain per-row reading of the same rule
         k = min(len(user.item_ids), L)
-        want = {key: np.zeros(L, np.int64) for key in got if key != "user_id"}
+        want = {key: np.zeros(L, np.int64) for key in got if key not in ("user_id",
+                                                                          "user_rates")}
         if k:
             want["seq_item_id"][L - k:] = hash_ids(user.item_ids[-k:], 64)
             want["seq_action"][L - k:] = [ACTION_CODES.get(a, 0) for a in user.actions[-k:]]
@@ -286,7 +313,7 @@ def test_training_and_serving_build_the_same_batch(tmp_path):
     assert set(trained) == {*BATCH_KEYS, "labels", "label_mask"}
     for key in BATCH_KEYS:
         want = served[key]
-        if key.startswith("seq_") or key == "user_id":  # one shared user and sequence row
+        if key.startswith(("seq_", "user_")):  # one shared user and sequence row
             want = want.expand(len(TARGETS), *want.shape[1:])  # in serving, one per sample
         assert trained[key].dtype == served[key].dtype, key
         assert torch.equal(trained[key], want), key
@@ -344,8 +371,9 @@ def test_rare_item_and_user_ids_are_unknown_in_training_and_in_serving_alike(tmp
     modal = ModalTable.from_item_log(tmp_path / "items", ENC, DIM)
     model = UnifiedRanker(CONFIG).eval()
     model.item_vocabulary = IdVocabulary({"fresh": 9, "s2": 2, "s3": 5, "old": 1, "s4": 1},
-                                           min_count=2)
-    model.user_vocabulary = IdVocabulary({USER.user_id: 1, "u2": 5}, min_count=2)
+                                           min_count=2, clicks={"fresh": 6, "s3": 1})
+    model.user_vocabulary = IdVocabulary({USER.user_id: 1, "u2": 5}, min_count=2,
+                                         clicks={USER.user_id: 1, "u2": 1})
     registry = Registry(DataDir(tmp_path).registry("ppm"))
     registry.promote(registry.register(model, {"trained_on": [], "encoder_version": ENC}))
     ranker = Ranker(MemoryStore(ITEMS, window), registry)
@@ -359,11 +387,16 @@ def test_rare_item_and_user_ids_are_unknown_in_training_and_in_serving_alike(tmp
     served, _ = ranker.build_batch(served_model, ENC, USER.user_id, TARGETS, now=T)
     for key in BATCH_KEYS:
         want = served[key]
-        if key.startswith("seq_") or key == "user_id":  # shared in serving
+        if key.startswith(("seq_", "user_")):  # shared in serving
             want = want.expand(len(TARGETS), *want.shape[1:])
         assert torch.equal(trained[key], want), key
 
     assert served["user_id"].tolist() == [0]  # seen once: unknown
+    # Click histories come from the same counts on both paths: fresh clicked 6 of 9 times,
+    # above the prior (8 of 18); s2, shown twice, never; never-seen has no history.
+    rates = dict(zip(TARGETS, served["item_rates"].tolist(), strict=True))
+    assert rates["fresh"][0] > 0 > rates["s2"][0] and rates["never-seen"] == [0.0, 0.0]
+    assert rates["fresh"][1] == pytest.approx(np.log1p(9))
     known = WindowDataset([tmp_path / "window.parquet"], modal, CONFIG, window,
                           user_vocabulary=IdVocabulary({USER.user_id: 2}, min_count=2))
     assert (known.features["user_id"] == hash_ids([USER.user_id], CONFIG.user_buckets)).all()

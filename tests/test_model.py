@@ -65,6 +65,8 @@ def random_batch(c: RankerConfig, B: int = 5, L: int = 6, M: int = 9, seed: int 
         "shop": ints(0, c.shop_buckets, (B,)),
         "price_bucket": ints(0, c.price_buckets, (B,)),
         "user_id": ints(0, max(c.user_buckets, 2), (B,)),
+        "item_rates": torch.randn(B, 2, generator=g),
+        "user_rates": torch.randn(B, 2, generator=g),
         "seq_item_id": ints(1, c.item_buckets, (B, L)) * mask,
         "seq_action": ints(1, 4, (B, L)) * mask,
         "seq_gap": ints(1, c.gap_buckets, (B, L)) * mask,
@@ -366,7 +368,8 @@ def test_modal_ignores_ids():
     model = make_model("modal")
     batch = random_batch(model.config, labels=False)
     other = random_batch(model.config, seed=7, labels=False)
-    ids = ("item_id", "category", "brand", "shop", "price_bucket", "user_id")
+    ids = ("item_id", "category", "brand", "shop", "price_bucket", "user_id", "item_rates",
+           "user_rates")
     changed = dict(batch, **{k: other[k] for k in ids})
     changed["seq_item_id"] = torch.where(batch["seq_mask"], other["seq_item_id"] % 1023 + 1, 0)
     torch.testing.assert_close(scores(model, changed), scores(model, batch))
@@ -402,7 +405,9 @@ def test_modal_weights_plug_into_a_ppm_model():
 def test_id_dropout_hides_target_ids_in_training_only():
     model = make_model("ppm", id_dropout=0.5)
     batch = random_batch(model.config, B=64, labels=False)
-    unknown = {**batch, "item_id": torch.zeros_like(batch["item_id"])}
+    # A new item: no id and no click history.
+    unknown = {**batch, "item_id": torch.zeros_like(batch["item_id"]),
+               "item_rates": torch.zeros_like(batch["item_rates"])}
     model.eval()  # eval: every id is read, the scores are deterministic
     assert torch.equal(scores(model, batch), scores(model, batch))
     assert not torch.allclose(scores(model, batch), scores(model, unknown))
@@ -568,7 +573,8 @@ def topic_samples(g, topic, table, n: int, targets: torch.Tensor, L: int = 8):
     label_mask = torch.zeros(n, 3, dtype=torch.bool)
     label_mask[:, 0] = True  # only clicks are labelled here
     return {"item_id": target, "category": zeros, "brand": zeros, "shop": zeros,
-            "price_bucket": zeros, "user_id": zeros, "seq_item_id": seq,
+            "price_bucket": zeros, "user_id": zeros, "item_rates": torch.zeros(n, 2),
+            "user_rates": torch.zeros(n, 2), "seq_item_id": seq,
             "seq_action": torch.ones_like(seq),
             "seq_gap": torch.randint(1, 8, seq.shape, generator=g),
             "seq_mask": torch.ones_like(seq, dtype=torch.bool), "modal_table": table,

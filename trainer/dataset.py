@@ -4,14 +4,14 @@ Which windows are closed, over every writer's folder, is :mod:`trainer.windows`.
 :class:`WindowDataset` reads closed training windows with Arrow and builds every sample's
 features once, with the functions serving uses too (:mod:`trainer.features`), then cuts
 batches in the model's contract (``trainer.model``). Item vectors come from the offline
-item log, joined by ``(item_id, encoder_version)``:
-
-* the target item gets its vector only when the sample says the item was embedded at the
-  impression (``item_encoder_version`` is set, equal to the current version) and that
-  vector passes :func:`trainer.features.usable_vectors` at the impression; otherwise row 0,
-  which the model replaces by its learned "missing" vector;
-* sequence items get the current vector of the same encoder version, or row 0. (Serving
-  judges them like targets; in a window the newest vector may postdate the impression.)
+item log (:class:`ModalTable`: every vector of an encoder version, each available from its
+content's time) and are looked up *as of the impression*, for the target and for every
+sequence item alike: the newest vector the item had then, never one computed later, and
+only if :func:`trainer.features.usable_vectors` allows it then (the freshness window);
+otherwise row 0, which the model replaces by its learned "missing" vector. The target's
+also needs the sample's record that the stream had embedded the item at the impression
+(``item_encoder_version``), unless a refresh policy's table says when vectors were
+available (``as_recorded=False``).
 
 Item and user ids go through the model's :class:`trainer.features.IdVocabulary` of their
 kind (an id it does not admit is "unknown", 0); :func:`id_vocabulary` counts one from
@@ -23,7 +23,8 @@ The frozen encoders are never run here: only their cached outputs are read.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from trainer.features import (
     IdVocabulary,
     Sequences,
     Targets,
+    counts_before,
     model_batch,
     sequence_features,
     target_features,
@@ -58,50 +60,88 @@ SAMPLE_COLUMNS = [
 
 @dataclass(frozen=True)
 class ModalTable:
-    """Cached item vectors of one encoder version: ``vectors[row_of[item_id]]``.
+    """Every cached vector of one encoder version, each with the time from which a reader
+    could have it: an item has one row per content version it was embedded at. Rows are
+    sorted by item, then by ``available_us``; row 0 is a zero placeholder for "missing".
 
-    Row 0 of ``vectors`` is a zero placeholder for "missing".
+    :meth:`rows_as_of` is the point-in-time lookup: the vector an item had at a moment,
+    never one that became available later. Build one with :meth:`of` or
+    :meth:`from_item_log`.
     """
 
     encoder_version: str | None
-    row_of: dict[str, int]
+    item_ids: np.ndarray
+    """(R + 1,) object: each row's item id; None at row 0."""
     vectors: np.ndarray
-    """(len(row_of) + 1, dim) float32."""
+    """(R + 1, dim) float32."""
     content_time_us: np.ndarray
-    """(len(row_of) + 1,) int64: event time of the content each vector was computed from."""
+    """(R + 1,) int64: event time of the content each vector was computed from."""
+    available_us: np.ndarray
+    """(R + 1,) int64: from when a reader has the vector (event time): by default its
+    content's time (embedded on arrival); a refresh policy makes it later."""
 
     @property
     def dim(self) -> int:
         return self.vectors.shape[1]
 
     @classmethod
+    def of(cls, encoder_version: str | None, item_ids: Sequence[str], vectors: np.ndarray,
+           content_time_us: Sequence[int] | np.ndarray,
+           available_us: Sequence[int] | np.ndarray | None = None) -> ModalTable:
+        """A table of R vectors (R, dim) of ``item_ids`` (R,), in any order; available from
+        their content's time unless ``available_us`` (R,) says otherwise."""
+        vectors = np.asarray(vectors, np.float32)
+        vectors = vectors.reshape(len(item_ids), vectors.shape[-1])  # (R, dim)
+        content = np.asarray(content_time_us, np.int64).reshape(-1)
+        available = content if available_us is None else np.asarray(available_us, np.int64)
+        ids = np.empty(len(item_ids), object)
+        ids[:] = list(item_ids)
+        order = np.lexsort((available, ids.astype(str))) if len(ids) else np.zeros(0, int)
+        table = np.zeros((len(ids) + 1, vectors.shape[1]), np.float32)
+        table[1:] = vectors[order]
+        return cls(encoder_version, np.r_[np.array([None], object), ids[order]], table,
+                   np.r_[0, content[order]].astype(np.int64),
+                   np.r_[0, available[order]].astype(np.int64))
+
+    @classmethod
+    def empty(cls, dim: int, encoder_version: str | None = None) -> ModalTable:
+        return cls.of(encoder_version, [], np.zeros((0, dim), np.float32), [])
+
+    @classmethod
     def from_item_log(cls, folder: Path, encoder_version: str | None = None,
                       dim: int = 1664) -> ModalTable:
-        """The newest vector per item of ``encoder_version`` (default: the version with the
-        most recent write) from the offline item log under ``folder``."""
+        """Every vector of ``encoder_version`` (default: the version with the most recent
+        write) in the offline item log under ``folder``, one per item and content time (the
+        latest write of it), available from its content's time."""
         # Imported here: feature_repo.item_log loads Feast (seconds), which readers of the window
         # listing (ppm status) do not need.
         from feature_repo.item_log import read_item_log
 
         log = read_item_log(folder)
         if log.num_rows == 0:
-            return cls(encoder_version, {}, np.zeros((1, dim), np.float32), np.zeros(1, np.int64))
+            return cls.empty(dim, encoder_version)
         if encoder_version is None:
             newest = pc.index(log["embedded_at"], pc.max(log["embedded_at"])).as_py()
             encoder_version = log["encoder_version"][newest].as_py()
         log = log.filter(pc.equal(log["encoder_version"], encoder_version))
-        log = log.sort_by([("item_id", "ascending"), ("content_time", "descending")])
+        # One row per (item, content time): the latest write (a photo retried, say).
+        log = log.sort_by([("item_id", "ascending"), ("content_time", "ascending"),
+                           ("embedded_at", "descending")])
         ids = log["item_id"].to_pylist()
-        keep = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+        times = log["content_time"].cast(pa.int64()).to_numpy()
+        keep = [i for i in range(len(ids))
+                if i == 0 or ids[i] != ids[i - 1] or times[i] != times[i - 1]]
         log = log.take(keep)
         flat = pc.list_flatten(log["embedding"]).to_numpy().astype(np.float32)
-        vectors = np.zeros((log.num_rows + 1, flat.size // max(log.num_rows, 1)), np.float32)
-        vectors[1:] = flat.reshape(log.num_rows, -1)
-        times = np.zeros(log.num_rows + 1, np.int64)
-        times[1:] = log["content_time"].cast(pa.int64()).to_numpy()
-        return cls(encoder_version,
-                   {item_id: row + 1 for row, item_id in enumerate(log["item_id"].to_pylist())},
-                   vectors, times)
+        return cls.of(encoder_version, log["item_id"].to_pylist(),
+                      flat.reshape(log.num_rows, -1),
+                      log["content_time"].cast(pa.int64()).to_numpy())
+
+    def available_from(self, available_us: np.ndarray) -> ModalTable:
+        """The same vectors available from other times, (R + 1,) (row 0's is ignored): a
+        refresh policy's view of the table."""
+        return ModalTable.of(self.encoder_version, list(self.item_ids[1:]), self.vectors[1:],
+                             self.content_time_us[1:], np.asarray(available_us)[1:])
 
     def shuffled(self, seed: int) -> ModalTable:
         """The shuffled-vector control: the same items, each with another item's vector (a
@@ -110,28 +150,93 @@ class ModalTable:
         sees content exactly as often, but content that says nothing about the item: what
         ``ppm`` gains over ``idrec`` here is not the content's doing."""
         order = np.r_[0, 1 + np.random.default_rng(seed).permutation(len(self.vectors) - 1)]
-        return ModalTable(self.encoder_version, self.row_of, self.vectors[order],
-                          self.content_time_us)
+        return replace(self, vectors=self.vectors[order])
 
-    def rows(self, item_ids: Sequence[str | None]) -> np.ndarray:
-        """Rows of ``item_ids`` (0 where unknown), int64."""
-        get = self.row_of.get
-        return np.fromiter((get(i, 0) if i else 0 for i in item_ids), np.int64, len(item_ids))
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        """item id -> its code: the rank of its first row among the items."""
+        index: dict[str, int] = {}
+        for item_id in self.item_ids[1:]:
+            index.setdefault(item_id, len(index))
+        return index
+
+    @cached_property
+    def _row_codes(self) -> np.ndarray:
+        """(R + 1,) int64: each row's item code (row 0: -1); non-decreasing."""
+        index = self._index
+        return np.r_[-1, np.fromiter((index[i] for i in self.item_ids[1:]), np.int64,
+                                     len(self.item_ids) - 1)].astype(np.int64)
+
+    def rows_as_of(self, item_ids: Sequence[str | None], at_us: int | np.ndarray
+                   ) -> np.ndarray:
+        """(N,) int64: for each of ``item_ids``, the row of its newest vector available at
+        ``at_us`` (a scalar or (N,): ``available_us <= at_us``); 0 where it had none."""
+        n = len(item_ids)
+        get = self._index.get
+        codes = np.fromiter((get(i, -1) if i else -1 for i in item_ids), np.int64, n)
+        at = np.broadcast_to(np.asarray(at_us, np.int64), (n,))
+        if not n or len(self.item_ids) == 1:
+            return np.zeros(n, np.int64)
+        # One sorted key for (item, time): times become ranks, so item * ranks + rank fits
+        # int64 whatever the clock.
+        times, inverse = np.unique(np.r_[self.available_us[1:], at], return_inverse=True)
+        inverse = inverse.ravel()
+        span = len(times) + 1
+        table_key = self._row_codes[1:] * span + inverse[: len(self.item_ids) - 1]
+        query_key = codes * span + inverse[len(self.item_ids) - 1:]
+        pos = np.searchsorted(table_key, query_key, side="right") - 1  # last row <= query
+        found = (codes >= 0) & (pos >= 0)
+        found[found] &= self._row_codes[1:][pos[found]] == codes[found]
+        return np.where(found, pos + 1, 0).astype(np.int64)
 
 
 def id_vocabulary(windows: Sequence[Window | Path], column: str, min_count: int,
                   base: IdVocabulary | None = None) -> IdVocabulary:
     """The vocabulary of ``column`` (``item_id``: the target items, ``user_id``: the users)
-    of a model trained on ``windows``: each impression's id counted (reading only that
-    column), added to ``base``'s counts when given (then ``base.min_count`` is kept and
-    ``min_count`` ignored)."""
+    of a model trained on ``windows``: each impression's id and click counted (reading only
+    those columns), added to ``base``'s counts when given (then ``base.min_count`` is kept
+    and ``min_count`` ignored)."""
     files = files_of(windows)
     base = base or IdVocabulary({}, min_count)
     if not files:
         return base
-    ids = ds.dataset([str(f) for f in files], format="parquet").to_table(
-        columns=[column]).column(column)
-    return base.plus(ids)
+    table = ds.dataset([str(f) for f in files], format="parquet").to_table(
+        columns=[column, "click"])
+    return base.plus(table.column(column),
+                     table.column("click").to_numpy(zero_copy_only=False) > 0)
+
+
+def _usable_rows(modal: ModalTable, item_ids: Sequence[str | None], at_us: np.ndarray,
+                 freshness_window_s: float | None,
+                 recorded_versions: Sequence[str | None] | None = None) -> np.ndarray:
+    """(N,) rows of ``modal`` the model reads for ``item_ids`` at ``at_us`` (N,): the
+    vector available then (:meth:`ModalTable.rows_as_of`) where
+    :func:`trainer.features.usable_vectors` allows it, else 0."""
+    rows = modal.rows_as_of(item_ids, at_us)
+    content_time_us = modal.content_time_us[rows]
+    versions = (recorded_versions if recorded_versions is not None
+                else [modal.encoder_version] * len(rows))
+    return np.where(usable_vectors(
+        embedded=rows > 0, encoder_versions=versions, content_time_us=content_time_us,
+        at_us=at_us, model_version=modal.encoder_version,
+        freshness_window_s=freshness_window_s), rows, 0)
+
+
+def _counts_in_training(ids: list, times_us: np.ndarray, clicked: np.ndarray,
+                        vocabulary: IdVocabulary | None
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per sample of training data the vocabulary counted: its id's impressions and clicks
+    outside these samples, plus those of these samples strictly before it."""
+    if vocabulary is None:
+        return None
+    shows, hits = vocabulary.totals(ids)
+    here_shows, here_hits = IdVocabulary.of(ids, clicked=clicked).totals(ids)
+    before_shows, before_hits = counts_before(ids, times_us, clicked)
+    shows = shows - here_shows + before_shows
+    hits = hits - here_hits + before_hits
+    if (shows < 0).any() or (hits < 0).any():
+        raise ValueError("training=True, but the vocabulary did not count these windows")
+    return shows, hits
 
 
 class WindowDataset:
@@ -150,13 +255,23 @@ class WindowDataset:
             ids it does not admit are unknown (0), targets and sequences alike. None: every
             id is hashed to its bucket.
         user_vocabulary: the same for user ids (``UnifiedRanker.user_vocabulary``).
+        training: these windows are among those the vocabularies counted (the model trains
+            on them): each sample's click-rate features (``RankerConfig.id_rates``) then
+            count only the vocabularies' other impressions and those of these windows that
+            came before it (:func:`trainer.features.counts_before`), never its own label.
+            False: they count every impression of the vocabularies (data after training).
+        as_recorded: a target's vector only where the sample records that the stream had
+            embedded the item at the impression (what serving had). False: wherever
+            ``modal`` makes one available by then, as a refresh policy's table
+            (:meth:`ModalTable.available_from`) says.
     """
 
     def __init__(self, windows: Sequence[Window | Path], modal: ModalTable, config: RankerConfig,
                  freshness_window_s: float | None = None,
                  tasks: Sequence[str] | None = None, *,
                  vocabulary: IdVocabulary | None = None,
-                 user_vocabulary: IdVocabulary | None = None):
+                 user_vocabulary: IdVocabulary | None = None, training: bool = False,
+                 as_recorded: bool = True):
         self.modal = modal
         self.config = config
         files = files_of(windows)
@@ -182,23 +297,29 @@ class WindowDataset:
         self.label_mask = np.broadcast_to(
             np.array([t in self.tasks for t in config.tasks]), self.labels.shape).copy()
 
-        # Target vector: the item log's newest of this version, if the item had it at the
-        # impression (the log also holds vectors computed later) and it is usable then.
-        rows = modal.rows(self.item_ids)
-        content_time_us = modal.content_time_us[rows]
-        target_row = np.where(usable_vectors(
-            embedded=(rows > 0) & (content_time_us <= self.impression_us),
-            encoder_versions=col("item_encoder_version").to_pylist(),
-            content_time_us=content_time_us, at_us=self.impression_us,
-            model_version=modal.encoder_version, freshness_window_s=freshness_window_s),
-            rows, 0)
+        # Vectors as of the impression: the target's and every sequence item's newest
+        # vector available then (never one computed later), if usable then. The target's
+        # only where the sample records that the stream had embedded the item then (with
+        # ``as_recorded``): what serving had.
         sequences = Sequences.from_window(table)
+        recorded = col("item_encoder_version").to_pylist() if as_recorded else None
+        target_row = _usable_rows(modal, self.item_ids, self.impression_us,
+                                  freshness_window_s, recorded)
+        seq_rows = _usable_rows(modal, sequences.item_ids,
+                                np.repeat(self.impression_us, np.diff(sequences.offsets)),
+                                freshness_window_s)
+        item_counts = user_counts = None
+        if training and config.id_rates:
+            clicked = col("click").to_numpy(zero_copy_only=False) > 0
+            item_counts = _counts_in_training(self.item_ids, self.impression_us, clicked,
+                                              vocabulary)
+            user_counts = _counts_in_training(list(self.user_id), self.impression_us, clicked,
+                                              user_vocabulary)
         self.features: dict[str, np.ndarray] = {
-            **target_features(Targets.from_window(table), config, vocabulary),
+            **target_features(Targets.from_window(table), config, vocabulary, item_counts),
             "target_modal_row": target_row,
-            **sequence_features(sequences, self.impression_us,
-                                modal.rows(sequences.item_ids), config, vocabulary,
-                                user_vocabulary),
+            **sequence_features(sequences, self.impression_us, seq_rows, config, vocabulary,
+                                user_vocabulary, user_counts),
         }
         """Every sample's features, by batch key: (n,) and (n, L); modal rows index
         ``modal.vectors``."""

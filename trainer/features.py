@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING
 
@@ -59,8 +59,9 @@ PROFILE_FIELDS = (*HASHED_PROFILE, "price_bucket")
 """The target item's profile: ``ItemState`` fields, window columns ``item_<field>`` and
 batch keys of the same names."""
 
-BATCH_KEYS = ("item_id", *PROFILE_FIELDS, "user_id", "seq_item_id", "seq_action", "seq_gap",
-              "seq_mask", "modal_table", "target_modal_row", "seq_modal_row")
+BATCH_KEYS = ("item_id", *PROFILE_FIELDS, "item_rates", "user_id", "user_rates", "seq_item_id",
+              "seq_action", "seq_gap", "seq_mask", "modal_table", "target_modal_row",
+              "seq_modal_row")
 """Every key of a batch but the optional ``labels`` and ``label_mask``."""
 
 GAP_MIN_S = 60.0  # bucket 1: less than a minute ago
@@ -97,10 +98,12 @@ def _bucket_of(value: str, buckets: int) -> int:
 
 @dataclass(frozen=True, repr=False)
 class IdVocabulary:
-    """The ids of one kind (items, users) a model admits: those seen at least ``min_count``
-    times in the impressions of its training data (as the target item; as the user); any
-    other id of that kind is "unknown" (bucket 0) wherever the model reads it
-    (:func:`id_buckets`).
+    """The ids of one kind (items, users) a model admits, and how often each was shown and
+    clicked in the impressions of its training data (as the target item; as the user).
+
+    An id shown fewer than ``min_count`` times is "unknown" (bucket 0) wherever the model
+    reads it (:func:`id_buckets`). The click counts give every id a smoothed click rate
+    (:func:`id_rates`), a feature of models with ``RankerConfig.id_rates``.
 
     A model carries one per kind (``UnifiedRanker.item_vocabulary``, ``.user_vocabulary``,
     saved in its checkpoint), so serving and ``ppm eval`` apply the rule training applied.
@@ -111,6 +114,8 @@ class IdVocabulary:
     """Impressions per id, over the windows the model trained on."""
     min_count: int = 1
     """Fewer impressions than this: unknown. 1 admits every id of the training data."""
+    clicks: Mapping[str, int] = field(default_factory=dict)
+    """Clicks per id over the same impressions (absent: none)."""
 
     def __post_init__(self):
         if self.min_count < 1:
@@ -121,24 +126,43 @@ class IdVocabulary:
                 f"min_count={self.min_count})")
 
     @classmethod
-    def of(cls, item_ids: Iterable[str | None], min_count: int = 1) -> IdVocabulary:
-        """Counted from ids (one per impression; None and "" are not counted)."""
-        return cls({}, min_count).plus(item_ids)
+    def of(cls, item_ids: Iterable[str | None], min_count: int = 1,
+           clicked: Iterable[bool] | None = None) -> IdVocabulary:
+        """Counted from ids (one per impression; None and "" are not counted) and, when
+        given, whether each impression was clicked."""
+        return cls({}, min_count).plus(item_ids, clicked)
 
-    def plus(self, item_ids: Iterable[str | None]) -> IdVocabulary:
-        """These counts and one more impression per id in ``item_ids``."""
+    def plus(self, item_ids: Iterable[str | None],
+             clicked: Iterable[bool] | None = None) -> IdVocabulary:
+        """These counts and one more impression per id in ``item_ids`` (a click more where
+        ``clicked``, aligned with ``item_ids``, is true)."""
         arr = item_ids if isinstance(item_ids, pa.Array | pa.ChunkedArray) else pa.array(
             list(item_ids), pa.string())
-        counts = dict(self.counts)
-        for row in pc.value_counts(arr.filter(pc.fill_null(pc.not_equal(arr, ""), False))
-                                   ).to_pylist():
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        known = pc.fill_null(pc.not_equal(arr, ""), False)
+        counts, clicks = dict(self.counts), dict(self.clicks)
+        for row in pc.value_counts(arr.filter(known)).to_pylist():
             counts[row["values"]] = counts.get(row["values"], 0) + row["counts"]
-        return IdVocabulary(counts, self.min_count)
+        if clicked is not None:
+            hit = pa.array(np.asarray(list(clicked) if not isinstance(clicked, np.ndarray)
+                                      else clicked, bool))
+            for row in pc.value_counts(arr.filter(pc.and_(known, hit))).to_pylist():
+                clicks[row["values"]] = clicks.get(row["values"], 0) + row["counts"]
+        return IdVocabulary(counts, self.min_count, clicks)
 
     @cached_property
     def admitted(self) -> frozenset[str]:
         """The admitted ids."""
         return frozenset(i for i, n in self.counts.items() if n >= self.min_count)
+
+    @cached_property
+    def prior(self) -> float:
+        """The click rate over every counted impression, kept inside (0.001, 0.999) so its
+        logit is finite; 0.5 with nothing counted."""
+        shows = sum(self.counts.values())
+        rate = sum(self.clicks.values()) / shows if shows else 0.5
+        return min(max(rate, 1e-3), 1 - 1e-3)
 
     def admits(self, item_ids: Sequence[str | None] | pa.Array) -> np.ndarray:
         """(N,) bool: which of ``item_ids`` are admitted."""
@@ -149,16 +173,77 @@ class IdVocabulary:
         admitted = self.admitted
         return np.fromiter((i in admitted for i in item_ids), bool, len(item_ids))
 
+    def totals(self, ids: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """(impressions, clicks) of each of ``ids``, float64 (N,) each; 0 for an id never
+        counted."""
+        shows, clicks = self.counts.get, self.clicks.get
+        return (np.fromiter((shows(i, 0) for i in ids), np.float64, len(ids)),
+                np.fromiter((clicks(i, 0) for i in ids), np.float64, len(ids)))
+
     def to_dict(self) -> dict:
         """Plain values for a checkpoint (:func:`trainer.model.save_checkpoint`)."""
         ids = list(self.counts)
         return {"min_count": self.min_count, "ids": ids,
-                "counts": torch.tensor([self.counts[i] for i in ids], dtype=torch.int64)}
+                "counts": torch.tensor([self.counts[i] for i in ids], dtype=torch.int64),
+                "clicks": torch.tensor([self.clicks.get(i, 0) for i in ids], dtype=torch.int64)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> IdVocabulary:
-        return cls(dict(zip(d["ids"], (int(n) for n in d["counts"]), strict=True)),
-                   int(d["min_count"]))
+        ids = d["ids"]
+        clicks = d.get("clicks")  # absent in checkpoints from before click counts
+        return cls(dict(zip(ids, (int(n) for n in d["counts"]), strict=True)),
+                   int(d["min_count"]),
+                   {} if clicks is None else {i: int(n) for i, n in
+                                              zip(ids, clicks, strict=True) if n})
+
+
+RATE_PRIOR_STRENGTH = 10.0
+"""Pseudo-impressions of the prior that smooths an id's click rate (:func:`id_rates`)."""
+
+
+def id_rates(shows: np.ndarray, clicks: np.ndarray, prior: float) -> np.ndarray:
+    """What a model with ``RankerConfig.id_rates`` reads of an id's history, (N, 2) float32:
+    the logit of its click rate smoothed towards ``prior`` by :data:`RATE_PRIOR_STRENGTH`
+    pseudo-impressions, minus the prior's logit, and ``log1p(shows)``. An id never shown
+    reads (0, 0), which is also what the model reads of an item whose id it drops.
+
+    ``shows`` and ``clicks`` (N,) are counts over the model's training data that come
+    *before* the impression: all of them when scoring later impressions (serving,
+    evaluation: :meth:`IdVocabulary.totals`); for a training impression only those of
+    earlier impressions (:func:`counts_before`), so its own label never reaches its input.
+    """
+    shows, clicks = np.asarray(shows, np.float64), np.asarray(clicks, np.float64)
+    rate = (clicks + RATE_PRIOR_STRENGTH * prior) / (shows + RATE_PRIOR_STRENGTH)
+    rate = np.clip(rate, 1e-6, 1 - 1e-6)
+    lift = np.log(rate) - np.log1p(-rate) - (np.log(prior) - np.log1p(-prior))
+    return np.stack([lift, np.log1p(shows)], axis=1).astype(np.float32).reshape(-1, 2)
+
+
+def counts_before(ids: Sequence[str | None], times_us: np.ndarray, clicked: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """For each of N impressions, the impressions and clicks of the same id among these N
+    that happened strictly earlier (impressions at the same time, such as the candidates of
+    one request, do not see each other), float64 (N,) each. None and "" count nothing."""
+    n = len(ids)
+    codes = pc.dictionary_encode(pa.array(ids, pa.string())).indices.to_numpy(
+        zero_copy_only=False)
+    codes = np.where(np.isnan(codes.astype(np.float64)), -1, codes).astype(np.int64)
+    times = np.asarray(times_us, np.int64)
+    order = np.lexsort((times, codes))  # by id, then time
+    c, t = codes[order], times[order]
+    y = np.asarray(clicked, np.float64)[order]
+    idx = np.arange(n)
+    new_id = np.r_[True, c[1:] != c[:-1]] if n else np.zeros(0, bool)
+    new_time = new_id | np.r_[True, t[1:] != t[:-1]] if n else np.zeros(0, bool)
+    id_start = np.maximum.accumulate(np.where(new_id, idx, 0))
+    time_start = np.maximum.accumulate(np.where(new_time, idx, 0))
+    cum = np.r_[0.0, np.cumsum(y)]
+    shows, hits = np.zeros(n), np.zeros(n)
+    shows[order] = time_start - id_start
+    hits[order] = cum[time_start] - cum[id_start]
+    unknown = np.array([not i for i in ids], bool) if n else np.zeros(0, bool)
+    shows[unknown], hits[unknown] = 0.0, 0.0
+    return shows, hits
 
 
 def id_buckets(ids: Sequence[str | None], buckets: int,
@@ -291,25 +376,44 @@ def usable_vectors(embedded: Sequence[bool] | np.ndarray,
 
 
 def target_features(targets: Targets, config: RankerConfig,
-                    vocabulary: IdVocabulary | None = None) -> dict[str, np.ndarray]:
+                    vocabulary: IdVocabulary | None = None,
+                    counts: tuple[np.ndarray, np.ndarray] | None = None
+                    ) -> dict[str, np.ndarray]:
     """``item_id`` (:func:`id_buckets` with the model's ``vocabulary``), ``category``,
     ``brand``, ``shop`` (hashed; 0 = unknown) and ``price_bucket`` (clipped to the model's
-    buckets), int64 (N,) each."""
+    buckets), int64 (N,) each, and ``item_rates`` (N, 2) (:func:`id_rates` of the items'
+    ``counts``, default the vocabulary's totals; zeros for an id the vocabulary does not
+    admit, and for a model without ``config.id_rates`` or vocabulary)."""
     out = {"item_id": id_buckets(targets.item_id, config.item_buckets, vocabulary)}
-    for field in HASHED_PROFILE:
-        out[field] = hash_ids(getattr(targets, field), getattr(config, f"{field}_buckets"))
+    for field_ in HASHED_PROFILE:
+        out[field_] = hash_ids(getattr(targets, field_), getattr(config, f"{field_}_buckets"))
     out["price_bucket"] = np.clip(np.asarray(targets.price_bucket, np.int64), 0,
                                   config.price_buckets - 1)
+    out["item_rates"] = _rates(targets.item_id, config, vocabulary, counts)
     return out
+
+
+def _rates(ids: Sequence[str | None], config: RankerConfig, vocabulary: IdVocabulary | None,
+           counts: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    if not config.id_rates or vocabulary is None:
+        return np.zeros((len(ids), 2), np.float32)
+    rates = id_rates(*(counts if counts is not None else vocabulary.totals(ids)),
+                     vocabulary.prior)
+    rates[~vocabulary.admits(ids)] = 0.0  # an unknown id has no history either
+    return rates
 
 
 def sequence_features(sequences: Sequences, impression_us: np.ndarray,
                       vector_rows: np.ndarray, config: RankerConfig,
                       vocabulary: IdVocabulary | None = None,
-                      user_vocabulary: IdVocabulary | None = None) -> dict[str, np.ndarray]:
+                      user_vocabulary: IdVocabulary | None = None,
+                      user_counts: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> dict[str, np.ndarray]:
     """S users and their sequences as the model reads them: ``user_id`` (S,) int64
     (:func:`id_buckets` with the model's ``user_vocabulary``; all 0 for a model without
-    user ids, ``config.user_buckets`` 0), and (S, L) each with L = ``config.max_seq_len``:
+    user ids, ``config.user_buckets`` 0), ``user_rates`` (S, 2) (as ``item_rates`` in
+    :func:`target_features`, of ``user_counts``), and (S, L) each with
+    L = ``config.max_seq_len``:
 
     LEFT-padded: the most recent interaction is in the last slot, and a longer sequence
     keeps its last L. ``seq_item_id`` (:func:`id_buckets` with the model's
@@ -336,7 +440,8 @@ def sequence_features(sequences: Sequences, impression_us: np.ndarray,
         "seq_modal_row": np.asarray(vector_rows, np.int64),
     }
     out = {"user_id": id_buckets(sequences.user_ids, config.user_buckets, user_vocabulary)
-           if config.user_buckets else np.zeros(S, np.int64)}
+           if config.user_buckets else np.zeros(S, np.int64),
+           "user_rates": _rates(sequences.user_ids, config, user_vocabulary, user_counts)}
     for key, values in flat_values.items():
         out[key] = np.zeros((S, L), np.int64)
         out[key][seq_of, slot] = values[flat]

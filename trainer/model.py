@@ -24,10 +24,16 @@ M = rows of the modal table::
                                                    item ids: not in the model's
                                                    item_vocabulary)
     price_bucket                     int64 (B,)    in [0, price_buckets)
+    item_rates                       float (B, 2)  the target item's click history in the
+                                                   model's training data: smoothed rate
+                                                   lift and log1p(impressions)
+                                                   (trainer.features.id_rates); read only
+                                                   with config.id_rates
     user_id                          int64 (B,)    the user's id, hashed like item_id into
                                                    [1, user_buckets); 0 = unknown (not in
                                                    the model's user_vocabulary); (1,) when
                                                    one sequence is shared (below)
+    user_rates                       float (B, 2)  the same of the user; (1, 2) when shared
     seq_item_id                      int64 (B, L)  hashed like item_id; 0 = padding or
                                                    unknown
     seq_action                       int64 (B, L)  0 padding, 1 click, 2 order, 3 collect
@@ -80,6 +86,10 @@ class RankerConfig:
     brand_buckets: int = 2**12  # 4k brands
     shop_buckets: int = 2**12  # 4k shops
     user_buckets: int = 2**14  # 16k user rows x side_dim; 0: no user id feature
+    id_rates: bool = True  # read the user's and the target item's smoothed click rates and
+    #   impression counts in the training data (item_rates, user_rates): how often this user
+    #   clicks at all and how popular the item is, which behaviour sequences (positive
+    #   actions only) cannot say
     price_buckets: int = 32  # price_bucket values are already in [0, 32)
     gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d
     max_seq_len: int = 50  # longest behaviour sequence L the position table covers
@@ -140,8 +150,9 @@ class RankerConfig:
         if unknown:
             raise ValueError(f"unknown RankerConfig fields {sorted(unknown)} (newer checkpoint?)")
         # Checkpoints from before ``attention`` existed were trained with full attention,
-        # those from before ``user_buckets`` without user ids.
-        return cls(**{"attention": "full", "user_buckets": 0, **d})
+        # those from before ``user_buckets`` without user ids, those from before
+        # ``id_rates`` without rates.
+        return cls(**{"attention": "full", "user_buckets": 0, "id_rates": False, **d})
 
 
 # -----------------------------------------------------------------------------
@@ -318,8 +329,9 @@ class IDModule(nn.Module):
 
     Returns (B, out_dim): the transformer's target output (d_model), then the target's own
     embeddings, which go to the MMoE directly: item (d_model), category, brand, shop and
-    price (side_dim each), and the user's (side_dim, when ``user_buckets``: what the
-    sequence cannot say, such as how often this user clicks at all). The side features stay
+    price (side_dim each), the user's (side_dim, when ``user_buckets``: what the sequence
+    cannot say, such as how often this user clicks at all) and, with ``id_rates``, the
+    user's and the item's click histories (side_dim together). The side features stay
     out of the transformer, so the target token is the same kind of token as the sequence
     items it is compared with.
     """
@@ -335,14 +347,16 @@ class IDModule(nn.Module):
         self.user_emb = (nn.Embedding(c.user_buckets, c.side_dim, padding_idx=0)
                          if c.user_buckets else None)
         self.transformer = BehaviorTransformer(c)
+        self.rates = nn.Linear(4, c.side_dim) if c.id_rates else None
         self.id_dropout = c.id_dropout
-        self.out_dim = 2 * c.d_model + (5 if c.user_buckets else 4) * c.side_dim
+        self.out_dim = 2 * c.d_model + (4 + bool(c.user_buckets) + c.id_rates) * c.side_dim
 
     def forward(self, batch: dict) -> torch.Tensor:
         item = batch["item_id"]  # (B,)
+        dropped = None
         if self.training and self.id_dropout > 0:
-            item = item.masked_fill(torch.rand(item.shape, device=item.device)
-                                    < self.id_dropout, 0)
+            dropped = torch.rand(item.shape, device=item.device) < self.id_dropout  # (B,)
+            item = item.masked_fill(dropped, 0)
         target = self.item_emb(item)  # (B, d)
         seq = self.item_emb(batch["seq_item_id"])  # (B, L, d)
         h = self.transformer(seq, target, batch)  # (B, d)
@@ -350,6 +364,12 @@ class IDModule(nn.Module):
                 self.shop_emb(batch["shop"]), self.price_emb(batch["price_bucket"])]
         if self.user_emb is not None:
             side.append(self.user_emb(batch["user_id"]).expand(len(item), -1))  # (B, side)
+        if self.rates is not None:
+            item_rates = batch["item_rates"].to(target.dtype)  # (B, 2)
+            if dropped is not None:  # a dropped item is a new one: no history either
+                item_rates = item_rates.masked_fill(dropped.unsqueeze(1), 0.0)
+            user_rates = batch["user_rates"].to(target.dtype).expand(len(item), -1)  # (B, 2)
+            side.append(self.rates(torch.cat([item_rates, user_rates], dim=1)))  # (B, side)
         return torch.cat([h, target, *side], dim=1)  # (B, out_dim)
 
 
@@ -460,7 +480,7 @@ class UnifiedRanker(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         parts = []
         if self.id_module is not None:
-            parts.append(self.id_module(batch))  # (B, 2d + 4 or 5 side)
+            parts.append(self.id_module(batch))  # (B, 2d + 4 to 6 side)
         if self.ppm is not None:
             parts.append(self.ppm(batch))  # (B, 2d)
         logits = self.mmoe(torch.cat(parts, dim=1))  # (B, n_tasks)

@@ -230,19 +230,23 @@ class IncrementalTrainer:
 
     def dataset(self, windows: Sequence[Window | Path], config: RankerConfig | None = None,
                 vocabulary: IdVocabulary | None = None,
-                user_vocabulary: IdVocabulary | None = None) -> WindowDataset:
+                user_vocabulary: IdVocabulary | None = None, training: bool = False
+                ) -> WindowDataset:
         """Samples of ``windows`` (or window files) as a model of ``config`` (default: a new
         model's) with item ``vocabulary`` and ``user_vocabulary`` (its ``item_vocabulary``
-        and ``user_vocabulary``; None: every id keeps its bucket) reads them."""
+        and ``user_vocabulary``; None: every id keeps its bucket) reads them; ``training``:
+        the model trains on them (``WindowDataset``'s argument)."""
         config = config or ranker_config(self.cfg, self.variant, self.modal.dim)
         return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s,
-                             vocabulary=vocabulary, user_vocabulary=user_vocabulary)
+                             vocabulary=vocabulary, user_vocabulary=user_vocabulary,
+                             training=training)
 
-    def dataset_for(self, model: UnifiedRanker, windows: Sequence[Window | Path]
-                    ) -> WindowDataset:
-        """Samples of ``windows`` as ``model`` reads them (its config and vocabularies)."""
+    def dataset_for(self, model: UnifiedRanker, windows: Sequence[Window | Path],
+                    training: bool = False) -> WindowDataset:
+        """Samples of ``windows`` as ``model`` reads them (its config and vocabularies);
+        ``training``: ``model`` trains on them, and its vocabularies counted them."""
         return self.dataset(windows, model.config, model.item_vocabulary,
-                            model.user_vocabulary)
+                            model.user_vocabulary, training)
 
     @property
     def modal(self) -> ModalTable:
@@ -299,7 +303,7 @@ class IncrementalTrainer:
             champion, champion_model = None, None
             candidate = new_model(self.cfg, self.variant, self.modal.dim)
             admit_ids(candidate, train_windows, t)
-            train = self.dataset_for(candidate, train_windows)
+            train = self.dataset_for(candidate, train_windows, training=True)
             fit(candidate, train, t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed, grad_clip=t.grad_clip, progress=progress)
             trained_on, validated_on = names(train_windows), []
@@ -313,8 +317,8 @@ class IncrementalTrainer:
             seen = set(champion.meta.get("trained_on", []))
             admit_ids(candidate, [w for w in [*replayed, *train_windows] if w.name not in seen],
                       t, fine_tune=True)
-            train = self.dataset_for(candidate, train_windows)
-            replay = self.dataset_for(candidate, replayed) if replayed else None
+            train = self.dataset_for(candidate, train_windows, training=True)
+            replay = self.dataset_for(candidate, replayed, training=True) if replayed else None
             fit(candidate, train, t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed + len(closed), extra=replay, extra_share=t.replay_share,
                 grad_clip=t.grad_clip, progress=progress)
@@ -480,7 +484,7 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     t = cfg.trainer
     model = new_model(cfg, trainer.variant, trainer.modal.dim)
     admit_ids(model, windows, t)
-    data = trainer.dataset_for(model, windows)
+    data = trainer.dataset_for(model, windows, training=True)
     held_out = trainer.dataset_for(model, valid) if valid else None
     aucs: list[float | None] = []
     best: dict[str, Any] = {}
