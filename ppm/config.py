@@ -160,6 +160,26 @@ class FeatureStoreConfig(_Section):
     """Most items the ranker's cache holds; the least recently fetched go first."""
 
 
+RefreshMode = Literal["recorded", "arrival", "periodic", "catalog_once"]
+"""Embedding refresh policies (``trainer.refresh``)."""
+
+
+class StalenessConfig(_Section):
+    """How stale the features a model trains and scores with are: the policies the
+    staleness lab (``ppm experiment staleness``, ``trainer/staleness.py``) replays. The
+    defaults are the live system's: every impression reads what the stream had then."""
+
+    embedding_refresh: RefreshMode = "recorded"
+    """When an item's vector becomes readable (``trainer.refresh.MODES``): ``recorded``
+    (what the stream recorded at each impression), ``arrival`` (``embedding_lag_s`` after
+    the item event), ``periodic`` (at the next batch, every ``embedding_period_s``) or
+    ``catalog_once`` (the catalog of the data's first window, never refreshed)."""
+    embedding_lag_s: float = Field(0.0, ge=0)
+    """Seconds from an item event to its vector (``arrival``, ``periodic``)."""
+    embedding_period_s: float = Field(86_400.0, gt=0)
+    """Seconds between batch embedding runs (``periodic``)."""
+
+
 class PipelineConfig(_Section):
     """Micro-batching, labelling and windowing of the streaming pipeline."""
 
@@ -411,6 +431,7 @@ class Config(_Section):
     contracts: ContractConfig = ContractConfig()
     simulator: SimulatorConfig = SimulatorConfig()
     features: FeatureStoreConfig = FeatureStoreConfig()
+    staleness: StalenessConfig = StalenessConfig()
     pipeline: PipelineConfig = PipelineConfig()
     trainer: TrainerConfig = TrainerConfig()
     model: ModelConfig = ModelConfig()

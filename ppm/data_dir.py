@@ -200,8 +200,13 @@ class DataDir:
 
     @property
     def experiments(self) -> Path:
-        """``ppm eval --seeds`` results, one JSON file per run (:meth:`experiment`)."""
+        """``ppm eval --seeds`` results, one JSON file per run (:meth:`experiment`), and
+        the staleness lab's folders (:meth:`staleness`)."""
         return self.root / "experiments"
+
+    def staleness(self, preset: str) -> Path:
+        """``ppm experiment staleness --preset PRESET``'s runs and results by default."""
+        return self.experiments / f"staleness-{preset}"
 
     def experiment(self, name: str) -> Path:
         """The result file of the ``ppm eval --seeds`` run ``name`` (its start, UTC)."""

@@ -50,6 +50,7 @@ from trainer.dataset import (
 from trainer.features import IdVocabulary
 from trainer.metrics import BUCKETS, auc, evaluate
 from trainer.model import RankerConfig, UnifiedRanker
+from trainer.refresh import EmbeddingRefresh
 from trainer.registry import Registry, Version
 
 
@@ -223,6 +224,7 @@ class IncrementalTrainer:
         self.variant = variant or cfg.trainer.variant
         self.registry = registry or Registry(cfg.paths.registry(self.variant))
         self.shuffle_vectors_seed = shuffle_vectors_seed
+        self.refresh = EmbeddingRefresh.of(cfg.staleness)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         self._modal: tuple[tuple[str, ...], ModalTable] | None = None
@@ -239,7 +241,7 @@ class IncrementalTrainer:
         config = config or ranker_config(self.cfg, self.variant, self.modal.dim)
         return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s,
                              vocabulary=vocabulary, user_vocabulary=user_vocabulary,
-                             training=training)
+                             training=training, as_recorded=self.refresh.mode == "recorded")
 
     def dataset_for(self, model: UnifiedRanker, windows: Sequence[Window | Path],
                     training: bool = False) -> WindowDataset:
@@ -251,11 +253,15 @@ class IncrementalTrainer:
     @property
     def modal(self) -> ModalTable:
         """Cached item vectors, re-read when the item log has new parts (items embedded
-        since the last step must be visible); shuffled for the control."""
+        since the last step must be visible), available as ``[staleness]``'s refresh
+        policy says; shuffled for the control."""
         folder = self.cfg.paths.item_log
         parts = tuple(sorted(p.name for p in folder.glob("part-*.parquet")))
         if self._modal is None or self._modal[0] != parts:
             modal = ModalTable.from_item_log(folder)
+            if self.refresh.mode != "recorded":
+                windows = closed_windows(self.cfg.paths.training)
+                modal = self.refresh.apply(modal, windows[0].start_us if windows else 0)
             if self.shuffle_vectors_seed is not None:
                 modal = modal.shuffled(self.shuffle_vectors_seed)
             self._modal = (parts, modal)

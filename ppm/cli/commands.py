@@ -136,6 +136,24 @@ def _eval(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _experiment_staleness(args: argparse.Namespace, cfg: Config) -> int:
+    """``ppm experiment staleness``: :mod:`trainer.staleness`; the result's JSON is the last
+    line of stdout, its tables go to stderr and ``OUT/results.md``."""
+    from trainer.staleness import PRESETS, run_staleness
+
+    out = Path(args.out) if args.out else cfg.paths.staleness(args.preset)
+    try:
+        result = run_staleness(cfg, PRESETS[args.preset], args.seeds, out, args.test_share,
+                               args.valid_share, args.epochs, progress=not args.quiet)
+    except ValueError as exc:
+        print(f"ppm experiment staleness: {exc}", file=sys.stderr)
+        return 2
+    print((out / "results.md").read_text(), file=sys.stderr)
+    print(f"results in {out}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
 def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
     """``ppm eval --seeds N``: the experiment of :mod:`trainer.experiment`; its result goes
     to ``cfg.paths.experiment(...)`` and, as JSON, to the last line of stdout."""
@@ -493,6 +511,27 @@ def build_parser() -> argparse.ArgumentParser:
                           "its AUC is the ceiling")
     evaluate.add_argument("--quiet", action="store_true", help="--seeds: no progress bar")
     evaluate.set_defaults(run=_eval)
+
+    experiment = sub.add_parser("experiment", help="research sweeps over the closed windows")
+    kinds = experiment.add_subparsers(dest="experiment", required=True)
+    stale = kinds.add_parser(
+        "staleness", help="replay the windows under each embedding refresh policy (on "
+        "arrival, with a lag, every P hours, the catalog once): fit ppm per policy and seed, "
+        "report click AUC overall and on cold items with 95%% intervals and paired "
+        "differences to on-arrival; resumable")
+    stale.add_argument("--preset", choices=["quick", "default"], default="quick",
+                       help="the policies swept (trainer/staleness.py: PRESETS)")
+    stale.add_argument("--seeds", type=int, default=2, metavar="N",
+                       help="training seeds per policy (default 2)")
+    stale.add_argument("--out", metavar="DIR",
+                       help="where runs and results go (default DATA_DIR/experiments/"
+                       "staleness-PRESET); a killed sweep resumes from here")
+    stale.add_argument("--test-share", type=float, default=0.2)
+    stale.add_argument("--valid-share", type=float, default=0.1)
+    stale.add_argument("--epochs", type=int, help="most epochs per fit (default from config: "
+                       "trainer.initial_epochs)")
+    stale.add_argument("--quiet", action="store_true", help="no progress bar")
+    stale.set_defaults(run=_experiment_staleness)
 
     serve = sub.add_parser("serve", help="score candidates over HTTP (POST /rank)")
     serve.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (0: any free)")
