@@ -5,10 +5,12 @@
 column-wise and call the same functions, so an impression scored online gets the tensors
 it got in training (``tests/test_features.py`` pins this):
 
-1. :func:`target_features`: the target items' hashed ids and profiles, (N,) each;
-2. :func:`sequence_features`: whose sequence it is (the user's hashed id, (S,)) and the
-   behaviour sequences left-padded to ``max_seq_len``, (S, L) each: S = N in training,
-   S = 1 in serving (one user and sequence shared by every candidate);
+1. :func:`target_features`: the target items' hashed ids and profiles, (N,) each, and
+   their click histories (:func:`id_rates`), (N, 2);
+2. :func:`sequence_features`: whose sequence it is (the user's hashed id, (S,), and click
+   history, (S, 2)) and the behaviour sequences left-padded to ``max_seq_len``, (S, L)
+   each: S = N in training, S = 1 in serving (one user and sequence shared by every
+   candidate);
 3. :func:`usable_vectors`: which cached item vectors the model may read; any other is
    row 0, for which the model has a learned "missing" vector;
 4. :func:`model_batch`: tensors in the model's batch contract (``trainer.model``'s module
@@ -16,7 +18,7 @@ it got in training (``tests/test_features.py`` pins this):
 
 The vocabularies live here too: the tasks (label columns and the model's heads), the
 codes of a sequence's actions, both from ``ppm.events.INTERACTIONS``, and a model's
-:class:`IdVocabulary` of items and of users, the ids it admits.
+:class:`IdVocabulary` of items and of users, the ids it admits and their click counts.
 
 Ids are hashed with BLAKE2b (:func:`hash_ids`): stable across processes and runs, so a
 model trained today and an item first seen tomorrow agree on buckets. Item and user ids go
