@@ -177,6 +177,44 @@ def test_the_command_sweeps_a_preset_and_says_where_the_results_are(tmp_path, ca
     assert list(result["policies"]) == [p.name for p in staleness.PRESETS["quick"]]
     folder = cfg.paths.staleness("quick")
     assert f"results in {folder}" in err and (folder / "results.md").is_file()
-    assert len(list((folder / "runs").iterdir())) == len(staleness.PRESETS["quick"]) + 1
+    assert list(result["updates"]["policies"]) == [
+        u.name for u in staleness.UPDATE_PRESETS["quick"]]
+    assert len(list((folder / "runs").iterdir())) == (  # the floor's too
+        len(staleness.PRESETS["quick"]) + 1 + len(staleness.UPDATE_PRESETS["quick"]))
     assert main([*argv, "--seeds", "0"]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
+
+
+def test_model_updates_start_from_the_on_arrival_fit_and_fine_tune_on_closed_windows(
+        tmp_path, monkeypatch):
+    """Frozen, the update sweep's model is the on-arrival fit itself: the same scores. Every
+    hour, it fine-tunes before each test window on exactly the windows closed by then that it
+    has not trained on, never on the window it is about to score."""
+    from trainer.staleness import ModelUpdate
+    from trainer.train import split_windows
+
+    cfg = world(tmp_path / "w", hours=24)
+    split = split_windows(cfg, 0.25, 0.15)
+    trained_on: list[list[str]] = []
+    real_fit = staleness.fit
+
+    def recorded(model, data, *args, **kw):
+        trained_on.append(sorted(set(data.request_id)))
+        return real_fit(model, data, *args, **kw)
+
+    monkeypatch.setattr(staleness, "fit", recorded)
+    hourly, frozen = ModelUpdate(HOUR_US / 1e6), ModelUpdate(None)
+    result = run_staleness(cfg, [REFERENCE], seeds=1, out=tmp_path / "out", test_share=0.25,
+                           valid_share=0.15, epochs=1, resamples=20, progress=False,
+                           updates=[hourly, frozen])
+    updates = result["updates"]["buckets"]["all"]
+    assert updates["models"]["model frozen"]["aucs"] == result["buckets"]["all"]["models"][
+        "arrival"]["aucs"]
+    assert list(updates["diffs"]) == ["model frozen-model every 1h"]
+    # One fine-tune per test window: the valid windows and the test windows before it.
+    hours_of = [sorted({int(r[1:].split(":")[0]) for r in ids}) for ids in trained_on]
+    first_test = int((split.test[0].start_us - T0_US) // HOUR_US)
+    first_valid = int((split.valid[0].start_us - T0_US) // HOUR_US)
+    assert hours_of[0] == list(range(first_valid, first_test))
+    assert hours_of[1:] == [[h] for h in range(first_test, first_test + len(split.test) - 1)]
+    assert "model every 1h" in (tmp_path / "out" / "results.md").read_text()

@@ -1,15 +1,19 @@
-"""``ppm experiment staleness``: what fresh item embeddings are worth, in click AUC.
+"""``ppm experiment staleness``: what fresh item embeddings and fresh models are worth, in
+click AUC.
 
 The same closed windows are replayed under each embedding refresh policy
 (:class:`trainer.refresh.EmbeddingRefresh`): for each seed and policy a ``ppm`` model is
 fitted from scratch on the train period (:func:`trainer.train.train_batch`, the epoch
 chosen on validation) with the vectors the policy makes readable, and scores the test
-period with them; ``idrec``, which reads no vector, is the floor. Every run scores the same
-samples, so differences are paired: :func:`trainer.experiment.compare_models` reports each
-policy's AUC per bucket (overall, items new in the test period, by item age) with 95%
-intervals over seeds and over users, and the difference to the freshest policy
-(:data:`REFERENCE`) with a bootstrap interval over users. Beside each policy: how many
-vectors it computes per hour of data, which is what a slower refresh saves.
+period with them; ``idrec``, which reads no vector, is the floor. Then under each model
+update policy (:class:`ModelUpdate`): the on-arrival fit, frozen or fine-tuned every U
+hours on the windows closed by then, each test window scored by the model serving at its
+start. Every run scores the same samples, so differences are paired:
+:func:`trainer.experiment.compare_models` reports each policy's AUC per bucket (overall,
+items new in the test period, by item age) with 95% intervals over seeds and over users,
+and the difference to the freshest policy with a bootstrap interval over users. Beside each
+embedding policy: how many vectors it computes per hour of data, which is what a slower
+refresh saves.
 
 Each run is saved under ``OUT/runs/`` as soon as it finishes, so a killed sweep resumes
 where it stopped: a run already on disk is read, not recomputed. ``OUT/spec.json`` pins
@@ -18,9 +22,11 @@ what the runs are of; another spec in the same folder is refused.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,11 @@ from trainer.metrics import cold_buckets
 from trainer.refresh import EmbeddingRefresh
 from trainer.train import (
     TEST_BUCKETS,
+    BatchFit,
     IncrementalTrainer,
+    Split,
+    admit_ids,
+    fit,
     new_in_period,
     predict,
     split_windows,
@@ -48,6 +58,37 @@ REFERENCE = EmbeddingRefresh("arrival")
 event's time."""
 FLOOR = "idrec"
 """The model that reads no vector at all: what no embedding is worth."""
+
+
+@dataclass(frozen=True)
+class ModelUpdate:
+    """How often the served model is fine-tuned after its first fit on the train period.
+
+    At every multiple of ``every_s`` (since the epoch, UTC) from the validation period on,
+    the model is fine-tuned (``trainer.incremental_epochs``, as ``ppm train --follow``) on
+    the windows closed by then that it has not trained on, and serves from ``deploy_lag_s``
+    later; a window is scored by the newest model serving at its start. None: frozen.
+    """
+
+    every_s: float | None = None
+    deploy_lag_s: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """``model frozen``, ``model every 6h``, ``model every 6h+1h``."""
+        if self.every_s is None:
+            return "model frozen"
+        lag = f"+{self.deploy_lag_s / HOUR_S:g}h" if self.deploy_lag_s else ""
+        return f"model every {self.every_s / HOUR_S:g}h{lag}"
+
+
+UPDATE_PRESETS: dict[str, tuple[ModelUpdate, ...]] = {
+    "quick": (ModelUpdate(HOUR_S), ModelUpdate(6 * HOUR_S), ModelUpdate(24 * HOUR_S),
+              ModelUpdate(None)),
+    "default": (ModelUpdate(HOUR_S), ModelUpdate(HOUR_S, deploy_lag_s=HOUR_S),
+                ModelUpdate(6 * HOUR_S), ModelUpdate(24 * HOUR_S), ModelUpdate(None)),
+}
+"""The model update policies of ``--preset``; the first (the freshest) is the reference."""
 PRESETS: dict[str, tuple[EmbeddingRefresh, ...]] = {
     "quick": (REFERENCE, EmbeddingRefresh("arrival", lag_s=HOUR_S),
               EmbeddingRefresh("periodic", period_s=6 * HOUR_S),
@@ -89,17 +130,22 @@ def vectors_computed(modal: ModalTable, policy: EmbeddingRefresh, start_us: int,
 def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int, out: Path,
                   test_share: float = 0.2, valid_share: float = 0.1,
                   epochs: int | None = None, resamples: int = RESAMPLES,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, updates: Sequence[ModelUpdate] = ()
+                  ) -> dict[str, Any]:
     """The sweep of the module docstring; writes ``results.json`` and ``results.md`` under
     ``out`` and returns the result. ``policies[0]`` is the reference the others are
-    compared with. Raises ``ValueError`` for bad arguments or a folder holding another
-    sweep's runs, ``SystemExit`` when a period holds no window."""
+    compared with; so is ``updates[0]`` among the model update policies (each starts from
+    the fit of ``REFERENCE``'s vectors). Raises ``ValueError`` for bad arguments or a
+    folder holding another sweep's runs, ``SystemExit`` when a period holds no window."""
     from tqdm import tqdm
 
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    if not policies or len({p.name for p in policies}) != len(policies):
-        raise ValueError("give at least one policy, each once")
+    for kind in (policies, updates):
+        if len({p.name for p in kind}) != len(kind):
+            raise ValueError("give each policy once")
+    if not policies:
+        raise ValueError("give at least one embedding refresh policy")
     split = split_windows(cfg, test_share, valid_share)
     if not (split.train and split.test):
         raise SystemExit("no closed windows in the train or the test period")
@@ -119,9 +165,12 @@ def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int,
     reference = IncrementalTrainer(cfg, variant="idrec")
     test = reference.dataset(split.test)
     names = [p.name for p in policies]
-    scores = {name: np.zeros((seeds, len(test))) for name in [*names, FLOOR]}
+    update_names = [u.name for u in updates]
+    scores = {name: np.zeros((seeds, len(test))) for name in [*names, FLOOR, *update_names]}
     fits: dict[str, list[dict[str, Any]]] = {name: [] for name in scores}
-    plan = [(seed, p) for seed in range(seeds) for p in [*policies, None]]
+    plan: list[tuple[int, EmbeddingRefresh | ModelUpdate | None]] = [
+        (seed, p) for seed in range(seeds) for p in [*policies, None, *updates]]
+    base: dict[int, BatchFit] = {}  # seed -> the fit the update policies start from
     resumed = 0
     for seed, policy in tqdm(plan, desc="staleness", disable=not progress):
         name = FLOOR if policy is None else policy.name
@@ -131,16 +180,21 @@ def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int,
             run_scores, meta = saved["scores"], json.loads(str(saved["meta"]))
             resumed += 1
         else:
-            values = {"trainer.seed": str(seed),
-                      **policy_values(REFERENCE if policy is None else policy)}
-            fitted = train_batch(cfg.with_values(values), split.train,
-                                 FLOOR if policy is None else "ppm", epochs, progress=False,
-                                 valid=split.valid)
-            click = fitted.model.config.tasks.index("click")
-            run_scores = predict(fitted.model, fitted.trainer.dataset_for(
-                fitted.model, split.test))[:, click]
-            meta = {"seed": seed, "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
-                    "valid_click_auc": fitted.valid_auc}
+            if isinstance(policy, ModelUpdate):
+                if seed not in base:
+                    base[seed] = _fit(cfg, seed, REFERENCE, "ppm", split, epochs)
+                run_scores = _scored_with_updates(cfg, split, base[seed], policy)
+                meta = {"seed": seed, "updates": policy.name}
+            else:
+                fitted = _fit(cfg, seed, policy or REFERENCE, "ppm" if policy else FLOOR,
+                              split, epochs)
+                if policy == REFERENCE:
+                    base[seed] = fitted
+                click = fitted.model.config.tasks.index("click")
+                run_scores = predict(fitted.model, fitted.trainer.dataset_for(
+                    fitted.model, split.test))[:, click]
+                meta = {"seed": seed, "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
+                        "valid_click_auc": fitted.valid_auc}
             buffer = io.BytesIO()
             np.savez(buffer, scores=run_scores, meta=np.array(json.dumps(meta)))
             write_atomically(path, buffer.getvalue())
@@ -154,7 +208,13 @@ def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int,
     buckets = {"all": np.ones(len(test), bool),
                "new_in_test": new_in_period(test, split.test_start_us),
                **cold_buckets(test.item_age_s, test.item_clicks_before)}
-    pairs = [*((n, names[0]) for n in names[1:]), (names[0], FLOOR)]
+
+    def compared(models: Sequence[str], pairs: Sequence[tuple[str, str]]) -> dict[str, Any]:
+        return {b: compare_models(y[buckets[b]], test.user_id[buckets[b]],
+                                  {m: scores[m][:, buckets[b]] for m in models},
+                                  pairs=pairs, resamples=resamples)
+                for b in TEST_BUCKETS}
+
     result = {
         "seeds": seeds, "reference": names[0], "floor": FLOOR,
         "test_share": test_share, "valid_share": valid_share, "resamples": resamples,
@@ -163,14 +223,51 @@ def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int,
                               "vectors_per_hour": vectors_computed(modal, p, start, end) / hours}
                      for p in policies},
         "fits": fits,
-        "buckets": {b: compare_models(y[buckets[b]], test.user_id[buckets[b]],
-                                      {m: s[:, buckets[b]] for m, s in scores.items()},
-                                      pairs=pairs, resamples=resamples)
-                    for b in TEST_BUCKETS},
+        "buckets": compared([*names, FLOOR],
+                            [*((n, names[0]) for n in names[1:]), (names[0], FLOOR)]),
     }
+    if updates:
+        result["updates"] = {
+            "reference": update_names[0],
+            "policies": {u.name: {"every_s": u.every_s, "deploy_lag_s": u.deploy_lag_s}
+                         for u in updates},
+            "buckets": compared(update_names, [(u, update_names[0])
+                                               for u in update_names[1:]])}
     write_atomically(out / "results.json", json.dumps(result, indent=1).encode())
     write_atomically(out / "results.md", to_markdown(result).encode())
     return result
+
+
+def _fit(cfg: Config, seed: int, policy: EmbeddingRefresh, variant: str, split: Split,
+         epochs: int | None) -> BatchFit:
+    """One fit from scratch on the train period with ``policy``'s vectors."""
+    return train_batch(cfg.with_values({"trainer.seed": str(seed), **policy_values(policy)}),
+                       split.train, variant, epochs, progress=False, valid=split.valid)
+
+
+def _scored_with_updates(cfg: Config, split: Split, base: BatchFit, update: ModelUpdate
+                         ) -> np.ndarray:
+    """The test period's click logits, (n,) in the order of ``split.test``'s samples, each
+    window scored by the newest model ``update`` has serving at its start (see
+    :class:`ModelUpdate`), starting from ``base`` (left unchanged)."""
+    model, trainer, t = copy.deepcopy(base.model), base.trainer, cfg.trainer
+    click = model.config.tasks.index("click")
+    pending = [*split.valid, *split.test]  # closed after the first fit, in order
+    out = []
+    for window in split.test:
+        if update.every_s is not None:
+            every, lag = int(update.every_s * 1e6), int(update.deploy_lag_s * 1e6)
+            # The last update serving at the window's start, and what it trained on.
+            last_update = (window.start_us - lag) // every * every
+            ready = [w for w in pending if w.end_us <= last_update]
+            if ready:
+                pending = [w for w in pending if w not in ready]
+                admit_ids(model, ready, t, fine_tune=True)
+                fit(model, trainer.dataset_for(model, ready, training=True),
+                    t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
+                    seed=t.seed + len(out), grad_clip=t.grad_clip)
+        out.append(predict(model, trainer.dataset_for(model, [window]))[:, click])
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def to_markdown(result: Mapping[str, Any]) -> str:
@@ -204,4 +301,21 @@ def to_markdown(result: Mapping[str, Any]) -> str:
             a, _, b = name.rpartition("-")
             lines.append(f"| {bucket} | {a} - {b} | {num(d['auc'], '+')} | "
                          f"{span(d['ci95'], '+')} |")
+    updates = result.get("updates")
+    if updates:
+        lines += ["", "click AUC by model update policy (vectors on arrival); 95% intervals "
+                  "over seeds (t) and users (bootstrap)", "",
+                  "| bucket | policy | samples | auc | 95% seeds | 95% users |",
+                  "|---|---|---:|---:|---|---|"]
+        for bucket, summary in updates["buckets"].items():
+            for name, m in summary["models"].items():
+                lines.append(f"| {bucket} | {name} | {summary['samples']} | {num(m['auc'])} | "
+                             f"{span(m['ci95_seeds'])} | {span(m['ci95_users'])} |")
+        lines += ["", f"paired differences to `{updates['reference']}`", "",
+                  "| bucket | difference | auc | 95% users |", "|---|---|---:|---|"]
+        for bucket, summary in updates["buckets"].items():
+            for name, d in summary["diffs"].items():
+                a, _, b = name.rpartition("-")
+                lines.append(f"| {bucket} | {a} - {b} | {num(d['auc'], '+')} | "
+                             f"{span(d['ci95'], '+')} |")
     return "\n".join(lines) + "\n"

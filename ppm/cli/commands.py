@@ -139,12 +139,13 @@ def _eval(args: argparse.Namespace, cfg: Config) -> int:
 def _experiment_staleness(args: argparse.Namespace, cfg: Config) -> int:
     """``ppm experiment staleness``: :mod:`trainer.staleness`; the result's JSON is the last
     line of stdout, its tables go to stderr and ``OUT/results.md``."""
-    from trainer.staleness import PRESETS, run_staleness
+    from trainer.staleness import PRESETS, UPDATE_PRESETS, run_staleness
 
     out = Path(args.out) if args.out else cfg.paths.staleness(args.preset)
     try:
         result = run_staleness(cfg, PRESETS[args.preset], args.seeds, out, args.test_share,
-                               args.valid_share, args.epochs, progress=not args.quiet)
+                               args.valid_share, args.epochs, progress=not args.quiet,
+                               updates=UPDATE_PRESETS[args.preset])
     except ValueError as exc:
         print(f"ppm experiment staleness: {exc}", file=sys.stderr)
         return 2
@@ -516,11 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = experiment.add_subparsers(dest="experiment", required=True)
     stale = kinds.add_parser(
         "staleness", help="replay the windows under each embedding refresh policy (on "
-        "arrival, with a lag, every P hours, the catalog once): fit ppm per policy and seed, "
-        "report click AUC overall and on cold items with 95%% intervals and paired "
-        "differences to on-arrival; resumable")
+        "arrival, with a lag, every P hours, the catalog once) and model update policy "
+        "(every U hours, frozen): fit ppm per policy and seed, report click AUC overall and "
+        "on cold items with 95%% intervals and paired differences to the freshest; resumable")
     stale.add_argument("--preset", choices=["quick", "default"], default="quick",
-                       help="the policies swept (trainer/staleness.py: PRESETS)")
+                       help="the policies swept (trainer/staleness.py: PRESETS, "
+                       "UPDATE_PRESETS)")
     stale.add_argument("--seeds", type=int, default=2, metavar="N",
                        help="training seeds per policy (default 2)")
     stale.add_argument("--out", metavar="DIR",
