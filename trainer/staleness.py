@@ -66,7 +66,8 @@ class ModelUpdate:
 
     At every multiple of ``every_s`` (since the epoch, UTC) from the validation period on,
     the model is fine-tuned (``trainer.incremental_epochs``, as ``ppm train --follow``) on
-    the windows closed by then that it has not trained on, and serves from ``deploy_lag_s``
+    the windows closed by then that it has not trained on (with ``trainer.replay_share`` of
+    older samples, as a ``--follow`` step), and serves from ``deploy_lag_s``
     later; a window is scored by the newest model serving at its start. None: frozen.
     """
 
@@ -253,6 +254,7 @@ def _scored_with_updates(cfg: Config, split: Split, base: BatchFit, update: Mode
     model, trainer, t = copy.deepcopy(base.model), base.trainer, cfg.trainer
     click = model.config.tasks.index("click")
     pending = [*split.valid, *split.test]  # closed after the first fit, in order
+    everything = [*split.train, *pending]
     out = []
     for window in split.test:
         if update.every_s is not None:
@@ -262,10 +264,14 @@ def _scored_with_updates(cfg: Config, split: Split, base: BatchFit, update: Mode
             ready = [w for w in pending if w.end_us <= last_update]
             if ready:
                 pending = [w for w in pending if w not in ready]
+                trained = [w for w in everything if w.end_us <= ready[0].start_us]
+                replayed = trained[-t.replay_windows:] if t.replay_share > 0 else []
                 admit_ids(model, ready, t, fine_tune=True)
                 fit(model, trainer.dataset_for(model, ready, training=True),
                     t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
-                    seed=t.seed + len(out), grad_clip=t.grad_clip)
+                    seed=t.seed + len(out), grad_clip=t.grad_clip,
+                    extra=trainer.dataset_for(model, replayed, training=True)
+                    if replayed else None, extra_share=t.replay_share)
         out.append(predict(model, trainer.dataset_for(model, [window]))[:, click])
     return np.concatenate(out) if out else np.zeros(0)
 
