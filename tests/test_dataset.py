@@ -268,6 +268,10 @@ def test_a_training_sample_reads_only_earlier_click_history_never_its_own_label(
     last = WindowDataset(windows[2:], modal, config, vocabulary=items, user_vocabulary=users,
                          training=True)
     assert np.allclose(last.features["item_rates"], train.features["item_rates"][8:])
+    # Replayed in a fine-tuning step on the later windows: those are not its history.
+    replay = WindowDataset(windows[:1], modal, config, vocabulary=items, user_vocabulary=users,
+                           training=True, counted_later=windows[1:])
+    assert history(replay).tolist() == [0] * 4
     # After training: everything counted is history.
     after = WindowDataset(windows[2:], modal, config, vocabulary=items, user_vocabulary=users)
     assert history(after).tolist() == [3] * 4

@@ -223,14 +223,18 @@ def _usable_rows(modal: ModalTable, item_ids: Sequence[str | None], at_us: np.nd
 
 
 def _counts_in_training(ids: list, times_us: np.ndarray, clicked: np.ndarray,
-                        vocabulary: IdVocabulary | None
-                        ) -> tuple[np.ndarray, np.ndarray] | None:
+                        vocabulary: IdVocabulary | None, later: Sequence[Window | Path],
+                        column: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Per sample of training data the vocabulary counted: its id's impressions and clicks
-    outside these samples, plus those of these samples strictly before it."""
+    outside these samples and the ``later`` windows, plus those of these samples strictly
+    before it."""
     if vocabulary is None:
         return None
     shows, hits = vocabulary.totals(ids)
     here_shows, here_hits = IdVocabulary.of(ids, clicked=clicked).totals(ids)
+    if later:
+        later_shows, later_hits = id_vocabulary(later, column, 1).totals(ids)
+        shows, hits = shows - later_shows, hits - later_hits
     before_shows, before_hits = counts_before(ids, times_us, clicked)
     shows = shows - here_shows + before_shows
     hits = hits - here_hits + before_hits
@@ -260,6 +264,9 @@ class WindowDataset:
             count only the vocabularies' other impressions and those of these windows that
             came before it (:func:`trainer.features.counts_before`), never its own label.
             False: they count every impression of the vocabularies (data after training).
+        counted_later: with ``training``, windows after these that the vocabularies also
+            counted (the new windows of a fine-tuning step, for its replayed older ones):
+            their impressions are not history for these samples either.
         as_recorded: a target's vector only where the sample records that the stream had
             embedded the item at the impression (what serving had). False: wherever
             ``modal`` makes one available by then, as a refresh policy's table
@@ -271,7 +278,7 @@ class WindowDataset:
                  tasks: Sequence[str] | None = None, *,
                  vocabulary: IdVocabulary | None = None,
                  user_vocabulary: IdVocabulary | None = None, training: bool = False,
-                 as_recorded: bool = True):
+                 as_recorded: bool = True, counted_later: Sequence[Window | Path] = ()):
         self.modal = modal
         self.config = config
         files = files_of(windows)
@@ -312,9 +319,9 @@ class WindowDataset:
         if training and config.id_rates:
             clicked = col("click").to_numpy(zero_copy_only=False) > 0
             item_counts = _counts_in_training(self.item_ids, self.impression_us, clicked,
-                                              vocabulary)
+                                              vocabulary, counted_later, "item_id")
             user_counts = _counts_in_training(list(self.user_id), self.impression_us, clicked,
-                                              user_vocabulary)
+                                              user_vocabulary, counted_later, "user_id")
         self.features: dict[str, np.ndarray] = {
             **target_features(Targets.from_window(table), config, vocabulary, item_counts),
             "target_modal_row": target_row,

@@ -20,10 +20,10 @@ from trainer.dataset import ModalTable
 
 MODES: tuple[str, ...] = get_args(RefreshMode)
 """``recorded``: what the stream recorded at each impression (the live system: no policy);
-``arrival``: each vector readable ``lag_s`` after its content's time; ``periodic``: at the
-first batch boundary (a multiple of ``period_s`` since the epoch, UTC) at or after its
-content's time plus ``lag_s``; ``catalog_once``: only vectors of content from before
-``start_us``, readable from then on; new and changed items never get one."""
+``arrival``: each vector readable ``lag_s`` after its content's time; ``periodic``: ``lag_s``
+after the first batch run (a multiple of ``period_s`` since the epoch, UTC) at or after its
+content's time; ``catalog_once``: only vectors of content from before ``start_us``,
+readable from then on: new items never get one, changed ones keep their old one."""
 
 NEVER = np.iinfo(np.int64).max
 
@@ -72,7 +72,7 @@ class EmbeddingRefresh:
             available = content + lag
         elif self.mode == "periodic":
             period = int(self.period_s * 1e6)
-            available = -((-(content + lag)) // period) * period  # ceiling to a boundary
+            available = -(-content // period) * period + lag  # the next run, then its lag
         else:  # catalog_once
             available = np.where(content <= start_us, start_us, NEVER)
         return modal.available_from(available)

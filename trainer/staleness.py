@@ -65,10 +65,11 @@ class ModelUpdate:
     """How often the served model is fine-tuned after its first fit on the train period.
 
     At every multiple of ``every_s`` (since the epoch, UTC) from the validation period on,
-    the model is fine-tuned (``trainer.incremental_epochs``, as ``ppm train --follow``) on
-    the windows closed by then that it has not trained on (with ``trainer.replay_share`` of
-    older samples, as a ``--follow`` step), and serves from ``deploy_lag_s``
-    later; a window is scored by the newest model serving at its start. None: frozen.
+    the model is fine-tuned (``trainer.incremental_epochs``, with ``trainer.replay_share``
+    of older samples, as a ``ppm train --follow`` step) on the windows it has not trained
+    on whose labels are final by then (ended at least ``pipeline.attribution_window_s``
+    before), and serves from ``deploy_lag_s`` later; a window is scored by the newest model
+    serving at its start. None: frozen.
     """
 
     every_s: float | None = None
@@ -115,10 +116,11 @@ def policy_values(policy: EmbeddingRefresh) -> dict[str, str]:
 def vectors_computed(modal: ModalTable, policy: EmbeddingRefresh, start_us: int,
                      end_us: int) -> int:
     """How many vectors ``policy`` computes for the item versions of ``modal`` whose
-    content falls before ``end_us``: one per version on arrival; one per item and batch in
-    which it changed (the batch embeds its newest content); the catalog once."""
+    content falls in ``[start_us, end_us)``: one per version on arrival; one per item and
+    batch in which it changed (the batch embeds its newest content); for ``catalog_once``,
+    the catalog as it was at ``start_us``, once."""
     content = modal.content_time_us[1:]
-    within = content < end_us
+    within = (content >= start_us) & (content < end_us)
     if policy.mode in ("arrival", "recorded"):
         return int(within.sum())
     available = policy.apply(modal, start_us).available_us[1:]
@@ -153,8 +155,8 @@ def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int,
     spec = {"data_dir": str(Path(cfg.data_dir).resolve()), "test_share": test_share,
             "valid_share": valid_share, "epochs": epochs,
             "train": [w.name for w in split.train], "test": [w.name for w in split.test],
-            "trainer": cfg.trainer.model_dump(mode="json"),
-            "model": cfg.model.model_dump(mode="json")}
+            **{section: getattr(cfg, section).model_dump(mode="json")
+               for section in ("trainer", "model", "features", "pipeline")}}
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
@@ -174,6 +176,7 @@ def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int,
     base: dict[int, BatchFit] = {}  # seed -> the fit the update policies start from
     resumed = 0
     for seed, policy in tqdm(plan, desc="staleness", disable=not progress):
+        base.pop(seed - 1, None)  # a seed's fit and its vector table, no longer needed
         name = FLOOR if policy is None else policy.name
         path = runs_dir / f"{name.replace(' ', '_').replace('+', '_plus_')}-seed{seed}.npz"
         if path.exists():
@@ -251,27 +254,37 @@ def _scored_with_updates(cfg: Config, split: Split, base: BatchFit, update: Mode
     """The test period's click logits, (n,) in the order of ``split.test``'s samples, each
     window scored by the newest model ``update`` has serving at its start (see
     :class:`ModelUpdate`), starting from ``base`` (left unchanged)."""
-    model, trainer, t = copy.deepcopy(base.model), base.trainer, cfg.trainer
+    model, trainer = copy.deepcopy(base.model), base.trainer
+    t = trainer.cfg.trainer  # the base fit's, its seed included
+    # A window's labels are final only once its attribution window has passed.
+    settle = int(cfg.pipeline.attribution_window_s * 1e6)
     click = model.config.tasks.index("click")
-    pending = [*split.valid, *split.test]  # closed after the first fit, in order
+    pending = [*split.valid, *split.test]  # not trained on yet, in order
     everything = [*split.train, *pending]
+    runs: list[int] = []
+    if update.every_s is not None:
+        every = int(update.every_s * 1e6)
+        first = -(-split.valid_start_us // every) * every
+        runs = list(range(first, split.test[-1].start_us + 1, every))
     out = []
     for window in split.test:
-        if update.every_s is not None:
-            every, lag = int(update.every_s * 1e6), int(update.deploy_lag_s * 1e6)
-            # The last update serving at the window's start, and what it trained on.
-            last_update = (window.start_us - lag) // every * every
-            ready = [w for w in pending if w.end_us <= last_update]
-            if ready:
-                pending = [w for w in pending if w not in ready]
-                trained = [w for w in everything if w.end_us <= ready[0].start_us]
-                replayed = trained[-t.replay_windows:] if t.replay_share > 0 else []
-                admit_ids(model, ready, t, fine_tune=True)
-                fit(model, trainer.dataset_for(model, ready, training=True),
-                    t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
-                    seed=t.seed + len(out), grad_clip=t.grad_clip,
-                    extra=trainer.dataset_for(model, replayed, training=True)
-                    if replayed else None, extra_share=t.replay_share)
+        lag = int(update.deploy_lag_s * 1e6)
+        # Every update run whose model serves by this window's start, in order.
+        while runs and runs[0] + lag <= window.start_us:
+            at = runs.pop(0)
+            ready = [w for w in pending if w.end_us + settle <= at]
+            if not ready:
+                continue
+            pending = [w for w in pending if w not in ready]
+            trained = [w for w in everything if w.end_us <= ready[0].start_us]
+            replayed = trained[-t.replay_windows:] if t.replay_share > 0 else []
+            admit_ids(model, ready, t, fine_tune=True)
+            fit(model, trainer.dataset_for(model, ready, training=True),
+                t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
+                seed=t.seed + at // every, grad_clip=t.grad_clip,
+                extra=trainer.dataset_for(model, replayed, training=True,
+                                          counted_later=ready) if replayed else None,
+                extra_share=t.replay_share)
         out.append(predict(model, trainer.dataset_for(model, [window]))[:, click])
     return np.concatenate(out) if out else np.zeros(0)
 

@@ -232,8 +232,8 @@ class IncrementalTrainer:
 
     def dataset(self, windows: Sequence[Window | Path], config: RankerConfig | None = None,
                 vocabulary: IdVocabulary | None = None,
-                user_vocabulary: IdVocabulary | None = None, training: bool = False
-                ) -> WindowDataset:
+                user_vocabulary: IdVocabulary | None = None, training: bool = False,
+                counted_later: Sequence[Window | Path] = ()) -> WindowDataset:
         """Samples of ``windows`` (or window files) as a model of ``config`` (default: a new
         model's) with item ``vocabulary`` and ``user_vocabulary`` (its ``item_vocabulary``
         and ``user_vocabulary``; None: every id keeps its bucket) reads them; ``training``:
@@ -241,14 +241,17 @@ class IncrementalTrainer:
         config = config or ranker_config(self.cfg, self.variant, self.modal.dim)
         return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s,
                              vocabulary=vocabulary, user_vocabulary=user_vocabulary,
-                             training=training, as_recorded=self.refresh.mode == "recorded")
+                             training=training, as_recorded=self.refresh.mode == "recorded",
+                             counted_later=counted_later)
 
     def dataset_for(self, model: UnifiedRanker, windows: Sequence[Window | Path],
-                    training: bool = False) -> WindowDataset:
+                    training: bool = False, counted_later: Sequence[Window | Path] = ()
+                    ) -> WindowDataset:
         """Samples of ``windows`` as ``model`` reads them (its config and vocabularies);
-        ``training``: ``model`` trains on them, and its vocabularies counted them."""
+        ``training``: ``model`` trains on them, and its vocabularies counted them (and
+        ``counted_later``, see :class:`WindowDataset`)."""
         return self.dataset(windows, model.config, model.item_vocabulary,
-                            model.user_vocabulary, training)
+                            model.user_vocabulary, training, counted_later)
 
     @property
     def modal(self) -> ModalTable:
@@ -324,7 +327,8 @@ class IncrementalTrainer:
             admit_ids(candidate, [w for w in [*replayed, *train_windows] if w.name not in seen],
                       t, fine_tune=True)
             train = self.dataset_for(candidate, train_windows, training=True)
-            replay = self.dataset_for(candidate, replayed, training=True) if replayed else None
+            replay = self.dataset_for(candidate, replayed, training=True,
+                                      counted_later=train_windows) if replayed else None
             fit(candidate, train, t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed + len(closed), extra=replay, extra_share=t.replay_share,
                 grad_clip=t.grad_clip, progress=progress)
