@@ -231,6 +231,12 @@ class TrainerConfig(_Section):
     ids scored 0.649 validation click AUC on ml-latest-small against 0.620 at 1024 (512:
     0.642 and 1024 at four times the learning rate: 0.638; docs/results.md)."""
     lr: float = Field(2e-3, gt=0)
+    fine_tune_lr: float | None = Field(None, gt=0)
+    """The learning rate of a fine-tuning step (``ppm train --follow`` after the first fit,
+    the staleness lab's model updates); None: ``lr``. Each step starts a fresh AdamW, whose
+    first updates move every parameter with a gradient by about the learning rate whatever
+    the gradient's size: on small windows a lower rate keeps a step from undoing the fit
+    (docs/results.md, the staleness lab)."""
     weight_decay: float = Field(1e-5, ge=0)
     grad_clip: float | None = Field(5.0, gt=0)
     """Gradients are scaled down to at most this norm each step (one bad batch cannot throw

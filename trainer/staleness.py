@@ -280,7 +280,7 @@ def _scored_with_updates(cfg: Config, split: Split, base: BatchFit, update: Mode
             replayed = trained[-t.replay_windows:] if t.replay_share > 0 else []
             admit_ids(model, ready, t, fine_tune=True)
             fit(model, trainer.dataset_for(model, ready, training=True),
-                t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
+                t.incremental_epochs, t.batch_size, t.fine_tune_lr or t.lr, t.weight_decay,
                 seed=t.seed + at // every, grad_clip=t.grad_clip,
                 extra=trainer.dataset_for(model, replayed, training=True,
                                           counted_later=ready) if replayed else None,

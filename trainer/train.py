@@ -329,9 +329,9 @@ class IncrementalTrainer:
             train = self.dataset_for(candidate, train_windows, training=True)
             replay = self.dataset_for(candidate, replayed, training=True,
                                       counted_later=train_windows) if replayed else None
-            fit(candidate, train, t.incremental_epochs, t.batch_size, t.lr, t.weight_decay,
-                seed=t.seed + len(closed), extra=replay, extra_share=t.replay_share,
-                grad_clip=t.grad_clip, progress=progress)
+            fit(candidate, train, t.incremental_epochs, t.batch_size, t.fine_tune_lr or t.lr,
+                t.weight_decay, seed=t.seed + len(closed), extra=replay,
+                extra_share=t.replay_share, grad_clip=t.grad_clip, progress=progress)
             trained_on = sorted(seen | {*names(replayed), *names(train_windows)})
             validated_on = sorted({*champion.meta.get("validated_on", []), eval_window.name})
 
