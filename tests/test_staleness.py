@@ -192,14 +192,15 @@ def test_model_updates_start_from_the_on_arrival_fit_and_fine_tune_on_closed_win
     from trainer.staleness import ModelUpdate
     from trainer.train import split_windows
 
-    cfg = world(tmp_path / "w", hours=24)
+    cfg = world(tmp_path / "w", hours=24).with_values({"fine_tune_lr": "0.001"})
     split = split_windows(cfg, 0.25, 0.15)
     trained_on: list[list[str]] = []
     real_fit = staleness.fit
 
-    def recorded(model, data, *args, **kw):
+    def recorded(model, data, epochs, batch_size, lr, *args, **kw):
         trained_on.append(sorted(set(data.request_id)))
-        return real_fit(model, data, *args, **kw)
+        assert lr == 0.001  # trainer.fine_tune_lr, not the first fit's lr
+        return real_fit(model, data, epochs, batch_size, lr, *args, **kw)
 
     monkeypatch.setattr(staleness, "fit", recorded)
     hourly, frozen = ModelUpdate(HOUR_US / 1e6), ModelUpdate(None)
