@@ -85,9 +85,8 @@ def test_dataset_joins_cached_vectors(world):
 @pytest.mark.slow
 def test_an_item_without_an_embedding_uses_the_missing_vector(world):
     trainer = IncrementalTrainer(small_cfg(world), variant="ppm")
-    data = WindowDataset(window_files(DataDir(world).training)[:2], trainer.modal.__class__(
-        None, {}, np.zeros((1, 1664), np.float32), np.zeros(1, np.int64)),
-        new_model(small_cfg(world), "ppm").config)
+    data = WindowDataset(window_files(DataDir(world).training)[:2],
+                         trainer.modal.empty(1664), new_model(small_cfg(world), "ppm").config)
     assert (data.features["target_modal_row"] == 0).all()
     assert (data.features["seq_modal_row"] == 0).all()
     logits = predict(new_model(small_cfg(world), "ppm"), data)
