@@ -183,6 +183,11 @@ def test_the_command_sweeps_a_preset_and_says_where_the_results_are(tmp_path, ca
         len(staleness.PRESETS["quick"]) + 1 + len(staleness.UPDATE_PRESETS["quick"]))
     assert main([*argv, "--seeds", "0"]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
+    # The sweep's --preset is not the configuration's (ppm --preset quick|fair|history).
+    from ppm.cli.commands import build_parser
+
+    args = build_parser().parse_args(["experiment", "staleness", "--preset", "default"])
+    assert args.sweep == "default" and args.preset is None
 
 
 def test_model_updates_start_from_the_on_arrival_fit_and_fine_tune_on_closed_windows(

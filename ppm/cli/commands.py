@@ -141,11 +141,11 @@ def _experiment_staleness(args: argparse.Namespace, cfg: Config) -> int:
     line of stdout, its tables go to stderr and ``OUT/results.md``."""
     from trainer.staleness import PRESETS, UPDATE_PRESETS, run_staleness
 
-    out = Path(args.out) if args.out else cfg.paths.staleness(args.preset)
+    out = Path(args.out) if args.out else cfg.paths.staleness(args.sweep)
     try:
-        result = run_staleness(cfg, PRESETS[args.preset], args.seeds, out, args.test_share,
+        result = run_staleness(cfg, PRESETS[args.sweep], args.seeds, out, args.test_share,
                                args.valid_share, args.epochs, progress=not args.quiet,
-                               updates=UPDATE_PRESETS[args.preset])
+                               updates=UPDATE_PRESETS[args.sweep])
     except ValueError as exc:
         print(f"ppm experiment staleness: {exc}", file=sys.stderr)
         return 2
@@ -520,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
         "arrival, with a lag, every P hours, the catalog once) and model update policy "
         "(every U hours, frozen): fit ppm per policy and seed, report click AUC overall and "
         "on cold items with 95%% intervals and paired differences to the freshest; resumable")
-    stale.add_argument("--preset", choices=["quick", "default"], default="quick",
+    # dest "sweep": "preset" is the global option's, a configuration preset.
+    stale.add_argument("--preset", dest="sweep", choices=["quick", "default"], default="quick",
                        help="the policies swept (trainer/staleness.py: PRESETS, "
                        "UPDATE_PRESETS)")
     stale.add_argument("--seeds", type=int, default=2, metavar="N",
