@@ -44,8 +44,8 @@ def test_policies_make_vectors_readable_when_they_say():
     assert once["c"] == start and once["a"] > 10**18 and once["b"] > 10**18
     assert [EmbeddingRefresh(*a).name for a in [("arrival",), ("arrival", 3600.0),
                                                  ("periodic", 0.0, 21_600.0),
-                                                 ("catalog_once",)]] == [
-        "arrival", "arrival+1h", "every 6h", "catalog once"]
+                                                 ("arrival", 600.0), ("catalog_once",)]] == [
+        "arrival", "arrival+1h", "every 6h", "arrival+10min", "catalog once"]
     with pytest.raises(ValueError, match="mode"):
         EmbeddingRefresh("hourly")
     # Vectors computed: one per version on arrival; a daily batch embeds an item that

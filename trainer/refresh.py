@@ -28,6 +28,14 @@ readable from then on: new items never get one, changed ones keep their old one.
 NEVER = np.iinfo(np.int64).max
 
 
+def duration(seconds: float) -> str:
+    """``90s``, ``10min``, ``6h``: the largest unit that divides ``seconds``, for labels."""
+    for unit, size in (("h", 3600.0), ("min", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 @dataclass(frozen=True)
 class EmbeddingRefresh:
     """One embedding refresh policy (see :data:`MODES`)."""
@@ -51,14 +59,12 @@ class EmbeddingRefresh:
 
     @property
     def name(self) -> str:
-        """A short label: ``arrival``, ``arrival+1h``, ``every 6h``, ``catalog once``."""
-        def hours(s: float) -> str:
-            return f"{s / 3600:g}h"
+        """A short label: ``arrival``, ``arrival+10min``, ``every 6h``, ``catalog once``."""
         if self.mode == "arrival":
-            return "arrival" if not self.lag_s else f"arrival+{hours(self.lag_s)}"
+            return "arrival" if not self.lag_s else f"arrival+{duration(self.lag_s)}"
         if self.mode == "periodic":
-            return f"every {hours(self.period_s)}" + (f"+{hours(self.lag_s)}" if self.lag_s
-                                                      else "")
+            return f"every {duration(self.period_s)}" + (f"+{duration(self.lag_s)}"
+                                                         if self.lag_s else "")
         return self.mode.replace("_", " ")
 
     def apply(self, modal: ModalTable, start_us: int) -> ModalTable:

@@ -38,7 +38,7 @@ from trainer.baselines import clicks
 from trainer.dataset import ModalTable
 from trainer.experiment import RESAMPLES, compare_models
 from trainer.metrics import cold_buckets
-from trainer.refresh import EmbeddingRefresh
+from trainer.refresh import EmbeddingRefresh, duration
 from trainer.train import (
     TEST_BUCKETS,
     BatchFit,
@@ -80,8 +80,8 @@ class ModelUpdate:
         """``model frozen``, ``model every 6h``, ``model every 6h+1h``."""
         if self.every_s is None:
             return "model frozen"
-        lag = f"+{self.deploy_lag_s / HOUR_S:g}h" if self.deploy_lag_s else ""
-        return f"model every {self.every_s / HOUR_S:g}h{lag}"
+        lag = f"+{duration(self.deploy_lag_s)}" if self.deploy_lag_s else ""
+        return f"model every {duration(self.every_s)}{lag}"
 
 
 UPDATE_PRESETS: dict[str, tuple[ModelUpdate, ...]] = {
