@@ -205,18 +205,33 @@ def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
     }
 
 
+def num(x: float | None, sign: str = "") -> str:
+    """An AUC (or difference, ``sign="+"``) for a markdown table; None is "n/a"."""
+    return "n/a" if x is None else f"{x:{sign}.4f}"
+
+
+def span(interval: Sequence[float] | None, sign: str = "") -> str:
+    """A 95% interval ``[lo, hi]`` for a markdown table; None is "n/a"."""
+    if interval is None:
+        return "n/a"
+    return f"[{num(interval[0], sign)}, {num(interval[1], sign)}]"
+
+
+def diff_table(buckets: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Markdown table lines of the paired differences of :func:`compare_models` results
+    per bucket (their ``diffs``, keyed ``"a-b"``)."""
+    lines = ["| bucket | difference | auc | 95% users |", "|---|---|---:|---|"]
+    for bucket, summary in buckets.items():
+        for name, d in summary["diffs"].items():
+            a, _, b = name.rpartition("-")
+            lines.append(f"| {bucket} | {a} - {b} | {num(d['auc'], '+')} | "
+                         f"{span(d['ci95'], '+')} |")
+    return lines
+
+
 def to_markdown(result: Mapping[str, Any]) -> str:
     """Two markdown tables of :func:`run_experiment`'s result: each model's click AUC per
     bucket with its intervals and share of the oracle, then the paired differences."""
-
-    def num(x: float | None, sign: str = "") -> str:
-        return "n/a" if x is None else f"{x:{sign}.4f}"
-
-    def span(interval: Sequence[float] | None, sign: str = "") -> str:
-        if interval is None:
-            return "n/a"
-        return f"[{num(interval[0], sign)}, {num(interval[1], sign)}]"
-
     lines = [f"click AUC on the test period, mean of {result['seeds']} seed(s); 95% intervals "
              "over seeds (t) and over users (bootstrap)", "",
              "| bucket | model | samples | positives | auc | 95% seeds | 95% users | "
@@ -227,10 +242,5 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                          f"{summary['positives']} | {num(m['auc'])} | {span(m['ci95_seeds'])} | "
                          f"{span(m['ci95_users'])} | {num(m['oracle_share'])} |")
     lines += ["", "paired differences (mean over seeds; 95% bootstrap over users, the same "
-              "resamples for both models)", "",
-              "| bucket | difference | auc | 95% users |", "|---|---|---:|---|"]
-    for bucket, summary in result["buckets"].items():
-        for name, d in summary["diffs"].items():
-            lines.append(f"| {bucket} | {name.replace('-', ' - ')} | {num(d['auc'], '+')} | "
-                         f"{span(d['ci95'], '+')} |")
+              "resamples for both models)", "", *diff_table(result["buckets"])]
     return "\n".join(lines) + "\n"

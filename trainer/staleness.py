@@ -36,7 +36,7 @@ from ppm.atomic_file import write_atomically
 from ppm.config import Config
 from trainer.baselines import clicks
 from trainer.dataset import ModalTable
-from trainer.experiment import RESAMPLES, compare_models
+from trainer.experiment import RESAMPLES, compare_models, diff_table, num, span
 from trainer.metrics import cold_buckets
 from trainer.refresh import EmbeddingRefresh, duration
 from trainer.train import (
@@ -290,16 +290,9 @@ def _scored_with_updates(cfg: Config, split: Split, base: BatchFit, update: Mode
 
 
 def to_markdown(result: Mapping[str, Any]) -> str:
-    """The sweep's tables: per bucket, each policy's click AUC with intervals and the
-    vectors it computes per hour, then the paired differences to the reference."""
-
-    def num(x: float | None, sign: str = "") -> str:
-        return "n/a" if x is None else f"{x:{sign}.4f}"
-
-    def span(interval: Sequence[float] | None, sign: str = "") -> str:
-        return "n/a" if interval is None else (f"[{num(interval[0], sign)}, "
-                                               f"{num(interval[1], sign)}]")
-
+    """The sweep's tables: per bucket, each embedding policy's click AUC with intervals and
+    the vectors it computes per hour, then the paired differences to the reference; the
+    same for the model update policies."""
     policies = result["policies"]
     lines = [f"click AUC on the test period by embedding refresh policy, mean of "
              f"{result['seeds']} seed(s); 95% intervals over seeds (t) and users (bootstrap); "
@@ -314,12 +307,7 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                          f"{'n/a' if per_hour is None else f'{per_hour:.1f}'} |")
     lines += ["", f"paired differences to `{result['reference']}` (mean over seeds; 95% "
               "bootstrap over users, the same resamples for both)", "",
-              "| bucket | difference | auc | 95% users |", "|---|---|---:|---|"]
-    for bucket, summary in result["buckets"].items():
-        for name, d in summary["diffs"].items():
-            a, _, b = name.rpartition("-")
-            lines.append(f"| {bucket} | {a} - {b} | {num(d['auc'], '+')} | "
-                         f"{span(d['ci95'], '+')} |")
+              *diff_table(result["buckets"])]
     updates = result.get("updates")
     if updates:
         lines += ["", "click AUC by model update policy (vectors on arrival); 95% intervals "
@@ -331,10 +319,5 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                 lines.append(f"| {bucket} | {name} | {summary['samples']} | {num(m['auc'])} | "
                              f"{span(m['ci95_seeds'])} | {span(m['ci95_users'])} |")
         lines += ["", f"paired differences to `{updates['reference']}`", "",
-                  "| bucket | difference | auc | 95% users |", "|---|---|---:|---|"]
-        for bucket, summary in updates["buckets"].items():
-            for name, d in summary["diffs"].items():
-                a, _, b = name.rpartition("-")
-                lines.append(f"| {bucket} | {a} - {b} | {num(d['auc'], '+')} | "
-                             f"{span(d['ci95'], '+')} |")
+                  *diff_table(updates["buckets"])]
     return "\n".join(lines) + "\n"
