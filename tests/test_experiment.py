@@ -106,8 +106,8 @@ def test_eval_seeds_reports_models_baselines_control_oracle_and_intervals(tmp_pa
     assert result["seeds"] == 2 and result["windows"] == {"train": 7, "valid": 1, "test": 2}
     assert result["oracle_file"] == str(cfg.paths.simulated_oracle)
     assert [f["seed"] for f in result["fits"]["ppm_shuffled"]] == [0, 1]
-    assert list(result["buckets"]) == ["all", "new_in_test", "age<1d", "age1-7d", "age>7d",
-                                       "no_click_before"]
+    assert list(result["buckets"]) == ["all", "new_in_test", "age<1h", "age<1d", "age1-7d",
+                                       "age>7d", "no_click_before"]
     everything = result["buckets"]["all"]
     assert everything["samples"] == 24 and set(everything["models"]) == MODELS | {"oracle"}
     for name in ("idrec", "ppm", "ppm_shuffled"):

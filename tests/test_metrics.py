@@ -195,6 +195,7 @@ def test_cold_buckets_membership_including_unknown_age():
     assert tuple(b) == BUCKETS
     assert all(v.dtype == bool and v.shape == (9,) for v in b.values())
     assert b["all"].all()
+    assert np.flatnonzero(b["age<1h"]).tolist() == [0, 8]  # 3600 s is an hour old
     assert np.flatnonzero(b["age<1d"]).tolist() == [0, 1, 2, 8]  # negative age: clock skew
     assert np.flatnonzero(b["age1-7d"]).tolist() == [3, 4]
     assert np.flatnonzero(b["age>7d"]).tolist() == [5, 6]

@@ -29,7 +29,15 @@ import numpy as np
 
 from ppm.config import Config
 from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, clicks
-from trainer.metrics import auc, bootstrap_auc, cold_buckets, percentile_interval
+from trainer.metrics import (
+    auc,
+    bootstrap_auc,
+    cold_buckets,
+    gauc,
+    logloss,
+    percentile_interval,
+    sigmoid,
+)
 from trainer.train import (
     TEST_BUCKETS,
     IncrementalTrainer,
@@ -84,12 +92,13 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, np.ndarray],
                    pairs: Sequence[tuple[str, str]] = PAIRS, resamples: int = RESAMPLES,
                    seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
-    """Click AUC of models that scored the same samples, with 95% intervals.
+    """Click AUC of models that scored the same samples, with 95% intervals, and their
+    GAUC (over users) and logloss.
 
     Args:
         labels: 0/1 clicks, (n,).
         users: user ids, (n,): the bootstrap resamples users, not samples.
-        scores: model name -> its logits (k, n): one row per seed (k = 1 for a
+        scores: model name -> its click logits (k, n): one row per seed (k = 1 for a
             deterministic model). A model named :data:`ORACLE` is the ceiling.
         pairs: ``(a, b)``: report ``a - b``; both have the same seeds, row i of one paired
             with row i of the other.
@@ -98,13 +107,13 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
 
     Returns:
         ``{"samples", "positives", "models": {name: {"auc", "aucs", "ci95_seeds",
-        "ci95_users", "oracle_share"}}, "diffs": {"a-b": {"auc", "ci95"}}}``: ``auc`` the
-        mean over seeds, ``aucs`` one per seed, ``ci95_seeds`` the t-interval over seeds
-        (None for k = 1), ``ci95_users`` the bootstrap interval of the seed-mean AUC,
-        ``oracle_share`` ``(auc - 0.5) / (oracle auc - 0.5)`` (None without an oracle); a
-        difference's ``auc`` is the mean of the per-seed differences, its ``ci95`` the
-        bootstrap interval of that mean. Intervals are ``[lo, hi]``; anything undefined
-        (a bucket with one class) is None.
+        "ci95_users", "oracle_share", "gauc", "logloss"}}, "diffs": {"a-b": {"auc",
+        "ci95"}}}``: ``auc``, ``gauc`` and ``logloss`` the means over seeds, ``aucs`` one
+        per seed, ``ci95_seeds`` the t-interval over seeds (None for k = 1), ``ci95_users``
+        the bootstrap interval of the seed-mean AUC, ``oracle_share`` ``(auc - 0.5) /
+        (oracle auc - 0.5)`` (None without an oracle); a difference's ``auc`` is the mean of
+        the per-seed differences, its ``ci95`` the bootstrap interval of that mean.
+        Intervals are ``[lo, hi]``; anything undefined (a bucket with one class) is None.
     """
     names = list(scores)
     blocks = [np.atleast_2d(np.asarray(scores[m], np.float64)) for m in names]
@@ -123,7 +132,10 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
         defined = all(a is not None for a in aucs)
         models[m] = {"auc": _mean(aucs), "aucs": aucs,
                      "ci95_seeds": listed(t_interval(aucs)) if defined else None,
-                     "ci95_users": listed(percentile_interval(boot[rows[m]].mean(axis=0)))}
+                     "ci95_users": listed(percentile_interval(boot[rows[m]].mean(axis=0))),
+                     "gauc": _mean([gauc(labels, s, users) for s in stacked[rows[m]]]),
+                     "logloss": _mean([logloss(labels, sigmoid(s)) for s in stacked[rows[m]]])
+                     if len(labels) else None}
     ceiling = models.get(ORACLE, {}).get("auc")
     for result in models.values():
         result["oracle_share"] = (
@@ -235,12 +247,14 @@ def to_markdown(result: Mapping[str, Any]) -> str:
     lines = [f"click AUC on the test period, mean of {result['seeds']} seed(s); 95% intervals "
              "over seeds (t) and over users (bootstrap)", "",
              "| bucket | model | samples | positives | auc | 95% seeds | 95% users | "
-             "share of oracle |", "|---|---|---:|---:|---:|---|---|---:|"]
+             "share of oracle | gauc | logloss |",
+             "|---|---|---:|---:|---:|---|---|---:|---:|---:|"]
     for bucket, summary in result["buckets"].items():
         for model, m in summary["models"].items():
             lines.append(f"| {bucket} | {model} | {summary['samples']} | "
                          f"{summary['positives']} | {num(m['auc'])} | {span(m['ci95_seeds'])} | "
-                         f"{span(m['ci95_users'])} | {num(m['oracle_share'])} |")
+                         f"{span(m['ci95_users'])} | {num(m['oracle_share'])} | "
+                         f"{num(m.get('gauc'))} | {num(m.get('logloss'))} |")
     lines += ["", "paired differences (mean over seeds; 95% bootstrap over users, the same "
               "resamples for both models)", "", *diff_table(result["buckets"])]
     return "\n".join(lines) + "\n"

@@ -31,9 +31,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+HOUR_S = 3_600.0
 DAY_S = 86_400.0
 
-BUCKETS = ("all", "age<1d", "age1-7d", "age>7d", "no_click_before")
+BUCKETS = ("all", "age<1h", "age<1d", "age1-7d", "age>7d", "no_click_before")
 """Cold-start buckets of :func:`cold_buckets`, in report order."""
 
 METRICS = ("auc", "gauc", "logloss", "p_at_2")
@@ -276,11 +277,11 @@ def logloss(labels, probabilities, eps: float = 1e-7) -> float:
 def cold_buckets(item_age_s, item_clicks_before) -> dict[str, np.ndarray]:
     """Which rows belong to each cold-start bucket (a row may be in several).
 
-    ``age<1d``: age < 1 day (negative ages, from clock skew, count here); ``age1-7d``:
-    1 day <= age < 7 days; ``age>7d``: age >= 7 days; ``no_click_before``: the item had no
-    click before the impression. An unknown age (NaN, a null ``item_age_s`` in the training
-    log) is in no age bucket; an unknown click count (NaN) is not in ``no_click_before``.
-    Every row is in ``all``.
+    ``age<1h``: age < 1 hour; ``age<1d``: age < 1 day (negative ages, from clock skew, count
+    in both); ``age1-7d``: 1 day <= age < 7 days; ``age>7d``: age >= 7 days;
+    ``no_click_before``: the item had no click before the impression. An unknown age (NaN,
+    a null ``item_age_s`` in the training log) is in no age bucket; an unknown click count
+    (NaN) is not in ``no_click_before``. Every row is in ``all``.
 
     Args:
         item_age_s: float, shape (N,), impression time - item first seen, in seconds.
@@ -298,6 +299,7 @@ def cold_buckets(item_age_s, item_clicks_before) -> dict[str, np.ndarray]:
     clicks = clicks.astype(np.float64, copy=False)
     return {  # comparisons with NaN are False, so unknown values fall in no bucket
         "all": np.ones(age.shape[0], dtype=bool),
+        "age<1h": age < HOUR_S,
         "age<1d": age < DAY_S,
         "age1-7d": (age >= DAY_S) & (age < 7 * DAY_S),
         "age>7d": age >= 7 * DAY_S,
@@ -305,7 +307,8 @@ def cold_buckets(item_age_s, item_clicks_before) -> dict[str, np.ndarray]:
     }
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function, elementwise: logits to probabilities."""
     # tanh form: no overflow warnings for large |x|, unlike 1 / (1 + exp(-x)).
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
@@ -404,7 +407,7 @@ def evaluate(
         scores = _as_1d(task_scores[task], f"{task} scores", rows).astype(np.float64)
         scores[~keep] = 0.0  # masked-out rows are never read; a NaN there must not raise
         _as_scores(scores[keep], int(np.count_nonzero(keep)), f"{task} scores")
-        probs = _sigmoid(scores) if scores_are_logits else scores
+        probs = sigmoid(scores) if scores_are_logits else scores
         sorted_task = _SortedTask(y, scores, probs, user_codes, request_codes)
         report[task] = {bucket: sorted_task.metrics(keep & member, n)
                         for bucket, member in buckets.items()}

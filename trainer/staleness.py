@@ -37,7 +37,7 @@ from ppm.config import Config
 from trainer.baselines import clicks
 from trainer.dataset import ModalTable
 from trainer.experiment import RESAMPLES, compare_models, diff_table, num, span
-from trainer.metrics import cold_buckets
+from trainer.metrics import HOUR_S, cold_buckets
 from trainer.refresh import EmbeddingRefresh, duration
 from trainer.train import (
     TEST_BUCKETS,
@@ -52,7 +52,6 @@ from trainer.train import (
     train_batch,
 )
 
-HOUR_S = 3_600.0
 REFERENCE = EmbeddingRefresh("arrival")
 """The freshest policy, every other is compared with: each vector readable at its item
 event's time."""
@@ -289,6 +288,26 @@ def _scored_with_updates(cfg: Config, split: Split, base: BatchFit, update: Mode
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def _policy_rows(buckets: Mapping[str, Mapping[str, Any]],
+                 policies: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Markdown table lines: per bucket and policy, click AUC with its intervals, GAUC,
+    logloss and (embedding policies) the vectors computed per hour."""
+    extra = policies is not None
+    lines = ["| bucket | policy | samples | auc | 95% seeds | 95% users | gauc | logloss |"
+             + (" vectors/hour |" if extra else ""),
+             "|---|---|---:|---:|---|---|---:|---:|" + ("---:|" if extra else "")]
+    for bucket, summary in buckets.items():
+        for name, m in summary["models"].items():
+            row = (f"| {bucket} | {name} | {summary['samples']} | {num(m['auc'])} | "
+                   f"{span(m['ci95_seeds'])} | {span(m['ci95_users'])} | {num(m['gauc'])} | "
+                   f"{num(m['logloss'])} |")
+            if extra:
+                per_hour = policies.get(name, {}).get("vectors_per_hour")
+                row += f" {'n/a' if per_hour is None else f'{per_hour:.1f}'} |"
+            lines.append(row)
+    return lines
+
+
 def to_markdown(result: Mapping[str, Any]) -> str:
     """The sweep's tables: per bucket, each embedding policy's click AUC with intervals and
     the vectors it computes per hour, then the paired differences to the reference; the
@@ -297,14 +316,7 @@ def to_markdown(result: Mapping[str, Any]) -> str:
     lines = [f"click AUC on the test period by embedding refresh policy, mean of "
              f"{result['seeds']} seed(s); 95% intervals over seeds (t) and users (bootstrap); "
              f"`{result['floor']}` reads no vector", "",
-             "| bucket | policy | samples | auc | 95% seeds | 95% users | vectors/hour |",
-             "|---|---|---:|---:|---|---|---:|"]
-    for bucket, summary in result["buckets"].items():
-        for name, m in summary["models"].items():
-            per_hour = policies.get(name, {}).get("vectors_per_hour")
-            lines.append(f"| {bucket} | {name} | {summary['samples']} | {num(m['auc'])} | "
-                         f"{span(m['ci95_seeds'])} | {span(m['ci95_users'])} | "
-                         f"{'n/a' if per_hour is None else f'{per_hour:.1f}'} |")
+             *_policy_rows(result["buckets"], policies)]
     lines += ["", f"paired differences to `{result['reference']}` (mean over seeds; 95% "
               "bootstrap over users, the same resamples for both)", "",
               *diff_table(result["buckets"])]
@@ -312,12 +324,7 @@ def to_markdown(result: Mapping[str, Any]) -> str:
     if updates:
         lines += ["", "click AUC by model update policy (vectors on arrival); 95% intervals "
                   "over seeds (t) and users (bootstrap)", "",
-                  "| bucket | policy | samples | auc | 95% seeds | 95% users |",
-                  "|---|---|---:|---:|---|---|"]
-        for bucket, summary in updates["buckets"].items():
-            for name, m in summary["models"].items():
-                lines.append(f"| {bucket} | {name} | {summary['samples']} | {num(m['auc'])} | "
-                             f"{span(m['ci95_seeds'])} | {span(m['ci95_users'])} |")
+                  *_policy_rows(updates["buckets"])]
         lines += ["", f"paired differences to `{updates['reference']}`", "",
                   *diff_table(updates["buckets"])]
     return "\n".join(lines) + "\n"
