@@ -8,8 +8,9 @@ A config comes from three layers, later ones winning:
 3. environment variables ``PPM__<SECTION>__<FIELD>=value`` (double underscores), e.g.
    ``PPM__ENCODERS__IMAGE_SIZE=160`` or ``PPM__DATA_DIR=/srv/ppm``.
 
-A named preset (:data:`PRESETS`: ``quick``, ``fair``, ``history``) may then be laid over the
-result (:meth:`Config.with_preset`, ``ppm --preset NAME``); its values win.
+A named preset (:data:`PRESETS`: ``quick``, ``fair``, ``drifting``, ``static``,
+``history``) may then be laid over the result (:meth:`Config.with_preset`,
+``ppm --preset NAME``); its values win.
 
 Unknown keys are errors, so a typo never silently falls back to a default.
 """
@@ -127,6 +128,26 @@ class SimulatorConfig(_Section):
     """Share of impressions drawn from items younger than one day (when there are any)."""
     delete_share: float = Field(0.02, ge=0, le=1)
     """Share of items withdrawn from the catalog (an ``op=delete`` event) at some point."""
+    sale_share: float = Field(0.05, ge=0, le=1)
+    """Share of items that get a price cut later: a second upsert with the sale price and
+    "Now on sale." in the description."""
+    # Drift: what makes stale embeddings and stale models cost (all 0: a static world; the
+    # ``drifting`` preset turns them on). See streams/sources/shop_simulator.py, "Drift".
+    sale_click_boost: float = Field(0.0, ge=0)
+    """Click logit an item gains once its price is cut: a content change that changes
+    clicks, which only a vector computed after the cut can show."""
+    restyle_share: float = Field(0.0, ge=0, le=1)
+    """Share of items that get a new colour later (an upsert with a new photo and, in v1, a
+    new title): users' colour tastes then apply to the new colour."""
+    trends_per_day: float = Field(0.0, ge=0)
+    """Popularity bursts per simulated day: a content attribute's value (a colour, pattern,
+    material or style) everyone clicks more for ``trend_hours``."""
+    trend_hours: float = Field(12.0, gt=0)
+    trend_boost: float = Field(1.0, ge=0)
+    """Click logit a trending value's items gain during its burst."""
+    taste_drift_per_day: float = Field(0.0, ge=0)
+    """Users' tastes move: each weight drifts linearly at a rate drawn per user and value
+    with this standard deviation per day."""
     malformed_share: float = Field(0.0, ge=0, le=1)
     """Share of extra malformed records mixed into the raw output (dead-letter practice)."""
     fashion_mnist_dir: Path | None = None
@@ -495,6 +516,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fair": {
         "simulator": {"world": "v2", "n_users": 1000, "sessions_per_user_per_day": 2.0,
                       "initial_items": 400, "items_per_day": 200},
+    },
+    # A world where staleness costs (the staleness lab's): trends, price cuts that lift
+    # clicks, new photos, drifting tastes. Sizes are the base world's (or `demo --quick`'s).
+    "drifting": {
+        "simulator": {"sale_share": 0.2, "sale_click_boost": 1.0, "restyle_share": 0.15,
+                      "trends_per_day": 3.0, "trend_boost": 1.5,
+                      "taste_drift_per_day": 0.3},
+    },
+    # The static world, spelled out: no drift at all (the simulator's defaults).
+    "static": {
+        "simulator": {"sale_click_boost": 0.0, "restyle_share": 0.0, "trends_per_day": 0.0,
+                      "taste_drift_per_day": 0.0},
     },
     # Replays of historical data (`ppm import`: streams.local_runner.import_into_pipeline).
     "history": {

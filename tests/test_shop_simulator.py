@@ -497,3 +497,45 @@ def test_oracle_auc_and_what_content_adds() -> None:
     assert full[1.0] - structured[1.0] > 0.04
     assert 0 < full[0.5] - structured[0.5] < full[1.0] - structured[1.0]
     assert max(ctr.values()) < 1.25 * min(ctr.values())
+
+
+def test_drift_dials_change_content_and_clicks_and_leave_the_static_world_alone() -> None:
+    """Price cuts lift clicks from the cut on; a restyle sends a new photo (and title) in a
+    new colour; trends lift their value's items during the burst only; tastes move. The
+    oracle is the click model, so each is checked on it."""
+    from ppm.config import Config
+
+    base = dict(seed=5, days=2.0, n_users=200, initial_items=80, items_per_day=120)
+    drifting = Config().with_preset("drifting").simulator.model_copy(update=base)
+    sim = ShopSimulator(drifting)
+    static = ShopSimulator(SimulatorConfig(**base))
+    catalog = sim.catalog
+    items = [e for e in sim.events() if isinstance(e, ItemEvent) and e.op == ItemOp.UPSERT]
+    by_item = defaultdict(list)
+    for e in items:
+        by_item[e.item_id].append(e)
+    restyled = np.flatnonzero(sim._restyle < 2**62)
+    assert len(restyled) > 10
+    for k in restyled[:5]:
+        first, *later = by_item[f"i{k:07d}"]
+        changed = next(e for e in later if e.image != first.image)
+        new, old = COLOURS[sim._new_colour[k]], catalog.loc[k, "colour"]
+        assert new != old and f" {new} " in changed.title and f" {old} " in first.title
+    # The same world's clicks differ only through the dials: sale boost, trends, drift.
+    truth, before = sim.oracle(), static.oracle()
+    assert len(truth) == len(before) and (truth.item_id == before.item_id).all()
+    t = ((truth.impression_time - sim._start).dt.total_seconds() * 1e6).to_numpy()
+    item = truth.item_id.str[1:].astype(int).to_numpy()
+    lift = truth.logit.to_numpy() - before.logit.to_numpy()
+    on_sale = sim._sale[item] <= t
+    assert on_sale.sum() > 50 and lift[on_sale].mean() > lift[~on_sale].mean() + 0.5
+    trending = np.zeros(len(t), bool)
+    for name, value, start, end in sim._trends:
+        trending |= (sim._value(name, item, t) == value) & (t >= start) & (t < end)
+    assert trending.sum() > 50 and lift[trending].mean() > lift[~trending].mean() + 0.5
+    # Drift: with no sale and no trend, the lift spreads out over time.
+    quiet = ~on_sale & ~trending & (sim._restyle[item] > t)
+    early, late = quiet & (t < 12 * 3_600e6), quiet & (t > 36 * 3_600e6)
+    assert np.std(lift[late]) > 2 * np.std(lift[early])
+    # The static preset is the default world.
+    assert Config().with_preset("static").simulator == SimulatorConfig()

@@ -17,8 +17,8 @@ from ppm.data_dir import DataDir
 from tests.test_dataset import SAMPLES
 from trainer import staleness
 from trainer.dataset import ModalTable
-from trainer.refresh import EmbeddingRefresh
-from trainer.staleness import REFERENCE, run_staleness, vectors_computed
+from trainer.refresh import EmbeddingRefresh, cached_reads, parse_duration
+from trainer.staleness import REFERENCE, ModelUpdate, Sweep, run_staleness, vectors_computed
 
 HOUR_US = 3_600 * 10**6
 T0 = datetime(2026, 1, 1, tzinfo=UTC)  # a midnight: a daily batch runs at T0
@@ -109,7 +109,7 @@ def world(tmp_path, hours: int = 72, new_items: bool = True, seed: int = 0) -> C
 def test_fresh_embeddings_beat_a_daily_batch_on_new_items_and_a_static_world_shows_no_cost(
         tmp_path):
     cfg = world(tmp_path / "trends")
-    result = run_staleness(cfg, [REFERENCE, DAILY], seeds=2, out=tmp_path / "out",
+    result = run_staleness(cfg, Sweep((REFERENCE, DAILY)), seeds=2, out=tmp_path / "out",
                            test_share=0.25, valid_share=0.15, resamples=100, progress=False)
     cold = result["buckets"]["age<1d"]
     assert cold["samples"] > 300
@@ -123,7 +123,7 @@ def test_fresh_embeddings_beat_a_daily_batch_on_new_items_and_a_static_world_sho
     # The static world: every item embedded before the data begin, so both policies read
     # the same vectors and fit the same models: no difference at all.
     static = world(tmp_path / "static", hours=48, new_items=False)
-    result = run_staleness(static, [REFERENCE, DAILY], seeds=2, out=tmp_path / "static-out",
+    result = run_staleness(static, Sweep((REFERENCE, DAILY)), seeds=2, out=tmp_path / "static-out",
                            test_share=0.25, valid_share=0.15, resamples=100, progress=False)
     assert result["buckets"]["all"]["samples"] > 300
     for name, bucket in result["buckets"].items():
@@ -147,19 +147,19 @@ def test_a_resumed_sweep_recomputes_nothing_already_finished(tmp_path, monkeypat
 
     monkeypatch.setattr(staleness, "train_batch", counted)
     with pytest.raises(KeyboardInterrupt):
-        run_staleness(cfg, [REFERENCE, DAILY], **kwargs)
+        run_staleness(cfg, Sweep((REFERENCE, DAILY)), **kwargs)
     assert len(list((tmp_path / "out" / "runs").iterdir())) == 1
     fits.clear()
     monkeypatch.setattr(staleness, "train_batch", real)
-    first = run_staleness(cfg, [REFERENCE, DAILY], **kwargs)
+    first = run_staleness(cfg, Sweep((REFERENCE, DAILY)), **kwargs)
     assert first["runs_resumed"] == 1
     monkeypatch.setattr(staleness, "train_batch", counted)
-    again = run_staleness(cfg, [REFERENCE, DAILY], **kwargs)
+    again = run_staleness(cfg, Sweep((REFERENCE, DAILY)), **kwargs)
     assert fits == [] and again["runs_resumed"] == 3
     assert again["buckets"] == first["buckets"]
     # Another sweep's folder is refused, not mixed in.
     with pytest.raises(ValueError, match="another sweep"):
-        run_staleness(cfg, [REFERENCE, DAILY], **{**kwargs, "epochs": 2})
+        run_staleness(cfg, Sweep((REFERENCE, DAILY)), **{**kwargs, "epochs": 2})
 
 
 def test_the_command_sweeps_a_preset_and_says_where_the_results_are(tmp_path, capsys,
@@ -174,16 +174,20 @@ def test_the_command_sweeps_a_preset_and_says_where_the_results_are(tmp_path, ca
     assert main(argv) == 0
     out, err = capsys.readouterr()
     result = json.loads(out.strip().splitlines()[-1])
-    assert list(result["policies"]) == [p.name for p in staleness.PRESETS["quick"]]
+    quick = staleness.SWEEPS["quick"]
+    assert list(result["policies"]) == [p.name for p in quick.embedding]
     folder = cfg.paths.staleness("quick")
     assert f"results in {folder}" in err and (folder / "results.md").is_file()
-    assert list(result["updates"]["policies"]) == [
-        u.name for u in staleness.UPDATE_PRESETS["quick"]]
-    assert len(list((folder / "runs").iterdir())) == (  # the floor's too
-        len(staleness.PRESETS["quick"]) + 1 + len(staleness.UPDATE_PRESETS["quick"]))
+    assert list(result["updates"]["policies"]) == [u.name for u in quick.updates]
+    # Every policy, the floor, each policy under each update (the grid), each cache, each TTL.
+    assert len(list((folder / "runs").iterdir())) == (
+        len(quick.embedding) + 1 + len(quick.embedding) * len(quick.updates)
+        + len(quick.serving_cache_s) + len(quick.freshness_window_s))
+    assert {p.name for p in folder.glob("*.png")} == {
+        "embedding_refresh.png", "model_update.png", "grid.png", "ops.png"}
     assert main([*argv, "--seeds", "0"]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
-    # The sweep's --preset is not the configuration's (ppm --preset quick|fair|history).
+    # The sweep's --preset is not the configuration's (ppm --preset quick|fair|drifting|history).
     from ppm.cli.commands import build_parser
 
     args = build_parser().parse_args(["experiment", "staleness", "--preset", "default"])
@@ -194,7 +198,6 @@ def test_model_updates_start_from_the_on_arrival_fit_and_fine_tune_on_closed_win
         tmp_path, monkeypatch):
     """Frozen, the update sweep's model is the on-arrival fit itself: the same scores.
     Updated every hour, it fine-tunes on each window once its labels are final."""
-    from trainer.staleness import ModelUpdate
     from trainer.train import split_windows
 
     cfg = world(tmp_path / "w", hours=24).with_values({"fine_tune_lr": "0.001"})
@@ -209,9 +212,9 @@ def test_model_updates_start_from_the_on_arrival_fit_and_fine_tune_on_closed_win
 
     monkeypatch.setattr(staleness, "fit", recorded)
     hourly, frozen = ModelUpdate(HOUR_US / 1e6), ModelUpdate(None)
-    result = run_staleness(cfg, [REFERENCE], seeds=1, out=tmp_path / "out", test_share=0.25,
-                           valid_share=0.15, epochs=1, resamples=20, progress=False,
-                           updates=[hourly, frozen])
+    result = run_staleness(cfg, Sweep((REFERENCE,), (hourly, frozen)), seeds=1,
+                           out=tmp_path / "out", test_share=0.25, valid_share=0.15, epochs=1,
+                           resamples=20, progress=False)
     updates = result["updates"]["buckets"]["all"]
     assert updates["models"]["model frozen"]["aucs"] == result["buckets"]["all"]["models"][
         "arrival"]["aucs"]
@@ -224,3 +227,81 @@ def test_model_updates_start_from_the_on_arrival_fit_and_fine_tune_on_closed_win
     last_test = int((split.test[-1].start_us - T0_US) // HOUR_US)
     assert hours_of == [[h] for h in range(first_valid, last_test - 1)]
     assert "model every 1h" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_policy_labels_parse_back_and_a_spec_file_names_a_sweep(tmp_path):
+    for label in ("arrival", "arrival+10min", "every 6h", "every 6h+1h", "every 7d",
+                  "catalog once"):
+        assert EmbeddingRefresh.parse(label).name == label
+    for label in ("model every 1h", "model every 1h+1h", "model every 28d", "model frozen"):
+        assert ModelUpdate.parse(label).name == label
+    assert ModelUpdate.parse("every 2w").every_s == 14 * 86_400
+    assert parse_duration("90") == 90.0 and parse_duration("1.5h") == 5_400.0
+    for bad in ("hourly", "every", "arrival+soon"):
+        with pytest.raises(ValueError):
+            EmbeddingRefresh.parse(bad)
+    spec = tmp_path / "weekly.toml"
+    spec.write_text('embedding_refresh = ["arrival", "every 7d"]\nmodel_update = ["every 7d", '
+                    '"frozen"]\nserving_cache = ["1h"]\nfreshness_window = ["30d"]\n'
+                    'tolerance = 0.01\n')
+    sweep = Sweep.from_toml(spec)
+    assert sweep == Sweep((REFERENCE, EmbeddingRefresh("periodic", period_s=7 * 86_400.0)),
+                          (ModelUpdate(7 * 86_400.0), ModelUpdate(None)), False, (3_600.0,),
+                          (30 * 86_400.0,), 0.01)
+    spec.write_text('embedding = ["arrival"]\n')
+    with pytest.raises(ValueError, match="unknown keys"):
+        Sweep.from_toml(spec)
+    with pytest.raises(ValueError, match="once"):
+        Sweep((REFERENCE, REFERENCE))
+
+
+def test_the_serving_cache_replay_reuses_a_read_until_it_expires():
+    # Item a read at 0, 10 s, 100 s; b at 5 s; a 60 s cache expires between 30 and 60 s.
+    keys = ["a", "b", "a", "a"]
+    at = np.array([0, 5, 10, 100]) * 10**6
+    as_of, missed = cached_reads(keys, at, 60.0)
+    assert as_of.tolist() == [0, 5 * 10**6, 0, 100 * 10**6]  # the 10 s read got the 0 s value
+    assert missed.tolist() == [True, True, False, True]
+    as_of, missed = cached_reads(keys, at, 0.0)  # no cache: every read its own
+    assert as_of.tolist() == at.tolist() and missed.all()
+    # Order of the input does not matter: reads are replayed in time order.
+    as_of, _ = cached_reads(keys[::-1], at[::-1], 60.0)
+    assert as_of[::-1].tolist() == [0, 5 * 10**6, 0, 100 * 10**6]
+
+
+def test_the_ops_view_and_the_grid_report_costs_choices_and_plots(tmp_path):
+    """Serving caches and TTLs beside their savings; the cheapest setting within the
+    tolerance is named; every plot is written."""
+    cfg = world(tmp_path / "w", hours=24)
+    hourly = ModelUpdate(3_600.0)
+    sweep = Sweep((REFERENCE, DAILY), (hourly, ModelUpdate(None)), grid=True,
+                  serving_cache_s=(600.0, 6 * 3_600.0), freshness_window_s=(3_600.0,),
+                  tolerance=1.0)
+    out = tmp_path / "out"
+    result = run_staleness(cfg, sweep, seeds=1, out=out, test_share=0.25, valid_share=0.15,
+                           epochs=1, resamples=20, progress=False)
+    rows = {(r["knob"], r["setting"]): r for r in result["ops"]["rows"]}
+    no_cache = rows["serving_cache_s", "no cache"]
+    assert no_cache["loss_cold"] == 0.0 and no_cache["store_reads_per_request"] >= 1.0
+    # A longer cache reads less from the store; a TTL holds fewer vectors.
+    reads = [rows["serving_cache_s", n]["store_reads_per_request"]
+             for n in ("no cache", "cache 10min", "cache 6h")]
+    assert reads[0] > reads[1] >= reads[2]
+    assert (rows["freshness_window_s", "ttl 1h"]["vectors_held"]
+            < rows["freshness_window_s", "no ttl"]["vectors_held"])
+    assert rows["embedding_refresh", "every 24h"]["encoder_calls_per_hour"] <= rows[
+        "embedding_refresh", "arrival"]["encoder_calls_per_hour"]
+    # With a tolerance of a whole AUC point every setting passes: the cheapest is named.
+    assert result["ops"]["choice"] == {"embedding_refresh": "every 24h",
+                                       "serving_cache_s": 6 * 3_600.0,
+                                       "freshness_window_s": 3_600.0}
+    grid = result["grid"]
+    assert grid["cells"]["every 24h"] == {"model every 1h": "every 24h, model every 1h",
+                                          "model frozen": "every 24h, model frozen"}
+    # Frozen, a policy's grid cell is its own fit: the same scores as its embedding run.
+    assert (grid["buckets"]["all"]["models"]["every 24h, model frozen"]["aucs"]
+            == result["buckets"]["all"]["models"]["every 24h"]["aucs"])
+    for name in ("embedding_refresh.png", "model_update.png", "grid.png", "ops.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    text = (out / "results.md").read_text()
+    assert "the ops view" in text and "`serving_cache_s`: 21600 (6h)" in text

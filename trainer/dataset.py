@@ -46,6 +46,7 @@ from trainer.features import (
     usable_vectors,
 )
 from trainer.model import RankerConfig
+from trainer.refresh import cached_reads
 from trainer.windows import Window, closed_windows, files_of, window_files, window_sources
 
 __all__ = ["ModalTable", "Window", "WindowDataset", "closed_windows", "files_of",
@@ -208,11 +209,13 @@ def id_vocabulary(windows: Sequence[Window | Path], column: str, min_count: int,
 
 def _usable_rows(modal: ModalTable, item_ids: Sequence[str | None], at_us: np.ndarray,
                  freshness_window_s: float | None,
-                 recorded_versions: Sequence[str | None] | None = None) -> np.ndarray:
+                 recorded_versions: Sequence[str | None] | None = None,
+                 read_us: np.ndarray | None = None) -> np.ndarray:
     """(N,) rows of ``modal`` the model reads for ``item_ids`` at ``at_us`` (N,): the
-    vector available then (:meth:`ModalTable.rows_as_of`) where
-    :func:`trainer.features.usable_vectors` allows it, else 0."""
-    rows = modal.rows_as_of(item_ids, at_us)
+    vector available then (or at ``read_us``, when a cache read it earlier;
+    :meth:`ModalTable.rows_as_of`) where :func:`trainer.features.usable_vectors` allows it
+    at ``at_us``, else 0."""
+    rows = modal.rows_as_of(item_ids, at_us if read_us is None else read_us)
     content_time_us = modal.content_time_us[rows]
     versions = (recorded_versions if recorded_versions is not None
                 else [modal.encoder_version] * len(rows))
@@ -271,6 +274,15 @@ class WindowDataset:
             embedded the item at the impression (what serving had). False: wherever
             ``modal`` makes one available by then, as a refresh policy's table
             (:meth:`ModalTable.available_from`) says.
+        serving_cache_s: read the vectors (targets and sequences, once per request and
+            item) as serving with an item cache of this lifetime would have had them
+            (:func:`trainer.refresh.cached_reads`, ``features.serving_cache_s``); still
+            judged fresh or not at the impression. 0: no cache. None (the default): as of
+            each impression, and nothing counted.
+
+    With ``serving_cache_s``, ``store_reads`` and ``requests`` count what serving these
+    samples reads from the store (a read per request and item the cache did not hold) and
+    for how many requests; otherwise both are None.
     """
 
     def __init__(self, windows: Sequence[Window | Path], modal: ModalTable, config: RankerConfig,
@@ -278,13 +290,16 @@ class WindowDataset:
                  tasks: Sequence[str] | None = None, *,
                  vocabulary: IdVocabulary | None = None,
                  user_vocabulary: IdVocabulary | None = None, training: bool = False,
-                 as_recorded: bool = True, counted_later: Sequence[Window | Path] = ()):
+                 as_recorded: bool = True, counted_later: Sequence[Window | Path] = (),
+                 serving_cache_s: float | None = None):
         self.modal = modal
         self.config = config
         files = files_of(windows)
         table = (ds.dataset([str(f) for f in files], format="parquet").to_table(
             columns=SAMPLE_COLUMNS) if files else None)
         self.n = 0 if table is None else table.num_rows
+        self.store_reads: int | None = None
+        self.requests: int | None = None
         if not self.n:
             self.tasks = tuple(tasks or ())
             return
@@ -310,11 +325,15 @@ class WindowDataset:
         # ``as_recorded``): what serving had.
         sequences = Sequences.from_window(table)
         recorded = col("item_encoder_version").to_pylist() if as_recorded else None
+        seq_at_us = np.repeat(self.impression_us, np.diff(sequences.offsets))
+        target_read_us = seq_read_us = None
+        if serving_cache_s is not None:
+            target_read_us, seq_read_us = self._served_reads(sequences, seq_at_us,
+                                                             serving_cache_s)
         target_row = _usable_rows(modal, self.item_ids, self.impression_us,
-                                  freshness_window_s, recorded)
-        seq_rows = _usable_rows(modal, sequences.item_ids,
-                                np.repeat(self.impression_us, np.diff(sequences.offsets)),
-                                freshness_window_s)
+                                  freshness_window_s, recorded, target_read_us)
+        seq_rows = _usable_rows(modal, sequences.item_ids, seq_at_us, freshness_window_s,
+                                read_us=seq_read_us)
         item_counts = user_counts = None
         if training and config.id_rates:
             clicked = col("click").to_numpy(zero_copy_only=False) > 0
@@ -330,6 +349,28 @@ class WindowDataset:
         }
         """Every sample's features, by batch key: (n,) and (n, L); modal rows index
         ``modal.vectors``."""
+
+    def _served_reads(self, sequences: Sequences, seq_at_us: np.ndarray, cache_s: float
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """As of when serving read each target's and sequence item's vector, (n,) and
+        (total sequence length,): one read per request and item (the first impression's
+        time), through a cache of ``cache_s`` seconds; counts ``store_reads``."""
+        keys = list(zip(self.request_id.tolist(), self.item_ids, strict=True))
+        keys += zip(np.repeat(self.request_id, np.diff(sequences.offsets)).tolist(),
+                    sequences.item_ids, strict=True)
+        times = np.concatenate([self.impression_us, seq_at_us]).astype(np.int64)
+        first: dict[tuple, int] = {}
+        index = np.array([first.setdefault(k, len(first)) for k in keys], np.int64)
+        unique_at = np.full(len(first), np.iinfo(np.int64).max)
+        np.minimum.at(unique_at, index, times)
+        items = [None] * len(first)
+        for key, k in first.items():
+            items[k] = key[1]
+        as_of, missed = cached_reads(items, unique_at, cache_s)
+        self.store_reads = int(missed.sum())
+        self.requests = len(set(self.request_id.tolist()))
+        read_us = as_of[index] if cache_s else times
+        return read_us[:self.n], read_us[self.n:]
 
     def __len__(self) -> int:
         return self.n

@@ -10,13 +10,18 @@ times (UTC microseconds), as in the windows.
 
 from __future__ import annotations
 
+import random
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import numpy as np
 
 from ppm.config import RefreshMode, StalenessConfig
-from trainer.dataset import ModalTable
+
+if TYPE_CHECKING:  # the dataset reads the serving cache's replay from here
+    from trainer.dataset import ModalTable
 
 MODES: tuple[str, ...] = get_args(RefreshMode)
 """``recorded``: what the stream recorded at each impression (the live system: no policy);
@@ -28,12 +33,32 @@ readable from then on: new items never get one, changed ones keep their old one.
 NEVER = np.iinfo(np.int64).max
 
 
+UNITS = {"s": 1.0, "min": 60.0, "h": 3_600.0, "d": 86_400.0, "w": 604_800.0}
+"""The duration units of policy labels."""
+
+
 def duration(seconds: float) -> str:
-    """``90s``, ``10min``, ``6h``: the largest unit that divides ``seconds``, for labels."""
-    for unit, size in (("h", 3600.0), ("min", 60.0)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
+    """``90s``, ``10min``, ``6h``, ``24h``, ``7d``: the largest unit that divides ``seconds``
+    (days from two days on, so a daily period reads ``24h``), for labels."""
+    if seconds >= 2 * UNITS["d"] and seconds % UNITS["d"] == 0:
+        return f"{seconds / UNITS['d']:g}d"
+    for unit in ("h", "min"):
+        if seconds >= UNITS[unit] and seconds % UNITS[unit] == 0:
+            return f"{seconds / UNITS[unit]:g}{unit}"
     return f"{seconds:g}s"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of ``90s``, ``10min``, ``6h``, ``7d``, ``2w`` (a bare number: seconds).
+
+    Raises:
+        ValueError: anything else.
+    """
+    text = text.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(s|min|h|d|w)?", text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (say 90s, 10min, 6h, 7d or 2w)")
+    return float(match[1]) * UNITS[match[2] or "s"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +81,26 @@ class EmbeddingRefresh:
             raise ValueError(f"embedding refresh mode must be one of {MODES}, got {self.mode!r}")
         if self.lag_s < 0 or self.period_s <= 0:
             raise ValueError("lag_s must be >= 0 and period_s > 0")
+
+    @classmethod
+    def parse(cls, label: str) -> EmbeddingRefresh:
+        """The policy a :attr:`name` describes: ``arrival``, ``arrival+10min``, ``every 6h``,
+        ``every 6h+10min``, ``catalog once`` (``recorded``: no policy).
+
+        Raises:
+            ValueError: a label of no policy.
+        """
+        text = " ".join(label.split())
+        if text in ("catalog once", "recorded"):
+            return cls(text.replace(" ", "_"))
+        head, _, lag = text.partition("+")
+        lag_s = parse_duration(lag) if lag else 0.0
+        if head == "arrival":
+            return cls("arrival", lag_s=lag_s)
+        if head.startswith("every "):
+            return cls("periodic", lag_s=lag_s, period_s=parse_duration(head[len("every "):]))
+        raise ValueError(f"not an embedding refresh policy: {label!r} (say arrival, "
+                         "arrival+10min, every 6h, every 6h+10min or catalog once)")
 
     @property
     def name(self) -> str:
@@ -82,3 +127,38 @@ class EmbeddingRefresh:
         else:  # catalog_once
             available = np.where(content <= start_us, start_us, NEVER)
         return modal.available_from(available)
+
+
+def cached_reads(keys: Sequence[object], at_us: np.ndarray, cache_s: float, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Replay reads through the serving cache (``trainer.serving.ranker.ItemCache``): an
+    item read from the store is reused until a moment drawn between half and all of
+    ``cache_s`` later, so a reader sees the store as it was at the read that filled the
+    entry.
+
+    Args:
+        keys: the item each of N reads is of, (N,).
+        at_us: when each read happens, (N,) event time.
+        cache_s: the cache's lifetime (``features.serving_cache_s``); 0: no cache.
+        seed: of the expiry draws.
+
+    Returns:
+        ``(as_of_us, missed)``: per read, the time of the store read whose value it gets
+        (N,) int64, and whether it went to the store (N,) bool.
+    """
+    at_us = np.asarray(at_us, np.int64)
+    as_of = at_us.copy()
+    missed = np.ones(len(at_us), bool)
+    if cache_s <= 0:
+        return as_of, missed
+    draw = random.Random(seed).uniform
+    cache_us = cache_s * 1e6
+    entries: dict[object, tuple[int, int]] = {}  # item -> (filled at, expires at)
+    for k in np.argsort(at_us, kind="stable").tolist():
+        t = int(at_us[k])
+        entry = entries.get(keys[k])
+        if entry is not None and entry[1] > t:
+            as_of[k], missed[k] = entry[0], False
+        else:
+            entries[keys[k]] = (t, t + int(cache_us * draw(0.5, 1.0)))
+    return as_of, missed

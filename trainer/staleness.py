@@ -8,12 +8,17 @@ chosen on validation) with the vectors the policy makes readable, and scores the
 period with them; ``idrec``, which reads no vector, is the floor. Then under each model
 update policy (:class:`ModelUpdate`): the on-arrival fit, frozen or fine-tuned every U
 hours on the windows closed by then, each test window scored by the model serving at its
-start. Every run scores the same samples, so differences are paired:
-:func:`trainer.experiment.compare_models` reports each policy's AUC per bucket (overall,
-items new in the test period, by item age) with 95% intervals over seeds and over users,
-and the difference to the freshest policy with a bootstrap interval over users. Beside each
-embedding policy: how many vectors it computes per hour of data, which is what a slower
-refresh saves.
+start; with ``grid``, every embedding policy's fit under every update policy. The ops
+view: the on-arrival fit scored as serving reads the vectors through an item cache of each
+lifetime (``features.serving_cache_s``), and a fit per freshness TTL
+(``features.freshness_window_s``). Every run scores the same samples, so differences are
+paired: :func:`trainer.experiment.compare_models` reports each policy's AUC (and GAUC,
+logloss) per bucket (overall, items new in the test period, by item age) with 95%
+intervals over seeds and over users, and the difference to the freshest policy with a
+bootstrap interval over users. Beside each setting: what it costs (encoder calls, which
+are store writes, per hour of data; store reads per request; vectors the store holds), and
+per knob the cheapest setting within a tolerance of AUC lost on cold items. A
+:class:`Sweep` names what is run.
 
 Each run is saved under ``OUT/runs/`` as soon as it finishes, so a killed sweep resumes
 where it stopped: a run already on disk is read, not recomputed. ``OUT/spec.json`` pins
@@ -25,7 +30,8 @@ from __future__ import annotations
 import copy
 import io
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +41,11 @@ import numpy as np
 from ppm.atomic_file import write_atomically
 from ppm.config import Config
 from trainer.baselines import clicks
-from trainer.dataset import ModalTable
+from trainer.dataset import ModalTable, WindowDataset
 from trainer.experiment import RESAMPLES, compare_models, diff_table, num, span
 from trainer.metrics import HOUR_S, cold_buckets
-from trainer.refresh import EmbeddingRefresh, duration
+from trainer.plots import grid_loss, staleness_plots
+from trainer.refresh import EmbeddingRefresh, duration, parse_duration
 from trainer.train import (
     TEST_BUCKETS,
     BatchFit,
@@ -83,26 +90,120 @@ class ModelUpdate:
         return f"model every {duration(self.every_s)}{lag}"
 
 
-UPDATE_PRESETS: dict[str, tuple[ModelUpdate, ...]] = {
-    "quick": (ModelUpdate(HOUR_S), ModelUpdate(6 * HOUR_S), ModelUpdate(24 * HOUR_S),
-              ModelUpdate(None)),
-    "default": (ModelUpdate(HOUR_S), ModelUpdate(HOUR_S, deploy_lag_s=HOUR_S),
-                ModelUpdate(6 * HOUR_S), ModelUpdate(24 * HOUR_S), ModelUpdate(None)),
+    @classmethod
+    def parse(cls, label: str) -> ModelUpdate:
+        """The policy a :attr:`name` describes, ``model`` optional: ``frozen``,
+        ``every 6h``, ``model every 6h+1h``.
+
+        Raises:
+            ValueError: a label of no policy.
+        """
+        text = " ".join(label.split()).removeprefix("model ")
+        if text == "frozen":
+            return cls(None)
+        if text.startswith("every "):
+            every, _, lag = text[len("every "):].partition("+")
+            return cls(parse_duration(every), parse_duration(lag) if lag else 0.0)
+        raise ValueError(f"not a model update policy: {label!r} (say frozen, every 6h or "
+                         "every 6h+1h)")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """What one sweep replays: ``--preset`` names one (:data:`SWEEPS`), ``--spec FILE``
+    reads one (:meth:`from_toml`)."""
+
+    embedding: tuple[EmbeddingRefresh, ...] = (REFERENCE,)
+    """Embedding refresh policies, a fit each; the first is the reference."""
+    updates: tuple[ModelUpdate, ...] = ()
+    """Model update policies, each starting from the first embedding policy's fit; the
+    first is their reference."""
+    grid: bool = False
+    """Also every other embedding policy under every update policy (the heatmap)."""
+    serving_cache_s: tuple[float, ...] = ()
+    """Ops view: the reference fit scored as serving with an item cache of each lifetime
+    (``features.serving_cache_s``) reads the vectors; no cache is the reference."""
+    freshness_window_s: tuple[float, ...] = ()
+    """Ops view: a fit each with this freshness TTL (``features.freshness_window_s``: a
+    vector older than it is missing), in training and scoring alike."""
+    tolerance: float = 0.002
+    """The ops view names the cheapest setting of each knob whose AUC loss on
+    ``cold_bucket`` (mean over seeds) is at most this."""
+    cold_bucket: str = "age<1d"
+
+    def __post_init__(self):
+        if not self.embedding:
+            raise ValueError("give at least one embedding refresh policy")
+        for kind in (self.embedding, self.updates):
+            if len({p.name for p in kind}) != len(kind):
+                raise ValueError("give each policy once")
+        if self.cold_bucket not in TEST_BUCKETS:
+            raise ValueError(f"cold_bucket must be one of {TEST_BUCKETS}")
+        if any(c <= 0 for c in self.serving_cache_s) or any(
+                t <= 0 for t in self.freshness_window_s):
+            raise ValueError("serving cache lifetimes and freshness windows must be > 0")
+        if self.tolerance < 0:
+            raise ValueError("tolerance must be >= 0")
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Sweep:
+        """A sweep from a TOML file; every key is optional::
+
+            embedding_refresh = ["arrival", "arrival+1d", "every 7d", "catalog once"]
+            model_update = ["every 7d", "every 28d", "frozen"]
+            grid = false
+            serving_cache = ["1min", "1h"]
+            freshness_window = ["7d"]
+            tolerance = 0.002
+            cold_bucket = "age<1d"
+
+        Raises:
+            ValueError: an unknown key, a label of no policy or a bad value.
+        """
+        import tomllib
+
+        spec = tomllib.loads(Path(path).read_text())
+        known = {"embedding_refresh", "model_update", "grid", "serving_cache",
+                 "freshness_window", "tolerance", "cold_bucket"}
+        if set(spec) - known:
+            raise ValueError(f"{path}: unknown keys {sorted(set(spec) - known)}; "
+                             f"known: {sorted(known)}")
+        return cls(
+            embedding=tuple(EmbeddingRefresh.parse(x)
+                            for x in spec.get("embedding_refresh", ["arrival"])),
+            updates=tuple(ModelUpdate.parse(x) for x in spec.get("model_update", [])),
+            grid=bool(spec.get("grid", False)),
+            serving_cache_s=tuple(parse_duration(str(x)) for x in spec.get("serving_cache", [])),
+            freshness_window_s=tuple(parse_duration(str(x))
+                                     for x in spec.get("freshness_window", [])),
+            tolerance=float(spec.get("tolerance", 0.002)),
+            cold_bucket=str(spec.get("cold_bucket", "age<1d")))
+
+
+SWEEPS: dict[str, Sweep] = {
+    "quick": Sweep(
+        embedding=(REFERENCE, EmbeddingRefresh("arrival", lag_s=HOUR_S),
+                   EmbeddingRefresh("periodic", period_s=6 * HOUR_S),
+                   EmbeddingRefresh("periodic", period_s=24 * HOUR_S),
+                   EmbeddingRefresh("catalog_once")),
+        updates=(ModelUpdate(HOUR_S), ModelUpdate(6 * HOUR_S), ModelUpdate(24 * HOUR_S),
+                 ModelUpdate(None)),
+        grid=True, serving_cache_s=(60.0, 600.0, HOUR_S, 6 * HOUR_S),
+        freshness_window_s=(6 * HOUR_S, 24 * HOUR_S)),
+    "default": Sweep(
+        embedding=(REFERENCE, EmbeddingRefresh("arrival", lag_s=600.0),
+                   EmbeddingRefresh("arrival", lag_s=HOUR_S),
+                   EmbeddingRefresh("periodic", period_s=HOUR_S),
+                   EmbeddingRefresh("periodic", period_s=6 * HOUR_S),
+                   EmbeddingRefresh("periodic", period_s=24 * HOUR_S),
+                   EmbeddingRefresh("catalog_once")),
+        updates=(ModelUpdate(HOUR_S), ModelUpdate(HOUR_S, deploy_lag_s=HOUR_S),
+                 ModelUpdate(6 * HOUR_S), ModelUpdate(24 * HOUR_S), ModelUpdate(None)),
+        grid=True, serving_cache_s=(1.0, 60.0, 600.0, HOUR_S, 6 * HOUR_S),
+        freshness_window_s=(6 * HOUR_S, 24 * HOUR_S, 7 * 24 * HOUR_S)),
 }
-"""The model update policies of ``--preset``; the first (the freshest) is the reference."""
-PRESETS: dict[str, tuple[EmbeddingRefresh, ...]] = {
-    "quick": (REFERENCE, EmbeddingRefresh("arrival", lag_s=HOUR_S),
-              EmbeddingRefresh("periodic", period_s=6 * HOUR_S),
-              EmbeddingRefresh("periodic", period_s=24 * HOUR_S),
-              EmbeddingRefresh("catalog_once")),
-    "default": (REFERENCE, EmbeddingRefresh("arrival", lag_s=600.0),
-                EmbeddingRefresh("arrival", lag_s=HOUR_S),
-                EmbeddingRefresh("periodic", period_s=HOUR_S),
-                EmbeddingRefresh("periodic", period_s=6 * HOUR_S),
-                EmbeddingRefresh("periodic", period_s=24 * HOUR_S),
-                EmbeddingRefresh("catalog_once")),
-}
-"""The policies of ``--preset``; the first is :data:`REFERENCE`."""
+"""The sweeps of ``--preset``: hours-scale policies for simulated worlds; data whose
+windows are days or weeks (``ppm import``) want a ``--spec`` of their own."""
 
 
 def policy_values(policy: EmbeddingRefresh) -> dict[str, str]:
@@ -129,25 +230,51 @@ def vectors_computed(modal: ModalTable, policy: EmbeddingRefresh, start_us: int,
     return len({(i, a) for i, a, w in zip(ids, available, within, strict=True) if w})
 
 
-def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int, out: Path,
+def vectors_held(modal: ModalTable, at_us: int, freshness_window_s: float | None = None
+                 ) -> int:
+    """How many items have a vector readable at ``at_us`` in ``modal`` (a policy's
+    table), not older than ``freshness_window_s``: what the online store holds when
+    expired vectors are dropped."""
+    ids = sorted(set(modal.item_ids[1:].tolist()))
+    rows = modal.rows_as_of(ids, at_us)
+    held = rows > 0
+    if freshness_window_s is not None:
+        held &= modal.content_time_us[rows] >= at_us - freshness_window_s * 1e6
+    return int(held.sum())
+
+
+def _run_file(name: str, seed: int) -> str:
+    """``every_6h-seed0.npz``: a run's file name under ``OUT/runs``."""
+    return re.sub(r"[^\w.-]", "_", name.replace("+", "_plus_")) + f"-seed{seed}.npz"
+
+
+def grid_name(policy: EmbeddingRefresh, update: ModelUpdate, sweep: Sweep) -> str:
+    """The run of ``policy``'s fit under ``update``: the update's name alone for the
+    reference embedding policy (as in the update sweep), else ``every 6h, model
+    every 1h``."""
+    return update.name if policy == sweep.embedding[0] else f"{policy.name}, {update.name}"
+
+
+def cache_name(cache_s: float) -> str:
+    return f"cache {duration(cache_s)}"
+
+
+def ttl_name(freshness_window_s: float) -> str:
+    return f"ttl {duration(freshness_window_s)}"
+
+
+def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
                   test_share: float = 0.2, valid_share: float = 0.1,
                   epochs: int | None = None, resamples: int = RESAMPLES,
-                  progress: bool = True, updates: Sequence[ModelUpdate] = ()
-                  ) -> dict[str, Any]:
-    """The sweep of the module docstring; writes ``results.json`` and ``results.md`` under
-    ``out`` and returns the result. ``policies[0]`` is the reference the others are
-    compared with; so is ``updates[0]`` among the model update policies (each starts from
-    the fit of ``REFERENCE``'s vectors). Raises ``ValueError`` for bad arguments or a
-    folder holding another sweep's runs, ``SystemExit`` when a period holds no window."""
+                  progress: bool = True) -> dict[str, Any]:
+    """The sweep of the module docstring; writes ``results.json``, ``results.md`` and the
+    plots (:func:`trainer.plots.staleness_plots`) under ``out`` and returns the result.
+    Raises ``ValueError`` for bad arguments or a folder holding another sweep's runs,
+    ``SystemExit`` when a period holds no window."""
     from tqdm import tqdm
 
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    for kind in (policies, updates):
-        if len({p.name for p in kind}) != len(kind):
-            raise ValueError("give each policy once")
-    if not policies:
-        raise ValueError("give at least one embedding refresh policy")
     split = split_windows(cfg, test_share, valid_share)
     if not (split.train and split.test):
         raise SystemExit("no closed windows in the train or the test period")
@@ -165,39 +292,59 @@ def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int,
     write_atomically(spec_path, json.dumps(spec, indent=1).encode())
 
     reference = IncrementalTrainer(cfg, variant="idrec")
-    test = reference.dataset(split.test)
-    names = [p.name for p in policies]
-    update_names = [u.name for u in updates]
-    scores = {name: np.zeros((seeds, len(test))) for name in [*names, FLOOR, *update_names]}
+    test = reference.dataset(split.test, serving_cache_s=0.0)  # counts the uncached reads
+    ref = sweep.embedding[0]
+    names = [p.name for p in sweep.embedding]
+    grid = [(p, u) for p in (sweep.embedding if sweep.grid else (ref,)) for u in sweep.updates]
+    # One plan entry per run: (seed, kind, what, name).
+    plan: list[tuple[int, str, Any, str]] = []
+    for seed in range(seeds):
+        plan += [(seed, "fit", p, p.name) for p in sweep.embedding]
+        plan.append((seed, "floor", None, FLOOR))
+        plan += [(seed, "update", pu, grid_name(*pu, sweep)) for pu in grid]
+        plan += [(seed, "cache", c, cache_name(c)) for c in sweep.serving_cache_s]
+        plan += [(seed, "ttl", t, ttl_name(t)) for t in sweep.freshness_window_s]
+    scores = {name: np.zeros((seeds, len(test))) for *_, name in plan}
     fits: dict[str, list[dict[str, Any]]] = {name: [] for name in scores}
-    plan: list[tuple[int, EmbeddingRefresh | ModelUpdate | None]] = [
-        (seed, p) for seed in range(seeds) for p in [*policies, None, *updates]]
-    base: dict[int, BatchFit] = {}  # seed -> the fit the update policies start from
+    base: dict[tuple[int, str], BatchFit] = {}  # (seed, policy) -> its fit, for updates
     resumed = 0
-    for seed, policy in tqdm(plan, desc="staleness", disable=not progress):
-        base.pop(seed - 1, None)  # a seed's fit and its vector table, no longer needed
-        name = FLOOR if policy is None else policy.name
-        path = runs_dir / f"{name.replace(' ', '_').replace('+', '_plus_')}-seed{seed}.npz"
+
+    def fitted(seed: int, policy: EmbeddingRefresh) -> BatchFit:
+        if (seed, policy.name) not in base:
+            base[seed, policy.name] = _fit(cfg, seed, policy, "ppm", split, epochs)
+        return base[seed, policy.name]
+
+    for seed, kind, what, name in tqdm(plan, desc="staleness", disable=not progress):
+        for key in [k for k in base if k[0] < seed]:  # an earlier seed's fits: done with
+            del base[key]
+        path = runs_dir / _run_file(name, seed)
         if path.exists():
             saved = np.load(path, allow_pickle=False)
             run_scores, meta = saved["scores"], json.loads(str(saved["meta"]))
             resumed += 1
         else:
-            if isinstance(policy, ModelUpdate):
-                if seed not in base:
-                    base[seed] = _fit(cfg, seed, REFERENCE, "ppm", split, epochs)
-                run_scores = _scored_with_updates(cfg, split, base[seed], policy)
-                meta = {"seed": seed, "updates": policy.name}
+            meta = {"seed": seed}
+            if kind == "update":
+                run_scores = _scored_with_updates(cfg, split, fitted(seed, what[0]), what[1])
+            elif kind == "cache":
+                fit_ = fitted(seed, ref)
+                data = fit_.trainer.dataset_for(fit_.model, split.test, serving_cache_s=what)
+                run_scores = _click_scores(fit_, data)
+                meta |= {"store_reads": data.store_reads, "requests": data.requests}
             else:
-                fitted = _fit(cfg, seed, policy or REFERENCE, "ppm" if policy else FLOOR,
-                              split, epochs)
-                if policy == REFERENCE:
-                    base[seed] = fitted
-                click = fitted.model.config.tasks.index("click")
-                run_scores = predict(fitted.model, fitted.trainer.dataset_for(
-                    fitted.model, split.test))[:, click]
-                meta = {"seed": seed, "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
-                        "valid_click_auc": fitted.valid_auc}
+                if kind == "ttl":
+                    fit_ = _fit(cfg.with_values({"features.freshness_window_s": str(what)}),
+                                seed, ref, "ppm", split, epochs)
+                elif kind == "floor":
+                    fit_ = _fit(cfg, seed, ref, FLOOR, split, epochs)
+                else:
+                    fit_ = _fit(cfg, seed, what, "ppm", split, epochs)
+                    if what == ref or sweep.grid:  # later runs start from it
+                        base[seed, what.name] = fit_
+                run_scores = _click_scores(fit_, fit_.trainer.dataset_for(fit_.model,
+                                                                          split.test))
+                meta |= {"epochs": fit_.epochs, "best_epoch": fit_.best_epoch,
+                         "valid_click_auc": fit_.valid_auc}
             buffer = io.BytesIO()
             np.savez(buffer, scores=run_scores, meta=np.array(json.dumps(meta)))
             write_atomically(path, buffer.getvalue())
@@ -218,27 +365,109 @@ def run_staleness(cfg: Config, policies: Sequence[EmbeddingRefresh], seeds: int,
                                   pairs=pairs, resamples=resamples)
                 for b in TEST_BUCKETS}
 
-    result = {
+    result: dict[str, Any] = {
         "seeds": seeds, "reference": names[0], "floor": FLOOR,
         "test_share": test_share, "valid_share": valid_share, "resamples": resamples,
         "runs_resumed": resumed,
         "policies": {p.name: {"mode": p.mode, "lag_s": p.lag_s, "period_s": p.period_s,
-                              "vectors_per_hour": vectors_computed(modal, p, start, end) / hours}
-                     for p in policies},
+                              "vectors_per_hour": vectors_computed(modal, p, start, end) / hours,
+                              "vectors_held": vectors_held(p.apply(modal, start), end)}
+                     for p in sweep.embedding},
         "fits": fits,
         "buckets": compared([*names, FLOOR],
                             [*((n, names[0]) for n in names[1:]), (names[0], FLOOR)]),
     }
-    if updates:
+    if sweep.updates:
+        update_names = [u.name for u in sweep.updates]
         result["updates"] = {
             "reference": update_names[0],
             "policies": {u.name: {"every_s": u.every_s, "deploy_lag_s": u.deploy_lag_s}
-                         for u in updates},
+                         for u in sweep.updates},
             "buckets": compared(update_names, [(u, update_names[0])
                                                for u in update_names[1:]])}
-    write_atomically(out / "results.json", json.dumps(result, indent=1).encode())
+    if sweep.grid and sweep.updates:
+        cells = [grid_name(p, u, sweep) for p, u in grid]
+        result["grid"] = {
+            "embedding": names, "updates": [u.name for u in sweep.updates],
+            "cells": {p.name: {u.name: grid_name(p, u, sweep) for u in sweep.updates}
+                      for p in sweep.embedding},
+            "reference": cells[0],
+            "buckets": compared(cells, [(c, cells[0]) for c in cells[1:]])}
+    if sweep.serving_cache_s or sweep.freshness_window_s:
+        result["ops"] = _ops_view(sweep, result, compared, fits, test, modal, start, end)
+    result["plots"] = [p.name for p in staleness_plots(result, out)]
     write_atomically(out / "results.md", to_markdown(result).encode())
+    write_atomically(out / "results.json", json.dumps(result, indent=1).encode())
     return result
+
+
+def _click_scores(fit_: BatchFit, data: WindowDataset) -> np.ndarray:
+    """(n,) click logits of ``fit_``'s model on ``data``."""
+    return predict(fit_.model, data)[:, fit_.model.config.tasks.index("click")]
+
+
+def _ops_view(sweep: Sweep, result: Mapping[str, Any],
+              compared: Callable[[Sequence[str], Sequence[tuple[str, str]]], dict[str, Any]],
+              fits: Mapping[str, Sequence[Mapping[str, Any]]], test: WindowDataset,
+              modal: ModalTable, start: int, end: int) -> dict[str, Any]:
+    """Per knob and setting: the AUC lost (to the reference) overall and on the cold
+    bucket, beside encoder calls (= store writes) per hour, store reads per request and
+    vectors held; and the cheapest setting of each knob within the tolerance."""
+    ref = sweep.embedding[0].name
+    cache = [cache_name(c) for c in sweep.serving_cache_s]
+    ttl = [ttl_name(t) for t in sweep.freshness_window_s]
+    ops_buckets = compared([ref, *cache, *ttl], [(n, ref) for n in [*cache, *ttl]])
+    ref_policy = result["policies"][ref]
+    uncached = test.store_reads / max(test.requests, 1)
+
+    def loss(name: str, bucket: str, table) -> tuple[float | None, list[float] | None]:
+        if name == ref:
+            return 0.0, [0.0, 0.0]
+        diff = table[bucket]["diffs"].get(f"{name}-{ref}", {})
+        auc, ci = diff.get("auc"), diff.get("ci95")
+        return (None if auc is None else -auc,
+                None if ci is None else [-ci[1], -ci[0]])
+
+    rows = []
+    for name, p in result["policies"].items():
+        rows.append({"knob": "embedding_refresh", "setting": name, "value": name,
+                     "encoder_calls_per_hour": p["vectors_per_hour"],
+                     "store_reads_per_request": uncached, "vectors_held": p["vectors_held"],
+                     "table": "buckets"})
+    for c, name in zip([0.0, *sweep.serving_cache_s], [ref, *cache], strict=True):
+        reads = (uncached if name == ref else
+                 float(np.mean([m["store_reads"] / max(m["requests"], 1)
+                                for m in fits[name]])))
+        rows.append({"knob": "serving_cache_s", "setting": "no cache" if name == ref else name,
+                     "value": c, "encoder_calls_per_hour": ref_policy["vectors_per_hour"],
+                     "store_reads_per_request": reads,
+                     "vectors_held": ref_policy["vectors_held"], "name": name})
+    for t, name in zip([None, *sweep.freshness_window_s], [ref, *ttl], strict=True):
+        rows.append({"knob": "freshness_window_s", "setting": "no ttl" if name == ref else name,
+                     "value": t, "encoder_calls_per_hour": ref_policy["vectors_per_hour"],
+                     "store_reads_per_request": uncached,
+                     "vectors_held": vectors_held(sweep.embedding[0].apply(modal, start), end, t),
+                     "name": name})
+    for row in rows:
+        name = row.pop("name", row["setting"])
+        table = result["buckets"] if row.pop("table", None) else ops_buckets
+        row["loss_all"], row["loss_all_ci95"] = loss(name, "all", table)
+        row["loss_cold"], row["loss_cold_ci95"] = loss(name, sweep.cold_bucket, table)
+
+    def cheapest(knob: str, cost) -> Any:
+        within = [r for r in rows if r["knob"] == knob and r["loss_cold"] is not None
+                  and r["loss_cold"] <= sweep.tolerance]
+        return min(within, key=cost)["value"] if within else None
+
+    return {"tolerance": sweep.tolerance, "bucket": sweep.cold_bucket, "rows": rows,
+            "buckets": ops_buckets,
+            "choice": {
+                # The fewest encoder calls; among equals the later (slower) policy.
+                "embedding_refresh": cheapest("embedding_refresh", lambda r: (
+                    r["encoder_calls_per_hour"], -rows.index(r))),
+                "serving_cache_s": cheapest("serving_cache_s", lambda r: -r["value"]),
+                "freshness_window_s": cheapest("freshness_window_s", lambda r: (
+                    r["vectors_held"], float("inf") if r["value"] is None else r["value"]))}}
 
 
 def _fit(cfg: Config, seed: int, policy: EmbeddingRefresh, variant: str, split: Split,
@@ -327,4 +556,42 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                   *_policy_rows(updates["buckets"])]
         lines += ["", f"paired differences to `{updates['reference']}`", "",
                   *diff_table(updates["buckets"])]
+    grid = result.get("grid")
+    if grid:
+        for bucket in ("all", result.get("ops", {}).get("bucket", "age<1d")):
+            lines += ["", f"click AUC lost on `{bucket}` by embedding refresh (rows) and model "
+                      f"update (columns) policy, to `{grid['reference']}` (mean over seeds)",
+                      "", "| embedding \\ model | " + " | ".join(grid["updates"]) + " |",
+                      "|---|" + "---:|" * len(grid["updates"])]
+            for emb, cells in grid["cells"].items():
+                lost = [grid_loss(grid, bucket, cell) for cell in cells.values()]
+                lines.append(f"| {emb} | " + " | ".join(num(x, "+") for x in lost) + " |")
+    ops = result.get("ops")
+    if ops:
+        lines += ["", f"the ops view: click AUC lost to `{result['reference']}` overall and on "
+                  f"`{ops['bucket']}` (95% bootstrap over users) beside what each setting "
+                  "costs; encoder calls are store writes too", "",
+                  "| knob | setting | lost, all | lost, cold | 95% users, cold | encoder calls"
+                  "/hour | store reads/request | vectors held |",
+                  "|---|---|---:|---:|---|---:|---:|---:|"]
+        for r in ops["rows"]:
+            lines.append(f"| {r['knob']} | {r['setting']} | {num(r['loss_all'], '+')} | "
+                         f"{num(r['loss_cold'], '+')} | {span(r['loss_cold_ci95'], '+')} | "
+                         f"{r['encoder_calls_per_hour']:.1f} | "
+                         f"{r['store_reads_per_request']:.1f} | {r['vectors_held']} |")
+        lines += ["", f"within a loss of {ops['tolerance']} AUC on `{ops['bucket']}`, the "
+                  "cheapest settings:", ""]
+        for knob, value in ops["choice"].items():
+            lines.append(f"- `{knob}`: {_setting(knob, value)}")
+    if result.get("plots"):
+        lines += ["", "plots: " + ", ".join(f"`{p}`" for p in result["plots"])]
     return "\n".join(lines) + "\n"
+
+
+def _setting(knob: str, value: Any) -> str:
+    if value is None:
+        return {"embedding_refresh": "none within the tolerance", "serving_cache_s":
+                "none within the tolerance", "freshness_window_s": "None (no TTL)"}[knob]
+    if knob == "embedding_refresh":
+        return f"{value}"
+    return f"{value:g} ({duration(value)})" if value else "0 (no cache)"

@@ -233,25 +233,26 @@ class IncrementalTrainer:
     def dataset(self, windows: Sequence[Window | Path], config: RankerConfig | None = None,
                 vocabulary: IdVocabulary | None = None,
                 user_vocabulary: IdVocabulary | None = None, training: bool = False,
-                counted_later: Sequence[Window | Path] = ()) -> WindowDataset:
+                counted_later: Sequence[Window | Path] = (),
+                serving_cache_s: float | None = None) -> WindowDataset:
         """Samples of ``windows`` (or window files) as a model of ``config`` (default: a new
         model's) with item ``vocabulary`` and ``user_vocabulary`` (its ``item_vocabulary``
-        and ``user_vocabulary``; None: every id keeps its bucket) reads them; ``training``:
-        the model trains on them (``WindowDataset``'s argument)."""
+        and ``user_vocabulary``; None: every id keeps its bucket) reads them; ``training``,
+        ``counted_later``, ``serving_cache_s``: ``WindowDataset``'s arguments."""
         config = config or ranker_config(self.cfg, self.variant, self.modal.dim)
         return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s,
                              vocabulary=vocabulary, user_vocabulary=user_vocabulary,
                              training=training, as_recorded=self.refresh.mode == "recorded",
-                             counted_later=counted_later)
+                             counted_later=counted_later, serving_cache_s=serving_cache_s)
 
     def dataset_for(self, model: UnifiedRanker, windows: Sequence[Window | Path],
-                    training: bool = False, counted_later: Sequence[Window | Path] = ()
-                    ) -> WindowDataset:
+                    training: bool = False, counted_later: Sequence[Window | Path] = (),
+                    serving_cache_s: float | None = None) -> WindowDataset:
         """Samples of ``windows`` as ``model`` reads them (its config and vocabularies);
         ``training``: ``model`` trains on them, and its vocabularies counted them (and
-        ``counted_later``, see :class:`WindowDataset`)."""
+        ``counted_later``); ``serving_cache_s``: see :class:`WindowDataset`."""
         return self.dataset(windows, model.config, model.item_vocabulary,
-                            model.user_vocabulary, training, counted_later)
+                            model.user_vocabulary, training, counted_later, serving_cache_s)
 
     @property
     def modal(self) -> ModalTable:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -139,14 +140,17 @@ def _eval(args: argparse.Namespace, cfg: Config) -> int:
 def _experiment_staleness(args: argparse.Namespace, cfg: Config) -> int:
     """``ppm experiment staleness``: :mod:`trainer.staleness`; the result's JSON is the last
     line of stdout, its tables go to stderr and ``OUT/results.md``."""
-    from trainer.staleness import PRESETS, UPDATE_PRESETS, run_staleness
+    from trainer.staleness import SWEEPS, Sweep, run_staleness
 
-    out = Path(args.out) if args.out else cfg.paths.staleness(args.sweep)
+    name = Path(args.spec).stem if args.spec else args.sweep
+    out = Path(args.out) if args.out else cfg.paths.staleness(name)
     try:
-        result = run_staleness(cfg, PRESETS[args.sweep], args.seeds, out, args.test_share,
-                               args.valid_share, args.epochs, progress=not args.quiet,
-                               updates=UPDATE_PRESETS[args.sweep])
-    except ValueError as exc:
+        sweep = Sweep.from_toml(Path(args.spec)) if args.spec else SWEEPS[args.sweep]
+        if args.tolerance is not None:
+            sweep = replace(sweep, tolerance=args.tolerance)
+        result = run_staleness(cfg, sweep, args.seeds, out, args.test_share, args.valid_share,
+                               args.epochs, progress=not args.quiet)
+    except (ValueError, OSError) as exc:
         print(f"ppm experiment staleness: {exc}", file=sys.stderr)
         return 2
     print((out / "results.md").read_text(), file=sys.stderr)
@@ -521,14 +525,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(every U hours, frozen): fit ppm per policy and seed, report click AUC overall and "
         "on cold items with 95%% intervals and paired differences to the freshest; resumable")
     # dest "sweep": "preset" is the global option's, a configuration preset.
-    stale.add_argument("--preset", dest="sweep", choices=["quick", "default"], default="quick",
-                       help="the policies swept (trainer/staleness.py: PRESETS, "
-                       "UPDATE_PRESETS)")
+    what = stale.add_mutually_exclusive_group()
+    what.add_argument("--preset", dest="sweep", choices=["quick", "default"], default="quick",
+                      help="the policies swept, hours-scale, for simulated worlds "
+                      "(trainer/staleness.py: SWEEPS)")
+    what.add_argument("--spec", metavar="FILE", help="a TOML file naming the policies and "
+                      "settings swept (trainer.staleness.Sweep.from_toml; docs/staleness.md)")
+    stale.add_argument("--tolerance", type=float, metavar="AUC",
+                       help="the ops view's largest acceptable AUC loss on cold items "
+                       "(default 0.002, or the spec's)")
     stale.add_argument("--seeds", type=int, default=2, metavar="N",
                        help="training seeds per policy (default 2)")
     stale.add_argument("--out", metavar="DIR",
-                       help="where runs and results go (default DATA_DIR/experiments/"
-                       "staleness-PRESET); a killed sweep resumes from here")
+                       help="where runs, results and plots go (default DATA_DIR/experiments/"
+                       "staleness-PRESET, or the spec file's name); a killed sweep resumes "
+                       "from here")
     stale.add_argument("--test-share", type=float, default=0.2)
     stale.add_argument("--valid-share", type=float, default=0.1)
     stale.add_argument("--epochs", type=int, help="most epochs per fit (default from config: "

@@ -11,8 +11,8 @@ The world
   the attribute words and a real product photo: a Fashion-MNIST picture of the item's class,
   tinted with its colour, inline as a PNG data URL (procedural silhouettes, with a warning,
   when the data set is missing). About ``delete_share`` of the items are withdrawn later
-  (``op="delete"``) and are never shown after that; about 5% get a second upsert with a sale
-  price.
+  (``op="delete"``) and are never shown after that; about ``sale_share`` (5%) get a second
+  upsert with a sale price.
 * **Users.** Each has an activity level and latent tastes: a weight for every value of every
   attribute (category, brand, colour, material, style), small noise plus one or two strong
   favourites and one dislike per attribute, so users differ.
@@ -58,6 +58,28 @@ content-only attribute values, each standardised over all users x the whole cata
 catalog fields while the total stays the same, so the base CTR hardly moves. At
 ``content_signal = 0`` a click depends on nothing a model without the photo and the text
 could not learn.
+
+Drift
+-----
+Both worlds are static by default: tastes never move and an item's content changes only by a
+price cut (``sale_share``) that changes no click. The drift dials (``SimulatorConfig``; the
+``drifting`` configuration preset turns them all on, ``static`` spells out the default) make
+stale embeddings and stale models cost, for the staleness lab:
+
+* ``sale_click_boost``: a price cut adds this to the item's click logit from the moment of
+  the cut; the new upsert says "Now on sale." and carries the new price.
+* ``restyle_share``: that share of items gets a new colour later: an upsert with a new photo
+  (and in v1 a title naming the new colour); users' colour tastes apply to the new colour
+  from then on.
+* ``trends_per_day``, ``trend_hours``, ``trend_boost``: popularity bursts. Each trend picks
+  a value of a content attribute (colour, material or style in v1, the content-only ones in
+  v2) and, for ``trend_hours`` from a random moment, adds ``trend_boost`` to the click logit
+  of every item with that value, for every user.
+* ``taste_drift_per_day``: each user's weight for each attribute value moves linearly at a
+  rate drawn from N(0, this) per day (searches still follow the tastes of the start).
+
+The dials draw from a random stream of their own, so the static world's output is the same
+byte for byte whatever they would draw.
 
 Output
 ------
@@ -229,8 +251,6 @@ FOLLOW_UP_US = 30 * 60 * US
 """Clicks, orders and collects happen within this long after their impression."""
 MAX_BATCH_SESSIONS = 20_000
 """Sessions generated at once: bounds memory (~250k events) whatever the world's size."""
-SALE_SHARE = 0.05
-"""Share of items that get a second upsert with a sale price."""
 
 # Tastes: one weight per (user, attribute value). Favourites give users distinct profiles;
 # their strength per attribute sets how much each attribute drives clicks.
@@ -276,7 +296,7 @@ NEVER = np.iinfo(np.int64).max
 """Time of an item event that does not happen."""
 REDRAWS = 8  # tries to replace a drawn item that is withdrawn too soon, before giving up the slot
 
-_UPSERT, _SALE, _DELETE = range(3)  # item-event kinds in the schedule
+_UPSERT, _SALE, _DELETE, _RESTYLE = range(4)  # item-event kinds in the schedule
 
 
 class _Stream(IntEnum):
@@ -288,6 +308,7 @@ class _Stream(IntEnum):
     USERS = 3
     BEHAVIOR = 4
     MALFORMED = 5
+    DRIFT = 6
 
 
 # --------------------------------------------------------------------------- results
@@ -629,7 +650,7 @@ class ShopSimulator:
                            earliest + (rng.random(n) * (self._end - earliest)).astype(np.int64),
                            NEVER)
         sale_end = np.minimum(deleted, self._end)
-        sale = np.where((rng.random(n) < SALE_SHARE) & (earliest < sale_end),
+        sale = np.where((rng.random(n) < cfg.sale_share) & (earliest < sale_end),
                         earliest + (rng.random(n) * (sale_end - earliest)).astype(np.int64),
                         NEVER)
         sale_price = np.maximum(np.round(price * rng.uniform(0.6, 0.9, n)), 1.0) - 0.01
@@ -638,6 +659,26 @@ class ShopSimulator:
         self._quality, self._price, self._sale_price, self._shop = quality, price, sale_price, shop
         self._median_price = median
         self._item_ids = [f"i{i:07d}" for i in range(n)]
+        self._build_drift(earliest, sale_end)
+
+    def _build_drift(self, earliest: np.ndarray, listed_until: np.ndarray) -> None:
+        """The drift dials' draws (module docstring, "Drift"), from a stream of their own so
+        a static world is the same with or without them."""
+        cfg, rng, n = self.config, self._rng(_Stream.DRIFT), self.n_items
+        self._restyle = np.where((rng.random(n) < cfg.restyle_share) & (earliest < listed_until),
+                                 earliest + (rng.random(n) * (listed_until - earliest)
+                                             ).astype(np.int64), NEVER)
+        n_colours = len(COLOURS)  # a new colour, never the old one
+        self._new_colour = (self._attr["colour"] + rng.integers(1, n_colours, n)) % n_colours
+        count = rng.poisson(cfg.trends_per_day * self._end / DAY_US)
+        content = CONTENT_ONLY if self._v2 else ("colour", "material", "style")
+        attribute = rng.integers(0, len(content), count)
+        self._trends = [(content[a], int(rng.integers(0, len(self._vocab[content[a]]))),
+                         int(t), int(t + cfg.trend_hours * HOUR_US))
+                        for a, t in zip(attribute, rng.integers(0, self._end, count), strict=True)]
+        self._taste_rates = {name: rng.normal(0.0, cfg.taste_drift_per_day, (cfg.n_users, len(v)))
+                             if cfg.taste_drift_per_day > 0 else None
+                             for name, v in self._vocab.items()}
 
     def _build_texts(self) -> None:
         rng = self._rng(_Stream.TEXT)
@@ -692,11 +733,14 @@ class ShopSimulator:
         """What generation looks up: the item events in time order, and the pools that
         impressions are drawn from."""
         n, sale, deleted, arrival = self.n_items, self._sale, self._deleted, self._arrival
-        times = np.concatenate([arrival, sale[sale < NEVER], deleted[deleted < NEVER]])
+        restyle = self._restyle
+        times = np.concatenate([arrival, sale[sale < NEVER], deleted[deleted < NEVER],
+                                restyle[restyle < NEVER]])
         items = np.concatenate([np.arange(n), np.flatnonzero(sale < NEVER),
-                                np.flatnonzero(deleted < NEVER)])
-        ops = np.repeat([_UPSERT, _SALE, _DELETE],
-                        [n, int((sale < NEVER).sum()), int((deleted < NEVER).sum())])
+                                np.flatnonzero(deleted < NEVER), np.flatnonzero(restyle < NEVER)])
+        ops = np.repeat([_UPSERT, _SALE, _DELETE, _RESTYLE],
+                        [n, int((sale < NEVER).sum()), int((deleted < NEVER).sum()),
+                         int((restyle < NEVER).sum())])
         order = np.lexsort((ops, items, times))
         self._schedule_time, self._schedule_item, self._schedule_op = (
             times[order], items[order], ops[order])
@@ -804,27 +848,54 @@ class ShopSimulator:
 
     # ----------------------------------------------------------------- generation
 
-    def _taste(self, users: np.ndarray, items: np.ndarray, names: Sequence[str],
-               blind: bool = False) -> np.ndarray:
-        """Sum over attributes ``names`` of the user's taste for the item's value; ``blind``:
-        the content-only ones replaced by the user's expectation over the catalog."""
-        return sum(self._expected[a][users] if blind and a in self._content
-                   else self._tastes[a][users, self._attr[a][items]] for a in names)
+    def _value(self, name: str, items: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The items' value of attribute ``name`` at times ``t`` (a restyle changes the
+        colour)."""
+        if name != "colour":
+            return self._attr[name][items]
+        return np.where(self._restyle[items] <= t, self._new_colour[items],
+                        self._attr[name][items])
 
-    def _affinity(self, users: np.ndarray, items: np.ndarray, blind: bool = False
-                  ) -> np.ndarray:
-        """The user x item taste term of the click logit, (n,); ``blind`` as in :meth:`_taste`."""
+    def _taste(self, users: np.ndarray, items: np.ndarray, t: np.ndarray,
+               names: Sequence[str], blind: bool = False) -> np.ndarray:
+        """Sum over attributes ``names`` of the user's taste at ``t`` for the item's value
+        then; ``blind``: the content-only ones replaced by the user's expectation over the
+        catalog."""
+        total = np.zeros(len(users))
+        for a in names:
+            if blind and a in self._content:
+                total = total + self._expected[a][users]
+                continue
+            value = self._value(a, items, t)
+            total = total + self._tastes[a][users, value]
+            if self._taste_rates[a] is not None:  # drift: linear in time since the start
+                total = total + self._taste_rates[a][users, value] * (t / DAY_US)
+        return total
+
+    def _affinity(self, users: np.ndarray, items: np.ndarray, t: np.ndarray,
+                  blind: bool = False) -> np.ndarray:
+        """The user x item taste term of the click logit at times ``t``, (n,); ``blind`` as
+        in :meth:`_taste`."""
         if not self._v2:
-            return self._taste(users, items, ATTRIBUTES, blind)
-        return sum(weight * (self._taste(users, items, names, blind) - mean)
+            return self._taste(users, items, t, ATTRIBUTES, blind)
+        return sum(weight * (self._taste(users, items, t, names, blind) - mean)
                    for names, mean, weight in self._taste_terms)
 
     def _click_logit(self, affinity: np.ndarray, items: np.ndarray, position: np.ndarray,
-                     search: np.ndarray) -> np.ndarray:
-        """The logit a click is drawn with: sigmoid of it is the click probability."""
+                     search: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The logit a click is drawn with at times ``t``: sigmoid of it is the click
+        probability."""
         bias = CLICK_BIAS_V2 if self._v2 else CLICK_BIAS
-        return (bias + affinity + self._quality[items] - POSITION_DECAY * np.log1p(position)
-                + SEARCH_INTENT * search)
+        logit = (bias + affinity + self._quality[items] - POSITION_DECAY * np.log1p(position)
+                 + SEARCH_INTENT * search)
+        cfg = self.config
+        if cfg.sale_click_boost:
+            logit = logit + cfg.sale_click_boost * (self._sale[items] <= t)
+        for name, value, start, end in self._trends:
+            if cfg.trend_boost:
+                logit = logit + cfg.trend_boost * ((self._value(name, items, t) == value)
+                                                   & (t >= start) & (t < end))
+        return logit
 
     def _sessions(self, day: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(users, times) of the day's sessions, sorted by time."""
@@ -886,8 +957,8 @@ class ShopSimulator:
         item, pos = items[session, slot], position[session, slot]
         user, t = users[session], times[session]
 
-        match = self._affinity(user, item)
-        click_logit = self._click_logit(match, item, pos, search[session])
+        match = self._affinity(user, item, t)
+        click_logit = self._click_logit(match, item, pos, search[session], t)
         c = np.flatnonzero(rng.random(len(item)) < _sigmoid(click_logit))
         deadline = t[c] + FOLLOW_UP_US - 1
         click_t = np.minimum(t[c] + US + rng.exponential(30 * US, len(c)).astype(np.int64),
@@ -943,16 +1014,17 @@ class ShopSimulator:
         """The oracle's columns for the impressions among behaviors ``b``, in their order."""
         shown = b.take(np.flatnonzero(b.action == IMPRESSION))
         user, item, position, search = shown.user, shown.item, shown.position, shown.query >= 0
+        t = shown.time
         top = np.zeros_like(position)  # position 0: no position effect
-        affinity = self._affinity(user, item)  # exactly as the clicks were drawn
-        blind = self._affinity(user, item, blind=True)
+        affinity = self._affinity(user, item, t)  # exactly as the clicks were drawn
+        blind = self._affinity(user, item, t, blind=True)
         return {
             "request": shown.request, "item": item, "user": user, "time": shown.time,
             "position": position, "searched": search,
-            "p_click": _sigmoid(self._click_logit(affinity, item, position, search)),
-            "logit": self._click_logit(affinity, item, top, search),
-            "p_click_structured": _sigmoid(self._click_logit(blind, item, position, search)),
-            "logit_structured": self._click_logit(blind, item, top, search),
+            "p_click": _sigmoid(self._click_logit(affinity, item, position, search, t)),
+            "logit": self._click_logit(affinity, item, top, search, t),
+            "p_click_structured": _sigmoid(self._click_logit(blind, item, position, search, t)),
+            "logit_structured": self._click_logit(blind, item, top, search, t),
         }
 
     def _oracle_frame(self, parts: Sequence[dict[str, np.ndarray]]) -> pd.DataFrame:
@@ -975,14 +1047,14 @@ class ShopSimulator:
     def _datetime(self, us: int) -> datetime:
         return self._start + timedelta(microseconds=int(us))
 
-    def _photo_url(self, item: int) -> str:
-        """The item's photo (:func:`render_photo`) as an inline PNG data URL."""
+    def _photo_url(self, item: int, colour: int) -> str:
+        """The item's photo (:func:`render_photo`) in ``colour`` as an inline PNG data URL."""
         if self._fashion is not None:
             grey = self._fashion[0][self._photo_index[item]]
         else:
             grey = _procedural_photo(self._attr["category"][item], *map(int, self._jitter[item]))
         pattern = int(self._attr["pattern"][item]) if "pattern" in self._attr else None
-        pixels = render_photo(grey, self._attr["colour"][item], pattern)
+        pixels = render_photo(grey, colour, pattern)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -992,17 +1064,26 @@ class ShopSimulator:
         when = self._datetime(self._schedule_time[row])
         if op == _DELETE:
             return ItemEvent(item_id=self._item_ids[item], op=ItemOp.DELETE, event_time=when)
-        on_sale = op == _SALE
+        # The item as it is then: on sale from its sale, in its new colour from its restyle.
+        t = self._schedule_time[row]
+        on_sale = self._sale[item] <= t
+        title, description = self._titles[item], self._descriptions[item]
+        colour = int(self._value("colour", np.array([item]), np.array([t]))[0])
+        if colour != self._attr["colour"][item] and not self._v2:  # v1 names the colour
+            material = MATERIALS[self._attr["material"][item]]
+            before = f" {COLOURS[self._attr['colour'][item]]} {material}"
+            after = f" {COLOURS[colour]} {material}"
+            title, description = title.replace(before, after), description.replace(before, after)
         return ItemEvent(
             item_id=self._item_ids[item],
             event_time=when,
-            title=self._titles[item],
-            description=self._descriptions[item] + (" Now on sale." if on_sale else ""),
+            title=title,
+            description=description + (" Now on sale." if on_sale else ""),
             category=VOCAB["category"][self._attr["category"][item]],
             brand=VOCAB["brand"][self._attr["brand"][item]],
             shop=SHOP_IDS[self._shop[item]],
             price=float(self._sale_price[item] if on_sale else self._price[item]),
-            image=self._photo_url(item),
+            image=self._photo_url(item, colour),
         )
 
     @staticmethod

@@ -1,0 +1,138 @@
+"""PNG figures of experiment results, drawn with matplotlib's Agg backend (no display).
+
+:func:`staleness_plots` draws a ``ppm experiment staleness`` result
+(:func:`trainer.staleness.run_staleness`): the click AUC each policy loses to the freshest
+one, per bucket, with 95% bootstrap intervals over users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+
+import matplotlib.pyplot as plt  # after the backend is chosen
+import numpy as np
+
+PLOTTED_BUCKETS = ("all", "new_in_test", "age<1h", "age<1d")
+"""The buckets drawn as lines: overall and the cold ones."""
+
+
+def _lost_plot(path: Path, buckets: Mapping[str, Any], names: Sequence[str], reference: str,
+               title: str, xlabel: str) -> Path:
+    """Click AUC lost to ``reference`` by each of ``names`` (in order along x), one line
+    per bucket, with the difference's interval as error bars."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
+    x = np.arange(len(names))
+    for k, bucket in enumerate(b for b in PLOTTED_BUCKETS if b in buckets):
+        diffs = buckets[bucket]["diffs"]
+        lost, low, high = [], [], []
+        for name in names:
+            d = ({"auc": 0.0, "ci95": [0.0, 0.0]} if name == reference
+                 else diffs.get(f"{name}-{reference}", {}))
+            if d.get("auc") is None:
+                lost.append(np.nan), low.append(0.0), high.append(0.0)
+                continue
+            lost.append(-d["auc"])
+            ci = d.get("ci95") or [d["auc"], d["auc"]]
+            low.append(max(-d["auc"] - -ci[1], 0.0))
+            high.append(max(-ci[0] - -d["auc"], 0.0))
+        shift = (k - 1.5) * 0.06  # side by side, so error bars do not hide each other
+        ax.errorbar(x + shift, lost, yerr=[low, high], marker="o", capsize=3,
+                    label=f"{bucket} (n={buckets[bucket]['samples']})")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xticks(x, names, rotation=20, ha="right")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"click AUC lost to {reference}")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def grid_loss(grid: Mapping[str, Any], bucket: str, cell: str) -> float | None:
+    """The click AUC ``cell`` lost on ``bucket`` to the grid's reference (0 for itself)."""
+    if cell == grid["reference"]:
+        return 0.0
+    diff = grid["buckets"][bucket]["diffs"].get(f"{cell}-{grid['reference']}", {})
+    return None if diff.get("auc") is None else -diff["auc"]
+
+
+def staleness_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
+    """Write under ``out`` and return: ``embedding_refresh.png`` (AUC lost vs embedding
+    refresh policy), ``model_update.png`` (vs model update policy, when swept),
+    ``grid.png`` (a heatmap of both, per bucket, when the sweep ran the grid) and
+    ``ops.png`` (AUC lost on the cold bucket vs serving cache and freshness TTL, when
+    swept)."""
+    seeds = f"{result['seeds']} seed(s)"
+    paths = [_lost_plot(out / "embedding_refresh.png", result["buckets"],
+                        list(result["policies"]), result["reference"],
+                        f"AUC lost by embedding refresh policy ({seeds})",
+                        "embedding refresh policy (slower to the right)")]
+    updates = result.get("updates")
+    if updates:
+        paths.append(_lost_plot(out / "model_update.png", updates["buckets"],
+                                list(updates["policies"]), updates["reference"],
+                                f"AUC lost by model update policy ({seeds})",
+                                "model update policy (vectors on arrival)"))
+    grid = result.get("grid")
+    if grid:
+        paths.append(_grid_plot(out / "grid.png", grid, seeds))
+    ops = result.get("ops")
+    if ops:
+        paths.append(_ops_plot(out / "ops.png", ops, seeds))
+    return paths
+
+
+def _grid_plot(path: Path, grid: Mapping[str, Any], seeds: str) -> Path:
+    shown = [b for b in PLOTTED_BUCKETS if b in grid["buckets"]]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4.2), dpi=120,
+                             squeeze=False)
+    for ax, bucket in zip(axes[0], shown, strict=True):
+        lost = np.array([[np.nan if (v := grid_loss(grid, bucket, cell)) is None else v
+                          for cell in cells.values()] for cells in grid["cells"].values()])
+        bound = np.nanmax(np.abs(lost)) if np.isfinite(lost).any() else 1.0
+        image = ax.imshow(lost, cmap="RdBu_r", vmin=-bound, vmax=bound or 1.0)
+        for (i, j), v in np.ndenumerate(lost):
+            ax.text(j, i, "n/a" if np.isnan(v) else f"{v:+.3f}", ha="center", va="center",
+                    fontsize=7)
+        ax.set_xticks(range(len(grid["updates"])), grid["updates"], rotation=30, ha="right",
+                      fontsize=7)
+        ax.set_yticks(range(len(grid["embedding"])), grid["embedding"], fontsize=7)
+        ax.set_title(f"{bucket} (n={grid['buckets'][bucket]['samples']})", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.7)
+    fig.suptitle(f"AUC lost to {grid['reference']} by embedding refresh (rows) and model "
+                 f"update (columns), {seeds}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _ops_plot(path: Path, ops: Mapping[str, Any], seeds: str) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=120)
+    for ax, knob in zip(axes, ("serving_cache_s", "freshness_window_s"), strict=True):
+        rows = [r for r in ops["rows"] if r["knob"] == knob]
+        labels = [r["setting"] for r in rows]
+        lost = [np.nan if r["loss_cold"] is None else r["loss_cold"] for r in rows]
+        ci = [r["loss_cold_ci95"] or [v, v] for r, v in zip(rows, lost, strict=True)]
+        ax.errorbar(range(len(rows)), lost, capsize=3, marker="o",
+                    yerr=[[max(v - c[0], 0.0) for v, c in zip(lost, ci, strict=True)],
+                          [max(c[1] - v, 0.0) for v, c in zip(lost, ci, strict=True)]])
+        ax.axhline(ops["tolerance"], color="red", ls="--", lw=0.8, label="tolerance")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right")
+        ax.set_title(knob, fontsize=9)
+        ax.set_ylabel(f"AUC lost on {ops['bucket']}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"the ops view, {seeds}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
