@@ -356,3 +356,12 @@ def test_a_sample_never_sees_a_vector_that_became_available_after_its_impression
                                          us + 5 * hour_us, modal.available_us))
     assert vectors_read(WindowDataset(windows, late, config, as_recorded=False)) == [
         (k, 0.0) for k in range(4)] * 2
+    # Served through an item cache of 4 hours, hour 1 reads what hour 0's requests read
+    # (an entry lives 2 to 4 hours): the new vectors reach scoring only when it expires.
+    # One store read per item while cached; without a cache, one per request and item.
+    cached = WindowDataset(windows, modal, config, as_recorded=False, serving_cache_s=4 * 3600.0)
+    assert vectors_read(cached) == [(k, 0.0) for k in range(4)] * 2
+    assert (cached.store_reads, cached.requests) == (4, 8)
+    uncached = WindowDataset(windows, modal, config, as_recorded=False, serving_cache_s=0.0)
+    assert vectors_read(uncached) == vectors_read(data)
+    assert (uncached.store_reads, data.store_reads) == (14, None)

@@ -353,22 +353,21 @@ class WindowDataset:
     def _served_reads(self, sequences: Sequences, seq_at_us: np.ndarray, cache_s: float
                       ) -> tuple[np.ndarray, np.ndarray]:
         """As of when serving read each target's and sequence item's vector, (n,) and
-        (total sequence length,): one read per request and item (the first impression's
-        time), through a cache of ``cache_s`` seconds; counts ``store_reads``."""
-        keys = list(zip(self.request_id.tolist(), self.item_ids, strict=True))
-        keys += zip(np.repeat(self.request_id, np.diff(sequences.offsets)).tolist(),
-                    sequences.item_ids, strict=True)
+        (total sequence length,): one read per request and item (at the request's first
+        impression), through a cache of ``cache_s`` seconds; counts ``store_reads``."""
+        _, request = np.unique(self.request_id.astype(str), return_inverse=True)
+        seq_request = np.repeat(request, np.diff(sequences.offsets))
+        item_names, item = np.unique(np.asarray([*self.item_ids, *sequences.item_ids],
+                                                dtype=str), return_inverse=True)
+        request_of = np.concatenate([request, seq_request]).astype(np.int64)
         times = np.concatenate([self.impression_us, seq_at_us]).astype(np.int64)
-        first: dict[tuple, int] = {}
-        index = np.array([first.setdefault(k, len(first)) for k in keys], np.int64)
-        unique_at = np.full(len(first), np.iinfo(np.int64).max)
-        np.minimum.at(unique_at, index, times)
-        items = [None] * len(first)
-        for key, k in first.items():
-            items[k] = key[1]
-        as_of, missed = cached_reads(items, unique_at, cache_s)
+        # One read per (request, item): integer keys, deduplicated by numpy, not Python.
+        keys, index = np.unique(request_of * len(item_names) + item, return_inverse=True)
+        read_at = np.full(len(keys), np.iinfo(np.int64).max)
+        np.minimum.at(read_at, index, times)
+        as_of, missed = cached_reads(keys % len(item_names), read_at, cache_s)
         self.store_reads = int(missed.sum())
-        self.requests = len(set(self.request_id.tolist()))
+        self.requests = int(request.max()) + 1
         read_us = as_of[index] if cache_s else times
         return read_us[:self.n], read_us[self.n:]
 

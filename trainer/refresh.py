@@ -93,8 +93,8 @@ class EmbeddingRefresh:
         text = " ".join(label.split())
         if text in ("catalog once", "recorded"):
             return cls(text.replace(" ", "_"))
-        head, _, lag = text.partition("+")
-        lag_s = parse_duration(lag) if lag else 0.0
+        head, plus, lag = text.partition("+")
+        lag_s = parse_duration(lag) if plus else 0.0
         if head == "arrival":
             return cls("arrival", lag_s=lag_s)
         if head.startswith("every "):
@@ -129,12 +129,18 @@ class EmbeddingRefresh:
         return modal.available_from(available)
 
 
-def cached_reads(keys: Sequence[object], at_us: np.ndarray, cache_s: float, seed: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def cached_reads(keys: Sequence[object] | np.ndarray, at_us: np.ndarray, cache_s: float,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Replay reads through the serving cache (``trainer.serving.ranker.ItemCache``): an
     item read from the store is reused until a moment drawn between half and all of
     ``cache_s`` later, so a reader sees the store as it was at the read that filled the
     entry.
+
+    What it leaves out of the real cache: its size cap (``features.serving_cache_items``,
+    least recently fetched first out: a catalog larger than the cap hits less), reads of
+    candidates that were never shown (only logged impressions and their users' sequences
+    are replayed), and the item's catalog fields (price, category), which samples carry as
+    logged; only vectors are read as of the fill.
 
     Args:
         keys: the item each of N reads is of, (N,).
@@ -154,6 +160,7 @@ def cached_reads(keys: Sequence[object], at_us: np.ndarray, cache_s: float, seed
     draw = random.Random(seed).uniform
     cache_us = cache_s * 1e6
     entries: dict[object, tuple[int, int]] = {}  # item -> (filled at, expires at)
+    keys = keys.tolist() if isinstance(keys, np.ndarray) else keys
     for k in np.argsort(at_us, kind="stable").tolist():
         t = int(at_us[k])
         entry = entries.get(keys[k])

@@ -6,11 +6,12 @@ The same closed windows are replayed under each embedding refresh policy
 fitted from scratch on the train period (:func:`trainer.train.train_batch`, the epoch
 chosen on validation) with the vectors the policy makes readable, and scores the test
 period with them; ``idrec``, which reads no vector, is the floor. Then under each model
-update policy (:class:`ModelUpdate`): the on-arrival fit, frozen or fine-tuned every U
-hours on the windows closed by then, each test window scored by the model serving at its
-start; with ``grid``, every embedding policy's fit under every update policy. The ops
-view: the on-arrival fit scored as serving reads the vectors through an item cache of each
-lifetime (``features.serving_cache_s``), and a fit per freshness TTL
+update policy (:class:`ModelUpdate`): the reference policy's fit (on arrival, in the
+presets), frozen or fine-tuned every U hours on the windows closed by then, each test
+window scored by the model serving at its start; with ``grid``, every embedding policy's
+fit under every update policy. The ops view: the reference fit scored as serving reads the
+vectors through an item cache of each lifetime (``features.serving_cache_s``,
+:func:`trainer.refresh.cached_reads`), and a fit per freshness TTL
 (``features.freshness_window_s``). Every run scores the same samples, so differences are
 paired: :func:`trainer.experiment.compare_models` reports each policy's AUC (and GAUC,
 logloss) per bucket (overall, items new in the test period, by item age) with 95%
@@ -22,7 +23,8 @@ per knob the cheapest setting within a tolerance of AUC lost on cold items. A
 
 Each run is saved under ``OUT/runs/`` as soon as it finishes, so a killed sweep resumes
 where it stopped: a run already on disk is read, not recomputed. ``OUT/spec.json`` pins
-what the runs are of; another spec in the same folder is refused.
+what the runs are of (data, split, settings, the reference policy); a sweep that differs in
+any of them is refused in the same folder.
 """
 
 from __future__ import annotations
@@ -81,6 +83,10 @@ class ModelUpdate:
     every_s: float | None = None
     deploy_lag_s: float = 0.0
 
+    def __post_init__(self):
+        if (self.every_s is not None and self.every_s <= 0) or self.deploy_lag_s < 0:
+            raise ValueError("a model update interval must be > 0 and its deploy lag >= 0")
+
     @property
     def name(self) -> str:
         """``model frozen``, ``model every 6h``, ``model every 6h+1h``."""
@@ -102,8 +108,8 @@ class ModelUpdate:
         if text == "frozen":
             return cls(None)
         if text.startswith("every "):
-            every, _, lag = text[len("every "):].partition("+")
-            return cls(parse_duration(every), parse_duration(lag) if lag else 0.0)
+            every, plus, lag = text[len("every "):].partition("+")
+            return cls(parse_duration(every), parse_duration(lag) if plus else 0.0)
         raise ValueError(f"not a model update policy: {label!r} (say frozen, every 6h or "
                          "every 6h+1h)")
 
@@ -142,6 +148,9 @@ class Sweep:
         if any(c <= 0 for c in self.serving_cache_s) or any(
                 t <= 0 for t in self.freshness_window_s):
             raise ValueError("serving cache lifetimes and freshness windows must be > 0")
+        for values in (self.serving_cache_s, self.freshness_window_s):
+            if len(set(values)) != len(values):
+                raise ValueError("give each serving cache lifetime and freshness window once")
         if self.tolerance < 0:
             raise ValueError("tolerance must be >= 0")
 
@@ -162,22 +171,29 @@ class Sweep:
         """
         import tomllib
 
-        spec = tomllib.loads(Path(path).read_text())
-        known = {"embedding_refresh", "model_update", "grid", "serving_cache",
-                 "freshness_window", "tolerance", "cold_bucket"}
-        if set(spec) - known:
-            raise ValueError(f"{path}: unknown keys {sorted(set(spec) - known)}; "
-                             f"known: {sorted(known)}")
+        try:
+            spec = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not TOML: {exc}") from exc
+        types = {"embedding_refresh": list, "model_update": list, "grid": bool,
+                 "serving_cache": list, "freshness_window": list, "tolerance": (int, float),
+                 "cold_bucket": str}
+        if set(spec) - set(types):
+            raise ValueError(f"{path}: unknown keys {sorted(set(spec) - set(types))}; "
+                             f"known: {sorted(types)}")
+        for key, value in spec.items():
+            if not isinstance(value, types[key]) or isinstance(value, bool) != (key == "grid"):
+                raise ValueError(f"{path}: {key} has the wrong type ({value!r})")
         return cls(
-            embedding=tuple(EmbeddingRefresh.parse(x)
+            embedding=tuple(EmbeddingRefresh.parse(str(x))
                             for x in spec.get("embedding_refresh", ["arrival"])),
-            updates=tuple(ModelUpdate.parse(x) for x in spec.get("model_update", [])),
-            grid=bool(spec.get("grid", False)),
+            updates=tuple(ModelUpdate.parse(str(x)) for x in spec.get("model_update", [])),
+            grid=spec.get("grid", False),
             serving_cache_s=tuple(parse_duration(str(x)) for x in spec.get("serving_cache", [])),
             freshness_window_s=tuple(parse_duration(str(x))
                                      for x in spec.get("freshness_window", [])),
             tolerance=float(spec.get("tolerance", 0.002)),
-            cold_bucket=str(spec.get("cold_bucket", "age<1d")))
+            cold_bucket=spec.get("cold_bucket", "age<1d"))
 
 
 SWEEPS: dict[str, Sweep] = {
@@ -281,18 +297,22 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
     spec = {"data_dir": str(Path(cfg.data_dir).resolve()), "test_share": test_share,
             "valid_share": valid_share, "epochs": epochs,
             "train": [w.name for w in split.train], "test": [w.name for w in split.test],
+            # Update, cache and TTL runs start from the first embedding policy's fit.
+            "reference": sweep.embedding[0].name,
             **{section: getattr(cfg, section).model_dump(mode="json")
-               for section in ("trainer", "model", "features", "pipeline")}}
+               for section in ("trainer", "model", "features", "pipeline", "simulator")}}
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
     if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
-        raise ValueError(f"{out} holds runs of another sweep (other data, split or "
-                         "settings): give another --out")
+        raise ValueError(f"{out} holds runs of another sweep (other data, split, "
+                         "settings or reference policy): give another --out")
     write_atomically(spec_path, json.dumps(spec, indent=1).encode())
 
     reference = IncrementalTrainer(cfg, variant="idrec")
-    test = reference.dataset(split.test, serving_cache_s=0.0)  # counts the uncached reads
+    # With caches swept, also count the store reads serving would make with none.
+    test = reference.dataset(split.test,
+                             serving_cache_s=0.0 if sweep.serving_cache_s else None)
     ref = sweep.embedding[0]
     names = [p.name for p in sweep.embedding]
     grid = [(p, u) for p in (sweep.embedding if sweep.grid else (ref,)) for u in sweep.updates]
@@ -304,7 +324,7 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
         plan += [(seed, "update", pu, grid_name(*pu, sweep)) for pu in grid]
         plan += [(seed, "cache", c, cache_name(c)) for c in sweep.serving_cache_s]
         plan += [(seed, "ttl", t, ttl_name(t)) for t in sweep.freshness_window_s]
-    scores = {name: np.zeros((seeds, len(test))) for *_, name in plan}
+    scores = {name: np.zeros((seeds, len(test)), np.float32) for *_, name in plan}
     fits: dict[str, list[dict[str, Any]]] = {name: [] for name in scores}
     base: dict[tuple[int, str], BatchFit] = {}  # (seed, policy) -> its fit, for updates
     resumed = 0
@@ -367,6 +387,7 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
 
     result: dict[str, Any] = {
         "seeds": seeds, "reference": names[0], "floor": FLOOR,
+        "cold_bucket": sweep.cold_bucket,
         "test_share": test_share, "valid_share": valid_share, "resamples": resamples,
         "runs_resumed": resumed,
         "policies": {p.name: {"mode": p.mode, "lag_s": p.lag_s, "period_s": p.period_s,
@@ -421,6 +442,8 @@ def _ops_view(sweep: Sweep, result: Mapping[str, Any],
     uncached = test.store_reads / max(test.requests, 1)
 
     def loss(name: str, bucket: str, table) -> tuple[float | None, list[float] | None]:
+        if table[bucket]["models"][ref]["auc"] is None:  # (one class, or no samples)
+            return None, None
         if name == ref:
             return 0.0, [0.0, 0.0]
         diff = table[bucket]["diffs"].get(f"{name}-{ref}", {})
@@ -454,10 +477,13 @@ def _ops_view(sweep: Sweep, result: Mapping[str, Any],
         row["loss_all"], row["loss_all_ci95"] = loss(name, "all", table)
         row["loss_cold"], row["loss_cold_ci95"] = loss(name, sweep.cold_bucket, table)
 
-    def cheapest(knob: str, cost) -> Any:
+    def cheapest(knob: str, cost) -> dict[str, Any] | None:
+        """The knob's cheapest row within the tolerance (``setting``, ``value``); None when
+        none could be measured (the reference itself is always within)."""
         within = [r for r in rows if r["knob"] == knob and r["loss_cold"] is not None
                   and r["loss_cold"] <= sweep.tolerance]
-        return min(within, key=cost)["value"] if within else None
+        best = min(within, key=cost) if within else None
+        return None if best is None else {"setting": best["setting"], "value": best["value"]}
 
     return {"tolerance": sweep.tolerance, "bucket": sweep.cold_bucket, "rows": rows,
             "buckets": ops_buckets,
@@ -558,7 +584,7 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                   *diff_table(updates["buckets"])]
     grid = result.get("grid")
     if grid:
-        for bucket in ("all", result.get("ops", {}).get("bucket", "age<1d")):
+        for bucket in dict.fromkeys(("all", result["cold_bucket"])):
             lines += ["", f"click AUC lost on `{bucket}` by embedding refresh (rows) and model "
                       f"update (columns) policy, to `{grid['reference']}` (mean over seeds)",
                       "", "| embedding \\ model | " + " | ".join(grid["updates"]) + " |",
@@ -582,16 +608,14 @@ def to_markdown(result: Mapping[str, Any]) -> str:
         lines += ["", f"within a loss of {ops['tolerance']} AUC on `{ops['bucket']}`, the "
                   "cheapest settings:", ""]
         for knob, value in ops["choice"].items():
-            lines.append(f"- `{knob}`: {_setting(knob, value)}")
+            lines.append(f"- `{knob}`: {_setting(value)}")
     if result.get("plots"):
         lines += ["", "plots: " + ", ".join(f"`{p}`" for p in result["plots"])]
     return "\n".join(lines) + "\n"
 
 
-def _setting(knob: str, value: Any) -> str:
-    if value is None:
-        return {"embedding_refresh": "none within the tolerance", "serving_cache_s":
-                "none within the tolerance", "freshness_window_s": "None (no TTL)"}[knob]
-    if knob == "embedding_refresh":
-        return f"{value}"
-    return f"{value:g} ({duration(value)})" if value else "0 (no cache)"
+def _setting(choice: Mapping[str, Any] | None) -> str:
+    if choice is None:
+        return "n/a (no AUC on that bucket)"
+    value = choice["value"]
+    return choice["setting"] + (f" ({value:g} s)" if isinstance(value, float) and value else "")

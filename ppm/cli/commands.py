@@ -142,7 +142,7 @@ def _experiment_staleness(args: argparse.Namespace, cfg: Config) -> int:
     line of stdout, its tables go to stderr and ``OUT/results.md``."""
     from trainer.staleness import SWEEPS, Sweep, run_staleness
 
-    name = Path(args.spec).stem if args.spec else args.sweep
+    name = f"spec-{Path(args.spec).stem}" if args.spec else args.sweep
     out = Path(args.out) if args.out else cfg.paths.staleness(name)
     try:
         sweep = Sweep.from_toml(Path(args.spec)) if args.spec else SWEEPS[args.sweep]
@@ -538,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training seeds per policy (default 2)")
     stale.add_argument("--out", metavar="DIR",
                        help="where runs, results and plots go (default DATA_DIR/experiments/"
-                       "staleness-PRESET, or the spec file's name); a killed sweep resumes "
-                       "from here")
+                       "staleness-PRESET, or staleness-spec-NAME for --spec NAME.toml); a "
+                       "killed sweep resumes from here")
     stale.add_argument("--test-share", type=float, default=0.2)
     stale.add_argument("--valid-share", type=float, default=0.1)
     stale.add_argument("--epochs", type=int, help="most epochs per fit (default from config: "

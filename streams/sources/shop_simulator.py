@@ -79,7 +79,9 @@ stale embeddings and stale models cost, for the staleness lab:
   rate drawn from N(0, this) per day (searches still follow the tastes of the start).
 
 The dials draw from a random stream of their own, so the static world's output is the same
-byte for byte whatever they would draw.
+byte for byte whatever they would draw. Two simplifications: v1's searches by colour still
+find a restyled item under its first colour, and the oracle's ``logit_structured`` (the
+content-blind ceiling) keeps the trend term, which follows content attributes.
 
 Output
 ------
@@ -891,8 +893,9 @@ class ShopSimulator:
         cfg = self.config
         if cfg.sale_click_boost:
             logit = logit + cfg.sale_click_boost * (self._sale[items] <= t)
+        first, last = (int(t.min()), int(t.max())) if len(t) else (0, -1)
         for name, value, start, end in self._trends:
-            if cfg.trend_boost:
+            if cfg.trend_boost and start <= last and end > first:  # overlaps these times
                 logit = logit + cfg.trend_boost * ((self._value(name, items, t) == value)
                                                    & (t >= start) & (t < end))
         return logit
@@ -1066,6 +1069,7 @@ class ShopSimulator:
             return ItemEvent(item_id=self._item_ids[item], op=ItemOp.DELETE, event_time=when)
         # The item as it is then: on sale from its sale, in its new colour from its restyle.
         t = self._schedule_time[row]
+        # Sales come at least an hour after arrival, so the arrival upsert is never on sale.
         on_sale = self._sale[item] <= t
         title, description = self._titles[item], self._descriptions[item]
         colour = int(self._value("colour", np.array([item]), np.array([t]))[0])
