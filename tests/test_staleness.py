@@ -160,6 +160,9 @@ def test_a_resumed_sweep_recomputes_nothing_already_finished(tmp_path, monkeypat
     # Another sweep's folder is refused, not mixed in.
     with pytest.raises(ValueError, match="another sweep"):
         run_staleness(cfg, Sweep((REFERENCE, DAILY)), **{**kwargs, "epochs": 2})
+    # So is one whose update and cache runs would start from another reference policy.
+    with pytest.raises(ValueError, match="another sweep"):
+        run_staleness(cfg, Sweep((DAILY, REFERENCE)), **kwargs)
 
 
 def test_the_command_sweeps_a_preset_and_says_where_the_results_are(tmp_path, capsys,

@@ -23,8 +23,8 @@ per knob the cheapest setting within a tolerance of AUC lost on cold items. A
 
 Each run is saved under ``OUT/runs/`` as soon as it finishes, so a killed sweep resumes
 where it stopped: a run already on disk is read, not recomputed. ``OUT/spec.json`` pins
-what the runs are of (data, split, settings, the reference policy); a sweep that differs in
-any of them is refused in the same folder.
+what the runs are of (data dir, windows and their sizes, split, settings, the reference
+policy); a sweep that differs in any of them is refused in the same folder.
 """
 
 from __future__ import annotations
@@ -296,11 +296,13 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
         raise SystemExit("no closed windows in the train or the test period")
     spec = {"data_dir": str(Path(cfg.data_dir).resolve()), "test_share": test_share,
             "valid_share": valid_share, "epochs": epochs,
-            "train": [w.name for w in split.train], "test": [w.name for w in split.test],
+            # Windows with their sizes: data regenerated under the same names is not the same.
+            "train": [[w.name, w.samples] for w in split.train],
+            "test": [[w.name, w.samples] for w in split.test],
             # Update, cache and TTL runs start from the first embedding policy's fit.
             "reference": sweep.embedding[0].name,
             **{section: getattr(cfg, section).model_dump(mode="json")
-               for section in ("trainer", "model", "features", "pipeline", "simulator")}}
+               for section in ("trainer", "model", "features", "pipeline")}}
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
