@@ -308,3 +308,14 @@ def test_the_ops_view_and_the_grid_report_costs_choices_and_plots(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     text = (out / "results.md").read_text()
     assert "the ops view" in text and "`serving_cache_s`: cache 6h (21600 s)" in text
+
+
+def test_an_ops_view_of_freshness_windows_alone_counts_the_uncached_reads(tmp_path):
+    cfg = world(tmp_path / "w", hours=24)
+    result = run_staleness(cfg, Sweep((REFERENCE,), freshness_window_s=(3_600.0,)), seeds=1,
+                           out=tmp_path / "out", test_share=0.25, valid_share=0.15, epochs=1,
+                           resamples=20, progress=False)
+    rows = {r["setting"]: r for r in result["ops"]["rows"]}
+    assert set(rows) == {"arrival", "no cache", "no ttl", "ttl 1h"}
+    assert rows["ttl 1h"]["store_reads_per_request"] == rows["no ttl"][
+        "store_reads_per_request"] == 1.0  # one item per request, no sequences

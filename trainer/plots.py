@@ -29,18 +29,16 @@ def _lost_plot(path: Path, buckets: Mapping[str, Any], names: Sequence[str], ref
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=120)
     x = np.arange(len(names))
     for k, bucket in enumerate(b for b in PLOTTED_BUCKETS if b in buckets):
-        diffs = buckets[bucket]["diffs"]
         lost, low, high = [], [], []
         for name in names:
-            d = ({"auc": 0.0, "ci95": [0.0, 0.0]} if name == reference
-                 else diffs.get(f"{name}-{reference}", {}))
-            if d.get("auc") is None:
+            loss, ci = auc_lost(buckets[bucket], name, reference)
+            if loss is None:
                 lost.append(np.nan), low.append(0.0), high.append(0.0)
                 continue
-            lost.append(-d["auc"])
-            ci = d.get("ci95") or [d["auc"], d["auc"]]
-            low.append(max(-d["auc"] - -ci[1], 0.0))
-            high.append(max(-ci[0] - -d["auc"], 0.0))
+            ci = ci or [loss, loss]
+            lost.append(loss)
+            low.append(max(loss - ci[0], 0.0))
+            high.append(max(ci[1] - loss, 0.0))
         shift = (k - 1.5) * 0.06  # side by side, so error bars do not hide each other
         ax.errorbar(x + shift, lost, yerr=[low, high], marker="o", capsize=3,
                     label=f"{bucket} (n={buckets[bucket]['samples']})")
@@ -56,12 +54,19 @@ def _lost_plot(path: Path, buckets: Mapping[str, Any], names: Sequence[str], ref
     return path
 
 
-def grid_loss(grid: Mapping[str, Any], bucket: str, cell: str) -> float | None:
-    """The click AUC ``cell`` lost on ``bucket`` to the grid's reference (0 for itself)."""
-    if cell == grid["reference"]:
-        return 0.0
-    diff = grid["buckets"][bucket]["diffs"].get(f"{cell}-{grid['reference']}", {})
-    return None if diff.get("auc") is None else -diff["auc"]
+def auc_lost(summary: Mapping[str, Any], name: str, reference: str
+             ) -> tuple[float | None, list[float] | None]:
+    """The click AUC ``name`` lost to ``reference`` in one bucket's
+    :func:`trainer.experiment.compare_models` summary, with the 95% interval of that loss:
+    ``(0, [0, 0])`` for the reference itself, ``(None, None)`` where it is undefined (the
+    reference has no AUC there, or the pair was not compared)."""
+    if summary["models"].get(reference, {}).get("auc") is None:  # one class, or no samples
+        return None, None
+    if name == reference:
+        return 0.0, [0.0, 0.0]
+    diff = summary["diffs"].get(f"{name}-{reference}", {})
+    auc, ci = diff.get("auc"), diff.get("ci95")
+    return (None if auc is None else -auc, None if ci is None else [-ci[1], -ci[0]])
 
 
 def staleness_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
@@ -95,8 +100,10 @@ def _grid_plot(path: Path, grid: Mapping[str, Any], seeds: str) -> Path:
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 4.2), dpi=120,
                              squeeze=False)
     for ax, bucket in zip(axes[0], shown, strict=True):
-        lost = np.array([[np.nan if (v := grid_loss(grid, bucket, cell)) is None else v
-                          for cell in cells.values()] for cells in grid["cells"].values()])
+        summary = grid["buckets"][bucket]
+        lost = np.array([[np.nan if (v := auc_lost(summary, cell, grid["reference"])[0]) is None
+                          else v for cell in cells.values()]
+                         for cells in grid["cells"].values()])
         bound = np.nanmax(np.abs(lost)) if np.isfinite(lost).any() else 1.0
         image = ax.imshow(lost, cmap="RdBu_r", vmin=-bound, vmax=bound or 1.0)
         for (i, j), v in np.ndenumerate(lost):

@@ -46,7 +46,7 @@ from trainer.baselines import clicks
 from trainer.dataset import ModalTable, WindowDataset
 from trainer.experiment import RESAMPLES, compare_models, diff_table, num, span
 from trainer.metrics import HOUR_S, cold_buckets
-from trainer.plots import grid_loss, staleness_plots
+from trainer.plots import auc_lost, staleness_plots
 from trainer.refresh import EmbeddingRefresh, duration, parse_duration
 from trainer.train import (
     TEST_BUCKETS,
@@ -312,9 +312,9 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
     write_atomically(spec_path, json.dumps(spec, indent=1).encode())
 
     reference = IncrementalTrainer(cfg, variant="idrec")
-    # With caches swept, also count the store reads serving would make with none.
-    test = reference.dataset(split.test,
-                             serving_cache_s=0.0 if sweep.serving_cache_s else None)
+    # For the ops view, also count the store reads serving would make with no cache.
+    ops = bool(sweep.serving_cache_s or sweep.freshness_window_s)
+    test = reference.dataset(split.test, serving_cache_s=0.0 if ops else None)
     ref = sweep.embedding[0]
     names = [p.name for p in sweep.embedding]
     grid = [(p, u) for p in (sweep.embedding if sweep.grid else (ref,)) for u in sweep.updates]
@@ -416,7 +416,7 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
                       for p in sweep.embedding},
             "reference": cells[0],
             "buckets": compared(cells, [(c, cells[0]) for c in cells[1:]])}
-    if sweep.serving_cache_s or sweep.freshness_window_s:
+    if ops:
         result["ops"] = _ops_view(sweep, result, compared, fits, test, modal, start, end)
     result["plots"] = [p.name for p in staleness_plots(result, out)]
     write_atomically(out / "results.md", to_markdown(result).encode())
@@ -443,41 +443,31 @@ def _ops_view(sweep: Sweep, result: Mapping[str, Any],
     ref_policy = result["policies"][ref]
     uncached = test.store_reads / max(test.requests, 1)
 
-    def loss(name: str, bucket: str, table) -> tuple[float | None, list[float] | None]:
-        if table[bucket]["models"][ref]["auc"] is None:  # (one class, or no samples)
-            return None, None
-        if name == ref:
-            return 0.0, [0.0, 0.0]
-        diff = table[bucket]["diffs"].get(f"{name}-{ref}", {})
-        auc, ci = diff.get("auc"), diff.get("ci95")
-        return (None if auc is None else -auc,
-                None if ci is None else [-ci[1], -ci[0]])
+    rows: list[dict[str, Any]] = []
 
-    rows = []
+    def add(knob: str, setting: str, value: Any, name: str, table: Mapping[str, Any],
+            calls: float, reads: float, held: int) -> None:
+        """A row: ``name``'s loss read off ``table`` (per bucket summaries), its costs."""
+        row = {"knob": knob, "setting": setting, "value": value,
+               "encoder_calls_per_hour": calls, "store_reads_per_request": reads,
+               "vectors_held": held}
+        row["loss_all"], row["loss_all_ci95"] = auc_lost(table["all"], name, ref)
+        row["loss_cold"], row["loss_cold_ci95"] = auc_lost(table[sweep.cold_bucket], name, ref)
+        rows.append(row)
+
     for name, p in result["policies"].items():
-        rows.append({"knob": "embedding_refresh", "setting": name, "value": name,
-                     "encoder_calls_per_hour": p["vectors_per_hour"],
-                     "store_reads_per_request": uncached, "vectors_held": p["vectors_held"],
-                     "table": "buckets"})
+        add("embedding_refresh", name, name, name, result["buckets"], p["vectors_per_hour"],
+            uncached, p["vectors_held"])
     for c, name in zip([0.0, *sweep.serving_cache_s], [ref, *cache], strict=True):
         reads = (uncached if name == ref else
                  float(np.mean([m["store_reads"] / max(m["requests"], 1)
                                 for m in fits[name]])))
-        rows.append({"knob": "serving_cache_s", "setting": "no cache" if name == ref else name,
-                     "value": c, "encoder_calls_per_hour": ref_policy["vectors_per_hour"],
-                     "store_reads_per_request": reads,
-                     "vectors_held": ref_policy["vectors_held"], "name": name})
+        add("serving_cache_s", "no cache" if name == ref else name, c, name, ops_buckets,
+            ref_policy["vectors_per_hour"], reads, ref_policy["vectors_held"])
     for t, name in zip([None, *sweep.freshness_window_s], [ref, *ttl], strict=True):
-        rows.append({"knob": "freshness_window_s", "setting": "no ttl" if name == ref else name,
-                     "value": t, "encoder_calls_per_hour": ref_policy["vectors_per_hour"],
-                     "store_reads_per_request": uncached,
-                     "vectors_held": vectors_held(sweep.embedding[0].apply(modal, start), end, t),
-                     "name": name})
-    for row in rows:
-        name = row.pop("name", row["setting"])
-        table = result["buckets"] if row.pop("table", None) else ops_buckets
-        row["loss_all"], row["loss_all_ci95"] = loss(name, "all", table)
-        row["loss_cold"], row["loss_cold_ci95"] = loss(name, sweep.cold_bucket, table)
+        add("freshness_window_s", "no ttl" if name == ref else name, t, name, ops_buckets,
+            ref_policy["vectors_per_hour"], uncached,
+            vectors_held(sweep.embedding[0].apply(modal, start), end, t))
 
     def cheapest(knob: str, cost) -> dict[str, Any] | None:
         """The knob's cheapest row within the tolerance (``setting``, ``value``); None when
@@ -592,7 +582,8 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                       "", "| embedding \\ model | " + " | ".join(grid["updates"]) + " |",
                       "|---|" + "---:|" * len(grid["updates"])]
             for emb, cells in grid["cells"].items():
-                lost = [grid_loss(grid, bucket, cell) for cell in cells.values()]
+                lost = [auc_lost(grid["buckets"][bucket], cell, grid["reference"])[0]
+                        for cell in cells.values()]
                 lines.append(f"| {emb} | " + " | ".join(num(x, "+") for x in lost) + " |")
     ops = result.get("ops")
     if ops:
