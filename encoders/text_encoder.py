@@ -111,11 +111,18 @@ class TextEncoder:
 
     @torch.inference_mode()
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        hidden = self.model(**batch).last_hidden_state  # (B, T, dim)
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        # Mean over real tokens only; padding would otherwise dilute short titles.
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, dim)
-        return F.normalize(pooled, p=2, dim=1)
+        return embed(self.model, self.tokenizer, texts, self.max_length)
+
+
+def embed(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_length: int
+          ) -> torch.Tensor:
+    """``texts`` -> ``(len(texts), dim)`` L2-normalised mean-pooled vectors, with autograd
+    when the caller allows it: the one pooling of :class:`TextEncoder` and of query-matching
+    fine-tuning (``encoders.query_matching``), so a fine-tuned model embeds as it trained."""
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    hidden = model(**batch).last_hidden_state  # (B, T, dim)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    # Mean over real tokens only; padding would otherwise dilute short titles.
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, dim)
+    return F.normalize(pooled, p=2, dim=1)

@@ -14,6 +14,7 @@ A data directory (``Config.data_dir``, ``ppm-data`` by default; ``Config.paths``
                                     each Faust worker's own side files
     faust/                          Faust's own data folder
     import/  simulated/  demo/      default outputs of ppm import, simulate and demo
+    encoders/                       encoders ppm finetune wrote
     experiments/                    ppm eval --seeds results
 
 Code asks :class:`DataDir` for a path instead of joining the root with a name, so the layout
@@ -211,6 +212,12 @@ class DataDir:
     def experiment(self, name: str) -> Path:
         """The result file of the ``ppm eval --seeds`` run ``name`` (its start, UTC)."""
         return self.experiments / f"{name}.json"
+
+    def encoder(self, name: str) -> Path:
+        """A fine-tuned encoder ``ppm finetune`` wrote (``text-qm``: a model directory;
+        ``image-ep``: a weights file and its report), which ``encoder.text_model`` or
+        ``encoder.image_weights`` can name."""
+        return self.root / "encoders" / name
 
     @property
     def demo(self) -> Path:

@@ -159,6 +159,60 @@ def _experiment_staleness(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace, cfg: Config) -> int:
+    """``ppm finetune text|image``: :mod:`trainer.finetune`; the report's JSON is the last
+    line of stdout, the before/after figures go to stderr."""
+    from trainer.finetune import finetune_image, finetune_text
+
+    try:
+        if args.encoder == "text":
+            report = finetune_text(cfg, _item_events(args, cfg), args.out, args.test_share,
+                                   args.valid_share, args.epochs, progress=not args.quiet)
+        else:
+            from streams.sources.shop_simulator import entity_photos
+
+            photos, labels = entity_photos(args.fashion_mnist or cfg.simulator.fashion_mnist_dir,
+                                           patterns=cfg.simulator.world == "v2")
+            report = finetune_image(cfg, photos, labels, args.out, args.epochs,
+                                    progress=not args.quiet)
+    except (ValueError, OSError) as exc:
+        print(f"ppm finetune {args.encoder}: {exc}", file=sys.stderr)
+        return 2
+    for period in ("valid", "test"):
+        before, after = report[f"{period}_before"], report[f"{period}_after"]
+        if args.encoder == "text":
+            k = report["settings"]["k"]
+            print(f"{period}: recall@{k} {before['recall_at_k']:.4f} -> "
+                  f"{after['recall_at_k']:.4f}, MRR {before['mrr']:.4f} -> {after['mrr']:.4f} "
+                  f"({after['n']} pairs)", file=sys.stderr)
+        else:
+            print(f"{period}: accuracy " + ", ".join(
+                f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before), file=sys.stderr)
+    setting = "TEXT_MODEL" if args.encoder == "text" else "IMAGE_WEIGHTS"
+    print(f"wrote {report['out']} (encoder {report['encoder_after']}); use it with "
+          f"PPM__ENCODER__{setting}={report['out']}", file=sys.stderr)
+    print(json.dumps(report))
+    return 0
+
+
+def _item_events(args: argparse.Namespace, cfg: Config):
+    """The item events of ``--jsonl DIR`` (its items.jsonl; malformed lines skipped) or of
+    ``--simulate``'s world."""
+    from ppm.events import ItemEvent, decode
+
+    if args.jsonl:
+        path = Path(args.jsonl) / "items.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"no items.jsonl in {args.jsonl}")
+        with path.open("rb") as fh:
+            return [e for e in (decode(line, "item", str(path)) for line in fh)
+                    if isinstance(e, ItemEvent)]
+    from streams.sources.shop_simulator import ShopSimulator
+
+    return [e for e in ShopSimulator(_simulator_config(args, cfg)).events()
+            if isinstance(e, ItemEvent)]
+
+
 def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
     """``ppm eval --seeds N``: the experiment of :mod:`trainer.experiment`; its result goes
     to ``cfg.paths.experiment(...)`` and, as JSON, to the last line of stdout."""
@@ -547,6 +601,36 @@ def build_parser() -> argparse.ArgumentParser:
     stale.add_argument("--quiet", action="store_true", help="no progress bar")
     stale.set_defaults(run=_experiment_staleness)
 
+    finetune = sub.add_parser(
+        "finetune", help="fine-tune an item encoder on the training period (PPM's QM)")
+    encoders = finetune.add_subparsers(dest="encoder", required=True)
+    text = encoders.add_parser(
+        "text", help="query matching: contrastive fine-tuning of the text encoder on (search "
+        "query, clicked item) pairs of the training windows, a shown-not-clicked item of the "
+        "same page as a hard negative; recall@10 among the catalog before and after")
+    _add_input_options(text, "the items whose titles the pairs read")
+    text.add_argument("--out", metavar="DIR", help="where the fine-tuned model goes (default "
+                      "DATA_DIR/encoders/text-qm)")
+    text.add_argument("--epochs", type=int, help="most epochs (default 3; the best on "
+                      "validation is kept)")
+    text.add_argument("--test-share", type=float, default=0.2)
+    text.add_argument("--valid-share", type=float, default=0.1)
+    text.add_argument("--quiet", action="store_true", help="no progress bar")
+    text.set_defaults(run=_finetune)
+    image = encoders.add_parser(
+        "image", help="entity prediction: fine-tune the image encoder to tell a product's "
+        "class, colour (and pattern in the fair world) from photos of Fashion-MNIST's test "
+        "split, disjoint from the item photos; held-out accuracy before (a linear probe) and "
+        "after")
+    image.add_argument("--fashion-mnist", metavar="DIR", help="the dataset's folder (default "
+                       "from config: simulator.fashion_mnist_dir, else Debian's)")
+    image.add_argument("--out", metavar="FILE", help="the weights file to write (default "
+                       "DATA_DIR/encoders/image-ep/weights.pth)")
+    image.add_argument("--epochs", type=int, help="most epochs (default 2; the best on "
+                       "validation is kept)")
+    image.add_argument("--quiet", action="store_true", help="no progress bar")
+    image.set_defaults(run=_finetune)
+
     serve = sub.add_parser("serve", help="score candidates over HTTP (POST /rank)")
     serve.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (0: any free)")
     serve.add_argument("--variant", choices=["idrec", "ppm", "modal"],
@@ -596,10 +680,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_input_options(p: argparse.ArgumentParser) -> None:
+def _add_input_options(p: argparse.ArgumentParser, what: str = "") -> None:
     """The events to read: ``--jsonl DIR`` or ``--simulate`` with the world options."""
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--jsonl", metavar="DIR", help="items.jsonl + behaviors.jsonl in DIR")
+    source.add_argument("--jsonl", metavar="DIR",
+                        help=f"items.jsonl + behaviors.jsonl in DIR{': ' + what if what else ''}")
     source.add_argument("--simulate", action="store_true", help="a simulated shop (see options)")
     _add_world_options(p)
 

@@ -410,10 +410,16 @@ class _Pool:
         return np.where(count > 0, self._order[pick], -1)
 
 
+DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's ``dataset-fashion-mnist`` puts the gzipped IDX files."""
+
+
 @functools.cache
-def _fashion_mnist(folder: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(images (60000, 28, 28) uint8, labels (60000,)) read-only, or None when absent."""
-    images, labels = folder / "train-images-idx3-ubyte.gz", folder / "train-labels-idx1-ubyte.gz"
+def _fashion_mnist(folder: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray] | None:
+    """(images (N, 28, 28) uint8, labels (N,)) of Fashion-MNIST's ``train`` (60,000) or
+    ``t10k`` (10,000) split, read-only, or None when absent."""
+    images = folder / f"{split}-images-idx3-ubyte.gz"
+    labels = folder / f"{split}-labels-idx1-ubyte.gz"
     if not (images.is_file() and labels.is_file()):
         return None
     pixels = np.frombuffer(gzip.decompress(images.read_bytes()), np.uint8, offset=16)
@@ -457,6 +463,39 @@ def render_photo(grey: np.ndarray, colour: int, pattern: int | None = None) -> n
         tinted = np.where(mask, 0.4 * tinted + 0.6 * _PATTERN_INK[colour], tinted)
     alpha = np.minimum(4.0 * ink, 1.0)  # soft edges instead of dark speckles
     return (alpha * tinted + (1.0 - alpha) * 255.0).astype(np.uint8)  # (28, 28, 3)
+
+
+def entity_photos(folder: Path | None = None, patterns: bool = True, seed: int = 0
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Labelled product shots for entity prediction (``ppm finetune image``): each picture
+    of Fashion-MNIST's *test* split, disjoint from the item photos (its training split),
+    rendered as the shop renders an item (:func:`render_photo`) with a colour and, when
+    ``patterns``, a pattern drawn at random (``seed``).
+
+    Returns:
+        ``(10000, 28, 28, 3)`` uint8 photos and their labels: ``class`` (index into
+        :data:`CATEGORIES`), ``colour`` (into :data:`COLOURS`) and ``pattern`` (into
+        :data:`PATTERNS`, only with ``patterns``), each ``(10000,)`` int64.
+
+    Raises:
+        FileNotFoundError: no Fashion-MNIST test split in ``folder``.
+    """
+    folder = Path(folder or DEFAULT_FASHION_MNIST)
+    data = _fashion_mnist(folder, "t10k")
+    if data is None:
+        raise FileNotFoundError(f"no Fashion-MNIST test split (t10k-*-ubyte.gz) in {folder}: "
+                                "install dataset-fashion-mnist or give its folder")
+    grey, classes = data
+    rng = np.random.default_rng(seed)
+    colour = rng.integers(len(COLOURS), size=len(grey))
+    pattern = rng.integers(len(PATTERNS), size=len(grey)) if patterns else None
+    photos = np.stack([render_photo(g, int(colour[k]),
+                                    None if pattern is None else int(pattern[k]))
+                       for k, g in enumerate(grey)])  # (N, 28, 28, 3)
+    labels = {"class": classes.astype(np.int64), "colour": colour.astype(np.int64)}
+    if pattern is not None:
+        labels["pattern"] = pattern.astype(np.int64)
+    return photos, labels
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -716,7 +755,7 @@ class ShopSimulator:
         self._jitter = np.stack([rng.integers(-1, 2, n), rng.integers(-1, 2, n),
                                  rng.integers(150, 256, n)], axis=1)
         self._photo_index = np.full(n, -1)  # into Fashion-MNIST's training images
-        folder = Path(self.config.fashion_mnist_dir or "/usr/share/datasets/fashion-mnist")
+        folder = Path(self.config.fashion_mnist_dir or DEFAULT_FASHION_MNIST)
         self._fashion = _fashion_mnist(folder)
         if self._fashion is None:
             warnings.warn(

@@ -1,0 +1,152 @@
+"""``ppm finetune``: fine-tune the item encoders on a data directory's training period.
+
+Query matching (QM, :mod:`encoders.query_matching`) reads the (query, clicked item) pairs of
+the closed training windows: pairs of the training period train, those of the validation
+period choose the epoch, those of the test period are the held-out report. The periods are
+:func:`trainer.train.split_windows`'s, the same as ``ppm train --batch`` and ``ppm eval``
+use, so the encoder never learns from the period the ranker is judged on.
+
+The fine-tuned encoder is written to its own folder (``DataDir.encoder``) with a
+``finetune.json`` report; its content hash is a new ``encoder_version``, so vectors of the
+old and the new encoder never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ppm.config import Config
+from ppm.events import ItemEvent
+from trainer.train import Split, split_windows
+from trainer.windows import Window, files_of
+
+_LOG_COLUMNS = ["request_id", "item_id", "query", "click", "impression_time"]
+
+
+def read_log(windows: list[Window]) -> pd.DataFrame:
+    """The rows of ``windows`` that QM reads (:data:`_LOG_COLUMNS`)."""
+    tables = [pq.read_table(f, columns=_LOG_COLUMNS) for f in files_of(windows)]
+    if not tables:
+        return pd.DataFrame(columns=_LOG_COLUMNS)
+    return pa.concat_tables(tables).to_pandas()
+
+
+def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = None,
+                  test_share: float = 0.2, valid_share: float = 0.1,
+                  epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """QM-fine-tune the configured text encoder (``encoder.text_model``) on the data
+    directory's logs and ``items``' texts; write it to ``out`` (default
+    ``DataDir.encoder("text-qm")``) and return the report (also ``out/finetune.json``):
+    recall@k and MRR of the clicked item among the catalog, before and after, on the
+    validation and the test period.
+
+    Raises:
+        ValueError: no closed windows, or a period without a (query, clicked item) pair.
+    """
+    import torch
+
+    from encoders.query_matching import CatalogTexts, QMConfig, finetune, query_pairs, save
+    from encoders.query_matching import retrieval as retrieval_of
+    from encoders.text_encoder import TextEncoder
+
+    started = time.monotonic()
+    if cfg.encoder.threads:
+        torch.set_num_threads(cfg.encoder.threads)
+    split: Split = split_windows(cfg, test_share, valid_share)
+    if not (split.train and split.valid and split.test):
+        raise ValueError("QM needs closed windows in a training, a validation and a test "
+                         f"period; {cfg.data_dir} has {len(split.train)}, "
+                         f"{len(split.valid)} and {len(split.test)}")
+    texts = CatalogTexts(items)
+    if not len(texts):
+        raise ValueError("no item events: QM needs the items' titles (--jsonl DIR with an "
+                         "items.jsonl, or --simulate)")
+    qm = QMConfig(**({"epochs": epochs} if epochs else {}))
+    train, valid, test = (query_pairs(read_log(w), texts, qm.seed)
+                          for w in (split.train, split.valid, split.test))
+    for name, pairs in (("training", train), ("validation", valid), ("test", test)):
+        if not pairs:
+            raise ValueError(f"the {name} period holds no clicked sample with a query and a "
+                             "known item: nothing to fine-tune or judge QM on")
+    # Candidates: the catalog as it stood at the end of each period.
+    valid_candidates = texts.as_of(split.test_start_us - 1)
+    test_candidates = texts.as_of(split.test[-1].end_us - 1)
+    encoder = TextEncoder(cfg.encoder.text_model, cfg.encoder.text_max_length)
+    identity_before = encoder.identity
+    test_before = retrieval_of(encoder.model, encoder.tokenizer, test, test_candidates, qm.k,
+                               encoder.max_length)
+    result = finetune(encoder, train, valid, valid_candidates, qm, progress=progress)
+    test_after = retrieval_of(encoder.model, encoder.tokenizer, test, test_candidates, qm.k,
+                              encoder.max_length)
+    out = Path(out) if out else cfg.paths.encoder("text-qm")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save(encoder, out)
+    report = {
+        "kind": "qm", "out": str(out), "encoder_before": identity_before,
+        "encoder_after": TextEncoder(out, cfg.encoder.text_max_length).identity,
+        "pairs": {"train": len(train), "valid": len(valid), "test": len(test)},
+        "hard_negatives": sum(p.shown is not None for p in train),
+        "candidates": {"valid": len(valid_candidates), "test": len(test_candidates)},
+        "valid_before": result.before, "valid_after": result.after,
+        "test_before": test_before, "test_after": test_after,
+        "best_epoch": result.best_epoch, "epochs": result.epochs,
+        "settings": asdict(qm), "seconds": round(time.monotonic() - started, 1),
+    }
+    (out / "finetune.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
+                   epochs: int | None = None, held_out: float = 0.2, valid: float = 0.1,
+                   progress: bool = True) -> dict[str, Any]:
+    """EP-fine-tune the configured image encoder (``encoder.image_model`` and
+    ``image_weights``) on ``photos`` (``(N, H, W, 3)`` uint8) and their entity ``labels``
+    (name -> ``(N,)`` ints), split at random (seeded) into training, ``valid`` (chooses the
+    epoch) and ``held_out`` (the report) shares; write the weights to ``out`` (default
+    ``DataDir.encoder("image-ep") / "weights.pth"``) with ``finetune.json`` beside them and
+    return the report: accuracy per entity before (a linear probe on the pretrained
+    features) and after, on validation and held-out photos."""
+    import numpy as np
+    import torch
+
+    from encoders.entity_prediction import EPConfig, finetune, save_weights
+    from encoders.image_encoder import ImageEncoder, packaged_efficientnet_weights
+
+    started = time.monotonic()
+    if cfg.encoder.threads:
+        torch.set_num_threads(cfg.encoder.threads)
+    if not (0 < held_out < 1 and 0 < valid < 1 - held_out):
+        raise ValueError("give 0 < held_out < 1 and 0 < valid < 1 - held_out")
+    ep = EPConfig(**({"epochs": epochs} if epochs else {}))
+    rows = np.random.default_rng(ep.seed).permutation(len(photos))
+    n_test, n_valid = int(held_out * len(rows)), int(valid * len(rows))
+    split = {"test": rows[:n_test], "valid": rows[n_test:n_test + n_valid],
+             "train": rows[n_test + n_valid:]}
+    encoder = ImageEncoder(cfg.encoder.image_model, cfg.encoder.image_weights,
+                           cfg.encoder.image_size)
+    identity_before = encoder.identity
+    result = finetune(encoder, photos, labels, split, ep, progress=progress)
+    out = Path(out) if out else cfg.paths.encoder("image-ep") / "weights.pth"
+    save_weights(encoder, cfg.encoder.image_weights or packaged_efficientnet_weights(), out)
+    report = {
+        "kind": "ep", "out": str(out), "encoder_before": identity_before,
+        "encoder_after": ImageEncoder(cfg.encoder.image_model, out,
+                                      cfg.encoder.image_size).identity,
+        "photos": {k: len(v) for k, v in split.items()}, "entities": sorted(labels),
+        "valid_before": result.valid_before, "valid_after": result.valid_after,
+        "test_before": result.before, "test_after": result.after,
+        "best_epoch": result.best_epoch, "epochs": result.epochs,
+        "settings": asdict(ep), "image_size": cfg.encoder.image_size,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (out.parent / "finetune.json").write_text(json.dumps(report, indent=1))
+    return report
