@@ -16,7 +16,7 @@ Two numbers tell whether it worked, both on held-out photos:
 
 Batch-norm statistics stay frozen (eval mode) while fine-tuning: with the small batches a
 CPU affords they would be noisier than the pretrained ones. :func:`save_weights` writes a
-weights file that ``encoder.image_weights`` loads strictly, the classifier head the encoder
+weights file that ``encoders.image_weights`` loads strictly, the classifier head the encoder
 drops included, so its content hash is the new ``encoder_version``.
 """
 
@@ -197,7 +197,7 @@ def _copy(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_weights(encoder: ImageEncoder, base_weights: Path, out: Path) -> Path:
     """Write ``encoder``'s backbone over the state_dict in ``base_weights`` (the file it was
     loaded from, whose classifier head the encoder dropped) to ``out``, atomically: a file
-    ``encoder.image_weights`` loads strictly."""
+    ``encoders.image_weights`` loads strictly."""
     state = torch.load(base_weights, map_location="cpu", weights_only=True)
     backbone = encoder.model.state_dict()
     unknown = set(backbone) - set(state)

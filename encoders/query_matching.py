@@ -255,7 +255,7 @@ def _copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save(encoder: TextEncoder, out: Path) -> Path:
     """Write ``encoder``'s model and tokenizer to ``out`` (replaced), a directory
-    ``encoder.text_model`` can name: its content hash becomes the new encoder identity."""
+    ``encoders.text_model`` can name: its content hash becomes the new encoder identity."""
     import shutil
 
     tmp = out.with_name(out.name + ".tmp")

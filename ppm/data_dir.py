@@ -215,8 +215,8 @@ class DataDir:
 
     def encoder(self, name: str) -> Path:
         """A fine-tuned encoder ``ppm finetune`` wrote (``text-qm``: a model directory;
-        ``image-ep``: a weights file and its report), which ``encoder.text_model`` or
-        ``encoder.image_weights`` can name."""
+        ``image-ep``: a weights file and its report), which ``encoders.text_model`` or
+        ``encoders.image_weights`` can name."""
         return self.root / "encoders" / name
 
     @property

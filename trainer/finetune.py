@@ -43,7 +43,7 @@ def read_log(windows: list[Window]) -> pd.DataFrame:
 def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = None,
                   test_share: float = 0.2, valid_share: float = 0.1,
                   epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """QM-fine-tune the configured text encoder (``encoder.text_model``) on the data
+    """QM-fine-tune the configured text encoder (``encoders.text_model``) on the data
     directory's logs and ``items``' texts; write it to ``out`` (default
     ``DataDir.encoder("text-qm")``) and return the report (also ``out/finetune.json``):
     recall@k and MRR of the clicked item among the catalog, before and after, on the
@@ -59,8 +59,8 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     from encoders.text_encoder import TextEncoder
 
     started = time.monotonic()
-    if cfg.encoder.threads:
-        torch.set_num_threads(cfg.encoder.threads)
+    if cfg.encoders.threads:
+        torch.set_num_threads(cfg.encoders.threads)
     split: Split = split_windows(cfg, test_share, valid_share)
     if not (split.train and split.valid and split.test):
         raise ValueError("QM needs closed windows in a training, a validation and a test "
@@ -80,7 +80,7 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     # Candidates: the catalog as it stood at the end of each period.
     valid_candidates = texts.as_of(split.test_start_us - 1)
     test_candidates = texts.as_of(split.test[-1].end_us - 1)
-    encoder = TextEncoder(cfg.encoder.text_model, cfg.encoder.text_max_length)
+    encoder = TextEncoder(cfg.encoders.text_model, cfg.encoders.text_max_length)
     identity_before = encoder.identity
     test_before = retrieval_of(encoder.model, encoder.tokenizer, test, test_candidates, qm.k,
                                encoder.max_length)
@@ -92,7 +92,7 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     save(encoder, out)
     report = {
         "kind": "qm", "out": str(out), "encoder_before": identity_before,
-        "encoder_after": TextEncoder(out, cfg.encoder.text_max_length).identity,
+        "encoder_after": TextEncoder(out, cfg.encoders.text_max_length).identity,
         "pairs": {"train": len(train), "valid": len(valid), "test": len(test)},
         "hard_negatives": sum(p.shown is not None for p in train),
         "candidates": {"valid": len(valid_candidates), "test": len(test_candidates)},
@@ -108,7 +108,7 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
 def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
                    epochs: int | None = None, held_out: float = 0.2, valid: float = 0.1,
                    progress: bool = True) -> dict[str, Any]:
-    """EP-fine-tune the configured image encoder (``encoder.image_model`` and
+    """EP-fine-tune the configured image encoder (``encoders.image_model`` and
     ``image_weights``) on ``photos`` (``(N, H, W, 3)`` uint8) and their entity ``labels``
     (name -> ``(N,)`` ints), split at random (seeded) into training, ``valid`` (chooses the
     epoch) and ``held_out`` (the report) shares; write the weights to ``out`` (default
@@ -122,8 +122,8 @@ def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
     from encoders.image_encoder import ImageEncoder, packaged_efficientnet_weights
 
     started = time.monotonic()
-    if cfg.encoder.threads:
-        torch.set_num_threads(cfg.encoder.threads)
+    if cfg.encoders.threads:
+        torch.set_num_threads(cfg.encoders.threads)
     if not (0 < held_out < 1 and 0 < valid < 1 - held_out):
         raise ValueError("give 0 < held_out < 1 and 0 < valid < 1 - held_out")
     ep = EPConfig(**({"epochs": epochs} if epochs else {}))
@@ -131,21 +131,21 @@ def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
     n_test, n_valid = int(held_out * len(rows)), int(valid * len(rows))
     split = {"test": rows[:n_test], "valid": rows[n_test:n_test + n_valid],
              "train": rows[n_test + n_valid:]}
-    encoder = ImageEncoder(cfg.encoder.image_model, cfg.encoder.image_weights,
-                           cfg.encoder.image_size)
+    encoder = ImageEncoder(cfg.encoders.image_model, cfg.encoders.image_weights,
+                           cfg.encoders.image_size)
     identity_before = encoder.identity
     result = finetune(encoder, photos, labels, split, ep, progress=progress)
     out = Path(out) if out else cfg.paths.encoder("image-ep") / "weights.pth"
-    save_weights(encoder, cfg.encoder.image_weights or packaged_efficientnet_weights(), out)
+    save_weights(encoder, cfg.encoders.image_weights or packaged_efficientnet_weights(), out)
     report = {
         "kind": "ep", "out": str(out), "encoder_before": identity_before,
-        "encoder_after": ImageEncoder(cfg.encoder.image_model, out,
-                                      cfg.encoder.image_size).identity,
+        "encoder_after": ImageEncoder(cfg.encoders.image_model, out,
+                                      cfg.encoders.image_size).identity,
         "photos": {k: len(v) for k, v in split.items()}, "entities": sorted(labels),
         "valid_before": result.valid_before, "valid_after": result.valid_after,
         "test_before": result.before, "test_after": result.after,
         "best_epoch": result.best_epoch, "epochs": result.epochs,
-        "settings": asdict(ep), "image_size": cfg.encoder.image_size,
+        "settings": asdict(ep), "image_size": cfg.encoders.image_size,
         "seconds": round(time.monotonic() - started, 1),
     }
     (out.parent / "finetune.json").write_text(json.dumps(report, indent=1))

@@ -190,7 +190,7 @@ def _finetune(args: argparse.Namespace, cfg: Config) -> int:
                 f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before), file=sys.stderr)
     setting = "TEXT_MODEL" if args.encoder == "text" else "IMAGE_WEIGHTS"
     print(f"wrote {report['out']} (encoder {report['encoder_after']}); use it with "
-          f"PPM__ENCODER__{setting}={report['out']}", file=sys.stderr)
+          f"PPM__ENCODERS__{setting}={report['out']}", file=sys.stderr)
     print(json.dumps(report))
     return 0
 
