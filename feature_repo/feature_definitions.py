@@ -26,6 +26,7 @@ from ppm.data_dir import DataDir
 NO_TTL = timedelta(0)
 
 ITEM_EMBEDDING_VIEW = "item_embedding"
+ITEM_EMBEDDING_BY_VERSION_VIEW = "item_embedding_by_version"
 ITEM_PROFILE_VIEW = "item_profile"
 USER_SEQUENCE_VIEW = "user_sequence"
 ITEM_EMBEDDING_PUSH = "item_embedding_push"
@@ -34,14 +35,23 @@ USER_SEQUENCE_PUSH = "user_sequence_push"
 RANKER_SERVICE = "ranker"
 
 
+def embedding_key(item_id: str, encoder_version: str) -> str:
+    """The ``item_key`` of an item's vector of one encoder version in
+    ``item_embedding_by_version``: ids never hold control characters
+    (``ppm.events.Id``), so the separator cannot collide."""
+    return f"{item_id}\x1f{encoder_version}"
+
+
 @dataclass(frozen=True)
 class FeatureDefinitions:
     item: Entity
+    item_version: Entity
     user: Entity
     item_embedding_push: PushSource
     item_profile_push: PushSource
     user_sequence_push: PushSource
     item_embedding: FeatureView
+    item_embedding_by_version: FeatureView
     item_profile: FeatureView
     user_sequence: FeatureView
     ranker: FeatureService
@@ -51,10 +61,12 @@ class FeatureDefinitions:
         sources = [self.item_embedding_push, self.item_profile_push, self.user_sequence_push]
         return [
             self.item,
+            self.item_version,
             self.user,
             *[s.batch_source for s in sources],
             *sources,
             self.item_embedding,
+            self.item_embedding_by_version,
             self.item_profile,
             self.user_sequence,
             self.ranker,
@@ -73,6 +85,11 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
     # A catalog item, keyed by the catalog's own id.
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING)
 
+    # An item's vector of one encoder version (embedding_key): several versions live side by
+    # side while a backfill embeds the catalog with a new encoder (streams.backfill).
+    item_version = Entity(name="item_version", join_keys=["item_key"],
+                          value_type=ValueType.STRING)
+
     # A shopper, keyed by the front end's user id.
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING)
 
@@ -85,12 +102,8 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
     # Written by SequenceBuilder for the users whose sequence changed in a batch.
     user_sequence_push = push_source(USER_SEQUENCE_PUSH, paths.user_sequence_log)
 
-    # The cached output of the frozen encoders: the PPM module's input.
-    item_embedding = FeatureView(
-        name=ITEM_EMBEDDING_VIEW,
-        entities=[item],
-        ttl=NO_TTL,
-        schema=[
+    def embedding_schema() -> list[Field]:
+        return [
             Field(name="embedding", dtype=Array(Float32), description="text ++ image vector"),
             Field(name="encoder_version", dtype=String),
             Field(name="content_hash", dtype=String),
@@ -98,7 +111,27 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
                   description="event time of the item event the vector was computed from"),
             Field(name="embedded_at_us", dtype=Int64,
                   description="wall-clock time the vector became readable online"),
-        ],
+        ]
+
+    # The cached output of the frozen encoders: the PPM module's input. The newest vector
+    # the stream wrote, whatever its encoder version: one read serves the common case.
+    item_embedding = FeatureView(
+        name=ITEM_EMBEDDING_VIEW,
+        entities=[item],
+        ttl=NO_TTL,
+        schema=embedding_schema(),
+        source=item_embedding_push,
+        online=True,
+    )
+
+    # The same vectors keyed by (item, encoder version): what a reader of another version
+    # than the newest one reads (a model trained on a backfilled version, or the old one
+    # still serving while a backfill runs).
+    item_embedding_by_version = FeatureView(
+        name=ITEM_EMBEDDING_BY_VERSION_VIEW,
+        entities=[item_version],
+        ttl=NO_TTL,
+        schema=embedding_schema(),
         source=item_embedding_push,
         online=True,
     )
@@ -143,11 +176,13 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
 
     return FeatureDefinitions(
         item=item,
+        item_version=item_version,
         user=user,
         item_embedding_push=item_embedding_push,
         item_profile_push=item_profile_push,
         user_sequence_push=user_sequence_push,
         item_embedding=item_embedding,
+        item_embedding_by_version=item_embedding_by_version,
         item_profile=item_profile,
         user_sequence=user_sequence,
         ranker=ranker,

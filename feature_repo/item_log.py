@@ -45,7 +45,8 @@ class ItemLog:
             return None
         digest = hashlib.sha256()
         for r in rows:
-            digest.update(f"{r.item_id}\x00{r.content_hash}\x00{r.content_time_us}\n".encode())
+            digest.update(f"{r.item_id}\x00{r.encoder_version}\x00{r.content_hash}\x00"
+                          f"{r.content_time_us}\n".encode())
         first = min(r.content_time_us for r in rows)
         path = self.folder / f"part-{first:017d}-{digest.hexdigest()[:16]}.parquet"
         vectors = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in rows])

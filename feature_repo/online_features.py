@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -29,10 +29,12 @@ import pandas as pd
 from feast import FeatureStore
 
 from feature_repo.feature_definitions import (
+    ITEM_EMBEDDING_BY_VERSION_VIEW,
     ITEM_EMBEDDING_VIEW,
     ITEM_PROFILE_VIEW,
     USER_SEQUENCE_VIEW,
     FeatureDefinitions,
+    embedding_key,
     feature_definitions,
 )
 from ppm.clock import now_us
@@ -133,12 +135,15 @@ class OnlineFeatures:
 
     # ------------------------------------------------------------------ writes
 
-    def write_item_embeddings(self, rows: Sequence[ItemEmbeddingRow]) -> None:
-        """Write vectors in one batch; the entity timestamp is the content's event time."""
+    def write_item_embeddings(self, rows: Sequence[ItemEmbeddingRow], newest: bool = True
+                              ) -> None:
+        """Write vectors in one batch, keyed by item and encoder version, and with
+        ``newest`` (the stream's writes) also as the item's newest vector, whatever its
+        version (a backfill of another version leaves that one alone). The entity
+        timestamp is the content's event time."""
         if not rows:
             return
         df = pd.DataFrame({
-            "item_id": [r.item_id for r in rows],
             "embedding": [np.asarray(r.embedding, dtype=np.float32) for r in rows],
             "encoder_version": [r.encoder_version for r in rows],
             "content_hash": [r.content_hash for r in rows],
@@ -146,7 +151,12 @@ class OnlineFeatures:
             "embedded_at_us": [r.embedded_at_us for r in rows],
         })
         df["event_timestamp"] = _timestamps(df["content_time_us"])
-        self.store.write_to_online_store(ITEM_EMBEDDING_VIEW, df)
+        by_version = df.assign(item_key=[embedding_key(r.item_id, r.encoder_version)
+                                         for r in rows])
+        self.store.write_to_online_store(ITEM_EMBEDDING_BY_VERSION_VIEW, by_version)
+        if newest:
+            self.store.write_to_online_store(ITEM_EMBEDDING_VIEW,
+                                             df.assign(item_id=[r.item_id for r in rows]))
 
     def write_item_profiles(self, states: Sequence[ItemState]) -> None:
         """Write ID features and tombstones in one batch (timestamp: the newest event)."""
@@ -190,18 +200,54 @@ class OnlineFeatures:
 
         ``now`` is microseconds since the epoch on the clock the freshness window is measured
         in: event time for a replay, the wall clock (the default) for a live stream.
-        ``encoder_version``, when given, makes embeddings of any other version stale.
+        ``encoder_version``, when given, reads that version's embeddings
+        (:meth:`fetch_items`) and makes any other stale.
         """
         now = now_us() if now is None else now
-        stored = self.fetch_items(item_ids, with_embeddings)
+        stored = self.fetch_items(item_ids, with_embeddings, encoder_version)
         return {i: self.judge(item, now, encoder_version) for i, item in stored.items()}
 
-    def fetch_items(self, item_ids: Sequence[str], with_embeddings: bool = False
-                    ) -> dict[str, StoredItem]:
+    def fetch_items(self, item_ids: Sequence[str], with_embeddings: bool = False,
+                    encoder_version: str | None = None) -> dict[str, StoredItem]:
         """The stored features of ``item_ids`` as they are, not judged (see :meth:`judge`);
-        unknown ids are left out. One batched read."""
+        unknown ids are left out. One batched read of profiles and newest embeddings; with
+        ``encoder_version``, a second one, of that version's vectors, for the items whose
+        newest vector is of another version (none found: the newest is kept, and
+        :meth:`judge` calls it stale)."""
         if not item_ids:
             return {}
+        out = self._fetch_newest(item_ids, with_embeddings)
+        other = [i for i, item in out.items() if encoder_version is not None
+                 and item.state.encoder_version not in (None, encoder_version)]
+        if other:
+            out.update(self._fetch_version(other, encoder_version, with_embeddings, out))
+        return out
+
+    def _fetch_version(self, item_ids: Sequence[str], encoder_version: str,
+                       with_embeddings: bool, newest: dict[str, StoredItem]
+                       ) -> dict[str, StoredItem]:
+        refs = [f"{ITEM_EMBEDDING_BY_VERSION_VIEW}:{f}" for f in EMBEDDING_META]
+        if with_embeddings:
+            refs.append(f"{ITEM_EMBEDDING_BY_VERSION_VIEW}:embedding")
+        data = self.store.get_online_features(
+            features=refs,
+            entity_rows=[{"item_key": embedding_key(i, encoder_version)} for i in item_ids],
+        ).to_dict()
+        out = {}
+        for row, item_id in enumerate(item_ids):
+            if data["encoder_version"][row] is None:
+                continue  # not embedded under this version (yet)
+            state = replace(newest[item_id].state, encoder_version=data["encoder_version"][row],
+                            content_hash=data["content_hash"][row],
+                            content_time_us=data["content_time_us"][row])
+            vector = data["embedding"][row] if with_embeddings else None
+            out[item_id] = StoredItem(
+                state, None if vector is None else np.asarray(vector, dtype=np.float32),
+                data["embedded_at_us"][row], with_embeddings)
+        return out
+
+    def _fetch_newest(self, item_ids: Sequence[str], with_embeddings: bool
+                      ) -> dict[str, StoredItem]:
         refs = [f"{ITEM_PROFILE_VIEW}:{f}" for f in PROFILE_FIELDS]
         refs += [f"{ITEM_EMBEDDING_VIEW}:{f}" for f in EMBEDDING_META]
         if with_embeddings:

@@ -245,6 +245,10 @@ class TrainerConfig(_Section):
 
     variant: Literal["idrec", "ppm", "modal"] = "ppm"
     """idrec: ID transformer only; ppm: ID + PPM modality transformer; modal: PPM only."""
+    encoder_version: str | None = None
+    """The item vectors a model trained from scratch reads (``enc-...``, as ``ppm
+    backfill`` prints it). None: the version written last to the item log. A model
+    fine-tuned from a champion always reads the champion's version."""
     batch_size: int = Field(256, ge=1)
     """Samples per optimiser step. Chosen on validation (``--tune batch_size=...``, the
     validation period of ml-latest-small and of the quick demo world's warm-up): 1024 left

@@ -36,8 +36,10 @@ from streams.freshness import FreshnessStats
 class ItemStore(Protocol):
     """The online store as the embedder needs it (``OnlineFeatures`` implements it)."""
 
-    def read_items(self, item_ids: Sequence[str]) -> dict[str, OnlineItem]: ...
-    def write_item_embeddings(self, rows: Sequence[ItemEmbeddingRow]) -> None: ...
+    def read_items(self, item_ids: Sequence[str], *, encoder_version: str | None = None
+                   ) -> dict[str, OnlineItem]: ...
+    def write_item_embeddings(self, rows: Sequence[ItemEmbeddingRow], newest: bool = True
+                              ) -> None: ...
     def write_item_profiles(self, states: Sequence[ItemState]) -> None: ...
 
 
@@ -132,7 +134,7 @@ class ItemEmbedder:
             (e, a) for e, a in accepted
             if e.op is ItemOp.UPSERT and not self._embedded(known.get(e.item_id), e)
         ]
-        embeddings, failed = self._encode([e for e, _ in to_encode])
+        embeddings, failed = encode_each(self.encoder, [e for e, _ in to_encode])
         if failed:
             result.rejected = {e.item_id: (e, f"encoder failed: {str(exc)[:500]}",
                                            type(exc).__name__)
@@ -184,35 +186,14 @@ class ItemEmbedder:
         result.unchanged = result.applied - result.deleted - result.encoded
         return result
 
-    def _encode(self, events: list[ItemEvent]):
-        """(embeddings of the events that encode, [(event, exception)] of those that fail
-        on their own). Tried one by one only after the batch failed. When every one fails,
-        a plain item tells the records' fault from the encoder's: if it fails too, its
-        error is raised (nothing is dead-lettered for a broken encoder), as is any error
-        when the encoder's process is gone."""
-        try:
-            return self.encoder.encode(events), []
-        except Exception as exc:
-            if _encoder_gone(exc):
-                raise
-            failed = []
-            for event in events:
-                try:
-                    self.encoder.encode([event])
-                except Exception as one:
-                    if _encoder_gone(one):
-                        raise
-                    failed.append((event, one))
-            if len(failed) == len(events):
-                self.encoder.encode([_PROBE])  # raises if the encoder itself is broken
-            bad = {id(e) for e, _ in failed}
-            return self.encoder.encode([e for e in events if id(e) not in bad]), failed
-
     def _known(self, item_ids: list[str]) -> dict[str, ItemState]:
         known = {i: self.state[i] for i in item_ids if i in self.state}
         missing = [i for i in item_ids if i not in known]
         if missing:
-            stored = {i: online.state for i, online in self.store.read_items(missing).items()}
+            # This encoder's vectors where the store has them (a backfill may have written
+            # them), so an item already embedded under this version is not embedded again.
+            stored = {i: online.state for i, online in self.store.read_items(
+                missing, encoder_version=self.encoder.encoder_version).items()}
             # What the store holds was applied (by this embedder before a restart, or another
             # one): remember it, so the state also covers items a replay finds unchanged.
             self.state.update(stored)
@@ -249,6 +230,31 @@ class ItemEmbedder:
             updated_us=t,
             **carried,
         )
+
+
+def encode_each(encoder: ItemEncoder | EncoderProcess, events: list[ItemEvent]):
+    """(embeddings of the events that encode, [(event, exception)] of those that fail on
+    their own). Tried one by one only after the batch failed. When every one fails, a
+    plain item tells the records' fault from the encoder's: if it fails too, its error is
+    raised (nothing is dead-lettered for a broken encoder), as is any error when the
+    encoder's process is gone. Shared by the stream and the backfill (``streams.backfill``)."""
+    try:
+        return encoder.encode(events), []
+    except Exception as exc:
+        if _encoder_gone(exc):
+            raise
+        failed = []
+        for event in events:
+            try:
+                encoder.encode([event])
+            except Exception as one:
+                if _encoder_gone(one):
+                    raise
+                failed.append((event, one))
+        if len(failed) == len(events):
+            encoder.encode([_PROBE])  # raises if the encoder itself is broken
+        bad = {id(e) for e, _ in failed}
+        return encoder.encode([e for e in events if id(e) not in bad]), failed
 
 
 def _encoder_gone(exc: BaseException) -> bool:

@@ -253,7 +253,7 @@ class MemoryStore(OnlineFeatures):
         super().__init__(None, None, freshness_window_s)
         self.items = items
 
-    def fetch_items(self, item_ids, with_embeddings=False):
+    def fetch_items(self, item_ids, with_embeddings=False, encoder_version=None):
         return {i: StoredItem(self.items[i], VECTORS[i] if with_embeddings and
                               self.items[i].encoder_version else None, T, with_embeddings)
                 for i in item_ids if i in self.items}

@@ -217,8 +217,11 @@ def _usable_rows(modal: ModalTable, item_ids: Sequence[str | None], at_us: np.nd
     at ``at_us``, else 0."""
     rows = modal.rows_as_of(item_ids, at_us if read_us is None else read_us)
     content_time_us = modal.content_time_us[rows]
-    versions = (recorded_versions if recorded_versions is not None
-                else [modal.encoder_version] * len(rows))
+    # A recorded version says the stream had a vector of the item then; read as "had one
+    # of the model's version", so a version backfilled later (streams.backfill) stands in
+    # for the one the stream had, as of the same content, and never where it had none.
+    versions = ([None if v is None else modal.encoder_version for v in recorded_versions]
+                if recorded_versions is not None else [modal.encoder_version] * len(rows))
     return np.where(usable_vectors(
         embedded=rows > 0, encoder_versions=versions, content_time_us=content_time_us,
         at_us=at_us, model_version=modal.encoder_version,

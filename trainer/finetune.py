@@ -14,6 +14,7 @@ old and the new encoder never mix.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -30,6 +31,12 @@ from trainer.train import Split, split_windows
 from trainer.windows import Window, files_of
 
 _LOG_COLUMNS = ["request_id", "item_id", "query", "click", "impression_time"]
+
+
+def _say(metrics: dict[str, float]) -> None:
+    """One line per epoch on stderr, beside the progress bars."""
+    print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in metrics.items()), file=sys.stderr, flush=True)
 
 
 def read_log(windows: list[Window]) -> pd.DataFrame:
@@ -84,7 +91,8 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     identity_before = encoder.identity
     test_before = retrieval_of(encoder.model, encoder.tokenizer, test, test_candidates, qm.k,
                                encoder.max_length)
-    result = finetune(encoder, train, valid, valid_candidates, qm, progress=progress)
+    result = finetune(encoder, train, valid, valid_candidates, qm, progress=progress,
+                      on_epoch=_say if progress else None)
     test_after = retrieval_of(encoder.model, encoder.tokenizer, test, test_candidates, qm.k,
                               encoder.max_length)
     out = Path(out) if out else cfg.paths.encoder("text-qm")
@@ -134,7 +142,8 @@ def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
     encoder = ImageEncoder(cfg.encoders.image_model, cfg.encoders.image_weights,
                            cfg.encoders.image_size)
     identity_before = encoder.identity
-    result = finetune(encoder, photos, labels, split, ep, progress=progress)
+    result = finetune(encoder, photos, labels, split, ep, progress=progress,
+                      on_epoch=_say if progress else None)
     out = Path(out) if out else cfg.paths.encoder("image-ep") / "weights.pth"
     save_weights(encoder, cfg.encoders.image_weights or packaged_efficientnet_weights(), out)
     report = {

@@ -219,15 +219,19 @@ class IncrementalTrainer:
     """
 
     def __init__(self, cfg: Config, registry: Registry | None = None,
-                 variant: str | None = None, shuffle_vectors_seed: int | None = None):
+                 variant: str | None = None, shuffle_vectors_seed: int | None = None,
+                 from_scratch: bool = False):
         self.cfg = cfg
+        self.from_scratch = from_scratch
+        """Whether the models this trainer fits start from scratch (``ppm train --batch``):
+        then the champion's encoder version does not choose the vectors (:attr:`modal`)."""
         self.variant = variant or cfg.trainer.variant
         self.registry = registry or Registry(cfg.paths.registry(self.variant))
         self.shuffle_vectors_seed = shuffle_vectors_seed
         self.refresh = EmbeddingRefresh.of(cfg.staleness)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
-        self._modal: tuple[tuple[str, ...], ModalTable] | None = None
+        self._modal: tuple[tuple[str | None, ...], ModalTable] | None = None
         self._champion_cache: tuple[Version, UnifiedRanker] | None = None
 
     def dataset(self, windows: Sequence[Window | Path], config: RankerConfig | None = None,
@@ -256,13 +260,18 @@ class IncrementalTrainer:
 
     @property
     def modal(self) -> ModalTable:
-        """Cached item vectors, re-read when the item log has new parts (items embedded
-        since the last step must be visible), available as ``[staleness]``'s refresh
-        policy says; shuffled for the control."""
+        """Cached item vectors of the encoder version this trainer's models read: the
+        champion's (fine-tuning never changes a model's version), else
+        ``trainer.encoder_version``, else the version written last; re-read when the item
+        log has new parts (items embedded since the last step must be visible), available
+        as ``[staleness]``'s refresh policy says; shuffled for the control."""
         folder = self.cfg.paths.item_log
-        parts = tuple(sorted(p.name for p in folder.glob("part-*.parquet")))
+        champion = None if self.from_scratch else self.registry.champion()
+        version = (champion.meta.get("encoder_version") if champion else None) or \
+            self.cfg.trainer.encoder_version
+        parts = (version, *sorted(p.name for p in folder.glob("part-*.parquet")))
         if self._modal is None or self._modal[0] != parts:
-            modal = ModalTable.from_item_log(folder)
+            modal = ModalTable.from_item_log(folder, version)
             if self.refresh.mode != "recorded":
                 windows = closed_windows(self.cfg.paths.training)
                 modal = self.refresh.apply(modal, windows[0].start_us if windows else 0)
@@ -491,7 +500,8 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     without a better one. The item vocabulary is counted from ``windows``.
     ``shuffle_vectors_seed``: the shuffled-vector control (see :class:`IncrementalTrainer`;
     score the model through a trainer with the same seed)."""
-    trainer = IncrementalTrainer(cfg, variant=variant, shuffle_vectors_seed=shuffle_vectors_seed)
+    trainer = IncrementalTrainer(cfg, variant=variant, shuffle_vectors_seed=shuffle_vectors_seed,
+                                 from_scratch=True)
     t = cfg.trainer
     model = new_model(cfg, trainer.variant, trainer.modal.dim)
     admit_ids(model, windows, t)

@@ -195,6 +195,31 @@ def _finetune(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _backfill(args: argparse.Namespace, cfg: Config) -> int:
+    """``ppm backfill``: :class:`streams.backfill.Backfill` with the configured encoders;
+    the result's JSON is the last line of stdout."""
+    from encoders.item_encoder import ItemEncoder
+    from feature_repo.item_log import ItemLog
+    from feature_repo.online_features import OnlineFeatures
+    from streams.backfill import Backfill
+
+    try:
+        items = _item_events(args, cfg)
+        store = OnlineFeatures.open(cfg)
+        encoder = ItemEncoder.from_config(cfg)
+        result = Backfill(encoder, store, ItemLog(cfg.paths.item_log), args.batch_size).run(
+            items, progress=not args.quiet)
+    except (ValueError, OSError) as exc:
+        print(f"ppm backfill: {exc}", file=sys.stderr)
+        return 2
+    print(f"{result.encoded:,} items embedded under {result.encoder_version}, "
+          f"{result.already:,} already were, {len(result.rejected):,} rejected, "
+          f"{result.withdrawn:,} withdrawn; the serving version is unchanged: promote a "
+          "model of this version to switch (docs/encoders.md)", file=sys.stderr)
+    print(json.dumps({**result.__dict__, "rejected": result.rejected}))
+    return 0 if not result.rejected else 1
+
+
 def _item_events(args: argparse.Namespace, cfg: Config):
     """The item events of ``--jsonl DIR`` (its items.jsonl; malformed lines skipped) or of
     ``--simulate``'s world."""
@@ -630,6 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "validation is kept)")
     image.add_argument("--quiet", action="store_true", help="no progress bar")
     image.set_defaults(run=_finetune)
+
+    backfill = sub.add_parser(
+        "backfill", help="embed the catalog with the configured encoders (a new "
+        "encoder_version) beside the version serving, through the item log and the online "
+        "store; a rerun resumes (skips what is done)")
+    _add_input_options(backfill, "the catalog (each item's newest event)")
+    backfill.add_argument("--batch-size", type=int, default=256, metavar="N",
+                          help="items per read, encode and write (default 256)")
+    backfill.add_argument("--quiet", action="store_true", help="no progress bar")
+    backfill.set_defaults(run=_backfill)
 
     serve = sub.add_parser("serve", help="score candidates over HTTP (POST /rank)")
     serve.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (0: any free)")

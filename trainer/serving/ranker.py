@@ -75,18 +75,22 @@ class ItemCache:
         self.store = store
         self.max_age_s = max_age_s
         self.max_items = max_items
-        self._entries: OrderedDict[str, tuple[float, StoredItem | None]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str | None, str], tuple[float, StoredItem | None]] = (
+            OrderedDict())
         self._lock = threading.Lock()
         self._jitter = random.Random(0)
         self.counters = {"hits": 0, "misses": 0}
 
-    def read(self, item_ids: Sequence[str], with_embeddings: bool) -> dict[str, StoredItem]:
-        """Like ``OnlineFeatures.fetch_items``: the known items as stored."""
+    def read(self, item_ids: Sequence[str], with_embeddings: bool,
+             encoder_version: str | None = None) -> dict[str, StoredItem]:
+        """Like ``OnlineFeatures.fetch_items``: the known items as stored, with
+        ``encoder_version``'s vectors where the store has them (entries are kept per
+        version, so a model of another version never reads this one's)."""
         clock = time.monotonic()
         found: dict[str, StoredItem | None] = {}
         with self._lock:
             for item_id in item_ids:
-                entry = self._entries.get(item_id)  # (expires_at, item)
+                entry = self._entries.get((encoder_version, item_id))  # (expires_at, item)
                 if entry is not None and entry[0] > clock and (
                         entry[1] is None or entry[1].with_embedding or not with_embeddings):
                     found[item_id] = entry[1]
@@ -95,13 +99,14 @@ class ItemCache:
             self.counters["misses"] += len(wanted)
         if wanted:
             fetched_at = time.monotonic()
-            stored = self.store.fetch_items(wanted, with_embeddings)
+            stored = self.store.fetch_items(wanted, with_embeddings, encoder_version)
             with self._lock:
                 for item_id in wanted:
                     found[item_id] = stored.get(item_id)
                     expires = fetched_at + self.max_age_s * self._jitter.uniform(0.5, 1.0)
-                    self._entries[item_id] = (expires, found[item_id])
-                    self._entries.move_to_end(item_id)
+                    key = (encoder_version, item_id)
+                    self._entries[key] = (expires, found[item_id])
+                    self._entries.move_to_end(key)
                 while len(self._entries) > self.max_items:
                     self._entries.popitem(last=False)
         return {i: item for i, item in found.items() if item is not None}
@@ -189,7 +194,7 @@ class Ranker:
         seq = UserSequence(user_id, seq.item_ids[-L:], seq.actions[-L:], seq.times_us[-L:])
         seq_ids = list(seq.item_ids)
         wanted = list(dict.fromkeys(item_ids + seq_ids))
-        stored = self.items.read(wanted, c.uses_modal)
+        stored = self.items.read(wanted, c.uses_modal, encoder_version)
 
         # This request's vector table: row 0 = missing, then every usable vector, in order
         # of first use (targets, then the sequence), as model_batch keeps it.
