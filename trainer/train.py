@@ -69,7 +69,9 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # Only what trains: a frozen plug-in (plug_in) keeps its weights, decay included.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=weight_decay)
     last = float("nan")
     for epoch in range(epochs):
         model.train()
@@ -477,6 +479,9 @@ class BatchFit:
     trainer: IncrementalTrainer | None = field(default=None, repr=False, compare=False)
     """The trainer that read its data: its vectors (shuffled for the control) score the
     model's other windows without reading the item log again."""
+    plug_in: dict[str, Any] | None = None
+    """:func:`plug_in`'s record: the pre-trained PPM module it started from, and whether
+    it stayed frozen."""
 
     def meta(self) -> dict[str, Any]:
         """The registry meta of this model."""
@@ -485,25 +490,61 @@ class BatchFit:
                 "best_epoch": self.best_epoch, "valid_click_auc": self.valid_auc,
                 "valid_click_aucs": self.valid_aucs, "tuned": self.tuned,
                 "encoder_version": self.encoder_version,
-                "shuffle_vectors_seed": self.shuffle_vectors_seed,
+                "shuffle_vectors_seed": self.shuffle_vectors_seed, "plug_in": self.plug_in,
+                "trainable_parameters": sum(p.numel() for p in self.model.parameters()
+                                            if p.requires_grad),
                 "item_vocabulary": vocabulary_meta(self.model.item_vocabulary),
                 "user_vocabulary": vocabulary_meta(self.model.user_vocabulary)}
 
 
+def plug_in(model: UnifiedRanker, source: Version, freeze: bool = False) -> dict[str, Any]:
+    """Start ``model``'s PPM module from the one pre-trained in ``source`` (a registry
+    version, usually of the ``modal`` variant: ``ppm train --batch --variant modal``), as
+    the paper plugs its pre-trained module into IDRec; with ``freeze``, the module's
+    weights never change again (the optimiser sees only the rest), so its per-item outputs
+    are fixed. Returns the record kept in the model's meta.
+
+    Raises:
+        ValueError: ``model`` has no PPM module, ``source`` none or one of another shape.
+    """
+    from trainer.model import load_checkpoint
+
+    if model.ppm is None:
+        raise ValueError(f"a {model.config.variant} model has no PPM module to plug into")
+    pretrained, _ = load_checkpoint(source.model_path)
+    if pretrained.ppm is None:
+        raise ValueError(f"{source.name} ({pretrained.config.variant}) has no PPM module")
+    try:
+        model.ppm.load_state_dict(pretrained.ppm.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{source.name}'s PPM module does not fit this model (model "
+                         f"settings differ): {str(exc).splitlines()[0]}") from exc
+    model.ppm.requires_grad_(not freeze)
+    return {"version": source.name, "variant": pretrained.config.variant,
+            "encoder_version": source.meta.get("encoder_version"), "frozen": freeze}
+
+
 def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
                 epochs: int | None = None, progress: bool = True,
-                valid: Sequence[Window] = (), shuffle_vectors_seed: int | None = None
+                valid: Sequence[Window] = (), shuffle_vectors_seed: int | None = None,
+                plug_in_from: Version | None = None, freeze_plugin: bool = False
                 ) -> BatchFit:
     """``ppm train --batch``: one fit from scratch over ``windows``, for at most ``epochs``
     (default ``trainer.initial_epochs``). With ``valid`` windows, the epoch with the best
     validation click AUC is kept, and training stops after ``trainer.patience`` epochs
     without a better one. The item vocabulary is counted from ``windows``.
     ``shuffle_vectors_seed``: the shuffled-vector control (see :class:`IncrementalTrainer`;
-    score the model through a trainer with the same seed)."""
+    score the model through a trainer with the same seed). ``plug_in_from``: start the PPM
+    module from that version's (:func:`plug_in`; its encoder version is read), frozen with
+    ``freeze_plugin``."""
+    if plug_in_from is not None and plug_in_from.meta.get("encoder_version"):
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+            update={"encoder_version": plug_in_from.meta["encoder_version"]})})
     trainer = IncrementalTrainer(cfg, variant=variant, shuffle_vectors_seed=shuffle_vectors_seed,
                                  from_scratch=True)
     t = cfg.trainer
     model = new_model(cfg, trainer.variant, trainer.modal.dim)
+    plugged = plug_in(model, plug_in_from, freeze_plugin) if plug_in_from else None
     admit_ids(model, windows, t)
     data = trainer.dataset_for(model, windows, training=True)
     held_out = trainer.dataset_for(model, valid) if valid else None
@@ -528,7 +569,7 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     return BatchFit(model, trainer.variant, trainer.modal.encoder_version, names(windows),
                     names(valid) if held_out is not None else [], ran, best.get("epoch"),
                     best.get("auc"), aucs, shuffle_vectors_seed=shuffle_vectors_seed,
-                    trainer=trainer)
+                    trainer=trainer, plug_in=plugged)
 
 
 def tune_batch(cfg: Config, split: Split, grid: Mapping[str, Sequence[str]],

@@ -68,12 +68,20 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     if args.threads:
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
             update={"threads": args.threads})})
-    if args.tune and not args.batch:
-        print("ppm train: --tune goes with --batch", file=sys.stderr)
+    for flag, given in (("--tune", args.tune), ("--plug-in", args.plug_in),
+                        ("--freeze-plugin", args.freeze_plugin)):
+        if given and not args.batch:
+            print(f"ppm train: {flag} goes with --batch", file=sys.stderr)
+            return 2
+    if args.freeze_plugin and not args.plug_in:
+        print("ppm train: --freeze-plugin goes with --plug-in", file=sys.stderr)
         return 2
     try:
         grid = dict(_tune_option(t) for t in args.tune or [])
         split = split_windows(cfg, args.test_share, args.valid_share) if args.batch else None
+        source = _plug_in_source(cfg, args.plug_in) if args.plug_in else None
+        if source and grid:
+            raise ValueError("--plug-in and --tune: tune the plug-in's own training instead")
     except ValueError as exc:
         print(f"ppm train: {exc}", file=sys.stderr)
         return 2
@@ -89,7 +97,9 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
             try:
                 fitted = (tune_batch(cfg, split, grid, variant, args.epochs, not args.quiet)
                           if grid else train_batch(cfg, split.train, variant, args.epochs,
-                                                   not args.quiet, valid=split.valid))
+                                                   not args.quiet, valid=split.valid,
+                                                   plug_in_from=source,
+                                                   freeze_plugin=args.freeze_plugin))
             except ValueError as exc:
                 print(f"ppm train: {exc}", file=sys.stderr)
                 return 2
@@ -107,6 +117,19 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
             print(json.dumps({"variant": variant, "steps": steps,
                               "champion": getattr(trainer.registry.champion(), "name", None)}))
     return 0
+
+
+def _plug_in_source(cfg: Config, name: str):
+    """The ``modal`` registry's version ``name`` (``champion``: its champion)."""
+    from trainer.registry import Registry
+
+    registry = Registry(cfg.paths.registry("modal"))
+    found = (registry.champion() if name == "champion"
+             else next((v for v in registry.versions() if v.name == name), None))
+    if found is None:
+        raise ValueError(f"--plug-in {name}: no such version in {registry.root} (pre-train "
+                         "one with: ppm train --batch --variant modal)")
+    return found
 
 
 def _tune_option(text: str) -> tuple[str, list[str]]:
@@ -564,6 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "combination) and keep the best on validation click AUC; FIELD is a "
                        "[trainer] or [model] field or section.field, e.g. id_dropout=0,0.1,0.3"
                        " or min_item_count=1,3,10")
+    train.add_argument("--plug-in", metavar="VERSION", help="--batch: start the PPM module "
+                       "from a pre-trained one (a version of the modal variant's registry, or "
+                       "'champion'; pre-train with --variant modal), as the paper plugs PPM "
+                       "into IDRec")
+    train.add_argument("--freeze-plugin", action="store_true", help="with --plug-in: train "
+                       "only the rest (ID module, MMoE); the plug-in's weights stay as "
+                       "pre-trained")
     train.add_argument("--poll", type=float, default=5.0, help="--follow: seconds between looks")
     train.add_argument("--threads", type=int, help="torch threads")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
