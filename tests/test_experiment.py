@@ -176,3 +176,37 @@ def test_the_shuffled_control_loses_ppms_gain_on_young_items(tmp_path, item_enco
     assert control["auc"] > 0 and control["ci95"][0] > 0, young
     shuffled = young["diffs"]["ppm_shuffled-idrec"]
     assert shuffled["ci95"][0] <= 0 or shuffled["auc"] < 0.01, young
+
+
+def test_the_ablation_fits_every_arm_on_the_same_split_and_reports_its_cost(tmp_path):
+    """Each arm of ``ppm experiment ablation`` on a small world with two encoder versions:
+    the fine-tuned arm reads its version, the data-share arms fewer windows, the frozen
+    plug-in trains fewer parameters; every arm is paired with ppm."""
+    from feature_repo.item_log import ItemLog, read_item_log
+    from feature_repo.online_features import ItemEmbeddingRow
+    from tests.test_staleness import T0_US, world
+    from trainer.experiment import ablation_arms, ablation_pairs, run_experiment, to_markdown
+
+    cfg = world(tmp_path, hours=24)
+    log = read_item_log(cfg.paths.item_log).to_pandas()
+    ItemLog(cfg.paths.item_log).append(
+        [ItemEmbeddingRow(r.item_id, np.asarray(r.embedding, np.float32)[::-1].copy(), "enc-b",
+                          r.content_hash, int(r.content_time.value // 1000), T0_US + 1)
+         for r in log.itertuples()], [T0_US + 1] * len(log))
+    arms = ablation_arms(finetuned="enc-b", generic="enc")
+    result = run_experiment(cfg, 1, 0.2, 0.1, epochs=1, progress=False, arms=arms,
+                            pairs=ablation_pairs(arms), resamples=20)
+    fits = {name: runs[0] for name, runs in result["fits"].items()}
+    assert set(fits) == {"idrec", "ppm", "ppm_finetuned", "ppm_plugin_frozen",
+                         "ppm_plugin_joint", "ppm_data50", "ppm_data25"}
+    assert fits["ppm"]["encoder_version"] == "enc"
+    assert fits["ppm_finetuned"]["encoder_version"] == "enc-b"
+    full = fits["ppm"]["windows"]
+    assert fits["ppm_data50"]["windows"] == round(full / 2)
+    assert fits["ppm_data25"]["windows"] == round(full / 4)
+    assert fits["ppm_plugin_frozen"]["trainable_parameters"] < \
+        fits["ppm_plugin_joint"]["trainable_parameters"] == fits["ppm"]["trainable_parameters"]
+    assert set(result["buckets"]["all"]["diffs"]) == {
+        "ppm_finetuned-ppm", "ppm_plugin_frozen-ppm", "ppm_plugin_joint-ppm",
+        "ppm_data50-ppm", "ppm_data25-ppm", "ppm-idrec"}
+    assert "seconds per epoch" in to_markdown(result)

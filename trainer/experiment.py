@@ -21,9 +21,13 @@ the per-seed differences.
 
 from __future__ import annotations
 
+import tempfile
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -47,12 +51,51 @@ from trainer.train import (
     train_batch,
 )
 
-TRAINED: dict[str, tuple[str, bool]] = {
-    "idrec": ("idrec", False),
-    "ppm": ("ppm", False),
-    "ppm_shuffled": ("ppm", True),
+
+@dataclass(frozen=True)
+class Arm:
+    """One model an experiment fits from scratch per seed, on the training period."""
+
+    variant: str
+    shuffled: bool = False
+    """Trained and scored on vectors shuffled across items (the control)."""
+    encoder_version: str | None = None
+    """The item vectors it reads (None: ``trainer.encoder_version``, else the newest)."""
+    plug_in: Literal["frozen", "joint"] | None = None
+    """Start the PPM module from a ``modal`` model pre-trained on the same windows and
+    seed (:func:`trainer.train.plug_in`), kept frozen or trained jointly."""
+    data_share: float = 1.0
+    """Train on the most recent share of the training windows (at least one)."""
+
+
+TRAINED: dict[str, Arm] = {
+    "idrec": Arm("idrec"),
+    "ppm": Arm("ppm"),
+    "ppm_shuffled": Arm("ppm", shuffled=True),
 }
-"""The models fitted per seed: name -> (variant, trained and scored on shuffled vectors)."""
+"""The models ``ppm eval --seeds`` fits per seed."""
+
+
+def ablation_arms(finetuned: str | None = None, generic: str | None = None
+                  ) -> dict[str, Arm]:
+    """The models of ``ppm experiment ablation`` (issue #15): ``ppm`` on the ``generic``
+    encoders' vectors and, with ``finetuned`` (an encoder version a backfill wrote), on the
+    fine-tuned ones; the PPM module pre-trained and plugged in, frozen or joint; ``ppm`` on
+    50% and 25% of the training windows (the paper's data-efficiency claim); ``idrec``."""
+    arms = {"idrec": Arm("idrec"), "ppm": Arm("ppm", encoder_version=generic)}
+    if finetuned:
+        arms["ppm_finetuned"] = Arm("ppm", encoder_version=finetuned)
+    arms |= {"ppm_plugin_frozen": Arm("ppm", encoder_version=generic, plug_in="frozen"),
+             "ppm_plugin_joint": Arm("ppm", encoder_version=generic, plug_in="joint"),
+             "ppm_data50": Arm("ppm", encoder_version=generic, data_share=0.5),
+             "ppm_data25": Arm("ppm", encoder_version=generic, data_share=0.25)}
+    return arms
+
+
+def ablation_pairs(arms: Mapping[str, Arm]) -> tuple[tuple[str, str], ...]:
+    """Every arm against ``ppm``, and ``ppm`` against ``idrec``."""
+    return (*((name, "ppm") for name in arms if name not in ("ppm", "idrec")),
+            ("ppm", "idrec"))
 BASELINES = ("baseline_logreg", "baseline_rate")
 ORACLE = "oracle"
 PAIRS: tuple[tuple[str, str], ...] = (("ppm", "idrec"), ("ppm", "ppm_shuffled"),
@@ -156,14 +199,19 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
 def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
                    valid_share: float = 0.1, epochs: int | None = None,
                    oracle: Oracle | None = None, resamples: int = RESAMPLES,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, arms: Mapping[str, Arm] = TRAINED,
+                   pairs: Sequence[tuple[str, str]] = PAIRS) -> dict[str, Any]:
     """The experiment of the module docstring over ``seeds`` seeds (``trainer.seed`` =
     0 .. seeds-1, which also seeds the control's permutation); ``epochs``: the most per fit
-    (default ``trainer.initial_epochs``). Returns a JSON-ready dict: the split, each fit's
-    chosen epoch and validation AUC, and per bucket (:data:`trainer.train.TEST_BUCKETS`)
-    :func:`compare_models`. Raises ``ValueError`` for a bad split or an oracle of other
-    data, ``SystemExit`` when a period holds no window."""
+    (default ``trainer.initial_epochs``); ``arms`` the models fitted per seed (default
+    :data:`TRAINED`; :func:`ablation_arms` for ``ppm experiment ablation``), ``pairs`` the
+    differences reported. Returns a JSON-ready dict: the split, each fit's chosen epoch,
+    validation AUC, trainable parameters and seconds per epoch, and per bucket
+    (:data:`trainer.train.TEST_BUCKETS`) :func:`compare_models`. Raises ``ValueError`` for
+    a bad split or an oracle of other data, ``SystemExit`` when a period holds no window."""
     from tqdm import tqdm
+
+    from trainer.registry import Registry
 
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
@@ -177,26 +225,47 @@ def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
     train = reference.dataset(split.train)
     rate = (PositiveRate.tuned(train, reference.dataset(split.valid)) if split.valid
             else PositiveRate.fit(train))
-    scores: dict[str, np.ndarray] = {name: np.zeros((seeds, len(test))) for name in TRAINED}
+    scores: dict[str, np.ndarray] = {name: np.zeros((seeds, len(test))) for name in arms}
     scores["baseline_logreg"] = LogisticBaseline.fit(train).scores(test)[None]
     scores["baseline_rate"] = rate.scores(test)[None]
     if oracle is not None:
         scores[ORACLE] = oracle.scores(test)[None]
     del train  # its sequence features are large, and not needed any more
 
-    fits: dict[str, list[dict[str, Any]]] = {name: [] for name in TRAINED}
-    runs = [(seed, name) for seed in range(seeds) for name in TRAINED]
-    for seed, name in tqdm(runs, desc="eval --seeds", disable=not progress):
-        variant, shuffled = TRAINED[name]
-        shuffle_seed = seed if shuffled else None
-        fitted = train_batch(cfg.with_values({"trainer.seed": seed}), split.train, variant,
-                             epochs, progress=False, valid=split.valid,
-                             shuffle_vectors_seed=shuffle_seed)
-        click = fitted.model.config.tasks.index("click")
-        scores[name][seed] = predict(
-            fitted.model, fitted.trainer.dataset_for(fitted.model, split.test))[:, click]
-        fits[name].append({"seed": seed, "epochs": fitted.epochs,
-                           "best_epoch": fitted.best_epoch, "valid_click_auc": fitted.valid_auc})
+    fits: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
+    runs = [(seed, name) for seed in range(seeds) for name in arms]
+    with tempfile.TemporaryDirectory(prefix="ppm-pretrained-") as scratch:
+        pretrained: dict[tuple[int, str | None], Any] = {}  # (seed, encoder) -> Version
+        for seed, name in tqdm(runs, desc="fits", disable=not progress):
+            arm = arms[name]
+            seeded = cfg.with_values({"trainer.seed": seed})
+            if arm.encoder_version:
+                seeded = seeded.with_values({"trainer.encoder_version": arm.encoder_version})
+            windows = split.train[-max(1, round(arm.data_share * len(split.train))):]
+            source = None
+            if arm.plug_in:
+                key = (seed, arm.encoder_version)
+                if key not in pretrained:  # one modal model per seed, for both plug-ins
+                    modal = train_batch(seeded, split.train, "modal", epochs, progress=False,
+                                        valid=split.valid)
+                    pretrained[key] = Registry(Path(scratch) / f"{seed}-{len(pretrained)}"
+                                               ).register(modal.model, modal.meta())
+                source = pretrained[key]
+            started = time.perf_counter()
+            fitted = train_batch(seeded, windows, arm.variant, epochs, progress=False,
+                                 valid=split.valid,
+                                 shuffle_vectors_seed=seed if arm.shuffled else None,
+                                 plug_in_from=source, freeze_plugin=arm.plug_in == "frozen")
+            seconds = time.perf_counter() - started
+            click = fitted.model.config.tasks.index("click")
+            scores[name][seed] = predict(
+                fitted.model, fitted.trainer.dataset_for(fitted.model, split.test))[:, click]
+            fits[name].append({
+                "seed": seed, "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
+                "valid_click_auc": fitted.valid_auc, "windows": len(windows),
+                "encoder_version": fitted.encoder_version,
+                "trainable_parameters": fitted.meta()["trainable_parameters"],
+                "seconds_per_epoch": round(seconds / max(1, fitted.epochs), 2)})
 
     y = clicks(test)
     buckets = {"all": np.ones(len(test), bool),
@@ -212,7 +281,7 @@ def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
         "fits": fits,
         "buckets": {bucket: compare_models(y[buckets[bucket]], test.user_id[buckets[bucket]],
                                            {m: s[:, buckets[bucket]] for m, s in scores.items()},
-                                           resamples=resamples)
+                                           pairs, resamples=resamples)
                     for bucket in TEST_BUCKETS},
     }
 
@@ -257,4 +326,13 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                          f"{num(m.get('gauc'))} | {num(m.get('logloss'))} |")
     lines += ["", "paired differences (mean over seeds; 95% bootstrap over users, the same "
               "resamples for both models)", "", *diff_table(result["buckets"])]
+    lines += ["", "what each fit cost (mean over seeds)", "",
+              "| model | training windows | trainable parameters | seconds per epoch | epochs |",
+              "|---|---:|---:|---:|---:|"]
+    for model, runs in result["fits"].items():
+        if runs and "seconds_per_epoch" in runs[0]:
+            lines.append(
+                f"| {model} | {runs[0]['windows']} | {runs[0]['trainable_parameters']:,} | "
+                f"{np.mean([r['seconds_per_epoch'] for r in runs]):.1f} | "
+                f"{np.mean([r['epochs'] for r in runs]):.1f} |")
     return "\n".join(lines) + "\n"
