@@ -14,6 +14,12 @@ is timed on the same batch, and on the same batch with the sequence tiled per ca
 the batch build alone (``build_p50_ms``: every item already in a cache that never expires,
 so only the sequence is read from the store).
 
+``plugin_*``: the same requests to a ``ppm`` model whose PPM module was pre-trained
+(``modal``), plugged in and frozen, served from its stored per-item outputs (d_model floats,
+``trainer.serving.projection``) instead of the raw vectors; ``*_ratio`` divides its p99 by
+the raw-vector model's of the same run. ``bytes_per_item_raw`` / ``bytes_per_item_plugin``:
+the vector bytes serving reads per item.
+
 Last line: ``{"candidates": 200, "p50_ms", "p99_ms", ...}``. Goal: p99 <= 20 ms.
 """
 
@@ -42,8 +48,11 @@ def main() -> None:
     from ppm.config import Config, SimulatorConfig
     from streams.local_runner import LocalRunner
     from streams.sources.shop_simulator import ShopSimulator
+    from trainer.registry import Registry
+    from trainer.serving.projection import project_catalog
     from trainer.serving.ranker import Ranker
-    from trainer.train import IncrementalTrainer
+    from trainer.train import IncrementalTrainer, train_batch
+    from trainer.windows import closed_windows
 
     world = SimulatorConfig(seed=11, days=1.0, n_users=300, initial_items=300,
                             items_per_day=100)
@@ -60,6 +69,18 @@ def main() -> None:
         store = OnlineFeatures.open(cfg, apply=False)
         ranker = Ranker(store, trainer.registry, cache_s=cfg.features.serving_cache_s)
         uncached = Ranker(store, trainer.registry, cache_s=0.0)
+        # The same windows' frozen plug-in: modal pre-trained, plugged into ppm, frozen.
+        windows = closed_windows(cfg.paths.training)[:12]
+        modal = train_batch(cfg, windows, "modal", 1, progress=False)
+        source = Registry(cfg.paths.registry("modal")).register(modal.model, modal.meta())
+        plugged = train_batch(cfg, windows, "ppm", 1, progress=False, plug_in_from=source,
+                              freeze_plugin=True)
+        plugin_registry = Registry(Path(tmp) / "plugin-registry")
+        version = plugin_registry.register(plugged.model, plugged.meta())
+        project_catalog(store, plugged.model, version.meta, cfg.paths.item_log)
+        plugin_registry.promote(version)
+        plugin = Ranker(store, plugin_registry, cache_s=cfg.features.serving_cache_s)
+        plugin_uncached = Ranker(store, plugin_registry, cache_s=0.0)
         sim = ShopSimulator(world)
         items = sim.catalog["item_id"].tolist()
         users = sim.user_tastes.index.tolist()
@@ -84,6 +105,8 @@ def main() -> None:
         rank_ms = timed(ranker)
         hits = ranker.items.counters
         uncached_ms = timed(uncached)
+        plugin_ms = timed(plugin)
+        plugin_uncached_ms = timed(plugin_uncached)
         champion = trainer.registry.champion()
         model = trainer.registry.load(champion)
         # The batch build alone, every item in a cache that never expires: no store reads
@@ -118,6 +141,18 @@ def main() -> None:
         "uncached_p50_ms": pct(uncached_ms, 50),
         "uncached_p99_ms": pct(uncached_ms, 99),
         "cache_hit_share": round(hits["hits"] / max(1, hits["hits"] + hits["misses"]), 3),
+        "plugin_p50_ms": pct(plugin_ms, 50),
+        "plugin_p99_ms": pct(plugin_ms, 99),
+        "plugin_uncached_p50_ms": pct(plugin_uncached_ms, 50),
+        "plugin_uncached_p99_ms": pct(plugin_uncached_ms, 99),
+        "plugin_p99_ratio": round(pct(plugin_ms, 99) / pct(rank_ms, 99), 3),
+        "plugin_uncached_p99_ratio": round(pct(plugin_uncached_ms, 99)
+                                           / pct(uncached_ms, 99), 3),
+        "plugin_outputs_computed_share": round(
+            plugin.counters["plugin_outputs_computed"] / max(1, plugin.counters[
+                "plugin_outputs_computed"] + plugin.counters["plugin_outputs_read"]), 3),
+        "bytes_per_item_raw": 4 * model.config.modal_dim,
+        "bytes_per_item_plugin": 4 * plugged.model.config.d_model,
         "build_p50_ms": pct(build_ms, 50),
         "forward_p50_ms": pct(forward_ms, 50),
         "forward_tiled_p50_ms": pct(tiled_ms, 50),

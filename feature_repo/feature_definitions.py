@@ -27,6 +27,7 @@ NO_TTL = timedelta(0)
 
 ITEM_EMBEDDING_VIEW = "item_embedding"
 ITEM_EMBEDDING_BY_VERSION_VIEW = "item_embedding_by_version"
+ITEM_PROJECTION_VIEW = "item_projection"
 ITEM_PROFILE_VIEW = "item_profile"
 USER_SEQUENCE_VIEW = "user_sequence"
 ITEM_EMBEDDING_PUSH = "item_embedding_push"
@@ -52,6 +53,7 @@ class FeatureDefinitions:
     user_sequence_push: PushSource
     item_embedding: FeatureView
     item_embedding_by_version: FeatureView
+    item_projection: FeatureView
     item_profile: FeatureView
     user_sequence: FeatureView
     ranker: FeatureService
@@ -67,6 +69,7 @@ class FeatureDefinitions:
             *sources,
             self.item_embedding,
             self.item_embedding_by_version,
+            self.item_projection,
             self.item_profile,
             self.user_sequence,
             self.ranker,
@@ -136,6 +139,18 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
         online=True,
     )
 
+    # A frozen PPM plug-in's per-item output (d_model floats instead of the raw vector),
+    # keyed by (item, projection version): what serving reads for a model whose plug-in is
+    # frozen (trainer.serving.projection). Its meta fields are the raw vector's.
+    item_projection = FeatureView(
+        name=ITEM_PROJECTION_VIEW,
+        entities=[item_version],
+        ttl=NO_TTL,
+        schema=embedding_schema(),
+        source=item_embedding_push,
+        online=True,
+    )
+
     # ID features of an item and the time of the newest event applied to it.
     item_profile = FeatureView(
         name=ITEM_PROFILE_VIEW,
@@ -183,6 +198,7 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
         user_sequence_push=user_sequence_push,
         item_embedding=item_embedding,
         item_embedding_by_version=item_embedding_by_version,
+        item_projection=item_projection,
         item_profile=item_profile,
         user_sequence=user_sequence,
         ranker=ranker,

@@ -32,6 +32,7 @@ from feature_repo.feature_definitions import (
     ITEM_EMBEDDING_BY_VERSION_VIEW,
     ITEM_EMBEDDING_VIEW,
     ITEM_PROFILE_VIEW,
+    ITEM_PROJECTION_VIEW,
     USER_SEQUENCE_VIEW,
     FeatureDefinitions,
     embedding_key,
@@ -158,6 +159,36 @@ class OnlineFeatures:
             self.store.write_to_online_store(ITEM_EMBEDDING_VIEW,
                                              df.assign(item_id=[r.item_id for r in rows]))
 
+    def write_projections(self, rows: Sequence[ItemEmbeddingRow], projection: str) -> None:
+        """Write a frozen plug-in's per-item outputs (``rows[i].embedding``: d floats; the
+        rest the raw vector's meta) under ``projection`` (``trainer.train.projection_key``)."""
+        if not rows:
+            return
+        df = pd.DataFrame({
+            "item_key": [embedding_key(r.item_id, projection) for r in rows],
+            "embedding": [np.asarray(r.embedding, dtype=np.float32) for r in rows],
+            "encoder_version": [r.encoder_version for r in rows],
+            "content_hash": [r.content_hash for r in rows],
+            "content_time_us": [r.content_time_us for r in rows],
+            "embedded_at_us": [r.embedded_at_us for r in rows],
+        })
+        df["event_timestamp"] = _timestamps(df["content_time_us"])
+        self.store.write_to_online_store(ITEM_PROJECTION_VIEW, df)
+
+    def fetch_projections(self, items: dict[str, StoredItem], projection: str
+                          ) -> dict[str, StoredItem]:
+        """``items`` (as :meth:`fetch_items` returned them, without vectors) with the
+        vector stored under ``projection`` where there is one *of the same content* as the
+        item's vector (encoder version and content hash): a projection computed before the
+        item changed is left out, and the caller projects the raw vector instead."""
+        if not items:
+            return {}
+        found = self._fetch_version(list(items), projection, True, items,
+                                    view=ITEM_PROJECTION_VIEW)
+        return {i: got for i, got in found.items()
+                if (got.state.encoder_version, got.state.content_hash) ==
+                (items[i].state.encoder_version, items[i].state.content_hash)}
+
     def write_item_profiles(self, states: Sequence[ItemState]) -> None:
         """Write ID features and tombstones in one batch (timestamp: the newest event)."""
         if not states:
@@ -224,11 +255,11 @@ class OnlineFeatures:
         return out
 
     def _fetch_version(self, item_ids: Sequence[str], encoder_version: str,
-                       with_embeddings: bool, newest: dict[str, StoredItem]
-                       ) -> dict[str, StoredItem]:
-        refs = [f"{ITEM_EMBEDDING_BY_VERSION_VIEW}:{f}" for f in EMBEDDING_META]
+                       with_embeddings: bool, newest: dict[str, StoredItem],
+                       view: str = ITEM_EMBEDDING_BY_VERSION_VIEW) -> dict[str, StoredItem]:
+        refs = [f"{view}:{f}" for f in EMBEDDING_META]
         if with_embeddings:
-            refs.append(f"{ITEM_EMBEDDING_BY_VERSION_VIEW}:embedding")
+            refs.append(f"{view}:embedding")
         data = self.store.get_online_features(
             features=refs,
             entity_rows=[{"item_key": embedding_key(i, encoder_version)} for i in item_ids],

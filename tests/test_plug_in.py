@@ -3,12 +3,13 @@ trained jointly (the paper's pre-train-then-plug-in)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from tests.test_staleness import world
 from trainer.registry import Registry
-from trainer.train import new_model, plug_in, split_windows, train_batch
+from trainer.train import new_model, plug_in, projection_key, split_windows, train_batch
 
 
 def _ppm_state(model) -> dict[str, torch.Tensor]:
@@ -29,7 +30,16 @@ def test_a_plugged_in_module_stays_as_pretrained_when_frozen_and_trains_when_not
     assert all(torch.equal(weights[k], v) for k, v in frozen.model.ppm.state_dict().items())
     meta = frozen.meta()
     assert meta["plug_in"] == {"version": source.name, "variant": "modal",
-                               "encoder_version": "enc", "frozen": True}
+                               "encoder_version": "enc", "frozen": True,
+                               "projection": projection_key(frozen.model)}
+    # Training read the plug-in's outputs, projected once: the same batch as the raw one.
+    raw = frozen.trainer.dataset_for(frozen.model, split.valid)
+    projected = frozen.trainer.dataset_for(frozen.model, split.valid)
+    projected.project_with(frozen.model.ppm)
+    rows = np.arange(min(64, raw.n))
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.model.eval()(projected.batch(rows))[0],
+                                   frozen.model(raw.batch(rows))[0])
     total = sum(p.numel() for p in frozen.model.parameters())
     plugin = sum(p.numel() for p in frozen.model.ppm.parameters())
     assert meta["trainable_parameters"] == total - plugin
@@ -82,3 +92,69 @@ def test_the_command_pre_trains_plugs_in_and_refuses_a_plug_in_without_batch(tmp
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     meta = Registry(cfg.paths.registry("ppm")).champion().meta
     assert out["version"] == meta["version"] and meta["plug_in"]["frozen"] is True
+
+
+def test_a_frozen_plug_in_serves_from_stored_outputs_and_scores_as_from_raw_vectors(
+        tmp_path, online, cfg):
+    """Two servers of one model on the real Feast store: one reads the raw vectors, the
+    other the plug-in's stored outputs (d_model floats). Same scores; the second reads no
+    raw vector until an item changes after its output was written, and then only that one."""
+    from datetime import UTC, datetime
+
+    from feature_repo.online_features import ItemEmbeddingRow
+    from ppm.records import ItemState, UserSequence
+    from trainer.model import RankerConfig, UnifiedRanker
+    from trainer.serving.projection import project_items
+    from trainer.serving.ranker import Ranker
+    from trainer.train import projection_key
+
+    t = int(datetime(2026, 1, 1, 12, tzinfo=UTC).timestamp() * 1e6)
+    ids = [f"i{k}" for k in range(6)]
+    rng = np.random.default_rng(0)
+
+    def embed(item_ids, content):
+        online.write_item_embeddings([ItemEmbeddingRow(
+            i, rng.normal(size=8).astype(np.float32), "enc", f"{i}:{content}", t - 60, t)
+            for i in item_ids])
+
+    online.write_item_profiles([ItemState(i, "coat", "acme", "s1", 3, t - 3600, t - 60,
+                                          encoder_version="enc") for i in ids])
+    embed(ids, 1)
+    online.write_sequences([UserSequence("u1", ("i0", "i1"), ("click", "click"),
+                                         (t - 600, t - 300))])
+    torch.manual_seed(0)
+    model = UnifiedRanker(RankerConfig(variant="ppm", modal_dim=8, max_seq_len=4,
+                                       item_buckets=64, category_buckets=16, brand_buckets=16,
+                                       shop_buckets=16, price_buckets=8, gap_buckets=8)).eval()
+    key = projection_key(model)
+    servers = {}
+    for name, plug in (("raw", None), ("projected", {"frozen": True, "projection": key})):
+        registry = Registry(tmp_path / name)
+        registry.promote(registry.register(model, {"trained_on": [], "encoder_version": "enc",
+                                                   "plug_in": plug}))
+        servers[name] = Ranker(online, registry, cache_s=0.0)
+    assert project_items(online, model, "enc", key, ids) == 6
+
+    raw_reads = []
+    fetch = online.fetch_items
+
+    def spy(item_ids, with_embeddings=False, encoder_version=None):
+        if with_embeddings:
+            raw_reads.append(sorted(item_ids))
+        return fetch(item_ids, with_embeddings, encoder_version)
+
+    online.fetch_items = spy
+    try:
+        for changed in (False, True):
+            if changed:
+                embed(["i2"], 2)  # i2's content changed since its output was written
+            raw_reads.clear()
+            got = servers["projected"].rank("u1", ids, now=t)
+            projected_reads = list(raw_reads)
+            want = servers["raw"].rank("u1", ids, now=t)
+            assert got.item_ids == want.item_ids
+            np.testing.assert_allclose(got.scores["click"], want.scores["click"], rtol=1e-5)
+            assert got.missing == want.missing
+            assert projected_reads == ([["i2"]] if changed else [])
+    finally:
+        online.fetch_items = fetch

@@ -296,6 +296,8 @@ class WindowDataset:
                  as_recorded: bool = True, counted_later: Sequence[Window | Path] = (),
                  serving_cache_s: float | None = None):
         self.modal = modal
+        self.projected = False
+        """Whether :meth:`project_with` replaced the vectors by a frozen plug-in's outputs."""
         self.config = config
         files = files_of(windows)
         table = (ds.dataset([str(f) for f in files], format="parquet").to_table(
@@ -387,6 +389,18 @@ class WindowDataset:
 
     def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The samples ``idx`` in the model's contract, with labels."""
-        return model_batch({**{k: v[idx] for k, v in self.features.items()},
-                            "labels": self.labels[idx], "label_mask": self.label_mask[idx]},
-                           self.modal.vectors)
+        batch = model_batch({**{k: v[idx] for k, v in self.features.items()},
+                             "labels": self.labels[idx], "label_mask": self.label_mask[idx]},
+                            self.modal.vectors)
+        if self.projected:
+            batch["modal_projected"] = batch.pop("modal_table")
+        return batch
+
+    def project_with(self, ppm_module) -> None:
+        """Replace the vectors by ``ppm_module.project`` of them, once: for a model whose
+        plug-in is frozen the projection never changes, so each step reads d_model floats
+        per item instead of the raw vector (``PPMModule.forward``'s ``modal_projected``)."""
+        with torch.no_grad():
+            rows = ppm_module.project(torch.from_numpy(self.modal.vectors)).numpy()
+        self.modal = replace(self.modal, vectors=rows.astype(np.float32))
+        self.projected = True

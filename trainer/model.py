@@ -390,16 +390,25 @@ class PPMModule(nn.Module):
         self.transformer = BehaviorTransformer(config)
         self.out_dim = 2 * config.d_model
 
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, modal_dim) cached vectors -> (N, d): the per-item part of the module. With
+        the module frozen (a plug-in) it is fixed per item, so it can be computed once and
+        stored (``trainer.serving.projection``) instead of the raw vectors."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.modal_dim:
+            raise ValueError(f"modal vectors have shape {tuple(vectors.shape)}, the model "
+                             f"expects (M, {self.modal_dim}) (another encoder version?)")
+        return self.proj(vectors.to(self.proj[0].weight.dtype))  # the cache may be float16
+
     def forward(self, batch: dict) -> torch.Tensor:
         """-> (B, 2 d): the transformer's target output, then the target's own projected
         vector, which reaches the MMoE directly (as the target's id embedding does in the ID
-        module): for an item nobody has clicked it is the strongest signal there is."""
-        table = batch["modal_table"]  # (M, modal_dim)
-        if table.ndim != 2 or table.shape[1] != self.modal_dim:
-            raise ValueError(f"modal_table has shape {tuple(table.shape)}, the model expects "
-                             f"(M, {self.modal_dim}) (another encoder version?)")
-        table = table.to(self.proj[0].weight.dtype)  # the cache may store float16
-        projected = torch.cat([self.missing.unsqueeze(0), self.proj(table[1:])])  # (M, d)
+        module): for an item nobody has clicked it is the strongest signal there is.
+
+        Reads ``modal_table`` (M, modal_dim), or ``modal_projected`` (M, d) when the batch
+        carries the rows already projected (:meth:`project`); row 0 is always "missing"."""
+        given = batch.get("modal_projected")
+        rows = self.project(batch["modal_table"][1:]) if given is None else given[1:]
+        projected = torch.cat([self.missing.unsqueeze(0), rows.to(self.missing.dtype)])  # (M, d)
         target = F.embedding(batch["target_modal_row"], projected)  # (B, d)
         seq = F.embedding(batch["seq_modal_row"], projected)  # (B, L, d)
         h = self.transformer(seq, target, batch)  # (B, d)

@@ -521,7 +521,21 @@ def plug_in(model: UnifiedRanker, source: Version, freeze: bool = False) -> dict
                          f"settings differ): {str(exc).splitlines()[0]}") from exc
     model.ppm.requires_grad_(not freeze)
     return {"version": source.name, "variant": pretrained.config.variant,
-            "encoder_version": source.meta.get("encoder_version"), "frozen": freeze}
+            "encoder_version": source.meta.get("encoder_version"), "frozen": freeze,
+            "projection": projection_key(model) if freeze else None}
+
+
+def projection_key(model: UnifiedRanker) -> str:
+    """``proj-<hash>`` of the weights of ``model``'s per-item projection
+    (``PPMModule.project``): the version of the projected vectors a frozen plug-in's
+    outputs are stored under (``trainer.serving.projection``)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.ppm.proj.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"proj-{digest.hexdigest()[:12]}"
 
 
 def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
@@ -548,6 +562,10 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     admit_ids(model, windows, t)
     data = trainer.dataset_for(model, windows, training=True)
     held_out = trainer.dataset_for(model, valid) if valid else None
+    if plugged and freeze_plugin:  # the plug-in's outputs are fixed: project once
+        for dataset in (data, held_out):
+            if dataset is not None:
+                dataset.project_with(model.ppm)
     aucs: list[float | None] = []
     best: dict[str, Any] = {}
     ran = 0

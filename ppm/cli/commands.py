@@ -104,6 +104,9 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"ppm train: {exc}", file=sys.stderr)
                 return 2
             version = trainer.registry.register(fitted.model, fitted.meta())
+            if (fitted.plug_in or {}).get("projection"):
+                # Before the promotion: the first request of the new champion finds them.
+                _write_projections(cfg, fitted.model, version.meta)
             trainer.registry.promote(version)
             print(json.dumps({"variant": variant, "version": version.name,
                               "windows": len(split.train), "valid_windows": len(split.valid),
@@ -116,6 +119,32 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
                                    progress=not args.quiet)
             print(json.dumps({"variant": variant, "steps": steps,
                               "champion": getattr(trainer.registry.champion(), "name", None)}))
+    return 0
+
+
+def _write_projections(cfg: Config, model, meta: dict) -> int:
+    from feature_repo.online_features import OnlineFeatures
+    from trainer.serving.projection import project_catalog
+
+    written = project_catalog(OnlineFeatures.open(cfg), model, meta, cfg.paths.item_log)
+    print(f"wrote {written:,} items' plug-in outputs ({meta['plug_in']['projection']}) to "
+          "the online store", file=sys.stderr)
+    return written
+
+
+def _project(args: argparse.Namespace, cfg: Config) -> int:
+    """``ppm project``: the champion's frozen plug-in outputs for every item, again."""
+    from trainer.registry import Registry
+
+    registry = Registry(cfg.paths.registry(args.variant or cfg.trainer.variant))
+    champion = registry.champion()
+    if champion is None or not (champion.meta.get("plug_in") or {}).get("projection"):
+        print(f"ppm project: the champion in {registry.root} has no frozen plug-in (train "
+              "one with ppm train --batch --plug-in VERSION --freeze-plugin)", file=sys.stderr)
+        return 2
+    written = _write_projections(cfg, registry.load(champion), champion.meta)
+    print(json.dumps({"version": champion.name, "projection":
+                      champion.meta["plug_in"]["projection"], "items": written}))
     return 0
 
 
@@ -716,6 +745,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "validation is kept)")
     image.add_argument("--quiet", action="store_true", help="no progress bar")
     image.set_defaults(run=_finetune)
+
+    project = sub.add_parser(
+        "project", help="write the champion's frozen plug-in outputs (d_model floats per "
+        "item) to the online store, for every item of its encoder version: what its server "
+        "reads instead of the raw vectors (ppm train --freeze-plugin does it once)")
+    project.add_argument("--variant", choices=["ppm"], help="whose champion (default ppm)")
+    project.set_defaults(run=_project)
 
     backfill = sub.add_parser(
         "backfill", help="embed the catalog with the configured encoders (a new "

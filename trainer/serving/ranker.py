@@ -86,11 +86,27 @@ class ItemCache:
         """Like ``OnlineFeatures.fetch_items``: the known items as stored, with
         ``encoder_version``'s vectors where the store has them (entries are kept per
         version, so a model of another version never reads this one's)."""
+        return self._read(item_ids, encoder_version, with_embeddings, lambda ids: (
+            self.store.fetch_items(ids, with_embeddings, encoder_version)))
+
+    def read_projections(self, items: dict[str, StoredItem], projection: str
+                         ) -> dict[str, StoredItem]:
+        """A frozen plug-in's stored outputs for ``items`` (``OnlineFeatures
+        .fetch_projections``), cached apart from the raw vectors; one cached from content
+        the item no longer has is left out."""
+        got = self._read(list(items), projection, True, lambda ids: (
+            self.store.fetch_projections({i: items[i] for i in ids}, projection)))
+        return {i: p for i, p in got.items()
+                if (p.state.encoder_version, p.state.content_hash) ==
+                (items[i].state.encoder_version, items[i].state.content_hash)}
+
+    def _read(self, item_ids: Sequence[str], space: str | None, with_embeddings: bool,
+              fetch) -> dict[str, StoredItem]:
         clock = time.monotonic()
         found: dict[str, StoredItem | None] = {}
         with self._lock:
             for item_id in item_ids:
-                entry = self._entries.get((encoder_version, item_id))  # (expires_at, item)
+                entry = self._entries.get((space, item_id))  # (expires_at, item)
                 if entry is not None and entry[0] > clock and (
                         entry[1] is None or entry[1].with_embedding or not with_embeddings):
                     found[item_id] = entry[1]
@@ -99,12 +115,12 @@ class ItemCache:
             self.counters["misses"] += len(wanted)
         if wanted:
             fetched_at = time.monotonic()
-            stored = self.store.fetch_items(wanted, with_embeddings, encoder_version)
+            stored = fetch(wanted)
             with self._lock:
                 for item_id in wanted:
                     found[item_id] = stored.get(item_id)
                     expires = fetched_at + self.max_age_s * self._jitter.uniform(0.5, 1.0)
-                    key = (encoder_version, item_id)
+                    key = (space, item_id)
                     self._entries[key] = (expires, found[item_id])
                     self._entries.move_to_end(key)
                 while len(self._entries) > self.max_items:
@@ -133,8 +149,9 @@ class Ranker:
         self._lock = threading.Lock()
         self._checked_at = 0.0
         self._pointer: bytes | None = None
-        self._model: tuple[str, UnifiedRanker, str | None] | None = None
-        self.counters = {"requests": 0, "reloads": 0}
+        self._model: tuple[str, UnifiedRanker, str | None, str | None] | None = None
+        self.counters = {"requests": 0, "reloads": 0, "plugin_outputs_read": 0,
+                         "plugin_outputs_computed": 0}
         self._maybe_reload(force=True)
 
     @property
@@ -154,7 +171,8 @@ class Ranker:
             champion = self.registry.champion()
             model = self.registry.load(champion)
             # One assignment: requests already running keep the model they started with.
-            self._model = (champion.name, model, champion.meta.get("encoder_version"))
+            self._model = (champion.name, model, champion.meta.get("encoder_version"),
+                           (champion.meta.get("plug_in") or {}).get("projection"))
             self._pointer = pointer
             self.counters["reloads"] += 1
 
@@ -164,12 +182,13 @@ class Ranker:
         self._maybe_reload()
         if self._model is None:
             raise RuntimeError(f"no champion model in {self.registry.root} yet")
-        version, model, encoder_version = self._model  # this request's model, whatever swaps
+        version, model, encoder_version, projection = self._model  # this request's model
         self.counters["requests"] += 1
         item_ids = list(item_ids)
         if not item_ids:
             return RankResult([], {t: [] for t in model.config.tasks}, version)
-        batch, missing = self.build_batch(model, encoder_version, user_id, item_ids, now)
+        batch, missing = self.build_batch(model, encoder_version, user_id, item_ids, now,
+                                          projection)
         with torch.inference_mode():
             probs = torch.sigmoid(model(batch)[0]).numpy()
         order = np.argsort(-probs[:, 0], kind="stable")
@@ -182,10 +201,13 @@ class Ranker:
         )
 
     def build_batch(self, model: UnifiedRanker, encoder_version: str | None, user_id: str,
-                    item_ids: list[str], now: int | None = None
+                    item_ids: list[str], now: int | None = None,
+                    projection: str | None = None
                     ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """The model batch for one request, read from the online store (two batched reads),
-        and the counts of missing or stale features."""
+        """The model batch for one request, read from the online store (two batched reads;
+        with a frozen plug-in's ``projection``, its stored d-float outputs instead of the
+        raw vectors, and the raw ones only for items it has none of), and the counts of
+        missing or stale features."""
         now = now_us() if now is None else now
         c = model.config
         sequence = self.store.read_sequences([user_id]).get(user_id) or UserSequence(user_id)
@@ -194,7 +216,10 @@ class Ranker:
         seq = UserSequence(user_id, seq.item_ids[-L:], seq.actions[-L:], seq.times_us[-L:])
         seq_ids = list(seq.item_ids)
         wanted = list(dict.fromkeys(item_ids + seq_ids))
-        stored = self.items.read(wanted, c.uses_modal, encoder_version)
+        if projection and c.uses_modal:
+            stored = self._projected(model, wanted, encoder_version, projection)
+        else:
+            stored = self.items.read(wanted, c.uses_modal, encoder_version)
 
         # This request's vector table: row 0 = missing, then every usable vector, in order
         # of first use (targets, then the sequence), as model_batch keeps it.
@@ -209,7 +234,8 @@ class Ranker:
             deleted=[o is not None and o.state.deleted for o in found])
         row_of = {i: row for row, i in enumerate(
             (i for i, ok in zip(wanted, usable, strict=True) if ok), start=1)}
-        vectors = np.zeros((len(row_of) + 1, c.modal_dim), np.float32)
+        width = c.d_model if projection and c.uses_modal else c.modal_dim
+        vectors = np.zeros((len(row_of) + 1, width), np.float32)
         for item_id, row in row_of.items():
             vectors[row] = stored[item_id].embedding
 
@@ -224,6 +250,8 @@ class Ranker:
                                 np.array([row_of.get(i, 0) for i in seq_ids], np.int64), c,
                                 vocabulary, model.user_vocabulary),
         }, vectors)
+        if projection and c.uses_modal:  # the rows are the plug-in's outputs already
+            batch["modal_projected"] = batch.pop("modal_table")
         missing = {
             "user_sequence": int(not seq_ids),
             "item_profile": sum(s is None for s in states),
@@ -231,3 +259,24 @@ class Ranker:
             "sequence_embedding": sum(i not in row_of for i in seq_ids) if c.uses_modal else 0,
         }
         return batch, missing
+
+    def _projected(self, model: UnifiedRanker, item_ids: list[str], encoder_version: str | None,
+                   projection: str) -> dict[str, StoredItem]:
+        """``item_ids`` as stored, each with the frozen plug-in's output (d floats) for a
+        vector: read from the store where it holds one of the item's current content, else
+        computed here from the raw vector (an item embedded since the outputs were
+        written)."""
+        states = self.items.read(item_ids, False, encoder_version)  # profiles and meta only
+        found = self.items.read_projections(states, projection)
+        rest = [i for i in states if i not in found]
+        raw = self.items.read(rest, True, encoder_version) if rest else {}
+        raw = {i: r for i, r in raw.items() if r.embedding is not None}
+        self.counters["plugin_outputs_read"] += len(found)
+        self.counters["plugin_outputs_computed"] += len(raw)
+        if raw:
+            with torch.inference_mode():
+                out = model.ppm.project(torch.from_numpy(np.stack(
+                    [r.embedding for r in raw.values()]))).numpy()
+            found |= {i: StoredItem(r.state, out[k], r.embedded_at_us, True)
+                      for k, (i, r) in enumerate(raw.items())}
+        return {i: found.get(i, item) for i, item in states.items()}
