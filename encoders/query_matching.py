@@ -254,10 +254,13 @@ def _copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save(encoder: TextEncoder, out: Path) -> Path:
-    """Write ``encoder``'s model and tokenizer to ``out`` (replaced), a directory
+    """Write ``encoder``'s model and tokenizer to ``out`` (a model folder there is
+    replaced; anything else there is refused: ValueError), a directory
     ``encoders.text_model`` can name: its content hash becomes the new encoder identity."""
     import shutil
 
+    if out.exists() and not (out / "config.json").is_file():
+        raise ValueError(f"{out} exists and is not a model folder: not replacing it")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     encoder.model.save_pretrained(tmp)

@@ -249,7 +249,7 @@ class OnlineFeatures:
             return {}
         out = self._fetch_newest(item_ids, with_embeddings)
         other = [i for i, item in out.items() if encoder_version is not None
-                 and item.state.encoder_version not in (None, encoder_version)]
+                 and item.state.encoder_version != encoder_version]
         if other:
             out.update(self._fetch_version(other, encoder_version, with_embeddings, out))
         return out

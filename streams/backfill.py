@@ -15,9 +15,12 @@ the vectors of its model's version (``OnlineFeatures.fetch_items``), so no reque
 mixes a model with another version's vectors. Then restart the stream workers with the new
 encoder configuration, and run the backfill once more: it embeds what changed meanwhile.
 
-A backfill resumes by construction: before embedding a batch it reads what the store holds
-under the new version and skips every item whose vector there was computed from the same
-content (its content hash), so a killed run, started again, embeds only the rest.
+A backfill embeds each content an item ever had, available from the event that first
+carried it, so the trainer's history under the new version is as long as under the old one;
+online it writes only each listed item's newest content. It resumes by construction: it
+skips every content the item log already holds under the new version and every listed item
+the store already holds with its newest content, so a killed run, started again, embeds
+only the rest.
 """
 
 from __future__ import annotations
@@ -26,46 +29,42 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from encoders.encoder_process import EncoderProcess
-from encoders.item_encoder import NO_IMAGE, ItemEncoder
+from encoders.item_encoder import ItemEncoder
 from feature_repo.item_log import ItemLog
-from feature_repo.online_features import ItemEmbeddingRow, OnlineFeatures
-from ppm.clock import now_us, to_us
+from feature_repo.online_features import OnlineFeatures
+from ppm.clock import now_us
 from ppm.events import ItemEvent, ItemOp
-from streams.item_embedder import encode_each
+from streams.item_embedder import embedding_rows, encode_each
 
 
 @dataclass
 class BackfillResult:
-    """What a backfill did; every listed item is counted in exactly one of ``encoded``,
-    ``already`` and ``rejected``."""
+    """What a backfill did. Every item of the catalog is counted in ``items`` (listed: its
+    newest event an upsert) or ``withdrawn``; every content it ever had (a run of upserts
+    with the same content hash) in ``encoded``, ``already`` or ``rejected``."""
 
     encoder_version: str
     items: int = 0
-    """Items listed in the catalog (its newest event an upsert)."""
+    withdrawn: int = 0
+    """Items whose newest event is a delete: their past contents go to the item log (the
+    trainer's history), nothing online."""
+    contents: int = 0
     encoded: int = 0
     already: int = 0
-    """Items the store already held under this version with the same content (resumed)."""
-    withdrawn: int = 0
-    """Items whose newest event is a delete: not embedded."""
+    """Contents the item log (and, for a listed item's newest, the store) already held under
+    this version: done by an earlier run."""
     rejected: dict[str, str] = field(default_factory=dict)
     """item_id -> why the encoder failed on it alone (its item event is kept, unembedded)."""
 
 
-def catalog(events: Iterable[ItemEvent]) -> tuple[list[ItemEvent], int]:
-    """The newest event per item (the first of equal times, as the stream keeps it): the
-    upserts, sorted by item id, and how many items were withdrawn (a delete last)."""
-    newest: dict[str, ItemEvent] = {}
-    for event in events:
-        held = newest.get(event.item_id)
-        if held is None or event.event_time > held.event_time:
-            newest[event.item_id] = event
-    listed = sorted((e for e in newest.values() if e.op is ItemOp.UPSERT),
-                    key=lambda e: e.item_id)
-    return listed, len(newest) - len(listed)
-
-
 class Backfill:
-    """Embeds a catalog with ``encoder`` into ``store`` and ``log``, beside what serves.
+    """Embeds a catalog's history with ``encoder`` into ``log`` and ``store``, beside what
+    serves.
+
+    Every content an item ever had is embedded, available from the event that first
+    carried it (as the stream embedded it on arrival), so a model trained on the new
+    version sees as much history as one trained on the old; online, only each listed
+    item's newest content is written, under its (item, version) key.
 
     Args:
         encoder: the new encoder (its ``encoder_version`` is the version written).
@@ -81,44 +80,83 @@ class Backfill:
         self.log = log
         self.batch_size = batch_size
 
+    def history(self, events: Iterable[ItemEvent]
+                ) -> tuple[dict[str, list[ItemEvent]], set[str]]:
+        """Per item (sorted by id), the events that started each of its contents, oldest
+        first: an upsert whose content hash differs from the item's previous upsert's (a
+        price change is not a new content; a re-listing of the same content neither, as in
+        the stream); and the items whose newest event is a delete."""
+        by_item: dict[str, list[ItemEvent]] = {}
+        for event in sorted(events, key=lambda e: e.event_time):  # stable for equal times
+            by_item.setdefault(event.item_id, []).append(event)
+        starts: dict[str, list[ItemEvent]] = {}
+        withdrawn = set()
+        for item_id in sorted(by_item):
+            last_hash, firsts = None, []
+            for event in by_item[item_id]:
+                if event.op is ItemOp.UPSERT:
+                    h = self.encoder.content_hash(event)
+                    if h != last_hash:
+                        firsts.append(event)
+                        last_hash = h
+            starts[item_id] = firsts
+            if by_item[item_id][-1].op is ItemOp.DELETE:
+                withdrawn.add(item_id)
+        return starts, withdrawn
+
     def run(self, events: Iterable[ItemEvent], progress: bool = False,
             on_batch: Callable[[BackfillResult], None] | None = None) -> BackfillResult:
-        """Embed every listed item of ``events`` (item events; the newest per item
-        counts) not yet held under this version with its content. ``on_batch`` sees the
-        running result after each batch is durable (log and store written). Raises when the
-        store, the log or the encoder itself fails; what earlier batches wrote stays, and
-        a new run resumes after it."""
+        """Embed every content of ``events``' items not yet in the item log under this
+        version, and write each listed item's newest content to the store unless it holds
+        it already. ``on_batch`` sees the running result after each batch is durable (log
+        and store written). Raises when the store, the log or the encoder itself fails;
+        what earlier batches wrote stays, and a new run resumes after it."""
         from tqdm import tqdm
 
+        from feature_repo.item_log import read_item_log
+
         version = self.encoder.encoder_version
-        listed, withdrawn = catalog(events)
-        result = BackfillResult(version, items=len(listed), withdrawn=withdrawn)
-        bar = tqdm(total=len(listed), desc=f"backfill {version[:24]}", unit="item",
+        starts, withdrawn = self.history(events)
+        log = read_item_log(self.log.folder)
+        done = {(i, h) for i, v, h in zip(log["item_id"].to_pylist(),
+                                          log["encoder_version"].to_pylist(),
+                                          log["content_hash"].to_pylist(), strict=True)
+                if v == version}
+        ids = [i for i in starts if starts[i]]
+        gone = withdrawn & set(ids)
+        result = BackfillResult(version, items=len(ids) - len(gone), withdrawn=len(gone),
+                                contents=sum(len(starts[i]) for i in ids))
+        bar = tqdm(total=len(ids), desc=f"backfill {version[:24]}", unit="item",
                    disable=not progress)
-        for start in range(0, len(listed), self.batch_size):
-            batch = listed[start:start + self.batch_size]
-            held = self.store.fetch_items([e.item_id for e in batch],
-                                          encoder_version=version)
-            todo = [e for e in batch if not self._held(held.get(e.item_id), e)]
-            result.already += len(batch) - len(todo)
-            embeddings, failed = encode_each(self.encoder, todo)
-            for event, exc in failed:
-                result.rejected[event.item_id] = f"encoder failed: {str(exc)[:500]}"
-            todo = [e for e in todo if e.item_id not in result.rejected]
-            sent_us = now_us()
-            rows = [
-                ItemEmbeddingRow(
-                    item_id=item_id, embedding=vector, encoder_version=version,
-                    # As the stream does: a failed photo never matches, so a rerun retries it.
-                    content_hash=h + ("!image" if embeddings.image_errors.get(item_id) not in
-                                      (None, NO_IMAGE) else ""),
-                    content_time_us=to_us(e.event_time), embedded_at_us=sent_us)
-                for e, item_id, vector, h in zip(todo, embeddings.item_ids,
-                                                 embeddings.vectors,
-                                                 embeddings.content_hashes, strict=True)]
+        for start in range(0, len(ids), self.batch_size):
+            batch = ids[start:start + self.batch_size]
+            listed = [i for i in batch if i not in withdrawn]
+            held = self.store.fetch_items(listed, encoder_version=version)
+            online = {i for i in listed if not self._held(held.get(i), starts[i][-1])}
+            todo = [e for i in batch for e in starts[i]
+                    if (i, self.encoder.content_hash(e)) not in done
+                    or (i in online and e is starts[i][-1])]
+            result.already += sum(len(starts[i]) for i in batch) - len(todo)
+            rows, newest = [], []
+            # encode() keeps one event per item: the k-th contents of the items, round by round.
+            for k in range(max((len(starts[i]) for i in batch), default=0)):
+                round_ = [e for e in todo if len(starts[e.item_id]) > k
+                          and starts[e.item_id][k] is e]
+                if not round_:
+                    continue
+                embeddings, failed = encode_each(self.encoder, round_)
+                for event, exc in failed:
+                    result.rejected[event.item_id] = f"encoder failed: {str(exc)[:500]}"
+                bad = {id(e) for e, _ in failed}
+                kept = [e for e in round_ if id(e) not in bad]
+                got = embedding_rows(kept, embeddings, version, now_us())
+                rows += got
+                newest += [r for r, e in zip(got, kept, strict=True)
+                           if e.item_id in online and e is starts[e.item_id][-1]]
             # Offline first, then online (as the stream): a crash between repeats the batch.
-            self.log.append(rows, [sent_us] * len(rows))
-            self.store.write_item_embeddings(rows, newest=False)
+            self.log.append(rows, [r.embedded_at_us for r in rows])
+            self.store.write_item_embeddings(newest, newest=False)
+            done |= {(r.item_id, r.content_hash) for r in rows}
             result.encoded += len(rows)
             bar.update(len(batch))
             if on_batch:

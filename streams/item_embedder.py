@@ -142,23 +142,7 @@ class ItemEmbedder:
             to_encode = [(e, a) for e, a in to_encode if e.item_id not in result.rejected]
             accepted = [(e, a) for e, a in accepted if e.item_id not in result.rejected]
         result.image_errors = {i: r for i, r in embeddings.image_errors.items() if r != NO_IMAGE}
-        sent_us = now_us()
-        rows = [
-            ItemEmbeddingRow(
-                item_id=item_id,
-                embedding=vector,
-                encoder_version=version,
-                # An item whose photo failed is stored under a hash that never matches, so a
-                # re-sent event retries the photo instead of being skipped as unchanged.
-                content_hash=h + ("!image" if item_id in result.image_errors else ""),
-                content_time_us=to_us(e.event_time),
-                embedded_at_us=sent_us,
-            )
-            for (e, _), item_id, vector, h in zip(
-                to_encode, embeddings.item_ids, embeddings.vectors, embeddings.content_hashes,
-                strict=True,
-            )
-        ]
+        rows = embedding_rows([e for e, _ in to_encode], embeddings, version, now_us())
 
         # 3. Offline first, then online: a crash in between repeats a batch, never loses it.
         self.log.append(rows, [a for _, a in to_encode])
@@ -230,6 +214,20 @@ class ItemEmbedder:
             updated_us=t,
             **carried,
         )
+
+
+def embedding_rows(events: Sequence[ItemEvent], embeddings, version: str, sent_us: int
+                   ) -> list[ItemEmbeddingRow]:
+    """One row per event of ``events`` (all embedded, in the order ``embeddings`` holds
+    them), available from the event's time. An item whose photo failed is stored under a
+    hash that never matches, so a re-sent event (or a rerun backfill) retries the photo
+    instead of skipping it as unchanged. Shared by the stream and ``streams.backfill``."""
+    failed = {i for i, reason in embeddings.image_errors.items() if reason != NO_IMAGE}
+    return [ItemEmbeddingRow(item_id=item_id, embedding=vector, encoder_version=version,
+                             content_hash=h + ("!image" if item_id in failed else ""),
+                             content_time_us=to_us(e.event_time), embedded_at_us=sent_us)
+            for e, item_id, vector, h in zip(events, embeddings.item_ids, embeddings.vectors,
+                                             embeddings.content_hashes, strict=True)]
 
 
 def encode_each(encoder: ItemEncoder | EncoderProcess, events: list[ItemEvent]):

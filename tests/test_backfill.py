@@ -11,7 +11,7 @@ import pytest
 from feature_repo.item_log import ItemLog, read_item_log
 from ppm.config import Config
 from ppm.events import ItemEvent, ItemOp
-from streams.backfill import Backfill, catalog
+from streams.backfill import Backfill
 from streams.item_embedder import ItemEmbedder
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -30,11 +30,16 @@ def events() -> list[ItemEvent]:
     return [*items, changed, gone]
 
 
-def test_the_catalog_is_each_items_newest_event_if_it_is_listed():
-    listed, withdrawn = catalog(reversed(events()))
-    assert [e.item_id for e in listed] == sorted(f"i{k}" for k in range(14) if k != 5)
-    assert next(e for e in listed if e.item_id == "i3").title.endswith("on sale")
-    assert withdrawn == 1
+@pytest.mark.slow  # the real encoder's content hash
+def test_the_history_is_each_contents_first_event_and_a_price_change_is_not_one(item_encoder):
+    stream = events()
+    cut = stream[1].model_copy(update={"event_time": T0 + timedelta(hours=2), "price": 9.0})
+    starts, withdrawn = Backfill(item_encoder, None, None).history(reversed([*stream, cut]))
+    assert withdrawn == {"i5"}
+    assert [e.title for e in starts["i3"]] == ["Acme white linen shirt 3",
+                                               "Acme white linen shirt, now on sale"]
+    assert [e.event_time for e in starts["i1"]] == [T0 + timedelta(minutes=1)]  # price only
+    assert len(starts["i5"]) == 1  # withdrawn, but its content is history
 
 
 class Crash(RuntimeError):
@@ -96,27 +101,34 @@ def test_a_killed_backfill_resumes_and_the_old_version_serves_until_the_switch(
                 raise Crash("store went away")
             self.store.write_item_embeddings(rows, newest)
 
+    # Items in id order, four per batch: i0 i1 i10 i11 | i12 i13 i2 i3 (two contents) |
+    # i4 i5 i6 i7 | i8 i9. The third batch reaches the item log, then the store fails.
     done = []
     with pytest.raises(Crash):
         Backfill(new, Flaky(online, fail_on=3), log, batch_size=4).run(
             stream, on_batch=lambda r: done.append(r.encoded))
-    assert done == [4, 8]
+    assert done == [4, 9]
     serves(old.encoder_version, want_old)  # mid-backfill: the old version still serves
 
     resumed = Backfill(new, online, log, batch_size=4).run(stream)
-    assert (resumed.items, resumed.already, resumed.encoded, resumed.withdrawn) == (13, 8, 5, 1)
+    # The log had batch three; i4, i6 and i7 were not online yet: embedded again, with i8, i9.
+    assert (resumed.items, resumed.withdrawn, resumed.contents) == (13, 1, 15)
+    assert (resumed.already, resumed.encoded) == (10, 5)
     assert not resumed.rejected
     serves(old.encoder_version, want_old)  # the backfill finished: still the old version
     # Every listed item is readable under the new version, by identity.
     read = online.fetch_items(ids, True, new.encoder_version)
     assert {i for i in ids if read[i].state.encoder_version == new.encoder_version} == set(ids)
-    # ... and the offline log holds both versions, the new one once per item and content.
+    # ... and the offline log holds every content under the new version, from the event that
+    # first carried it: i3's two, and the withdrawn i5's.
     table = read_item_log(cfg.paths.item_log).to_pandas()
-    assert set(table[table.encoder_version == new.encoder_version].item_id) == set(ids)
-    assert set(table[table.encoder_version == old.encoder_version].item_id) >= set(ids)
+    backfilled = table[table.encoder_version == new.encoder_version]
+    assert set(backfilled.item_id) == set(ids) | {"i5"}
+    assert sorted(backfilled[backfilled.item_id == "i3"].content_time.dt.minute) == [0, 3]
+    assert len(backfilled.drop_duplicates(["item_id", "content_hash"])) == 15
     # A rerun has nothing left to do.
     again = Backfill(new, online, log, batch_size=4).run(stream)
-    assert (again.already, again.encoded) == (13, 0)
+    assert (again.already, again.encoded) == (15, 0)
 
     # The switch: promoting a model of the new version makes the server read the new one.
     registry.promote(registry.register(new_model(small, "ppm"),

@@ -139,7 +139,7 @@ def test_ppm_finetune_text_trains_on_the_training_period_and_writes_a_new_encode
     assert code == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     out = tmp_path / "encoders" / "text-qm"
-    assert report["out"] == str(out) and (out / "finetune.json").is_file()
+    assert report["out"] == str(out) and (tmp_path / "encoders" / "text-qm.finetune.json").is_file()
     assert report["encoder_before"].startswith(PACKAGED_MODEL_DIST)
     assert report["encoder_after"] == TextEncoder(out).identity != report["encoder_before"]
     # Trained on the training period's clicked searches, judged on the test period's.

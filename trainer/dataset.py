@@ -124,6 +124,10 @@ class ModalTable:
         if encoder_version is None:
             newest = pc.index(log["embedded_at"], pc.max(log["embedded_at"])).as_py()
             encoder_version = log["encoder_version"][newest].as_py()
+        versions = set(log["encoder_version"].to_pylist())
+        if encoder_version not in versions:
+            raise ValueError(f"the item log in {folder} holds no vector of encoder version "
+                             f"{encoder_version!r}; it holds {sorted(versions)}")
         log = log.filter(pc.equal(log["encoder_version"], encoder_version))
         # One row per (item, content time): the latest write (a photo retried, say).
         log = log.sort_by([("item_id", "ascending"), ("content_time", "ascending"),

@@ -6,9 +6,11 @@ period choose the epoch, those of the test period are the held-out report. The p
 :func:`trainer.train.split_windows`'s, the same as ``ppm train --batch`` and ``ppm eval``
 use, so the encoder never learns from the period the ranker is judged on.
 
-The fine-tuned encoder is written to its own folder (``DataDir.encoder``) with a
-``finetune.json`` report; its content hash is a new ``encoder_version``, so vectors of the
-old and the new encoder never mix.
+The fine-tuned encoder is written to its own folder or file (``DataDir.encoder``) with a
+report beside it (:func:`report_file`); its content hash is a new ``encoder_version``, so
+vectors of the old and the new encoder never mix. Entity prediction (EP,
+:mod:`encoders.entity_prediction`) learns from labelled photos the caller gives, not from
+the logs.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
                   epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
     """QM-fine-tune the configured text encoder (``encoders.text_model``) on the data
     directory's logs and ``items``' texts; write it to ``out`` (default
-    ``DataDir.encoder("text-qm")``) and return the report (also ``out/finetune.json``):
+    ``DataDir.encoder("text-qm")``) and return the report (also :func:`report_file`):
     recall@k and MRR of the clicked item among the catalog, before and after, on the
     validation and the test period.
 
@@ -109,8 +111,14 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
         "best_epoch": result.best_epoch, "epochs": result.epochs,
         "settings": asdict(qm), "seconds": round(time.monotonic() - started, 1),
     }
-    (out / "finetune.json").write_text(json.dumps(report, indent=1))
+    # Beside the model folder, not in it: the folder's content is the encoder's identity.
+    report_file(out).write_text(json.dumps(report, indent=1))
     return report
+
+
+def report_file(out: Path) -> Path:
+    """Where ``ppm finetune`` writes its report for the encoder written to ``out``."""
+    return out.parent / f"{out.name}.finetune.json"
 
 
 def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
@@ -120,7 +128,7 @@ def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
     ``image_weights``) on ``photos`` (``(N, H, W, 3)`` uint8) and their entity ``labels``
     (name -> ``(N,)`` ints), split at random (seeded) into training, ``valid`` (chooses the
     epoch) and ``held_out`` (the report) shares; write the weights to ``out`` (default
-    ``DataDir.encoder("image-ep") / "weights.pth"``) with ``finetune.json`` beside them and
+    ``DataDir.encoder("image-ep") / "weights.pth"``) with :func:`report_file` beside them and
     return the report: accuracy per entity before (a linear probe on the pretrained
     features) and after, on validation and held-out photos."""
     import numpy as np
@@ -157,5 +165,5 @@ def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
         "settings": asdict(ep), "image_size": cfg.encoders.image_size,
         "seconds": round(time.monotonic() - started, 1),
     }
-    (out.parent / "finetune.json").write_text(json.dumps(report, indent=1))
+    report_file(out).write_text(json.dumps(report, indent=1))
     return report

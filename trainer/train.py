@@ -331,6 +331,9 @@ class IncrementalTrainer:
         else:
             champion, champion_model = held
             candidate = copy.deepcopy(champion_model)
+            plugged = champion.meta.get("plug_in")
+            if plugged and plugged.get("frozen"):  # a checkpoint keeps no requires_grad
+                candidate.ppm.requires_grad_(False)
             closed = closed_windows(self.cfg.paths.training)
             older = closed[: names(closed).index(train_windows[0].name)]
             replayed = older[-t.replay_windows:] if t.replay_share > 0 else []
@@ -367,6 +370,7 @@ class IncrementalTrainer:
             "samples": len(train),
             "encoder_version": self.modal.encoder_version,
             "shuffle_vectors_seed": self.shuffle_vectors_seed,
+            "plug_in": champion.meta.get("plug_in") if champion else None,
             "item_vocabulary": vocabulary_meta(candidate.item_vocabulary),
             "user_vocabulary": vocabulary_meta(candidate.user_vocabulary),
             "metrics": cand_metrics,

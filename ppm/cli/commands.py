@@ -298,6 +298,12 @@ def _experiment_ablation(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.experiment import ablation_arms, ablation_pairs, run_experiment, to_markdown
 
     started = datetime.now(UTC)
+    if args.finetuned and (not args.generic or args.generic == args.finetuned):
+        # "Written last" would be the backfilled version itself: name the other one.
+        print("ppm experiment ablation: --finetuned needs --generic, the other encoder "
+              "version (ppm backfill printed the new one; the old is in the champion's meta)",
+              file=sys.stderr)
+        return 2
     arms = ablation_arms(args.finetuned, args.generic)
     try:
         result = run_experiment(cfg, args.seeds, args.test_share, args.valid_share,
@@ -750,7 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
         "project", help="write the champion's frozen plug-in outputs (d_model floats per "
         "item) to the online store, for every item of its encoder version: what its server "
         "reads instead of the raw vectors (ppm train --freeze-plugin does it once)")
-    project.add_argument("--variant", choices=["ppm"], help="whose champion (default ppm)")
+    project.add_argument("--variant", choices=["ppm"], help="whose champion (default: "
+                         "trainer.variant)")
     project.set_defaults(run=_project)
 
     backfill = sub.add_parser(
@@ -772,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--finetuned", metavar="ENC", help="the encoder version of the "
                           "fine-tuned encoders' vectors (ppm backfill prints it)")
     ablation.add_argument("--generic", metavar="ENC", help="the generic encoders' version "
-                          "(default: trainer.encoder_version, else the one written last)")
+                          "(required with --finetuned; else default: trainer.encoder_version, "
+                          "else the one written last)")
     ablation.add_argument("--seeds", type=int, default=3, metavar="N")
     ablation.add_argument("--test-share", type=float, default=0.2)
     ablation.add_argument("--valid-share", type=float, default=0.1)

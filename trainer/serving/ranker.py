@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -270,7 +270,10 @@ class Ranker:
         found = self.items.read_projections(states, projection)
         rest = [i for i in states if i not in found]
         raw = self.items.read(rest, True, encoder_version) if rest else {}
-        raw = {i: r for i, r in raw.items() if r.embedding is not None}
+        # Only vectors of the model's version (the store returns the newest where it has
+        # none of it): the rest are unusable anyway, and may not even fit the projection.
+        raw = {i: r for i, r in raw.items() if r.embedding is not None and not r.state.deleted
+               and r.state.encoder_version == encoder_version}
         self.counters["plugin_outputs_read"] += len(found)
         self.counters["plugin_outputs_computed"] += len(raw)
         if raw:
@@ -279,4 +282,6 @@ class Ranker:
                     [r.embedding for r in raw.values()]))).numpy()
             found |= {i: StoredItem(r.state, out[k], r.embedded_at_us, True)
                       for k, (i, r) in enumerate(raw.items())}
-        return {i: found.get(i, item) for i, item in states.items()}
+        # The profile just read, whatever the (maybe cached) output's entry held.
+        return {i: replace(found[i], state=item.state) if i in found else item
+                for i, item in states.items()}
