@@ -104,7 +104,7 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"ppm train: {exc}", file=sys.stderr)
                 return 2
             version = trainer.registry.register(fitted.model, fitted.meta())
-            if (fitted.plug_in or {}).get("projection"):
+            if fitted.plug_in and fitted.plug_in.get("projection"):
                 # Before the promotion: the first request of the new champion finds them.
                 _write_projections(cfg, fitted.model, version.meta)
             trainer.registry.promote(version)
@@ -124,10 +124,10 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
 
 def _write_projections(cfg: Config, model, meta: dict) -> int:
     from feature_repo.online_features import OnlineFeatures
-    from trainer.serving.projection import project_catalog
+    from trainer.serving.projection import project_catalog, projection_of
 
     written = project_catalog(OnlineFeatures.open(cfg), model, meta, cfg.paths.item_log)
-    print(f"wrote {written:,} items' plug-in outputs ({meta['plug_in']['projection']}) to "
+    print(f"wrote {written:,} items' plug-in outputs ({projection_of(meta)}) to "
           "the online store", file=sys.stderr)
     return written
 
@@ -135,16 +135,17 @@ def _write_projections(cfg: Config, model, meta: dict) -> int:
 def _project(args: argparse.Namespace, cfg: Config) -> int:
     """``ppm project``: the champion's frozen plug-in outputs for every item, again."""
     from trainer.registry import Registry
+    from trainer.serving.projection import projection_of
 
     registry = Registry(cfg.paths.registry(args.variant or cfg.trainer.variant))
     champion = registry.champion()
-    if champion is None or not (champion.meta.get("plug_in") or {}).get("projection"):
+    if champion is None or not projection_of(champion.meta):
         print(f"ppm project: the champion in {registry.root} has no frozen plug-in (train "
               "one with ppm train --batch --plug-in VERSION --freeze-plugin)", file=sys.stderr)
         return 2
     written = _write_projections(cfg, registry.load(champion), champion.meta)
     print(json.dumps({"version": champion.name, "projection":
-                      champion.meta["plug_in"]["projection"], "items": written}))
+                      projection_of(champion.meta), "items": written}))
     return 0
 
 
@@ -264,9 +265,10 @@ def _backfill(args: argparse.Namespace, cfg: Config) -> int:
     except (ValueError, OSError) as exc:
         print(f"ppm backfill: {exc}", file=sys.stderr)
         return 2
-    print(f"{result.encoded:,} items embedded under {result.encoder_version}, "
-          f"{result.already:,} already were, {len(result.rejected):,} rejected, "
-          f"{result.withdrawn:,} withdrawn; the serving version is unchanged: promote a "
+    print(f"{result.encoded:,} of {result.contents:,} item contents embedded under "
+          f"{result.encoder_version} ({result.already:,} already were, "
+          f"{len(result.rejected):,} items rejected; {result.items:,} items listed, "
+          f"{result.withdrawn:,} withdrawn); the serving version is unchanged: promote a "
           "model of this version to switch (docs/encoders.md)", file=sys.stderr)
     print(json.dumps({**result.__dict__, "rejected": result.rejected}))
     return 0 if not result.rejected else 1

@@ -23,6 +23,12 @@ from feature_repo.online_features import ItemEmbeddingRow, OnlineFeatures
 from trainer.model import UnifiedRanker
 
 
+def projection_of(meta: dict) -> str | None:
+    """The projection version a model's registry ``meta`` names: its plug-in's, when the
+    plug-in is frozen (``trainer.train.plug_in``); else None (the model reads raw vectors)."""
+    return (meta.get("plug_in") or {}).get("projection")
+
+
 def project_items(store: OnlineFeatures, model: UnifiedRanker, encoder_version: str,
                   projection: str, item_ids: Sequence[str], batch_size: int = 512) -> int:
     """Read the raw vectors (of ``encoder_version``) of ``item_ids``, project them with
@@ -55,7 +61,7 @@ def project_catalog(store: OnlineFeatures, model: UnifiedRanker, meta: dict,
     ``plug_in.projection`` names the version written). 0 for a model without one."""
     from feature_repo.item_log import read_item_log
 
-    projection = (meta.get("plug_in") or {}).get("projection")
+    projection = projection_of(meta)
     version = meta.get("encoder_version")
     if not projection or not version:
         return 0

@@ -42,6 +42,7 @@ from trainer.features import (
 )
 from trainer.model import UnifiedRanker
 from trainer.registry import Registry
+from trainer.serving.projection import projection_of
 
 
 @dataclass
@@ -172,7 +173,7 @@ class Ranker:
             model = self.registry.load(champion)
             # One assignment: requests already running keep the model they started with.
             self._model = (champion.name, model, champion.meta.get("encoder_version"),
-                           (champion.meta.get("plug_in") or {}).get("projection"))
+                           projection_of(champion.meta))
             self._pointer = pointer
             self.counters["reloads"] += 1
 
