@@ -52,6 +52,20 @@ def _timestamps(us: Iterable[int]) -> pd.Series:
     return pd.to_datetime(pd.Series(list(us), dtype="int64"), unit="us", utc=True)
 
 
+def _embedding_frame(rows: Sequence[ItemEmbeddingRow]) -> pd.DataFrame:
+    """The fields of ``rows`` in Feast's write format, without the entity key; the entity
+    timestamp is the content's event time."""
+    df = pd.DataFrame({
+        "embedding": [np.asarray(r.embedding, dtype=np.float32) for r in rows],
+        "encoder_version": [r.encoder_version for r in rows],
+        "content_hash": [r.content_hash for r in rows],
+        "content_time_us": [r.content_time_us for r in rows],
+        "embedded_at_us": [r.embedded_at_us for r in rows],
+    })
+    df["event_timestamp"] = _timestamps(df["content_time_us"])
+    return df
+
+
 @dataclass(frozen=True)
 class ItemEmbeddingRow:
     """One item vector as written to the online store (and the offline item log)."""
@@ -144,14 +158,7 @@ class OnlineFeatures:
         timestamp is the content's event time."""
         if not rows:
             return
-        df = pd.DataFrame({
-            "embedding": [np.asarray(r.embedding, dtype=np.float32) for r in rows],
-            "encoder_version": [r.encoder_version for r in rows],
-            "content_hash": [r.content_hash for r in rows],
-            "content_time_us": [r.content_time_us for r in rows],
-            "embedded_at_us": [r.embedded_at_us for r in rows],
-        })
-        df["event_timestamp"] = _timestamps(df["content_time_us"])
+        df = _embedding_frame(rows)
         by_version = df.assign(item_key=[embedding_key(r.item_id, r.encoder_version)
                                          for r in rows])
         self.store.write_to_online_store(ITEM_EMBEDDING_BY_VERSION_VIEW, by_version)
@@ -164,16 +171,8 @@ class OnlineFeatures:
         rest the raw vector's meta) under ``projection`` (``trainer.train.projection_key``)."""
         if not rows:
             return
-        df = pd.DataFrame({
-            "item_key": [embedding_key(r.item_id, projection) for r in rows],
-            "embedding": [np.asarray(r.embedding, dtype=np.float32) for r in rows],
-            "encoder_version": [r.encoder_version for r in rows],
-            "content_hash": [r.content_hash for r in rows],
-            "content_time_us": [r.content_time_us for r in rows],
-            "embedded_at_us": [r.embedded_at_us for r in rows],
-        })
-        df["event_timestamp"] = _timestamps(df["content_time_us"])
-        self.store.write_to_online_store(ITEM_PROJECTION_VIEW, df)
+        self.store.write_to_online_store(ITEM_PROJECTION_VIEW, _embedding_frame(rows).assign(
+            item_key=[embedding_key(r.item_id, projection) for r in rows]))
 
     def fetch_projections(self, items: dict[str, StoredItem], projection: str
                           ) -> dict[str, StoredItem]:

@@ -407,7 +407,12 @@ class PPMModule(nn.Module):
         Reads ``modal_table`` (M, modal_dim), or ``modal_projected`` (M, d) when the batch
         carries the rows already projected (:meth:`project`); row 0 is always "missing"."""
         given = batch.get("modal_projected")
-        rows = self.project(batch["modal_table"][1:]) if given is None else given[1:]
+        if given is None:
+            table = batch["modal_table"]  # (M, modal_dim)
+            if table.ndim != 2 or table.shape[1] != self.modal_dim:
+                raise ValueError(f"modal_table has shape {tuple(table.shape)}, the model "
+                                 f"expects (M, {self.modal_dim}) (another encoder version?)")
+        rows = self.project(table[1:]) if given is None else given[1:]
         projected = torch.cat([self.missing.unsqueeze(0), rows.to(self.missing.dtype)])  # (M, d)
         target = F.embedding(batch["target_modal_row"], projected)  # (B, d)
         seq = F.embedding(batch["seq_modal_row"], projected)  # (B, L, d)

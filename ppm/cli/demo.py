@@ -118,8 +118,9 @@ def train_and_score(run_cfg: Config, oracle: Oracle | None = None, progress: boo
                                                             *SCORERS)}
     evaluated: dict[str, list[str]] = {}
     per_window: dict[str, dict] = {}
-    for name, (variant, shuffled) in TRAINED.items():
-        shuffle_seed = run_cfg.trainer.seed if shuffled else None
+    for name, arm in TRAINED.items():
+        variant = arm.variant
+        shuffle_seed = run_cfg.trainer.seed if arm.shuffled else None
         evaluated[name] = []
 
         def collect(step, name=name) -> None:
