@@ -8,11 +8,12 @@ store, but online only under ``(item, version)`` keys
 (``feature_repo.feature_definitions.embedding_key``), never over the newest vector the
 stream wrote: the old version keeps serving, untouched, the whole time.
 
-The switch is the champion's: train a model on the new version (the trainer reads the
-version with the newest writes in the item log, which after a backfill is the new one), and
-promote it. Promotion replaces one pointer file (``trainer.registry``), and a server reads
-the vectors of its model's version (``OnlineFeatures.fetch_items``), so no request ever
-mixes a model with another version's vectors. Then restart the stream workers with the new
+The switch is the champion's: train a model on the new version (name it in
+``trainer.encoder_version``: by default the trainer reads the version written last, which a
+stream still running the old encoder makes the old one again), and promote it. Promotion
+replaces one pointer file (``trainer.registry``), and a server reads the vectors of its
+model's version (``OnlineFeatures.fetch_items``), so no request ever mixes a model with
+another version's vectors. Then restart the stream workers with the new
 encoder configuration, and run the backfill once more: it embeds what changed meanwhile.
 
 A backfill embeds each content an item ever had, available from the event that first
