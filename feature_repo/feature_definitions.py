@@ -105,51 +105,39 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
     # Written by SequenceBuilder for the users whose sequence changed in a batch.
     user_sequence_push = push_source(USER_SEQUENCE_PUSH, paths.user_sequence_log)
 
-    def embedding_schema() -> list[Field]:
-        return [
-            Field(name="embedding", dtype=Array(Float32), description="text ++ image vector"),
-            Field(name="encoder_version", dtype=String),
-            Field(name="content_hash", dtype=String),
-            Field(name="content_time_us", dtype=Int64,
-                  description="event time of the item event the vector was computed from"),
-            Field(name="embedded_at_us", dtype=Int64,
-                  description="wall-clock time the vector became readable online"),
-        ]
+    def embedding_view(name: str, entity: Entity) -> FeatureView:
+        """A vector and what it was computed from (the three embedding views share it)."""
+        return FeatureView(
+            name=name,
+            entities=[entity],
+            ttl=NO_TTL,
+            schema=[
+                Field(name="embedding", dtype=Array(Float32),
+                      description="text ++ image vector"),
+                Field(name="encoder_version", dtype=String),
+                Field(name="content_hash", dtype=String),
+                Field(name="content_time_us", dtype=Int64,
+                      description="event time of the item event the vector was computed from"),
+                Field(name="embedded_at_us", dtype=Int64,
+                      description="wall-clock time the vector became readable online"),
+            ],
+            source=item_embedding_push,
+            online=True,
+        )
 
     # The cached output of the frozen encoders: the PPM module's input. The newest vector
     # the stream wrote, whatever its encoder version: one read serves the common case.
-    item_embedding = FeatureView(
-        name=ITEM_EMBEDDING_VIEW,
-        entities=[item],
-        ttl=NO_TTL,
-        schema=embedding_schema(),
-        source=item_embedding_push,
-        online=True,
-    )
+    item_embedding = embedding_view(ITEM_EMBEDDING_VIEW, item)
 
     # The same vectors keyed by (item, encoder version): what a reader of another version
     # than the newest one reads (a model trained on a backfilled version, or the old one
     # still serving while a backfill runs).
-    item_embedding_by_version = FeatureView(
-        name=ITEM_EMBEDDING_BY_VERSION_VIEW,
-        entities=[item_version],
-        ttl=NO_TTL,
-        schema=embedding_schema(),
-        source=item_embedding_push,
-        online=True,
-    )
+    item_embedding_by_version = embedding_view(ITEM_EMBEDDING_BY_VERSION_VIEW, item_version)
 
     # A frozen PPM plug-in's per-item output (d_model floats instead of the raw vector),
     # keyed by (item, projection version): what serving reads for a model whose plug-in is
     # frozen (trainer.serving.projection). Its meta fields are the raw vector's.
-    item_projection = FeatureView(
-        name=ITEM_PROJECTION_VIEW,
-        entities=[item_version],
-        ttl=NO_TTL,
-        schema=embedding_schema(),
-        source=item_embedding_push,
-        online=True,
-    )
+    item_projection = embedding_view(ITEM_PROJECTION_VIEW, item_version)
 
     # ID features of an item and the time of the newest event applied to it.
     item_profile = FeatureView(

@@ -35,7 +35,7 @@ from feature_repo.item_log import ItemLog
 from feature_repo.online_features import OnlineFeatures
 from ppm.clock import now_us
 from ppm.events import ItemEvent, ItemOp
-from streams.item_embedder import embedding_rows, encode_each
+from streams.item_embedder import embedded, embedding_rows, encode_each
 
 
 @dataclass
@@ -133,7 +133,8 @@ class Backfill:
             batch = ids[start:start + self.batch_size]
             listed = [i for i in batch if i not in withdrawn]
             held = self.store.fetch_items(listed, encoder_version=version)
-            online = {i for i in listed if not self._held(held.get(i), starts[i][-1])}
+            online = {i for i in listed if not embedded(
+                held[i].state if i in held else None, self.encoder, starts[i][-1])}
             todo = [e for i in batch for e in starts[i]
                     if (i, self.encoder.content_hash(e)) not in done
                     or (i in online and e is starts[i][-1])]
@@ -164,7 +165,3 @@ class Backfill:
                 on_batch(result)
         bar.close()
         return result
-
-    def _held(self, stored, event: ItemEvent) -> bool:
-        return (stored is not None and stored.state.encoder_version == self.encoder.encoder_version
-                and stored.state.content_hash == self.encoder.content_hash(event))

@@ -132,7 +132,7 @@ class ItemEmbedder:
         version = self.encoder.encoder_version
         to_encode = [
             (e, a) for e, a in accepted
-            if e.op is ItemOp.UPSERT and not self._embedded(known.get(e.item_id), e)
+            if e.op is ItemOp.UPSERT and not embedded(known.get(e.item_id), self.encoder, e)
         ]
         embeddings, failed = encode_each(self.encoder, [e for e, _ in to_encode])
         if failed:
@@ -184,13 +184,6 @@ class ItemEmbedder:
             known.update(stored)
         return known
 
-    def _embedded(self, state: ItemState | None, event: ItemEvent) -> bool:
-        return (
-            state is not None
-            and state.encoder_version == self.encoder.encoder_version
-            and state.content_hash == self.encoder.content_hash(event)
-        )
-
     @staticmethod
     def _next_state(before: ItemState | None, event: ItemEvent) -> ItemState:
         t = to_us(event.event_time)
@@ -214,6 +207,14 @@ class ItemEmbedder:
             updated_us=t,
             **carried,
         )
+
+
+def embedded(state: ItemState | None, encoder: ItemEncoder | EncoderProcess,
+             event: ItemEvent) -> bool:
+    """Whether ``state`` says the item already has ``encoder``'s vector of ``event``'s
+    content (same encoder version, same content hash): the stream and the backfill skip it."""
+    return (state is not None and state.encoder_version == encoder.encoder_version
+            and state.content_hash == encoder.content_hash(event))
 
 
 def embedding_rows(events: Sequence[ItemEvent], embeddings, version: str, sent_us: int

@@ -297,8 +297,7 @@ def _experiment_ablation(args: argparse.Namespace, cfg: Config) -> int:
     """``ppm experiment ablation``: :func:`trainer.experiment.run_experiment` with
     :func:`~trainer.experiment.ablation_arms`; results to ``DATA_DIR/experiments/``, the
     JSON also as the last line of stdout."""
-    from ppm.atomic_file import write_atomically
-    from trainer.experiment import ablation_arms, ablation_pairs, run_experiment, to_markdown
+    from trainer.experiment import ablation_arms, ablation_pairs, run_experiment
 
     started = datetime.now(UTC)
     if args.finetuned and (not args.generic or args.generic == args.finetuned):
@@ -317,25 +316,15 @@ def _experiment_ablation(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     result = {"kind": "ablation", "generic": args.generic, "finetuned": args.finetuned,
               **result}
-    text = json.dumps(result)
-    path = cfg.paths.experiment(f"ablation-{started:%Y%m%dT%H%M%SZ}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, (text + "\n").encode())
-    markdown = to_markdown(result)
-    if args.markdown:
-        Path(args.markdown).write_text(markdown)
-    print(markdown, file=sys.stderr)
-    print(f"results in {path}", file=sys.stderr)
-    print(text)
-    return 0
+    return _report_experiment(cfg, f"ablation-{started:%Y%m%dT%H%M%SZ}", result,
+                              args.markdown)
 
 
 def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
     """``ppm eval --seeds N``: the experiment of :mod:`trainer.experiment`; its result goes
     to ``cfg.paths.experiment(...)`` and, as JSON, to the last line of stdout."""
-    from ppm.atomic_file import write_atomically
     from trainer.baselines import Oracle
-    from trainer.experiment import run_experiment, to_markdown
+    from trainer.experiment import run_experiment
 
     if args.variant:
         print("ppm eval: --seeds trains idrec, ppm and the shuffled-vector control itself; "
@@ -354,13 +343,22 @@ def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
         print(f"ppm eval: {exc}", file=sys.stderr)
         return 2
     result = {"oracle_file": str(oracle_file) if oracle else None, **result}
+    return _report_experiment(cfg, started.strftime("%Y%m%dT%H%M%SZ"), result, args.markdown)
+
+
+def _report_experiment(cfg: Config, name: str, result: dict, markdown_file: str | None) -> int:
+    """An experiment's result to ``cfg.paths.experiment(name)`` (and, as JSON, the last line
+    of stdout), its tables to stderr and ``markdown_file`` when given."""
+    from ppm.atomic_file import write_atomically
+    from trainer.experiment import to_markdown
+
     text = json.dumps(result)
-    path = cfg.paths.experiment(started.strftime("%Y%m%dT%H%M%SZ"))
+    path = cfg.paths.experiment(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (text + "\n").encode())
     markdown = to_markdown(result)
-    if args.markdown:
-        Path(args.markdown).write_text(markdown)
+    if markdown_file:
+        Path(markdown_file).write_text(markdown)
     print(markdown, file=sys.stderr)
     print(f"results in {path}", file=sys.stderr)
     print(text)
@@ -772,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
         "backfill", help="embed the catalog with the configured encoders (a new "
         "encoder_version) beside the version serving, through the item log and the online "
         "store; a rerun resumes (skips what is done)")
-    _add_input_options(backfill, "the catalog (each item's newest event)")
+    _add_input_options(backfill, "the catalog: every content of each item goes to the item "
+                       "log, the newest of each listed item online")
     backfill.add_argument("--batch-size", type=int, default=256, metavar="N",
                           help="items per read, encode and write (default 256)")
     backfill.add_argument("--quiet", action="store_true", help="no progress bar")
