@@ -38,8 +38,9 @@ from feature_repo.feature_definitions import (
     embedding_key,
     feature_definitions,
 )
+from feature_repo.online_reader import OnlineReader
 from ppm.clock import now_us
-from ppm.config import Config
+from ppm.config import Config, OnlineReads
 from ppm.records import ItemState, UserSequence
 
 PROFILE_FIELDS = ("category", "brand", "shop", "price_bucket", "first_seen_us", "updated_us",
@@ -114,10 +115,12 @@ class OnlineFeatures:
     """
 
     def __init__(self, store: FeatureStore, definitions: FeatureDefinitions,
-                 freshness_window_s: float | None):
+                 freshness_window_s: float | None, reads: OnlineReads = "direct"):
         self.store = store
         self.definitions = definitions
         self.freshness_window_s = freshness_window_s
+        self.reads = reads
+        self.reader = OnlineReader(store)
 
     @classmethod
     def open(cls, cfg: Config, apply: bool = True) -> OnlineFeatures:
@@ -146,7 +149,8 @@ class OnlineFeatures:
         store = FeatureStore(repo_path=str(repo))
         if apply:
             store.apply(definitions.all())
-        return cls(store, definitions, cfg.features.freshness_window_s)
+        return cls(store, definitions, cfg.features.freshness_window_s,
+                   cfg.features.online_reads)
 
     # ------------------------------------------------------------------ writes
 
@@ -182,11 +186,17 @@ class OnlineFeatures:
         item changed is left out, and the caller projects the raw vector instead."""
         if not items:
             return {}
-        found = self._fetch_version(list(items), projection, True, items,
-                                    view=ITEM_PROJECTION_VIEW)
-        return {i: got for i, got in found.items()
-                if (got.state.encoder_version, got.state.content_hash) ==
-                (items[i].state.encoder_version, items[i].state.content_hash)}
+        data = self._columns("item_key", [embedding_key(i, projection) for i in items], {
+            ITEM_PROJECTION_VIEW: ("embedding", "encoder_version", "content_hash")})
+        out = {}
+        for row, (item_id, item) in enumerate(items.items()):
+            if data["embedding"][row] is not None and (
+                    data["encoder_version"][row], data["content_hash"][row]) == (
+                    item.state.encoder_version, item.state.content_hash):
+                out[item_id] = StoredItem(item.state, np.asarray(data["embedding"][row],
+                                                                 dtype=np.float32),
+                                          item.embedded_at_us, True)
+        return out
 
     def write_item_profiles(self, states: Sequence[ItemState]) -> None:
         """Write ID features and tombstones in one batch (timestamp: the newest event)."""
@@ -254,15 +264,11 @@ class OnlineFeatures:
         return out
 
     def _fetch_version(self, item_ids: Sequence[str], encoder_version: str,
-                       with_embeddings: bool, newest: dict[str, StoredItem],
-                       view: str = ITEM_EMBEDDING_BY_VERSION_VIEW) -> dict[str, StoredItem]:
-        refs = [f"{view}:{f}" for f in EMBEDDING_META]
-        if with_embeddings:
-            refs.append(f"{view}:embedding")
-        data = self.store.get_online_features(
-            features=refs,
-            entity_rows=[{"item_key": embedding_key(i, encoder_version)} for i in item_ids],
-        ).to_dict()
+                       with_embeddings: bool, newest: dict[str, StoredItem]
+                       ) -> dict[str, StoredItem]:
+        fields = [*EMBEDDING_META, *(["embedding"] if with_embeddings else [])]
+        data = self._columns("item_key", [embedding_key(i, encoder_version) for i in item_ids],
+                             {ITEM_EMBEDDING_BY_VERSION_VIEW: fields})
         out = {}
         for row, item_id in enumerate(item_ids):
             if data["encoder_version"][row] is None:
@@ -278,15 +284,11 @@ class OnlineFeatures:
 
     def _fetch_newest(self, item_ids: Sequence[str], with_embeddings: bool
                       ) -> dict[str, StoredItem]:
-        refs = [f"{ITEM_PROFILE_VIEW}:{f}" for f in PROFILE_FIELDS]
-        refs += [f"{ITEM_EMBEDDING_VIEW}:{f}" for f in EMBEDDING_META]
-        if with_embeddings:
-            refs.append(f"{ITEM_EMBEDDING_VIEW}:embedding")
-        data = self.store.get_online_features(
-            features=refs, entity_rows=[{"item_id": i} for i in item_ids]
-        ).to_dict()
+        data = self._columns("item_id", item_ids, {
+            ITEM_PROFILE_VIEW: PROFILE_FIELDS,
+            ITEM_EMBEDDING_VIEW: [*EMBEDDING_META, *(["embedding"] if with_embeddings else [])]})
         out: dict[str, StoredItem] = {}
-        for row, item_id in enumerate(data["item_id"]):
+        for row, item_id in enumerate(item_ids):
             if data["updated_us"][row] is None:
                 continue  # never written
             state = ItemState(
@@ -334,10 +336,7 @@ class OnlineFeatures:
         """The online sequences of ``user_ids``; users with none are left out."""
         if not user_ids:
             return {}
-        refs = [f"{USER_SEQUENCE_VIEW}:{f}" for f in SEQUENCE_FIELDS]
-        data = self.store.get_online_features(
-            features=refs, entity_rows=[{"user_id": u} for u in user_ids]
-        ).to_dict()
+        data = self._columns("user_id", user_ids, {USER_SEQUENCE_VIEW: SEQUENCE_FIELDS})
         return {
             user_id: UserSequence(
                 user_id,
@@ -345,6 +344,17 @@ class OnlineFeatures:
                 tuple(data["seq_actions"][row]),
                 tuple(data["seq_times_us"][row]),
             )
-            for row, user_id in enumerate(data["user_id"])
+            for row, user_id in enumerate(user_ids)
             if data["updated_us"][row] is not None
         }
+
+    def _columns(self, join_key: str, keys: Sequence[str],
+                 fields: dict[str, Sequence[str]]) -> dict[str, list]:
+        """``{field: [value per key]}`` of ``fields`` (view -> its fields; no name in two
+        views) for the entity rows ``{join_key: key}``; None where a key has no value."""
+        if self.reads == "feast":
+            data = self.store.get_online_features(
+                features=[f"{view}:{f}" for view, names in fields.items() for f in names],
+                entity_rows=[{join_key: k} for k in keys]).to_dict()
+            return {f: data[f] for names in fields.values() for f in names}
+        return self.reader.read(join_key, keys, fields)

@@ -155,6 +155,10 @@ class SimulatorConfig(_Section):
     ``dataset-fashion-mnist`` location; if absent, procedural images (with a warning)."""
 
 
+OnlineReads = Literal["direct", "feast"]
+"""Online read paths (``features.online_reads``)."""
+
+
 class FeatureStoreConfig(_Section):
     """The Feast feature store: where it lives and how fresh its values must be."""
 
@@ -179,6 +183,11 @@ class FeatureStoreConfig(_Section):
     item on every request. Freshness is still judged per request."""
     serving_cache_items: int = Field(100_000, ge=1)
     """Most items the ranker's cache holds; the least recently fetched go first."""
+    online_reads: OnlineReads = "direct"
+    """How reads reach the online store: ``direct`` through the store's own ``online_read``,
+    one view at a time and only the requested fields (``feature_repo.online_reader``);
+    ``feast`` through ``FeatureStore.get_online_features`` (the general SDK path, slower;
+    kept as the reference the direct path is tested and benchmarked against)."""
 
 
 RefreshMode = Literal["recorded", "arrival", "periodic", "catalog_once"]

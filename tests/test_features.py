@@ -414,3 +414,10 @@ def test_rare_item_and_user_ids_are_unknown_in_training_and_in_serving_alike(tmp
     ranked = ranker.rank(USER.user_id, TARGETS, now=T)  # the ranker's own model and batch
     got = dict(zip(ranked.item_ids, ranked.scores["click"], strict=True))
     assert [got[i] for i in TARGETS] == pytest.approx(want, rel=1e-5)
+
+
+def test_direct_reads_return_what_feasts_sdk_returns(online):
+    from tests.online_reads_check import check_reads_agree, fill
+
+    fill(online)
+    check_reads_agree(online)

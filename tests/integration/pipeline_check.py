@@ -28,6 +28,13 @@ from tests.servers import FaustWorker, worker_env
 _databases = itertools.count(1)  # Redis database per test: 1..15 (0 is left to people)
 
 
+def next_redis_database() -> int:
+    """A Redis database no other test of this session uses."""
+    db = next(_databases)
+    assert db <= 15, "more tests than Redis databases"
+    return db
+
+
 @dataclass
 class Scenario:
     """One test's own topics (``items-<name>`` ...), consumer group, data dir and Redis
@@ -41,7 +48,7 @@ class Scenario:
 
     @classmethod
     def create(cls, name: str, kafka_bootstrap: str, redis_url: str, tmp: Path) -> Scenario:
-        db = next(_databases)
+        db = next_redis_database()
         # idle_close_s: the end of a test's stream closes the windows, so lag can reach 0.
         env = worker_env(kafka_bootstrap, redis_url, name, tmp / "data", db,
                          item_batch_wait_s=0.5, idle_close_s=5)
