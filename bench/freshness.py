@@ -1,6 +1,6 @@
 """Freshness through the distributed path: kafka-python -> Kafka -> Faust worker -> Redis.
 
-Servers: ``KAFKA_BOOTSTRAP`` and ``REDIS_URL`` when both are set, else local processes
+Servers: ``PPM__KAFKA__BOOTSTRAP`` and ``PPM__REDIS__URL`` when both are set, else local processes
 (``infra/up``, stopped at the end). One Faust worker (``streams.app``) runs on its own topics
 and Redis database (``--redis-db``, flushed first).
 
@@ -10,7 +10,8 @@ and Redis database (``--redis-db``, flushed first).
    ``--rate`` (default: half the bare encoder's items/s) for ``--warm-up`` + ``--duration``
    seconds; the warm-up's items count for ``lost`` but not for the latencies. (A fresh
    broker's JIT compiler is busy then, and the encoder falls behind for some seconds.) The
-   worker records when each item became readable in Redis (``freshness/<worker>.parquet``);
+   worker records when each item became readable in Redis (parts under
+   ``freshness-items/<worker>/``, ``streams.freshness.read_freshness_items``);
    p50/p99 are of readable - event_time.
    ``lost``: published items not readable ``--drain`` seconds after the last one;
    ``max_lag``: the largest consumer lag on ``items`` seen (sampled each s).
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -44,6 +44,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 REPO = Path(__file__).resolve().parents[1]
 # The server harness (tests/servers.py): the repo first, since site-packages holds another
@@ -90,18 +91,18 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     from encoders.item_encoder import ItemEncoder
     from ppm.config import SimulatorConfig, load_config
     from ppm.events import ItemEvent, decode
-    from streams.freshness import read_freshness
+    from streams.freshness import read_freshness_items
     from streams.sources.publisher import Publisher, routing_key
     from streams.sources.shop_simulator import ShopSimulator
     from streams.topics import LagProbe, ensure_topics
-    from tests.servers import FaustWorker, worker_env
+    from tests.servers import FaustWorker, redis_db_url, worker_env
 
     env = worker_env(servers.kafka_bootstrap, servers.redis_url, "bench-freshness", tmp / "data",
                      args.redis_db,
                      item_batch_wait_s=args.batch_wait)
+    env["PPM__KAFKA__FRESHNESS_ITEMS_PART_S"] = "1"  # the per-item records, soon
     cfg = load_config(env=env)
-    os.environ["PPM_REDIS"] = env["PPM_REDIS"]  # for this process's reads of the store
-    redis.Redis.from_url(f"{servers.redis_url}/{args.redis_db}").flushdb()
+    redis.Redis.from_url(redis_db_url(servers.redis_url, args.redis_db)).flushdb()
     ensure_topics(cfg.kafka)
 
     # Item events to send: the simulator's catalog, re-stamped at send time.
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     worker = FaustWorker(env, tmp / "worker.log").start()
     try:
         log("waiting until the worker's encoder is up (one warm-up item readable) ...")
-        wait_for_encoder(cfg, templates[0], read_freshness)
+        wait_for_encoder(cfg, templates[0], read_freshness_items)
         events = [decode(json.dumps(t).encode(), "item", "bench", cfg.contracts)
                   for t in templates]
         bare = bare_items_per_s(ItemEncoder.from_config(cfg),
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
                     sent.append(item["item_id"])
                     unmeasured += elapsed < args.warm_up
                 time.sleep(min(0.01, max(0.0, len(sent) / rate - elapsed)))
-        lost, lags_by_item = drain(cfg, sent, args.drain, read_freshness)
+        lost, lags_by_item = drain(cfg, sent, args.drain, read_freshness_items)
         lags_ms = [lags_by_item[i] for i in sent[unmeasured:] if i in lags_by_item]
         sampling.set()
         sampler.join()
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace, servers, tmp: Path) -> dict:
     }
 
 
-def wait_for_encoder(cfg, template: dict, read_stats, timeout_s: float = 180) -> None:
+def wait_for_encoder(cfg, template: dict, read_items, timeout_s: float = 180) -> None:
     """Publish one item and wait until the worker has made it readable: the worker's encoder
     loads in a child process after Faust says it is ready, and that start-up is not part
     of a steady-state latency (nor should it share the cores with the bare baseline)."""
@@ -197,7 +198,7 @@ def wait_for_encoder(cfg, template: dict, read_stats, timeout_s: float = 180) ->
         publisher.send("item", raw, routing_key("item", raw))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if "warm-up" in read_stats(cfg.data_dir).state_dict()["item_id"]:
+        if "warm-up" in read_items(cfg.data_dir).column("item_id").to_pylist():
             return
         time.sleep(0.5)
     raise TimeoutError(f"the warm-up item was not readable within {timeout_s:.0f}s")
@@ -211,7 +212,7 @@ def bare_items_per_s(encoder, events: list, batch: int = 64, batches: int = 4) -
     return batches * batch / (time.perf_counter() - started)
 
 
-def drain(cfg, sent: list[str], timeout_s: float, read_stats
+def drain(cfg, sent: list[str], timeout_s: float, read_items
           ) -> tuple[int, dict[str, float]]:
     """Wait until every sent item is in the worker's freshness records (readable in Redis)
     and confirm in Redis itself; return (lost, item_id -> event-to-readable ms)."""
@@ -221,10 +222,12 @@ def drain(cfg, sent: list[str], timeout_s: float, read_stats
     deadline = time.monotonic() + timeout_s
     lags: dict[str, float] = {}
     while time.monotonic() < deadline:
-        stats = read_stats(cfg.data_dir)
-        rows = stats.state_dict()
-        lags = {i: (r - e) / 1000 for i, e, r in zip(rows["item_id"], rows["event_time"],
-                                                     rows["readable"], strict=True)
+        table = read_items(cfg.data_dir)
+        times = {c: table.column(c).cast(pa.int64()).to_pylist()
+                 for c in ("event_time", "readable")}
+        lags = {i: (r - e) / 1000 for i, e, r in zip(table.column("item_id").to_pylist(),
+                                                     times["event_time"], times["readable"],
+                                                     strict=True)
                 if i in wanted}
         if len(lags) == len(wanted):
             break

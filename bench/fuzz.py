@@ -1,6 +1,6 @@
 """Hostile records through a real worker: is every event applied or a dead letter, once?
 
-Servers: ``KAFKA_BOOTSTRAP`` and ``REDIS_URL`` when both are set, else local processes
+Servers: ``PPM__KAFKA__BOOTSTRAP`` and ``PPM__REDIS__URL`` when both are set, else local processes
 (``infra/up``, stopped at the end). One Faust worker (``streams.app``) runs on its own topics,
 consumer group, Redis database (``--redis-db``, flushed first) and data dir, with
 ``pipeline.idle_close_s`` set so that a quiet partition closes its windows and the group can
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace, servers, tmp: Path, started: float) -> dict:
     from ppm.config import load_config
     from streams.sources.hostile import labelled_mix
     from streams.topics import ensure_topics
-    from tests.servers import FaustWorker, worker_env
+    from tests.servers import FaustWorker, redis_db_url, worker_env
 
     env = worker_env(servers.kafka_bootstrap, servers.redis_url, "bench-fuzz", tmp / "data",
                      args.redis_db,
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, servers, tmp: Path, started: float) -> dict:
     phase("expect")
 
     # 3. Publish to one worker.
-    redis.Redis.from_url(f"{servers.redis_url}/{args.redis_db}").flushdb()
+    redis.Redis.from_url(redis_db_url(servers.redis_url, args.redis_db)).flushdb()
     ensure_topics(cfg.kafka, contracts=cfg.contracts)
     scenario = Scenario("fuzz", cfg, env, args.redis_db)
     worker = FaustWorker(env, tmp / "worker.log")

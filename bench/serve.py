@@ -24,6 +24,11 @@ p99 by the SDK raw-vector path's of the same run, ``direct_uncached_p99_ratio`` 
 raw-vector path's. ``bytes_per_item_raw`` / ``bytes_per_item_plugin``:
 the vector bytes serving reads per item.
 
+``http_*``: the cached requests again through the scoring server (``ppm serve``'s app on
+uvicorn, in a thread of this process; one keep-alive connection, JSON both ways), each in
+turn with the same request in process (``http_paired_p99_ms``), so both share the
+machine's noise; ``http_p99_ratio`` divides the first p99 by the second.
+
 Last line: ``{"candidates": 200, "p50_ms", "p99_ms", ...}``. Goal: p99 <= 20 ms.
 """
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import http.client
 import json
 import sys
 import tempfile
@@ -54,6 +60,7 @@ def main() -> None:
     from streams.local_runner import LocalRunner
     from streams.sources.shop_simulator import ShopSimulator
     from trainer.registry import Registry
+    from trainer.serving.http_server import BackgroundServer, make_app
     from trainer.serving.projection import project_catalog
     from trainer.serving.ranker import Ranker
     from trainer.train import IncrementalTrainer, train_batch
@@ -120,8 +127,35 @@ def main() -> None:
 
         sdk_ms = timed(sdk)
         sdk_uncached_ms = timed(sdk_uncached)
+        def timed_http(direct: Ranker, served: Ranker) -> tuple[list[float], list[float]]:
+            """Each request in process to ``direct`` and through the scoring server to
+            ``served`` (one keep-alive connection), in turn, so both share the machine's
+            noise; the two rankers have caches of their own."""
+            inproc, through = [], []
+            with BackgroundServer(make_app(served, cfg.serving), cfg.serving) as server:
+                host, port = server.url.removeprefix("http://").split(":")
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+                for k, (user, candidates) in enumerate(requests[:20] + requests):
+                    started = time.perf_counter()
+                    direct.rank(user, candidates)  # wall clock, as the server judges
+                    middle = time.perf_counter()
+                    conn.request("POST", "/rank", json.dumps(
+                        {"user_id": user, "item_ids": [str(i) for i in candidates]}),
+                        {"Content-Type": "application/json"})
+                    reply = conn.getresponse()
+                    body = json.loads(reply.read())
+                    if k >= 20:  # after the warm-up, as timed()
+                        inproc.append((middle - started) * 1e3)
+                        through.append((time.perf_counter() - middle) * 1e3)
+                    assert reply.status == 200 and len(body["items"]) == args.candidates
+                conn.close()
+            return inproc, through
+
         rank_ms = timed(ranker)
         hits = ranker.items.counters
+        paired_ms, http_ms = timed_http(
+            *(Ranker(store, trainer.registry, cache_s=cfg.features.serving_cache_s)
+              for _ in range(2)))
         uncached_ms = timed(uncached)
         plugin_ms = timed(plugin)
         plugin_uncached_ms = timed(plugin_uncached)
@@ -159,6 +193,10 @@ def main() -> None:
         "uncached_p50_ms": pct(uncached_ms, 50),
         "uncached_p99_ms": pct(uncached_ms, 99),
         "cache_hit_share": round(hits["hits"] / max(1, hits["hits"] + hits["misses"]), 3),
+        "http_p50_ms": pct(http_ms, 50),
+        "http_p99_ms": pct(http_ms, 99),
+        "http_paired_p99_ms": pct(paired_ms, 99),
+        "http_p99_ratio": round(pct(http_ms, 99) / pct(paired_ms, 99), 3),
         "sdk_p50_ms": pct(sdk_ms, 50),
         "sdk_p99_ms": pct(sdk_ms, 99),
         "sdk_uncached_p50_ms": pct(sdk_uncached_ms, 50),

@@ -6,8 +6,10 @@ is not Feast's: the pipeline writes its own batched parquet logs (item features,
 windows), because Feast's file offline store rewrites a whole parquet file on every push.
 
 Paths differ per deployment, so the definitions are built for a data directory by
-:func:`feature_definitions`; ``ppm features apply`` registers them (it is ``feast apply``
-with paths from the ppm configuration).
+:func:`feature_definitions`, the one builder of them: ``ppm features apply`` (and every
+``OnlineFeatures.open``) registers them for ppm's configured data dir, and
+``feature_repo/repo.py`` holds them at module level, for the data dir ``PPM__DATA_DIR``
+names, where Feast's own CLI looks for them (``feast -c feature_repo plan|apply``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.types import Array, Bool, Float32, Int64, String
 
 from ppm.data_dir import DataDir
+
+DATA_DIR_ENV = "PPM__DATA_DIR"
+"""The variable that names ppm's data dir (``Config.data_dir``); the store yamls put their
+files under it."""
 
 # Feast's FeatureView ttl is not applied on online reads (feast-dev/feast#6821), so views
 # keep no ttl here and the freshness window is enforced by feature_repo.online_features instead.

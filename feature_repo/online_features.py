@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 from feast import FeatureStore
+from feast.repo_config import RepoConfig
 
 from feature_repo.feature_definitions import (
+    DATA_DIR_ENV,
     ITEM_EMBEDDING_BY_VERSION_VIEW,
     ITEM_EMBEDDING_VIEW,
     ITEM_PROFILE_VIEW,
@@ -47,6 +50,81 @@ PROFILE_FIELDS = ("category", "brand", "shop", "price_bucket", "first_seen_us", 
                   "deleted")
 EMBEDDING_META = ("encoder_version", "content_hash", "content_time_us", "embedded_at_us")
 SEQUENCE_FIELDS = ("seq_item_ids", "seq_actions", "seq_times_us", "updated_us")
+
+
+REDIS_URL_ENV = "PPM__REDIS__URL"
+"""The variable (``redis.url``) a store yaml names where Feast wants a Redis connection
+string."""
+
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def store_yaml(cfg: Config) -> Path:
+    """The Feast settings file ``cfg`` uses: ``features.store_yaml``; unset, the packaged
+    ``feature_store.redis.yaml`` when ``redis.url`` is set, else ``feature_store.yaml``."""
+    if cfg.features.store_yaml is not None:
+        return Path(cfg.features.store_yaml)
+    name = "feature_store.yaml" if cfg.redis.url is None else "feature_store.redis.yaml"
+    return Path(str(resources.files("feature_repo") / name))
+
+
+def store_config(cfg: Config) -> RepoConfig:
+    """Feast's settings for ``cfg``, built here from :func:`store_yaml` rather than read by
+    Feast from a folder.
+
+    The same yaml serves Feast's own CLI (``feast -c feature_repo plan``, with the
+    definitions of ``feature_repo/repo.py``), which expands ``${VAR}`` from the environment.
+    ppm fills the variables itself instead (:func:`resolved_store_settings`). Relative paths
+    resolve under ``DATA_DIR/feast/`` (the registry and the SQLite store of the default live
+    there, named by ``${PPM__DATA_DIR}``).
+
+    Nothing is written into the data dir: ``DATA_DIR/feast/`` holds no
+    ``feature_store.yaml``, so ``feast apply`` run there fails instead of applying an empty
+    repo (which would delete every view).
+    """
+    config = RepoConfig(**resolved_store_settings(cfg))
+    config.repo_path = Path(cfg.paths.feast_repo).resolve()
+    return config
+
+
+def resolved_store_settings(cfg: Config) -> dict[str, Any]:
+    """:func:`store_yaml`, parsed, with its variables filled: ``${PPM__DATA_DIR}`` with
+    ``cfg.data_dir`` (absolute), ``${PPM__REDIS__URL}`` with ``redis.url`` in Feast's form
+    (``host:port,db=N``), any other from the environment; one that is not set is an error
+    (naming ``PPM__REDIS__URL`` for the Redis address). ``ppm features yaml`` prints it, for
+    ``feast -f``."""
+    source = store_yaml(cfg)
+    if not source.is_file():
+        raise FileNotFoundError(f"feature store settings not found: {source}")
+    known = {DATA_DIR_ENV: str(Path(cfg.data_dir).resolve())}
+    missing: set[str] = set()
+
+    def value(name: str) -> str:
+        if name in known:
+            return known[name]
+        if name == REDIS_URL_ENV:
+            if cfg.redis.url is None:
+                raise ValueError(f"{source} needs a Redis server: set {REDIS_URL_ENV}, e.g. "
+                                 f"{REDIS_URL_ENV}=redis://127.0.0.1:6379/0")
+            return cfg.redis.feast_connection_string()
+        if name not in os.environ:
+            missing.add(name)
+        return os.environ.get(name, "")
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, str):
+            return _VARIABLE.sub(lambda m: value(m.group(1) or m.group(2)), node)
+        if isinstance(node, dict):
+            return {k: fill(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [fill(v) for v in node]
+        return node
+
+    raw = fill(yaml.safe_load(source.read_text()))
+    if missing:
+        raise ValueError(f"{source} uses environment variables that are not set: "
+                         f"{', '.join(sorted(missing))}")
+    return raw
 
 
 def _timestamps(us: Iterable[int]) -> pd.Series:
@@ -124,29 +202,17 @@ class OnlineFeatures:
 
     @classmethod
     def open(cls, cfg: Config, apply: bool = True) -> OnlineFeatures:
-        """Open (and by default register) the feature store of ``cfg``.
-
-        The store's folder is ``DATA_DIR/feast/``: ``features.store_yaml`` (default: the
-        embedded ``feature_repo/feature_store.yaml``) is copied there, so relative paths in it
-        land in that folder. ``apply=True`` runs the equivalent of ``feast apply`` (cheap when
-        nothing changed).
-        """
+        """Open (and by default register) the feature store of ``cfg``
+        (:func:`store_config`). ``apply=True`` runs the equivalent of ``feast apply`` (cheap
+        when nothing changed)."""
+        config = store_config(cfg)
         repo = cfg.paths.feast_repo
         repo.mkdir(parents=True, exist_ok=True)
-        source = cfg.features.store_yaml or Path(
-            str(resources.files("feature_repo") / "feature_store.yaml"))
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"feature store settings not found: {source}")
-        unset = sorted(set(re.findall(r"\$\{(\w+)\}", Path(source).read_text()))
-                       - set(os.environ))
-        if unset:
-            raise ValueError(f"{source} uses environment variables that are not set: "
-                             f"{', '.join(unset)}")
-        target = repo / "feature_store.yaml"
-        if not target.exists() or target.read_bytes() != Path(source).read_bytes():
-            shutil.copyfile(source, target)
+        legacy = repo / "feature_store.yaml"  # the copy ppm used to keep there
+        if legacy.is_file() and legacy.resolve() != store_yaml(cfg).resolve():
+            legacy.unlink()
         definitions = feature_definitions(Path(cfg.data_dir))
-        store = FeatureStore(repo_path=str(repo))
+        store = FeatureStore(repo_path=str(config.repo_path), config=config)
         if apply:
             store.apply(definitions.all())
         return cls(store, definitions, cfg.features.freshness_window_s,

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -163,9 +164,11 @@ class FeatureStoreConfig(_Section):
     """The Feast feature store: where it lives and how fresh its values must be."""
 
     store_yaml: Path | None = None
-    """A Feast ``feature_store.yaml``. None: ``feature_repo/feature_store.yaml`` (embedded:
-    SQLite online store, DuckDB offline store). Relative paths in it resolve under
-    ``DATA_DIR/feast/``."""
+    """A Feast ``feature_store.yaml``. None: ``feature_repo/feature_store.redis.yaml`` when
+    ``redis.url`` is set, else ``feature_repo/feature_store.yaml`` (embedded: SQLite online
+    store, DuckDB offline store). ppm fills its ``${PPM__DATA_DIR}`` with ``data_dir`` and its
+    ``${PPM__REDIS__URL}`` with ``redis.url`` in Feast's form; relative paths in it resolve
+    under ``DATA_DIR/feast/`` (``feature_repo.online_features.store_config``)."""
     freshness_window_s: float | None = Field(None, gt=0)
     """An embedding computed from an item event older than this (in event time) is stale:
     reads report it stale and the ranker treats it as missing. None (the default): age
@@ -412,12 +415,25 @@ class ModelConfig(_Section):
 class ServingConfig(_Section):
     """``ppm serve``: the ranker behind HTTP. (Its item cache is ``features.serving_cache_*``.)"""
 
+    host: str = "127.0.0.1"
+    """Address to listen on (``0.0.0.0``: every interface, e.g. in a container)."""
+    port: int = Field(8080, ge=0, le=65535)
+    """Port to listen on (0: a free one, printed at start)."""
+    workers: int = Field(1, ge=1)
+    """Server processes sharing the port, each with its own model and item cache."""
     reload_every_s: float = Field(1.0, ge=0)
     """How often the ranker looks for a newly promoted champion (wall clock)."""
     max_body_bytes: int = Field(1_000_000, ge=1)
-    """Largest request body accepted; larger ones get a 400."""
+    """Largest request body accepted; larger ones get a 413 without being read."""
     max_candidates: int = Field(10_000, ge=1)
-    """Most candidates one request may ask to rank."""
+    """Most candidates one request may ask to rank (more: a 422)."""
+    request_timeout_s: float = Field(10.0, gt=0)
+    """A client must send its whole request within this many seconds (else a 408 and the
+    connection closes), and scoring must finish within it (else a 503)."""
+    keep_alive_s: float = Field(5.0, ge=1)
+    """An idle keep-alive connection is closed after this many seconds."""
+    max_concurrency: int = Field(64, ge=1)
+    """Connections and requests in flight per worker; past it, new requests get a 503."""
 
 
 class KafkaConfig(_Section):
@@ -425,6 +441,10 @@ class KafkaConfig(_Section):
 
     bootstrap: str = "127.0.0.1:9092"
     """Comma-separated ``host:port`` list of brokers (``infra/up`` prints the one it started)."""
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    """How long ``ppm topics``, ``publish`` and ``status`` wait for the first broker to
+    answer before they give up (kafka-python's ``bootstrap_timeout_ms``; its own default
+    is 30 s). A Faust worker keeps retrying instead."""
     items_topic: str = "items"
     """Item events, keyed by item_id (one item's events stay in order on one partition)."""
     behaviors_topic: str = "behaviors"
@@ -453,12 +473,67 @@ class KafkaConfig(_Section):
     """Faust worker: decoded values kept per table (user sequences, item states) besides
     the table's own bytes; the training-log writer reads them for every impression."""
     freshness_save_s: float = Field(2.0, gt=0, le=3_600)
-    """Faust worker: how often it saves its freshness file (``ppm status`` reads it)."""
+    """Faust worker: how often it saves its freshness histogram (``ppm status`` reads it)."""
+    freshness_items_part_s: float = Field(60.0, ge=0)
+    """Faust worker: how often it appends the per-item freshness records it kept since the
+    last time as a new parquet part (``freshness-items/<worker>/``; research and
+    ``bench/freshness.py`` read them). 0: it keeps none."""
+    metrics_host: str = "127.0.0.1"
+    """Faust worker: address its Prometheus ``/metrics`` listens on (``0.0.0.0``: every
+    interface, e.g. in a container)."""
+    metrics_port: int = Field(0, ge=-1, le=65_535)
+    """Faust worker: port of its ``/metrics``. 0 (the default): a free port, so several
+    workers on one host never collide; each logs its address and writes it to
+    ``DATA_DIR/metrics/<worker>.json``, where ``ppm status`` finds it. -1: no endpoint."""
 
     @field_validator("retry_delays_s", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return value.split(",") if isinstance(value, str) else value
+
+
+class RedisConfig(_Section):
+    """The distributed path's online store: one Redis every worker and the ranker share."""
+
+    url: str | None = None
+    """``redis://[[user]:password@]host:port/db`` (``rediss://`` for TLS; ``infra/up``
+    prints it). ppm hands it to Feast's Redis online store as its connection string
+    (``host:port,db=N``). Set and ``features.store_yaml`` unset: the Redis store yaml
+    (``feature_repo/feature_store.redis.yaml``) is the one used. None: no Redis."""
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise ValueError(f"not a redis://host:port/db URL: {value!r}")
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"the database of a Redis URL is a number: {value!r}")
+        if "," in (parts.password or "") + (parts.username or ""):
+            raise ValueError("a Redis password or user name with a comma cannot be given to "
+                             "Feast's connection string")
+        return value.strip()
+
+    def feast_connection_string(self) -> str:
+        """``url`` as Feast's Redis online store takes it: ``host:port,db=N`` (plus
+        ``username=``, ``password=``, ``ssl=true`` when the URL has them). Raises
+        ``ValueError`` naming ``PPM__REDIS__URL`` when ``url`` is not set."""
+        if self.url is None:
+            raise ValueError("the Redis online store needs an address: set PPM__REDIS__URL "
+                             "(or [redis] url), e.g. redis://127.0.0.1:6379/0")
+        parts = urlsplit(self.url)
+        out = [f"{parts.hostname}:{parts.port or 6379}", f"db={parts.path.strip('/') or 0}"]
+        if parts.username:
+            out.append(f"username={unquote(parts.username)}")
+        if parts.password:
+            out.append(f"password={unquote(parts.password)}")
+        if parts.scheme == "rediss":
+            out.append("ssl=true")
+        return ",".join(out)
 
 
 class Config(_Section):
@@ -477,6 +552,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     serving: ServingConfig = ServingConfig()
     kafka: KafkaConfig = KafkaConfig()
+    redis: RedisConfig = RedisConfig()
 
     @property
     def paths(self) -> DataDir:

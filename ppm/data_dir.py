@@ -3,15 +3,18 @@
 A data directory (``Config.data_dir``, ``ppm-data`` by default; ``Config.paths`` gives its
 :class:`DataDir`) holds everything a deployment writes::
 
-    feast/                          Feast repo: feature_store.yaml, registry, online store
+    feast/                          Feast's registry and (embedded) SQLite online store
     offline/item_embedding/         item log parts (Feast's offline source of item_embedding)
     training/                       the local runner's training log: windows/, late_events.jsonl
     training/partition-<p>/         a Faust worker's training log of partition p
-    registry/<variant>/             model versions and the champion of each variant
-    checkpoint.json  summary.json  dead_letters.jsonl  item_warnings.jsonl  freshness.parquet
+    registry/<variant>/             model versions, the champion and the training curves
+                                    (curves.jsonl) of each variant
+    checkpoint.json  summary.json  dead_letters.jsonl  item_warnings.jsonl  freshness.json
                                     the local runner's state and side files
-    freshness/<worker>.parquet  item_warnings/<worker>.jsonl
+    freshness/<worker>.json  item_warnings/<worker>.jsonl  metrics/<worker>.json
                                     each Faust worker's own side files
+    freshness-items/<writer>/part-<n>.parquet
+                                    per-item freshness records, appended in parts
     faust/                          Faust's own data folder
     import/  simulated/  demo/      default outputs of ppm import, simulate and demo
     encoders/                       encoders ppm finetune wrote
@@ -61,12 +64,23 @@ class DataDir:
 
     root: Path
 
+    def holds_run(self) -> bool:
+        """Whether anything has been streamed, imported or trained here: the local
+        runner's summary, a training log (the runner's or a Faust worker's), the Feast
+        store or a model registry exists. Commands that only read a run refuse a directory
+        without one (a mistyped ``--data-dir``) instead of creating an empty store there.
+        Reads the disk."""
+        return any(p.exists() for p in (self.summary, self.training, self.feast_repo,
+                                        self.registry_dir))
+
     # ------------------------------------------------------------------ feature store
 
     @property
     def feast_repo(self) -> Path:
-        """The Feast repo: a copy of feature_store.yaml, the registry and (embedded) the
-        SQLite online store; ``OnlineFeatures.open`` writes it."""
+        """Feast's files: the registry and (embedded) the SQLite online store, named by the
+        store yaml as ``${PPM__DATA_DIR}/feast/...``; relative paths in a yaml resolve here.
+        No ``feature_store.yaml`` lives here (``feature_repo.online_features.store_config``),
+        so ``feast apply`` in this folder cannot delete the views."""
         return self.root / "feast"
 
     @property
@@ -151,8 +165,20 @@ class DataDir:
 
     @property
     def freshness(self) -> Path:
-        """The local runner's freshness records (parquet), saved with each checkpoint."""
-        return self.root / "freshness.parquet"
+        """The local runner's freshness histogram (JSON, ``streams.freshness``), saved with
+        each checkpoint."""
+        return self.root / "freshness.json"
+
+    @property
+    def freshness_items(self) -> Path:
+        """Every writer's per-item freshness records (:meth:`freshness_items_of`)."""
+        return self.root / "freshness-items"
+
+    def freshness_items_of(self, worker: str) -> Path:
+        """The folder of one writer's per-item freshness records (``part-<n>.parquet``,
+        appended, never rewritten): a Faust worker's name, or ``local`` for the local
+        runner."""
+        return self.freshness_items / worker
 
     # ------------------------------------------------------------------ Faust workers
 
@@ -162,9 +188,19 @@ class DataDir:
         return self.root / "freshness"
 
     def worker_freshness(self, worker: str) -> Path:
-        """Freshness records of the Faust worker named ``worker``, saved by it alone every
-        ``kafka.freshness_save_s``; ``ppm status`` reads them all."""
-        return self.freshness_dir / f"{worker}.parquet"
+        """Freshness histogram (JSON) of the Faust worker named ``worker``, saved by it
+        alone every ``kafka.freshness_save_s``; ``ppm status`` reads them all."""
+        return self.freshness_dir / f"{worker}.json"
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Every running Faust worker's metrics address (:meth:`worker_metrics`)."""
+        return self.root / "metrics"
+
+    def worker_metrics(self, worker: str) -> Path:
+        """Where the Faust worker named ``worker`` serves its Prometheus metrics
+        (``{"worker", "url", "pid"}``); written when it starts, removed when it stops."""
+        return self.metrics_dir / f"{worker}.json"
 
     @property
     def item_warnings_dir(self) -> Path:

@@ -2,11 +2,17 @@
 
 Run a worker (settings from ``$PPM_CONFIG`` and ``PPM__...`` variables, see ``ppm.config``)::
 
-    PPM__KAFKA__BOOTSTRAP=127.0.0.1:9092 \\
-    PPM__FEATURES__STORE_YAML=feature_repo/feature_store.redis.yaml PPM_REDIS=127.0.0.1:6379 \\
+    PPM__KAFKA__BOOTSTRAP=127.0.0.1:9092 PPM__REDIS__URL=redis://127.0.0.1:6379/0 \\
     faust -A streams.app worker --without-web -l info
 
+(``PPM__REDIS__URL`` alone selects Feast's Redis store yaml, ``ppm.config.RedisConfig``.)
+
 More workers: the same command, on this host or others; they share the partitions.
+
+Each worker serves Prometheus metrics (:mod:`streams.worker_metrics`: ours and Faust's
+sensor) on ``kafka.metrics_host:kafka.metrics_port`` (the loopback and a free port by
+default; -1: none), logs the address and writes it to ``DATA_DIR/metrics/<worker>.json``
+for ``ppm status``.
 
 Agents (each a short loop over :class:`ItemLane` / :class:`BehaviorLane`, which hold what
 is the worker's own: batching, acknowledgements, retries, dead-letter topics):
@@ -51,7 +57,7 @@ recorded window is not written again).
 
 Several workers never write the same file: training windows are per partition, the item
 log's parts are named by their rows, and each worker keeps its own freshness figures and
-photo warnings (``freshness/<worker>.parquet``, ``item_warnings/<worker>.jsonl``). When a
+photo warnings (``freshness/<worker>.json``, ``item_warnings/<worker>.jsonl``). When a
 partition is revoked (a rebalance), its writer and its unacknowledged events are dropped;
 its next owner replays them from the committed offset.
 """
@@ -59,6 +65,7 @@ its next owner replays them from the committed offset.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
 import dataclasses
@@ -90,6 +97,7 @@ from streams.intake import Admitted, Intake, processing_dead_letter
 from streams.kafka_transport import Transport
 from streams.sequence_builder import SequenceBuilder
 from streams.topics import ITEM_TABLE, SEQUENCE_TABLE
+from streams.worker_metrics import WorkerMetrics, write_endpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,6 +211,11 @@ class InOrderAcks:
             collections.deque)  # partition -> held records in offset order
         self._stale_through: dict[Any, int] = {}  # partition -> last generation revoked
 
+    def held(self) -> int:
+        """Records held now (for ``ppm_unacknowledged_records``; called from the metrics
+        server's thread: ``list`` copies the queues at once, under the GIL)."""
+        return sum(len(queue) for queue in list(self._held.values()))
+
     def hold(self, event: faust.EventT) -> Held:
         """Keep ``event`` unacknowledged (take_events' own acknowledgement only releases
         its reference); call in the order events arrive. A stale event comes back dropped
@@ -252,10 +265,12 @@ def is_retriable(exc: BaseException) -> bool:
 
 
 async def retrying(what: str, call: Callable[..., Awaitable[T]] | Callable[..., T],
-                   *args: Any, delays: Sequence[float]) -> T:
+                   *args: Any, delays: Sequence[float],
+                   metrics: WorkerMetrics | None = None) -> T:
     """``call(*args)`` (awaited if it is a coroutine) until it succeeds; a retriable error
-    (:func:`is_retriable`) is logged and retried after ``delays`` (``kafka.retry_delays_s``,
-    the last one repeating) with up to half again as jitter; anything else propagates."""
+    (:func:`is_retriable`) is logged (and counted in ``metrics``) and retried after ``delays``
+    (``kafka.retry_delays_s``, the last one repeating) with up to half again as jitter;
+    anything else propagates."""
     attempt = 0
     while True:
         try:
@@ -267,6 +282,8 @@ async def retrying(what: str, call: Callable[..., Awaitable[T]] | Callable[..., 
             delay = delays[min(attempt, len(delays) - 1)]
             delay *= 1 + random.random() / 2
             attempt += 1
+            if metrics is not None:
+                metrics.retried(what, attempt)
             log.warning("%s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__,
                         exc, attempt, delay)
             await asyncio.sleep(delay)
@@ -323,17 +340,23 @@ async def one_batch_ahead(apply: Callable[[T], Awaitable[None]], what: str
 class DeadLetterTopic:
     """Where a topic's dead letters go: capped to fit, delivery awaited, outages retried."""
 
-    def __init__(self, topic: faust.TopicT, max_bytes: int, retry_delays_s: Sequence[float]):
+    def __init__(self, topic: faust.TopicT, max_bytes: int, retry_delays_s: Sequence[float],
+                 source_topic: str = "", metrics: WorkerMetrics | None = None):
         self.topic = topic
         self.max_bytes = max_bytes
         self.retry_delays_s = retry_delays_s
+        self.source_topic = source_topic
+        self.metrics = metrics
 
     async def send(self, letters: list[tuple[DeadLetter, bytes | None]]) -> None:
         """Produce ``(letter, key)`` pairs and wait until the broker has every one."""
         if letters:
             await asyncio.gather(*(retrying("dead letter", self._send_one, letter, key,
-                                            delays=self.retry_delays_s)
+                                            delays=self.retry_delays_s, metrics=self.metrics)
                                    for letter, key in letters))
+            if self.metrics is not None:
+                for letter, _ in letters:
+                    self.metrics.dead_letter(self.source_topic, letter)
 
     async def _send_one(self, letter: DeadLetter, key: bytes | None) -> None:
         value = letter.capped(self.max_bytes).to_json()
@@ -360,16 +383,21 @@ class Shared:
     item_states: TableView[ItemState]
     opened: dict[str, Any]
     """What the worker opens once (its store, its freshness figures)."""
+    metrics: WorkerMetrics = dataclasses.field(default_factory=WorkerMetrics)
 
     def decoded(self, events: list[faust.EventT], kind: str, topic: str
                 ) -> Iterator[tuple[faust.EventT, list[tuple[str, Admitted]]]]:
         """Each record with its events and dead letters (a record may hold several), each
         with its source (``topic:partition:offset``, ``[i]`` for an array's elements)."""
+        records, admitted = self.metrics.records.labels(topic), self.metrics.events.labels(kind)
         for event in events:
             m = event.message
             received_us = None if m.timestamp is None else int(m.timestamp * 1e6)
-            yield event, self.intake.admit_with_sources(
+            out = self.intake.admit_with_sources(
                 kind, event.value, f"{topic}:{m.partition}:{m.offset}", received_us)
+            records.inc()
+            admitted.inc(sum(not isinstance(a, DeadLetter) for _, a in out))
+            yield event, out
 
 
 class ItemLane:
@@ -385,8 +413,10 @@ class ItemLane:
         cfg = shared.cfg
         self.shared, self.dead, self.topic = shared, dead, cfg.kafka.items_topic
         self.acks = InOrderAcks(stream)
-        self.freshness = FreshnessStats()  # this worker's own file: nobody else writes it
+        # This worker's own files: nobody else writes them.
+        self.freshness = FreshnessStats(keep_items=cfg.kafka.freshness_items_part_s > 0)
         shared.opened["freshness"] = self.freshness
+        shared.metrics.held("items", self.acks.held)
         self.warnings_path = cfg.paths.worker_item_warnings(worker_name())
         self.warnings_path.parent.mkdir(parents=True, exist_ok=True)
         self.embedder = ItemEmbedder(encoder, store,
@@ -415,9 +445,17 @@ class ItemLane:
     async def apply(self, batch: tuple[list[ItemEvent], list[str], int, list[Held]]) -> None:
         good, sources, arrived, held = batch
         if good:
+            metrics = self.shared.metrics
+            started = loop_time()
             result = await retrying("item batch", asyncio.to_thread, self.embedder.process,
                                     good, [arrived] * len(good),
-                                    delays=self.shared.cfg.kafka.retry_delays_s)
+                                    delays=self.shared.cfg.kafka.retry_delays_s,
+                                    metrics=metrics)
+            metrics.batch_seconds.labels("items").observe(loop_time() - started)
+            metrics.items_embedded.inc(result.encoded)
+            metrics.image_errors.inc(len(result.image_errors))
+            for lag_ms in result.freshness_ms:
+                metrics.freshness.observe(lag_ms / 1000)
             source_of = {id(e): source for e, source in zip(good, sources, strict=True)}
             rejected = [processing_dead_letter(event, source_of[id(event)], reason, error_type)
                         for event, reason, error_type in result.rejected.values()]
@@ -452,6 +490,7 @@ class BehaviorLane:
         self.acks = InOrderAcks(stream)
         self.sequences = sequences
         self.builder = SequenceBuilder(store, state=sequences, k=cfg.features.sequence_length)
+        shared.metrics.held("behaviors", self.acks.held)
         self.writers: dict[int, Any] = {}  # partition -> TrainingLogWriter
         self.last_event_s: dict[int, float] = {}  # partition -> monotonic time of its last
         self.busy = False  # a batch is being processed
@@ -490,16 +529,25 @@ class BehaviorLane:
                 counters = writer.counters
                 if counters["pending_impressions"] or counters["open_window_samples"] or (
                         counters["unresolved_followups"]):
-                    writer.close_all()
+                    self.count_closed(partition, writer.close_all())
                     done += writer.take_done()
         await self.acks.done(done)
 
+    def count_closed(self, partition: int, windows: list) -> None:
+        """Count a partition's closed windows (``ClosedWindow``) and their samples."""
+        if windows:
+            metrics = self.shared.metrics
+            metrics.windows_closed.labels(str(partition)).inc(len(windows))
+            metrics.samples_logged.inc(sum(w.samples for w in windows))
+
     async def process(self, batch: list[faust.EventT]) -> None:
         self.busy = True
+        started = loop_time()
         try:
             await self._process(batch)
         finally:
             self.busy = False
+        self.shared.metrics.batch_seconds.labels("behaviors").observe(loop_time() - started)
 
     async def _process(self, batch: list[faust.EventT]) -> None:
         by_partition: dict[int, tuple[list[BehaviorEvent], list[Held]]] = {}
@@ -526,7 +574,9 @@ class BehaviorLane:
         if changed:
             await retrying("sequence batch", asyncio.to_thread,
                            self.builder.sink.write_sequences, changed,
-                           delays=self.shared.cfg.kafka.retry_delays_s)
+                           delays=self.shared.cfg.kafka.retry_delays_s,
+                           metrics=self.shared.metrics)
+            self.shared.metrics.sequences_written.inc(len(changed))
             # A partition revoked meanwhile is its new owner's: its table rows are not ours
             # to change (the store write is repeated by the replay there).
             revoked = {e.user_id for events, tags in by_partition.values() if tags[0].dropped
@@ -537,7 +587,7 @@ class BehaviorLane:
             if tags[0].dropped:  # revoked while the sequences were written (a whole
                 continue         # partition's records are dropped together)
             writer = self.writer(partition)
-            writer.process(events, tags)
+            self.count_closed(partition, writer.process(events, tags))
             self.last_event_s[partition] = loop_time()
             done += writer.take_done()
         await self.acks.done(done)
@@ -566,6 +616,8 @@ def create_app(cfg: Config) -> faust.App:
     )
     # Before any topic is declared (that creates the transport): see streams/kafka_transport.py.
     app.transport = Transport(app.conf.broker_consumer, app)
+    metrics = WorkerMetrics(worker_name(), kafka.app_id)
+    metrics.attach_faust(app)  # Faust's own sensor, into the same registry
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
            "value_serializer": "raw"}
     items_topic = app.topic(kafka.items_topic, **raw)
@@ -590,11 +642,12 @@ def create_app(cfg: Config) -> faust.App:
             return opened["store"]
 
     shared = Shared(cfg, Intake(cfg), TableView(item_table, ItemState, kafka.table_cache_items),
-                    opened)
+                    opened, metrics)
 
     def dead_letters(topic: str) -> DeadLetterTopic:
         return DeadLetterTopic(app.topic(topic + kafka.dead_letter_suffix, **raw),
-                               kafka.dead_letter_max_bytes, kafka.retry_delays_s)
+                               kafka.dead_letter_max_bytes, kafka.retry_delays_s,
+                               source_topic=topic, metrics=metrics)
 
     lanes: dict[str, Any] = {}
 
@@ -643,16 +696,40 @@ def create_app(cfg: Config) -> faust.App:
                 async with stopping_on_error("close_idle_partitions"):
                     await lanes["behaviors"].close_idle(idle_s)
 
+    if kafka.metrics_port >= 0:
+
+        @app.task
+        async def serve_metrics() -> None:
+            """Serve /metrics (streams/worker_metrics.py) and say where, in the log and in
+            ``DATA_DIR/metrics/<worker>.json`` (removed when the worker exits)."""
+            async with stopping_on_error("serve_metrics"):
+                _server, url = metrics.serve(kafka.metrics_host, kafka.metrics_port)
+                endpoint = cfg.paths.worker_metrics(worker_name())
+                write_endpoint(endpoint, worker_name(), url)
+                atexit.register(endpoint.unlink, missing_ok=True)
+                log.info("metrics at %s", url)
+
     freshness_path = cfg.paths.worker_freshness(worker_name())
     freshness_path.parent.mkdir(parents=True, exist_ok=True)
 
     @app.timer(interval=kafka.freshness_save_s)
     async def save_freshness() -> None:
-        """Keep this worker's freshness file (read by `ppm status`) a few seconds behind."""
+        """Keep this worker's freshness histogram (read by `ppm status`) a few seconds
+        behind."""
         stats = opened.get("freshness")
         if stats is not None and stats.count != opened.get("freshness_saved"):
             opened["freshness_saved"] = stats.count
             await asyncio.to_thread(stats.save, freshness_path)
+
+    if kafka.freshness_items_part_s > 0:
+        freshness_items = cfg.paths.freshness_items_of(worker_name())
+
+        @app.timer(interval=kafka.freshness_items_part_s)
+        async def append_freshness_items() -> None:
+            """Append the per-item freshness records kept since the last time as a part."""
+            stats = opened.get("freshness")
+            if stats is not None and stats.pending_items:
+                await asyncio.to_thread(stats.write_items_part, freshness_items)
 
     app.ppm_config = cfg  # for `ppm status` and tests
     return app

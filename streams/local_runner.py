@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import json
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,7 @@ from streams.sequence_builder import SequenceBuilder
 from streams.sources.catalog_import import refuse_existing_run
 from streams.training_log import TrainingLogWriter
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: freshness as a histogram (streams.freshness)
 Record = tuple[Literal["item", "behavior"], bytes]
 
 
@@ -82,8 +83,9 @@ class LocalRunner:
 
     Layout of ``cfg.data_dir``: ``feast/`` (the online store), ``offline/item_embedding/``
     (item log parts), ``training/windows/`` (labelled windows), ``dead_letters.jsonl``,
-    ``item_warnings.jsonl`` (photos that could not be used), ``freshness.parquet`` (per
-    embedded item: event time, arrival, readable online), ``checkpoint.json`` and its
+    ``item_warnings.jsonl`` (photos that could not be used), ``freshness.json`` (a histogram
+    of arrival-to-readable lags) and ``freshness-items/local/`` (per embedded item: event
+    time, arrival, readable online; appended in parts), ``checkpoint.json`` and its
     readable twin ``summary.json`` (named by ``cfg.paths``: :class:`ppm.data_dir.DataDir`).
 
     Args:
@@ -101,7 +103,7 @@ class LocalRunner:
         paths = cfg.paths
         self.store = OnlineFeatures.open(cfg)
         self.encoder = encoder or ItemEncoder.from_config(cfg)
-        self.freshness = FreshnessStats()
+        self.freshness = FreshnessStats(keep_items=True)
         self.embedder = ItemEmbedder(
             self.encoder, self.store, ItemLog(paths.item_log),
             freshness=self.freshness,
@@ -121,6 +123,7 @@ class LocalRunner:
         self.checkpoint_path = paths.checkpoint
         self.summary_path = paths.summary
         self.freshness_path = paths.freshness
+        self.freshness_items = paths.freshness_items_of("local")
         self._items: list[tuple[ItemEvent, int, str]] = []  # (event, arrived, source)
         self._behaviors: list[BehaviorEvent] = []
         self._clock_us = 0  # the stream's clock: the newest event time seen
@@ -129,6 +132,7 @@ class LocalRunner:
         else:
             for path in (self.dead_letter_path, self.warning_path):
                 path.unlink(missing_ok=True)
+            shutil.rmtree(self.freshness_items, ignore_errors=True)
 
     # ------------------------------------------------------------------ the loop
 
@@ -249,6 +253,9 @@ class LocalRunner:
         self._flush()
         self.summary.training_log = dict(self.training_log.counters)
         self.summary.freshness = self.freshness.percentiles()
+        # Before the state: a part written after the last checkpoint is overwritten by the
+        # replay (its number comes back with the state), never doubled.
+        self.freshness.write_items_part(self.freshness_items)
         self.summary.intake = dict(self.intake.counts)
         state = {
             "version": CHECKPOINT_VERSION,

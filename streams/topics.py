@@ -7,6 +7,7 @@ fixes the partition count (the unit of parallelism, and of sequence ownership fo
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -79,7 +80,8 @@ def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0,
     from kafka.admin import KafkaAdminClient, NewTopic
 
     admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="ppm-topics",
-                             request_timeout_ms=int(timeout_s * 1000))
+                             request_timeout_ms=int(timeout_s * 1000),
+                             bootstrap_timeout_ms=int(kafka.connect_timeout_s * 1000))
     try:
         existing = {t["name"]: len(t["partitions"]) for t in admin.describe_topics()}
         inputs = {kafka.items_topic, kafka.behaviors_topic}
@@ -109,7 +111,8 @@ def ensure_topics(kafka: KafkaConfig, timeout_s: float = 30.0,
 
 
 class LagProbe:
-    """Consumer lag of the workers' group (``kafka.app_id``), per topic of the layout.
+    """Consumer lag of the workers' group (``kafka.app_id``), per topic and partition of the
+    layout, and what the dead-letter topics hold.
 
     Holds its Kafka clients, so probing again is cheap. Use as a context manager."""
 
@@ -118,10 +121,12 @@ class LagProbe:
 
         self.kafka = kafka
         ms = int(timeout_s * 1000)
+        connect_ms = int(kafka.connect_timeout_s * 1000)
         self.admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="ppm-status",
-                                      request_timeout_ms=ms)
+                                      request_timeout_ms=ms, bootstrap_timeout_ms=connect_ms)
         self.consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap,
-                                      client_id="ppm-status", request_timeout_ms=ms + 1)
+                                      client_id="ppm-status", request_timeout_ms=ms + 1,
+                                      bootstrap_timeout_ms=connect_ms)
 
     def __enter__(self) -> LagProbe:
         return self
@@ -131,25 +136,94 @@ class LagProbe:
 
     def lag(self) -> dict[str, dict[str, int]]:
         """Per input topic: the end offset, the offset the group has committed, and the
-        difference (lag), summed over partitions; per dead-letter topic: how many dead
-        letters it holds. Behavior events count as lag until the training window they
+        difference (lag), summed over partitions, and the same per partition under
+        ``partitions`` (``{"0": {"end", "committed", "lag"}, ...}``: one stuck partition
+        shows there); per dead-letter topic: how many dead letters it holds, in all and
+        per partition. Behavior events count as lag until the training window they
         belong to is written (see ``streams.app``)."""
         from kafka import TopicPartition
 
         kafka = self.kafka
         committed = self.admin.list_group_offsets(kafka.app_id).get(kafka.app_id, {})
-        out: dict[str, dict[str, int]] = {}
+        out: dict[str, dict] = {}
         for spec in topic_layout(kafka):
             parts = self.consumer.partitions_for_topic(spec.name) or set()
             tps = [TopicPartition(spec.name, p) for p in sorted(parts)]
-            end = sum(self.consumer.end_offsets(tps).values()) if tps else 0
+            ends = self.consumer.end_offsets(tps) if tps else {}
             if spec.name.endswith(kafka.dead_letter_suffix):
-                out[spec.name] = {"dead_letters": end}
+                out[spec.name] = {"dead_letters": sum(ends.values()),
+                                  "partitions": {str(tp.partition): ends[tp] for tp in tps}}
                 continue
-            done = sum(max(committed[tp].offset, 0) for tp in tps if tp in committed)
-            out[spec.name] = {"end": end, "committed": done, "lag": end - done}
+            per = {}
+            for tp in tps:
+                done = max(committed[tp].offset, 0) if tp in committed else 0
+                per[str(tp.partition)] = {"end": ends[tp], "committed": done,
+                                          "lag": ends[tp] - done}
+            end = sum(p["end"] for p in per.values())
+            done = sum(p["committed"] for p in per.values())
+            out[spec.name] = {"end": end, "committed": done, "lag": end - done,
+                              "partitions": per}
+        return out
+
+    def dead_letter_reasons(self, limit: int = 10_000, timeout_s: float = 10.0
+                            ) -> dict[str, dict]:
+        """Per dead-letter topic: its last ``limit`` letters (at most, shared evenly among
+        partitions) counted ``by_stage`` and ``by_reason`` (the reason's class,
+        ``streams.worker_metrics.reason_class``), and how many were ``read``; ``incomplete`` when
+        not all could be read within ``timeout_s``."""
+        from kafka import TopicPartition
+
+        out: dict[str, dict] = {}
+        for spec in topic_layout(self.kafka):
+            if not spec.name.endswith(self.kafka.dead_letter_suffix):
+                continue
+            summary: dict = {"read": 0, "by_stage": {}, "by_reason": {}}
+            out[spec.name] = summary
+            parts = self.consumer.partitions_for_topic(spec.name) or set()
+            tps = [TopicPartition(spec.name, p) for p in sorted(parts)]
+            if not tps:
+                continue
+            ends = self.consumer.end_offsets(tps)
+            begins = self.consumer.beginning_offsets(tps)
+            per_partition = max(1, limit // len(tps))
+            pending = {tp for tp in tps if ends[tp] > begins[tp]}
+            if not pending:
+                continue
+            self.consumer.assign(sorted(pending))
+            for tp in pending:
+                self.consumer.seek(tp, max(begins[tp], ends[tp] - per_partition))
+            deadline = time.monotonic() + timeout_s
+            try:
+                while pending and time.monotonic() < deadline:
+                    for tp, messages in self.consumer.poll(timeout_ms=200).items():
+                        for message in messages:
+                            if message.offset < ends[tp]:
+                                tally_dead_letter(summary, message.value)
+                    pending = {tp for tp in pending if self.consumer.position(tp) < ends[tp]}
+            finally:
+                self.consumer.assign([])
+            if pending:
+                summary["incomplete"] = True
         return out
 
     def close(self) -> None:
         self.consumer.close()
         self.admin.close()
+
+
+def tally_dead_letter(summary: dict, value: bytes | None) -> None:
+    """Count one dead letter (JSON bytes) into a :meth:`LagProbe.dead_letter_reasons`
+    summary."""
+    from streams.worker_metrics import reason_class
+
+    try:
+        letter = json.loads(value or b"")
+    except ValueError:
+        letter = None
+    if not isinstance(letter, dict):
+        stage, reason = "unknown", "unreadable"
+    else:
+        stage, reason = str(letter.get("stage") or "unknown"), reason_class(letter)
+    summary["read"] += 1
+    summary["by_stage"][stage] = summary["by_stage"].get(stage, 0) + 1
+    summary["by_reason"][reason] = summary["by_reason"].get(reason, 0) + 1

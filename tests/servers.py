@@ -5,10 +5,12 @@ The servers (``start_servers``) are used by the integration tests and bench/fres
 
 Where they come from, first match wins:
 
-1. ``KAFKA_BOOTSTRAP`` and ``REDIS_URL`` both set: servers someone else runs (CI service
+1. ``PPM__KAFKA__BOOTSTRAP`` and ``PPM__REDIS__URL`` both set (ppm's own configuration
+   variables, as ``infra/up`` prints them): servers someone else runs (CI service
    containers, a developer's own). They cannot be restarted from here.
-2. A Docker engine answers (``docker info``) and the ``testcontainers`` package is installed:
-   throw-away containers of ``apache/kafka:4.1.1`` (KRaft) and ``redis:7``.
+2. A Docker engine answers (``docker info``) and the ``testcontainers`` package is installed
+   (the ``dev`` extra has it): throw-away containers of ``apache/kafka:4.1.1`` (KRaft) and
+   ``redis:7``, published on 127.0.0.1 only (``ContainerServers``).
 3. Otherwise local processes: ``infra/up`` (a Kafka 4 broker from Maven Central jars and
    Debian's redis-server) into a temporary RUN_DIR, ``infra/down`` at the end. These can be
    stopped and started again mid-test with their ports and Kafka data kept.
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA_UP = REPO / "infra" / "up"
@@ -69,7 +72,8 @@ class Servers:
 
 
 class ExternalServers(Servers):
-    """Servers given by ``KAFKA_BOOTSTRAP`` and ``REDIS_URL``; never stopped from here."""
+    """Servers given by ``PPM__KAFKA__BOOTSTRAP`` and ``PPM__REDIS__URL``; never stopped
+    from here."""
 
     def __init__(self, kafka_bootstrap: str, redis_url: str) -> None:
         self.kafka_bootstrap = kafka_bootstrap
@@ -89,10 +93,10 @@ class LocalServers(Servers):
     def start(self) -> LocalServers:
         """Start both servers fresh and create the topics; raise with the log tail if not."""
         _run([INFRA_UP, self.run_dir])
-        env = dict(line.split("=", 1) for line in
+        env = dict(line.removeprefix("export ").split("=", 1) for line in
                    (self.run_dir / "env").read_text().splitlines() if "=" in line)
-        self.kafka_bootstrap = env["KAFKA_BOOTSTRAP"]
-        self.redis_url = env["REDIS_URL"]
+        self.kafka_bootstrap = env["PPM__KAFKA__BOOTSTRAP"]
+        self.redis_url = env["PPM__REDIS__URL"]
         return self
 
     # Same ports and (for Kafka) the same storage after a restart: clients reconnect, and
@@ -113,30 +117,48 @@ class LocalServers(Servers):
         _run([INFRA_DOWN, self.run_dir])
 
 
-class ContainerServers(Servers):
-    """Kafka and Redis in Docker containers via testcontainers (generic containers only,
-    so any testcontainers version will do)."""
+LOOPBACK = "127.0.0.1"
+"""The only host address test containers publish on."""
 
-    def __init__(self) -> None:
+
+class ContainerServers(Servers):
+    """Kafka and Redis in throw-away Docker containers (testcontainers 4.15), published on
+    127.0.0.1 only.
+
+    Redis is testcontainers' ``RedisContainer``. Kafka is a plain ``DockerContainer`` of
+    ``apache/kafka:4.1.1``, the broker compose and ``infra/up`` run: testcontainers'
+    ``KafkaContainer`` starts Confluent's ``cp-kafka`` image through that image's own
+    scripts and cannot run this one. testcontainers' ``with_bind_ports`` takes a host port
+    but no host address (docker then binds every interface), so the containers' port
+    bindings are set as docker-py takes them, ``(address, port)``. Ryuk, testcontainers'
+    reaper container, is turned off: it publishes its own port on every interface;
+    :meth:`close` removes the containers instead (a test run killed with SIGKILL leaves
+    them running: ``docker ps --filter label=org.testcontainers``).
+
+    ``docker_client_kw`` goes to docker's client; ``{"version": "1.44"}`` builds the
+    containers without asking an engine (what the unit tests do); they start in
+    :meth:`start`.
+    """
+
+    def __init__(self, docker_client_kw: dict | None = None) -> None:
         self._containers: list = []
+        self.kafka_bootstrap = ""
+        self.redis_url = ""
+        # Kafka tells clients the address in advertised.listeners, so the host port must be
+        # known before the container starts: a free one, bound 1:1 to 9092.
+        self.kafka_port = free_port()
+        self.kafka = kafka_container(self.kafka_port, docker_client_kw)
+        self.redis = redis_container(docker_client_kw)
 
     def start(self) -> ContainerServers:
-        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.config import testcontainers_config
 
+        testcontainers_config.ryuk_disabled = True
         try:
-            # Kafka tells clients the address in advertised.listeners, so the host port must
-            # be known before the container starts: a free one, bound 1:1 to 9092.
-            port = free_port()
-            kafka = (DockerContainer(KAFKA_IMAGE).with_bind_ports(9092, port)
-                     .with_env("KAFKA_ADVERTISED_LISTENERS", f"PLAINTEXT://127.0.0.1:{port}"))
-            for key, value in kraft_env().items():
-                kafka = kafka.with_env(key, value)
-            self._containers.append(kafka.start())
-            redis = DockerContainer(REDIS_IMAGE).with_exposed_ports(6379)
-            self._containers.append(redis.start())
-            self.kafka_bootstrap = f"127.0.0.1:{port}"
-            self.redis_url = (f"redis://{redis.get_container_host_ip()}:"
-                              f"{redis.get_exposed_port(6379)}")
+            self._containers.append(self.kafka.start())
+            self._containers.append(self.redis.start())
+            self.kafka_bootstrap = f"{LOOPBACK}:{self.kafka_port}"
+            self.redis_url = f"redis://{LOOPBACK}:{self.redis.get_exposed_port(6379)}/0"
             wait_redis(self.redis_url, timeout_s=60)
             wait_kafka(self.kafka_bootstrap, timeout_s=120)
         except BaseException:
@@ -147,6 +169,29 @@ class ContainerServers(Servers):
     def close(self) -> None:
         while self._containers:
             self._containers.pop().stop()
+
+
+def kafka_container(host_port: int, docker_client_kw: dict | None = None):
+    """An unstarted ``apache/kafka`` container, one KRaft node, its client listener
+    published on ``127.0.0.1:host_port`` and advertised as that address."""
+    from testcontainers.core.container import DockerContainer
+
+    kafka = DockerContainer(KAFKA_IMAGE, docker_client_kw=docker_client_kw)
+    kafka.with_envs(**kraft_env(),
+                    KAFKA_ADVERTISED_LISTENERS=f"PLAINTEXT://{LOOPBACK}:{host_port}")
+    kafka.ports["9092"] = (LOOPBACK, host_port)
+    return kafka
+
+
+def redis_container(docker_client_kw: dict | None = None):
+    """An unstarted testcontainers ``RedisContainer`` (no snapshots, no append-only file,
+    as in compose), published on a free port of 127.0.0.1."""
+    from testcontainers.community.redis import RedisContainer
+
+    redis = RedisContainer(REDIS_IMAGE, docker_client_kw=docker_client_kw)
+    redis.with_command(["redis-server", "--save", "", "--appendonly", "no"])
+    redis.ports[str(redis.port)] = (LOOPBACK, None)  # None: docker picks the port
+    return redis
 
 
 def kraft_env() -> dict[str, str]:
@@ -171,7 +216,8 @@ def kraft_env() -> dict[str, str]:
 
 def start_servers(run_dir: Path) -> Servers:
     """Servers by the order in the module doc; ``run_dir`` is used for local processes."""
-    bootstrap, redis_url = os.environ.get("KAFKA_BOOTSTRAP"), os.environ.get("REDIS_URL")
+    bootstrap = os.environ.get("PPM__KAFKA__BOOTSTRAP")
+    redis_url = os.environ.get("PPM__REDIS__URL")
     if bootstrap and redis_url:
         servers: Servers = ExternalServers(bootstrap, redis_url)
         wait_kafka(bootstrap, timeout_s=60)
@@ -271,21 +317,26 @@ def _run(cmd: list) -> None:
                            f"{proc.stderr}{proc.stdout}")
 
 
+def redis_db_url(url: str, db: int) -> str:
+    """``url`` (``redis://host:port[/db]``) with database ``db`` instead of its own."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
 def worker_env(kafka_bootstrap: str, redis_url: str, name: str, data_dir: Path, redis_db: int,
                **pipeline: object) -> dict[str, str]:
     """The environment of a Faust worker (and of its tester's own ``load_config``) on these
     servers with a world of its own: topics ``items-<name>`` and ``behaviors-<name>``,
     consumer group ``ppm-<name>``, ``data_dir``, Redis database ``redis_db``, and
-    ``pipeline.<key>`` settings."""
-    host_port = redis_url.removeprefix("redis://").rstrip("/")
+    ``pipeline.<key>`` settings. ``PPM__REDIS__URL`` alone makes ppm use the Redis store
+    yaml."""
     return {**os.environ,
             "PPM__KAFKA__BOOTSTRAP": kafka_bootstrap,
             "PPM__KAFKA__ITEMS_TOPIC": f"items-{name}",
             "PPM__KAFKA__BEHAVIORS_TOPIC": f"behaviors-{name}",
             "PPM__KAFKA__APP_ID": f"ppm-{name}",
             "PPM__DATA_DIR": str(data_dir),
-            "PPM__FEATURES__STORE_YAML": str(REPO / "feature_repo" / "feature_store.redis.yaml"),
-            "PPM_REDIS": f"{host_port},db={redis_db}",
+            "PPM__REDIS__URL": redis_db_url(redis_url, redis_db),
             **{f"PPM__PIPELINE__{k.upper()}": str(v) for k, v in pipeline.items()},
             "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
@@ -293,8 +344,8 @@ def worker_env(kafka_bootstrap: str, redis_url: str, name: str, data_dir: Path, 
 class FaustWorker:
     """``faust -A streams.app worker`` as a child process, its output in ``log_path``.
 
-    ``env`` is the worker's whole environment (its config comes from ``PPM__`` variables
-    and ``PPM_REDIS``, see ``streams.app``).
+    ``env`` is the worker's whole environment (its config comes from ``PPM__`` variables,
+    see ``streams.app``).
     """
 
     def __init__(self, env: dict[str, str], log_path: Path):

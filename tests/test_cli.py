@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -112,7 +114,8 @@ def test_demo_quick_streams_the_shop_through_feast(tmp_path, capsys):
 
 def test_status_reads_every_workers_freshness_windows_and_dead_letters(tmp_path, monkeypatch,
                                                                        capsys):
-    from streams.freshness import FreshnessStats
+    from streams.freshness import FreshnessStats, bucket_of
+    from streams.worker_metrics import WorkerMetrics, write_endpoint
 
     monkeypatch.setattr("ppm.cli.commands._lag", lambda kafka: {})  # no broker here
     paths = DataDir(tmp_path)
@@ -139,19 +142,41 @@ def test_status_reads_every_workers_freshness_windows_and_dead_letters(tmp_path,
                {"reason": "image: too big", "stage": "process"}, {"reason": "old"}]
     paths.dead_letters.write_text(
         "".join(json.dumps(letter) + "\n" for letter in letters) + '{"reason": "half')
+    # Workers' metrics endpoints: one answers, two were killed and left their files behind.
+    metrics = WorkerMetrics("w2")
+    metrics.items_embedded.inc(5)
+    server, url = metrics.serve("127.0.0.1", 0)
+    write_endpoint(paths.worker_metrics("w2"), "w2", url)
+    gone, gone_url = WorkerMetrics("w1").serve("127.0.0.1", 0)  # not w2's port: it is taken
+    gone.shutdown()
+    gone.server_close()
+    for worker in ("w0", "w1"):
+        write_endpoint(paths.worker_metrics(worker), worker, gone_url)
 
-    assert main(["--data-dir", str(tmp_path), "status"]) == 0
+    try:
+        assert main(["--data-dir", str(tmp_path), "status"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
     status = json.loads(capsys.readouterr().out)
     freshness = status["freshness"]
     assert freshness["items"] == 6 and freshness["max_ms"] == 1000
-    assert freshness["p50_ms"] == 35  # the median of all six lags, not of one file's
+    # The median of all six lags (35 ms), not of one file's, within the histogram's bucket.
+    assert bucket_of(freshness["p50_ms"]) in (bucket_of(30), bucket_of(40))
+    assert {k: v["items"] for k, v in freshness["by_worker"].items()} == {
+        "local": 2, "w1": 1, "w2": 3}
+    assert freshness["by_worker"]["w2"]["max_ms"] == 1000
+    workers = {w["worker"]: w for w in status["workers"]}
+    assert not workers["w0"]["up"] and not workers["w1"]["up"] and workers["w2"]["up"]
+    assert workers["w2"]["since_start"]["items_embedded"] == 5
     assert status["training"] == {
         "windows_closed": 1, "samples": 10 + 11, "closed_through": "h0.parquet",
         "sources": {"partition-0/windows": {"windows": 2, "last": "h1.parquet"},
                     "partition-1/windows": {"windows": 1, "last": "h0.parquet"}}}
     # The line still being written is not counted.
-    assert status["dead_letter_file"] == {"dead_letters": 4, "by_stage": {
-        "decode": 2, "process": 1, "unknown": 1}}
+    assert status["dead_letter_file"] == {
+        "dead_letters": 4, "by_stage": {"decode": 2, "process": 1, "unknown": 1},
+        "by_reason": {"json": 1, "x": 1, "image": 1, "old": 1}}
 
 
 def test_train_options_that_cannot_work_are_usage_errors(tmp_path, capsys):
@@ -162,3 +187,132 @@ def test_train_options_that_cannot_work_are_usage_errors(tmp_path, capsys):
     assert "FIELD=V1,V2" in capsys.readouterr().err
     assert main([*data, "train", "--batch", "--valid-share", "0.9"]) == 2
     assert "valid_share" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Mistakes end in one line, ``ppm <command>: error: ...``, and exit 1 (--debug: traceback)
+
+
+def one_error_line(err: str, command: str) -> str:
+    """The only line of ``err``, which must be ``command``'s error line."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"ppm {command}: error: "), err
+    return lines[0]
+
+
+def test_version_names_the_installed_package(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ppm {metadata.version('ppm-stream')}"
+
+
+def test_a_missing_input_file_is_one_line(tmp_path, capsys):
+    data = ["--data-dir", str(tmp_path / "data")]
+    nope = str(tmp_path / "nope.csv")
+    assert main([*data, "import", "--items", nope, "--interactions", nope]) == 1
+    assert "nope.csv" in one_error_line(capsys.readouterr().err, "import")
+    assert main([*data, "stream", "--jsonl", str(tmp_path / "nope")]) == 1
+    assert "no items.jsonl in" in one_error_line(capsys.readouterr().err, "stream")
+    assert not (tmp_path / "data").exists()  # checked before a store was made
+
+
+@pytest.mark.parametrize("command", [["status"], ["topics"],
+                                     ["publish", "--simulate", "--days", "0.01"]])
+def test_kafka_down_is_one_line_within_seconds(tmp_path, monkeypatch, capsys, command):
+    monkeypatch.setenv("PPM__KAFKA__CONNECT_TIMEOUT_S", "1")
+    DataDir(tmp_path).training.mkdir()  # a run, for status
+    started = time.monotonic()
+    assert main(["--data-dir", str(tmp_path), *command, "--bootstrap", "127.0.0.1:1"]) == 1
+    assert time.monotonic() - started < 20  # kafka-python alone would wait 30 s
+    line = one_error_line(capsys.readouterr().err, command[0])
+    assert "could not reach Kafka at 127.0.0.1:1" in line
+    assert "--bootstrap" in line and "PPM__KAFKA__BOOTSTRAP" in line
+
+
+def test_an_unset_redis_address_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("PPM__REDIS__URL", raising=False)
+    monkeypatch.setenv("PPM__FEATURES__STORE_YAML",
+                       str(Path(__file__).parent.parent / "feature_repo"
+                           / "feature_store.redis.yaml"))
+    DataDir(tmp_path).training.mkdir()
+    assert main(["--data-dir", str(tmp_path), "features", "get", "--item", "i1"]) == 1
+    assert "PPM__REDIS__URL" in one_error_line(capsys.readouterr().err, "features get")
+    # Without a registry the views are unknown: the line says how to register them.
+    monkeypatch.delenv("PPM__FEATURES__STORE_YAML")
+    assert main(["--data-dir", str(tmp_path), "features", "get", "--item", "i1"]) == 1
+    assert "ppm features apply" in one_error_line(capsys.readouterr().err, "features get")
+
+
+def test_redis_down_is_one_line(tmp_path, monkeypatch, capsys):
+    from feature_repo.online_features import OnlineFeatures
+    from ppm.config import Config
+
+    OnlineFeatures.open(Config(data_dir=tmp_path))  # the registry (a file either way)
+    monkeypatch.setenv("PPM__REDIS__URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    assert main(["--data-dir", str(tmp_path), "features", "get", "--item", "i1"]) == 1
+    line = one_error_line(capsys.readouterr().err, "features get")
+    assert "could not reach Redis" in line and "PPM__REDIS__URL" in line
+
+
+def test_a_wrong_partition_count_is_one_line(monkeypatch, capsys, tmp_path):
+    def ensure_topics(kafka):  # what streams.topics.ensure_topics raises for it
+        raise ValueError("topic 'items' has 2 partitions, the layout wants 4; delete it or "
+                         "change kafka.partitions")
+
+    monkeypatch.setattr("streams.topics.ensure_topics", ensure_topics)
+    assert main(["--data-dir", str(tmp_path), "topics"]) == 1
+    line = one_error_line(capsys.readouterr().err, "topics")
+    assert line.endswith("has 2 partitions, the layout wants 4; delete it or change "
+                         "kafka.partitions")
+
+
+def test_debug_shows_the_traceback_and_the_line(tmp_path, capsys):
+    assert main(["--debug", "--data-dir", str(tmp_path), "stream", "--jsonl",
+                 str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "FileNotFoundError" in err
+    assert err.strip().splitlines()[-1].startswith("ppm stream: error: no items.jsonl in")
+
+
+@pytest.mark.parametrize("command", [
+    ["status"], ["features", "get", "--item", "i1"], ["eval"], ["project"],
+    ["experiment", "staleness"], ["experiment", "ablation"], ["train"], ["train", "--batch"]])
+def test_a_read_command_refuses_a_dir_without_a_run(tmp_path, capsys, command):
+    name = " ".join(w for w in command if not w.startswith("-") and w != "i1")
+    for data_dir in (tmp_path / "mistyped", tmp_path / "empty"):
+        if data_dir.name == "empty":
+            data_dir.mkdir()
+        assert main(["--data-dir", str(data_dir), *command]) == 1
+        line = one_error_line(capsys.readouterr().err, name)
+        assert line.endswith(f"no run in {data_dir} (nothing has been streamed there); give "
+                             "--data-dir or run ppm stream/import first")
+        assert not data_dir.exists() if data_dir.name == "mistyped" else not any(
+            data_dir.iterdir())
+
+
+def test_features_get_imports_neither_torch_nor_transformers(tmp_path):
+    """``ppm features get`` reads the store alone: it takes about 1 s, not 12, as long as
+    nothing on its path imports PyTorch (Feast would, see feature_repo/lean_feast.py)."""
+    from feature_repo.online_features import OnlineFeatures
+    from ppm.config import Config
+    from ppm.records import ItemState
+
+    store = OnlineFeatures.open(Config(data_dir=tmp_path))
+    store.write_item_profiles([ItemState("i1", "sneaker", "b1", "s1", 3, 10**15, 10**15)])
+    code = (
+        "import sys\n"
+        "from ppm.cli.commands import main\n"
+        f"assert main(['--data-dir', {str(tmp_path)!r}, 'features', 'get', '--item', 'i1',"
+        " '--at', 'now']) == 0\n"
+        "print([m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    *shown, heavy = out.stdout.strip().splitlines()
+    assert json.loads("\n".join(shown))["items"]["i1"]["category"] == "sneaker"
+    assert heavy == "[]"

@@ -185,6 +185,8 @@ def test_worker_knobs_keep_their_former_defaults():
     assert cfg.kafka.table_cache_items == 100_000
     assert cfg.kafka.freshness_save_s == 2.0 and cfg.kafka.commit_interval_s == 1.0
     assert cfg.pipeline.behavior_batch_wait_s == 1.0
+    # /metrics on the loopback, a free port each: several workers on one host never collide.
+    assert (cfg.kafka.metrics_host, cfg.kafka.metrics_port) == ("127.0.0.1", 0)
 
 
 def test_retry_delays_from_the_environment_are_comma_separated():
@@ -198,9 +200,32 @@ def test_retry_delays_from_the_environment_are_comma_separated():
     {"PPM__KAFKA__RETRY_DELAYS_S": "1,x"},
     {"PPM__KAFKA__TABLE_CACHE_ITEMS": "0"},
     {"PPM__KAFKA__FRESHNESS_SAVE_S": "0"},
+    {"PPM__KAFKA__FRESHNESS_ITEMS_PART_S": "-1"},
+    {"PPM__KAFKA__METRICS_PORT": "-2"},
+    {"PPM__KAFKA__METRICS_PORT": "65536"},
     {"PPM__KAFKA__COMMIT_INTERVAL_S": "-1"},
     {"PPM__PIPELINE__BEHAVIOR_BATCH_WAIT_S": "0"},
 ])
 def test_worker_knobs_are_validated(env):
     with pytest.raises(ValidationError):
         load_config(env=env)
+
+
+def test_the_redis_address_is_one_url_in_the_config():
+    assert Config().redis.url is None
+    cfg = load_config(env={"PPM__REDIS__URL": "redis://:s3cret@cache:6380/4"})
+    assert cfg.redis.url == "redis://:s3cret@cache:6380/4"
+    assert cfg.redis.feast_connection_string() == "cache:6380,db=4,password=s3cret"
+    assert load_config(env={"PPM__REDIS__URL": "redis://h"}).redis.feast_connection_string() \
+        == "h:6379,db=0"
+    assert "ssl=true" in load_config(
+        env={"PPM__REDIS__URL": "rediss://h:1/0"}).redis.feast_connection_string()
+    with pytest.raises(ValueError, match="PPM__REDIS__URL"):
+        Config().redis.feast_connection_string()
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:6379", "http://h:1/0", "redis://h:x/0",
+                                 "redis://h:1/db"])
+def test_a_redis_address_that_is_not_a_redis_url_is_refused(url):
+    with pytest.raises(ValidationError, match="redis"):
+        load_config(env={"PPM__REDIS__URL": url})

@@ -20,7 +20,7 @@ def named_paths(paths: DataDir) -> dict[str, Path]:
     names it; a :class:`TrainingLogDir`'s files under ``name.file``."""
     named: dict[str, Path] = {}
     for name, member in vars(DataDir).items():
-        if name.startswith("_") or name == "training_logs":  # training_logs reads the disk
+        if name.startswith("_") or name in ("training_logs", "holds_run"):  # read the disk
             continue
         if isinstance(member, property):
             value = getattr(paths, name)

@@ -447,17 +447,23 @@ class MMoE(nn.Module):
         return torch.cat(logits, dim=1)  # (B, n_tasks)
 
 
+def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+                       ) -> torch.Tensor:
+    """(n_tasks,): each task's mean BCE over its present labels, 0 for a task without
+    any. ``logits``, ``labels``, ``mask``: (B, n_tasks)."""
+    # Zero absent labels first: a NaN there would otherwise leak into the gradient.
+    labels = torch.where(mask, labels, torch.zeros_like(labels))
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, n_tasks)
+    bce = torch.where(mask, bce, torch.zeros_like(bce))
+    return bce.sum(0) / mask.sum(0).clamp(min=1)  # (n_tasks,)
+
+
 def masked_multitask_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                           weights: torch.Tensor) -> torch.Tensor:
     """Sum over tasks of weight * mean BCE over the task's present labels; a task without
     any present label adds exactly 0 (and no gradient). All of shape (B, n_tasks) but
     ``weights`` (n_tasks,)."""
-    # Zero absent labels first: a NaN there would otherwise leak into the gradient.
-    labels = torch.where(mask, labels, torch.zeros_like(labels))
-    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B, n_tasks)
-    bce = torch.where(mask, bce, torch.zeros_like(bce))
-    per_task = bce.sum(0) / mask.sum(0).clamp(min=1)  # (n_tasks,)
-    return (weights * per_task).sum()
+    return (weights * masked_task_losses(logits, labels, mask)).sum()
 
 
 # -----------------------------------------------------------------------------

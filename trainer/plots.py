@@ -2,7 +2,8 @@
 
 :func:`staleness_plots` draws a ``ppm experiment staleness`` result
 (:func:`trainer.staleness.run_staleness`): the click AUC each policy loses to the freshest
-one, per bucket, with 95% bootstrap intervals over users.
+one, per bucket, with 95% bootstrap intervals over users. :func:`curves_plot` draws a
+training run's curves (:mod:`trainer.curves`; ``ppm train --plot``).
 """
 
 from __future__ import annotations
@@ -143,3 +144,46 @@ def _ops_plot(path: Path, ops: Mapping[str, Any], seeds: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def curves_plot(lines: Sequence[Mapping[str, Any]], out: Path) -> Path:
+    """Draw training curves (:mod:`trainer.curves` lines of one run or several) to ``out``
+    (PNG), against each run's step: the loss of every step with each epoch's mean, each
+    task's training loss per epoch, and the click AUC on validation (``--batch``) or on
+    each incremental step's next window. Raises ValueError without a step to draw."""
+    runs = list(dict.fromkeys(line["run"] for line in lines if line["kind"] == "step"))
+    if not runs:
+        raise ValueError("no training steps to draw")
+    fig, (loss_ax, task_ax, auc_ax) = plt.subplots(1, 3, figsize=(13, 3.8), dpi=120)
+    for k, run in enumerate(runs):
+        color, label = f"C{k}", run if len(runs) > 1 else None
+        mine = [line for line in lines if line["run"] == run]
+        steps = [line for line in mine if line["kind"] == "step"]
+        loss_ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], color=color,
+                     lw=0.6, alpha=0.4)
+        epochs = [line for line in mine if line["kind"] == "epoch"]
+        loss_ax.plot([e["step"] for e in epochs], [e["train_loss"] for e in epochs], "o-",
+                     color=color, ms=3, label=label)
+        for j, task in enumerate(epochs[0]["train_task_losses"] if epochs else ()):
+            task_ax.plot([e["step"] for e in epochs],
+                         [e["train_task_losses"][task] for e in epochs], marker="o", ms=3,
+                         ls=("-", "--", ":")[j % 3], color=color,
+                         label=task if label is None else f"{task} ({run})")
+        for kind, key, marker, what in (("valid", "click_auc", "o-", "validation"),
+                                        ("eval", "candidate_click_auc", "s--", "next window")):
+            points = [line for line in mine if line["kind"] == kind and line.get(key) is not None]
+            if points:
+                auc_ax.plot([p["step"] for p in points], [p[key] for p in points], marker,
+                            color=color, ms=3,
+                            label=what if label is None else f"{what} ({run})")
+    for ax, title in ((loss_ax, "loss per step (dots: epoch mean)"),
+                      (task_ax, "training loss per task, per epoch"),
+                      (auc_ax, "click AUC")):
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -12,6 +12,7 @@ and, where labels chose it, ``validated_on`` (early stopping, tuning, promotion)
 ``ppm eval`` can refuse a model that saw the test period.
     champion.json                {"version": "v000001", ...}: the model serving uses
     trainer_state.json           where the incremental trainer is (last window trained)
+    curves.jsonl                 every run's training curves, appended (trainer.curves)
 
 Several trainers may register into one registry at once: a version's name is claimed with
 ``mkdir`` (atomic, so no two processes ever get the same one) before anything is written.
@@ -57,6 +58,9 @@ class Registry:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         self.champion_path = self.root / "champion.json"
         self.state_path = self.root / "trainer_state.json"
+        self.curves_path = self.root / "curves.jsonl"
+        """Training curves of every run trained into this registry (``ppm train``),
+        appended one JSON line at a time (:mod:`trainer.curves`)."""
 
     def versions(self) -> list[Version]:
         """All complete versions, oldest first."""

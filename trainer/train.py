@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ppm.config import Config, TrainerConfig
+from trainer.curves import CurveLog
 from trainer.dataset import (
     ModalTable,
     Window,
@@ -49,7 +50,7 @@ from trainer.dataset import (
 )
 from trainer.features import IdVocabulary
 from trainer.metrics import BUCKETS, auc, evaluate
-from trainer.model import RankerConfig, UnifiedRanker
+from trainer.model import RankerConfig, UnifiedRanker, masked_task_losses
 from trainer.refresh import EmbeddingRefresh
 from trainer.registry import Registry, Version
 
@@ -57,14 +58,16 @@ from trainer.registry import Registry, Version
 def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int, lr: float,
         weight_decay: float = 0.0, seed: int = 0, extra: WindowDataset | None = None,
         extra_share: float = 0.0, grad_clip: float | None = None,
-        progress: bool = False, after_epoch: Callable[[int], bool] | None = None) -> float:
+        progress: bool = False, after_epoch: Callable[[int], bool] | None = None,
+        curves: CurveLog | None = None) -> float:
     """Train ``model`` in place; returns the mean loss of the last epoch run.
 
     ``extra`` (older samples) contributes ``extra_share * len(data)`` random samples per
     epoch: replay against forgetting. ``grad_clip``: the largest gradient norm of a step
     (``trainer.grad_clip``; None: not clipped). ``after_epoch(epoch)`` (1-based) is called
     after each epoch and may score the model (it is put back in training mode after);
-    returning True stops training.
+    returning True stops training. ``curves``: where each step's loss, learning rate and
+    speed and each epoch's losses per task are appended (:mod:`trainer.curves`).
     """
     from tqdm import tqdm
 
@@ -85,16 +88,35 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
             order = rng.permutation(len(batches))
             batches = [batches[i] for i in order]
         losses = []
+        task_sums = torch.zeros(len(model.config.tasks))
+        started = step_started = time.perf_counter()
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
                           leave=False):
-            _, loss = model(batch)
+            logits, loss = model(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             losses.append(loss.item())
+            if curves is not None:
+                with torch.no_grad():
+                    labels = batch["labels"].to(logits.dtype)
+                    mask = batch.get("label_mask")
+                    task_sums += masked_task_losses(
+                        logits, labels, torch.ones_like(labels, dtype=torch.bool)
+                        if mask is None else mask.bool()).cpu()
+                now = time.perf_counter()
+                curves.log_step(epoch=epoch + 1, loss=losses[-1],
+                                lr=optimizer.param_groups[0]["lr"], samples=len(logits),
+                                samples_per_s=len(logits) / max(now - step_started, 1e-9))
+                step_started = now
         last = float(np.mean(losses)) if losses else float("nan")
+        if curves is not None:
+            curves.write("epoch", epoch=epoch + 1, step=curves.step, train_loss=last,
+                         train_task_losses={t: float(v) / max(len(losses), 1) for t, v in
+                                            zip(model.config.tasks, task_sums, strict=True)},
+                         seconds=time.perf_counter() - started)
         if after_epoch is not None and after_epoch(epoch + 1):
             break
     model.eval()
@@ -222,8 +244,11 @@ class IncrementalTrainer:
 
     def __init__(self, cfg: Config, registry: Registry | None = None,
                  variant: str | None = None, shuffle_vectors_seed: int | None = None,
-                 from_scratch: bool = False):
+                 from_scratch: bool = False, curves: CurveLog | None = None):
         self.cfg = cfg
+        self.curves = curves
+        """Where each step's fit, decision and version are appended (``ppm train``: the
+        registry's ``curves.jsonl``); None: nowhere."""
         self.from_scratch = from_scratch
         """Whether the models this trainer fits start from scratch (``ppm train --batch``):
         then the champion's encoder version does not choose the vectors (:attr:`modal`)."""
@@ -319,6 +344,8 @@ class IncrementalTrainer:
             return None
         train_windows, eval_window = plan
         t = self.cfg.trainer
+        if self.curves is not None:
+            self.curves.begin_fit(windows=names(train_windows), eval_window=eval_window.name)
         held = self._champion()
         if held is None:
             champion, champion_model = None, None
@@ -326,7 +353,7 @@ class IncrementalTrainer:
             admit_ids(candidate, train_windows, t)
             train = self.dataset_for(candidate, train_windows, training=True)
             fit(candidate, train, t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
-                seed=t.seed, grad_clip=t.grad_clip, progress=progress)
+                seed=t.seed, grad_clip=t.grad_clip, progress=progress, curves=self.curves)
             trained_on, validated_on = names(train_windows), []
         else:
             champion, champion_model = held
@@ -346,7 +373,8 @@ class IncrementalTrainer:
                                       counted_later=train_windows) if replayed else None
             fit(candidate, train, t.incremental_epochs, t.batch_size, t.fine_tune_lr or t.lr,
                 t.weight_decay, seed=t.seed + len(closed), extra=replay,
-                extra_share=t.replay_share, grad_clip=t.grad_clip, progress=progress)
+                extra_share=t.replay_share, grad_clip=t.grad_clip, progress=progress,
+                curves=self.curves)
             trained_on = sorted(seen | {*names(replayed), *names(train_windows)})
             validated_on = sorted({*champion.meta.get("validated_on", []), eval_window.name})
 
@@ -380,6 +408,12 @@ class IncrementalTrainer:
         if promoted:
             self.registry.promote(version)
             self._champion_cache = (version, candidate)
+        if self.curves is not None:
+            self.curves.write("eval", step=self.curves.step, window=eval_window.name,
+                              candidate_click_auc=click_auc(cand_metrics),
+                              champion_click_auc=click_auc(champ_metrics) if champ_metrics
+                              else None, promoted=promoted)
+            self.curves.write("version", version=version.name, promoted=promoted)
         self.registry.save_state({"trained_through": train_windows[-1].name,
                                   "last_version": version.name,
                                   "updated_at": datetime.now(UTC).isoformat()})
@@ -545,8 +579,8 @@ def projection_key(model: UnifiedRanker) -> str:
 def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
                 epochs: int | None = None, progress: bool = True,
                 valid: Sequence[Window] = (), shuffle_vectors_seed: int | None = None,
-                plug_in_from: Version | None = None, freeze_plugin: bool = False
-                ) -> BatchFit:
+                plug_in_from: Version | None = None, freeze_plugin: bool = False,
+                curves: CurveLog | None = None) -> BatchFit:
     """``ppm train --batch``: one fit from scratch over ``windows``, for at most ``epochs``
     (default ``trainer.initial_epochs``). With ``valid`` windows, the epoch with the best
     validation click AUC is kept, and training stops after ``trainer.patience`` epochs
@@ -554,7 +588,7 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     ``shuffle_vectors_seed``: the shuffled-vector control (see :class:`IncrementalTrainer`;
     score the model through a trainer with the same seed). ``plug_in_from``: start the PPM
     module from that version's (:func:`plug_in`; its encoder version is read), frozen with
-    ``freeze_plugin``."""
+    ``freeze_plugin``. ``curves``: where the steps, epochs and validation AUCs go."""
     if plug_in_from is not None and plug_in_from.meta.get("encoder_version"):
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
             update={"encoder_version": plug_in_from.meta["encoder_version"]})})
@@ -580,12 +614,15 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
         if held_out is None:
             return False
         aucs.append(validation_auc(model, held_out))
+        if curves is not None:
+            curves.write("valid", epoch=epoch, step=curves.step, click_auc=aucs[-1])
         if aucs[-1] is not None and (not best or aucs[-1] > best["auc"]):
             best.update(epoch=epoch, auc=aucs[-1], state=copy.deepcopy(model.state_dict()))
         return bool(best) and epoch - best["epoch"] >= t.patience
 
     fit(model, data, epochs or t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
-        seed=t.seed, grad_clip=t.grad_clip, progress=progress, after_epoch=keep_best)
+        seed=t.seed, grad_clip=t.grad_clip, progress=progress, after_epoch=keep_best,
+        curves=curves)
     if best:
         model.load_state_dict(best["state"])
     return BatchFit(model, trainer.variant, trainer.modal.encoder_version, names(windows),
@@ -596,7 +633,7 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
 
 def tune_batch(cfg: Config, split: Split, grid: Mapping[str, Sequence[str]],
                variant: str | None = None, epochs: int | None = None,
-               progress: bool = True) -> BatchFit:
+               progress: bool = True, curves: CurveLog | None = None) -> BatchFit:
     """``ppm train --batch --tune``: one :func:`train_batch` per combination of ``grid``'s
     values (config field -> values, see :meth:`ppm.config.Config.with_values`), each fitted
     on ``split.train``; returns the one with the best validation click AUC, with every
@@ -610,8 +647,10 @@ def tune_batch(cfg: Config, split: Split, grid: Mapping[str, Sequence[str]],
     tried: list[dict[str, Any]] = []
     best: tuple[dict[str, str], BatchFit] | None = None
     for choice, tuned_cfg in zip(choices, configs, strict=True):
+        if curves is not None:
+            curves.begin_fit(tuned=choice)
         fitted = train_batch(tuned_cfg, split.train, variant, epochs, progress,
-                             valid=split.valid)
+                             valid=split.valid, curves=curves)
         tried.append({**choice, "valid_click_auc": fitted.valid_auc})
         if fitted.valid_auc is not None and (best is None or fitted.valid_auc > best[1].valid_auc):
             best = (choice, fitted)

@@ -7,7 +7,6 @@ run, so ``ppm --help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from collections.abc import Sequence
@@ -44,6 +43,8 @@ def _simulator_config(args: argparse.Namespace, cfg: Config):
 
 
 def _stream(args: argparse.Namespace, cfg: Config) -> int:
+    if args.jsonl:
+        _require_jsonl(args.jsonl)  # before torch is imported and a store made for nothing
     from streams.local_runner import LocalRunner, jsonl_records
     from streams.sources.shop_simulator import ShopSimulator
 
@@ -86,8 +87,15 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     except ValueError as exc:
         print(f"ppm train: {exc}", file=sys.stderr)
         return 2
+    if not args.follow:
+        _require_run(cfg)
+    from trainer.curves import CurveLog
+
+    runs: list[CurveLog] = []
     for variant in args.variant or [cfg.trainer.variant]:
         trainer = IncrementalTrainer(cfg, variant=variant)
+        trainer.curves = curves = CurveLog(trainer.registry.curves_path, variant)
+        runs.append(curves)
         if args.batch:
             if not split.train:
                 print("no closed windows to train on", file=sys.stderr)
@@ -96,11 +104,13 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
                 print("no window in the validation period: the last epoch is kept and "
                       "nothing is tuned (a larger --valid-share makes one)", file=sys.stderr)
             try:
-                fitted = (tune_batch(cfg, split, grid, variant, args.epochs, not args.quiet)
+                fitted = (tune_batch(cfg, split, grid, variant, args.epochs, not args.quiet,
+                                     curves=curves)
                           if grid else train_batch(cfg, split.train, variant, args.epochs,
                                                    not args.quiet, valid=split.valid,
                                                    plug_in_from=source,
-                                                   freeze_plugin=args.freeze_plugin))
+                                                   freeze_plugin=args.freeze_plugin,
+                                                   curves=curves))
             except ValueError as exc:
                 print(f"ppm train: {exc}", file=sys.stderr)
                 return 2
@@ -109,17 +119,31 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
                 # Before the promotion: the first request of the new champion finds them.
                 _write_projections(cfg, fitted.model, version.meta)
             trainer.registry.promote(version)
+            curves.write("version", version=version.name, promoted=True)
             print(json.dumps({"variant": variant, "version": version.name,
                               "windows": len(split.train), "valid_windows": len(split.valid),
                               "best_epoch": fitted.best_epoch,
                               "valid_click_auc": fitted.valid_auc,
-                              "chosen": (fitted.tuned or {}).get("chosen"), "promoted": True}))
+                              "chosen": (fitted.tuned or {}).get("chosen"), "promoted": True,
+                              "curves": str(curves.path), "run": curves.run}))
         else:
             steps = trainer.follow(poll_s=args.poll, once=not args.follow,
-                                   on_step=lambda r: print(describe(r), flush=True),
+                                   on_step=None if args.quiet else
+                                   lambda r: print(describe(r), file=sys.stderr, flush=True),
                                    progress=not args.quiet)
             print(json.dumps({"variant": variant, "steps": steps,
-                              "champion": getattr(trainer.registry.champion(), "name", None)}))
+                              "champion": getattr(trainer.registry.champion(), "name", None),
+                              "curves": str(curves.path), "run": curves.run}))
+    if args.plot:
+        from trainer.curves import read_curves
+        from trainer.plots import curves_plot
+
+        lines = [line for c in runs if c.path.exists() for line in read_curves(c.path, {c.run})]
+        if not lines:
+            print("ppm train: nothing was trained, so no curves to plot", file=sys.stderr)
+            return 0
+        curves_plot(lines, Path(args.plot))
+        print(f"training curves drawn to {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -366,29 +390,12 @@ def _report_experiment(cfg: Config, name: str, result: dict, markdown_file: str 
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
-    from feature_repo.online_features import OnlineFeatures
-    from trainer.registry import Registry
-    from trainer.serving.http_server import make_server
-    from trainer.serving.ranker import Ranker
+    from trainer.serving.http_server import serve
 
-    ranker = Ranker(OnlineFeatures.open(cfg, apply=False),
-                    Registry(cfg.paths.registry(args.variant or cfg.trainer.variant)),
-                    reload_every_s=cfg.serving.reload_every_s,
-                    cache_s=cfg.features.serving_cache_s,
-                    cache_items=cfg.features.serving_cache_items)
-    server = make_server(ranker, "127.0.0.1", args.port, cfg.serving)
-    host, port = server.server_address[:2]
-    print(f"serving model {ranker.model_version} on http://{host}:{port} "
-          "(POST /rank, GET /health); Ctrl-C stops", file=sys.stderr, flush=True)
-    # The loaded process (torch, Feast, the model) holds millions of objects that live as
-    # long as it does: out of the collector's reach, a full collection no longer stalls a
-    # request for a third of a second (bench/serve.py).
-    gc.collect()
-    gc.freeze()
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    overrides = {k: getattr(args, k) for k in ("host", "port", "workers")
+                 if getattr(args, k) is not None}
+    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update=overrides)})
+    serve(cfg, args.variant or cfg.trainer.variant)
     return 0
 
 
@@ -437,6 +444,13 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
 def _features(args: argparse.Namespace, cfg: Config) -> int:
     from feature_repo.online_features import OnlineFeatures
 
+    if args.action == "yaml":
+        import yaml
+
+        from feature_repo.online_features import resolved_store_settings
+
+        print(yaml.safe_dump(resolved_store_settings(cfg), sort_keys=False), end="")
+        return 0
     store = OnlineFeatures.open(cfg, apply=args.action == "apply")
     if args.action == "apply":
         names = [getattr(o, "name", "?") for o in store.definitions.all()]
@@ -493,13 +507,18 @@ def _topics(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _publish(args: argparse.Namespace, cfg: Config) -> int:
-    from streams.local_runner import jsonl_records
     from streams.sources.publisher import Publisher
-    from streams.sources.shop_simulator import ShopSimulator
 
-    records = (jsonl_records(Path(args.jsonl), cfg.pipeline.max_clock_jump_s) if args.jsonl
-               else ShopSimulator(_simulator_config(args, cfg)).records())
+    if args.jsonl:
+        _require_jsonl(args.jsonl)
+    # The broker before the readers: a broker that is down fails within
+    # kafka.connect_timeout_s, not after the pipeline's modules (torch) are imported.
     with Publisher(_kafka_config(args, cfg)) as publisher:
+        from streams.local_runner import jsonl_records
+        from streams.sources.shop_simulator import ShopSimulator
+
+        records = (jsonl_records(Path(args.jsonl), cfg.pipeline.max_clock_jump_s)
+                   if args.jsonl else ShopSimulator(_simulator_config(args, cfg)).records())
         summary = publisher.publish(records, rate=args.rate, limit=args.limit,
                                     duration_s=args.duration, progress=not args.quiet,
                                     events_per_record=args.events_per_record)
@@ -508,22 +527,49 @@ def _publish(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _status(args: argparse.Namespace, cfg: Config) -> int:
-    from streams.freshness import read_freshness
+    from streams.freshness import FreshnessStats, read_freshness_by_writer
 
     kafka = _kafka_config(args, cfg)
-    freshness = read_freshness(cfg.data_dir)
+    by_writer = read_freshness_by_writer(cfg.data_dir)
+    freshness = FreshnessStats()
+    for stats in by_writer.values():
+        freshness.merge(stats)
     status = {
         "bootstrap": kafka.bootstrap, "group": kafka.app_id,
         "topics": _lag(kafka),
-        "freshness": {"items": freshness.count, **freshness.percentiles()},
+        # Merged over every writer (the local runner and each worker), then each on its own.
+        "freshness": {**freshness.summary(),
+                      "by_worker": {name: s.summary() for name, s in by_writer.items()}},
+        "workers": _worker_endpoints(cfg.paths.metrics_dir),
         "training": _training_status(cfg.paths.training),
     }
-    by_stage = _dead_letter_stages(cfg.paths.dead_letters)
-    if by_stage is not None:
-        status["dead_letter_file"] = {"dead_letters": sum(by_stage.values()),
-                                      "by_stage": by_stage}
+    letters = _dead_letter_file(cfg.paths.dead_letters)
+    if letters is not None:
+        status["dead_letter_file"] = letters
     print(json.dumps(status))
     return 0
+
+
+def _worker_endpoints(metrics_dir: Path) -> list[dict]:
+    """Each worker's metrics endpoint (``DATA_DIR/metrics/``), whether it answers, and a
+    few of its figures since it started."""
+    from streams.worker_metrics import read_endpoints, scrape
+
+    out = []
+    for endpoint in read_endpoints(metrics_dir):
+        samples = scrape(endpoint.get("url", ""), timeout_s=1.0)
+        row = {**endpoint, "up": samples is not None}
+        if samples is not None:
+            row["since_start"] = {
+                key: sum(v for k, v in samples.items() if k.split("{")[0] == name)
+                for key, name in (("items_embedded", "ppm_items_embedded_total"),
+                                  ("dead_letters", "ppm_dead_letters_total"),
+                                  ("retries", "ppm_retries_total"),
+                                  ("outages", "ppm_outages_total"),
+                                  ("windows_closed", "ppm_windows_closed_total"),
+                                  ("unacknowledged", "ppm_unacknowledged_records"))}
+        out.append(row)
+    return out
 
 
 def _training_status(training_dir: Path) -> dict:
@@ -542,26 +588,33 @@ def _training_status(training_dir: Path) -> dict:
     }
 
 
-def _dead_letter_stages(path: Path) -> dict[str, int] | None:
-    """Dead letters in the local runner's file by ``stage`` (decode, process, produce;
-    "unknown" where a letter has none); None without a file."""
+def _dead_letter_file(path: Path) -> dict | None:
+    """Dead letters in the local runner's file: ``dead_letters`` in all, ``by_stage``
+    (decode, process, produce; "unknown" where a letter has none) and ``by_reason`` (the
+    reason's class, ``streams.worker_metrics.reason_class``); None without a file."""
+    from streams.topics import tally_dead_letter
+
     if not path.exists():
         return None
-    counts: dict[str, int] = {}
+    summary: dict = {"read": 0, "by_stage": {}, "by_reason": {}}
     with open(path, "rb") as fh:
         for line in fh:
             if not line.endswith(b"\n"):  # being appended right now: not a letter yet
                 break
-            stage = json.loads(line).get("stage") or "unknown"
-            counts[stage] = counts.get(stage, 0) + 1
-    return counts
+            tally_dead_letter(summary, line)
+    return {"dead_letters": summary.pop("read"), **summary}
 
 
 def _lag(kafka):
+    """Lag per topic and partition; each dead-letter topic with its latest letters counted
+    by stage and reason (``LagProbe.dead_letter_reasons``)."""
     from streams.topics import LagProbe
 
     with LagProbe(kafka) as probe:
-        return probe.lag()
+        topics = probe.lag()
+        for name, reasons in probe.dead_letter_reasons().items():
+            topics.setdefault(name, {}).update(reasons)
+        return topics
 
 
 def _kafka_config(args: argparse.Namespace, cfg: Config):
@@ -600,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
         "defaults); PPM__SECTION__FIELD variables override it",
     )
     parser.add_argument("--data-dir", metavar="DIR", help="override data_dir of the config")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the traceback besides the one-line message")
+    parser.add_argument("--version", action="version", version=f"ppm {_version()}")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="lay a named preset over the config (ppm.config.PRESETS; its "
                         "values win): quick (a smaller world, 3-hour windows), fair (the "
@@ -628,9 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--quiet", action="store_true", help="no progress bar")
     stream.set_defaults(run=_stream)
 
-    features = sub.add_parser("features", help="the Feast feature store: apply, get")
-    features.add_argument("action", choices=["apply", "get"],
-                          help="apply: register the feature repo (feast apply); get: show values")
+    features = sub.add_parser("features", help="the Feast feature store: apply, get, yaml")
+    features.add_argument("action", choices=["apply", "get", "yaml"],
+                          help="apply: register the feature repo (feast apply); get: show "
+                          "values; yaml: print the Feast settings ppm uses, variables filled "
+                          "(for feast -c feature_repo -f FILE)")
     features.add_argument("--item", action="append", metavar="ID", help="an item id (repeatable)")
     features.add_argument("--user", action="append", metavar="ID", help="a user id (repeatable)")
     features.add_argument(
@@ -668,7 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "pre-trained")
     train.add_argument("--poll", type=float, default=5.0, help="--follow: seconds between looks")
     train.add_argument("--threads", type=int, help="torch threads")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--plot", metavar="PNG", help="draw this run's training curves (loss "
+                       "per step, each task's loss per epoch, validation AUC) to PNG; every "
+                       "run's curves are in the registry's curves.jsonl")
+    train.add_argument("--quiet", action="store_true", help="no progress bars, and no line "
+                       "per incremental step on stderr")
     train.set_defaults(run=_train)
 
     evaluate = sub.add_parser(
@@ -797,8 +859,14 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--quiet", action="store_true", help="no progress bar")
     ablation.set_defaults(run=_experiment_ablation)
 
-    serve = sub.add_parser("serve", help="score candidates over HTTP (POST /rank)")
-    serve.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (0: any free)")
+    serve = sub.add_parser("serve", help="score candidates over HTTP (POST /rank; GET /health, "
+                           "/ready, /metrics, /docs)")
+    serve.add_argument("--host", help="address to listen on (default from config: "
+                       "serving.host, 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, help="port (default from config: serving.port, "
+                       "8080; 0: any free)")
+    serve.add_argument("--workers", type=int, help="server processes (default from config: "
+                       "serving.workers, 1)")
     serve.add_argument("--variant", choices=["idrec", "ppm", "modal"],
                        help="whose champion to serve (default from config)")
     serve.set_defaults(run=_serve)
@@ -880,8 +948,106 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         parser.error(f"bad configuration: {exc}")
     try:
-        return args.run(args, cfg)
+        if _command_name(args) in READS_RUN:
+            _require_run(cfg)
+        code = args.run(args, cfg)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # SystemExit passes: its message and code are meant
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"ppm {_command_name(args)}: error: {_explain(exc, args, cfg)}", file=sys.stderr)
+        return 1
+    if argv is None:
+        # The process ends now: a last full collection over the millions of objects Feast
+        # and torch leave only delays the exit (0.6 s of ppm features get's 2).
+        import gc
+
+        gc.freeze()
+    return code
+
+
+READS_RUN = frozenset({"status", "features get", "eval", "project", "experiment staleness",
+                       "experiment ablation"})
+"""Commands that only read a run: they refuse a data dir that holds none (:func:`_require_run`).
+``ppm train`` checks after its usage errors. Not ``serve`` and ``train --follow``: services
+that wait for a run to appear (docker compose starts them beside a worker that has not
+written anything yet)."""
+
+
+class NoRunError(Exception):
+    """A command that reads a run was pointed at a data dir that holds none."""
+
+
+def _require_run(cfg: Config) -> None:
+    """Raise :class:`NoRunError` unless ``cfg.data_dir`` holds a run
+    (:meth:`ppm.data_dir.DataDir.holds_run`): a mistyped ``--data-dir`` must not become an
+    empty store."""
+    if not cfg.paths.holds_run():
+        raise NoRunError(f"no run in {cfg.data_dir} (nothing has been streamed there); give "
+                         "--data-dir or run ppm stream/import first")
+
+
+def _require_jsonl(folder: str) -> None:
+    """FileNotFoundError unless ``folder`` holds items.jsonl and behaviors.jsonl."""
+    for name in ("items.jsonl", "behaviors.jsonl"):
+        if not (Path(folder) / name).is_file():
+            raise FileNotFoundError(f"no {name} in {folder}")
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``status``, ``features get``, ``experiment staleness``, ...: what the user typed."""
+    words = [args.command]
+    for dest in ("experiment", "encoder", "action"):  # sub-commands' and features' word
+        if isinstance(getattr(args, dest, None), str):
+            words.append(getattr(args, dest))
+    return " ".join(words)
+
+
+def _explain(exc: Exception, args: argparse.Namespace, cfg: Config) -> str:
+    """One line for the user: what went wrong and what to do. The one place that maps
+    exception classes to hints."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    kafka_errors = sys.modules.get("kafka.errors")  # not imported: not a Kafka error
+    if kafka_errors and isinstance(exc, kafka_errors.KafkaError):
+        bootstrap = _kafka_config(args, cfg).bootstrap
+        # kafka-python 3 has no NoBrokersAvailable (2.x did): look the classes up by name.
+        unreachable = tuple(getattr(kafka_errors, name) for name in (
+            "NoBrokersAvailable", "KafkaTimeoutError", "KafkaConnectionError")
+            if hasattr(kafka_errors, name))
+        if isinstance(exc, unreachable):
+            return (f"could not reach Kafka at {bootstrap} ({text}); start a broker "
+                    "(infra/up) or give its address with --bootstrap HOST:PORT or "
+                    "PPM__KAFKA__BOOTSTRAP")
+        return f"Kafka at {bootstrap}: {text}"
+    redis_errors = sys.modules.get("redis.exceptions")
+    if redis_errors and isinstance(exc, (redis_errors.ConnectionError,
+                                         redis_errors.TimeoutError)):
+        return (f"could not reach Redis ({text}); start it (infra/up) or give its address "
+                "with PPM__REDIS__URL")
+    if type(exc).__module__.startswith("feast") and "NotFound" in type(exc).__name__:
+        return (f"{text}: the Feast registry of {cfg.data_dir} lacks it; register the "
+                "definitions with ppm features apply")
+    if isinstance(exc, FileNotFoundError):
+        return (f"no such file or folder: {exc.filename}" if exc.filename else text) + \
+            "; check the path"
+    if isinstance(exc, PermissionError):
+        return f"{text}; check the permissions"
+    if isinstance(exc, ConnectionError):
+        return f"{text}: is the server running, and at the configured address?"
+    if isinstance(exc, (NoRunError, ValueError, TimeoutError, RuntimeError, OSError)):
+        return text
+    return f"{type(exc).__name__}: {text} (--debug shows where)"
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("ppm-stream")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 

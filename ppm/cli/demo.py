@@ -43,8 +43,8 @@ def demo_outputs(paths: DataDir) -> tuple[Path, ...]:
     """Everything the demo writes in its folder; removed before a run so each demo starts
     fresh."""
     return (paths.feast_repo, paths.offline, paths.training, paths.registry_dir,
-            paths.dead_letters, paths.item_warnings, paths.freshness, paths.checkpoint,
-            paths.summary, paths.demo_windows)
+            paths.dead_letters, paths.item_warnings, paths.freshness, paths.freshness_items,
+            paths.checkpoint, paths.summary, paths.demo_windows)
 
 
 @dataclass

@@ -74,7 +74,8 @@ class Publisher:
         most = (contracts or ContractConfig()).max_payload_bytes + RECORD_HEADROOM_BYTES
         self.producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all",
                                       enable_idempotence=True, linger_ms=linger_ms,
-                                      max_request_size=most, client_id="ppm-publish")
+                                      max_request_size=most, client_id="ppm-publish",
+                                      bootstrap_timeout_ms=int(kafka.connect_timeout_s * 1000))
         self.failures: list[BaseException] = []
 
     def __enter__(self) -> Publisher:

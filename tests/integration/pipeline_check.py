@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from ppm.records import UserSequence
 from streams.intake import Intake
 from streams.sequence_builder import SequenceBuilder
 from streams.topics import ensure_topics
-from tests.servers import FaustWorker, worker_env
+from tests.servers import FaustWorker, redis_db_url, worker_env
 
 _databases = itertools.count(1)  # Redis database per test: 1..15 (0 is left to people)
 
@@ -53,7 +52,7 @@ class Scenario:
         env = worker_env(kafka_bootstrap, redis_url, name, tmp / "data", db,
                          item_batch_wait_s=0.5, idle_close_s=5)
         cfg = load_config(env=env)
-        redis.Redis.from_url(f"{redis_url}/{db}").flushdb()
+        redis.Redis.from_url(redis_db_url(redis_url, db)).flushdb()
         ensure_topics(cfg.kafka)
         return cls(name, cfg, env, db)
 
@@ -73,15 +72,7 @@ class Scenario:
     def online(self):
         from feature_repo.online_features import OnlineFeatures
 
-        old = os.environ.get("PPM_REDIS")
-        os.environ["PPM_REDIS"] = self.env["PPM_REDIS"]
-        try:
-            return OnlineFeatures.open(self.cfg, apply=False)
-        finally:
-            if old is None:
-                del os.environ["PPM_REDIS"]
-            else:
-                os.environ["PPM_REDIS"] = old
+        return OnlineFeatures.open(self.cfg, apply=False)  # cfg.redis.url: the test's db
 
 
 def world_records(seed: int, initial_items: int, users: int = 300, days: float = 0.25,

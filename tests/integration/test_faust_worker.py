@@ -10,15 +10,19 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import redis
 
-from tests.servers import Servers
+from ppm.events import DeadLetter, ItemEvent
+from streams.worker_metrics import read_endpoints, reason_class, scrape
+from tests.servers import FaustWorker, Servers
 
 from .identity_check import assert_nothing_lost
 from .pipeline_check import (
     Scenario,
+    admit_all,
     dead_letters,
     readable_share,
     wait_until_complete,
@@ -54,8 +58,28 @@ def ppm_status(scenario: Scenario) -> dict:
         time.sleep(2)
 
 
+def worker_metrics(scenario: Scenario, worker: FaustWorker) -> dict[str, float]:
+    """The running worker's /metrics, found where it wrote its address."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for endpoint in read_endpoints(scenario.cfg.paths.metrics_dir):
+            if endpoint["pid"] == worker.proc.pid:
+                got = scrape(endpoint["url"], timeout_s=5)
+                assert got is not None, f"{endpoint} does not answer"
+                return got
+        time.sleep(0.5)
+    raise AssertionError(f"the worker wrote no metrics address:\n{worker.tail()}")
+
+
+def labelled(samples: dict[str, float], name: str) -> dict[str, float]:
+    """``{"a=\"x\",b=\"y\"": value}`` of one series' labelled samples."""
+    return {k[len(name) + 1:-1]: v for k, v in samples.items() if k.startswith(name + "{")}
+
+
 def test_every_item_is_readable_and_every_bad_record_is_a_dead_letter(servers: Servers,
                                                                       tmp_path):
+    """... and the worker's /metrics and `ppm status` (per partition, per worker, dead
+    letters by reason) account for every record."""
     scenario = Scenario.create("all", servers.kafka_bootstrap, servers.redis_url, tmp_path)
     records = world_records(seed=21, initial_items=2_000)
     assert sum(kind == "item" for kind, _ in records) >= 2_000
@@ -68,6 +92,7 @@ def test_every_item_is_readable_and_every_bad_record_is_a_dead_letter(servers: S
         want = wait_until_complete(scenario, worker)
         letters = dead_letters(scenario.cfg)
         status = ppm_status(scenario)
+        metrics = worker_metrics(scenario, worker)
     finally:
         worker.stop()
     assert want.dead >= 5 and len(letters) == want.dead
@@ -79,6 +104,45 @@ def test_every_item_is_readable_and_every_bad_record_is_a_dead_letter(servers: S
     assert dead == want.dead and status["freshness"]["items"] > 0
     assert all(letter["reason"] for letter in letters)
     assert want.valid + len(letters) == len(records)  # nothing lost, nothing doubled
+
+    # `ppm status`: lag per partition, dead letters by reason, freshness per worker.
+    assert len(items["partitions"]) == k.partitions
+    assert sum(p["end"] for p in items["partitions"].values()) == items["end"]
+    assert all(p["lag"] == 0 for p in items["partitions"].values())
+    topic_of = {"item": k.items_topic, "behavior": k.behaviors_topic}
+    by_reason = Counter((topic_of[letter["expected"]], letter["stage"], reason_class(letter))
+                        for letter in letters)
+    for topic in (k.items_topic, k.behaviors_topic):
+        dead_topic = status["topics"][topic + k.dead_letter_suffix]
+        assert dead_topic["read"] == dead_topic["dead_letters"]
+        reasons: Counter[str] = Counter()
+        for (letter_topic, _, reason), n in by_reason.items():
+            reasons[reason] += n if letter_topic == topic else 0
+        assert dead_topic["by_reason"] == {r: n for r, n in reasons.items() if n}
+    assert len(status["freshness"]["by_worker"]) == 1
+    [endpoint] = status["workers"]
+    assert endpoint["up"] and endpoint["url"].startswith("http://127.0.0.1:")
+
+    # The worker's /metrics: ours and Faust's sensor's.
+    events = [e for admitted in admit_all(scenario.cfg, records) for e in admitted]
+    item_events = sum(isinstance(e, ItemEvent) for e in events)
+    assert sum(isinstance(e, DeadLetter) for e in events) == want.dead
+    records_read = labelled(metrics, "ppm_records_total")
+    assert records_read[f'topic="{k.items_topic}"'] == items["end"]
+    assert labelled(metrics, "ppm_events_total")['kind="item"'] == item_events
+    live = len(want.item_times) - len(want.deleted)
+    embedded = metrics["ppm_items_embedded_total"]
+    assert live <= embedded <= item_events
+    assert metrics["ppm_freshness_seconds_count"] == embedded
+    assert 0 < metrics["ppm_freshness_seconds_sum"] / embedded < 60  # seconds per item
+    assert labelled(metrics, "ppm_dead_letters_total") == {
+        f'reason="{reason}",stage="{stage}",topic="{topic}"': n
+        for (topic, stage, reason), n in by_reason.items()}
+    assert metrics["ppm_sequences_written_total"] > 0
+    assert sum(labelled(metrics, "ppm_windows_closed_total").values()) >= 1
+    assert metrics["ppm_samples_logged_total"] > 0
+    assert not labelled(metrics, "ppm_outages_total")  # no outage in this test
+    assert metrics["ppm_faust_messages_received_total"] >= items["end"]
 
 
 def test_sigkill_of_the_worker_mid_stream_loses_nothing(servers: Servers, tmp_path):
@@ -146,6 +210,9 @@ def test_redis_outage_is_retried_caught_up_and_commits_nothing_unwritten(
         srv.start_redis()
         after = wait_for_progress(scenario, before + 0.2)  # the same worker goes on
         assert worker.starts == 1 and after < 1.0, "make the stream longer"
+        metrics = worker_metrics(scenario, worker)
+        outages = sum(labelled(metrics, "ppm_outages_total").values())
+        assert 1 <= outages <= sum(labelled(metrics, "ppm_retries_total").values())
         redis_outage(srv, worker, retries)
         worker.kill()
         srv.start_redis()

@@ -15,7 +15,7 @@ from kafka.admin import KafkaAdminClient
 
 from ppm.config import KafkaConfig
 from streams.topics import topic_layout
-from tests.servers import REPO, Servers
+from tests.servers import Servers
 
 pytestmark = pytest.mark.integration
 
@@ -115,19 +115,19 @@ def test_redis_restart(restartable_servers: Servers):
         client.close()
 
 
-def test_feast_on_redis_reads_the_same_directly_and_through_its_sdk(servers: Servers, tmp_path,
-                                                                    monkeypatch):
+def test_feast_on_redis_reads_the_same_directly_and_through_its_sdk(servers: Servers, tmp_path):
     from feature_repo.online_features import OnlineFeatures
     from ppm.config import Config
     from tests.integration.pipeline_check import next_redis_database
     from tests.online_reads_check import check_reads_agree, fill
+    from tests.servers import redis_db_url
 
     db = next_redis_database()
-    host_port = servers.redis_url.removeprefix("redis://").rstrip("/")
-    monkeypatch.setenv("PPM_REDIS", f"{host_port},db={db}")
-    redis.Redis.from_url(servers.redis_url, db=db).flushdb()
-    cfg = Config(data_dir=tmp_path, features={
-        "store_yaml": REPO / "feature_repo" / "feature_store.redis.yaml"})
+    url = redis_db_url(servers.redis_url, db)
+    redis.Redis.from_url(url).flushdb()
+    # The URL alone chooses the Redis store yaml (features.store_yaml unset).
+    cfg = Config(data_dir=tmp_path, redis={"url": url})
     online = OnlineFeatures.open(cfg)
+    assert online.store.config.online_store.type == "redis"
     fill(online)
     check_reads_agree(online)

@@ -1,73 +1,357 @@
-"""``ppm serve``: the ranker over HTTP with JSON, on the standard library's threaded server.
+"""``ppm serve``: the ranker over HTTP, a FastAPI app on uvicorn.
 
-Endpoints:
+Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 
 * ``POST /rank`` with ``{"user_id": "u1", "item_ids": ["i1", "i2", ...]}`` answers
   ``{"model_version": ..., "items": [{"item_id", "click", "order", "collect"}, ...],
   "missing": {...}}``, items by descending click probability.
-* ``GET /health`` answers ``{"status": "ok", "model_version": ..., "requests": n}``.
+* ``GET /health``: the process answers (liveness), with the model version and request count.
+* ``GET /ready``: 200 when a model is loaded and the online store answers a read, else 503
+  with the reason (readiness: route traffic here only when it is 200).
+* ``GET /metrics``: Prometheus exposition (requests by status, latency, candidates, item
+  cache hits and misses, missing features, model reloads, the served model's version).
 
-Bad requests get a 400 with ``{"error": reason}``; no model yet gives a 503. The limits on
-a request are the ``[serving]`` section of the config.
+Every refused request gets a 4xx JSON body ``{"error": reason}``: malformed JSON or a body
+that is not UTF-8 (400), a missing field, a wrong type, too many candidates or an id that
+is not valid Unicode (422), a body over ``serving.max_body_bytes`` (413, before it is read).
+No model yet, too many requests in flight (uvicorn's ``limit_concurrency``) or scoring past
+``serving.request_timeout_s`` give 503. A client that does not send its whole request
+(headers and body) within ``serving.request_timeout_s`` gets a 408 and the connection is
+closed, so slow or lying clients (a ``Content-Length`` larger than the body) hold no worker;
+idle keep-alive connections close after ``serving.keep_alive_s``. Limits are the
+``[serving]`` section of the config.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from ppm.config import ServingConfig
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.supervisors import Multiprocess
+
+from ppm.config import Config, ServingConfig
 from trainer.serving.ranker import Ranker
 
+CONFIG_ENV = "PPM_SERVE_CONFIG"
+"""The effective config (JSON) handed to each ``--workers`` process."""
+VARIANT_ENV = "PPM_SERVE_VARIANT"
 
-def make_server(ranker: Ranker, host: str = "127.0.0.1", port: int = 0,
-                limits: ServingConfig | None = None) -> ThreadingHTTPServer:
-    """A server bound to ``host:port`` (0: a free port; read ``server.server_address``),
-    refusing requests over ``limits`` (default: the config's defaults)."""
+
+Id = Annotated[str, Field(min_length=1, max_length=1024)]
+"""An id: pydantic refuses one that is not valid Unicode (a lone surrogate such as
+``"\\ud800"`` in the JSON)."""
+
+
+class RankRequest(BaseModel):
+    """Candidates to rank for one user."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    user_id: Id
+    item_ids: list[Id]
+
+
+class ScoredItem(BaseModel):
+    """One candidate with each task's probability (``click``, ``order``, ``collect``...)."""
+
+    model_config = ConfigDict(extra="allow")
+    item_id: str
+
+
+class RankResponse(BaseModel):
+    model_version: str
+    items: list[ScoredItem]
+    missing: dict[str, int]
+    """How many features were missing or stale (see ``RankResult.missing``)."""
+
+
+class _RankerCollector:
+    """The ranker's own counters (item cache, reloads, model) as Prometheus series, read
+    at scrape time."""
+
+    def __init__(self, ranker: Ranker):
+        self.ranker = ranker
+
+    def collect(self):
+        cache = CounterMetricFamily("ppm_scoring_item_cache", "Item feature reads by the "
+                                    "ranker's cache, by result", labels=["result"])
+        counters = getattr(getattr(self.ranker, "items", None), "counters", {})
+        cache.add_metric(["hit"], counters.get("hits", 0))
+        cache.add_metric(["miss"], counters.get("misses", 0))
+        yield cache
+        reloads = CounterMetricFamily("ppm_scoring_model_reloads", "Champion models loaded")
+        reloads.add_metric([], self.ranker.counters.get("reloads", 0))
+        yield reloads
+        model = GaugeMetricFamily("ppm_scoring_model_info", "The model being served (1)",
+                                  labels=["version"])
+        model.add_metric([str(self.ranker.model_version)], 1)
+        yield model
+
+
+class BodyCap:
+    """ASGI middleware: a body over ``max_bytes`` gets a 413 without being read, by its
+    ``Content-Length`` or, for a chunked body, as soon as the bytes received pass the cap."""
+
+    def __init__(self, app, max_bytes: int, refused: Callable[[], None]):
+        self.app, self.max_bytes, self.refused = app, max_bytes, refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            self.refused()
+            response = JSONResponse({"error": f"body over {self.max_bytes} bytes"}, 413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def capped() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, f"body over {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, capped, send)
+
+
+def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
+    """The scoring app around ``ranker``, refusing requests over ``limits`` (default: the
+    config's defaults). Metrics go to a registry of the app's own."""
     limits = limits or ServingConfig()
-    max_body_bytes, max_candidates = limits.max_body_bytes, limits.max_candidates
+    app = FastAPI(title="ppm-stream scoring", version="1")
+    app.state.ranker = ranker
+    registry = CollectorRegistry()
+    requests = Counter("ppm_scoring_requests", "Scoring requests answered, by status",
+                       ["status"], registry=registry)
+    latency = Histogram("ppm_scoring_latency_seconds", "Time to rank one request (read, "
+                        "build, forward), excluding HTTP", registry=registry,
+                        buckets=(.002, .005, .01, .015, .02, .03, .05, .075, .1, .2, .5, 1, 5))
+    candidates = Histogram("ppm_scoring_candidates", "Candidates per ranked request",
+                           registry=registry, buckets=(1, 10, 50, 100, 200, 500, 1000, 10_000))
+    missing = Counter("ppm_scoring_missing_features", "Features missing or stale at "
+                      "scoring, by kind", ["feature"], registry=registry)
+    registry.register(_RankerCollector(ranker))
 
-    class Handler(BaseHTTPRequestHandler):
-        def _reply(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def error(status: int, message: str) -> JSONResponse:
+        requests.labels(str(status)).inc()
+        return JSONResponse({"error": message}, status_code=status)
 
-        def do_GET(self) -> None:
-            if self.path != "/health":
-                return self._reply(404, {"error": f"no such path {self.path}"})
-            self._reply(200, {"status": "ok", "model_version": ranker.model_version,
-                              "requests": ranker.counters["requests"]})
+    app.add_middleware(BodyCap, max_bytes=limits.max_body_bytes,
+                       refused=lambda: requests.labels("413").inc())
 
-        def do_POST(self) -> None:
-            if self.path != "/rank":
-                return self._reply(404, {"error": f"no such path {self.path}"})
-            length = int(self.headers.get("Content-Length") or 0)
-            if not 0 < length <= max_body_bytes:
-                return self._reply(400, {"error": f"body must be 1..{max_body_bytes} bytes"})
-            try:
-                request = json.loads(self.rfile.read(length))
-                user_id, item_ids = request["user_id"], request["item_ids"]
-                if not isinstance(user_id, str) or not isinstance(item_ids, list) or not all(
-                        isinstance(i, str) for i in item_ids):
-                    raise TypeError("user_id must be a string and item_ids a list of strings")
-                if len(item_ids) > max_candidates:
-                    raise ValueError(f"at most {max_candidates} candidates per request")
-            except (ValueError, KeyError, TypeError) as exc:
-                return self._reply(400, {"error": f"bad request: {exc}"})
-            try:
-                result = ranker.rank(user_id, item_ids)
-            except RuntimeError as exc:
-                return self._reply(503, {"error": str(exc)})
-            items = [{"item_id": item_id, **{t: s[k] for t, s in result.scores.items()}}
-                     for k, item_id in enumerate(result.item_ids)]
-            self._reply(200, {"model_version": result.model_version, "items": items,
-                              "missing": result.missing})
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = exc.errors()
+        if any(p.get("type") == "json_invalid" for p in problems):
+            return error(400, "malformed JSON: " + "; ".join(
+                str(p.get("ctx", {}).get("error", p.get("msg"))) for p in problems))
+        return error(422, "; ".join(
+            f"{'.'.join(str(x) for x in p.get('loc', ())[1:]) or 'body'}: {p.get('msg')}"
+            for p in problems))
 
-        def log_message(self, format: str, *args) -> None:
-            pass  # one line per request is noise at serving rates
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error(500, f"internal error: {type(exc).__name__}")
 
-    return ThreadingHTTPServer((host, port), Handler)
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))  # 400 unreadable body, 404, 405, 413
+
+    @app.post("/rank", response_model=RankResponse)
+    async def rank(body: RankRequest) -> Any:
+        if len(body.item_ids) > limits.max_candidates:
+            return error(422, f"item_ids: at most {limits.max_candidates} candidates per "
+                         f"request, got {len(body.item_ids)}")
+        started = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(
+                run_in_threadpool(ranker.rank, body.user_id, body.item_ids),
+                limits.request_timeout_s)
+        except RuntimeError as exc:  # no champion yet
+            return error(503, str(exc))
+        except TimeoutError:
+            return error(503, f"scoring took over {limits.request_timeout_s} s")
+        latency.observe(time.perf_counter() - started)
+        candidates.observe(len(body.item_ids))
+        for feature, n in result.missing.items():
+            if n:
+                missing.labels(feature).inc(n)
+        requests.labels("200").inc()
+        items = [{"item_id": item_id, **{t: s[k] for t, s in result.scores.items()}}
+                 for k, item_id in enumerate(result.item_ids)]
+        return JSONResponse({"model_version": result.model_version, "items": items,
+                             "missing": result.missing})
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model_version": ranker.model_version,
+                "requests": ranker.counters["requests"]}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if ranker.model_version is None:
+            return JSONResponse({"ready": False, "reason": "no champion model yet"}, 503)
+        try:  # one small read: the store answers
+            await asyncio.wait_for(run_in_threadpool(ranker.store.read_sequences,
+                                                     ["\x00ready"]), limits.request_timeout_s)
+        except Exception as exc:
+            return JSONResponse({"ready": False, "reason": f"online store: "
+                                 f"{type(exc).__name__}: {exc}"}, 503)
+        return JSONResponse({"ready": True, "model_version": ranker.model_version})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class DeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on reading each request: uvicorn times out
+    idle keep-alive connections but not a client that is slow to send its headers or body
+    (or whose ``Content-Length`` promises more than it sends). Past ``request_timeout_s``
+    (``serving.request_timeout_s``, set by :func:`serve`) such a connection gets a 408 and
+    is closed; a request whose body has arrived is bounded by the app's own timeout."""
+
+    request_timeout_s = 10.0
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.request_timeout_s, self._expire)
+
+    def _expire(self) -> None:
+        cycle = self.cycle
+        if self.transport.is_closing():
+            return
+        if cycle is not None and not cycle.response_complete and not cycle.more_body:
+            return  # the app has the whole request: its own timeout bounds the answer
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            body = json.dumps({"error": f"request not received within "
+                               f"{self.request_timeout_s} s"}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: "
+                                 b"application/json\r\nconnection: close\r\n"
+                                 b"content-length: " + str(len(body)).encode()
+                                 + b"\r\n\r\n" + body)
+        self.transport.close()
+
+
+def serve(cfg: Config, variant: str) -> None:
+    """Run the scoring server of ``cfg.serving`` (host, port, workers) until interrupted:
+    ``variant``'s champion, features from ``cfg``'s online store."""
+    limits = cfg.serving
+    os.environ[CONFIG_ENV] = cfg.model_dump_json()
+    os.environ[VARIANT_ENV] = variant
+    factory = f"{__name__}:app_from_env"
+    app: FastAPI | str = factory if limits.workers > 1 else app_from_env()
+    config = server_config(app, limits, limits.host, limits.port, limits.workers)
+    sock = config.bind_socket()  # bound here, so port 0 is known before serving
+    host, port = sock.getsockname()[:2]
+    if isinstance(app, str):
+        what = f"{limits.workers} workers"
+    else:
+        model = app.state.ranker.model_version
+        what = (f"model {model}" if model else f"no model yet (no champion in "
+                f"{cfg.paths.registry(variant)}; /ready answers 503 until one is promoted)")
+    print(f"serving {what} on http://{host}:{port} (POST /rank, GET /health, /ready, "
+          "/metrics, /docs); Ctrl-C stops", file=sys.stderr, flush=True)
+    server = uvicorn.Server(config)
+    if limits.workers > 1:
+        Multiprocess(config, sockets=[sock]).run()
+    else:
+        server.run(sockets=[sock])
+
+
+class BackgroundServer:
+    """``app`` served on ``host`` (a free port) from a thread of this process, for tests and
+    benchmarks: ``with BackgroundServer(app, limits) as server: server.url``."""
+
+    def __init__(self, app: FastAPI, limits: ServingConfig | None = None,
+                 host: str = "127.0.0.1"):
+        self.config = server_config(app, limits or ServingConfig(), host, 0)
+        self.server = uvicorn.Server(self.config)
+        self._sock = self.config.bind_socket()
+        self.url = "http://{}:{}".format(*self._sock.getsockname()[:2])
+        self._thread = threading.Thread(target=self.server.run, kwargs={
+            "sockets": [self._sock]}, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the server at {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+        self._sock.close()
+
+
+def app_from_env() -> FastAPI:
+    """The app of one server process: config and variant from the environment
+    (:data:`CONFIG_ENV`, :data:`VARIANT_ENV`, set by :func:`serve`)."""
+    cfg = Config.model_validate_json(os.environ[CONFIG_ENV])
+    DeadlineProtocol.request_timeout_s = cfg.serving.request_timeout_s  # a worker's own copy
+    ranker = Ranker.from_config(cfg, os.environ.get(VARIANT_ENV) or cfg.trainer.variant)
+    app = make_app(ranker, cfg.serving)
+    # The loaded process (torch, Feast, the model) holds millions of objects that live as
+    # long as it does: out of the collector's reach, a full collection no longer stalls a
+    # request for a third of a second (bench/serve.py).
+    gc.collect()
+    gc.freeze()
+    return app
+
+
+def server_config(app: FastAPI | str, limits: ServingConfig, host: str, port: int,
+                  workers: int = 1) -> uvicorn.Config:
+    """uvicorn's settings for ``app`` (or an import string of a factory, for workers)."""
+    DeadlineProtocol.request_timeout_s = limits.request_timeout_s
+    return uvicorn.Config(
+        app, host=host, port=port, workers=workers, factory=isinstance(app, str),
+        http=DeadlineProtocol, timeout_keep_alive=int(max(1, limits.keep_alive_s)),
+        limit_concurrency=limits.max_concurrency, log_level="warning", access_log=False,
+        lifespan="off", ws="none", h11_max_incomplete_event_size=64 * 1024,
+        # A worker loads torch, Feast and the model before it answers the supervisor's
+        # pings: uvicorn's 5 s default kills and restarts it forever on a busy machine.
+        timeout_worker_healthcheck=120)

@@ -31,6 +31,7 @@ import torch
 
 from feature_repo.online_features import OnlineFeatures, StoredItem
 from ppm.clock import now_us
+from ppm.config import Config
 from ppm.records import UserSequence
 from trainer.features import (
     Sequences,
@@ -154,6 +155,15 @@ class Ranker:
         self.counters = {"requests": 0, "reloads": 0, "plugin_outputs_read": 0,
                          "plugin_outputs_computed": 0}
         self._maybe_reload(force=True)
+
+    @classmethod
+    def from_config(cls, cfg: Config, variant: str) -> Ranker:
+        """The ranker ``ppm serve`` runs: ``variant``'s champion in ``cfg``'s registry,
+        features from ``cfg``'s online store, the config's reload and cache settings."""
+        return cls(OnlineFeatures.open(cfg, apply=False), Registry(cfg.paths.registry(variant)),
+                   reload_every_s=cfg.serving.reload_every_s,
+                   cache_s=cfg.features.serving_cache_s,
+                   cache_items=cfg.features.serving_cache_items)
 
     @property
     def model_version(self) -> str | None:

@@ -1,0 +1,303 @@
+"""A Faust worker's Prometheus metrics: ours (``ppm_*``) and Faust's own (``ppm_faust_*``).
+
+:class:`WorkerMetrics` holds one registry per worker. Faust's Prometheus sensor
+(``faust.sensors.prometheus.PrometheusMonitor``: records in and out, commit and send
+latency, rebalances, end and committed offsets per partition) records into it too, named
+``ppm_faust_*``. Faust's ``setup_prometheus_sensors`` would serve them through Faust's web
+server, which the worker runs without (``--without-web``: one more aiohttp server, on port
+6066 by default, for nothing else); here the registry is served by prometheus_client's own
+small HTTP server instead (:meth:`WorkerMetrics.serve`), on ``kafka.metrics_host`` (the
+loopback by default) and ``kafka.metrics_port`` (0: a free port, so several workers on one
+host never collide; -1: none). The worker writes the address it got to
+``DATA_DIR/metrics/<worker>.json``, where ``ppm status`` finds every worker's endpoint.
+
+Series (``_total`` is added to counters on exposition):
+
+* ``ppm_freshness_seconds`` (histogram): an item event's arrival to its vector being
+  readable online;
+* ``ppm_items_embedded_total``, ``ppm_item_image_errors_total``;
+* ``ppm_records_total{topic}`` (Kafka records read), ``ppm_events_total{kind}`` (events
+  admitted: a record may hold several);
+* ``ppm_dead_letters_total{topic,stage,reason}``: ``reason`` is the class of the reason
+  (:func:`reason_class`: the field it names, else the exception type), not its free text;
+* ``ppm_retries_total{kind}`` (each retried failure) and ``ppm_outages_total{kind}`` (each
+  write that failed at least once because the store or the broker was unreachable);
+  ``kind`` is ``item_batch``, ``sequence_batch`` or ``dead_letter``;
+* ``ppm_sequences_written_total``, ``ppm_windows_closed_total{partition}``,
+  ``ppm_samples_logged_total`` (samples in closed windows);
+* ``ppm_batch_seconds{lane}`` (histogram): one batch's processing, items or behaviors;
+* ``ppm_unacknowledged_records{lane}`` (gauge): records held until their writes are durable;
+* ``ppm_worker_info{worker,app_id}``.
+
+Our series keep their values in this object (:class:`Series`, a prometheus_client
+collector), not in prometheus_client's metric classes: Feast sets ``PROMETHEUS_MULTIPROC_DIR``
+when imported, and in a process where it was imported first those keep their values in files
+shared by every metric of the same name, so two workers' metrics in one process (tests)
+would add up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+
+from ppm.atomic_file import write_atomically
+from ppm.events import DeadLetter
+
+FRESHNESS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                       60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+BATCH_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0)
+MAX_REASONS = 100
+"""Distinct ``reason`` label values a worker keeps; later ones are counted as ``other``."""
+
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]{0,39}):")
+_LABEL = re.compile(r"[^A-Za-z0-9_. -]")
+
+
+def reason_class(letter: DeadLetter | dict) -> str:
+    """A dead letter's reason as a small label: the field its reason starts with
+    (``event_time: ...`` -> ``event_time``), else the exception type behind it, else the
+    reason's first clause (``expected a JSON object, got str`` -> ``expected a JSON
+    object``), at most 40 characters."""
+    reason = letter.get("reason") if isinstance(letter, dict) else letter.reason
+    error_type = letter.get("error_type") if isinstance(letter, dict) else letter.error_type
+    reason = str(reason or "")
+    field = _FIELD.match(reason)
+    if field:
+        return field.group(1)
+    if error_type:
+        return _LABEL.sub("", str(error_type))[:40] or "unknown"
+    return _LABEL.sub("", reason.split(",")[0]).strip()[:40] or "unknown"
+
+
+class Series:
+    """One family of samples (counter, histogram or gauge of callables), each labelled
+    child's value held here; registered with ``registry``."""
+
+    def __init__(self, kind: str, name: str, documentation: str,
+                 labelnames: Sequence[str] = (), registry: CollectorRegistry | None = None,
+                 buckets: Sequence[float] = ()):
+        self.kind, self.name, self.documentation = kind, name, documentation
+        self.labelnames = tuple(labelnames)
+        self.buckets = tuple(buckets)
+        self._values: dict[tuple[str, ...], Any] = {}
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: object) -> _Child:
+        return _Child(self, tuple(str(v) for v in values))
+
+    def inc(self, amount: float = 1.0, key: tuple[str, ...] = ()) -> None:
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def observe(self, value: float, key: tuple[str, ...] = ()) -> None:
+        with self._lock:
+            counts = self._values.setdefault(key, [0] * (len(self.buckets) + 1) + [0.0])
+            counts[next((i for i, le in enumerate(self.buckets) if value <= le),
+                        len(self.buckets))] += 1
+            counts[-1] += value
+
+    def set_function(self, count: Callable[[], float], key: tuple[str, ...] = ()) -> None:
+        with self._lock:
+            self._values[key] = count
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            values = sorted(self._values.items())
+        if self.kind == "counter":
+            family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for key, value in values or ([((), 0.0)] if not self.labelnames else []):
+                family.add_metric(list(key), value)
+        elif self.kind == "histogram":
+            family = HistogramMetricFamily(self.name, self.documentation,
+                                           labels=self.labelnames)
+            empty = [0] * (len(self.buckets) + 1) + [0.0]
+            for key, counts in values or ([((), empty)] if not self.labelnames else []):
+                cumulative, running = [], 0
+                for le, n in zip([*map(str, self.buckets), "+Inf"], counts[:-1], strict=True):
+                    running += n
+                    cumulative.append((le, running))
+                family.add_metric(list(key), cumulative, counts[-1])
+        else:
+            family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for key, count in values:
+                try:
+                    family.add_metric(list(key), float(count()))
+                except Exception:  # a scrape shows the rest rather than failing
+                    continue
+        yield family
+
+
+class _Child:
+    """A labelled child of a :class:`Series`."""
+
+    def __init__(self, series: Series, key: tuple[str, ...]):
+        self.series, self.key = series, key
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.series.inc(amount, self.key)
+
+    def observe(self, value: float) -> None:
+        self.series.observe(value, self.key)
+
+    def set_function(self, count: Callable[[], float]) -> None:
+        self.series.set_function(count, self.key)
+
+
+class _Info:
+    def __init__(self, name: str, documentation: str, labels: dict[str, str],
+                 registry: CollectorRegistry):
+        self.name, self.documentation, self.values = name, documentation, labels
+        registry.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        yield InfoMetricFamily(self.name, self.documentation, value=self.values)
+
+
+def counter(name: str, documentation: str, labelnames: Sequence[str] = (),
+            registry: CollectorRegistry | None = None) -> Series:
+    return Series("counter", name, documentation, labelnames, registry)
+
+
+def histogram(name: str, documentation: str, labelnames: Sequence[str] = (),
+              registry: CollectorRegistry | None = None,
+              buckets: Sequence[float] = ()) -> Series:
+    return Series("histogram", name, documentation, labelnames, registry, buckets)
+
+
+def gauge(name: str, documentation: str, labelnames: Sequence[str] = (),
+          registry: CollectorRegistry | None = None) -> Series:
+    return Series("gauge", name, documentation, labelnames, registry)
+
+
+class WorkerMetrics:
+    """One worker's metrics (see the module docstring); a registry of its own, so several
+    apps in one process (tests) never clash."""
+
+    def __init__(self, worker: str = "", app_id: str = ""):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.freshness = histogram(
+            "ppm_freshness_seconds", "Item event arrival to its vector readable online",
+            buckets=FRESHNESS_BUCKETS_S, registry=r)
+        self.items_embedded = counter(
+            "ppm_items_embedded", "Items whose vector was written online", registry=r)
+        self.image_errors = counter(
+            "ppm_item_image_errors", "Items embedded without a usable photo", registry=r)
+        self.records = counter("ppm_records", "Kafka records read", ["topic"], registry=r)
+        self.events = counter("ppm_events", "Events admitted", ["kind"], registry=r)
+        self.dead_letters = counter(
+            "ppm_dead_letters", "Dead letters sent, by reason class",
+            ["topic", "stage", "reason"], registry=r)
+        self.retries = counter(
+            "ppm_retries", "Writes retried because the store or broker was unreachable",
+            ["kind"], registry=r)
+        self.outages = counter(
+            "ppm_outages", "Writes that failed at least once because the store or broker "
+            "was unreachable", ["kind"], registry=r)
+        self.sequences_written = counter(
+            "ppm_sequences_written", "User sequences written online", registry=r)
+        self.windows_closed = counter(
+            "ppm_windows_closed", "Training windows closed", ["partition"], registry=r)
+        self.samples_logged = counter(
+            "ppm_samples_logged", "Labelled samples in closed training windows", registry=r)
+        self.batch_seconds = histogram(
+            "ppm_batch_seconds", "Processing time of one batch", ["lane"],
+            buckets=BATCH_BUCKETS_S, registry=r)
+        self.unacknowledged = gauge(
+            "ppm_unacknowledged_records", "Records held until their writes are durable",
+            ["lane"], registry=r)
+        _Info("ppm_worker", "The worker", {"worker": worker, "app_id": app_id}, registry=r)
+        self._reasons: set[str] = set()
+
+    def dead_letter(self, topic: str, letter: DeadLetter) -> None:
+        reason = reason_class(letter)
+        if reason not in self._reasons:
+            if len(self._reasons) >= MAX_REASONS:
+                reason = "other"
+            self._reasons.add(reason)
+        self.dead_letters.labels(topic, letter.stage, reason).inc()
+
+    def retried(self, kind: str, attempt: int) -> None:
+        """A write of ``kind`` failed for the ``attempt``-th time (from 1) and is retried."""
+        label = kind.replace(" ", "_")
+        self.retries.labels(label).inc()
+        if attempt == 1:
+            self.outages.labels(label).inc()
+
+    def held(self, lane: str, count: Callable[[], float]) -> None:
+        """Report ``count()`` as the lane's unacknowledged records at each scrape."""
+        self.unacknowledged.labels(lane).set_function(count)
+
+    def attach_faust(self, app: Any) -> None:
+        """Make Faust's Prometheus sensor the app's monitor, recording into this registry
+        (before the worker starts)."""
+        from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
+
+        app.monitor = PrometheusMonitor(metrics=FaustMetrics.create(self.registry, "ppm_faust"))
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format (what ``/metrics`` answers)."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> tuple[Any, str]:
+        """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread; returns
+        the server and its URL."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        bound_host, bound_port = server.server_address[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        return server, f"http://{shown}:{bound_port}/metrics"
+
+
+def write_endpoint(path: Path, worker: str, url: str) -> None:
+    """Record where a worker serves its metrics (``DataDir.worker_metrics``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps({"worker": worker, "url": url,
+                                       "pid": os.getpid()}).encode())
+
+
+def read_endpoints(metrics_dir: Path) -> list[dict]:
+    """Every endpoint file under ``metrics_dir`` (workers that stopped cleanly removed
+    theirs; one that was killed leaves its file, which a probe finds unanswered)."""
+    out = []
+    for path in sorted(Path(metrics_dir).glob("*.json")):
+        try:
+            out.append(json.loads(path.read_bytes()))
+        except (OSError, ValueError):  # removed or being replaced right now
+            continue
+    return out
+
+
+def scrape(url: str, timeout_s: float = 1.0) -> dict[str, float] | None:
+    """``{"name{labels}": value}`` of the samples an endpoint serves; None when it does
+    not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out

@@ -1,0 +1,217 @@
+"""The scoring server (``trainer/serving/http_server.py``) under hostile clients, over real
+sockets to a real uvicorn: every bad request gets its 4xx (or, for a client that stalls, a
+408 and a closed connection at the timeout), and the server keeps answering others."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+
+import pytest
+
+from ppm.config import ServingConfig
+from trainer.serving.http_server import BackgroundServer, make_app
+from trainer.serving.ranker import RankResult
+
+LIMITS = ServingConfig(max_candidates=5, max_body_bytes=300_000, request_timeout_s=1.5,
+                       keep_alive_s=1)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.down = False
+
+    def read_sequences(self, user_ids):
+        if self.down:
+            raise ConnectionError("store unreachable")
+        return {}
+
+
+class Echo:
+    """A ranker without a model: scores are the candidates' positions; the user id
+    "boom" raises, as a bug in scoring would."""
+
+    def __init__(self, model_version: str | None = "v-test"):
+        self.model_version = model_version
+        self.counters = {"requests": 0, "reloads": 1}
+        self.store = FakeStore()
+
+    def rank(self, user_id, item_ids):
+        if self.model_version is None:
+            raise RuntimeError("no champion model yet")
+        if user_id == "boom":
+            raise KeyError("a bug")
+        self.counters["requests"] += 1
+        return RankResult(list(item_ids), {"click": [1.0 / (k + 1) for k in
+                                                     range(len(item_ids))]}, "v-test",
+                          {"item_embedding": 1})
+
+
+@pytest.fixture(scope="module")
+def server():
+    ranker = Echo()
+    with BackgroundServer(make_app(ranker, LIMITS), LIMITS) as running:
+        running.ranker = ranker
+        yield running
+
+
+def request(server, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None) -> tuple[int, dict]:
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, body, {"Content-Type": "application/json",
+                                          **(headers or {})})
+        reply = conn.getresponse()
+        data = reply.read()
+        return reply.status, json.loads(data) if data.startswith(b"{") else {"raw": data}
+    finally:
+        conn.close()
+
+
+def rank(server, body) -> tuple[int, dict]:
+    return request(server, "POST", "/rank",
+                   body if isinstance(body, bytes) else json.dumps(body).encode())
+
+
+def raw(server, data: bytes, wait_s: float = 10) -> bytes:
+    """Send ``data`` on a fresh connection and return everything the server sends back
+    until it closes the connection (or ``wait_s`` passes)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except TimeoutError:
+            out += b"<still open>"
+        return out
+
+
+def answers(server) -> bool:
+    status, reply = rank(server, {"user_id": "u", "item_ids": ["a", "b"]})
+    return status == 200 and [i["item_id"] for i in reply["items"]] == ["a", "b"]
+
+
+def test_a_good_request_is_ranked(server):
+    status, reply = rank(server, {"user_id": "u", "item_ids": ["a", "b", "c"]})
+    assert status == 200
+    assert [i["item_id"] for i in reply["items"]] == ["a", "b", "c"]
+    assert reply["items"][0]["click"] == 1.0 and reply["model_version"] == "v-test"
+
+
+@pytest.mark.parametrize(("body", "status", "says"), [
+    (b'{"user_id": "u", "item_ids": [', 400, "malformed JSON"),
+    (b'\xff\xfe{"user_id": 1}', 400, ""),
+    (b"[" * 100_000 + b"]" * 100_000, 400, ""),  # nested deep: refused, not a crash
+    ({"user_id": 7, "item_ids": ["a"]}, 422, "user_id"),
+    ({"user_id": "u", "item_ids": "a"}, 422, "item_ids"),
+    ({"user_id": "u", "item_ids": ["a", 3]}, 422, "item_ids"),
+    ({"item_ids": ["a"]}, 422, "user_id"),
+    ({"user_id": "u", "item_ids": ["a"], "extra": 1}, 422, "extra"),
+    ({"user_id": "u", "item_ids": list("abcdef")}, 422, "at most 5 candidates"),
+    ({"user_id": "", "item_ids": ["a"]}, 422, "user_id"),
+    (b'{"user_id": "\\ud800", "item_ids": ["a"]}', 422, "valid string"),
+    (b'{"user_id": "u", "item_ids": ["\\udfff"]}', 422, "valid string"),
+])
+def test_each_bad_request_gets_its_4xx_and_the_server_goes_on(server, body, status, says):
+    got, reply = rank(server, body)
+    assert got == status, reply
+    assert says in reply["error"]
+    assert answers(server)
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read(server):
+    status, reply = rank(server, {"user_id": "u", "item_ids": ["x" * 300_001]})
+    assert status == 413 and "300000 bytes" in reply["error"]
+    # Chunked, with no Content-Length: refused once the bytes pass the cap.
+    chunk = b'{"user_id": "u", "item_ids": ["' + b"x" * 300_001 + b'"]}'
+    reply = raw(server, b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(chunk):x}".encode() + b"\r\n"
+                + chunk + b"\r\n0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert answers(server)
+
+
+def test_a_content_length_that_lies_gets_an_answer(server):
+    # Not a number: the parser refuses it.
+    assert raw(server, b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n{}"
+               ).startswith(b"HTTP/1.1 400")
+    # Longer than the body: the server waits for the rest until the request timeout, then
+    # answers 408 and closes.
+    started = time.monotonic()
+    reply = raw(server, b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 500\r\n\r\n" + b'{"user_id": "u"}')
+    assert reply.startswith(b"HTTP/1.1 408") and b"<still open>" not in reply
+    assert LIMITS.request_timeout_s - 0.2 <= time.monotonic() - started < 8
+    # Shorter than the body: the request is the truncated JSON (400); the rest is garbage.
+    body = b'{"user_id": "u", "item_ids": ["a"]}'
+    reply = raw(server, b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 10\r\n\r\n" + body)
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert answers(server)
+
+
+def test_a_slow_client_is_cut_off_at_the_timeout_while_others_are_answered(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    slow = [socket.create_connection((host, int(port)), timeout=10) for _ in range(20)]
+    try:
+        for sock in slow:  # headers begun, never finished
+            sock.sendall(b"POST /rank HTTP/1.1\r\nHost: t\r\n")
+        assert answers(server)  # the stalled ones hold nothing others need
+        for sock in slow:
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408"), reply
+    finally:
+        for sock in slow:
+            sock.close()
+    assert answers(server)
+
+
+def test_a_failure_inside_scoring_is_a_500_with_a_json_body(server):
+    status, reply = rank(server, {"user_id": "boom", "item_ids": ["a"]})
+    assert status == 500 and reply["error"] == "internal error: KeyError"
+    assert answers(server)
+
+
+def test_unknown_paths_and_methods_are_4xx_json(server):
+    assert request(server, "GET", "/nope")[0] == 404
+    status, reply = request(server, "GET", "/rank")
+    assert status == 405 and "error" in reply
+
+
+def test_health_ready_and_metrics(server):
+    status, health = request(server, "GET", "/health")
+    assert status == 200 and health["model_version"] == "v-test"
+    assert request(server, "GET", "/ready") == (200, {"ready": True, "model_version": "v-test"})
+    server.ranker.store.down = True
+    try:
+        status, reply = request(server, "GET", "/ready")
+        assert status == 503 and "store unreachable" in reply["reason"]
+    finally:
+        server.ranker.store.down = False
+    assert answers(server)
+    status, reply = request(server, "GET", "/metrics")
+    text = reply["raw"].decode()
+    assert status == 200
+    for series in ("ppm_scoring_requests_total", "ppm_scoring_latency_seconds_bucket",
+                   "ppm_scoring_candidates_bucket", "ppm_scoring_missing_features_total",
+                   "ppm_scoring_model_reloads_total", "ppm_scoring_item_cache_total",
+                   'ppm_scoring_model_info{version="v-test"}'):
+        assert series in text, series
+    ok = next(line for line in text.splitlines()
+              if line.startswith('ppm_scoring_requests_total{status="200"}'))
+    assert float(ok.split()[-1]) >= 1
+
+
+def test_without_a_model_rank_and_ready_are_503():
+    with BackgroundServer(make_app(Echo(model_version=None), LIMITS), LIMITS) as server:
+        status, reply = rank(server, {"user_id": "u", "item_ids": ["a"]})
+        assert status == 503 and "no champion" in reply["error"]
+        status, reply = request(server, "GET", "/ready")
+        assert status == 503 and reply["ready"] is False
