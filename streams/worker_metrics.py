@@ -29,11 +29,8 @@ Series (``_total`` is added to counters on exposition):
 * ``ppm_unacknowledged_records{lane}`` (gauge): records held until their writes are durable;
 * ``ppm_worker_info{worker,app_id}``.
 
-Our series keep their values in this object (:class:`Series`, a prometheus_client
-collector), not in prometheus_client's metric classes: Feast sets ``PROMETHEUS_MULTIPROC_DIR``
-when imported, and in a process where it was imported first those keep their values in files
-shared by every metric of the same name, so two workers' metrics in one process (tests)
-would add up.
+Our series keep their values in the worker (``ppm.metrics``, which says why not in
+prometheus_client's metric classes).
 """
 
 from __future__ import annotations
@@ -41,21 +38,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-)
+from prometheus_client.core import InfoMetricFamily
 
 from ppm.atomic_file import write_atomically
 from ppm.events import DeadLetter
+from ppm.metrics import counter, gauge, histogram
 
 FRESHNESS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                        60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -84,82 +76,6 @@ def reason_class(letter: DeadLetter | dict) -> str:
     return _LABEL.sub("", reason.split(",")[0]).strip()[:40] or "unknown"
 
 
-class Series:
-    """One family of samples (counter, histogram or gauge of callables), each labelled
-    child's value held here; registered with ``registry``."""
-
-    def __init__(self, kind: str, name: str, documentation: str,
-                 labelnames: Sequence[str] = (), registry: CollectorRegistry | None = None,
-                 buckets: Sequence[float] = ()):
-        self.kind, self.name, self.documentation = kind, name, documentation
-        self.labelnames = tuple(labelnames)
-        self.buckets = tuple(buckets)
-        self._values: dict[tuple[str, ...], Any] = {}
-        self._lock = threading.Lock()
-        if registry is not None:
-            registry.register(self)
-
-    def labels(self, *values: object) -> _Child:
-        return _Child(self, tuple(str(v) for v in values))
-
-    def inc(self, amount: float = 1.0, key: tuple[str, ...] = ()) -> None:
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def observe(self, value: float, key: tuple[str, ...] = ()) -> None:
-        with self._lock:
-            counts = self._values.setdefault(key, [0] * (len(self.buckets) + 1) + [0.0])
-            counts[next((i for i, le in enumerate(self.buckets) if value <= le),
-                        len(self.buckets))] += 1
-            counts[-1] += value
-
-    def set_function(self, count: Callable[[], float], key: tuple[str, ...] = ()) -> None:
-        with self._lock:
-            self._values[key] = count
-
-    def collect(self) -> Iterator[Any]:
-        with self._lock:
-            values = sorted(self._values.items())
-        if self.kind == "counter":
-            family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-            for key, value in values or ([((), 0.0)] if not self.labelnames else []):
-                family.add_metric(list(key), value)
-        elif self.kind == "histogram":
-            family = HistogramMetricFamily(self.name, self.documentation,
-                                           labels=self.labelnames)
-            empty = [0] * (len(self.buckets) + 1) + [0.0]
-            for key, counts in values or ([((), empty)] if not self.labelnames else []):
-                cumulative, running = [], 0
-                for le, n in zip([*map(str, self.buckets), "+Inf"], counts[:-1], strict=True):
-                    running += n
-                    cumulative.append((le, running))
-                family.add_metric(list(key), cumulative, counts[-1])
-        else:
-            family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-            for key, count in values:
-                try:
-                    family.add_metric(list(key), float(count()))
-                except Exception:  # a scrape shows the rest rather than failing
-                    continue
-        yield family
-
-
-class _Child:
-    """A labelled child of a :class:`Series`."""
-
-    def __init__(self, series: Series, key: tuple[str, ...]):
-        self.series, self.key = series, key
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.series.inc(amount, self.key)
-
-    def observe(self, value: float) -> None:
-        self.series.observe(value, self.key)
-
-    def set_function(self, count: Callable[[], float]) -> None:
-        self.series.set_function(count, self.key)
-
-
 class _Info:
     def __init__(self, name: str, documentation: str, labels: dict[str, str],
                  registry: CollectorRegistry):
@@ -168,22 +84,6 @@ class _Info:
 
     def collect(self) -> Iterator[Any]:
         yield InfoMetricFamily(self.name, self.documentation, value=self.values)
-
-
-def counter(name: str, documentation: str, labelnames: Sequence[str] = (),
-            registry: CollectorRegistry | None = None) -> Series:
-    return Series("counter", name, documentation, labelnames, registry)
-
-
-def histogram(name: str, documentation: str, labelnames: Sequence[str] = (),
-              registry: CollectorRegistry | None = None,
-              buckets: Sequence[float] = ()) -> Series:
-    return Series("histogram", name, documentation, labelnames, registry, buckets)
-
-
-def gauge(name: str, documentation: str, labelnames: Sequence[str] = (),
-          registry: CollectorRegistry | None = None) -> Series:
-    return Series("gauge", name, documentation, labelnames, registry)
 
 
 class WorkerMetrics:

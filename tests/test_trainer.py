@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -269,6 +270,13 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
         assert bad.value.code == 422
         ready = json.loads(urllib.request.urlopen(f"{base}/ready", timeout=10).read())
         assert ready == {"ready": True, "model_version": version.name}
+        metrics = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+        assert f'ppm_scoring_model_info{{version="{version.name}"}} 1.0' in metrics
+        assert 'ppm_scoring_requests_total{status="200"} 1.0' in metrics
+        assert 'ppm_scoring_requests_total{status="422"} 1.0' in metrics
+        assert "ppm_scoring_latency_seconds_count 1.0" in metrics
+        misses = re.search(r'ppm_scoring_item_cache_total\{result="miss"\} (\S+)', metrics)
+        assert misses and float(misses.group(1)) > 0  # the ranker's own reads
 
 
 @pytest.mark.slow

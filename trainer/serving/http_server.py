@@ -41,8 +41,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
-    Counter,
-    Histogram,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -53,6 +51,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors import Multiprocess
 
 from ppm.config import Config, ServingConfig
+from ppm.metrics import counter, histogram
 from trainer.serving.ranker import Ranker
 
 CONFIG_ENV = "PPM_SERVE_CONFIG"
@@ -145,14 +144,14 @@ def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
     app = FastAPI(title="ppm-stream scoring", version="1")
     app.state.ranker = ranker
     registry = CollectorRegistry()
-    requests = Counter("ppm_scoring_requests", "Scoring requests answered, by status",
+    requests = counter("ppm_scoring_requests", "Scoring requests answered, by status",
                        ["status"], registry=registry)
-    latency = Histogram("ppm_scoring_latency_seconds", "Time to rank one request (read, "
+    latency = histogram("ppm_scoring_latency_seconds", "Time to rank one request (read, "
                         "build, forward), excluding HTTP", registry=registry,
                         buckets=(.002, .005, .01, .015, .02, .03, .05, .075, .1, .2, .5, 1, 5))
-    candidates = Histogram("ppm_scoring_candidates", "Candidates per ranked request",
+    candidates = histogram("ppm_scoring_candidates", "Candidates per ranked request",
                            registry=registry, buckets=(1, 10, 50, 100, 200, 500, 1000, 10_000))
-    missing = Counter("ppm_scoring_missing_features", "Features missing or stale at "
+    missing = counter("ppm_scoring_missing_features", "Features missing or stale at "
                       "scoring, by kind", ["feature"], registry=registry)
     registry.register(_RankerCollector(ranker))
 
