@@ -1,11 +1,12 @@
-"""Online reads of one feature view through the online store's own ``online_read``.
+"""Online reads of feature views without ``FeatureStore.get_online_features``.
 
 ``FeatureStore.get_online_features`` is the general path: it resolves feature references
 against the registry, joins several views, and builds a response that ``to_dict`` converts
-value by value. ppm reads one view at a time with string keys and knows its fields, so the
-per-request serving path reads through the provider's ``online_read`` (the call
-``get_online_features`` itself ends in) and converts the values once, here. Two things that
-path costs are avoided:
+value by value. ppm reads views with string keys and knows their fields, so its reads go
+through the provider's ``online_read`` (the call ``get_online_features`` itself ends in;
+Redis and any other store) or, for Feast's SQLite store, one SQL query on Feast's own
+tables (its private ``_table_id`` and connection: the same tables and key encoding), and
+convert the values once, here. Two things the SDK path costs are avoided:
 
 * Feast's SQLite store reads *every* feature of a view and parses each value, whatever was
   requested: a read of an item's embedding metadata also pulls its 1,664-float vector. For
@@ -14,7 +15,10 @@ path costs are avoided:
 * The response's per-value conversion to Python objects (a float vector becomes a list of
   Python floats): float lists come back as float32 arrays.
 
-``tests/test_features.py`` checks that both paths return the same values.
+``tests/test_features.py`` (SQLite) and ``tests/integration/test_servers.py`` (Redis)
+check that both paths return the same values. Views are looked up in the registry once per
+reader: a view re-applied with ``enable_online_feature_view_versioning`` needs a new reader
+(``OnlineFeatures.open``).
 """
 
 from __future__ import annotations
@@ -28,18 +32,18 @@ from feast.infra.online_stores.sqlite import SqliteOnlineStore, _quote_id, _tabl
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-_LISTS = {"float_list_val", "double_list_val"}
+_ARRAYS = {"float_list_val": np.float32, "double_list_val": np.float64}
 
 
 def _python(value: ValueProto):
-    """A stored value as Python: None when unset, float32 arrays for float lists, lists for
-    other lists."""
+    """A stored value as Python: None when unset, arrays for float (float32) and double
+    (float64) lists, lists for other lists."""
     kind = value.WhichOneof("val")
     if kind is None or kind == "null_val":
         return None
     got = getattr(value, kind)
-    if kind in _LISTS:
-        return np.array(got.val, dtype=np.float32)
+    if kind in _ARRAYS:
+        return np.array(got.val, dtype=_ARRAYS[kind])
     if kind.endswith("_list_val"):
         return list(got.val)
     return got

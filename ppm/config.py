@@ -17,6 +17,7 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -187,8 +188,9 @@ class FeatureStoreConfig(_Section):
     serving_cache_items: int = Field(100_000, ge=1)
     """Most items the ranker's cache holds; the least recently fetched go first."""
     online_reads: OnlineReads = "direct"
-    """How reads reach the online store: ``direct`` through the store's own ``online_read``,
-    one view at a time and only the requested fields (``feature_repo.online_reader``);
+    """How reads reach the online store: ``direct`` through the store's own ``online_read``
+    (for SQLite, one query on Feast's tables) and only the requested fields
+    (``feature_repo.online_reader``);
     ``feast`` through ``FeatureStore.get_online_features`` (the general SDK path, slower;
     kept as the reference the direct path is tested and benchmarked against)."""
 
@@ -513,9 +515,21 @@ class RedisConfig(_Section):
         db = parts.path.strip("/")
         if db and not db.isdigit():
             raise ValueError(f"the database of a Redis URL is a number: {value!r}")
-        if "," in (parts.password or "") + (parts.username or ""):
-            raise ValueError("a Redis password or user name with a comma cannot be given to "
-                             "Feast's connection string")
+        if ":" in parts.hostname:
+            raise ValueError(f"an IPv6 Redis host cannot be given to Feast's connection "
+                             f"string (host:port,...); use a name or an IPv4 address: {value!r}")
+        for what, text in (("user name", parts.username), ("password", parts.password)):
+            text = unquote(text or "")
+            if "," in text or "=" in text:
+                raise ValueError(f"a Redis {what} with ',' or '=' cannot be given to Feast's "
+                                 "connection string")
+            try:  # Feast reads each value as JSON first: "null" would mean no password
+                parsed = json.loads(text)
+            except ValueError:
+                continue
+            if type(parsed) is not int:  # an int is sent back as the same digits
+                raise ValueError(f"a Redis {what} that reads as a JSON value ({text[:1]}...) "
+                                 "is not passed as text by Feast's connection string")
         return value.strip()
 
     def feast_connection_string(self) -> str:

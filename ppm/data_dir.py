@@ -66,11 +66,11 @@ class DataDir:
 
     def holds_run(self) -> bool:
         """Whether anything has been streamed, imported or trained here: the local
-        runner's summary, a training log (the runner's or a Faust worker's), the Feast
-        store or a model registry exists. Commands that only read a run refuse a directory
-        without one (a mistyped ``--data-dir``) instead of creating an empty store there.
-        Reads the disk."""
-        return any(p.exists() for p in (self.summary, self.training, self.feast_repo,
+        runner's summary, a training log (the runner's or a Faust worker's), the item log
+        or a model registry exists. Not the Feast folder alone: opening the store (``ppm
+        serve`` on a mistyped dir) creates it. Commands that only read a run refuse a
+        directory without one instead of creating an empty store there. Reads the disk."""
+        return any(p.exists() for p in (self.summary, self.training, self.item_log,
                                         self.registry_dir))
 
     # ------------------------------------------------------------------ feature store

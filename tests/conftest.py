@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from ppm.config import Config
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_from_the_shell(monkeypatch):
+    """Each test sees only the settings it makes: a developer's shell may export
+    ``PPM__...`` variables (``source .run/env`` sets ``PPM__REDIS__URL``, which would send
+    every store to their Redis) or ``PPM_CONFIG``. The servers fixture reads its
+    ``PPM__KAFKA__BOOTSTRAP``/``PPM__REDIS__URL`` before this runs (session scope first)."""
+    for name in list(os.environ):
+        if name.startswith("PPM__") or name == "PPM_CONFIG":
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

@@ -252,6 +252,7 @@ def test_redis_down_is_one_line(tmp_path, monkeypatch, capsys):
     from ppm.config import Config
 
     OnlineFeatures.open(Config(data_dir=tmp_path))  # the registry (a file either way)
+    DataDir(tmp_path).training.mkdir()  # a run
     monkeypatch.setenv("PPM__REDIS__URL", "redis://127.0.0.1:1/0")  # nothing listens there
     assert main(["--data-dir", str(tmp_path), "features", "get", "--item", "i1"]) == 1
     line = one_error_line(capsys.readouterr().err, "features get")
@@ -279,7 +280,7 @@ def test_debug_shows_the_traceback_and_the_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [
-    ["status"], ["features", "get", "--item", "i1"], ["eval"], ["project"],
+    ["features", "get", "--item", "i1"], ["eval"], ["project"],
     ["experiment", "staleness"], ["experiment", "ablation"], ["train"], ["train", "--batch"]])
 def test_a_read_command_refuses_a_dir_without_a_run(tmp_path, capsys, command):
     name = " ".join(w for w in command if not w.startswith("-") and w != "i1")
@@ -303,6 +304,7 @@ def test_features_get_imports_neither_torch_nor_transformers(tmp_path):
 
     store = OnlineFeatures.open(Config(data_dir=tmp_path))
     store.write_item_profiles([ItemState("i1", "sneaker", "b1", "s1", 3, 10**15, 10**15)])
+    DataDir(tmp_path).training.mkdir()  # a run
     code = (
         "import sys\n"
         "from ppm.cli.commands import main\n"

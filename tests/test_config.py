@@ -229,3 +229,22 @@ def test_the_redis_address_is_one_url_in_the_config():
 def test_a_redis_address_that_is_not_a_redis_url_is_refused(url):
     with pytest.raises(ValidationError, match="redis"):
         load_config(env={"PPM__REDIS__URL": url})
+
+
+@pytest.mark.parametrize("url", ["redis://:p%2Cw@h/0", "redis://[::1]:6379/0",
+                                 "redis://:null@h/0", "redis://:true@h/0", "redis://:1.50@h/0",
+                                 "redis://u%3Dx:pw@h/0"])
+def test_a_redis_url_feast_would_misread_is_refused(url):
+    from ppm.config import RedisConfig
+
+    with pytest.raises(ValueError):
+        RedisConfig(url=url)
+
+
+def test_a_redis_url_becomes_feasts_connection_string():
+    from ppm.config import RedisConfig
+
+    assert RedisConfig(url="rediss://u:pa%40ss@cache:7000/3").feast_connection_string() == (
+        "cache:7000,db=3,username=u,password=pa@ss,ssl=true")
+    assert RedisConfig(url="redis://:123@h/0").feast_connection_string() == (
+        "h:6379,db=0,password=123")

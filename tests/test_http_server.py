@@ -13,7 +13,7 @@ import pytest
 
 from ppm.config import ServingConfig
 from trainer.serving.http_server import BackgroundServer, make_app
-from trainer.serving.ranker import RankResult
+from trainer.serving.ranker import NoChampionError, RankResult
 
 LIMITS = ServingConfig(max_candidates=5, max_body_bytes=300_000, request_timeout_s=1.5,
                        keep_alive_s=1)
@@ -30,19 +30,27 @@ class FakeStore:
 
 
 class Echo:
-    """A ranker without a model: scores are the candidates' positions; the user id
-    "boom" raises, as a bug in scoring would."""
+    """A ranker without a model: scores are the candidates' positions; the user ids
+    "boom" and "torch" raise, as a bug in scoring would, and "slow" takes longer than the
+    request timeout."""
 
     def __init__(self, model_version: str | None = "v-test"):
         self.model_version = model_version
         self.counters = {"requests": 0, "reloads": 1}
         self.store = FakeStore()
 
+    def maybe_reload(self) -> None:
+        pass
+
     def rank(self, user_id, item_ids):
         if self.model_version is None:
-            raise RuntimeError("no champion model yet")
+            raise NoChampionError("no champion model yet")
         if user_id == "boom":
             raise KeyError("a bug")
+        if user_id == "torch":  # a RuntimeError that is not "no model": a 500, not a 503
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        if user_id == "slow":
+            time.sleep(LIMITS.request_timeout_s + 0.5)
         self.counters["requests"] += 1
         return RankResult(list(item_ids), {"click": [1.0 / (k + 1) for k in
                                                      range(len(item_ids))]}, "v-test",
@@ -127,6 +135,12 @@ def test_each_bad_request_gets_its_4xx_and_the_server_goes_on(server, body, stat
 def test_a_body_over_the_cap_is_refused_before_it_is_read(server):
     status, reply = rank(server, {"user_id": "u", "item_ids": ["x" * 300_001]})
     assert status == 413 and "300000 bytes" in reply["error"]
+    # By its Content-Length: answered at once, the connection closed, the body never read.
+    started = time.monotonic()
+    reply = raw(server, b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 300001\r\n\r\n{")
+    assert reply.startswith(b"HTTP/1.1 413") and reply.count(b"HTTP/1.1") == 1
+    assert time.monotonic() - started < 1
     # Chunked, with no Content-Length: refused once the bytes pass the cap.
     chunk = b'{"user_id": "u", "item_ids": ["' + b"x" * 300_001 + b'"]}'
     reply = raw(server, b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -176,7 +190,48 @@ def test_a_slow_client_is_cut_off_at_the_timeout_while_others_are_answered(serve
 def test_a_failure_inside_scoring_is_a_500_with_a_json_body(server):
     status, reply = rank(server, {"user_id": "boom", "item_ids": ["a"]})
     assert status == 500 and reply["error"] == "internal error: KeyError"
+    status, reply = rank(server, {"user_id": "torch", "item_ids": ["a"]})
+    assert status == 500 and reply["error"] == "internal error: RuntimeError"  # no detail
     assert answers(server)
+
+
+def test_scoring_past_the_timeout_is_a_503(server):
+    started = time.monotonic()
+    status, reply = rank(server, {"user_id": "slow", "item_ids": ["a"]})
+    assert status == 503 and "1.5 s" in reply["error"]
+    assert time.monotonic() - started < LIMITS.request_timeout_s + 0.4
+    assert answers(server)
+
+
+def test_an_idle_keep_alive_connection_is_closed_without_an_answer():
+    # Keep-alive longer than the request timeout: idle is not a slow request.
+    limits = ServingConfig(request_timeout_s=1, keep_alive_s=3)
+    with BackgroundServer(make_app(Echo(), limits), limits) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        started = time.monotonic()
+        out = _one_request_then_idle(host, int(port))
+        assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1") == 1  # no 408
+        assert time.monotonic() - started >= 2.5  # closed by the keep-alive timeout
+
+
+def _one_request_then_idle(host: str, port: int) -> bytes:
+    body = json.dumps({"user_id": "u", "item_ids": ["a"]}).encode()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        out = b""
+        while chunk := sock.recv(65536):  # until the server closes the idle connection
+            out += chunk
+    return out
+
+
+def test_each_server_keeps_its_own_request_timeout(server):
+    slower = ServingConfig(request_timeout_s=30)
+    with BackgroundServer(make_app(Echo(), slower), slower):
+        started = time.monotonic()
+        reply = raw(server, b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\n{")
+        assert reply.startswith(b"HTTP/1.1 408")
+        assert time.monotonic() - started < LIMITS.request_timeout_s + 3
 
 
 def test_unknown_paths_and_methods_are_4xx_json(server):

@@ -88,7 +88,8 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
             order = rng.permutation(len(batches))
             batches = [batches[i] for i in order]
         losses = []
-        task_sums = torch.zeros(len(model.config.tasks))
+        task_sums = torch.zeros(len(model.config.tasks))  # BCE summed over present labels
+        task_counts = torch.zeros(len(model.config.tasks))  # present labels
         started = step_started = time.perf_counter()
         for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
                           leave=False):
@@ -103,9 +104,12 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
                 with torch.no_grad():
                     labels = batch["labels"].to(logits.dtype)
                     mask = batch.get("label_mask")
-                    task_sums += masked_task_losses(
-                        logits, labels, torch.ones_like(labels, dtype=torch.bool)
-                        if mask is None else mask.bool()).cpu()
+                    mask = (torch.ones_like(labels, dtype=torch.bool) if mask is None
+                            else mask.bool())
+                    # Summed per label, so a batch without a task's labels weighs nothing.
+                    task_sums += (masked_task_losses(logits, labels, mask)
+                                  * mask.sum(0)).cpu()
+                    task_counts += mask.sum(0).cpu()
                 now = time.perf_counter()
                 curves.log_step(epoch=epoch + 1, loss=losses[-1],
                                 lr=optimizer.param_groups[0]["lr"], samples=len(logits),
@@ -114,8 +118,9 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
         last = float(np.mean(losses)) if losses else float("nan")
         if curves is not None:
             curves.write("epoch", epoch=epoch + 1, step=curves.step, train_loss=last,
-                         train_task_losses={t: float(v) / max(len(losses), 1) for t, v in
-                                            zip(model.config.tasks, task_sums, strict=True)},
+                         train_task_losses={t: float(v) / max(float(n), 1.0) for t, v, n in
+                                            zip(model.config.tasks, task_sums, task_counts,
+                                                strict=True)},
                          seconds=time.perf_counter() - started)
         if after_epoch is not None and after_epoch(epoch + 1):
             break

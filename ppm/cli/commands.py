@@ -394,7 +394,9 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
 
     overrides = {k: getattr(args, k) for k in ("host", "port", "workers")
                  if getattr(args, k) is not None}
-    cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update=overrides)})
+    # Validated as a config file's values would be (--workers 0 is an error, not one worker).
+    serving = type(cfg.serving).model_validate({**cfg.serving.model_dump(), **overrides})
+    cfg = cfg.model_copy(update={"serving": serving})
     serve(cfg, args.variant or cfg.trainer.variant)
     return 0
 
@@ -970,12 +972,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-READS_RUN = frozenset({"status", "features get", "eval", "project", "experiment staleness",
+READS_RUN = frozenset({"features get", "eval", "project", "experiment staleness",
                        "experiment ablation"})
 """Commands that only read a run: they refuse a data dir that holds none (:func:`_require_run`).
-``ppm train`` checks after its usage errors. Not ``serve`` and ``train --follow``: services
-that wait for a run to appear (docker compose starts them beside a worker that has not
-written anything yet)."""
+``ppm train`` checks after its usage errors. Not ``status`` (Kafka's lag and dead letters
+matter most on a fresh deployment; it creates nothing), nor ``serve`` and ``train
+--follow``: services that wait for a run to appear (docker compose starts them beside a
+worker that has not written anything yet)."""
 
 
 class NoRunError(Exception):

@@ -11,15 +11,19 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 * ``GET /metrics``: Prometheus exposition (requests by status, latency, candidates, item
   cache hits and misses, missing features, model reloads, the served model's version).
 
-Every refused request gets a 4xx JSON body ``{"error": reason}``: malformed JSON or a body
-that is not UTF-8 (400), a missing field, a wrong type, too many candidates or an id that
-is not valid Unicode (422), a body over ``serving.max_body_bytes`` (413, before it is read).
-No model yet, too many requests in flight (uvicorn's ``limit_concurrency``) or scoring past
-``serving.request_timeout_s`` give 503. A client that does not send its whole request
-(headers and body) within ``serving.request_timeout_s`` gets a 408 and the connection is
-closed, so slow or lying clients (a ``Content-Length`` larger than the body) hold no worker;
-idle keep-alive connections close after ``serving.keep_alive_s``. Limits are the
-``[serving]`` section of the config.
+Every request the app refuses gets a 4xx JSON body ``{"error": reason}``: malformed JSON
+or a body that is not UTF-8 (400), a missing field, a wrong type, too many candidates or an
+id that is not valid Unicode (422), a body over ``serving.max_body_bytes`` (413, before it
+is read; the connection closes). No model yet or scoring past ``serving.request_timeout_s``
+give a JSON 503, any other failure inside scoring a JSON 500 without its details. A client
+that does not send its whole request (headers and body) within
+``serving.request_timeout_s`` gets a 408 and the connection is closed, so slow or lying
+clients (a ``Content-Length`` larger than the body) hold no worker; idle keep-alive
+connections close after ``serving.keep_alive_s``. Two answers come from uvicorn itself, as
+plain text and not counted in ``/metrics``: a 400 for a request that is not HTTP (e.g.
+``Content-Length: abc``) and a 503 past ``serving.max_concurrency`` requests in flight.
+Limits are the ``[serving]`` section of the config. With ``--workers N`` each process
+serves its own ``/metrics``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from uvicorn.supervisors import Multiprocess
 
 from ppm.config import Config, ServingConfig
 from ppm.metrics import counter, histogram
-from trainer.serving.ranker import Ranker
+from trainer.serving.ranker import NoChampionError, Ranker
 
 CONFIG_ENV = "PPM_SERVE_CONFIG"
 """The effective config (JSON) handed to each ``--workers`` process."""
@@ -122,7 +126,9 @@ class BodyCap:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             self.refused()
-            response = JSONResponse({"error": f"body over {self.max_bytes} bytes"}, 413)
+            # Closing the connection: the body that follows is not read.
+            response = JSONResponse({"error": f"body over {self.max_bytes} bytes"}, 413,
+                                    headers={"connection": "close"})
             return await response(scope, receive, send)
         received = 0
 
@@ -190,7 +196,7 @@ def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
             result = await asyncio.wait_for(
                 run_in_threadpool(ranker.rank, body.user_id, body.item_ids),
                 limits.request_timeout_s)
-        except RuntimeError as exc:  # no champion yet
+        except NoChampionError as exc:
             return error(503, str(exc))
         except TimeoutError:
             return error(503, f"scoring took over {limits.request_timeout_s} s")
@@ -212,6 +218,12 @@ def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        try:  # a champion promoted since the last request is loaded here, not on a /rank
+            await asyncio.wait_for(run_in_threadpool(ranker.maybe_reload),
+                                   limits.request_timeout_s)
+        except Exception as exc:  # any failure means not ready, with its reason
+            return JSONResponse({"ready": False, "reason": f"loading the champion: "
+                                 f"{type(exc).__name__}: {exc}"}, 503)
         if ranker.model_version is None:
             return JSONResponse({"ready": False, "reason": "no champion model yet"}, 503)
         try:  # one small read: the store answers
@@ -232,38 +244,56 @@ def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
 class DeadlineProtocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline on reading each request: uvicorn times out
     idle keep-alive connections but not a client that is slow to send its headers or body
-    (or whose ``Content-Length`` promises more than it sends). Past ``request_timeout_s``
-    (``serving.request_timeout_s``, set by :func:`serve`) such a connection gets a 408 and
-    is closed; a request whose body has arrived is bounded by the app's own timeout."""
+    (or whose ``Content-Length`` promises more than it sends). The clock starts at a new
+    connection and at the first bytes of each request; past ``request_timeout_s`` a request
+    still arriving gets a 408 and the connection is closed (a connection that sent nothing
+    is just closed). Once the whole request is in, the app's own timeout bounds the answer;
+    between requests, uvicorn's keep-alive timeout. :func:`server_config` makes a subclass
+    per timeout."""
 
     request_timeout_s = 10.0
     _deadline: asyncio.TimerHandle | None = None
+    _received = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None:  # the first bytes of a new request
+            self._arm()
+        self._received = True
+        super().data_received(data)
+
     def on_response_complete(self) -> None:
+        self._disarm()
+        self._received = bool(self.conn.trailing_data[0])
+        if self._received:  # part of a pipelined request is already here
+            self._arm()
         super().on_response_complete()
-        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._disarm()
         super().connection_lost(exc)
 
     def _arm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._disarm()
         self._deadline = self.loop.call_later(self.request_timeout_s, self._expire)
 
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
     def _expire(self) -> None:
+        self._deadline = None
         cycle = self.cycle
         if self.transport.is_closing():
             return
         if cycle is not None and not cycle.response_complete and not cycle.more_body:
             return  # the app has the whole request: its own timeout bounds the answer
-        if cycle is None or cycle.response_complete or not cycle.response_started:
+        answering = cycle is not None and cycle.response_started and not cycle.response_complete
+        if self._received and not answering:
             body = json.dumps({"error": f"request not received within "
                                f"{self.request_timeout_s} s"}).encode()
             self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: "
@@ -292,11 +322,13 @@ def serve(cfg: Config, variant: str) -> None:
                 f"{cfg.paths.registry(variant)}; /ready answers 503 until one is promoted)")
     print(f"serving {what} on http://{host}:{port} (POST /rank, GET /health, /ready, "
           "/metrics, /docs); Ctrl-C stops", file=sys.stderr, flush=True)
-    server = uvicorn.Server(config)
     if limits.workers > 1:
+        print("each worker process keeps its own /metrics: a scrape of the shared port "
+              "reaches one of them (one worker per port keeps Prometheus' counters whole)",
+              file=sys.stderr, flush=True)
         Multiprocess(config, sockets=[sock]).run()
     else:
-        server.run(sockets=[sock])
+        uvicorn.Server(config).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -331,7 +363,7 @@ def app_from_env() -> FastAPI:
     """The app of one server process: config and variant from the environment
     (:data:`CONFIG_ENV`, :data:`VARIANT_ENV`, set by :func:`serve`)."""
     cfg = Config.model_validate_json(os.environ[CONFIG_ENV])
-    DeadlineProtocol.request_timeout_s = cfg.serving.request_timeout_s  # a worker's own copy
+    DeadlineProtocol.request_timeout_s = cfg.serving.request_timeout_s  # this process's copy
     ranker = Ranker.from_config(cfg, os.environ.get(VARIANT_ENV) or cfg.trainer.variant)
     app = make_app(ranker, cfg.serving)
     # The loaded process (torch, Feast, the model) holds millions of objects that live as
@@ -345,10 +377,13 @@ def app_from_env() -> FastAPI:
 def server_config(app: FastAPI | str, limits: ServingConfig, host: str, port: int,
                   workers: int = 1) -> uvicorn.Config:
     """uvicorn's settings for ``app`` (or an import string of a factory, for workers)."""
-    DeadlineProtocol.request_timeout_s = limits.request_timeout_s
+    # Worker processes import the class by name (a subclass made here would not pickle);
+    # each sets its own copy's timeout (app_from_env).
+    http = DeadlineProtocol if workers > 1 else type(
+        "DeadlineProtocol", (DeadlineProtocol,), {"request_timeout_s": limits.request_timeout_s})
     return uvicorn.Config(
-        app, host=host, port=port, workers=workers, factory=isinstance(app, str),
-        http=DeadlineProtocol, timeout_keep_alive=int(max(1, limits.keep_alive_s)),
+        app, host=host, port=port, workers=workers, factory=isinstance(app, str), http=http,
+        timeout_keep_alive=int(max(1, limits.keep_alive_s)),
         limit_concurrency=limits.max_concurrency, log_level="warning", access_log=False,
         lifespan="off", ws="none", h11_max_incomplete_event_size=64 * 1024,
         # A worker loads torch, Feast and the model before it answers the supervisor's

@@ -46,6 +46,10 @@ from trainer.registry import Registry
 from trainer.serving.projection import projection_of
 
 
+class NoChampionError(RuntimeError):
+    """No model has been promoted in the ranker's registry yet."""
+
+
 @dataclass
 class RankResult:
     """Candidates in descending probability of the model's first task (click by default),
@@ -154,7 +158,7 @@ class Ranker:
         self._model: tuple[str, UnifiedRanker, str | None, str | None] | None = None
         self.counters = {"requests": 0, "reloads": 0, "plugin_outputs_read": 0,
                          "plugin_outputs_computed": 0}
-        self._maybe_reload(force=True)
+        self.maybe_reload(force=True)
 
     @classmethod
     def from_config(cls, cfg: Config, variant: str) -> Ranker:
@@ -169,7 +173,9 @@ class Ranker:
     def model_version(self) -> str | None:
         return None if self._model is None else self._model[0]
 
-    def _maybe_reload(self, force: bool = False) -> None:
+    def maybe_reload(self, force: bool = False) -> None:
+        """Load a newly promoted champion, looking at most every ``reload_every_s`` (every
+        ``rank`` calls this; so does the server's ``/ready``)."""
         now = time.monotonic()
         if not force and now - self._checked_at < self.reload_every_s:
             return
@@ -189,10 +195,10 @@ class Ranker:
 
     def rank(self, user_id: str, item_ids: Sequence[str], now: int | None = None) -> RankResult:
         """Score ``item_ids`` for ``user_id``; ``now`` (µs, default wall clock) judges
-        freshness. Raises RuntimeError when no model has been promoted yet."""
-        self._maybe_reload()
+        freshness. Raises :class:`NoChampionError` when no model has been promoted yet."""
+        self.maybe_reload()
         if self._model is None:
-            raise RuntimeError(f"no champion model in {self.registry.root} yet")
+            raise NoChampionError(f"no champion model in {self.registry.root} yet")
         version, model, encoder_version, projection = self._model  # this request's model
         self.counters["requests"] += 1
         item_ids = list(item_ids)
