@@ -324,6 +324,12 @@ class TrainerConfig(_Section):
     on the demo world): a much stricter tolerance rejects most steps on noise and freezes
     the champion. Chosen on validation: from the spread of one window's click AUC over
     windows before the test period, never from the test period's."""
+    metrics_host: str = "127.0.0.1"
+    """``ppm train --follow``: address its Prometheus ``/metrics`` listens on (steps,
+    promotions, click AUCs: ``trainer/training_metrics.py``; ``0.0.0.0`` in a container)."""
+    metrics_port: int = Field(0, ge=-1, le=65_535)
+    """``ppm train --follow``: port of its ``/metrics``; 0 (the default): a free one, printed
+    at start; -1: none."""
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     """torch threads for training; None: one per CPU core."""

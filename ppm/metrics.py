@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -114,3 +114,12 @@ def histogram(name: str, documentation: str, labelnames: Sequence[str] = (),
 def gauge(name: str, documentation: str, labelnames: Sequence[str] = (),
           registry: CollectorRegistry | None = None) -> Series:
     return Series("gauge", name, documentation, labelnames, registry)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> tuple[Any, str]:
+    """Serve ``registry`` as ``/metrics`` on ``host:port`` (0: a free port) from a daemon
+    thread; returns the server (``shutdown()`` stops it) and its URL."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    bound_host, bound_port = server.server_address[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return server, f"http://{shown}:{bound_port}/metrics"

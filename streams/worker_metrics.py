@@ -42,12 +42,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import InfoMetricFamily
 
 from ppm.atomic_file import write_atomically
 from ppm.events import DeadLetter
-from ppm.metrics import counter, gauge, histogram
+from ppm.metrics import counter, gauge, histogram, serve
 
 FRESHNESS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                        60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -158,10 +158,7 @@ class WorkerMetrics:
     def serve(self, host: str, port: int) -> tuple[Any, str]:
         """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread; returns
         the server and its URL."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        bound_host, bound_port = server.server_address[:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        return server, f"http://{shown}:{bound_port}/metrics"
+        return serve(self.registry, host, port)
 
 
 def write_endpoint(path: Path, worker: str, url: str) -> None:

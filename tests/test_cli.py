@@ -318,3 +318,33 @@ def test_features_get_imports_neither_torch_nor_transformers(tmp_path):
     *shown, heavy = out.stdout.strip().splitlines()
     assert json.loads("\n".join(shown))["items"]["i1"]["category"] == "sneaker"
     assert heavy == "[]"
+
+
+def test_train_follow_serves_its_metrics_and_records_each_step(tmp_path, monkeypatch, capsys):
+    import urllib.request
+    from types import SimpleNamespace
+
+    from trainer.train import IncrementalTrainer
+
+    seen = {}
+
+    def follow(self, poll_s, once, on_step, progress):  # one step, then stop
+        on_step(SimpleNamespace(promoted=True, candidate={"click": {"all": {"auc": 0.7}}},
+                                champion=None, version=SimpleNamespace(name="v000001"),
+                                eval_window="w", scored_by="candidate"))
+        seen["url"] = url_line(capsys.readouterr().err)
+        seen["metrics"] = urllib.request.urlopen(seen["url"], timeout=10).read().decode()
+        return 1
+
+    def url_line(err: str) -> str:
+        return next(line for line in err.splitlines()
+                    if line.startswith("training metrics at ")).split(" at ")[1]
+
+    monkeypatch.setattr(IncrementalTrainer, "follow", follow)
+    monkeypatch.setattr("trainer.train.describe", lambda result: "described")
+    DataDir(tmp_path).training.mkdir()
+    assert main(["--data-dir", str(tmp_path), "train", "--follow", "--variant", "idrec"]) == 0
+    assert seen["url"].startswith("http://127.0.0.1:")
+    assert 'ppm_training_steps_total{variant="idrec"} 1.0' in seen["metrics"]
+    assert 'ppm_training_promotions_total{variant="idrec"} 1.0' in seen["metrics"]
+    assert 'ppm_training_click_auc{model="candidate",variant="idrec"} 0.7' in seen["metrics"]

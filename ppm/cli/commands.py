@@ -65,7 +65,14 @@ def _stream(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
-    from trainer.train import IncrementalTrainer, describe, split_windows, train_batch, tune_batch
+    from trainer.train import (
+        IncrementalTrainer,
+        click_auc,
+        describe,
+        split_windows,
+        train_batch,
+        tune_batch,
+    )
 
     if args.threads:
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
@@ -92,6 +99,13 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.curves import CurveLog
 
     runs: list[CurveLog] = []
+    metrics = None
+    if args.follow and cfg.trainer.metrics_port >= 0:
+        from trainer.training_metrics import TrainingMetrics
+
+        metrics = TrainingMetrics()
+        _server, url = metrics.serve(cfg.trainer.metrics_host, cfg.trainer.metrics_port)
+        print(f"training metrics at {url}", file=sys.stderr, flush=True)
     for variant in args.variant or [cfg.trainer.variant]:
         trainer = IncrementalTrainer(cfg, variant=variant)
         trainer.curves = curves = CurveLog(trainer.registry.curves_path, variant)
@@ -127,9 +141,14 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
                               "chosen": (fitted.tuned or {}).get("chosen"), "promoted": True,
                               "curves": str(curves.path), "run": curves.run}))
         else:
-            steps = trainer.follow(poll_s=args.poll, once=not args.follow,
-                                   on_step=None if args.quiet else
-                                   lambda r: print(describe(r), file=sys.stderr, flush=True),
+            def on_step(result, variant=variant) -> None:
+                if metrics is not None:
+                    metrics.step(variant, result.promoted, click_auc(result.candidate),
+                                 click_auc(result.champion) if result.champion else None)
+                if not args.quiet:
+                    print(describe(result), file=sys.stderr, flush=True)
+
+            steps = trainer.follow(poll_s=args.poll, once=not args.follow, on_step=on_step,
                                    progress=not args.quiet)
             print(json.dumps({"variant": variant, "steps": steps,
                               "champion": getattr(trainer.registry.champion(), "name", None),
