@@ -257,8 +257,8 @@ class OnlineFeatures:
         out = {}
         for row, (item_id, item) in enumerate(items.items()):
             if data["embedding"][row] is not None and (
-                    data["encoder_version"][row], data["content_hash"][row]) == (
-                    item.state.encoder_version, item.state.content_hash):
+                    data["encoder_version"][row], data["content_hash"][row]
+            ) == item.state.vector_source:
                 out[item_id] = StoredItem(item.state, np.asarray(data["embedding"][row],
                                                                  dtype=np.float32),
                                           item.embedded_at_us, True)

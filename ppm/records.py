@@ -38,6 +38,13 @@ class ItemState:
     content_hash: str | None = None
     content_time_us: int | None = None
 
+    @property
+    def vector_source(self) -> tuple[str | None, str | None]:
+        """What the item's vector was computed from: ``(encoder_version, content_hash)``.
+        A vector derived from it (a frozen plug-in's output) is the item's only while
+        this is unchanged."""
+        return self.encoder_version, self.content_hash
+
 
 @dataclass(frozen=True)
 class UserSequence:

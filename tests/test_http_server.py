@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -37,6 +38,7 @@ class Echo:
     def __init__(self, model_version: str | None = "v-test"):
         self.model_version = model_version
         self.counters = {"requests": 0, "reloads": 1}
+        self.items = SimpleNamespace(counters={"hits": 0, "misses": 0})  # the item cache's
         self.store = FakeStore()
 
     def maybe_reload(self) -> None:

@@ -411,11 +411,9 @@ def _report_experiment(cfg: Config, name: str, result: dict, markdown_file: str 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.serving.http_server import serve
 
-    overrides = {k: getattr(args, k) for k in ("host", "port", "workers")
-                 if getattr(args, k) is not None}
     # Validated as a config file's values would be (--workers 0 is an error, not one worker).
-    serving = type(cfg.serving).model_validate({**cfg.serving.model_dump(), **overrides})
-    cfg = cfg.model_copy(update={"serving": serving})
+    cfg = cfg.with_values({f"serving.{k}": getattr(args, k) for k in ("host", "port", "workers")
+                           if getattr(args, k) is not None})
     serve(cfg, args.variant or cfg.trainer.variant)
     return 0
 

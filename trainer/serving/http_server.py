@@ -100,12 +100,12 @@ class _RankerCollector:
     def collect(self):
         cache = CounterMetricFamily("ppm_scoring_item_cache", "Item feature reads by the "
                                     "ranker's cache, by result", labels=["result"])
-        counters = getattr(getattr(self.ranker, "items", None), "counters", {})
-        cache.add_metric(["hit"], counters.get("hits", 0))
-        cache.add_metric(["miss"], counters.get("misses", 0))
+        counters = self.ranker.items.counters
+        cache.add_metric(["hit"], counters["hits"])
+        cache.add_metric(["miss"], counters["misses"])
         yield cache
         reloads = CounterMetricFamily("ppm_scoring_model_reloads", "Champion models loaded")
-        reloads.add_metric([], self.ranker.counters.get("reloads", 0))
+        reloads.add_metric([], self.ranker.counters["reloads"])
         yield reloads
         model = GaugeMetricFamily("ppm_scoring_model_info", "The model being served (1)",
                                   labels=["version"])
@@ -307,10 +307,13 @@ def serve(cfg: Config, variant: str) -> None:
     """Run the scoring server of ``cfg.serving`` (host, port, workers) until interrupted:
     ``variant``'s champion, features from ``cfg``'s online store."""
     limits = cfg.serving
-    os.environ[CONFIG_ENV] = cfg.model_dump_json()
-    os.environ[VARIANT_ENV] = variant
-    factory = f"{__name__}:app_from_env"
-    app: FastAPI | str = factory if limits.workers > 1 else app_from_env()
+    app: FastAPI | str
+    if limits.workers > 1:  # each worker process builds its own from the environment
+        os.environ[CONFIG_ENV] = cfg.model_dump_json()
+        os.environ[VARIANT_ENV] = variant
+        app = f"{__name__}:app_from_env"
+    else:
+        app = loaded_app(cfg, variant)
     config = server_config(app, limits, limits.host, limits.port, limits.workers)
     sock = config.bind_socket()  # bound here, so port 0 is known before serving
     host, port = sock.getsockname()[:2]
@@ -360,12 +363,17 @@ class BackgroundServer:
 
 
 def app_from_env() -> FastAPI:
-    """The app of one server process: config and variant from the environment
+    """The app of one ``--workers`` process: config and variant from the environment
     (:data:`CONFIG_ENV`, :data:`VARIANT_ENV`, set by :func:`serve`)."""
     cfg = Config.model_validate_json(os.environ[CONFIG_ENV])
     DeadlineProtocol.request_timeout_s = cfg.serving.request_timeout_s  # this process's copy
-    ranker = Ranker.from_config(cfg, os.environ.get(VARIANT_ENV) or cfg.trainer.variant)
-    app = make_app(ranker, cfg.serving)
+    return loaded_app(cfg, os.environ[VARIANT_ENV])
+
+
+def loaded_app(cfg: Config, variant: str) -> FastAPI:
+    """The scoring app of ``variant``'s champion, features from ``cfg``'s store, with the
+    process's loaded heap out of the collector's reach."""
+    app = make_app(Ranker.from_config(cfg, variant), cfg.serving)
     # The loaded process (torch, Feast, the model) holds millions of objects that live as
     # long as it does: out of the collector's reach, a full collection no longer stalls a
     # request for a third of a second (bench/serve.py).

@@ -103,8 +103,7 @@ class ItemCache:
         got = self._read(list(items), projection, True, lambda ids: (
             self.store.fetch_projections({i: items[i] for i in ids}, projection)))
         return {i: p for i, p in got.items()
-                if (p.state.encoder_version, p.state.content_hash) ==
-                (items[i].state.encoder_version, items[i].state.content_hash)}
+                if p.state.vector_source == items[i].state.vector_source}
 
     def _read(self, item_ids: Sequence[str], space: str | None, with_embeddings: bool,
               fetch) -> dict[str, StoredItem]:
