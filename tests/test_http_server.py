@@ -37,7 +37,8 @@ class Echo:
 
     def __init__(self, model_version: str | None = "v-test"):
         self.model_version = model_version
-        self.counters = {"requests": 0, "reloads": 1}
+        self.counters = {"requests": 0, "reloads": 1, "plugin_outputs_read": 0,
+                         "plugin_outputs_computed": 0, "plugin_output_write_errors": 0}
         self.items = SimpleNamespace(counters={"hits": 0, "misses": 0})  # the item cache's
         self.store = FakeStore()
 
@@ -259,6 +260,7 @@ def test_health_ready_and_metrics(server):
     for series in ("ppm_scoring_requests_total", "ppm_scoring_latency_seconds_bucket",
                    "ppm_scoring_candidates_bucket", "ppm_scoring_missing_features_total",
                    "ppm_scoring_model_reloads_total", "ppm_scoring_item_cache_total",
+                   'ppm_scoring_plugin_outputs_total{source="computed"}',
                    'ppm_scoring_model_info{version="v-test"}'):
         assert series in text, series
     ok = next(line for line in text.splitlines()

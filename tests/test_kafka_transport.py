@@ -68,3 +68,69 @@ def test_only_released_records_are_acknowledged():
     consumer.release(released)
     assert consumer.ack(released) is True
     assert dict(consumer._acked) == {tp: [1]}  # offset 0 is not counted as done
+
+
+def fetching_consumer(monkeypatch, records, during):
+    """A consumer whose Faust parts fetch ``records`` (running ``during[i]()`` just before
+    yielding record ``i``, the first time), seek every partition to offset 48, and record
+    one-partition seeks in the returned list."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    consumer = acking_consumer("ppm-test-transport-seek")
+    consumer.assignment = lambda: {TP("items", 0)}
+    seeks: list = []
+
+    async def getmany(self, timeout):
+        for i, (tp, message) in enumerate(records):
+            if i in during:
+                await during.pop(i)()  # once
+            yield tp, message
+
+    async def perform_seek(self):
+        self._read_offset.update({tp: 48 for tp in self.assignment()})
+
+    async def seek(self, tp, offset):
+        seeks.append((tp, offset))
+        self._read_offset[tp] = offset
+
+    for name, fake in (("getmany", getmany), ("perform_seek", perform_seek), ("seek", seek)):
+        monkeypatch.setattr(faust_aiokafka.Consumer, name, fake)
+    return consumer, seeks
+
+
+def test_records_fetched_around_a_seek_are_read_again_from_where_it_put_them(monkeypatch):
+    tp, other = TP("items", 0), TP("behaviors", 1)  # "behaviors" acknowledges nothing here
+    records = [(tp, record(tp, 55)), (other, record(other, 7)), (tp, record(tp, 56))]
+    consumer = None
+
+    async def seek():  # Faust's seek at the end of a rebalance's recovery, mid-fetch
+        await consumer.perform_seek()
+
+    consumer, seeks = fetching_consumer(monkeypatch, records, {0: seek})
+
+    async def drain():
+        got = []
+        async for t, message in consumer.getmany(1.0):
+            got.append((t, message.offset))
+            consumer._read_offset[t] = message.offset  # as Faust's drain loop does
+        return got
+
+    # Neither of tp's records is delivered (they may be from before the seek), tp is sought
+    # again to offset 48, and its read offset stays there, so 48.. are not dropped as read.
+    assert asyncio.run(drain()) == [(other, 7)]
+    assert seeks == [(tp, 48)]
+    assert consumer._read_offset[tp] == 48
+    assert asyncio.run(drain()) == [(tp, 55), (other, 7), (tp, 56)]  # no seek: all of them
+
+
+def test_a_seek_during_a_delivery_keeps_the_read_offset_it_set(monkeypatch):
+    tp = TP("items", 0)
+    consumer, _ = fetching_consumer(monkeypatch, [(tp, record(tp, 60))], {})
+
+    async def drain():
+        async for t, message in consumer.getmany(1.0):
+            await consumer.perform_seek()  # the rebalance lands while 60 is delivered
+            consumer._read_offset[t] = message.offset  # then Faust's drain loop sets it
+        return consumer._read_offset[tp]
+
+    assert asyncio.run(drain()) == 48  # not 60: records 48-59 will be read again

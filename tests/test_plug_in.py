@@ -98,7 +98,8 @@ def test_a_frozen_plug_in_serves_from_stored_outputs_and_scores_as_from_raw_vect
         tmp_path, online, cfg):
     """Two servers of one model on the real Feast store: one reads the raw vectors, the
     other the plug-in's stored outputs (d_model floats). Same scores; the second reads no
-    raw vector until an item changes after its output was written, and then only that one."""
+    raw vector until an item changes after its output was written, and then only that one,
+    once: the output it computes is written back."""
     from datetime import UTC, datetime
 
     from feature_repo.online_features import ItemEmbeddingRow
@@ -145,16 +146,18 @@ def test_a_frozen_plug_in_serves_from_stored_outputs_and_scores_as_from_raw_vect
 
     online.fetch_items = spy
     try:
-        for changed in (False, True):
+        for changed in (False, True, False):
             if changed:
                 embed(["i2"], 2)  # i2's content changed since its output was written
             raw_reads.clear()
             got = servers["projected"].rank("u1", ids, now=t)
+            servers["projected"].flush()
             projected_reads = list(raw_reads)
             want = servers["raw"].rank("u1", ids, now=t)
             assert got.item_ids == want.item_ids
             np.testing.assert_allclose(got.scores["click"], want.scores["click"], rtol=1e-5)
             assert got.missing == want.missing
             assert projected_reads == ([["i2"]] if changed else [])
+        assert servers["projected"].counters["plugin_outputs_computed"] == 1
     finally:
         online.fetch_items = fetch

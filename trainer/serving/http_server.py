@@ -91,8 +91,8 @@ class RankResponse(BaseModel):
 
 
 class _RankerCollector:
-    """The ranker's own counters (item cache, reloads, model) as Prometheus series, read
-    at scrape time."""
+    """The ranker's own counters (item cache, reloads, plug-in outputs, model) as Prometheus
+    series, read at scrape time."""
 
     def __init__(self, ranker: Ranker):
         self.ranker = ranker
@@ -107,6 +107,12 @@ class _RankerCollector:
         reloads = CounterMetricFamily("ppm_scoring_model_reloads", "Champion models loaded")
         reloads.add_metric([], self.ranker.counters["reloads"])
         yield reloads
+        outputs = CounterMetricFamily("ppm_scoring_plugin_outputs", "A frozen plug-in's "
+                                      "per-item outputs, by source", labels=["source"])
+        outputs.add_metric(["store"], self.ranker.counters["plugin_outputs_read"])
+        outputs.add_metric(["computed"], self.ranker.counters["plugin_outputs_computed"])
+        outputs.add_metric(["write_error"], self.ranker.counters["plugin_output_write_errors"])
+        yield outputs
         model = GaugeMetricFamily("ppm_scoring_model_info", "The model being served (1)",
                                   labels=["version"])
         model.add_metric([str(self.ranker.model_version)], 1)

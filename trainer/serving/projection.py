@@ -6,9 +6,9 @@ never changes again (``PPMModule.project``). So the projection is computed once 
 projection version (``trainer.train.projection_key``) and written to the online store's
 ``item_projection`` view: a server of that model reads d_model floats per item instead of
 the raw vector (``Ranker.build_batch``), and projects in-process only the items embedded
-since (whose stored projection is missing or of older content). ``ppm train --freeze-plugin``
-writes them before it promotes such a model; ``ppm project`` writes every item's again, to
-catch up items embedded since.
+since (whose stored projection is missing or of older content), writing those back so the
+next request reads them. ``ppm train --freeze-plugin`` writes them before it promotes such a
+model; ``ppm project`` writes every item's again (after a backfill, say).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ request in flight finishes on the model it started with and no request is droppe
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import random
 import threading
 import time
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from feature_repo.online_features import OnlineFeatures, StoredItem
+from feature_repo.online_features import ItemEmbeddingRow, OnlineFeatures, StoredItem
 from ppm.clock import now_us
 from ppm.config import Config
 from ppm.records import UserSequence
@@ -45,6 +47,7 @@ from trainer.model import UnifiedRanker
 from trainer.registry import Registry
 from trainer.serving.projection import projection_of
 
+log = logging.getLogger(__name__)
 
 class NoChampionError(RuntimeError):
     """No model has been promoted in the ranker's registry yet."""
@@ -156,7 +159,11 @@ class Ranker:
         self._pointer: bytes | None = None
         self._model: tuple[str, UnifiedRanker, str | None, str | None] | None = None
         self.counters = {"requests": 0, "reloads": 0, "plugin_outputs_read": 0,
-                         "plugin_outputs_computed": 0}
+                         "plugin_outputs_computed": 0, "plugin_output_write_errors": 0}
+        # Outputs computed here are written back off the request's path, one batch at a
+        # time, so each item is projected once per projection version, not once per request.
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, "ppm-projection-writes")
+        self._writes: set[concurrent.futures.Future] = set()
         self.maybe_reload(force=True)
 
     @classmethod
@@ -167,6 +174,24 @@ class Ranker:
                    reload_every_s=cfg.serving.reload_every_s,
                    cache_s=cfg.features.serving_cache_s,
                    cache_items=cfg.features.serving_cache_items)
+
+    def flush(self) -> None:
+        """Wait until the plug-in outputs computed so far are written to the store."""
+        concurrent.futures.wait(list(self._writes))
+
+    def _write_back(self, rows: list[ItemEmbeddingRow], projection: str) -> None:
+        future = self._writer.submit(self.store.write_projections, rows, projection)
+        self._writes.add(future)
+
+        def done(f: concurrent.futures.Future) -> None:
+            self._writes.discard(f)
+            if f.exception() is not None:  # the next request computes them again
+                self.counters["plugin_output_write_errors"] += 1
+                log.warning("could not write %d plug-in outputs (%s: %s); they are computed "
+                            "again when next needed", len(rows), type(f.exception()).__name__,
+                            f.exception())
+
+        future.add_done_callback(done)
 
     @property
     def model_version(self) -> str | None:
@@ -281,7 +306,7 @@ class Ranker:
         """``item_ids`` as stored, each with the frozen plug-in's output (d floats) for a
         vector: read from the store where it holds one of the item's current content, else
         computed here from the raw vector (an item embedded since the outputs were
-        written)."""
+        written) and written back to the store in the background."""
         states = self.items.read(item_ids, False, encoder_version)  # profiles and meta only
         found = self.items.read_projections(states, projection)
         rest = [i for i in states if i not in found]
@@ -298,6 +323,10 @@ class Ranker:
                     [r.embedding for r in raw.values()]))).numpy()
             found |= {i: StoredItem(r.state, out[k], r.embedded_at_us, True)
                       for k, (i, r) in enumerate(raw.items())}
+            self._write_back([ItemEmbeddingRow(i, out[k], r.state.encoder_version,
+                                               r.state.content_hash, r.state.content_time_us,
+                                               r.embedded_at_us)
+                              for k, (i, r) in enumerate(raw.items())], projection)
         # The profile just read, whatever the (maybe cached) output's entry held.
         return {i: replace(found[i], state=item.state) if i in found else item
                 for i, item in states.items()}
