@@ -416,6 +416,7 @@ class ItemLane:
         # This worker's own files: nobody else writes them.
         self.freshness = FreshnessStats(keep_items=cfg.kafka.freshness_items_part_s > 0)
         shared.opened["freshness"] = self.freshness
+        shared.metrics.freshness_from(self.freshness)
         shared.metrics.held("items", self.acks.held)
         self.warnings_path = cfg.paths.worker_item_warnings(worker_name())
         self.warnings_path.parent.mkdir(parents=True, exist_ok=True)
@@ -454,8 +455,6 @@ class ItemLane:
             metrics.batch_seconds.labels("items").observe(loop_time() - started)
             metrics.items_embedded.inc(result.encoded)
             metrics.image_errors.inc(len(result.image_errors))
-            for lag_ms in result.freshness_ms:
-                metrics.freshness.observe(lag_ms / 1000)
             source_of = {id(e): source for e, source in zip(good, sources, strict=True)}
             rejected = [processing_dead_letter(event, source_of[id(event)], reason, error_type)
                         for event, reason, error_type in result.rejected.values()]

@@ -155,6 +155,19 @@ class FreshnessStats:
                 "mean_ms": self.sum_ms / self.count if self.count else None,
                 **self.percentiles()}
 
+    def cumulative_seconds(self) -> tuple[list[tuple[float, int]], int, float]:
+        """``([(le_s, lags below le_s)], count, sum_s)`` at every doubling from 1 ms to the
+        last bucket's start (exact: those are bucket edges), then ``inf``: the histogram as
+        Prometheus exposes it (``streams.worker_metrics``)."""
+        with self._lock:
+            counts, count, sum_ms = list(self.counts), self.count, self.sum_ms
+        out, running = [], 0
+        for bucket, n in enumerate(counts[:-1]):
+            running += n
+            if bucket % BUCKETS_PER_DOUBLING == 0:  # bucket k ends at 2**(k/4) ms
+                out.append((2 ** (bucket // BUCKETS_PER_DOUBLING) / 1000, running))
+        return [*out, (math.inf, count)], count, sum_ms / 1000
+
     def merge(self, other: FreshnessStats) -> None:
         """Add another writer's histogram to this one (item records are not merged)."""
         self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]

@@ -64,7 +64,6 @@ class EmbedResult:
     not applied, for the caller to dead-letter."""
     image_errors: dict[str, str] = field(default_factory=dict)
     """item_id -> reason its photo could not be used (the vector has a zero image part)."""
-    freshness_ms: list[float] = field(default_factory=list)
 
 
 class ItemEmbedder:
@@ -161,7 +160,7 @@ class ItemEmbedder:
         # 4. Only now is the batch done.
         for s in states:
             self.state[s.item_id] = s
-        result.freshness_ms = self.freshness.record(
+        self.freshness.record(
             [r.item_id for r in rows], [r.content_time_us for r in rows],
             [a for _, a in to_encode], readable_us)
         result.applied = len(accepted)

@@ -140,20 +140,25 @@ class Consumer(faust_aiokafka.Consumer):
     async def _seek_again(self, tp: TP, skipped: int) -> None:
         """Seek ``tp`` back to where its last seek put it (its records from ``skipped`` on
         were fetched around that seek and not delivered)."""
+        from aiokafka.errors import IllegalStateError
+
         if tp not in self.assignment():
             return  # revoked: its next owner reads it from the committed offset
         offset = self._sought.get(tp)
         log.info("%s: records from offset %d were fetched around a seek; reading again from "
                  "%s", tp, skipped, "its beginning" if offset is None else f"offset {offset}")
-        if offset is not None:
-            await self.seek(tp, offset)
-        else:
-            self._bump([tp])
-            try:
-                await self._thread.seek_to_beginning(tp)
-            finally:
+        try:
+            if offset is not None:
+                await self.seek(tp, offset)
+            else:
                 self._bump([tp])
-            self._read_offset[tp] = None
+                try:
+                    await self._thread.seek_to_beginning(tp)
+                finally:
+                    self._bump([tp])
+                self._read_offset[tp] = None
+        except IllegalStateError:  # revoked meanwhile; anything else stops the worker
+            log.info("%s was revoked before it could be sought again", tp)
 
 
 class Transport(faust_aiokafka.Transport):

@@ -14,7 +14,8 @@ host never collide; -1: none). The worker writes the address it got to
 Series (``_total`` is added to counters on exposition):
 
 * ``ppm_freshness_seconds`` (histogram): an item event's arrival to its vector being
-  readable online;
+  readable online, read at each scrape from the worker's own ``FreshnessStats`` (the
+  histogram ``ppm status`` reads too; ``le`` at every doubling from 1 ms);
 * ``ppm_items_embedded_total``, ``ppm_item_image_errors_total``;
 * ``ppm_records_total{topic}`` (Kafka records read), ``ppm_events_total{kind}`` (events
   admitted: a record may hold several);
@@ -43,14 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import InfoMetricFamily
+from prometheus_client.core import HistogramMetricFamily, InfoMetricFamily
 
 from ppm.atomic_file import write_atomically
 from ppm.events import DeadLetter
 from ppm.metrics import counter, gauge, histogram, serve
+from streams.freshness import FreshnessStats
 
-FRESHNESS_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                       60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 BATCH_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0)
 MAX_REASONS = 100
@@ -86,15 +86,29 @@ class _Info:
         yield InfoMetricFamily(self.name, self.documentation, value=self.values)
 
 
+class _Freshness:
+    """``ppm_freshness_seconds`` from a :class:`FreshnessStats` (empty until one is set)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.stats = FreshnessStats()
+        registry.register(self)
+
+    def collect(self) -> Iterator[Any]:
+        buckets, _, sum_s = self.stats.cumulative_seconds()
+        family = HistogramMetricFamily("ppm_freshness_seconds", "Item event arrival to its "
+                                       "vector readable online")
+        family.add_metric([], [("+Inf" if le == float("inf") else repr(le), n)
+                               for le, n in buckets], sum_s)
+        yield family
+
+
 class WorkerMetrics:
     """One worker's metrics (see the module docstring); a registry of its own, so several
     apps in one process (tests) never clash."""
 
     def __init__(self, worker: str = "", app_id: str = ""):
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.freshness = histogram(
-            "ppm_freshness_seconds", "Item event arrival to its vector readable online",
-            buckets=FRESHNESS_BUCKETS_S, registry=r)
+        self._freshness = _Freshness(r)
         self.items_embedded = counter(
             "ppm_items_embedded", "Items whose vector was written online", registry=r)
         self.image_errors = counter(
@@ -139,6 +153,11 @@ class WorkerMetrics:
         self.retries.labels(label).inc()
         if attempt == 1:
             self.outages.labels(label).inc()
+
+    def freshness_from(self, stats: FreshnessStats) -> None:
+        """Serve ``stats`` (the item lane's, which ``ppm status`` reads from its file) as
+        ``ppm_freshness_seconds``."""
+        self._freshness.stats = stats
 
     def held(self, lane: str, count: Callable[[], float]) -> None:
         """Report ``count()`` as the lane's unacknowledged records at each scrape."""

@@ -124,7 +124,7 @@ def test_batch_keeps_newest_per_item_and_logs_offline_once(embedder, cfg):
     assert sorted(log["item_id"].to_pylist()) == ["a", "b"]
     assert len(list(cfg.paths.item_log.glob("*.parquet"))) == 1
     assert len(log["embedding"][0]) == embedder.encoder.dim
-    assert len(result.freshness_ms) == 2 and min(result.freshness_ms) >= 0
+    assert embedder.freshness.count == 2 and embedder.freshness.min_ms >= 0
     assert embedder.freshness.percentiles()["p99_ms"] is not None
 
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from ppm.events import DeadLetter
+from streams.freshness import FreshnessStats
 from streams.worker_metrics import (
     MAX_REASONS,
     WorkerMetrics,
@@ -45,7 +46,9 @@ def test_series_are_served_over_http_on_the_loopback():
     try:
         assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
         metrics.items_embedded.inc(3)
-        metrics.freshness.observe(0.2)
+        stats = FreshnessStats()
+        stats.add([200.0])  # ms
+        metrics.freshness_from(stats)
         metrics.dead_letter("items", letter("event_time: too far ahead"))
         metrics.dead_letter("items", letter("event_time: bad"))
         metrics.dead_letter("behaviors", letter("boom", "process", "ValueError"))
@@ -106,13 +109,14 @@ def test_two_workers_metrics_in_one_process_never_add_up():
     # the values of equally named metrics in one process. Ours are held per object.
     first, second = WorkerMetrics("a"), WorkerMetrics("b")
     first.items_embedded.inc(2)
-    first.freshness.observe(0.03)
-    first.freshness.observe(7.0)
+    lags = FreshnessStats()
+    lags.add([30.0, 7000.0])  # ms
+    first.freshness_from(lags)
     second.items_embedded.inc(5)
     text = first.exposition().decode()
     assert "ppm_items_embedded_total 2.0" in text
-    assert 'ppm_freshness_seconds_bucket{le="0.05"} 1.0' in text
-    assert 'ppm_freshness_seconds_bucket{le="10.0"} 2.0' in text
+    assert 'ppm_freshness_seconds_bucket{le="0.032"} 1.0' in text  # 32 ms
+    assert 'ppm_freshness_seconds_bucket{le="8.192"} 2.0' in text
     assert 'ppm_freshness_seconds_bucket{le="+Inf"} 2.0' in text
     assert "ppm_freshness_seconds_count 2.0" in text
     assert "ppm_items_embedded_total 5.0" in second.exposition().decode()

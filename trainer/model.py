@@ -458,14 +458,6 @@ def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.T
     return bce.sum(0) / mask.sum(0).clamp(min=1)  # (n_tasks,)
 
 
-def masked_multitask_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                          weights: torch.Tensor) -> torch.Tensor:
-    """Sum over tasks of weight * mean BCE over the task's present labels; a task without
-    any present label adds exactly 0 (and no gradient). All of shape (B, n_tasks) but
-    ``weights`` (n_tasks,)."""
-    return (weights * masked_task_losses(logits, labels, mask)).sum()
-
-
 # -----------------------------------------------------------------------------
 # The whole
 
@@ -504,13 +496,18 @@ class UnifiedRanker(nn.Module):
         if self.ppm is not None:
             parts.append(self.ppm(batch))  # (B, 2d)
         logits = self.mmoe(torch.cat(parts, dim=1))  # (B, n_tasks)
-        labels = batch.get("labels")
-        if labels is None:
+        if batch.get("labels") is None:
             return logits, None
+        return logits, (self.task_weights * self.task_losses(logits, batch)).sum()
+
+    @staticmethod
+    def task_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n_tasks,): each task's mean BCE over the batch's present labels (``labels``,
+        and ``label_mask`` where some are absent); the training loss weighs and sums them."""
+        labels = batch["labels"]
         mask = batch.get("label_mask")
         mask = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
-        return logits, masked_multitask_loss(logits, labels.to(logits.dtype), mask,
-                                             self.task_weights)
+        return masked_task_losses(logits, labels.to(logits.dtype), mask)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

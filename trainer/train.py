@@ -50,7 +50,7 @@ from trainer.dataset import (
 )
 from trainer.features import IdVocabulary
 from trainer.metrics import BUCKETS, auc, evaluate
-from trainer.model import RankerConfig, UnifiedRanker, masked_task_losses
+from trainer.model import RankerConfig, UnifiedRanker
 from trainer.refresh import EmbeddingRefresh
 from trainer.registry import Registry, Version
 
@@ -102,14 +102,11 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
             losses.append(loss.item())
             if curves is not None:
                 with torch.no_grad():
-                    labels = batch["labels"].to(logits.dtype)
-                    mask = batch.get("label_mask")
-                    mask = (torch.ones_like(labels, dtype=torch.bool) if mask is None
-                            else mask.bool())
                     # Summed per label, so a batch without a task's labels weighs nothing.
-                    task_sums += (masked_task_losses(logits, labels, mask)
-                                  * mask.sum(0)).cpu()
-                    task_counts += mask.sum(0).cpu()
+                    present = (torch.ones_like(batch["labels"]) if "label_mask" not in batch
+                               else batch["label_mask"].float()).sum(0)
+                    task_sums += (model.task_losses(logits, batch) * present).cpu()
+                    task_counts += present.cpu()
                 now = time.perf_counter()
                 curves.log_step(epoch=epoch + 1, loss=losses[-1],
                                 lr=optimizer.param_groups[0]["lr"], samples=len(logits),
