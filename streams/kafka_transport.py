@@ -24,12 +24,14 @@
    one and such a record as done (``Consumer._add_gap``), and, when the seek came while a
    record was being delivered, it set the partition's read offset to that record's *after*
    the seek had reset it, so the records the seek was for were dropped as already read
-   (``Consumer._drain_messages``). Both lost records after a restart under load. Here a
-   record of a partition sought since its fetch began is not delivered; the partition is
-   sought again to where that seek put it, so it is read again from there (duplicates, never
-   gaps: every write downstream is idempotent); and a seek during a delivery puts back the
-   read offset the seek set. Only acknowledging topics (ppm's input streams) are handled so;
-   Faust's changelog recovery keeps its own offsets.
+   (``Consumer._drain_messages``). Here a record of a partition sought since its fetch began,
+   or while it ran, is not delivered: once that seek is done the partition is sought again
+   (in the consumer's thread) to where the seek put it and read again from there
+   (duplicates, which every write downstream absorbs; never gaps); offsets jumped over
+   before a seek are forgotten; and a seek during a delivery keeps the read offset it set.
+   Only acknowledging topics (ppm's input streams) of a group that starts partitions from
+   their beginning (fix 1) are handled so; Faust's changelog recovery keeps its own
+   offsets.
 
 Install with ``app.transport = Transport(app.conf.broker_consumer, app)`` right after
 creating the app (``streams.app.create_app``), before any topic is declared.
@@ -37,9 +39,11 @@ creating the app (``streams.app.create_app``), before any topic is declared.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -68,8 +72,11 @@ class Consumer(faust_aiokafka.Consumer):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._released: set[Any] = set()
+        # Fix 3, for acknowledging topics:
         self._seeks: collections.Counter[TP] = collections.Counter()
-        """Seeks begun or ended, per partition (of acknowledging topics)."""
+        """Seeks begun, per partition."""
+        self._seeking: collections.Counter[TP] = collections.Counter()
+        """Seeks under way, per partition."""
         self._sought: dict[TP, int | None] = {}
         """Where each partition's last seek put it: an offset, or None for its beginning."""
 
@@ -88,41 +95,53 @@ class Consumer(faust_aiokafka.Consumer):
         self._released.discard(message)
         return super().ack(message)
 
+    # ------------------------------------------------------------------ fix 3
 
-    def _acking(self, tps: Iterable[TP]) -> list[TP]:
-        return [tp for tp in tps if self.app.topics.acks_enabled_for(tp.topic)]
+    def _rereads(self, tp: TP) -> bool:
+        """Whether fix 3 covers ``tp``: an acknowledging topic, and a group that reads a
+        partition without a committed offset from its beginning (as fix 1)."""
+        return (self.app.conf.consumer_auto_offset_reset == "earliest"
+                and self.app.topics.acks_enabled_for(tp.topic))
 
-    def _bump(self, tps: Iterable[TP]) -> None:
+    @contextlib.asynccontextmanager
+    async def _seeking_partitions(self, tps: list[TP]) -> AsyncIterator[None]:
         for tp in tps:
             self._seeks[tp] += 1
+            self._seeking[tp] += 1
+        try:
+            yield
+        finally:
+            for tp in tps:
+                self._seeking[tp] -= 1
+                # Offsets jumped over before a seek say nothing about what is read after it.
+                self._gap.pop(tp, None)
 
     async def perform_seek(self) -> None:
         """Faust's seek of every partition to its committed offset, remembered (fix 3)."""
-        tps = self._acking(self.assignment())
-        self._bump(tps)
-        try:
+        tps = [tp for tp in self.assignment() if self._rereads(tp)]
+        async with self._seeking_partitions(tps):
             await super().perform_seek()
-        finally:
-            self._bump(tps)
-        # Faust has just set each read offset to the committed one (None: none committed).
-        self._sought.update({tp: self._read_offset.get(tp) for tp in tps})
+            # Faust has just set each read offset to the committed one (None: none).
+            self._sought.update({tp: self._read_offset.get(tp) for tp in tps})
 
     async def seek(self, partition: TP, offset: int) -> None:
         """Faust's seek of one partition, remembered (fix 3)."""
-        tps = self._acking([partition])
-        self._bump(tps)
-        try:
+        tps = [partition] if self._rereads(partition) else []
+        async with self._seeking_partitions(tps):
             await super().seek(partition, offset)
-        finally:
-            self._bump(tps)
-        self._sought.update({tp: offset or None for tp in tps})
+            self._sought.update({tp: offset or None for tp in tps})
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
-        """Faust's fetch, less the records of partitions sought since it began (fix 3)."""
-        seeks = self._seeks.copy()  # before the fetch: a seek from here on may be missed
+        """Faust's fetch, less the records of partitions sought since it began or while it
+        ran (fix 3)."""
+        seeks = self._seeks.copy()  # before the fetch
+        seeking = {tp for tp, n in self._seeking.items() if n}
         sought_again: set[TP] = set()
         async for tp, message in super().getmany(timeout):
-            if self._seeks[tp] != seeks[tp]:
+            if not self._rereads(tp):
+                yield tp, message
+                continue
+            if tp in seeking or self._seeking[tp] or self._seeks[tp] != seeks[tp]:
                 if tp not in sought_again:
                     sought_again.add(tp)
                     await self._seek_again(tp, message.offset)
@@ -132,33 +151,41 @@ class Consumer(faust_aiokafka.Consumer):
                 log.warning("%s: record %d is below the read offset %d", tp, message.offset,
                             read)
             yield tp, message
-            # Faust's drain loop has now set tp's read offset to this record's; a seek
-            # while the record was being delivered had set it to where reading resumes.
-            if self._seeks[tp] != seeks[tp]:
+            # Faust's drain loop has now set tp's read offset to this record's. A seek that
+            # began meanwhile sets it itself if still under way; put back what a finished
+            # one set, where reading resumes.
+            if self._seeks[tp] != seeks[tp] and not self._seeking[tp]:
                 self._read_offset[tp] = self._sought.get(tp)
 
     async def _seek_again(self, tp: TP, skipped: int) -> None:
-        """Seek ``tp`` back to where its last seek put it (its records from ``skipped`` on
-        were fetched around that seek and not delivered)."""
+        """Seek ``tp`` back to where its last seek put it, once that seek is done (its
+        records from ``skipped`` on were fetched around it and not delivered)."""
         from aiokafka.errors import IllegalStateError
 
+        while self._seeking[tp]:  # the seek under way decides where reading resumes
+            await asyncio.sleep(0.01)
         if tp not in self.assignment():
             return  # revoked: its next owner reads it from the committed offset
         offset = self._sought.get(tp)
         log.info("%s: records from offset %d were fetched around a seek; reading again from "
                  "%s", tp, skipped, "its beginning" if offset is None else f"offset {offset}")
         try:
-            if offset is not None:
-                await self.seek(tp, offset)
-            else:
-                self._bump([tp])
-                try:
-                    await self._thread.seek_to_beginning(tp)
-                finally:
-                    self._bump([tp])
-                self._read_offset[tp] = None
+            async with self._seeking_partitions([tp]):
+                await self._seek_in_thread(tp, offset)
+                self._read_offset[tp] = offset
         except IllegalStateError:  # revoked meanwhile; anything else stops the worker
             log.info("%s was revoked before it could be sought again", tp)
+
+    async def _seek_in_thread(self, tp: TP, offset: int | None) -> None:
+        """Seek aiokafka's consumer in its own thread (where it fetches); None: to the
+        partition's beginning."""
+        from aiokafka.structs import TopicPartition
+
+        consumer, tp = self._thread._ensure_consumer(), TopicPartition(tp.topic, tp.partition)
+        if offset is None:
+            await self._thread.call_thread(consumer.seek_to_beginning, tp)
+        else:
+            await self._thread.call_thread(consumer.seek, tp, offset)
 
 
 class Transport(faust_aiokafka.Transport):

@@ -38,7 +38,8 @@ class Echo:
     def __init__(self, model_version: str | None = "v-test"):
         self.model_version = model_version
         self.counters = {"requests": 0, "reloads": 1, "plugin_outputs_read": 0,
-                         "plugin_outputs_computed": 0, "plugin_output_write_errors": 0}
+                         "plugin_outputs_computed": 0, "plugin_output_write_errors": 0,
+                         "plugin_output_writes_dropped": 0}
         self.items = SimpleNamespace(counters={"hits": 0, "misses": 0})  # the item cache's
         self.store = FakeStore()
 

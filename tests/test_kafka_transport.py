@@ -72,12 +72,14 @@ def test_only_released_records_are_acknowledged():
 
 def fetching_consumer(monkeypatch, records, during):
     """A consumer whose Faust parts fetch ``records`` (running ``during[i]()`` just before
-    yielding record ``i``, the first time), seek every partition to offset 48, and record
-    one-partition seeks in the returned list."""
+    yielding record ``i``, the first time) and seek every partition to offset 48 (taking
+    ``seek_steps`` turns of the event loop: a seek is under way meanwhile); the partitions
+    it seeks again are recorded in the returned list."""
     from faust.transport.drivers import aiokafka as faust_aiokafka
 
     consumer = acking_consumer("ppm-test-transport-seek")
     consumer.assignment = lambda: {TP("items", 0)}
+    consumer.seek_steps = 0
     seeks: list = []
 
     async def getmany(self, timeout):
@@ -87,15 +89,27 @@ def fetching_consumer(monkeypatch, records, during):
             yield tp, message
 
     async def perform_seek(self):
+        for _ in range(self.seek_steps):
+            await asyncio.sleep(0)
         self._read_offset.update({tp: 48 for tp in self.assignment()})
 
-    async def seek(self, tp, offset):
+    async def seek_in_thread(tp, offset):
         seeks.append((tp, offset))
-        self._read_offset[tp] = offset
 
-    for name, fake in (("getmany", getmany), ("perform_seek", perform_seek), ("seek", seek)):
-        monkeypatch.setattr(faust_aiokafka.Consumer, name, fake)
+    monkeypatch.setattr(faust_aiokafka.Consumer, "getmany", getmany)
+    monkeypatch.setattr(faust_aiokafka.Consumer, "perform_seek", perform_seek)
+    consumer._seek_in_thread = seek_in_thread
     return consumer, seeks
+
+
+async def drained(consumer) -> list:
+    """One fetch, as Faust's drain loop takes it: each record delivered, then its offset
+    made the read offset."""
+    got = []
+    async for tp, message in consumer.getmany(1.0):
+        got.append((tp, message.offset))
+        consumer._read_offset[tp] = message.offset
+    return got
 
 
 def test_records_fetched_around_a_seek_are_read_again_from_where_it_put_them(monkeypatch):
@@ -104,23 +118,36 @@ def test_records_fetched_around_a_seek_are_read_again_from_where_it_put_them(mon
     consumer = None
 
     async def seek():  # Faust's seek at the end of a rebalance's recovery, mid-fetch
+        consumer._gap[tp].addi(49, 55)  # what Faust's _add_gap made of an earlier record
         await consumer.perform_seek()
 
     consumer, seeks = fetching_consumer(monkeypatch, records, {0: seek})
+    # Neither of tp's records is delivered (they may be from before the seek), tp is sought
+    # again to offset 48, and its read offset stays there, so 48.. are not dropped as read;
+    # the offsets counted as done before the seek are forgotten.
+    assert asyncio.run(drained(consumer)) == [(other, 7)]
+    assert seeks == [(tp, 48)]
+    assert consumer._read_offset[tp] == 48 and not consumer._gap.get(tp)
+    assert asyncio.run(drained(consumer)) == [(tp, 55), (other, 7), (tp, 56)]  # no seek
 
-    async def drain():
-        got = []
-        async for t, message in consumer.getmany(1.0):
-            got.append((t, message.offset))
-            consumer._read_offset[t] = message.offset  # as Faust's drain loop does
+
+def test_records_fetched_while_a_seek_is_under_way_wait_for_it_then_are_read_again(
+        monkeypatch):
+    tp = TP("items", 0)
+    records = [(tp, record(tp, 60)), (tp, record(tp, 61))]
+    consumer, seeks = fetching_consumer(monkeypatch, records, {})
+    consumer.seek_steps = 5
+
+    async def run():
+        seeking = asyncio.ensure_future(consumer.perform_seek())
+        await asyncio.sleep(0)  # the seek has begun and is waiting on the broker
+        got = await drained(consumer)
+        await seeking
         return got
 
-    # Neither of tp's records is delivered (they may be from before the seek), tp is sought
-    # again to offset 48, and its read offset stays there, so 48.. are not dropped as read.
-    assert asyncio.run(drain()) == [(other, 7)]
-    assert seeks == [(tp, 48)]
+    assert asyncio.run(run()) == []  # fetched while the seek was under way: not delivered
+    assert seeks == [(tp, 48)]  # sought again once that seek was done, to where it went
     assert consumer._read_offset[tp] == 48
-    assert asyncio.run(drain()) == [(tp, 55), (other, 7), (tp, 56)]  # no seek: all of them
 
 
 def test_a_seek_during_a_delivery_keeps_the_read_offset_it_set(monkeypatch):

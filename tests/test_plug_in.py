@@ -159,5 +159,20 @@ def test_a_frozen_plug_in_serves_from_stored_outputs_and_scores_as_from_raw_vect
             assert got.missing == want.missing
             assert projected_reads == ([["i2"]] if changed else [])
         assert servers["projected"].counters["plugin_outputs_computed"] == 1
+
+        # A write back that fails is counted; the output is kept in the item cache meanwhile.
+        cached = Ranker(online, registry, cache_s=60.0)
+        embed(["i3"], 3)
+        write = online.write_projections
+        online.write_projections = lambda rows, projection: 1 / 0
+        try:
+            for _ in range(2):
+                cached.rank("u1", ids, now=t)
+                cached.flush()
+        finally:
+            online.write_projections = write
+        assert cached.counters["plugin_outputs_computed"] == 1
+        assert cached.counters["plugin_output_write_errors"] == 1
+        cached.close()
     finally:
         online.fetch_items = fetch

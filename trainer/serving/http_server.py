@@ -111,8 +111,13 @@ class _RankerCollector:
                                       "per-item outputs, by source", labels=["source"])
         outputs.add_metric(["store"], self.ranker.counters["plugin_outputs_read"])
         outputs.add_metric(["computed"], self.ranker.counters["plugin_outputs_computed"])
-        outputs.add_metric(["write_error"], self.ranker.counters["plugin_output_write_errors"])
         yield outputs
+        lost = CounterMetricFamily("ppm_scoring_plugin_output_writes_lost", "Batches of "
+                                   "computed plug-in outputs not written back, by why",
+                                   labels=["why"])
+        lost.add_metric(["error"], self.ranker.counters["plugin_output_write_errors"])
+        lost.add_metric(["dropped"], self.ranker.counters["plugin_output_writes_dropped"])
+        yield lost
         model = GaugeMetricFamily("ppm_scoring_model_info", "The model being served (1)",
                                   labels=["version"])
         model.add_metric([str(self.ranker.model_version)], 1)
@@ -337,7 +342,10 @@ def serve(cfg: Config, variant: str) -> None:
               file=sys.stderr, flush=True)
         Multiprocess(config, sockets=[sock]).run()
     else:
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            app.state.ranker.close()
 
 
 class BackgroundServer:

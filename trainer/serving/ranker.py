@@ -124,16 +124,24 @@ class ItemCache:
         if wanted:
             fetched_at = time.monotonic()
             stored = fetch(wanted)
-            with self._lock:
-                for item_id in wanted:
-                    found[item_id] = stored.get(item_id)
-                    expires = fetched_at + self.max_age_s * self._jitter.uniform(0.5, 1.0)
-                    key = (space, item_id)
-                    self._entries[key] = (expires, found[item_id])
-                    self._entries.move_to_end(key)
-                while len(self._entries) > self.max_items:
-                    self._entries.popitem(last=False)
+            found |= {i: stored.get(i) for i in wanted}
+            self._keep(space, {i: found[i] for i in wanted}, fetched_at)
         return {i: item for i, item in found.items() if item is not None}
+
+    def put_projections(self, items: dict[str, StoredItem], projection: str) -> None:
+        """Keep plug-in outputs computed from raw vectors, as if read from the store."""
+        self._keep(projection, items, time.monotonic())
+
+    def _keep(self, space: str | None, items: dict[str, StoredItem | None],
+              fetched_at: float) -> None:
+        with self._lock:
+            for item_id, item in items.items():
+                expires = fetched_at + self.max_age_s * self._jitter.uniform(0.5, 1.0)
+                key = (space, item_id)
+                self._entries[key] = (expires, item)
+                self._entries.move_to_end(key)
+            while len(self._entries) > self.max_items:
+                self._entries.popitem(last=False)
 
 
 class Ranker:
@@ -159,9 +167,11 @@ class Ranker:
         self._pointer: bytes | None = None
         self._model: tuple[str, UnifiedRanker, str | None, str | None] | None = None
         self.counters = {"requests": 0, "reloads": 0, "plugin_outputs_read": 0,
-                         "plugin_outputs_computed": 0, "plugin_output_write_errors": 0}
-        # Outputs computed here are written back off the request's path, one batch at a
-        # time, so each item is projected once per projection version, not once per request.
+                         "plugin_outputs_computed": 0, "plugin_output_write_errors": 0,
+                         "plugin_output_writes_dropped": 0}
+        # Outputs computed here are kept in the item cache and written back off the
+        # request's path, one batch at a time, so an item is projected again only when
+        # neither has it (a write still pending after its cache entry expired, say).
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "ppm-projection-writes")
         self._writes: set[concurrent.futures.Future] = set()
         self.maybe_reload(force=True)
@@ -177,21 +187,36 @@ class Ranker:
 
     def flush(self) -> None:
         """Wait until the plug-in outputs computed so far are written to the store."""
-        concurrent.futures.wait(list(self._writes))
+        concurrent.futures.wait(self._writes.copy())  # copy: one C call, under the GIL
+
+    def close(self) -> None:
+        """Stop writing plug-in outputs back (pending writes are dropped: computed again
+        when next needed)."""
+        self._writer.shutdown(wait=False, cancel_futures=True)
+
+    MAX_PENDING_WRITES = 16
+    """Batches of plug-in outputs waiting to be written; more are dropped (and counted)
+    while the store is slow: the items are projected again when next needed."""
 
     def _write_back(self, rows: list[ItemEmbeddingRow], projection: str) -> None:
-        future = self._writer.submit(self.store.write_projections, rows, projection)
-        self._writes.add(future)
+        if len(self._writes) >= self.MAX_PENDING_WRITES:
+            self.counters["plugin_output_writes_dropped"] += 1
+            return
 
-        def done(f: concurrent.futures.Future) -> None:
-            self._writes.discard(f)
-            if f.exception() is not None:  # the next request computes them again
+        def write() -> None:
+            try:
+                self.store.write_projections(rows, projection)
+            except Exception as exc:  # computed again when next needed
                 self.counters["plugin_output_write_errors"] += 1
                 log.warning("could not write %d plug-in outputs (%s: %s); they are computed "
-                            "again when next needed", len(rows), type(f.exception()).__name__,
-                            f.exception())
+                            "again when next needed", len(rows), type(exc).__name__, exc)
 
-        future.add_done_callback(done)
+        try:
+            future = self._writer.submit(write)
+        except RuntimeError:  # closed
+            return
+        self._writes.add(future)
+        future.add_done_callback(self._writes.discard)
 
     @property
     def model_version(self) -> str | None:
@@ -323,6 +348,7 @@ class Ranker:
                     [r.embedding for r in raw.values()]))).numpy()
             found |= {i: StoredItem(r.state, out[k], r.embedded_at_us, True)
                       for k, (i, r) in enumerate(raw.items())}
+            self.items.put_projections({i: found[i] for i in raw}, projection)
             self._write_back([ItemEmbeddingRow(i, out[k], r.state.encoder_version,
                                                r.state.content_hash, r.state.content_time_us,
                                                r.embedded_at_us)
