@@ -49,6 +49,7 @@ from trainer.serving.projection import projection_of
 
 log = logging.getLogger(__name__)
 
+
 class NoChampionError(RuntimeError):
     """No model has been promoted in the ranker's registry yet."""
 
