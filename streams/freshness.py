@@ -98,8 +98,8 @@ class FreshnessStats:
         self._lock = threading.Lock()
 
     def record(self, item_ids: Sequence[str], event_us: Sequence[int],
-               arrived_us: Sequence[int], readable_us: int) -> list[float]:
-        """Record one written batch; returns its lags in milliseconds."""
+               arrived_us: Sequence[int], readable_us: int) -> None:
+        """Record one written batch."""
         lags = [(readable_us - a) / 1000 for a in arrived_us]
         with self._lock:
             self._add(lags)
@@ -108,7 +108,6 @@ class FreshnessStats:
                 self._items["event_time"].extend(event_us)
                 self._items["arrived"].extend(arrived_us)
                 self._items["readable"].extend([readable_us] * len(item_ids))
-        return lags
 
     def add(self, lags_ms: Iterable[float]) -> None:
         """Count lags (milliseconds) without item records."""

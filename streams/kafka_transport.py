@@ -124,13 +124,6 @@ class Consumer(faust_aiokafka.Consumer):
             # Faust has just set each read offset to the committed one (None: none).
             self._sought.update({tp: self._read_offset.get(tp) for tp in tps})
 
-    async def seek(self, partition: TP, offset: int) -> None:
-        """Faust's seek of one partition, remembered (fix 3)."""
-        tps = [partition] if self._rereads(partition) else []
-        async with self._seeking_partitions(tps):
-            await super().seek(partition, offset)
-            self._sought.update({tp: offset or None for tp in tps})
-
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
         """Faust's fetch, less the records of partitions sought since it began or while it
         ran (fix 3)."""

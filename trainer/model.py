@@ -501,13 +501,19 @@ class UnifiedRanker(nn.Module):
         return logits, (self.task_weights * self.task_losses(logits, batch)).sum()
 
     @staticmethod
-    def task_losses(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(n_tasks,): each task's mean BCE over the batch's present labels (``labels``,
-        and ``label_mask`` where some are absent); the training loss weighs and sums them."""
-        labels = batch["labels"]
+    def label_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, n_tasks) bool: the batch's present labels (``label_mask``; all without one)."""
         mask = batch.get("label_mask")
-        mask = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
-        return masked_task_losses(logits, labels.to(logits.dtype), mask)
+        return (torch.ones_like(batch["labels"], dtype=torch.bool) if mask is None
+                else mask.bool())
+
+    @classmethod
+    def task_losses(cls, logits: torch.Tensor, batch: dict[str, torch.Tensor]
+                    ) -> torch.Tensor:
+        """(n_tasks,): each task's mean BCE over the batch's present labels
+        (:meth:`label_mask`); the training loss weighs and sums them."""
+        return masked_task_losses(logits, batch["labels"].to(logits.dtype),
+                                  cls.label_mask(batch))
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

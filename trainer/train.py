@@ -103,9 +103,7 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
             if curves is not None:
                 with torch.no_grad():
                     # Summed per label, so a batch without a task's labels weighs nothing.
-                    mask = batch.get("label_mask")
-                    present = (torch.ones_like(batch["labels"]) if mask is None
-                               else mask.float()).sum(0)
+                    present = model.label_mask(batch).sum(0)
                     task_sums += (model.task_losses(logits, batch) * present).cpu()
                     task_counts += present.cpu()
                 now = time.perf_counter()
