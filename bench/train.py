@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.model import RankerConfig, UnifiedRanker  # noqa: E402
+from trainer.train import adamw  # noqa: E402
 
 
 def synthetic_batch(c: RankerConfig, batch: int, seq_len: int, modal_rows: int,
@@ -116,8 +117,8 @@ def main() -> None:
                 variant=variant, max_seq_len=args.seq_len,
                 seq_dropout=args.seq_dropout)).to(device)
     variants = tuple(models)
-    optimizers = {v: torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=1e-5)
-                  for v, m in models.items()}
+    # Today's optimiser for every model: ``--against`` compares the model code only.
+    optimizers = {v: adamw(m, lr=2e-3, weight_decay=1e-5) for v, m in models.items()}
     g = torch.Generator().manual_seed(0)
     config = models["ppm"].config
     batches = [{k: v.to(device) for k, v in

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -365,3 +366,26 @@ def test_a_sample_never_sees_a_vector_that_became_available_after_its_impression
     uncached = WindowDataset(windows, modal, config, as_recorded=False, serving_cache_s=0.0)
     assert vectors_read(uncached) == vectors_read(data)
     assert (uncached.store_reads, data.store_reads) == (14, None)
+
+
+def test_a_model_without_vectors_gets_batches_without_them(tmp_path):
+    """idrec reads no vectors, so its batches carry row 0 alone and every modal row 0,
+    while a ppm model's batches of the same samples carry the vectors they read; every
+    other key is the same."""
+    paths = DataDir(tmp_path)
+    write_source(paths.training_log, {0: 4})
+    windows = closed_windows(paths.training)
+    us = int(T0.timestamp() * 1e6)
+    modal = ModalTable.of("enc", [f"i{k}" for k in range(4)],
+                          np.arange(1, 5, dtype=np.float32)[:, None], [us] * 4)
+    batches = {v: WindowDataset(windows, modal, RankerConfig(variant=v, modal_dim=1,
+                                                             item_buckets=64),
+                                as_recorded=False).batch(np.arange(4))
+               for v in ("idrec", "ppm")}
+    ids, ppm = batches["idrec"], batches["ppm"]
+    assert ids["modal_table"].shape == (1, 1) and ids["modal_table"].abs().sum() == 0
+    assert (ids["target_modal_row"] == 0).all() and (ids["seq_modal_row"] == 0).all()
+    assert ppm["modal_table"][ppm["target_modal_row"], 0].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert set(ids) == set(ppm)
+    for key in set(ids) - {"modal_table", "target_modal_row", "seq_modal_row"}:
+        assert torch.equal(ids[key], ppm[key]), key

@@ -392,10 +392,17 @@ class WindowDataset:
             yield self.batch(order[start : start + batch_size])
 
     def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """The samples ``idx`` in the model's contract, with labels."""
-        batch = model_batch({**{k: v[idx] for k, v in self.features.items()},
-                             "labels": self.labels[idx], "label_mask": self.label_mask[idx]},
-                            self.modal.vectors)
+        """The samples ``idx`` in the model's contract, with labels; for a model that reads
+        no vectors (``idrec``) the modal table is row 0 alone and every modal row 0."""
+        features = {**{k: v[idx] for k, v in self.features.items()},
+                    "labels": self.labels[idx], "label_mask": self.label_mask[idx]}
+        vectors = self.modal.vectors
+        if not self.config.uses_modal:
+            # Gathering rows nobody reads cost idrec's steps a copy of every batch's vectors.
+            vectors = vectors[:1]
+            for key in ("target_modal_row", "seq_modal_row"):
+                features[key] = np.zeros_like(features[key])
+        batch = model_batch(features, vectors)
         if self.projected:
             batch["modal_projected"] = batch.pop("modal_table")
         return batch

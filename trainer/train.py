@@ -55,6 +55,14 @@ from trainer.refresh import EmbeddingRefresh
 from trainer.registry import Registry, Version
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """The training steps' optimiser: AdamW over the parameters that train (a frozen plug-in
+    keeps its weights, decay included), ``foreach``: one kernel per step for all of them,
+    not the CPU default's Python loop over each; the same arithmetic."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=weight_decay, foreach=True)
+
+
 def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int, lr: float,
         weight_decay: float = 0.0, seed: int = 0, extra: WindowDataset | None = None,
         extra_share: float = 0.0, grad_clip: float | None = None,
@@ -72,27 +80,27 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    # Only what trains: a frozen plug-in (plug_in) keeps its weights, decay included.
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=weight_decay)
+    optimizer = adamw(model, lr, weight_decay)
     last = float("nan")
     for epoch in range(epochs):
         model.train()
-        batches = list(data.batches(batch_size, shuffle=True, seed=seed + epoch))
+        # Which samples each step takes, decided up front; the batches themselves are built
+        # as they are needed, so an epoch never holds all its tensors at once.
+        order = np.random.default_rng(seed + epoch).permutation(len(data))
+        steps = [(data, order[i : i + batch_size]) for i in range(0, len(data), batch_size)]
         if extra is not None and len(extra) and extra_share > 0:
             rng = np.random.default_rng(seed + 10_000 + epoch)
             take = rng.choice(len(extra), min(len(extra), int(extra_share * len(data))),
                               replace=False)
-            batches += [extra.batch(take[i : i + batch_size])
-                        for i in range(0, len(take), batch_size)]
-            order = rng.permutation(len(batches))
-            batches = [batches[i] for i in order]
+            steps += [(extra, take[i : i + batch_size]) for i in range(0, len(take), batch_size)]
+            steps = [steps[i] for i in rng.permutation(len(steps))]
+        batches = (source.batch(idx) for source, idx in steps)
         losses = []
         task_sums = torch.zeros(len(model.config.tasks))  # BCE summed over present labels
         task_counts = torch.zeros(len(model.config.tasks))  # present labels
         started = step_started = time.perf_counter()
-        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
-                          leave=False):
+        for batch in tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", total=len(steps),
+                          disable=not progress, leave=False):
             logits, loss = model(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
