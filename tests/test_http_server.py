@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -32,8 +38,8 @@ class FakeStore:
 
 class Echo:
     """A ranker without a model: scores are the candidates' positions; the user ids
-    "boom" and "torch" raise, as a bug in scoring would, and "slow" takes longer than the
-    request timeout."""
+    "boom" and "torch" raise, as a bug in scoring would, "slow" takes longer than the
+    request timeout, and "hold" waits until ``release`` is set."""
 
     def __init__(self, model_version: str | None = "v-test"):
         self.model_version = model_version
@@ -42,6 +48,7 @@ class Echo:
                          "plugin_output_writes_dropped": 0}
         self.items = SimpleNamespace(counters={"hits": 0, "misses": 0})  # the item cache's
         self.store = FakeStore()
+        self.release = threading.Event()  # what a "hold" request waits for
 
     def maybe_reload(self) -> None:
         pass
@@ -55,6 +62,8 @@ class Echo:
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
         if user_id == "slow":
             time.sleep(LIMITS.request_timeout_s + 0.5)
+        if user_id == "hold":
+            self.release.wait(timeout=10)
         self.counters["requests"] += 1
         return RankResult(list(item_ids), {"click": [1.0 / (k + 1) for k in
                                                      range(len(item_ids))]}, "v-test",
@@ -155,9 +164,11 @@ def test_a_body_over_the_cap_is_refused_before_it_is_read(server):
 
 
 def test_a_content_length_that_lies_gets_an_answer(server):
-    # Not a number: the parser refuses it.
-    assert raw(server, b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n{}"
-               ).startswith(b"HTTP/1.1 400")
+    # Not a number: the parser refuses it, in JSON like every other refusal, and closes.
+    reply = raw(server, b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\n\r\n{}")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert "not valid HTTP" in json.loads(body)["error"]
     # Longer than the body: the server waits for the rest until the request timeout, then
     # answers 408 and closes.
     started = time.monotonic()
@@ -275,3 +286,69 @@ def test_without_a_model_rank_and_ready_are_503():
         assert status == 503 and "no champion" in reply["error"]
         status, reply = request(server, "GET", "/ready")
         assert status == 503 and reply["ready"] is False
+
+
+def test_requests_past_the_concurrency_cap_get_a_json_503_and_idle_connections_do_not_count():
+    limits = ServingConfig(max_concurrency=2, request_timeout_s=5)
+    ranker = Echo()
+    with BackgroundServer(make_app(ranker, limits), limits) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        # More idle keep-alive connections than the cap: they hold no request slot.
+        idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(6)]
+        try:
+            assert answers(server)
+            held = [threading.Thread(target=rank, args=(server, {"user_id": "hold",
+                                                                 "item_ids": ["a"]}))
+                    for _ in range(2)]
+            for thread in held:
+                thread.start()
+            deadline = time.monotonic() + 5
+            status, reply = 0, {}
+            while time.monotonic() < deadline:  # until both held requests are in flight
+                status, reply = rank(server, {"user_id": "u", "item_ids": ["a"]})
+                if status == 503:
+                    break
+                time.sleep(0.05)
+            assert status == 503 and "over capacity: 2 requests in flight" in reply["error"]
+            ranker.release.set()
+            for thread in held:
+                thread.join(timeout=10)
+            assert answers(server)
+            _, metrics = request(server, "GET", "/metrics")
+            assert 'ppm_scoring_requests_total{status="503"}' in metrics["raw"].decode()
+        finally:
+            ranker.release.set()
+            for sock in idle:
+                sock.close()
+
+
+@pytest.mark.slow
+def test_the_serve_command_runs_worker_processes_that_answer_and_stop_on_sigint(tmp_path):
+    """``ppm serve --port 0 --workers 2`` on a data dir without a model yet: the port it
+    prints answers /health and /ready (503: no champion), and Ctrl-C stops it."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ppm.cli", "--data-dir", str(tmp_path / "d"), "serve",
+         "--port", "0", "--workers", "2"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stderr.readline()
+        found = re.search(r"serving 2 workers on (http://127\.0\.0\.1:\d+)", line)
+        assert found, line
+        server = SimpleNamespace(url=found.group(1))
+        deadline = time.monotonic() + 240  # each worker loads torch and Feast first
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status, health = request(server, "GET", "/health")
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200 and health["model_version"] is None
+        status, ready = request(server, "GET", "/ready")
+        assert status == 503 and "no champion" in ready["reason"]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

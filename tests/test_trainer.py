@@ -254,14 +254,16 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
         t.join()
     assert not errors and ranker.model_version == version.name
 
-    # The same ranker over HTTP.
+    # The same ranker over HTTP, its item cache long enough for a second request to hit.
+    ranker.items.max_age_s = 600.0
     with BackgroundServer(make_app(ranker)) as server:
         base = server.url
         health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=10).read())
         assert health["model_version"] == version.name
         body = json.dumps({"user_id": "u0000001", "item_ids": candidates[:10]}).encode()
-        reply = json.loads(urllib.request.urlopen(urllib.request.Request(
-            f"{base}/rank", body, {"Content-Type": "application/json"}), timeout=10).read())
+        for _ in range(2):
+            reply = json.loads(urllib.request.urlopen(urllib.request.Request(
+                f"{base}/rank", body, {"Content-Type": "application/json"}), timeout=10).read())
         assert len(reply["items"]) == 10 and {"click", "order", "collect"} <= set(
             reply["items"][0])
         with pytest.raises(urllib.error.HTTPError) as bad:
@@ -272,11 +274,12 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
         assert ready == {"ready": True, "model_version": version.name}
         metrics = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
         assert f'ppm_scoring_model_info{{version="{version.name}"}} 1.0' in metrics
-        assert 'ppm_scoring_requests_total{status="200"} 1.0' in metrics
+        assert 'ppm_scoring_requests_total{status="200"} 2.0' in metrics
         assert 'ppm_scoring_requests_total{status="422"} 1.0' in metrics
-        assert "ppm_scoring_latency_seconds_count 1.0" in metrics
-        misses = re.search(r'ppm_scoring_item_cache_total\{result="miss"\} (\S+)', metrics)
-        assert misses and float(misses.group(1)) > 0  # the ranker's own reads
+        assert "ppm_scoring_latency_seconds_count 2.0" in metrics
+        for result in ("miss", "hit"):  # the first request's reads; the second's from the cache
+            n = re.search(rf'ppm_scoring_item_cache_total\{{result="{result}"\}} (\S+)', metrics)
+            assert n and float(n.group(1)) > 0, result
 
 
 @pytest.mark.slow

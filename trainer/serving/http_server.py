@@ -15,20 +15,22 @@ Every request the app refuses gets a 4xx JSON body ``{"error": reason}``: malfor
 or a body that is not UTF-8 (400), a missing field, a wrong type, too many candidates or an
 id that is not valid Unicode (422), a body over ``serving.max_body_bytes`` (413, before it
 is read; the connection closes). No model yet or scoring past ``serving.request_timeout_s``
-give a JSON 503, any other failure inside scoring a JSON 500 without its details. A client
-that does not send its whole request (headers and body) within
-``serving.request_timeout_s`` gets a 408 and the connection is closed, so slow or lying
-clients (a ``Content-Length`` larger than the body) hold no worker; idle keep-alive
-connections close after ``serving.keep_alive_s``. Two answers come from uvicorn itself, as
-plain text and not counted in ``/metrics``: a 400 for a request that is not HTTP (e.g.
-``Content-Length: abc``) and a 503 past ``serving.max_concurrency`` requests in flight.
-Limits are the ``[serving]`` section of the config. With ``--workers N`` each process
-serves its own ``/metrics``.
+give a JSON 503, any other failure inside scoring a JSON 500 without its details, and a
+request past ``serving.max_concurrency`` in flight a JSON 503 at once. A client that does not
+send its whole request (headers and body) within ``serving.request_timeout_s`` gets a 408
+and the connection is closed, so slow or lying clients (a ``Content-Length`` larger than the
+body) hold no worker; idle keep-alive connections close after ``serving.keep_alive_s``. A
+request that is not HTTP (e.g. ``Content-Length: abc``) gets a JSON 400 from the protocol
+and the connection is closed. These two and the 408 are answered before the app sees the
+request, so ``/metrics`` does not count them; nor uvicorn's own plain-text 503 past
+``serving.max_connections`` open connections. Limits are the ``[serving]`` section of the
+config. With ``--workers N`` each process serves its own ``/metrics``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import json
 import os
@@ -154,6 +156,29 @@ class BodyCap:
         await self.app(scope, capped, send)
 
 
+class InFlightCap:
+    """ASGI middleware: past ``max_requests`` HTTP requests in flight, a new one gets a JSON
+    503 (with ``Retry-After``) at once instead of queueing for the scoring threads."""
+
+    def __init__(self, app, max_requests: int, refused: Callable[[], None]):
+        self.app, self.max_requests, self.refused = app, max_requests, refused
+        self.in_flight = 0  # one event loop per process: no lock needed
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_requests:
+            self.refused()
+            response = JSONResponse({"error": f"over capacity: {self.in_flight} requests in "
+                                     "flight; retry shortly"}, 503, headers={"retry-after": "1"})
+            return await response(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
     """The scoring app around ``ranker``, refusing requests over ``limits`` (default: the
     config's defaults). Metrics go to a registry of the app's own."""
@@ -178,6 +203,9 @@ def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
 
     app.add_middleware(BodyCap, max_bytes=limits.max_body_bytes,
                        refused=lambda: requests.labels("413").inc())
+    # Added last, so outermost: a request over the cap is refused before anything else.
+    app.add_middleware(InFlightCap, max_requests=limits.max_concurrency,
+                       refused=lambda: requests.labels("503").inc())
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -296,6 +324,15 @@ class DeadlineProtocol(H11Protocol):
             self._deadline.cancel()
             self._deadline = None
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP, as JSON like every other refusal
+        (uvicorn's own is plain text); the connection closes."""
+        body = json.dumps({"error": f"{msg} (not valid HTTP/1.1)"}).encode()
+        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self.transport.close()
+
     def _expire(self) -> None:
         self._deadline = None
         cycle = self.cycle
@@ -381,7 +418,10 @@ def app_from_env() -> FastAPI:
     (:data:`CONFIG_ENV`, :data:`VARIANT_ENV`, set by :func:`serve`)."""
     cfg = Config.model_validate_json(os.environ[CONFIG_ENV])
     DeadlineProtocol.request_timeout_s = cfg.serving.request_timeout_s  # this process's copy
-    return loaded_app(cfg, os.environ[VARIANT_ENV])
+    app = loaded_app(cfg, os.environ[VARIANT_ENV])
+    # As serve() does for one process: pending plug-in output writes finish at exit.
+    atexit.register(app.state.ranker.close)
+    return app
 
 
 def loaded_app(cfg: Config, variant: str) -> FastAPI:
@@ -406,7 +446,7 @@ def server_config(app: FastAPI | str, limits: ServingConfig, host: str, port: in
     return uvicorn.Config(
         app, host=host, port=port, workers=workers, factory=isinstance(app, str), http=http,
         timeout_keep_alive=int(max(1, limits.keep_alive_s)),
-        limit_concurrency=limits.max_concurrency, log_level="warning", access_log=False,
+        limit_concurrency=limits.max_connections, log_level="warning", access_log=False,
         lifespan="off", ws="none", h11_max_incomplete_event_size=64 * 1024,
         # A worker loads torch, Feast and the model before it answers the supervisor's
         # pings: uvicorn's 5 s default kills and restarts it forever on a busy machine.
