@@ -30,10 +30,9 @@ def test_help_imports_nothing_heavy():
 
 def test_bad_config_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setenv("PPM__ENCODERS__IMAGE_SIZE", "huge")
-    with pytest.raises(SystemExit) as exc:
-        main(["config"])
-    assert exc.value.code == 2
-    assert "image_size" in capsys.readouterr().err
+    assert main(["config"]) == 2
+    line = one_error_line(capsys.readouterr().err, "config")
+    assert "bad configuration" in line and "image_size" in line and "PPM__" in line
 
 
 def test_config_prints_the_effective_values(monkeypatch, capsys):
@@ -180,13 +179,21 @@ def test_status_reads_every_workers_freshness_windows_and_dead_letters(tmp_path,
 
 
 def test_train_options_that_cannot_work_are_usage_errors(tmp_path, capsys):
-    data = ["--data-dir", str(tmp_path)]
-    assert main([*data, "train", "--tune", "id_dropout=0,0.1"]) == 2  # not --batch
-    assert "--tune goes with --batch" in capsys.readouterr().err
-    assert main([*data, "train", "--batch", "--tune", "id_dropout"]) == 2
-    assert "FIELD=V1,V2" in capsys.readouterr().err
-    assert main([*data, "train", "--batch", "--valid-share", "0.9"]) == 2
-    assert "valid_share" in capsys.readouterr().err
+    data = ["--data-dir", str(tmp_path / "mistyped")]
+    for options, said in (
+            (["--tune", "id_dropout=0,0.1"], "--tune goes with --batch"),  # not --batch
+            (["--batch", "--freeze-plugin"], "--freeze-plugin goes with --plug-in"),
+            (["--batch", "--plug-in", "champion", "--tune", "id_dropout=0,0.1"],
+             "--plug-in and --tune do not go together"),
+            (["--batch", "--tune", "id_dropout"], "FIELD=V1,V2"),
+            (["--batch", "--tune", "no_such_field=1,2"], "unknown config field"),
+            (["--batch", "--tune", "id_dropout=0,lots"], "--tune id_dropout=lots"),
+            (["--batch", "--valid-share", "0.9"], "--valid-share 0.9"),
+            (["--batch", "--test-share", "1"], "--test-share 1")):
+        assert main([*data, "train", *options]) == 2, options
+        assert said in one_error_line(capsys.readouterr().err, "train"), options
+    # Told before the data dir is looked at (it holds no run), and nothing was created.
+    assert not (tmp_path / "mistyped").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -348,3 +355,88 @@ def test_train_follow_serves_its_metrics_and_records_each_step(tmp_path, monkeyp
     assert 'ppm_training_steps_total{variant="idrec"} 1.0' in seen["metrics"]
     assert 'ppm_training_promotions_total{variant="idrec"} 1.0' in seen["metrics"]
     assert 'ppm_training_click_auc{model="candidate",variant="idrec"} 0.7' in seen["metrics"]
+
+
+@pytest.mark.parametrize(("command", "said"), [
+    (["features", "get"], "give --item ID and/or --user ID"),
+    (["eval", "--seeds", "2", "--variant", "idrec"], "drop --variant"),
+    (["eval", "--test-share", "1.5"], "--test-share 1.5"),
+    (["experiment", "staleness", "--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["experiment", "staleness", "--tolerance", "-0.1"], "--tolerance -0.1"),
+    (["experiment", "ablation", "--finetuned", "enc-b"], "--finetuned needs --generic"),
+    (["experiment", "ablation", "--valid-share", "0.8"], "--valid-share 0.8"),
+    (["import", "--items", "items.csv"], "give --items FILE and --interactions FILE"),
+    (["backfill", "--simulate", "--batch-size", "0"], "--batch-size 0"),
+    (["finetune", "text", "--simulate", "--test-share", "0"], "--test-share 0"),
+])
+def test_a_command_line_that_cannot_work_exits_2_before_anything_runs(tmp_path, capsys,
+                                                                      command, said):
+    name = " ".join(w for w in command[:2] if not w.startswith("-"))
+    data_dir = tmp_path / "mistyped"  # holds no run: the usage mistake is told first
+    assert main(["--data-dir", str(data_dir), *command]) == 2
+    assert said in one_error_line(capsys.readouterr().err, name)
+    assert not data_dir.exists()
+
+
+def test_debug_shows_the_traceback_of_a_usage_error_too(tmp_path, capsys):
+    assert main(["--debug", "--data-dir", str(tmp_path), "features", "get"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UsageError" in err
+    assert err.strip().splitlines()[-1].startswith("ppm features get: error: give --item")
+
+
+def test_stream_into_a_finished_run_is_an_error(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    class FinishedRunner:
+        def __init__(self, cfg, resume=True):
+            self.summary = SimpleNamespace(finished=resume)  # --fresh: not resumed
+
+        def run(self, records, source, speed, progress):
+            return SimpleNamespace(streamed=True)
+
+    monkeypatch.setattr("streams.local_runner.LocalRunner", FinishedRunner)
+    data = ["--data-dir", str(tmp_path), "stream", "--simulate", "--days", "0.01", "--quiet"]
+    assert main(data) == 1
+    line = one_error_line(capsys.readouterr().err, "stream")
+    assert line.endswith(f"{tmp_path} holds a finished run, so there is nothing to resume; "
+                         "give --fresh to stream again from the start, or another --data-dir")
+    assert main([*data, "--fresh"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"streamed": True}
+
+
+def test_failures_found_while_running_exit_1(tmp_path, monkeypatch, capsys):
+    DataDir(tmp_path).training.mkdir()  # a run, with no window closed yet
+    data = ["--data-dir", str(tmp_path)]
+    assert main([*data, "project"]) == 1
+    line = one_error_line(capsys.readouterr().err, "project")
+    assert "there is no champion in" in line and "--freeze-plugin" in line
+    assert main([*data, "train", "--batch", "--variant", "idrec", "--quiet"]) == 1
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert "no closed window in the train period" in line and "stream or import" in line
+    assert main([*data, "eval", "--seeds", "1", "--oracle", str(tmp_path / "nope.parquet")]) == 1
+    line = one_error_line(capsys.readouterr().err, "eval")
+    assert f"no oracle file {tmp_path / 'nope.parquet'}" in line and "check the path" in line
+
+
+def test_a_library_systemexit_with_a_message_is_an_error_line(tmp_path, monkeypatch, capsys):
+    def evaluate_champions(cfg, variants, test_share):
+        raise SystemExit("no closed windows in the test period")
+
+    monkeypatch.setattr("trainer.train.evaluate_champions", evaluate_champions)
+    DataDir(tmp_path).training.mkdir()
+    assert main(["--data-dir", str(tmp_path), "eval"]) == 1
+    line = one_error_line(capsys.readouterr().err, "eval")
+    assert line == "ppm eval: error: no closed windows in the test period"
+
+
+def test_help_names_every_preset_and_what_status_reports():
+    from ppm.cli.commands import build_parser
+    from ppm.config import PRESETS
+
+    parser = build_parser()
+    preset = next(a for a in parser._actions if "--preset" in a.option_strings)
+    assert all(f"{name} (" in preset.help for name in PRESETS)
+    commands = next(a for a in parser._actions if a.dest == "command")
+    status = next(c for c in commands._choices_actions if c.dest == "status")
+    assert "per topic and partition" in status.help and "per worker" in status.help

@@ -63,7 +63,8 @@ def test_start_turns_ryuk_off_before_any_container(monkeypatch):
 
 @pytest.fixture
 def no_external_servers(monkeypatch):
-    for name in ("KAFKA_BOOTSTRAP", "REDIS_URL", "PPM__KAFKA__BOOTSTRAP", "PPM__REDIS__URL"):
+    """No servers named in the environment: with both, start_servers would use them."""
+    for name in ("PPM__KAFKA__BOOTSTRAP", "PPM__REDIS__URL"):
         monkeypatch.delenv(name, raising=False)
 
 

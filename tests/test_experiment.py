@@ -136,10 +136,10 @@ def test_eval_seeds_reports_models_baselines_control_oracle_and_intervals(tmp_pa
     # An oracle of other data is refused, not half used.
     pq.write_table(pa.table({"request_id": ["x"], "item_id": ["y"], "logit": [0.0]}),
                    cfg.paths.simulated_oracle)
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert "describes other data" in capsys.readouterr().err
     # Without an oracle there is no ceiling; a missing --oracle file is an error.
-    assert main([*argv, "--oracle", str(tmp_path / "nope.parquet")]) == 2
+    assert main([*argv, "--oracle", str(tmp_path / "nope.parquet")]) == 1
     cfg.paths.simulated_oracle.unlink()
     assert main([*argv[:4], "1", *argv[5:]]) == 0  # one seed is enough to see it
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -84,7 +84,7 @@ def test_the_command_pre_trains_plugs_in_and_refuses_a_plug_in_without_batch(tmp
         + "[trainer]\ninitial_epochs = 1\nbatch_size = 64\nlr = 0.01\nthreads = 1\n")
     base = ["--config", str(toml), "--data-dir", str(tmp_path), "train"]
     assert main([*base, "--plug-in", "champion"]) == 2
-    assert main([*base, "--batch", "--variant", "ppm", "--plug-in", "champion"]) == 2  # none yet
+    assert main([*base, "--batch", "--variant", "ppm", "--plug-in", "champion"]) == 1  # none yet
     assert main([*base, "--batch", "--variant", "modal", "--quiet"]) == 0
     capsys.readouterr()
     assert main([*base, "--batch", "--variant", "ppm", "--plug-in", "champion",

@@ -57,8 +57,9 @@ def _stream(args: argparse.Namespace, cfg: Config) -> int:
         records = ShopSimulator(world).records()
     runner = LocalRunner(cfg, resume=not args.fresh)
     if runner.summary.finished:
-        print(f"{cfg.data_dir} holds a finished run; use --fresh to start over", file=sys.stderr)
-        return 1
+        raise RuntimeError(f"{cfg.data_dir} holds a finished run, so there is nothing to "
+                           "resume; give --fresh to stream again from the start, or another "
+                           "--data-dir")
     summary = runner.run(records, source, speed=args.speed, progress=not args.quiet)
     print(json.dumps(summary.__dict__, default=str))
     return 0
@@ -77,25 +78,11 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
     if args.threads:
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
             update={"threads": args.threads})})
-    for flag, given in (("--tune", args.tune), ("--plug-in", args.plug_in),
-                        ("--freeze-plugin", args.freeze_plugin)):
-        if given and not args.batch:
-            print(f"ppm train: {flag} goes with --batch", file=sys.stderr)
-            return 2
-    if args.freeze_plugin and not args.plug_in:
-        print("ppm train: --freeze-plugin goes with --plug-in", file=sys.stderr)
-        return 2
-    try:
-        grid = dict(_tune_option(t) for t in args.tune or [])
-        split = split_windows(cfg, args.test_share, args.valid_share) if args.batch else None
-        source = _plug_in_source(cfg, args.plug_in) if args.plug_in else None
-        if source and grid:
-            raise ValueError("--plug-in and --tune: tune the plug-in's own training instead")
-    except ValueError as exc:
-        print(f"ppm train: {exc}", file=sys.stderr)
-        return 2
+    grid = dict(_tune_option(t, cfg) for t in args.tune or [])  # checked: _check_usage
     if not args.follow:
         _require_run(cfg)
+    split = split_windows(cfg, args.test_share, args.valid_share) if args.batch else None
+    source = _plug_in_source(cfg, args.plug_in) if args.plug_in else None
     from trainer.curves import CurveLog
 
     runs: list[CurveLog] = []
@@ -112,22 +99,21 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
         runs.append(curves)
         if args.batch:
             if not split.train:
-                print("no closed windows to train on", file=sys.stderr)
-                return 1
+                raise RuntimeError(f"no closed window in the train period of {cfg.data_dir} "
+                                   f"({len(split.valid)} validation, {len(split.test)} test "
+                                   "windows); stream or import more events (a window closes "
+                                   "once later events arrive), or give a smaller "
+                                   "--test-share/--valid-share")
             if not split.valid:
                 print("no window in the validation period: the last epoch is kept and "
                       "nothing is tuned (a larger --valid-share makes one)", file=sys.stderr)
-            try:
-                fitted = (tune_batch(cfg, split, grid, variant, args.epochs, not args.quiet,
-                                     curves=curves)
-                          if grid else train_batch(cfg, split.train, variant, args.epochs,
-                                                   not args.quiet, valid=split.valid,
-                                                   plug_in_from=source,
-                                                   freeze_plugin=args.freeze_plugin,
-                                                   curves=curves))
-            except ValueError as exc:
-                print(f"ppm train: {exc}", file=sys.stderr)
-                return 2
+            fitted = (tune_batch(cfg, split, grid, variant, args.epochs, not args.quiet,
+                                 curves=curves)
+                      if grid else train_batch(cfg, split.train, variant, args.epochs,
+                                               not args.quiet, valid=split.valid,
+                                               plug_in_from=source,
+                                               freeze_plugin=args.freeze_plugin,
+                                               curves=curves))
             version = trainer.registry.register(fitted.model, fitted.meta())
             if fitted.plug_in and fitted.plug_in.get("projection"):
                 # Before the promotion: the first request of the new champion finds them.
@@ -184,9 +170,10 @@ def _project(args: argparse.Namespace, cfg: Config) -> int:
     registry = Registry(cfg.paths.registry(args.variant or cfg.trainer.variant))
     champion = registry.champion()
     if champion is None or not projection_of(champion.meta):
-        print(f"ppm project: the champion in {registry.root} has no frozen plug-in (train "
-              "one with ppm train --batch --plug-in VERSION --freeze-plugin)", file=sys.stderr)
-        return 2
+        what = ("there is no champion" if champion is None
+                else f"the champion {champion.name} has no frozen plug-in")
+        raise RuntimeError(f"{what} in {registry.root}, so there is nothing to project; train "
+                           "one with ppm train --batch --plug-in VERSION --freeze-plugin")
     written = _write_projections(cfg, registry.load(champion), champion.meta)
     print(json.dumps({"version": champion.name, "projection":
                       projection_of(champion.meta), "items": written}))
@@ -206,12 +193,19 @@ def _plug_in_source(cfg: Config, name: str):
     return found
 
 
-def _tune_option(text: str) -> tuple[str, list[str]]:
-    """``FIELD=V1,V2,...`` -> (FIELD, [V1, V2, ...])."""
+def _tune_option(text: str, cfg: Config) -> tuple[str, list[str]]:
+    """``FIELD=V1,V2,...`` -> (FIELD, [V1, V2, ...]); :class:`UsageError` for a malformed
+    option, an unknown field or a value the field does not take (before any fit)."""
     name, sep, values = text.partition("=")
     if not (sep and name and values and all(values.split(","))):
-        raise ValueError(f"--tune {text!r}: give FIELD=V1,V2,... e.g. id_dropout=0,0.1,0.3")
-    return name.strip(), [v.strip() for v in values.split(",")]
+        raise UsageError(f"--tune {text!r}: give FIELD=V1,V2,... e.g. id_dropout=0,0.1,0.3")
+    name, tried = name.strip(), [v.strip() for v in values.split(",")]
+    for value in tried:
+        try:
+            cfg.with_values({name: value})
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise UsageError(f"--tune {name}={value}: {' '.join(str(exc).split())}") from exc
+    return name, tried
 
 
 def _eval(args: argparse.Namespace, cfg: Config) -> int:
@@ -224,8 +218,7 @@ def _eval(args: argparse.Namespace, cfg: Config) -> int:
         reports, markdown_rows = evaluate_champions(cfg, args.variant or ["idrec", "ppm"],
                                                     args.test_share)
     except LeakyChampionError as exc:
-        print(f"ppm eval: refused: {exc}", file=sys.stderr)
-        return 1
+        raise LeakyChampionError(f"refused: {exc}") from exc
     markdown = to_markdown(reports, task="click", buckets=markdown_rows)
     if args.markdown:
         Path(args.markdown).write_text(markdown + "\n")
@@ -241,15 +234,11 @@ def _experiment_staleness(args: argparse.Namespace, cfg: Config) -> int:
 
     name = f"spec-{Path(args.spec).stem}" if args.spec else args.sweep
     out = Path(args.out) if args.out else cfg.paths.staleness(name)
-    try:
-        sweep = Sweep.from_toml(Path(args.spec)) if args.spec else SWEEPS[args.sweep]
-        if args.tolerance is not None:
-            sweep = replace(sweep, tolerance=args.tolerance)
-        result = run_staleness(cfg, sweep, args.seeds, out, args.test_share, args.valid_share,
-                               args.epochs, progress=not args.quiet)
-    except (ValueError, OSError) as exc:
-        print(f"ppm experiment staleness: {exc}", file=sys.stderr)
-        return 2
+    sweep = Sweep.from_toml(Path(args.spec)) if args.spec else SWEEPS[args.sweep]
+    if args.tolerance is not None:
+        sweep = replace(sweep, tolerance=args.tolerance)
+    result = run_staleness(cfg, sweep, args.seeds, out, args.test_share, args.valid_share,
+                           args.epochs, progress=not args.quiet)
     print((out / "results.md").read_text(), file=sys.stderr)
     print(f"results in {out}", file=sys.stderr)
     print(json.dumps(result))
@@ -261,20 +250,16 @@ def _finetune(args: argparse.Namespace, cfg: Config) -> int:
     line of stdout, the before/after figures go to stderr."""
     from trainer.finetune import finetune_image, finetune_text
 
-    try:
-        if args.encoder == "text":
-            report = finetune_text(cfg, _item_events(args, cfg), args.out, args.test_share,
-                                   args.valid_share, args.epochs, progress=not args.quiet)
-        else:
-            from streams.sources.shop_simulator import entity_photos
+    if args.encoder == "text":
+        report = finetune_text(cfg, _item_events(args, cfg), args.out, args.test_share,
+                               args.valid_share, args.epochs, progress=not args.quiet)
+    else:
+        from streams.sources.shop_simulator import entity_photos
 
-            photos, labels = entity_photos(args.fashion_mnist or cfg.simulator.fashion_mnist_dir,
-                                           patterns=cfg.simulator.world == "v2")
-            report = finetune_image(cfg, photos, labels, args.out, args.epochs,
-                                    progress=not args.quiet)
-    except (ValueError, OSError) as exc:
-        print(f"ppm finetune {args.encoder}: {exc}", file=sys.stderr)
-        return 2
+        photos, labels = entity_photos(args.fashion_mnist or cfg.simulator.fashion_mnist_dir,
+                                       patterns=cfg.simulator.world == "v2")
+        report = finetune_image(cfg, photos, labels, args.out, args.epochs,
+                                progress=not args.quiet)
     for period in ("valid", "test"):
         before, after = report[f"{period}_before"], report[f"{period}_after"]
         if args.encoder == "text":
@@ -300,15 +285,11 @@ def _backfill(args: argparse.Namespace, cfg: Config) -> int:
     from feature_repo.online_features import OnlineFeatures
     from streams.backfill import Backfill
 
-    try:
-        items = _item_events(args, cfg)
-        store = OnlineFeatures.open(cfg)
-        encoder = ItemEncoder.from_config(cfg)
-        result = Backfill(encoder, store, ItemLog(cfg.paths.item_log), args.batch_size).run(
-            items, progress=not args.quiet)
-    except (ValueError, OSError) as exc:
-        print(f"ppm backfill: {exc}", file=sys.stderr)
-        return 2
+    items = _item_events(args, cfg)
+    store = OnlineFeatures.open(cfg)
+    encoder = ItemEncoder.from_config(cfg)
+    result = Backfill(encoder, store, ItemLog(cfg.paths.item_log), args.batch_size).run(
+        items, progress=not args.quiet)
     print(f"{result.encoded:,} of {result.contents:,} item contents embedded under "
           f"{result.encoder_version} ({result.already:,} already were, "
           f"{len(result.rejected):,} items rejected; {result.items:,} items listed, "
@@ -343,20 +324,10 @@ def _experiment_ablation(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.experiment import ablation_arms, ablation_pairs, run_experiment
 
     started = datetime.now(UTC)
-    if args.finetuned and (not args.generic or args.generic == args.finetuned):
-        # "Written last" would be the backfilled version itself: name the other one.
-        print("ppm experiment ablation: --finetuned needs --generic, the other encoder "
-              "version (ppm backfill printed the new one; the old is in the champion's meta)",
-              file=sys.stderr)
-        return 2
     arms = ablation_arms(args.finetuned, args.generic)
-    try:
-        result = run_experiment(cfg, args.seeds, args.test_share, args.valid_share,
-                                args.epochs, progress=not args.quiet, arms=arms,
-                                pairs=ablation_pairs(arms))
-    except ValueError as exc:
-        print(f"ppm experiment ablation: {exc}", file=sys.stderr)
-        return 2
+    result = run_experiment(cfg, args.seeds, args.test_share, args.valid_share,
+                            args.epochs, progress=not args.quiet, arms=arms,
+                            pairs=ablation_pairs(arms))
     result = {"kind": "ablation", "generic": args.generic, "finetuned": args.finetuned,
               **result}
     return _report_experiment(cfg, f"ablation-{started:%Y%m%dT%H%M%SZ}", result,
@@ -369,22 +340,15 @@ def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.baselines import Oracle
     from trainer.experiment import run_experiment
 
-    if args.variant:
-        print("ppm eval: --seeds trains idrec, ppm and the shuffled-vector control itself; "
-              "drop --variant", file=sys.stderr)
-        return 2
     oracle_file = Path(args.oracle) if args.oracle else cfg.paths.simulated_oracle
     if args.oracle and not oracle_file.is_file():
-        print(f"ppm eval: no oracle file {oracle_file}", file=sys.stderr)
-        return 2
+        # main's line adds "; check the path".
+        raise FileNotFoundError(f"no oracle file {oracle_file} (--oracle; without one the "
+                                "results have no ceiling)")
     started = datetime.now(UTC)
-    try:
-        oracle = Oracle.read(oracle_file) if oracle_file.is_file() else None
-        result = run_experiment(cfg, args.seeds, args.test_share, args.valid_share,
-                                args.epochs, oracle, progress=not args.quiet)
-    except ValueError as exc:
-        print(f"ppm eval: {exc}", file=sys.stderr)
-        return 2
+    oracle = Oracle.read(oracle_file) if oracle_file.is_file() else None
+    result = run_experiment(cfg, args.seeds, args.test_share, args.valid_share,
+                            args.epochs, oracle, progress=not args.quiet)
     result = {"oracle_file": str(oracle_file) if oracle else None, **result}
     return _report_experiment(cfg, started.strftime("%Y%m%dT%H%M%SZ"), result, args.markdown)
 
@@ -427,17 +391,10 @@ def _import(args: argparse.Namespace, cfg: Config) -> int:
         write_events,
     )
 
-    try:
-        refuse_existing_run(cfg.data_dir)  # before import/ is replaced, not after
-    except FileExistsError as exc:
-        print(f"ppm import: {exc}", file=sys.stderr)
-        return 1
+    refuse_existing_run(cfg.data_dir)  # before import/ is replaced, not after
     if args.movielens:
         items, interactions, rule = movielens(args.label_rule or "rating>=4:click")
     else:
-        if not (args.items and args.interactions):
-            print("ppm import: give --items and --interactions, or --movielens", file=sys.stderr)
-            return 2
         items, interactions = read_table(Path(args.items)), read_table(Path(args.interactions))
         rule = LabelRule.parse(args.label_rule) if args.label_rule else None
     events_dir = cfg.paths.import_events
@@ -476,9 +433,6 @@ def _features(args: argparse.Namespace, cfg: Config) -> int:
         print(f"registered {len(names)} Feast objects in {cfg.paths.feast_repo}: "
               + ", ".join(names))
         return 0
-    if not (args.item or args.user):
-        print("ppm features get: give --item ID and/or --user ID", file=sys.stderr)
-        return 2
     at = _clock(args.at, cfg)
     out: dict = {"judged_at": at.isoformat()}
     now_us = int(at.timestamp() * 1_000_000)
@@ -661,6 +615,18 @@ def _describe_item(item) -> dict | None:
     }
 
 
+PRESET_NOTES = {
+    "quick": "a smaller world, 3-hour windows",
+    "fair": "the fair simulated world, v2",
+    "drifting": "trends, sales, new photos and drifting tastes: a world where staleness "
+                "costs",
+    "static": "no drift at all, spelled out",
+    "history": "weekly windows and long clock jumps, for historical replays",
+}
+"""``ppm --help``'s words for the presets of :data:`ppm.config.PRESETS`; the names come
+from PRESETS itself, so a preset without words here is still listed."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppm",
@@ -677,9 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ppm {_version()}")
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="lay a named preset over the config (ppm.config.PRESETS; its "
-                        "values win): quick (a smaller world, 3-hour windows), fair (the "
-                        "fair simulated world, v2), history (weekly windows and long clock "
-                        "jumps, for historical replays)")
+                        "values win): " + ", ".join(
+                            f"{name} ({PRESET_NOTES[name]})" if name in PRESET_NOTES else name
+                            for name in PRESETS))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="simulate a shop and stream it through ppm (embedded)")
@@ -916,9 +882,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--quiet", action="store_true", help="no progress bar")
     publish.set_defaults(run=_publish)
 
-    status = sub.add_parser("status", help="the distributed path: consumer lag per topic, dead "
-                            "letters, freshness (arrival to readable) and training windows of "
-                            "DATA_DIR's workers")
+    status = sub.add_parser("status", help="the distributed path: consumer lag per topic and "
+                            "partition, dead letters by stage and reason, freshness (arrival "
+                            "to readable) overall and per worker, each worker's metrics "
+                            "endpoint, and the training windows closed per source in DATA_DIR")
     _add_bootstrap_option(status)
     status.set_defaults(run=_status)
 
@@ -956,6 +923,28 @@ def _add_bootstrap_option(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``ppm`` command line ``argv`` (default: ``sys.argv[1:]``); its exit status.
+
+    Errors have one rule, and this is its one handler: a command raises, and the user gets
+    one line on stderr, ``ppm COMMAND: error: what went wrong; what to do`` (``--debug``
+    adds the traceback above it), and the status says which kind of mistake it was:
+
+    * **2**, the command line cannot work, found before anything ran: argparse's own
+      complaints (an unknown option, a missing or malformed value; argparse prints the
+      usage line above its error line), a bad configuration (``--config``, a ``PPM__``
+      variable, ``--preset``), and a :class:`UsageError` of :func:`_check_usage` (options
+      that do not go together, a value out of range).
+    * **1**, the command ran and failed: every other exception (a missing file, no run in
+      the data dir, a server that does not answer, data that do not fit), worded by
+      :func:`_explain`; also a ``SystemExit`` that carries a message (a library's
+      ``raise SystemExit("no closed windows ...")``). A ``SystemExit`` with a number
+      passes as it is.
+    * **130** on Ctrl-C.
+
+    Notes that are not errors (nothing to plot, no validation window) are plain stderr
+    lines, and the command goes on or ends with 0. Commands print no error lines of their
+    own: they raise.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -965,7 +954,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.preset:
             cfg = cfg.with_preset(args.preset)
     except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-        parser.error(f"bad configuration: {exc}")
+        return _fail(args, 2, f"bad configuration: {' '.join(str(exc).split())}; fix that "
+                     "value in the config file (--config, $PPM_CONFIG) or its "
+                     "PPM__SECTION__FIELD variable")
+    try:
+        _check_usage(args, cfg)
+    except UsageError as exc:
+        return _fail(args, 2, str(exc))
     try:
         if _command_name(args) in READS_RUN:
             _require_run(cfg)
@@ -973,13 +968,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # SystemExit passes: its message and code are meant
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        print(f"ppm {_command_name(args)}: error: {_explain(exc, args, cfg)}", file=sys.stderr)
-        return 1
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        return _fail(args, 1, exc.code)
+    except Exception as exc:
+        return _fail(args, 1, _explain(exc, args, cfg))
     if argv is None:
         # The process ends now: a last full collection over the millions of objects Feast
         # and torch leave only delays the exit (0.6 s of ppm features get's 2).
@@ -989,13 +983,78 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _fail(args: argparse.Namespace, code: int, message: str) -> int:
+    """The error line of :func:`main` (after the traceback with ``--debug``), and ``code``."""
+    if args.debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"ppm {_command_name(args)}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+class UsageError(Exception):
+    """A command line that cannot work, whatever the data: :func:`main` prints its line
+    and exits 2, as argparse does for its own checks."""
+
+
+def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
+    """Raise :class:`UsageError` for what argparse cannot see, checking each option
+    alone: options that do not go together and values out of range. Runs before any
+    command (and before :func:`_require_run`), so a wrong command line is told first."""
+    command = _command_name(args)
+    if command == "train":
+        for flag, given in (("--tune", args.tune), ("--plug-in", args.plug_in),
+                            ("--freeze-plugin", args.freeze_plugin)):
+            if given and not args.batch:
+                raise UsageError(f"{flag} goes with --batch (one fit over the train "
+                                 "period); add --batch")
+        if args.freeze_plugin and not args.plug_in:
+            raise UsageError("--freeze-plugin goes with --plug-in VERSION, the pre-trained "
+                             "PPM module to freeze; add it")
+        if args.plug_in and args.tune:
+            raise UsageError("--plug-in and --tune do not go together: tune the plug-in's "
+                             "own training instead (ppm train --batch --variant modal --tune "
+                             "...)")
+        for text in args.tune or []:
+            _tune_option(text, cfg)
+    elif command == "features get" and not (args.item or args.user):
+        raise UsageError("give --item ID and/or --user ID (each repeatable)")
+    elif command == "eval" and args.seeds is not None and args.variant:
+        raise UsageError("--seeds trains idrec, ppm and the shuffled-vector control itself; "
+                         "drop --variant")
+    elif command == "experiment ablation" and args.finetuned and (
+            not args.generic or args.generic == args.finetuned):
+        # "Written last" would be the backfilled version itself: name the other one.
+        raise UsageError("--finetuned needs --generic, the other encoder version (ppm "
+                         "backfill printed the new one; the old is in the champion's meta)")
+    elif command == "import" and not args.movielens and not (args.items and args.interactions):
+        raise UsageError("give --items FILE and --interactions FILE, or --movielens")
+    elif command == "experiment staleness" and (args.tolerance or 0) < 0:
+        raise UsageError(f"--tolerance {args.tolerance:g}: give an AUC loss of 0 or more")
+    elif command == "backfill" and args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: give at least 1")
+    seeded = command.startswith("experiment") or (command == "eval" and args.seeds is not None)
+    if seeded and args.seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+    # The split of trainer.train.split_windows, where the command cuts one.
+    splits = seeded or command == "finetune text" or (command == "train" and args.batch)
+    if (splits or command == "eval") and not 0 < args.test_share < 1:
+        raise UsageError(f"--test-share {args.test_share:g}: give the share of the time span "
+                         "to test on, between 0 and 1 (default 0.2)")
+    if splits and not 0 <= args.valid_share < 1 - args.test_share:
+        raise UsageError(f"--valid-share {args.valid_share:g}: give a share from 0 (none) to "
+                         f"below {1 - args.test_share:g}, so that the validation period "
+                         f"fits before the test period (--test-share {args.test_share:g})")
+
+
 READS_RUN = frozenset({"features get", "eval", "project", "experiment staleness",
                        "experiment ablation"})
-"""Commands that only read a run: they refuse a data dir that holds none (:func:`_require_run`).
-``ppm train`` checks after its usage errors. Not ``status`` (Kafka's lag and dead letters
-matter most on a fresh deployment; it creates nothing), nor ``serve`` and ``train
---follow``: services that wait for a run to appear (docker compose starts them beside a
-worker that has not written anything yet)."""
+"""Commands that only read a run: they refuse a data dir that holds none (:func:`_require_run`;
+after :func:`_check_usage`). ``ppm train`` checks for itself, but not with ``--follow``.
+Not ``status`` (Kafka's lag and dead letters matter most on a fresh deployment; it creates
+nothing), nor ``serve`` and ``train --follow``: services that wait for a run to appear
+(docker compose starts them beside a worker that has not written anything yet)."""
 
 
 class NoRunError(Exception):
