@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
-from feast.types import Array, Bool, Float32, Int64, String
+from feast.types import Array, Bool, Bytes, Float32, Int64, String
 
 from ppm.data_dir import DataDir
 
@@ -40,6 +40,14 @@ ITEM_EMBEDDING_PUSH = "item_embedding_push"
 ITEM_PROFILE_PUSH = "item_profile_push"
 USER_SEQUENCE_PUSH = "user_sequence_push"
 RANKER_SERVICE = "ranker"
+
+# Feast's online stores keep one value per feature (a row each in SQLite) and parse each on
+# read: an item's profile and vector metadata were eleven values, its plug-in output three
+# more. The ranker reads each view's fields packed into one value instead, written beside
+# the typed fields, which stay for Feast's own readers (feature_repo.online_features).
+PROFILE_PACKED = "profile_packed"
+META_PACKED = "meta_packed"
+PROJECTION_PACKED = "projection_packed"
 
 
 def embedding_key(item_id: str, encoder_version: str) -> str:
@@ -111,8 +119,9 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
     # Written by SequenceBuilder for the users whose sequence changed in a batch.
     user_sequence_push = push_source(USER_SEQUENCE_PUSH, paths.user_sequence_log)
 
-    def embedding_view(name: str, entity: Entity) -> FeatureView:
-        """A vector and what it was computed from (the three embedding views share it)."""
+    def embedding_view(name: str, entity: Entity, packed: Field) -> FeatureView:
+        """A vector and what it was computed from (the three embedding views share it), and
+        ``packed``, what the ranker reads of them."""
         return FeatureView(
             name=name,
             entities=[entity],
@@ -126,6 +135,7 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
                       description="event time of the item event the vector was computed from"),
                 Field(name="embedded_at_us", dtype=Int64,
                       description="wall-clock time the vector became readable online"),
+                packed,
             ],
             source=item_embedding_push,
             online=True,
@@ -133,17 +143,23 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
 
     # The cached output of the frozen encoders: the PPM module's input. The newest vector
     # the stream wrote, whatever its encoder version: one read serves the common case.
-    item_embedding = embedding_view(ITEM_EMBEDDING_VIEW, item)
+    meta_packed = Field(name=META_PACKED, dtype=Bytes, description=(
+        "the four fields above in one value (JSON): what the ranker reads, not four values"))
+    item_embedding = embedding_view(ITEM_EMBEDDING_VIEW, item, meta_packed)
 
     # The same vectors keyed by (item, encoder version): what a reader of another version
     # than the newest one reads (a model trained on a backfilled version, or the old one
     # still serving while a backfill runs).
-    item_embedding_by_version = embedding_view(ITEM_EMBEDDING_BY_VERSION_VIEW, item_version)
+    item_embedding_by_version = embedding_view(ITEM_EMBEDDING_BY_VERSION_VIEW, item_version,
+                                               meta_packed)
 
     # A frozen PPM plug-in's per-item output (d_model floats instead of the raw vector),
     # keyed by (item, projection version): what serving reads for a model whose plug-in is
     # frozen (trainer.serving.projection). Its meta fields are the raw vector's.
-    item_projection = embedding_view(ITEM_PROJECTION_VIEW, item_version)
+    item_projection = embedding_view(ITEM_PROJECTION_VIEW, item_version, Field(
+        name=PROJECTION_PACKED, dtype=Bytes, description=(
+            "the four fields above (JSON), a newline and the vector's float32 bytes: what "
+            "the ranker reads, one value, not five")))
 
     # ID features of an item and the time of the newest event applied to it.
     item_profile = FeatureView(
@@ -159,6 +175,9 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
             Field(name="updated_us", dtype=Int64,
                   description="event time of the newest applied item event (order guard)"),
             Field(name="deleted", dtype=Bool),
+            Field(name=PROFILE_PACKED, dtype=Bytes,
+                  description="the seven fields above in one value (JSON): what the ranker "
+                              "reads, one stored value per item, not seven"),
         ],
         source=item_profile_push,
         online=True,

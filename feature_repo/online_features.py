@@ -16,6 +16,7 @@ write path and one read path. Two things Feast does not do are done here:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -36,6 +37,9 @@ from feature_repo.feature_definitions import (
     ITEM_EMBEDDING_VIEW,
     ITEM_PROFILE_VIEW,
     ITEM_PROJECTION_VIEW,
+    META_PACKED,
+    PROFILE_PACKED,
+    PROJECTION_PACKED,
     USER_SEQUENCE_VIEW,
     FeatureDefinitions,
     embedding_key,
@@ -50,6 +54,39 @@ PROFILE_FIELDS = ("category", "brand", "shop", "price_bucket", "first_seen_us", 
                   "deleted")
 EMBEDDING_META = ("encoder_version", "content_hash", "content_time_us", "embedded_at_us")
 SEQUENCE_FIELDS = ("seq_item_ids", "seq_actions", "seq_times_us", "updated_us")
+PACKED = {
+    ITEM_PROFILE_VIEW: (PROFILE_PACKED, PROFILE_FIELDS),
+    ITEM_EMBEDDING_VIEW: (META_PACKED, EMBEDDING_META),
+    ITEM_EMBEDDING_BY_VERSION_VIEW: (META_PACKED, EMBEDDING_META),
+    ITEM_PROJECTION_VIEW: (PROJECTION_PACKED, (*EMBEDDING_META, "embedding")),
+}
+"""View -> its packed field and the typed fields that holds, in order (``embedding``
+last, as float32 bytes after a newline; the rest a JSON list)."""
+
+
+def _pack(values: Sequence[Any], vector: np.ndarray | None = None) -> bytes:
+    """Fields as one stored value: a JSON list (numpy scalars as Python ones), and with
+    ``vector`` a newline and its float32 bytes (compact JSON holds no raw newline)."""
+    head = json.dumps([v.item() if isinstance(v, np.generic) else v for v in values],
+                      separators=(",", ":")).encode()
+    return head if vector is None else head + b"\n" + np.asarray(vector, "<f4").tobytes()
+
+
+def _unpack(blobs: Sequence[bytes | None], with_vector: bool) -> list[list | None]:
+    """:func:`_pack`'s values back, one list per blob (None for None); with
+    ``with_vector`` the vector last, a float32 array."""
+    if with_vector:
+        split = [None if b is None else b.partition(b"\n") for b in blobs]
+        heads = [None if p is None else p[0] for p in split]
+    else:
+        split, heads = None, blobs
+    # One parse per field and read, not one per key.
+    values = json.loads(b"[" + b",".join(b"null" if h is None else h for h in heads) + b"]")
+    if split is not None:
+        for v, p in zip(values, split, strict=True):
+            if v is not None:
+                v.append(np.frombuffer(p[2], "<f4").astype(np.float32))
+    return values
 
 
 REDIS_URL_ENV = "PPM__REDIS__URL"
@@ -229,6 +266,7 @@ class OnlineFeatures:
         if not rows:
             return
         df = _embedding_frame(rows)
+        df[META_PACKED] = [_pack([getattr(r, f) for f in EMBEDDING_META]) for r in rows]
         by_version = df.assign(item_key=[embedding_key(r.item_id, r.encoder_version)
                                          for r in rows])
         self.store.write_to_online_store(ITEM_EMBEDDING_BY_VERSION_VIEW, by_version)
@@ -242,7 +280,9 @@ class OnlineFeatures:
         if not rows:
             return
         self.store.write_to_online_store(ITEM_PROJECTION_VIEW, _embedding_frame(rows).assign(
-            item_key=[embedding_key(r.item_id, projection) for r in rows]))
+            item_key=[embedding_key(r.item_id, projection) for r in rows],
+            **{PROJECTION_PACKED: [_pack([getattr(r, f) for f in EMBEDDING_META], r.embedding)
+                                   for r in rows]}))
 
     def fetch_projections(self, items: dict[str, StoredItem], projection: str
                           ) -> dict[str, StoredItem]:
@@ -252,7 +292,7 @@ class OnlineFeatures:
         item changed is left out, and the caller projects the raw vector instead."""
         if not items:
             return {}
-        data = self._columns("item_key", [embedding_key(i, projection) for i in items], {
+        data = self._fields("item_key", [embedding_key(i, projection) for i in items], {
             ITEM_PROJECTION_VIEW: ("embedding", "encoder_version", "content_hash")})
         out = {}
         for row, (item_id, item) in enumerate(items.items()):
@@ -270,6 +310,7 @@ class OnlineFeatures:
             return
         df = pd.DataFrame({f: [getattr(s, f) for s in states] for f in ("item_id",
                                                                          *PROFILE_FIELDS)})
+        df[PROFILE_PACKED] = [_pack([getattr(s, f) for f in PROFILE_FIELDS]) for s in states]
         df["event_timestamp"] = _timestamps(df["updated_us"])
         self.store.write_to_online_store(ITEM_PROFILE_VIEW, df)
 
@@ -333,7 +374,7 @@ class OnlineFeatures:
                        with_embeddings: bool, newest: dict[str, StoredItem]
                        ) -> dict[str, StoredItem]:
         fields = [*EMBEDDING_META, *(["embedding"] if with_embeddings else [])]
-        data = self._columns("item_key", [embedding_key(i, encoder_version) for i in item_ids],
+        data = self._fields("item_key", [embedding_key(i, encoder_version) for i in item_ids],
                              {ITEM_EMBEDDING_BY_VERSION_VIEW: fields})
         out = {}
         for row, item_id in enumerate(item_ids):
@@ -350,7 +391,7 @@ class OnlineFeatures:
 
     def _fetch_newest(self, item_ids: Sequence[str], with_embeddings: bool
                       ) -> dict[str, StoredItem]:
-        data = self._columns("item_id", item_ids, {
+        data = self._fields("item_id", item_ids, {
             ITEM_PROFILE_VIEW: PROFILE_FIELDS,
             ITEM_EMBEDDING_VIEW: [*EMBEDDING_META, *(["embedding"] if with_embeddings else [])]})
         out: dict[str, StoredItem] = {}
@@ -413,6 +454,36 @@ class OnlineFeatures:
             for row, user_id in enumerate(user_ids)
             if data["updated_us"][row] is not None
         }
+
+    def _fields(self, join_key: str, keys: Sequence[str], fields: dict[str, Sequence[str]]
+                ) -> dict[str, list]:
+        """:meth:`_columns`, with the fields a packed field holds (:data:`PACKED`) read as
+        that one value per key and unpacked; a key whose packed value is missing (a store
+        written before packing, or a key never written) has its typed fields read instead.
+        Feast's SDK path (``reads="feast"``) reads the typed fields, as any Feast client."""
+        if self.reads == "feast":
+            return self._columns(join_key, keys, fields)
+        asked, unpacked = {}, []
+        for view, names in fields.items():
+            packed, held = PACKED.get(view, (None, ()))
+            inside = [f for f in names if f in held]
+            asked[view] = [*([packed] if inside else []), *(f for f in names if f not in held)]
+            if inside:
+                unpacked.append((packed, held))
+        data = self._columns(join_key, keys, asked)
+        out = {f: data[f] for names in asked.values() for f in names}
+        for packed, held in unpacked:
+            values = _unpack(data[packed], with_vector="embedding" in held)
+            for k, name in enumerate(held):
+                out[name] = [None if v is None else v[k] for v in values]
+        missing = [row for row in range(len(keys))
+                   if any(data[packed][row] is None for packed, _ in unpacked)]
+        if missing:
+            again = self._columns(join_key, [keys[row] for row in missing], fields)
+            for f, column in again.items():
+                for row, value in zip(missing, column, strict=True):
+                    out[f][row] = value
+        return {f: out[f] for names in fields.values() for f in names}
 
     def _columns(self, join_key: str, keys: Sequence[str],
                  fields: dict[str, Sequence[str]]) -> dict[str, list]:

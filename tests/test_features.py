@@ -421,3 +421,29 @@ def test_direct_reads_return_what_feasts_sdk_returns(online):
 
     fill(online)
     check_reads_agree(online)
+
+
+def test_a_store_written_before_packing_reads_its_typed_fields(online):
+    """The ranker reads an item's profile and vector metadata as one packed value each;
+    where a store holds none (written by an older ppm), the direct reads fall back to the
+    typed fields and still return what Feast's SDK returns. Where it holds them, a read
+    is one stored value per item and view."""
+    from feast.infra.online_stores.sqlite import _table_id
+
+    from feature_repo.online_features import PACKED
+    from tests.online_reads_check import check_reads_agree, fill
+
+    fill(online)
+    config = online.store.config
+    conn = online.store.provider.online_store._get_conn(config)
+    reads = []
+    conn.set_trace_callback(reads.append)
+    online.fetch_items(["i0", "i1"])
+    conn.set_trace_callback(None)
+    assert len(reads) == 1 and "'profile_packed'" in reads[0] and "'category'" not in reads[0]
+    for view, (packed, _) in PACKED.items():
+        table = _table_id(config.project, online.store.get_feature_view(view), False)
+        deleted = conn.execute(f'DELETE FROM "{table}" WHERE feature_name = ?', [packed])
+        assert deleted.rowcount > 0, view
+    conn.commit()
+    check_reads_agree(online)
