@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -354,6 +354,7 @@ class Ranker:
                                                r.state.content_hash, r.state.content_time_us,
                                                r.embedded_at_us)
                               for k, (i, r) in enumerate(raw.items())], projection)
-        # The profile just read, whatever the (maybe cached) output's entry held.
-        return {i: replace(found[i], state=item.state) if i in found else item
-                for i, item in states.items()}
+        # The profile just read, whatever the (maybe cached) output's entry held (built
+        # directly: dataclasses.replace per item was a tenth of a cached request's build).
+        return {i: StoredItem(item.state, f.embedding, f.embedded_at_us, f.with_embedding)
+                if (f := found.get(i)) is not None else item for i, item in states.items()}
