@@ -22,6 +22,7 @@ drops included, so its content hash is the new ``encoder_version``.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -153,7 +154,8 @@ def finetune(encoder: ImageEncoder, photos: np.ndarray, labels: Mapping[str, np.
 
     result = EPResult(before=probe_score("test", test), after={},
                       valid_before=probe_score("valid", valid), valid_after={})
-    best, best_state, best_heads = result.valid_before["mean"], _copy(model), _copy(heads)
+    best = result.valid_before["mean"]
+    best_state, best_heads = copy.deepcopy(model.state_dict()), copy.deepcopy(heads.state_dict())
     model.requires_grad_(True)
     optimiser = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
                                    {"params": heads.parameters(), "lr": 10 * cfg.lr}])
@@ -177,7 +179,9 @@ def finetune(encoder: ImageEncoder, photos: np.ndarray, labels: Mapping[str, np.
         if on_epoch:
             on_epoch(metrics)
         if metrics["valid_mean"] > best:
-            best, best_state, best_heads = metrics["valid_mean"], _copy(model), _copy(heads)
+            best = metrics["valid_mean"]
+            best_state = copy.deepcopy(model.state_dict())
+            best_heads = copy.deepcopy(heads.state_dict())
             result.best_epoch = epoch
     model.load_state_dict(best_state)
     heads.load_state_dict(best_heads)
@@ -188,10 +192,6 @@ def finetune(encoder: ImageEncoder, photos: np.ndarray, labels: Mapping[str, np.
     else:
         result.valid_after, result.after = result.valid_before, result.before
     return result
-
-
-def _copy(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def save_weights(encoder: ImageEncoder, base_weights: Path, out: Path) -> Path:

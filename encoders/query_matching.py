@@ -18,6 +18,7 @@ recall@k (and MRR) of the clicked item among every candidate text, by cosine to 
 from __future__ import annotations
 
 import bisect
+import copy
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -212,7 +213,7 @@ def finetune(encoder: TextEncoder, train: Sequence[QueryPair], valid: Sequence[Q
                          "nothing would choose the epoch")
     torch.manual_seed(cfg.seed)
     order = random.Random(cfg.seed)
-    best, best_state, best_epoch = before["recall_at_k"], _copy(model), 0
+    best, best_state, best_epoch = before["recall_at_k"], copy.deepcopy(model.state_dict()), 0
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     model.requires_grad_(True)
     result = QMResult(before=before, after=before, pairs=len(train))
@@ -240,17 +241,14 @@ def finetune(encoder: TextEncoder, train: Sequence[QueryPair], valid: Sequence[Q
         if on_epoch:
             on_epoch(metrics)
         if valid_now["recall_at_k"] > best:
-            best, best_state, best_epoch = valid_now["recall_at_k"], _copy(model), epoch
+            best, best_epoch = valid_now["recall_at_k"], epoch
+            best_state = copy.deepcopy(model.state_dict())
             result.after = valid_now
     model.load_state_dict(best_state)
     model.eval()
     model.requires_grad_(False)
     result.best_epoch = best_epoch
     return result
-
-
-def _copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def save(encoder: TextEncoder, out: Path) -> Path:
