@@ -49,6 +49,7 @@ class Echo:
         self.items = SimpleNamespace(counters={"hits": 0, "misses": 0})  # the item cache's
         self.store = FakeStore()
         self.release = threading.Event()  # what a "hold" request waits for
+        self.holding = 0  # "hold" requests that reached scoring
 
     def maybe_reload(self) -> None:
         pass
@@ -63,7 +64,8 @@ class Echo:
         if user_id == "slow":
             time.sleep(LIMITS.request_timeout_s + 0.5)
         if user_id == "hold":
-            self.release.wait(timeout=10)
+            self.holding += 1
+            self.release.wait(timeout=30)
         self.counters["requests"] += 1
         return RankResult(list(item_ids), {"click": [1.0 / (k + 1) for k in
                                                      range(len(item_ids))]}, "v-test",
@@ -289,7 +291,7 @@ def test_without_a_model_rank_and_ready_are_503():
 
 
 def test_requests_past_the_concurrency_cap_get_a_json_503_and_idle_connections_do_not_count():
-    limits = ServingConfig(max_concurrency=2, request_timeout_s=5)
+    limits = ServingConfig(max_concurrency=2, request_timeout_s=30)
     ranker = Echo()
     with BackgroundServer(make_app(ranker, limits), limits) as server:
         host, port = server.url.removeprefix("http://").split(":")
@@ -302,13 +304,10 @@ def test_requests_past_the_concurrency_cap_get_a_json_503_and_idle_connections_d
                     for _ in range(2)]
             for thread in held:
                 thread.start()
-            deadline = time.monotonic() + 5
-            status, reply = 0, {}
-            while time.monotonic() < deadline:  # until both held requests are in flight
-                status, reply = rank(server, {"user_id": "u", "item_ids": ["a"]})
-                if status == 503:
-                    break
-                time.sleep(0.05)
+            deadline = time.monotonic() + 30
+            while ranker.holding < 2 and time.monotonic() < deadline:  # both in flight
+                time.sleep(0.02)
+            status, reply = rank(server, {"user_id": "u", "item_ids": ["a"]})
             assert status == 503 and "over capacity: 2 requests in flight" in reply["error"]
             ranker.release.set()
             for thread in held:

@@ -170,6 +170,7 @@ class Ranker:
         self.counters = {"requests": 0, "reloads": 0, "plugin_outputs_read": 0,
                          "plugin_outputs_computed": 0, "plugin_output_write_errors": 0,
                          "plugin_output_writes_dropped": 0}
+        self._counting = threading.Lock()  # request threads and the writer count at once
         # Outputs computed here are kept in the item cache and written back off the
         # request's path, one batch at a time, so an item is projected again only when
         # neither has it (a write still pending after its cache entry expired, say).
@@ -186,6 +187,10 @@ class Ranker:
                    cache_s=cfg.features.serving_cache_s,
                    cache_items=cfg.features.serving_cache_items)
 
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counting:
+            self.counters[name] += n
+
     def flush(self) -> None:
         """Wait until the plug-in outputs computed so far are written to the store."""
         concurrent.futures.wait(self._writes.copy())  # copy: one C call, under the GIL
@@ -201,14 +206,14 @@ class Ranker:
 
     def _write_back(self, rows: list[ItemEmbeddingRow], projection: str) -> None:
         if len(self._writes) >= self.MAX_PENDING_WRITES:
-            self.counters["plugin_output_writes_dropped"] += 1
+            self._count("plugin_output_writes_dropped")
             return
 
         def write() -> None:
             try:
                 self.store.write_projections(rows, projection)
             except Exception as exc:  # computed again when next needed
-                self.counters["plugin_output_write_errors"] += 1
+                self._count("plugin_output_write_errors")
                 log.warning("could not write %d plug-in outputs (%s: %s); they are computed "
                             "again when next needed", len(rows), type(exc).__name__, exc)
 
@@ -241,7 +246,7 @@ class Ranker:
             self._model = (champion.name, model, champion.meta.get("encoder_version"),
                            projection_of(champion.meta))
             self._pointer = pointer
-            self.counters["reloads"] += 1
+            self._count("reloads")
 
     def rank(self, user_id: str, item_ids: Sequence[str], now: int | None = None) -> RankResult:
         """Score ``item_ids`` for ``user_id``; ``now`` (µs, default wall clock) judges
@@ -250,7 +255,7 @@ class Ranker:
         if self._model is None:
             raise NoChampionError(f"no champion model in {self.registry.root} yet")
         version, model, encoder_version, projection = self._model  # this request's model
-        self.counters["requests"] += 1
+        self._count("requests")
         item_ids = list(item_ids)
         if not item_ids:
             return RankResult([], {t: [] for t in model.config.tasks}, version)
@@ -341,8 +346,8 @@ class Ranker:
         # none of it): the rest are unusable anyway, and may not even fit the projection.
         raw = {i: r for i, r in raw.items() if r.embedding is not None and not r.state.deleted
                and r.state.encoder_version == encoder_version}
-        self.counters["plugin_outputs_read"] += len(found)
-        self.counters["plugin_outputs_computed"] += len(raw)
+        self._count("plugin_outputs_read", len(found))
+        self._count("plugin_outputs_computed", len(raw))
         if raw:
             with torch.inference_mode():
                 out = model.ppm.project(torch.from_numpy(np.stack(
