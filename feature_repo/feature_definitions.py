@@ -198,9 +198,14 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
         online=True,
     )
 
-    # What the online ranker reads per request.
-    ranker = FeatureService(name=RANKER_SERVICE, features=[item_embedding, item_profile,
-                                                            user_sequence])
+    # What the online ranker reads per request, as typed fields for Feast's clients (the
+    # packed copies are ppm's own read path).
+    def typed(view: FeatureView) -> FeatureView:
+        return view[[f.name for f in view.features if f.name not in (PROFILE_PACKED,
+                                                                     META_PACKED)]]
+
+    ranker = FeatureService(name=RANKER_SERVICE, features=[typed(item_embedding),
+                                                            typed(item_profile), user_sequence])
 
     return FeatureDefinitions(
         item=item,

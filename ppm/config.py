@@ -441,7 +441,8 @@ class ServingConfig(_Section):
     keep_alive_s: float = Field(5.0, ge=1)
     """An idle keep-alive connection is closed after this many seconds."""
     max_concurrency: int = Field(64, ge=1)
-    """Requests in flight per worker; past it, a new request gets a JSON 503 at once."""
+    """``/rank`` requests being scored at once per worker; past it, a new one gets a JSON
+    503 at once (health, readiness and metrics are never refused for load)."""
     max_connections: int = Field(256, ge=1)
     """Open connections per worker, idle keep-alive ones included; past it, uvicorn answers
     any request with a plain-text 503 and closes the connection."""

@@ -368,6 +368,8 @@ def test_train_follow_serves_its_metrics_and_records_each_step(tmp_path, monkeyp
     (["import", "--items", "items.csv"], "give --items FILE and --interactions FILE"),
     (["backfill", "--simulate", "--batch-size", "0"], "--batch-size 0"),
     (["finetune", "text", "--simulate", "--test-share", "0"], "--test-share 0"),
+    (["serve", "--workers", "0"], "serving.workers"),
+    (["serve", "--port", "70000"], "serving.port"),
 ])
 def test_a_command_line_that_cannot_work_exits_2_before_anything_runs(tmp_path, capsys,
                                                                       command, said):

@@ -441,9 +441,34 @@ def test_a_store_written_before_packing_reads_its_typed_fields(online):
     online.fetch_items(["i0", "i1"])
     conn.set_trace_callback(None)
     assert len(reads) == 1 and "'profile_packed'" in reads[0] and "'category'" not in reads[0]
+    tables = {view: _table_id(config.project, online.store.get_feature_view(view), False)
+              for view in PACKED}
+    # Some keys packed and some not (one item's values first), then none.
+    key = online.reader._binary("item_id", ["i1"])[0]
+    for view in ("item_profile", "item_embedding"):
+        deleted = conn.execute(f'DELETE FROM "{tables[view]}" WHERE feature_name = ? AND '
+                               "entity_key = ?", [PACKED[view][0], key])
+        assert deleted.rowcount == 1, view
+    conn.commit()
+    check_reads_agree(online)
     for view, (packed, _) in PACKED.items():
-        table = _table_id(config.project, online.store.get_feature_view(view), False)
-        deleted = conn.execute(f'DELETE FROM "{table}" WHERE feature_name = ?', [packed])
+        deleted = conn.execute(f'DELETE FROM "{tables[view]}" WHERE feature_name = ?', [packed])
         assert deleted.rowcount > 0, view
     conn.commit()
     check_reads_agree(online)
+
+
+def test_packed_values_come_back_as_written():
+    """JSON for the scalars (newlines, any Unicode, None, numpy scalars), and a vector's
+    float32 bytes after the first newline, whatever bytes those floats hold."""
+    from feature_repo.online_features import _pack, _unpack
+
+    scalars = ["a\nb", "é \u2028 \ud7ff", None, np.int64(7), np.bool_(True), 2**62]
+    vector = np.array([np.float32(np.frombuffer(b"\n\n\n\n", "<f4")[0]), 1.5, -0.0],
+                      np.float16)
+    plain, none = _unpack([_pack(scalars), None], with_vector=False)
+    with_vector, missing = _unpack([_pack(scalars[:2], vector), None], with_vector=True)
+    assert plain == ["a\nb", "é \u2028 \ud7ff", None, 7, True, 2**62]
+    assert with_vector[:2] == scalars[:2] and none is None and missing is None
+    assert with_vector[2].dtype == np.float32
+    assert np.array_equal(with_vector[2], vector.astype(np.float32), equal_nan=True)

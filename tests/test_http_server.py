@@ -291,6 +291,8 @@ def test_without_a_model_rank_and_ready_are_503():
 
 
 def test_requests_past_the_concurrency_cap_get_a_json_503_and_idle_connections_do_not_count():
+    """At ``max_concurrency`` requests being scored a new /rank gets a JSON 503 with
+    Retry-After; idle connections and /health, /ready, /metrics are not capped."""
     limits = ServingConfig(max_concurrency=2, request_timeout_s=30)
     ranker = Echo()
     with BackgroundServer(make_app(ranker, limits), limits) as server:
@@ -308,13 +310,20 @@ def test_requests_past_the_concurrency_cap_get_a_json_503_and_idle_connections_d
             while ranker.holding < 2 and time.monotonic() < deadline:  # both in flight
                 time.sleep(0.02)
             status, reply = rank(server, {"user_id": "u", "item_ids": ["a"]})
-            assert status == 503 and "over capacity: 2 requests in flight" in reply["error"]
+            assert status == 503 and "over capacity: 2 requests being scored" in reply["error"]
+            # Health, readiness and metrics still answer at the cap.
+            assert request(server, "GET", "/health")[0] == 200
+            assert request(server, "GET", "/ready")[0] == 200
             ranker.release.set()
             for thread in held:
                 thread.join(timeout=10)
             assert answers(server)
             _, metrics = request(server, "GET", "/metrics")
-            assert 'ppm_scoring_requests_total{status="503"}' in metrics["raw"].decode()
+            assert 'ppm_scoring_requests_total{status="503"} 1.0' in metrics["raw"].decode()
+            # A request that fails inside scoring gives its slot back.
+            for _ in range(3):
+                assert rank(server, {"user_id": "boom", "item_ids": ["a"]})[0] == 500
+            assert answers(server)
         finally:
             ranker.release.set()
             for sock in idle:

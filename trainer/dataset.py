@@ -399,7 +399,7 @@ class WindowDataset:
         vectors = self.modal.vectors
         if not self.config.uses_modal:
             # Gathering rows nobody reads cost idrec's steps a copy of every batch's vectors.
-            vectors = vectors[:1]
+            vectors = vectors[:1].copy()  # not a view: nothing may write the table's row 0
             for key in ("target_modal_row", "seq_modal_row"):
                 features[key] = np.zeros_like(features[key])
         batch = model_batch(features, vectors)

@@ -375,7 +375,7 @@ def _report_experiment(cfg: Config, name: str, result: dict, markdown_file: str 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.serving.http_server import serve
 
-    # Validated as a config file's values would be (--workers 0 is an error, not one worker).
+    # Checked already (_check_usage), as a config file's values would be.
     cfg = cfg.with_values({f"serving.{k}": getattr(args, k) for k in ("host", "port", "workers")
                            if getattr(args, k) is not None})
     serve(cfg, args.variant or cfg.trainer.variant)
@@ -1034,6 +1034,13 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
         raise UsageError(f"--tolerance {args.tolerance:g}: give an AUC loss of 0 or more")
     elif command == "backfill" and args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: give at least 1")
+    elif command == "serve":
+        given = {f"serving.{k}": getattr(args, k) for k in ("host", "port", "workers")
+                 if getattr(args, k) is not None}
+        try:  # as a config file's values would be (--workers 0 is an error, not one worker)
+            cfg.with_values(given)
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise UsageError(" ".join(str(exc).split())) from exc
     seeded = command.startswith("experiment") or (command == "eval" and args.seeds is not None)
     if seeded and args.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")

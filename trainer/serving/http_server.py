@@ -16,15 +16,17 @@ or a body that is not UTF-8 (400), a missing field, a wrong type, too many candi
 id that is not valid Unicode (422), a body over ``serving.max_body_bytes`` (413, before it
 is read; the connection closes). No model yet or scoring past ``serving.request_timeout_s``
 give a JSON 503, any other failure inside scoring a JSON 500 without its details, and a
-request past ``serving.max_concurrency`` in flight a JSON 503 at once. A client that does not
-send its whole request (headers and body) within ``serving.request_timeout_s`` gets a 408
-and the connection is closed, so slow or lying clients (a ``Content-Length`` larger than the
-body) hold no worker; idle keep-alive connections close after ``serving.keep_alive_s``. A
-request that is not HTTP (e.g. ``Content-Length: abc``) gets a JSON 400 from the protocol
-and the connection is closed. These two and the 408 are answered before the app sees the
-request, so ``/metrics`` does not count them; nor uvicorn's own plain-text 503 past
-``serving.max_connections`` open connections. Limits are the ``[serving]`` section of the
-config. With ``--workers N`` each process serves its own ``/metrics``.
+``/rank`` past ``serving.max_concurrency`` requests being scored a JSON 503 with
+``Retry-After`` at once (``/health``, ``/ready`` and ``/metrics`` are never refused for
+load). A client that does not send its whole request (headers and body) within
+``serving.request_timeout_s`` gets a 408 and the connection is closed, so slow or lying
+clients (a ``Content-Length`` larger than the body) hold no worker; idle keep-alive
+connections close after ``serving.keep_alive_s``. A request that is not HTTP (e.g.
+``Content-Length: abc``) gets a JSON 400 from the protocol and the connection is closed.
+That 400 and the 408 are answered before the app sees the request, so ``/metrics`` does not
+count them; nor uvicorn's own plain-text 503 past ``serving.max_connections`` open
+connections. Limits are the ``[serving]`` section of the config. With ``--workers N`` each
+process serves its own ``/metrics``.
 """
 
 from __future__ import annotations
@@ -156,29 +158,6 @@ class BodyCap:
         await self.app(scope, capped, send)
 
 
-class InFlightCap:
-    """ASGI middleware: past ``max_requests`` HTTP requests in flight, a new one gets a JSON
-    503 (with ``Retry-After``) at once instead of queueing for the scoring threads."""
-
-    def __init__(self, app, max_requests: int, refused: Callable[[], None]):
-        self.app, self.max_requests, self.refused = app, max_requests, refused
-        self.in_flight = 0  # one event loop per process: no lock needed
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.in_flight >= self.max_requests:
-            self.refused()
-            response = JSONResponse({"error": f"over capacity: {self.in_flight} requests in "
-                                     "flight; retry shortly"}, 503, headers={"retry-after": "1"})
-            return await response(scope, receive, send)
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
-
-
 def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
     """The scoring app around ``ranker``, refusing requests over ``limits`` (default: the
     config's defaults). Metrics go to a registry of the app's own."""
@@ -197,15 +176,15 @@ def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
                       "scoring, by kind", ["feature"], registry=registry)
     registry.register(_RankerCollector(ranker))
 
-    def error(status: int, message: str) -> JSONResponse:
+    def error(status: int, message: str, headers: dict[str, str] | None = None
+              ) -> JSONResponse:
         requests.labels(str(status)).inc()
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    scoring = [0]  # /rank requests being scored now (one event loop: no lock needed)
 
     app.add_middleware(BodyCap, max_bytes=limits.max_body_bytes,
                        refused=lambda: requests.labels("413").inc())
-    # Added last, so outermost: a request over the cap is refused before anything else.
-    app.add_middleware(InFlightCap, max_requests=limits.max_concurrency,
-                       refused=lambda: requests.labels("503").inc())
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -230,6 +209,12 @@ def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
         if len(body.item_ids) > limits.max_candidates:
             return error(422, f"item_ids: at most {limits.max_candidates} candidates per "
                          f"request, got {len(body.item_ids)}")
+        # The cap is on scoring, not on connections or uploads (the request deadline bounds
+        # those) nor on /health, /ready and /metrics, which must answer most when busy.
+        if scoring[0] >= limits.max_concurrency:
+            return error(503, f"over capacity: {scoring[0]} requests being scored; retry "
+                         "shortly", {"retry-after": "1"})
+        scoring[0] += 1
         started = time.perf_counter()
         try:
             result = await asyncio.wait_for(
@@ -239,6 +224,8 @@ def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
             return error(503, str(exc))
         except TimeoutError:
             return error(503, f"scoring took over {limits.request_timeout_s} s")
+        finally:
+            scoring[0] -= 1
         latency.observe(time.perf_counter() - started)
         candidates.observe(len(body.item_ids))
         for feature, n in result.missing.items():
@@ -326,7 +313,13 @@ class DeadlineProtocol(H11Protocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes that are not HTTP, as JSON like every other refusal
-        (uvicorn's own is plain text); the connection closes."""
+        (uvicorn's own is plain text); the connection closes. Mid-answer (a pipelined
+        request broke while one was being answered) it only closes: a second status line
+        would corrupt the answer under way."""
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()
+            return
         body = json.dumps({"error": f"{msg} (not valid HTTP/1.1)"}).encode()
         self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
                              b"connection: close\r\ncontent-length: "
@@ -419,7 +412,8 @@ def app_from_env() -> FastAPI:
     cfg = Config.model_validate_json(os.environ[CONFIG_ENV])
     DeadlineProtocol.request_timeout_s = cfg.serving.request_timeout_s  # this process's copy
     app = loaded_app(cfg, os.environ[VARIANT_ENV])
-    # As serve() does for one process: pending plug-in output writes finish at exit.
+    # As serve() does for one process: the write-back thread stops at exit (writes still
+    # queued are dropped; their outputs are computed again when next needed).
     atexit.register(app.state.ranker.close)
     return app
 

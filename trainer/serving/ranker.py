@@ -361,5 +361,6 @@ class Ranker:
                               for k, (i, r) in enumerate(raw.items())], projection)
         # The profile just read, whatever the (maybe cached) output's entry held (built
         # directly: dataclasses.replace per item was a tenth of a cached request's build).
-        return {i: StoredItem(item.state, f.embedding, f.embedded_at_us, f.with_embedding)
+        return {i: StoredItem(state=item.state, embedding=f.embedding,
+                              embedded_at_us=f.embedded_at_us, with_embedding=f.with_embedding)
                 if (f := found.get(i)) is not None else item for i, item in states.items()}
