@@ -30,6 +30,14 @@ turn with the same request in process (``http_paired_p99_ms``), so both share th
 machine's noise; ``http_p99_ratio`` divides the first p99 by the second.
 
 Last line: ``{"candidates": 200, "p50_ms", "p99_ms", ...}``. Goal: p99 <= 20 ms.
+
+``--against REF [--pairs N]`` instead runs this bench as it was at git commit REF (in a
+temporary ``git worktree``, that code on the path) and as it is now, alternately, N pairs,
+each in a process of its own, so machine noise hits both; the last line is then
+``{"against", "pairs": [...], "plugin_p99_vs_against", "plugin_uncached_p99_vs_against",
+...}``: per pair, the frozen plug-in's cached and uncached p99 now over REF's ``p99_ms`` and
+``uncached_p99_ms`` (issue #15: at most a half and a quarter of the code when it was filed),
+and the medians of those ratios.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ import argparse
 import gc
 import http.client
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +62,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--against", metavar="REF",
+                        help="also run this bench at git commit REF, alternately, in pairs")
+    parser.add_argument("--pairs", type=int, default=3, help="pairs of runs with --against")
     args = parser.parse_args()
+    if args.against:
+        return against(args)
 
     import torch
 
@@ -220,6 +236,49 @@ def main() -> None:
         "requests": args.requests,
         "cache_s": cfg.features.serving_cache_s,
         "goal_p99_ms": 20,
+    }))
+
+
+def against(args: argparse.Namespace) -> None:
+    """``--against``: REF's bench and today's, alternately, each run in its own process."""
+    repo = Path(__file__).resolve().parents[1]
+    size = ["--candidates", str(args.candidates), "--requests", str(args.requests)]
+
+    def run(root: Path) -> dict:
+        done = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), *size],
+                              cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                              capture_output=True, text=True, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    pairs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "against"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(old),
+                        args.against], check=True, capture_output=True)
+        try:
+            for pair in range(args.pairs):
+                print(f"pair {pair + 1} of {args.pairs} ...", file=sys.stderr)
+                then, now = run(old), run(repo)
+                pairs.append({
+                    "against_p99_ms": then["p99_ms"],
+                    "against_uncached_p99_ms": then["uncached_p99_ms"],
+                    "plugin_p99_ms": now["plugin_p99_ms"],
+                    "plugin_uncached_p99_ms": now["plugin_uncached_p99_ms"],
+                    "p99_ms": now["p99_ms"], "uncached_p99_ms": now["uncached_p99_ms"],
+                    "http_p99_ratio": now["http_p99_ratio"],
+                    "plugin_p99_vs_against": round(now["plugin_p99_ms"] / then["p99_ms"], 3),
+                    "plugin_uncached_p99_vs_against": round(
+                        now["plugin_uncached_p99_ms"] / then["uncached_p99_ms"], 3)})
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(old)],
+                           check=False, capture_output=True)
+    print(json.dumps({
+        "against": args.against, "candidates": args.candidates, "requests": args.requests,
+        "pairs": pairs,
+        **{f"{k}_median": round(statistics.median(p[k] for p in pairs), 3)
+           for k in ("plugin_p99_vs_against", "plugin_uncached_p99_vs_against",
+                     "http_p99_ratio")},
+        "goal_plugin_p99_vs_against": 0.5, "goal_plugin_uncached_p99_vs_against": 0.25,
     }))
 
 
