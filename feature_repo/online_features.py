@@ -168,9 +168,9 @@ def _timestamps(us: Iterable[int]) -> pd.Series:
     return pd.to_datetime(pd.Series(list(us), dtype="int64"), unit="us", utc=True)
 
 
-def _embedding_frame(rows: Sequence[ItemEmbeddingRow]) -> pd.DataFrame:
-    """The fields of ``rows`` in Feast's write format, without the entity key; the entity
-    timestamp is the content's event time."""
+def _embedding_frame(rows: Sequence[ItemEmbeddingRow], packed: str) -> pd.DataFrame:
+    """The fields of ``rows`` in Feast's write format, with ``packed`` (:data:`PACKED`) and
+    without the entity key; the entity timestamp is the content's event time."""
     df = pd.DataFrame({
         "embedding": [np.asarray(r.embedding, dtype=np.float32) for r in rows],
         "encoder_version": [r.encoder_version for r in rows],
@@ -178,6 +178,9 @@ def _embedding_frame(rows: Sequence[ItemEmbeddingRow]) -> pd.DataFrame:
         "content_time_us": [r.content_time_us for r in rows],
         "embedded_at_us": [r.embedded_at_us for r in rows],
     })
+    with_vector = packed == PROJECTION_PACKED
+    df[packed] = [_pack([getattr(r, f) for f in EMBEDDING_META],
+                        r.embedding if with_vector else None) for r in rows]
     df["event_timestamp"] = _timestamps(df["content_time_us"])
     return df
 
@@ -265,8 +268,7 @@ class OnlineFeatures:
         timestamp is the content's event time."""
         if not rows:
             return
-        df = _embedding_frame(rows)
-        df[META_PACKED] = [_pack([getattr(r, f) for f in EMBEDDING_META]) for r in rows]
+        df = _embedding_frame(rows, META_PACKED)
         by_version = df.assign(item_key=[embedding_key(r.item_id, r.encoder_version)
                                          for r in rows])
         self.store.write_to_online_store(ITEM_EMBEDDING_BY_VERSION_VIEW, by_version)
@@ -279,10 +281,9 @@ class OnlineFeatures:
         rest the raw vector's meta) under ``projection`` (``trainer.train.projection_key``)."""
         if not rows:
             return
-        self.store.write_to_online_store(ITEM_PROJECTION_VIEW, _embedding_frame(rows).assign(
-            item_key=[embedding_key(r.item_id, projection) for r in rows],
-            **{PROJECTION_PACKED: [_pack([getattr(r, f) for f in EMBEDDING_META], r.embedding)
-                                   for r in rows]}))
+        self.store.write_to_online_store(ITEM_PROJECTION_VIEW, _embedding_frame(
+            rows, PROJECTION_PACKED).assign(item_key=[embedding_key(r.item_id, projection)
+                                                     for r in rows]))
 
     def fetch_projections(self, items: dict[str, StoredItem], projection: str
                           ) -> dict[str, StoredItem]:

@@ -49,7 +49,7 @@ from trainer.model import RankerConfig
 from trainer.refresh import cached_reads
 from trainer.windows import Window, closed_windows, files_of, window_files, window_sources
 
-__all__ = ["ModalTable", "Window", "WindowDataset", "closed_windows", "files_of",
+__all__ = ["ModalTable", "Window", "WindowDataset", "chunks", "closed_windows", "files_of",
            "id_vocabulary", "window_files", "window_sources"]
 
 SAMPLE_COLUMNS = [
@@ -57,6 +57,11 @@ SAMPLE_COLUMNS = [
     "seq_item_ids", "seq_actions", "seq_times_us", "item_encoder_version",
     *(f"item_{f}" for f in PROFILE_FIELDS), "item_age_s", "item_clicks_before",
 ]
+
+
+def chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
+    """``indices`` cut into consecutive batches of ``size`` (the last may be shorter)."""
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 @dataclass(frozen=True)
@@ -386,10 +391,15 @@ class WindowDataset:
     def batches(self, batch_size: int, shuffle: bool = False,
                 seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Batches in the model's contract; the modal table holds only the rows a batch uses."""
+        for idx in self.batch_indices(batch_size, shuffle, seed):
+            yield self.batch(idx)
+
+    def batch_indices(self, batch_size: int, shuffle: bool = False, seed: int = 0
+                      ) -> list[np.ndarray]:
+        """The samples of each of :meth:`batches`, in order (shuffled with ``seed``)."""
         order = (np.random.default_rng(seed).permutation(self.n) if shuffle
                  else np.arange(self.n))
-        for start in range(0, self.n, batch_size):
-            yield self.batch(order[start : start + batch_size])
+        return chunks(order, batch_size)
 
     def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
         """The samples ``idx`` in the model's contract, with labels; for a model that reads

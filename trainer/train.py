@@ -45,6 +45,7 @@ from trainer.dataset import (
     ModalTable,
     Window,
     WindowDataset,
+    chunks,
     closed_windows,
     id_vocabulary,
 )
@@ -86,13 +87,12 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
         model.train()
         # Which samples each step takes, decided up front; the batches themselves are built
         # as they are needed, so an epoch never holds all its tensors at once.
-        order = np.random.default_rng(seed + epoch).permutation(len(data))
-        steps = [(data, order[i : i + batch_size]) for i in range(0, len(data), batch_size)]
+        steps = [(data, idx) for idx in data.batch_indices(batch_size, True, seed + epoch)]
         if extra is not None and len(extra) and extra_share > 0:
             rng = np.random.default_rng(seed + 10_000 + epoch)
             take = rng.choice(len(extra), min(len(extra), int(extra_share * len(data))),
                               replace=False)
-            steps += [(extra, take[i : i + batch_size]) for i in range(0, len(take), batch_size)]
+            steps += [(extra, idx) for idx in chunks(take, batch_size)]
             steps = [steps[i] for i in rng.permutation(len(steps))]
         batches = (source.batch(idx) for source, idx in steps)
         losses = []

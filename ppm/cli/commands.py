@@ -375,11 +375,15 @@ def _report_experiment(cfg: Config, name: str, result: dict, markdown_file: str 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.serving.http_server import serve
 
-    # Checked already (_check_usage), as a config file's values would be.
-    cfg = cfg.with_values({f"serving.{k}": getattr(args, k) for k in ("host", "port", "workers")
-                           if getattr(args, k) is not None})
+    cfg = cfg.with_values(_serve_options(args))  # checked already (_check_usage)
     serve(cfg, args.variant or cfg.trainer.variant)
     return 0
+
+
+def _serve_options(args: argparse.Namespace) -> dict[str, object]:
+    """``ppm serve``'s --host, --port and --workers as config values (those given)."""
+    return {f"serving.{k}": getattr(args, k) for k in ("host", "port", "workers")
+            if getattr(args, k) is not None}
 
 
 def _import(args: argparse.Namespace, cfg: Config) -> int:
@@ -1035,10 +1039,8 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
     elif command == "backfill" and args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: give at least 1")
     elif command == "serve":
-        given = {f"serving.{k}": getattr(args, k) for k in ("host", "port", "workers")
-                 if getattr(args, k) is not None}
         try:  # as a config file's values would be (--workers 0 is an error, not one worker)
-            cfg.with_values(given)
+            cfg.with_values(_serve_options(args))
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise UsageError(" ".join(str(exc).split())) from exc
     seeded = command.startswith("experiment") or (command == "eval" and args.seeds is not None)
