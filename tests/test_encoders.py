@@ -161,6 +161,28 @@ def test_text_vectors_are_semantic(enc: ItemEncoder) -> None:
     assert coat @ jacket > coat @ shoe + 0.2
 
 
+@given(st.lists(st.integers(1, 64), max_size=80), st.integers(1, 16))
+@settings(max_examples=200, deadline=None)
+def test_length_groups_cover_every_row_once_with_little_padding(lengths: list[int],
+                                                                batch_size: int) -> None:
+    groups = text_encoder.length_groups(lengths, batch_size)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert 1 <= len(g) <= batch_size
+        padded, real = len(g) * max(lengths[i] for i in g), sum(lengths[i] for i in g)
+        # A group grows past one row only while its padding stays within the slack.
+        assert len(g) == 1 or padded <= 1.15 * real
+
+
+def test_grouped_batches_embed_as_one_text_at_a_time(enc: ItemEncoder) -> None:
+    texts = ["coat", "Acme black leather coat with a hood and six pockets, lined",
+             "white running shoes", "a", "dark leather jacket " * 5, "Zed running shoe"]
+    together = enc.text.encode(texts)
+    alone = np.concatenate([enc.text.encode([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert enc.text.encode([]).shape == (0, 384)
+
+
 def test_item_text_format() -> None:
     # If this has to change, bump item_encoder.TEXT_FORMAT_VERSION too.
     assert item_text(item("a")) == "Acme black leather coat. Category: coats. Brand: Acme."

@@ -252,8 +252,9 @@ class BehaviorTransformer(nn.Module):
         d = config.d_model
         self.max_seq_len = config.max_seq_len
         self.target_attention = config.attention == "target"
-        self.chunk_rows = 256  # rows per length-sorted chunk (_by_length); large enough that
-        #   each chunk's matrix products stay efficient, small enough that lengths group
+        self.chunk_rows = 64  # rows per length-sorted chunk (_by_length); large enough that
+        #   each chunk's matrix products stay efficient, small enough that lengths group: a
+        #   whole training batch cut to its longest row is mostly padding (docs/results.md)
         self.pos_emb = nn.Embedding(config.max_seq_len + 1, d)  # 0 target, k = k-th most recent
         self.gap_emb = nn.Embedding(config.gap_buckets, d, padding_idx=0)
         self.action_emb = nn.Embedding(N_ACTIONS, d, padding_idx=0)
