@@ -214,10 +214,20 @@ class EncoderLayer(nn.Module):
         t = target.unsqueeze(1)  # (B, 1, d)
         q, k_t, v_t = self.project(t)  # (B, heads, 1, hd) each
         scale = q.shape[-1] ** -0.5
-        scores = torch.cat([(q @ k.transpose(-1, -2)).masked_fill(~keep[:, None, None], -torch.inf),
+        shared = k.shape[0] == 1 < q.shape[0]
+        if shared:  # one (heads, B, hd) @ (heads, hd, L) product: a broadcast matmul would
+            #   copy the sequence's keys and values once per target
+            seq_scores = (q.squeeze(2).transpose(0, 1) @ k[0].transpose(-1, -2)
+                          ).transpose(0, 1).unsqueeze(2)  # (B, h, 1, L)
+        else:
+            seq_scores = q @ k.transpose(-1, -2)  # (B, h, 1, L)
+        scores = torch.cat([seq_scores.masked_fill(~keep[:, None, None], -torch.inf),
                             (q * k_t).sum(-1, keepdim=True)], dim=-1) * scale  # (B, h, 1, L+1)
         weights = F.dropout(F.softmax(scores, dim=-1), self.dropout, self.training)
-        attended = weights[..., :-1] @ v + weights[..., -1:] * v_t  # (B, heads, 1, hd)
+        on_seq = weights[..., :-1]  # (B, h, 1, L)
+        from_seq = ((on_seq.squeeze(2).transpose(0, 1) @ v[0]).transpose(0, 1).unsqueeze(2)
+                    if shared else on_seq @ v)  # (B, h, 1, hd)
+        attended = from_seq + weights[..., -1:] * v_t  # (B, heads, 1, hd)
         return self._feed_forward(self._attended(t, attended)).squeeze(1)
 
     def _attended(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
