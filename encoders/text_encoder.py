@@ -121,8 +121,8 @@ def length_groups(lengths: Sequence[int], batch_size: int, slack: float = 1.15
     """Row indices cut into forward batches: sorted by length, a batch closes at
     ``batch_size`` rows or before the next row would make its padded size (rows x longest)
     more than ``slack`` times its real tokens. A padded position costs a transformer as much
-    as a real one, so a small batch of random titles padded to its longest wasted about a
-    third of the encoder's time."""
+    as a real one, and a batch of titles of mixed lengths padded to its longest spends much
+    of its time on padding."""
     groups: list[list[int]] = []
     rows: list[int] = []
     real = 0

@@ -214,7 +214,7 @@ class EncoderLayer(nn.Module):
         t = target.unsqueeze(1)  # (B, 1, d)
         q, k_t, v_t = self.project(t)  # (B, heads, 1, hd) each
         scale = q.shape[-1] ** -0.5
-        shared = k.shape[0] == 1 < q.shape[0]
+        shared = k.shape[0] == 1 and q.shape[0] > 1
         if shared:  # one (heads, B, hd) @ (heads, hd, L) product: a broadcast matmul would
             #   copy the sequence's keys and values once per target
             seq_scores = (q.squeeze(2).transpose(0, 1) @ k[0].transpose(-1, -2)
