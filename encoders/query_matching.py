@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from encoders.item_encoder import item_text
-from encoders.text_encoder import TextEncoder, embed
+from encoders.text_encoder import TextEncoder, embed, embed_all
 from ppm.events import ItemEvent, ItemOp
 
 
@@ -139,10 +139,9 @@ def retrieval(model: torch.nn.Module, tokenizer, pairs: Sequence[QueryPair],
     kept = [p for p in pairs if p.clicked_id in column]
     if not kept:
         return {"recall_at_k": float("nan"), "mrr": float("nan"), "n": 0, "k": k}
-    with torch.inference_mode():
-        docs = _embed_all(model, tokenizer, [candidates[i] for i in ids], max_length, batch_size)
-        queries = sorted({p.query for p in kept})
-        q_vec = _embed_all(model, tokenizer, queries, max_length, batch_size)
+    docs = embed_all(model, tokenizer, [candidates[i] for i in ids], max_length, batch_size)
+    queries = sorted({p.query for p in kept})
+    q_vec = embed_all(model, tokenizer, queries, max_length, batch_size)
     scores = q_vec @ docs.T  # (Q, N)
     row = {q: i for i, q in enumerate(queries)}
     target = np.array([scores[row[p.query], column[p.clicked_id]] for p in kept])
@@ -151,13 +150,6 @@ def retrieval(model: torch.nn.Module, tokenizer, pairs: Sequence[QueryPair],
                                                                          strict=True)])
     return {"recall_at_k": float((ranks <= k).mean()), "mrr": float((1.0 / ranks).mean()),
             "n": len(kept), "k": k}
-
-
-def _embed_all(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int
-               ) -> np.ndarray:
-    return np.concatenate([embed(model, tokenizer, texts[i:i + batch_size], max_length).numpy()
-                           for i in range(0, len(texts), batch_size)]) if texts else \
-        np.zeros((0, model.config.hidden_size), np.float32)
 
 
 def contrastive_loss(q: torch.Tensor, docs: torch.Tensor, doc_ids: Sequence[str],

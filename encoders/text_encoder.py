@@ -102,18 +102,23 @@ class TextEncoder:
         padding, same vectors up to float rounding), and the rows come back in the order
         given. Identical input in an identical call gives bitwise identical output.
         """
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        if not len(texts):
-            return out
-        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        lengths = [len(row) for row in ids["input_ids"]]
-        for rows in length_groups(lengths, self.batch_size):
-            out[rows] = self._embed([texts[i] for i in rows]).numpy()
-        return out
+        return embed_all(self.model, self.tokenizer, texts, self.max_length, self.batch_size)
 
-    @torch.inference_mode()
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        return embed(self.model, self.tokenizer, texts, self.max_length)
+
+@torch.inference_mode()
+def embed_all(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_length: int,
+              batch_size: int) -> np.ndarray:
+    """:func:`embed` of ``texts`` in batches of at most ``batch_size`` grouped by token count
+    (:func:`length_groups`), without autograd -> float32 ``(len(texts), dim)`` in the order
+    given: :meth:`TextEncoder.encode`, and query matching's retrieval metric."""
+    out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
+    if not len(texts):
+        return out
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)
+    lengths = [len(row) for row in ids["input_ids"]]
+    for rows in length_groups(lengths, batch_size):
+        out[rows] = embed(model, tokenizer, [texts[i] for i in rows], max_length).numpy()
+    return out
 
 
 def length_groups(lengths: Sequence[int], batch_size: int, slack: float = 1.15
