@@ -605,3 +605,28 @@ def test_modal_vectors_score_unseen_items_that_ids_cannot():
     assert result["idrec"]["new"] < 0.6, result  # but know nothing about new ones;
     assert result["modal"]["new"] > 0.95, result  # modal vectors carry over to new items,
     assert result["ppm"]["new"] > 0.9, result  # and so does the unified model.
+
+
+@pytest.mark.parametrize("variant", ["idrec", "ppm"])
+def test_the_wide_part_starts_as_the_sum_of_the_click_rate_lifts(variant):
+    model = make_model(variant, wide_rates=True)
+    batch = random_batch(model.config, labels=False)
+    with_wide = scores(model, batch)
+    with torch.no_grad():
+        model.wide.weight.zero_()
+    lifts = batch["item_rates"][:, 0] + batch["user_rates"][:, 0]  # (B,)
+    torch.testing.assert_close(with_wide - scores(model, batch),
+                               lifts.unsqueeze(1).expand_as(with_wide))
+    # Id dropout hides a dropped item's history from the wide part as from the rest.
+    model = make_model(variant, wide_rates=True, id_dropout=0.999999).train()
+    _, rates = model.id_module(batch)
+    assert not rates[:, :2].any() and torch.equal(rates[:, 2:], batch["user_rates"])
+
+
+def test_the_wide_part_needs_click_rates_and_ids():
+    for bad in ({"id_rates": False}, {"variant": "modal"}):
+        with pytest.raises(ValueError, match="wide_rates"):
+            tiny(**{"wide_rates": True, **bad})
+    old = make_model("idrec").config.to_dict()
+    del old["wide_rates"]  # a checkpoint from before the wide part
+    assert RankerConfig.from_dict(old).wide_rates is False

@@ -435,7 +435,8 @@ def test_tuning_keeps_the_value_with_the_best_validation_auc(tmp_path):
 def test_eval_refuses_a_champion_that_saw_the_test_period(tmp_path, capsys, monkeypatch):
     from ppm.cli.commands import main
 
-    cfg = tiny_world(tmp_path)
+    # Every candidate promoted, so the champion is the one trained through hour 8.
+    cfg = tiny_world(tmp_path).with_values({"promote_tolerance": "1"})
     trainer = IncrementalTrainer(cfg, variant="idrec")
     assert trainer.follow(once=True) == 8  # through hour 8: into the test period
     with pytest.raises(LeakyChampionError,

@@ -90,6 +90,9 @@ class RankerConfig:
     #   impression counts in the training data (item_rates, user_rates): how often this user
     #   clicks at all and how popular the item is, which behaviour sequences (positive
     #   actions only) cannot say
+    wide_rates: bool = False  # with id_rates: add a linear term of those four rates to every
+    #   task's logit (Wide & Deep's wide part), starting at item lift + user lift, the
+    #   naive sum a logistic regression on rates learns; the deep part fits what is left
     price_buckets: int = 32  # price_bucket values are already in [0, 32)
     gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d
     max_seq_len: int = 50  # longest behaviour sequence L the position table covers
@@ -126,6 +129,8 @@ class RankerConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.wide_rates and not (self.id_rates and self.uses_ids):
+            raise ValueError("wide_rates needs id_rates and a variant with ids")
         if self.gap_buckets < 2:
             raise ValueError("gap_buckets must be >= 2 (0 is padding)")
         if self.attention not in ("target", "full"):
@@ -151,8 +156,9 @@ class RankerConfig:
             raise ValueError(f"unknown RankerConfig fields {sorted(unknown)} (newer checkpoint?)")
         # Checkpoints from before ``attention`` existed were trained with full attention,
         # those from before ``user_buckets`` without user ids, those from before
-        # ``id_rates`` without rates.
-        return cls(**{"attention": "full", "user_buckets": 0, "id_rates": False, **d})
+        # ``id_rates`` without rates, those from before ``wide_rates`` without a wide part.
+        return cls(**{"attention": "full", "user_buckets": 0, "id_rates": False,
+                      "wide_rates": False, **d})
 
 
 # -----------------------------------------------------------------------------
@@ -362,7 +368,10 @@ class IDModule(nn.Module):
         self.id_dropout = c.id_dropout
         self.out_dim = 2 * c.d_model + (4 + bool(c.user_buckets) + c.id_rates) * c.side_dim
 
-    def forward(self, batch: dict) -> torch.Tensor:
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (B, out_dim) features for the MMoE, and with ``id_rates`` the (B, 4) rates it
+        read (item lift and log shows, user lift and log shows; the item's zeroed where id
+        dropout hid the item), else None."""
         item = batch["item_id"]  # (B,)
         dropped = None
         if self.training and self.id_dropout > 0:
@@ -375,13 +384,15 @@ class IDModule(nn.Module):
                 self.shop_emb(batch["shop"]), self.price_emb(batch["price_bucket"])]
         if self.user_emb is not None:
             side.append(self.user_emb(batch["user_id"]).expand(len(item), -1))  # (B, side)
+        rates = None
         if self.rates is not None:
             item_rates = batch["item_rates"].to(target.dtype)  # (B, 2)
             if dropped is not None:  # a dropped item is a new one: no history either
                 item_rates = item_rates.masked_fill(dropped.unsqueeze(1), 0.0)
             user_rates = batch["user_rates"].to(target.dtype).expand(len(item), -1)  # (B, 2)
-            side.append(self.rates(torch.cat([item_rates, user_rates], dim=1)))  # (B, side)
-        return torch.cat([h, target, *side], dim=1)  # (B, out_dim)
+            rates = torch.cat([item_rates, user_rates], dim=1)  # (B, 4)
+            side.append(self.rates(rates))  # (B, side)
+        return torch.cat([h, target, *side], dim=1), rates  # (B, out_dim), (B, 4) | None
 
 
 class PPMModule(nn.Module):
@@ -474,7 +485,8 @@ def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.T
 
 
 class UnifiedRanker(nn.Module):
-    """IDRec and/or PPM module -> MMoE -> one logit per task. See the module docstring.
+    """IDRec and/or PPM module -> MMoE -> one logit per task (plus, with ``wide_rates``, a
+    linear term of the click rates). See the module docstring.
 
     Example::
 
@@ -496,17 +508,21 @@ class UnifiedRanker(nn.Module):
         in_dim = ((self.id_module.out_dim if self.id_module else 0)
                   + (self.ppm.out_dim if self.ppm else 0))
         self.mmoe = MMoE(in_dim, config)
+        self.wide = nn.Linear(4, len(config.tasks)) if config.wide_rates else None
         self.register_buffer("task_weights", torch.tensor(config.task_weights), persistent=False)
         self.apply(_init_weights)
 
     def forward(self, batch: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        parts = []
+        parts, rates = [], None
         if self.id_module is not None:
-            parts.append(self.id_module(batch))  # (B, 2d + 4 to 6 side)
+            ids, rates = self.id_module(batch)
+            parts.append(ids)  # (B, 2d + 4 to 6 side)
         if self.ppm is not None:
             parts.append(self.ppm(batch))  # (B, 2d)
         logits = self.mmoe(torch.cat(parts, dim=1))  # (B, n_tasks)
+        if self.wide is not None:
+            logits = logits + self.wide(rates)  # (B, n_tasks)
         if batch.get("labels") is None:
             return logits, None
         return logits, (self.task_weights * self.task_losses(logits, batch)).sum()
@@ -540,6 +556,13 @@ def _init_weights(module: nn.Module) -> None:
                 module.weight[module.padding_idx].zero_()
     elif isinstance(module, PPMModule):
         nn.init.normal_(module.missing, std=0.02)
+    elif isinstance(module, UnifiedRanker) and module.wide is not None:
+        # Start as the sum of the two click-rate lifts (columns 0 and 2 of the rates): the
+        # ranking a rate baseline gives on day one, which the deep part then corrects.
+        with torch.no_grad():
+            module.wide.weight.zero_()
+            module.wide.weight[:, [0, 2]] = 1.0
+            module.wide.bias.zero_()
 
 
 # -----------------------------------------------------------------------------
