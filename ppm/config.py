@@ -277,8 +277,8 @@ class TrainerConfig(_Section):
     the gradient's size: on small windows a lower rate keeps a step from undoing the fit,
     and from moving the scores' level, so that windows scored by successive models no
     longer rank together (pooled click AUC). Chosen with ``replay_share`` on two validation
-    worlds (the quick demo world of simulator seeds 2 and 3; the demo's is seed 1):
-    docs/results.md."""
+    worlds, quick demo worlds of other simulator seeds than the demo's (docs/results.md).
+    To fine-tune at ``lr``, give its value here (a config file has no None)."""
     weight_decay: float = Field(1e-5, ge=0)
     grad_clip: float | None = Field(5.0, gt=0)
     """Gradients are scaled down to at most this norm each step (one bad batch cannot throw
@@ -296,9 +296,8 @@ class TrainerConfig(_Section):
     """Windows the first model is fitted on before incremental steps start."""
     replay_share: float = Field(4.0, ge=0, le=10)
     """Older samples mixed into a fine-tuning step, as a share of the new window's size:
-    replay against forgetting, and against a small window (a night's few hundred
-    impressions) pulling the model its own way. Chosen with ``fine_tune_lr`` (see there)
-    among 0.25, 1, 2 and 4."""
+    replay against forgetting, and against a small window (a night's) pulling the model
+    its own way. Chosen with ``fine_tune_lr`` (see there)."""
     replay_windows: int = Field(24, ge=1)
     """How many windows before the new one those older samples are drawn from."""
     id_dropout: float = Field(0.3, ge=0, lt=1)
@@ -371,9 +370,10 @@ class ModelConfig(_Section):
     (docs/results.md)."""
     wide_rates: bool = False
     """With ``id_rates``: add a linear term of those rates to every task's logit (the wide
-    part of Wide & Deep), starting as the user's plus the item's click-rate lift, so a
-    model starts where a rate baseline is and its deep part learns what is left. Needs a
-    variant with ids (idrec, ppm)."""
+    part of Wide & Deep), starting as the user's plus the item's click-rate lift (weights
+    1), which the deep part then corrects. Read by the variants with ids (idrec, ppm); a
+    ``modal`` model has none. Chosen on validation, per data set (``--tune
+    wide_rates=false,true``; docs/results.md)."""
     price_buckets: int = Field(32, ge=1)
     """Price buckets kept (``ppm.records.price_bucket`` makes 32); higher ones are clipped."""
     gap_buckets: int = Field(16, ge=2)
@@ -428,6 +428,8 @@ class ModelConfig(_Section):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads "
                              f"{self.n_heads}")
+        if self.wide_rates and not self.id_rates:
+            raise ValueError("wide_rates reads the click rates: it needs id_rates")
         return self
 
 

@@ -248,3 +248,13 @@ def test_a_redis_url_becomes_feasts_connection_string():
         "cache:7000,db=3,username=u,password=pa@ss,ssl=true")
     assert RedisConfig(url="redis://:123@h/0").feast_connection_string() == (
         "h:6379,db=0,password=123")
+
+
+def test_the_wide_part_reaches_the_variants_with_ids_and_needs_click_rates():
+    from trainer.train import ranker_config
+
+    cfg = load_config(env={"PPM__MODEL__WIDE_RATES": "true"})
+    assert ranker_config(cfg, "idrec").wide_rates and ranker_config(cfg, "ppm").wide_rates
+    assert not ranker_config(cfg, "modal").wide_rates  # the plug-in's pre-training still runs
+    with pytest.raises(ValueError, match="needs id_rates"):
+        load_config(env={"PPM__MODEL__WIDE_RATES": "true", "PPM__MODEL__ID_RATES": "false"})

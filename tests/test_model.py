@@ -623,6 +623,20 @@ def test_the_wide_part_starts_as_the_sum_of_the_click_rate_lifts(variant):
     assert not rates[:, :2].any() and torch.equal(rates[:, 2:], batch["user_rates"])
 
 
+def test_the_wide_part_trains_and_travels_in_the_checkpoint(tmp_path):
+    model = make_model("ppm", wide_rates=True).train()
+    _, loss = model(random_batch(model.config))
+    loss.backward()
+    assert model.wide.weight.grad is not None and model.wide.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.wide.weight.add_(0.5)  # not the initial weights any more
+    save_checkpoint(tmp_path / "m.pt", model, {})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.config.wide_rates and torch.equal(loaded.wide.weight, model.wide.weight)
+    batch = random_batch(model.config, labels=False)
+    torch.testing.assert_close(scores(loaded, batch), scores(model, batch))
+
+
 def test_the_wide_part_needs_click_rates_and_ids():
     for bad in ({"id_rates": False}, {"variant": "modal"}):
         with pytest.raises(ValueError, match="wide_rates"):

@@ -436,7 +436,7 @@ def test_eval_refuses_a_champion_that_saw_the_test_period(tmp_path, capsys, monk
     from ppm.cli.commands import main
 
     # Every candidate promoted, so the champion is the one trained through hour 8.
-    cfg = tiny_world(tmp_path).with_values({"promote_tolerance": "1"})
+    cfg = tiny_world(tmp_path, promote_tolerance=1.0)
     trainer = IncrementalTrainer(cfg, variant="idrec")
     assert trainer.follow(once=True) == 8  # through hour 8: into the test period
     with pytest.raises(LeakyChampionError,

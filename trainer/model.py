@@ -91,8 +91,8 @@ class RankerConfig:
     #   clicks at all and how popular the item is, which behaviour sequences (positive
     #   actions only) cannot say
     wide_rates: bool = False  # with id_rates: add a linear term of those four rates to every
-    #   task's logit (Wide & Deep's wide part), starting at item lift + user lift, the
-    #   naive sum a logistic regression on rates learns; the deep part fits what is left
+    #   task's logit (Wide & Deep's wide part), starting at item lift + user lift (weights
+    #   1), a hand-set start the deep part corrects
     price_buckets: int = 32  # price_bucket values are already in [0, 32)
     gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d
     max_seq_len: int = 50  # longest behaviour sequence L the position table covers
@@ -344,7 +344,8 @@ def _allowed(keep: torch.Tensor) -> torch.Tensor:
 class IDModule(nn.Module):
     """IDRec: hashed id embeddings and a transformer over the id sequence.
 
-    Returns (B, out_dim): the transformer's target output (d_model), then the target's own
+    :meth:`forward` returns the features (B, out_dim), and the rates it read (see there):
+    the transformer's target output (d_model), then the target's own
     embeddings, which go to the MMoE directly: item (d_model), category, brand, shop and
     price (side_dim each), the user's (side_dim, when ``user_buckets``: what the sequence
     cannot say, such as how often this user clicks at all) and, with ``id_rates``, the
@@ -557,8 +558,9 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, PPMModule):
         nn.init.normal_(module.missing, std=0.02)
     elif isinstance(module, UnifiedRanker) and module.wide is not None:
-        # Start as the sum of the two click-rate lifts (columns 0 and 2 of the rates): the
-        # ranking a rate baseline gives on day one, which the deep part then corrects.
+        # Start as the sum of the two click-rate lifts (columns 0 and 2 of the rates), weights
+        # 1: a user's and an item's click histories rank from the first step; the deep
+        # part then corrects them.
         with torch.no_grad():
             module.wide.weight.zero_()
             module.wide.weight[:, [0, 2]] = 1.0
