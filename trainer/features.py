@@ -77,6 +77,9 @@ def hash_ids(values: Sequence[str | None] | np.ndarray | pa.Array, buckets: int
     Hashes each distinct value once, so a column of a million rows with a few thousand
     distinct ids costs a few thousand hashes.
     """
+    if _short(values):  # a serving request's ids: their hashes are cached (_bucket_of)
+        return np.fromiter((_bucket_of(v, buckets) if v else 0 for v in values), np.int64,
+                           len(values))
     arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values,
                                                                                 pa.string())
     encoded = pc.dictionary_encode(arr).combine_chunks() if isinstance(
@@ -88,6 +91,15 @@ def hash_ids(values: Sequence[str | None] | np.ndarray | pa.Array, buckets: int
     valid = ~np.asarray(pc.is_null(encoded.indices))
     out[valid] = codes[index[valid].astype(np.int64)]
     return out
+
+
+_SHORT = 4096
+"""Up to this many ids, a plain list is hashed id by id: building Arrow arrays to
+deduplicate them would cost more than the cached hashes (a request's few hundred ids)."""
+
+
+def _short(values: Sequence[str | None] | np.ndarray | pa.Array) -> bool:
+    return not isinstance(values, pa.Array | pa.ChunkedArray) and len(values) <= _SHORT
 
 
 @lru_cache(maxsize=1 << 20)
@@ -252,7 +264,7 @@ def id_buckets(ids: Sequence[str | None], buckets: int,
                vocabulary: IdVocabulary | None) -> np.ndarray:
     """:func:`hash_ids` of item or user ids, 0 (unknown) for an id ``vocabulary`` does not
     admit (None: every id is admitted, as for a model that has no vocabulary)."""
-    arr = pa.array(ids, pa.string())  # converted once for both
+    arr = ids if _short(ids) else pa.array(ids, pa.string())  # converted once for both
     out = hash_ids(arr, buckets)
     if vocabulary is not None:
         out[~vocabulary.admits(arr)] = 0

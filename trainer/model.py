@@ -444,7 +444,12 @@ class PPMModule(nn.Module):
 
 
 class MMoE(nn.Module):
-    """Multi-gate mixture of experts: shared experts, a softmax gate and a tower per task."""
+    """Multi-gate mixture of experts: shared experts, a softmax gate and a tower per task.
+
+    Kept as one module per expert, gate and tower (the checkpoints' names), but computed as
+    a few batched products over their stacked weights: at serving's batch of a few hundred
+    rows, one product per module cost more in calls than in arithmetic.
+    """
 
     def __init__(self, in_dim: int, config: RankerConfig):
         super().__init__()
@@ -461,13 +466,27 @@ class MMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, in_dim) -> logits (B, n_tasks)."""
-        experts = torch.stack([e(x) for e in self.experts], dim=1)  # (B, E, H)
-        logits = []
-        for gate, tower in zip(self.gates, self.towers, strict=True):
-            w = F.softmax(gate(x), dim=-1)  # (B, E)
-            mixed = torch.einsum("be,beh->bh", w, experts)  # (B, H)
-            logits.append(tower(mixed))  # (B, 1)
-        return torch.cat(logits, dim=1)  # (B, n_tasks)
+        B, E, T = x.shape[0], len(self.experts), len(self.towers)
+        first = [e[0] for e in self.experts]
+        h = F.relu(F.linear(x, torch.cat([m.weight for m in first]),
+                            torch.cat([m.bias for m in first])))  # (B, E * H)
+        # The first expert's and tower's dropout serve all: one p (config.dropout) for each.
+        h = self.experts[0][2](h.view(B, E, -1).transpose(0, 1))  # (E, B, H)
+        experts = F.relu(_stacked(h, [e[3] for e in self.experts]))  # (E, B, H)
+        gates = F.softmax(F.linear(x, torch.cat([g.weight for g in self.gates]),
+                                   torch.cat([g.bias for g in self.gates])
+                                   ).view(B, T, E), dim=-1)  # (B, T, E)
+        mixed = torch.einsum("bte,ebh->tbh", gates, experts)  # (T, B, H)
+        hidden = self.towers[0][2](F.relu(_stacked(mixed, [t[0] for t in self.towers]))
+                                   )  # (T, B, tower_dim)
+        return _stacked(hidden, [t[3] for t in self.towers]).squeeze(-1).T  # (B, T)
+
+
+def _stacked(x: torch.Tensor, linears: list[nn.Linear]) -> torch.Tensor:
+    """x (K, B, in) through K linear layers, the k-th on x[k] -> (K, B, out)."""
+    weight = torch.stack([m.weight for m in linears])  # (K, out, in)
+    bias = torch.stack([m.bias for m in linears]).unsqueeze(1)  # (K, 1, out)
+    return torch.baddbmm(bias, x, weight.transpose(1, 2))
 
 
 def masked_task_losses(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor

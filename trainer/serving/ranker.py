@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,7 +85,7 @@ class ItemCache:
         self.store = store
         self.max_age_s = max_age_s
         self.max_items = max_items
-        self._entries: OrderedDict[tuple[str | None, str], tuple[float, StoredItem | None]] = (
+        self._entries: OrderedDict[tuple[Hashable, str], tuple[float, StoredItem | None]] = (
             OrderedDict())
         self._lock = threading.Lock()
         self._jitter = random.Random(0)
@@ -99,17 +99,15 @@ class ItemCache:
         return self._read(item_ids, encoder_version, with_embeddings, lambda ids: (
             self.store.fetch_items(ids, with_embeddings, encoder_version)))
 
-    def read_projections(self, items: dict[str, StoredItem], projection: str
-                         ) -> dict[str, StoredItem]:
-        """A frozen plug-in's stored outputs for ``items`` (``OnlineFeatures
-        .fetch_projections``), cached apart from the raw vectors; one cached from content
-        the item no longer has is left out."""
-        got = self._read(list(items), projection, True, lambda ids: (
-            self.store.fetch_projections({i: items[i] for i in ids}, projection)))
-        return {i: p for i, p in got.items()
-                if p.state.vector_source == items[i].state.vector_source}
+    def read_projected(self, item_ids: Sequence[str], space: tuple[str, str | None], fetch
+                       ) -> dict[str, StoredItem]:
+        """Items as ``fetch(ids)`` returns them for the ids not cached in ``space`` (a frozen
+        plug-in's projection and encoder version): each with the plug-in's output for a
+        vector where there is one, cached whole, so a request that finds them all cached
+        does no more than one lookup per item."""
+        return self._read(item_ids, space, False, fetch)
 
-    def _read(self, item_ids: Sequence[str], space: str | None, with_embeddings: bool,
+    def _read(self, item_ids: Sequence[str], space: Hashable, with_embeddings: bool,
               fetch) -> dict[str, StoredItem]:
         clock = time.monotonic()
         found: dict[str, StoredItem | None] = {}
@@ -129,11 +127,7 @@ class ItemCache:
             self._keep(space, {i: found[i] for i in wanted}, fetched_at)
         return {i: item for i, item in found.items() if item is not None}
 
-    def put_projections(self, items: dict[str, StoredItem], projection: str) -> None:
-        """Keep plug-in outputs computed from raw vectors, as if read from the store."""
-        self._keep(projection, items, time.monotonic())
-
-    def _keep(self, space: str | None, items: dict[str, StoredItem | None],
+    def _keep(self, space: Hashable, items: dict[str, StoredItem | None],
               fetched_at: float) -> None:
         with self._lock:
             for item_id, item in items.items():
@@ -338,10 +332,16 @@ class Ranker:
         vector: read from the store where it holds one of the item's current content, else
         computed here from the raw vector (an item embedded since the outputs were
         written) and written back to the store in the background."""
-        states = self.items.read(item_ids, False, encoder_version)  # profiles and meta only
-        found = self.items.read_projections(states, projection)
+        return self.items.read_projected(item_ids, (projection, encoder_version), lambda ids: (
+            self._fetch_projected(model, ids, encoder_version, projection)))
+
+    def _fetch_projected(self, model: UnifiedRanker, item_ids: list[str],
+                         encoder_version: str | None, projection: str) -> dict[str, StoredItem]:
+        """:meth:`_projected` from the store, for the items the cache does not hold."""
+        states = self.store.fetch_items(item_ids, False, encoder_version)  # profiles, meta
+        found = self.store.fetch_projections(states, projection)
         rest = [i for i in states if i not in found]
-        raw = self.items.read(rest, True, encoder_version) if rest else {}
+        raw = self.store.fetch_items(rest, True, encoder_version) if rest else {}
         # Only vectors of the model's version (the store returns the newest where it has
         # none of it): the rest are unusable anyway, and may not even fit the projection.
         raw = {i: r for i, r in raw.items() if r.embedding is not None and not r.state.deleted
@@ -354,13 +354,8 @@ class Ranker:
                     [r.embedding for r in raw.values()]))).numpy()
             found |= {i: StoredItem(r.state, out[k], r.embedded_at_us, True)
                       for k, (i, r) in enumerate(raw.items())}
-            self.items.put_projections({i: found[i] for i in raw}, projection)
             self._write_back([ItemEmbeddingRow(i, out[k], r.state.encoder_version,
                                                r.state.content_hash, r.state.content_time_us,
                                                r.embedded_at_us)
                               for k, (i, r) in enumerate(raw.items())], projection)
-        # The profile just read, whatever the (maybe cached) output's entry held (built
-        # directly: dataclasses.replace per item was a tenth of a cached request's build).
-        return {i: StoredItem(state=item.state, embedding=f.embedding,
-                              embedded_at_us=f.embedded_at_us, with_embedding=f.with_embedding)
-                if (f := found.get(i)) is not None else item for i, item in states.items()}
+        return {i: found.get(i, item) for i, item in states.items()}
