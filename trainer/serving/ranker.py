@@ -73,12 +73,12 @@ class ItemCache:
 
     Each entry expires at a random moment between half and all of ``max_age_s`` after it was
     read, so the items one request read together are refreshed a few at a time by later
-    requests rather than all by one (which would be as slow as no cache). Only the raw
-    stored values are cached; the caller judges staleness per request at its own clock
-    (``trainer.features.usable_vectors``), so a cached vector still turns stale when the
-    freshness window passes. Items unknown to
-    the store are cached as unknown too (a new item becomes visible within ``max_age_s``).
-    Safe to share between request threads.
+    requests rather than all by one (which would be as slow as no cache). Only values as
+    stored (and a frozen plug-in's outputs of them) are cached; the caller judges staleness
+    per request at its own clock (``trainer.features.usable_vectors``), so a cached vector
+    still turns stale when the freshness window passes. Items unknown to the store are
+    cached as unknown too (a new item becomes visible within ``max_age_s``). Safe to share
+    between request threads.
     """
 
     def __init__(self, store: OnlineFeatures, max_age_s: float, max_items: int):
