@@ -64,6 +64,23 @@ def test_hash_ids_are_stable_and_keep_unknown_at_zero():
     assert got.dtype == np.int64 and got.min() >= 1 and got.max() <= 6
 
 
+def test_hash_ids_agree_whichever_way_they_are_converted():
+    """A short list of str is hashed id by id, anything else through Arrow: same buckets."""
+    import pandas as pd
+
+    ids = ["a", None, "", "b", "a", "é"]
+    want = hash_ids(pa.array(ids, pa.string()), 64)
+    assert want[[1, 2]].tolist() == [0, 0]
+    for values in (ids, tuple(ids), np.array(ids, dtype=object), pd.Series(ids)):
+        assert hash_ids(values, 64).tolist() == want.tolist(), type(values)
+    # Missing values of a pandas column are unknown ids, as Arrow reads them.
+    assert hash_ids(pd.Series(["a", np.nan]), 64).tolist() == [want[0], 0]
+    many = [f"id{i}" for i in range(5000)]  # over the id-by-id limit
+    assert hash_ids(many, 64).tolist() == hash_ids(many[:4000], 64).tolist() + hash_ids(
+        many[4000:], 64).tolist()
+    assert (id_buckets(ids, 64, None) == want).all()
+
+
 def test_gap_bucket_edges():
     got = gap_bucket(np.array([-5.0, 0.0, 59.9, 60.0, 3600.0, 29.9 * DAY, 30 * DAY, 1e12]), 16)
     assert got.dtype == np.int64

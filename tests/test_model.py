@@ -644,3 +644,29 @@ def test_the_wide_part_needs_click_rates_and_ids():
     old = make_model("idrec").config.to_dict()
     del old["wide_rates"]  # a checkpoint from before the wide part
     assert RankerConfig.from_dict(old).wide_rates is False
+
+
+@pytest.mark.parametrize(("n_experts", "tasks", "B"),
+                         [(4, ("click", "order", "collect"), 7), (1, ("click",), 1),
+                          (3, ("click", "order"), 0)])
+def test_mmoe_is_its_modules_one_by_one(n_experts, tasks, B):
+    """The MMoE runs as batched products over its stacked weights; the function is that of
+    its modules applied one at a time (experts, a softmax gate and a tower per task), and
+    every one of their parameters gets a gradient."""
+    from trainer.model import MMoE
+
+    torch.manual_seed(0)
+    mmoe = MMoE(10, RankerConfig(n_experts=n_experts, tasks=tasks,
+                                 task_weights=(1.0,) * len(tasks))).eval()
+    x = torch.randn(B, 10)
+    experts = torch.stack([e(x) for e in mmoe.experts], dim=1)  # (B, E, H)
+    want = torch.cat([t(torch.einsum("be,beh->bh", torch.softmax(g(x), -1), experts))
+                      for g, t in zip(mmoe.gates, mmoe.towers, strict=True)], dim=1)
+    got = mmoe(x)
+    assert got.shape == (B, len(tasks))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if B:
+        mmoe.train()(x).sum().backward()
+        for name, p in mmoe.named_parameters():  # a gate over one expert is constant
+            assert p.grad is not None and (p.grad.abs().sum() > 0 or (
+                n_experts == 1 and name.startswith("gates"))), name

@@ -75,7 +75,7 @@ def hash_ids(values: Sequence[str | None] | np.ndarray | pa.Array, buckets: int
     """Stable int64 buckets in ``[1, buckets)`` for string ids; None and "" map to 0.
 
     Hashes each distinct value once, so a column of a million rows with a few thousand
-    distinct ids costs a few thousand hashes.
+    distinct ids costs a few thousand hashes (and a recent id's hash is remembered).
     """
     if _short(values):  # a serving request's ids: their hashes are cached (_bucket_of)
         return np.fromiter((_bucket_of(v, buckets) if v else 0 for v in values), np.int64,
@@ -94,12 +94,14 @@ def hash_ids(values: Sequence[str | None] | np.ndarray | pa.Array, buckets: int
 
 
 _SHORT = 4096
-"""Up to this many ids, a plain list is hashed id by id: building Arrow arrays to
-deduplicate them would cost more than the cached hashes (a request's few hundred ids)."""
+"""Up to this many ids, a list or tuple of str and None is hashed id by id: building Arrow
+arrays to deduplicate them would cost more than the cached hashes (a request's few hundred
+ids). Anything else (pandas columns with NaN, bytes, ...) goes through Arrow's conversion."""
 
 
 def _short(values: Sequence[str | None] | np.ndarray | pa.Array) -> bool:
-    return not isinstance(values, pa.Array | pa.ChunkedArray) and len(values) <= _SHORT
+    return (isinstance(values, list | tuple) and len(values) <= _SHORT
+            and all(v is None or isinstance(v, str) for v in values))
 
 
 @lru_cache(maxsize=1 << 20)
@@ -264,7 +266,7 @@ def id_buckets(ids: Sequence[str | None], buckets: int,
                vocabulary: IdVocabulary | None) -> np.ndarray:
     """:func:`hash_ids` of item or user ids, 0 (unknown) for an id ``vocabulary`` does not
     admit (None: every id is admitted, as for a model that has no vocabulary)."""
-    arr = ids if _short(ids) else pa.array(ids, pa.string())  # converted once for both
+    arr = ids if _short(ids) else pa.array(ids, pa.string())  # at most once, for both
     out = hash_ids(arr, buckets)
     if vocabulary is not None:
         out[~vocabulary.admits(arr)] = 0

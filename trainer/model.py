@@ -471,7 +471,7 @@ class MMoE(nn.Module):
         h = F.relu(F.linear(x, torch.cat([m.weight for m in first]),
                             torch.cat([m.bias for m in first])))  # (B, E * H)
         # The first expert's and tower's dropout serve all: one p (config.dropout) for each.
-        h = self.experts[0][2](h.view(B, E, -1).transpose(0, 1))  # (E, B, H)
+        h = self.experts[0][2](h.view(B, E, first[0].out_features).transpose(0, 1))  # (E, B, H)
         experts = F.relu(_stacked(h, [e[3] for e in self.experts]))  # (E, B, H)
         gates = F.softmax(F.linear(x, torch.cat([g.weight for g in self.gates]),
                                    torch.cat([g.bias for g in self.gates])
