@@ -35,6 +35,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,14 +79,13 @@ def hash_ids(values: Sequence[str | None] | np.ndarray | pa.Array, buckets: int
     distinct ids costs a few thousand hashes (and a recent id's hash is remembered).
     """
     if _short(values):  # a serving request's ids: their hashes are cached (_bucket_of)
-        return np.fromiter((_bucket_of(v, buckets) if v else 0 for v in values), np.int64,
-                           len(values))
+        return np.fromiter(map(_bucket_of, values, repeat(buckets)), np.int64, len(values))
     arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values,
                                                                                 pa.string())
     encoded = pc.dictionary_encode(arr).combine_chunks() if isinstance(
         arr, pa.ChunkedArray) else pc.dictionary_encode(arr)
     uniques = encoded.dictionary.to_pylist()
-    codes = np.array([_bucket_of(u, buckets) if u else 0 for u in uniques], dtype=np.int64)
+    codes = np.fromiter(map(_bucket_of, uniques, repeat(buckets)), np.int64, len(uniques))
     index = encoded.indices.to_numpy(zero_copy_only=False)
     out = np.zeros(len(arr), dtype=np.int64)
     valid = ~np.asarray(pc.is_null(encoded.indices))
@@ -96,18 +96,24 @@ def hash_ids(values: Sequence[str | None] | np.ndarray | pa.Array, buckets: int
 _SHORT = 4096
 """Up to this many ids, a list or tuple of str and None is hashed id by id: building Arrow
 arrays to deduplicate them would cost more than the cached hashes (a request's few hundred
-ids). Anything else (pandas columns with NaN, bytes, ...) goes through Arrow's conversion."""
+ids). Anything else (pandas columns with NaN, bytes, subclasses of str such as numpy's
+``str_``, ...) goes through Arrow's conversion."""
 
 
 def _short(values: Sequence[str | None] | np.ndarray | pa.Array) -> bool:
     return (isinstance(values, list | tuple) and len(values) <= _SHORT
-            and all(v is None or isinstance(v, str) for v in values))
+            and set(map(type, values)) <= _PLAIN)  # no Python loop: a request's ids pass
+
+
+_PLAIN = {str, type(None)}
 
 
 @lru_cache(maxsize=1 << 20)
-def _bucket_of(value: str, buckets: int) -> int:
+def _bucket_of(value: str | None, buckets: int) -> int:
     # Cached: a serving request hashes the same few hundred ids (and their categories,
     # brands, shops) as the requests before it, and a cache hit costs a tenth of a hash.
+    if not value:  # None and "": unknown
+        return 0
     digest = hashlib.blake2b(value.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % (buckets - 1) + 1
 
@@ -186,15 +192,13 @@ class IdVocabulary:
             item_ids = item_ids.to_pylist()
         # A set lookup per id: serving asks about a few hundred ids per request, and
         # Arrow's is_in would build a hash table of the whole vocabulary on every call.
-        admitted = self.admitted
-        return np.fromiter((i in admitted for i in item_ids), bool, len(item_ids))
+        return np.fromiter(map(self.admitted.__contains__, item_ids), bool, len(item_ids))
 
     def totals(self, ids: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """(impressions, clicks) of each of ``ids``, float64 (N,) each; 0 for an id never
         counted."""
-        shows, clicks = self.counts.get, self.clicks.get
-        return (np.fromiter((shows(i, 0) for i in ids), np.float64, len(ids)),
-                np.fromiter((clicks(i, 0) for i in ids), np.float64, len(ids)))
+        return (np.fromiter(map(self.counts.get, ids, repeat(0)), np.float64, len(ids)),
+                np.fromiter(map(self.clicks.get, ids, repeat(0)), np.float64, len(ids)))
 
     def to_dict(self) -> dict:
         """Plain values for a checkpoint (:func:`trainer.model.save_checkpoint`)."""

@@ -170,9 +170,10 @@ class EncoderLayer(nn.Module):
 
     Parameter names are those of ``nn.TransformerEncoderLayer(norm_first=True,
     activation="gelu")``, so checkpoints written with that module load unchanged. It is
-    written out for :meth:`attend_target`: target tokens that attend to a sequence's keys
-    and to themselves without taking part in the sequence's own attention, and for
-    :meth:`project`, which computes a sequence's queries, keys and values once for both.
+    written out for :meth:`attend_target` (and :meth:`attend_shared`): target tokens that
+    attend to a sequence's keys and to themselves without taking part in the sequence's
+    own attention, and for :meth:`project`, which computes a sequence's queries, keys and
+    values once for both.
     """
 
     def __init__(self, d: int, n_heads: int, d_ff: int, dropout: float):
@@ -213,28 +214,41 @@ class EncoderLayer(nn.Module):
 
     def attend_target(self, target: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       keep: torch.Tensor) -> torch.Tensor:
-        """The layer for target tokens (B, d), each attending to a sequence's keys and
-        values ``k``, ``v`` (B or 1, heads, L, hd; :meth:`project` of the layer's sequence
-        input) where ``keep`` (B or 1, L) is True, and to itself -> (B, d). A sequence of
-        batch 1 is shared by every target."""
+        """The layer for target tokens (B, d), each attending to its sequence's keys and
+        values ``k``, ``v`` (B, heads, L, hd; :meth:`project` of the layer's sequence
+        input) where ``keep`` (B, L) is True, and to itself -> (B, d)."""
         t = target.unsqueeze(1)  # (B, 1, d)
         q, k_t, v_t = self.project(t)  # (B, heads, 1, hd) each
         scale = q.shape[-1] ** -0.5
-        shared = k.shape[0] == 1 and q.shape[0] > 1
-        if shared:  # one (heads, B, hd) @ (heads, hd, L) product: a broadcast matmul would
-            #   copy the sequence's keys and values once per target
-            seq_scores = (q.squeeze(2).transpose(0, 1) @ k[0].transpose(-1, -2)
-                          ).transpose(0, 1).unsqueeze(2)  # (B, h, 1, L)
-        else:
-            seq_scores = q @ k.transpose(-1, -2)  # (B, h, 1, L)
-        scores = torch.cat([seq_scores.masked_fill(~keep[:, None, None], -torch.inf),
+        scores = torch.cat([(q @ k.transpose(-1, -2)).masked_fill(~keep[:, None, None],
+                                                                  -torch.inf),
                             (q * k_t).sum(-1, keepdim=True)], dim=-1) * scale  # (B, h, 1, L+1)
         weights = F.dropout(F.softmax(scores, dim=-1), self.dropout, self.training)
-        on_seq = weights[..., :-1]  # (B, h, 1, L)
-        from_seq = ((on_seq.squeeze(2).transpose(0, 1) @ v[0]).transpose(0, 1).unsqueeze(2)
-                    if shared else on_seq @ v)  # (B, h, 1, hd)
-        attended = from_seq + weights[..., -1:] * v_t  # (B, heads, 1, hd)
+        attended = weights[..., :-1] @ v + weights[..., -1:] * v_t  # (B, heads, 1, hd)
         return self._feed_forward(self._attended(t, attended)).squeeze(1)
+
+    def attend_shared(self, target: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend_target` for targets (B, d) that share one sequence: ``k``, ``v``
+        (1, heads, L, hd), and ``bias`` (1, L), 0 where the sequence is kept and -inf
+        elsewhere -> (B, d). The heads stay the batch dimension of every product, (heads,
+        B, hd) @ (heads, hd, L), so the sequence's keys and values are never copied per
+        target, and the mask and the scale are applied within the first product."""
+        B, d = target.shape
+        h = self.n_heads
+        hd = d // h
+        qkv = F.linear(self.norm1(target), self.self_attn.in_proj_weight,
+                       self.self_attn.in_proj_bias)  # (B, 3d)
+        q, k_t, v_t = qkv.view(B, 3, h, hd).permute(1, 2, 0, 3).unbind(0)  # (h, B, hd) each
+        scale = hd ** -0.5
+        on_seq = torch.baddbmm(bias.unsqueeze(0), q, k[0].transpose(-1, -2),
+                               alpha=scale)  # (h, B, L)
+        own = (q * k_t).sum(-1, keepdim=True) * scale  # (h, B, 1)
+        weights = F.dropout(F.softmax(torch.cat([on_seq, own], dim=-1), dim=-1),
+                            self.dropout, self.training)  # (h, B, L+1)
+        attended = torch.addcmul(weights[..., :-1] @ v[0], weights[..., -1:], v_t)  # (h, B, hd)
+        out = self.self_attn.out_proj(attended.transpose(0, 1).reshape(B, d))  # (B, d)
+        return self._feed_forward(target + F.dropout(out, self.dropout, self.training))
 
     def _attended(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """x (N, T, d) plus the attention output ``heads`` (N, heads, T, hd) projected."""
@@ -309,10 +323,15 @@ class BehaviorTransformer(nn.Module):
         """Target attention: seq (B or 1, L, d), target (B, d), keep (B or 1, L) -> (B, d)."""
         layers = self.encoder.layers
         allowed = _allowed(keep)  # (B or 1, 1, L, L)
+        shared = keep.shape[0] == 1
+        if shared:  # (1, L): 0 where kept, -inf elsewhere
+            bias = torch.zeros(keep.shape, dtype=seq.dtype, device=seq.device).masked_fill(
+                ~keep, -torch.inf)
         for i, layer in enumerate(layers):
             last = i == len(layers) - 1  # the last layer's sequence outputs are never read
             qkv = layer.project(seq, query=not last)
-            target = layer.attend_target(target, *qkv[-2:], keep)
+            target = (layer.attend_shared(target, *qkv[-2:], bias) if shared
+                      else layer.attend_target(target, *qkv[-2:], keep))
             if not last:
                 seq = layer(seq, allowed, qkv)
         return self.encoder.norm(target)  # (B, d)

@@ -298,12 +298,12 @@ class Ranker:
             at_us=now, model_version=encoder_version,
             freshness_window_s=self.store.freshness_window_s,
             deleted=[o is not None and o.state.deleted for o in found])
-        row_of = {i: row for row, i in enumerate(
-            (i for i, ok in zip(wanted, usable, strict=True) if ok), start=1)}
+        kept = [i for i, ok in zip(wanted, usable, strict=True) if ok]
+        row_of = dict(zip(kept, range(1, len(kept) + 1), strict=True))
         width = c.d_model if projection and c.uses_modal else c.modal_dim
-        vectors = np.zeros((len(row_of) + 1, width), np.float32)
-        for item_id, row in row_of.items():
-            vectors[row] = stored[item_id].embedding
+        vectors = np.zeros((len(kept) + 1, width), np.float32)
+        if kept:  # one copy, not one per row
+            vectors[1:] = np.stack([stored[i].embedding for i in kept])
 
         states = [stored[i].state if i in stored else None for i in item_ids]
         # One user and sequence row shared by every candidate: the model encodes it once.
