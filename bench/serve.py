@@ -21,7 +21,9 @@ so only the sequence is read from the store).
 (``modal``), plugged in and frozen, served from its stored per-item outputs (d_model floats,
 ``trainer.serving.projection``) instead of the raw vectors; ``plugin_*_ratio`` divides its
 p99 by the SDK raw-vector path's of the same run, ``direct_uncached_p99_ratio`` the direct
-raw-vector path's. ``bytes_per_item_raw`` / ``bytes_per_item_plugin``:
+raw-vector path's. ``plugin_compiled_*``: the same plug-in requests with the champion's
+forward compiled (``serving.compile``; ``compile_s``: the load that compiled it).
+``bytes_per_item_raw`` / ``bytes_per_item_plugin``:
 the vector bytes serving reads per item.
 
 ``http_*``: the cached requests again through the scoring server (``ppm serve``'s app on
@@ -37,8 +39,10 @@ each in a process of its own, so machine noise hits both; the last line is then
 ``{"against", "pairs": [...], "plugin_p99_vs_against", "plugin_uncached_p99_vs_against",
 ...}``: per pair, the frozen plug-in's cached and uncached p99 now over REF's ``p99_ms`` and
 ``uncached_p99_ms`` (issue #15: at most a half and a quarter of the code when it was filed),
-the same for the p50s (``plugin_p50_vs_against``, ``plugin_uncached_p50_vs_against``),
-each side's ``forward_p50_ms``, and the medians of those ratios.
+the same for the p50s (``plugin_p50_vs_against``, ``plugin_uncached_p50_vs_against``) and
+for the compiled plug-in (``plugin_compiled_p99_vs_against``,
+``plugin_compiled_uncached_p99_vs_against``), each side's ``forward_p50_ms``, and the
+medians of those ratios.
 """
 
 from __future__ import annotations
@@ -115,6 +119,12 @@ def main() -> None:
         plugin_registry.promote(version)
         plugin = Ranker(store, plugin_registry, cache_s=cfg.features.serving_cache_s)
         plugin_uncached = Ranker(store, plugin_registry, cache_s=0.0)
+        print("compiling the plug-in champion ...", file=sys.stderr)
+        started = time.perf_counter()
+        plugin_compiled = Ranker(store, plugin_registry, cache_s=cfg.features.serving_cache_s,
+                                 compile=True)
+        compile_s = time.perf_counter() - started
+        plugin_compiled_uncached = Ranker(store, plugin_registry, cache_s=0.0, compile=True)
         sim = ShopSimulator(world)
         items = sim.catalog["item_id"].tolist()
         users = sim.user_tastes.index.tolist()
@@ -176,6 +186,10 @@ def main() -> None:
         uncached_ms = timed(uncached)
         plugin_ms = timed(plugin)
         plugin_uncached_ms = timed(plugin_uncached)
+        plugin_compiled_ms = timed(plugin_compiled)
+        plugin_compiled_uncached_ms = timed(plugin_compiled_uncached)
+        if not plugin_compiled.counters["compiled_requests"]:
+            raise SystemExit("the compiled ranker served nothing compiled (see the log)")
         champion = trainer.registry.champion()
         model = trainer.registry.load(champion)
         # The batch build alone, every item in a cache that never expires: no store reads
@@ -222,6 +236,11 @@ def main() -> None:
         "plugin_p99_ms": pct(plugin_ms, 99),
         "plugin_uncached_p50_ms": pct(plugin_uncached_ms, 50),
         "plugin_uncached_p99_ms": pct(plugin_uncached_ms, 99),
+        "plugin_compiled_p50_ms": pct(plugin_compiled_ms, 50),
+        "plugin_compiled_p99_ms": pct(plugin_compiled_ms, 99),
+        "plugin_compiled_uncached_p50_ms": pct(plugin_compiled_uncached_ms, 50),
+        "plugin_compiled_uncached_p99_ms": pct(plugin_compiled_uncached_ms, 99),
+        "compile_s": round(compile_s, 1),
         "plugin_p99_ratio": round(pct(plugin_ms, 99) / pct(sdk_ms, 99), 3),
         "plugin_uncached_p99_ratio": round(pct(plugin_uncached_ms, 99)
                                            / pct(sdk_uncached_ms, 99), 3),
@@ -280,7 +299,14 @@ def against(args: argparse.Namespace) -> None:
                         now["plugin_uncached_p99_ms"] / then["uncached_p99_ms"], 3),
                     "plugin_p50_vs_against": round(now["plugin_p50_ms"] / then["p50_ms"], 3),
                     "plugin_uncached_p50_vs_against": round(
-                        now["plugin_uncached_p50_ms"] / then["uncached_p50_ms"], 3)})
+                        now["plugin_uncached_p50_ms"] / then["uncached_p50_ms"], 3),
+                    "plugin_compiled_p50_ms": now["plugin_compiled_p50_ms"],
+                    "plugin_compiled_p99_ms": now["plugin_compiled_p99_ms"],
+                    "plugin_compiled_uncached_p99_ms": now["plugin_compiled_uncached_p99_ms"],
+                    "plugin_compiled_p99_vs_against": round(
+                        now["plugin_compiled_p99_ms"] / then["p99_ms"], 3),
+                    "plugin_compiled_uncached_p99_vs_against": round(
+                        now["plugin_compiled_uncached_p99_ms"] / then["uncached_p99_ms"], 3)})
         finally:
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(old)],
                            check=False, capture_output=True)
@@ -290,7 +316,8 @@ def against(args: argparse.Namespace) -> None:
         **{f"{k}_median": round(statistics.median(p[k] for p in pairs), 3)
            for k in ("plugin_p99_vs_against", "plugin_uncached_p99_vs_against",
                      "plugin_p50_vs_against", "plugin_uncached_p50_vs_against",
-                     "http_p99_ratio")},
+                     "plugin_compiled_p99_vs_against",
+                     "plugin_compiled_uncached_p99_vs_against", "http_p99_ratio")},
         "goal_plugin_p99_vs_against": 0.5, "goal_plugin_uncached_p99_vs_against": 0.25,
     }))
 

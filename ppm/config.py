@@ -459,6 +459,12 @@ class ServingConfig(_Section):
     max_connections: int = Field(256, ge=1)
     """Open connections per worker, idle keep-alive ones included; past it, uvicorn answers
     any request with a plain-text 503 and closes the connection."""
+    compile: bool = False
+    """Compile each champion's forward with ``torch.compile`` when it is loaded
+    (``trainer.serving.compiled``): a cached request costs less (docs/results.md), and
+    loading the first model in a process takes tens of seconds more (Inductor needs a C++
+    compiler; without one, or on any failure, the model serves uncompiled and the log
+    says why)."""
 
 
 class KafkaConfig(_Section):

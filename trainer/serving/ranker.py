@@ -45,6 +45,7 @@ from trainer.features import (
 )
 from trainer.model import UnifiedRanker
 from trainer.registry import Registry
+from trainer.serving.compiled import CompiledForward
 from trainer.serving.projection import projection_of
 
 log = logging.getLogger(__name__)
@@ -149,19 +150,24 @@ class Ranker:
         cache_s: how long item features read from the store are reused (0: never), see
             ``features.serving_cache_s``.
         cache_items: the most items kept in that cache.
+        compile: compile each champion's forward when it is loaded (``serving.compile``,
+            ``trainer.serving.compiled``).
     """
 
     def __init__(self, store: OnlineFeatures, registry: Registry, reload_every_s: float = 1.0,
-                 cache_s: float = 1.0, cache_items: int = 100_000):
+                 cache_s: float = 1.0, cache_items: int = 100_000, compile: bool = False):
         self.store = store
         self.registry = registry
         self.reload_every_s = reload_every_s
+        self.compile = compile
         self.items = ItemCache(store, cache_s, cache_items)
         self._lock = threading.Lock()
         self._checked_at = 0.0
         self._pointer: bytes | None = None
-        self._model: tuple[str, UnifiedRanker, str | None, str | None] | None = None
-        self.counters = {"requests": 0, "reloads": 0, "plugin_outputs_read": 0,
+        self._model: tuple[str, UnifiedRanker, str | None, str | None,
+                           CompiledForward | None] | None = None
+        self.counters = {"requests": 0, "reloads": 0, "compiled_requests": 0,
+                         "plugin_outputs_read": 0,
                          "plugin_outputs_computed": 0, "plugin_output_write_errors": 0,
                          "plugin_output_writes_dropped": 0}
         self._counting = threading.Lock()  # request threads and the writer count at once
@@ -179,7 +185,7 @@ class Ranker:
         return cls(OnlineFeatures.open(cfg, apply=False), Registry(cfg.paths.registry(variant)),
                    reload_every_s=cfg.serving.reload_every_s,
                    cache_s=cfg.features.serving_cache_s,
-                   cache_items=cfg.features.serving_cache_items)
+                   cache_items=cfg.features.serving_cache_items, compile=cfg.serving.compile)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._counting:
@@ -236,9 +242,11 @@ class Ranker:
                 return
             champion = self.registry.champion()
             model = self.registry.load(champion)
+            projection = projection_of(champion.meta)
+            compiled = CompiledForward.build(model, bool(projection)) if self.compile else None
             # One assignment: requests already running keep the model they started with.
             self._model = (champion.name, model, champion.meta.get("encoder_version"),
-                           projection_of(champion.meta))
+                           projection, compiled)
             self._pointer = pointer
             self._count("reloads")
 
@@ -248,7 +256,8 @@ class Ranker:
         self.maybe_reload()
         if self._model is None:
             raise NoChampionError(f"no champion model in {self.registry.root} yet")
-        version, model, encoder_version, projection = self._model  # this request's model
+        # This request's model, whatever is promoted meanwhile.
+        version, model, encoder_version, projection, compiled = self._model
         self._count("requests")
         item_ids = list(item_ids)
         if not item_ids:
@@ -256,7 +265,12 @@ class Ranker:
         batch, missing = self.build_batch(model, encoder_version, user_id, item_ids, now,
                                           projection)
         with torch.inference_mode():
-            probs = torch.sigmoid(model(batch)[0]).numpy()
+            if compiled is not None and compiled.fits(batch):
+                self._count("compiled_requests")
+                logits = compiled(batch)
+            else:
+                logits = model(batch)[0]
+            probs = torch.sigmoid(logits).numpy()
         order = np.argsort(-probs[:, 0], kind="stable")
         return RankResult(
             item_ids=[item_ids[i] for i in order],
