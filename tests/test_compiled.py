@@ -4,6 +4,7 @@ reused by a newly promoted model, and steps aside (one candidate, a failed compi
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,10 +19,10 @@ from trainer.serving.ranker import Ranker
 WINDOW_S = 24 * 3600.0
 
 
-def promote(registry: Registry, seed: int) -> None:
+def promote(registry: Registry, seed: int, variant: str = "ppm") -> None:
     torch.manual_seed(seed)
-    registry.promote(registry.register(UnifiedRanker(CONFIG).eval(),
-                                       {"trained_on": [], "encoder_version": ENC}))
+    model = UnifiedRanker(replace(CONFIG, variant=variant)).eval()
+    registry.promote(registry.register(model, {"trained_on": [], "encoder_version": ENC}))
 
 
 def same_ranking(a: Ranker, b: Ranker, targets: list[str]) -> None:
@@ -33,21 +34,24 @@ def same_ranking(a: Ranker, b: Ranker, targets: list[str]) -> None:
 
 
 @pytest.mark.slow  # compiles: tens of seconds the first time on a machine
-def test_a_compiled_champion_scores_as_the_eager_one_and_the_next_reuses_its_code(tmp_path):
-    registry = Registry(DataDir(tmp_path).registry("ppm"))
-    promote(registry, seed=1)
+@pytest.mark.parametrize("variant", ["ppm", "idrec"])
+def test_a_compiled_champion_scores_as_the_eager_one_and_the_next_reuses_its_code(
+        tmp_path, variant):
+    registry = Registry(DataDir(tmp_path).registry(variant))
+    promote(registry, seed=1, variant=variant)
     store = MemoryStore(ITEMS, WINDOW_S)
     eager = Ranker(store, registry, reload_every_s=0.0, cache_s=0.0)
     compiled = Ranker(store, registry, reload_every_s=0.0, cache_s=0.0, compile=True)
+    graphs = counters["stats"]["unique_graphs"]  # compiled at load; never again below
 
+    # Requests of other sizes (candidates, vector rows) than the example it compiled on.
     for targets in (TARGETS, TARGETS[:2], TARGETS[:1], list(reversed(TARGETS))):
         same_ranking(eager, compiled, targets)
     assert compiled.counters["compiled_requests"] == 3  # one candidate runs eagerly
 
     # Another model of the same configuration, other weights: loaded by the next request
     # and scored as its own, by the same compiled code (the weights are its inputs).
-    graphs = counters["stats"]["unique_graphs"]
-    promote(registry, seed=2)
+    promote(registry, seed=2, variant=variant)
     same_ranking(eager, compiled, TARGETS)
     assert compiled.counters["reloads"] == 2 and compiled.counters["compiled_requests"] == 4
     assert counters["stats"]["unique_graphs"] == graphs
