@@ -282,7 +282,7 @@ def reference_output(transformer, seq: torch.Tensor, target: torch.Tensor, batch
 
 @pytest.mark.parametrize("attention", ["target", "full"])
 @pytest.mark.parametrize("n_layers", [1, 3])
-@pytest.mark.parametrize("chunk_rows", [256, 2])
+@pytest.mark.parametrize("chunk_rows", [256, 2, 5])  # 5: a last chunk of one row
 @pytest.mark.parametrize("left_padded", [True, False])
 def test_behavior_transformer_computes_a_plain_encoder_pass(attention, n_layers, chunk_rows,
                                                            left_padded):

@@ -7,12 +7,14 @@ serving's shape (one user row shared by B candidates, M vector rows) with B and 
 dynamic: a request of any B >= 2 and M >= 2 runs the compiled code without compiling again.
 The weights are inputs of the compiled code, so a newly promoted model of the same
 configuration reuses it (the first compile in a process takes tens of seconds, less with
-Inductor's on-disk cache; later ones are immediate).
+Inductor's on-disk cache; a model of the same configuration after it none, one of another
+configuration as long again).
 
-Anything else runs eagerly, so a request never waits for a compile: a request of one
-candidate or with no vector at all (:meth:`CompiledForward.fits`), and every request of a
+Anything else runs eagerly: a request of one candidate or with fewer than two vector rows
+(:meth:`CompiledForward.fits`), a request whose compiled call fails, and every request of a
 model whose compile failed or whose compiled scores disagree with its eager ones on the
-example (:meth:`CompiledForward.build` returns None and logs why).
+example (:meth:`CompiledForward.build` returns None and logs why). The ranker compiles
+when it loads a model; meanwhile its other requests go on with the model they had.
 """
 
 from __future__ import annotations
@@ -40,8 +42,7 @@ class CompiledForward:
     """``model``'s logits (B, n_tasks) through its compiled forward, for the batches that
     :meth:`fits`. Build with :meth:`build`."""
 
-    def __init__(self, model: UnifiedRanker, compiled, modal_key: str | None):
-        self.model = model
+    def __init__(self, compiled, modal_key: str | None):
         self._compiled = compiled
         self._modal_key = modal_key
 
@@ -68,7 +69,7 @@ class CompiledForward:
             log.warning("serving the model uncompiled: torch.compile failed (%s: %s)",
                         type(exc).__name__, exc)
             return None
-        return cls(model, compiled, modal_key)
+        return cls(compiled, modal_key)
 
     def fits(self, batch: dict[str, torch.Tensor]) -> bool:
         """Whether ``batch`` runs compiled: two candidates or more, and (for a model with a
@@ -76,19 +77,27 @@ class CompiledForward:
         return batch["item_id"].shape[0] >= 2 and (
             self._modal_key is None or batch[self._modal_key].shape[0] >= 2)
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._compiled(batch)[0]
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The logits, or None (and a warning) if the compiled code fails: the caller
+        scores the batch eagerly instead."""
+        try:
+            return self._compiled(batch)[0]
+        except Exception as exc:  # e.g. a recompile that fails; never a failed request
+            log.warning("a compiled forward failed (%s: %s); scoring eagerly",
+                        type(exc).__name__, exc)
+            return None
 
 
 def example_batch(model: UnifiedRanker, projected: bool) -> dict[str, torch.Tensor]:
     """A batch of serving's shape for ``model``: one user with a sequence of three,
-    :data:`EXAMPLE_CANDIDATES` candidates and 13 vector rows (row 0 and 12 used)."""
+    :data:`EXAMPLE_CANDIDATES` candidates and 13 vector rows (all used), random vectors
+    (seeded), so the check against the eager model sees every row gathered."""
     c = model.config
     B = EXAMPLE_CANDIDATES
     ids = [f"example-{i}" for i in range(B + 1)]
     seq = UserSequence("example-user", tuple(ids[-3:]), ("click",) * 3, (1, 2, 3))
     width = c.d_model if projected else c.modal_dim
-    vectors = np.zeros((B + 2, width), np.float32)
+    vectors = np.random.default_rng(0).normal(size=(B + 2, width)).astype(np.float32)
     batch = model_batch({
         **target_features(Targets.from_states(ids[:B], [None] * B), c, model.item_vocabulary),
         "target_modal_row": np.arange(1, B + 1, dtype=np.int64),

@@ -230,11 +230,15 @@ class Ranker:
 
     def maybe_reload(self, force: bool = False) -> None:
         """Load a newly promoted champion, looking at most every ``reload_every_s`` (every
-        ``rank`` calls this; so does the server's ``/ready``)."""
+        ``rank`` calls this; so does the server's ``/ready``). While one thread loads (and
+        compiles: seconds for a new configuration), the others go on with the model they
+        have instead of waiting for it."""
         now = time.monotonic()
         if not force and now - self._checked_at < self.reload_every_s:
             return
-        with self._lock:
+        if not self._lock.acquire(blocking=force):
+            return
+        try:
             self._checked_at = now
             path = self.registry.champion_path
             pointer = path.read_bytes() if path.exists() else None
@@ -249,6 +253,8 @@ class Ranker:
                            projection, compiled)
             self._pointer = pointer
             self._count("reloads")
+        finally:
+            self._lock.release()
 
     def rank(self, user_id: str, item_ids: Sequence[str], now: int | None = None) -> RankResult:
         """Score ``item_ids`` for ``user_id``; ``now`` (µs, default wall clock) judges
@@ -265,9 +271,9 @@ class Ranker:
         batch, missing = self.build_batch(model, encoder_version, user_id, item_ids, now,
                                           projection)
         with torch.inference_mode():
-            if compiled is not None and compiled.fits(batch):
+            logits = compiled(batch) if compiled is not None and compiled.fits(batch) else None
+            if logits is not None:
                 self._count("compiled_requests")
-                logits = compiled(batch)
             else:
                 logits = model(batch)[0]
             probs = torch.sigmoid(logits).numpy()
