@@ -322,7 +322,7 @@ class Ranker:
         row_of = dict(zip(kept, range(1, len(kept) + 1), strict=True))
         width = c.d_model if projection and c.uses_modal else c.modal_dim
         vectors = np.zeros((len(kept) + 1, width), np.float32)
-        if kept:  # one copy, not one per row
+        if kept:  # copied in one call, not row by row
             vectors[1:] = np.stack([stored[i].embedding for i in kept])
 
         states = [stored[i].state if i in stored else None for i in item_ids]
