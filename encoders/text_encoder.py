@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.resources
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,10 +114,13 @@ def embed_all(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_lengt
     out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
     if not len(texts):
         return out
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)
-    lengths = [len(row) for row in ids["input_ids"]]
+    # Tokenized once: the lengths group the rows, and each group is only padded.
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
+    lengths = [len(row) for row in encoded["input_ids"]]
     for rows in length_groups(lengths, batch_size):
-        out[rows] = embed(model, tokenizer, [texts[i] for i in rows], max_length).numpy()
+        batch = tokenizer.pad({key: [values[i] for i in rows] for key, values in encoded.items()},
+                              return_tensors="pt")
+        out[rows] = _pooled(model, batch).numpy()
     return out
 
 
@@ -148,8 +151,12 @@ def embed(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_length: i
     """``texts`` -> ``(len(texts), dim)`` L2-normalised mean-pooled vectors, with autograd
     when the caller allows it: the one pooling of :class:`TextEncoder` and of query-matching
     fine-tuning (``encoders.query_matching``), so a fine-tuned model embeds as it trained."""
-    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
+    return _pooled(model, tokenizer(list(texts), padding=True, truncation=True,
+                                    max_length=max_length, return_tensors="pt"))
+
+
+def _pooled(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A padded, tokenized batch -> ``(B, dim)`` L2-normalised mean-pooled vectors."""
     hidden = model(**batch).last_hidden_state  # (B, T, dim)
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     # Mean over real tokens only; padding would otherwise dilute short titles.

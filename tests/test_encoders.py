@@ -181,6 +181,14 @@ def test_grouped_batches_embed_as_one_text_at_a_time(enc: ItemEncoder) -> None:
     alone = np.concatenate([enc.text.encode([t]) for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert enc.text.encode([]).shape == (0, 384)
+    # A group tokenized once and padded is the batch `embed` tokenizes with padding itself.
+    group = ["white running shoes", "Zed running shoe", "a dark coat"]
+    assert len(text_encoder.length_groups(
+        [len(ids) for ids in enc.text.tokenizer(group)["input_ids"]], 8)) == 1
+    np.testing.assert_array_equal(
+        enc.text.encode(group),
+        text_encoder.embed(enc.text.model, enc.text.tokenizer, group,
+                           enc.text.max_length).numpy())
 
 
 def test_item_text_format() -> None:
