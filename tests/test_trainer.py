@@ -393,6 +393,43 @@ def test_each_window_is_scored_by_the_model_chosen_before_it(tmp_path):
     assert counts == {f"i{k}": sum(k < w.samples for w in trained) for k in range(12)}
 
 
+def test_the_first_fit_chooses_its_epochs_on_the_last_warmup_windows(tmp_path, monkeypatch):
+    """The first model of test-then-train is fitted on every warm-up window, for the number
+    of epochs that scored best on the last of them when a model fitted on the others
+    was scored after each epoch; later steps choose nothing."""
+    import trainer.train as train_module
+
+    epochs_run: list[int] = []
+    real_fit = train_module.fit
+
+    def spy(model, data, epochs, *args, **kwargs):
+        epochs_run.append(epochs)
+        return real_fit(model, data, epochs, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", spy)
+    cfg = tiny_world(tmp_path / "a", warmup_windows=4, initial_epochs=4, patience=4,
+                     warmup_valid_share=0.25)
+    trainer = IncrementalTrainer(cfg, variant="idrec")
+    windows = names(closed_windows(cfg.paths.training))
+    first = trainer.step().version.meta
+    chosen = first["epochs_chosen"]
+    assert chosen["valid_windows"] == windows[3:4]
+    aucs = chosen["valid_click_aucs"]
+    assert len(aucs) == 4 and all(a is not None for a in aucs)  # patience 4: every epoch
+    assert chosen["epochs"] == 1 + int(np.argmax(aucs))
+    assert epochs_run == [4, chosen["epochs"]]  # the probe, then the first model
+    assert first["trained_on"] == windows[:4]
+    assert trainer.step().version.meta["epochs_chosen"] is None
+    assert epochs_run[2:] == [cfg.trainer.incremental_epochs]
+
+    # Without a share the first fit runs initial_epochs, chosen by nobody.
+    epochs_run.clear()
+    cfg = tiny_world(tmp_path / "b", warmup_windows=4, initial_epochs=3,
+                     warmup_valid_share=0)
+    assert IncrementalTrainer(cfg, variant="idrec").step().version.meta["epochs_chosen"] is None
+    assert epochs_run == [3]
+
+
 def test_batch_training_keeps_the_best_epoch_on_validation(tmp_path):
     cfg = tiny_world(tmp_path, patience=2)
     split = split_windows(cfg, test_share=0.2, valid_share=0.2)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -171,6 +172,43 @@ def validation_auc(model: UnifiedRanker, data: WindowDataset) -> float | None:
     if not len(data):
         return None
     return auc(data.labels[:, column], predict(model, data)[:, column])
+
+
+class EpochPicker:
+    """``fit``'s ``after_epoch`` that chooses the number of epochs on held-out data: it
+    scores each epoch's model (:func:`validation_auc`), keeps the best epoch's weights, and
+    stops training after ``patience`` epochs without a better one. Without held-out data
+    it only counts epochs."""
+
+    def __init__(self, model: UnifiedRanker, held_out: WindowDataset | None, patience: int,
+                 curves: CurveLog | None = None):
+        self.model, self.held_out, self.patience, self.curves = model, held_out, patience, curves
+        self.aucs: list[float | None] = []
+        """Validation click AUC after each epoch run."""
+        self.ran = 0
+        """Epochs run."""
+        self.best_epoch: int | None = None
+        self.best_auc: float | None = None
+        self._best_state: dict[str, Any] | None = None
+
+    def __call__(self, epoch: int) -> bool:
+        self.ran = epoch
+        if self.held_out is None:
+            return False
+        self.aucs.append(validation_auc(self.model, self.held_out))
+        if self.curves is not None:
+            self.curves.write("valid", epoch=epoch, step=self.curves.step,
+                              click_auc=self.aucs[-1])
+        if self.aucs[-1] is not None and (self.best_auc is None
+                                          or self.aucs[-1] > self.best_auc):
+            self.best_epoch, self.best_auc = epoch, self.aucs[-1]
+            self._best_state = copy.deepcopy(self.model.state_dict())
+        return self.best_epoch is not None and epoch - self.best_epoch >= self.patience
+
+    def restore_best(self) -> None:
+        """Put the best epoch's weights back into the model (if any epoch was scored)."""
+        if self._best_state is not None:
+            self.model.load_state_dict(self._best_state)
 
 
 def ranker_config(cfg: Config, variant: str | None = None, modal_dim: int = 1664
@@ -349,6 +387,27 @@ class IncrementalTrainer:
         i = closed.index(done)
         return ([windows[i + 1]], windows[i + 2]) if len(windows) > i + 2 else None
 
+    def _first_fit_epochs(self, windows: Sequence[Window], progress: bool = False
+                          ) -> tuple[int, dict[str, Any] | None]:
+        """Epochs of the first fit over the warm-up ``windows``, and how they were chosen:
+        with ``trainer.warmup_valid_share``, a model fitted on the windows before the last
+        share of them, for at most ``trainer.initial_epochs``, is scored on that share
+        after each epoch (:class:`EpochPicker`), and its best epoch is the choice (None
+        recorded: ``initial_epochs``, unchosen)."""
+        t = self.cfg.trainer
+        held = math.ceil(t.warmup_valid_share * len(windows))
+        if not 0 < held < len(windows):
+            return t.initial_epochs, None
+        probe = new_model(self.cfg, self.variant, self.modal.dim)
+        admit_ids(probe, windows[:-held], t)
+        picker = EpochPicker(probe, self.dataset_for(probe, windows[-held:]), t.patience)
+        fit(probe, self.dataset_for(probe, windows[:-held], training=True), t.initial_epochs,
+            t.batch_size, t.lr, t.weight_decay, seed=t.seed, grad_clip=t.grad_clip,
+            progress=progress, after_epoch=picker)
+        epochs = picker.best_epoch or t.initial_epochs  # no epoch scored: the default
+        return epochs, {"epochs": epochs, "valid_windows": names(windows[-held:]),
+                        "valid_click_aucs": picker.aucs}
+
     def step(self, progress: bool = False) -> StepResult | None:
         """Do the next step if its windows are closed; None otherwise."""
         plan = self.next_step()
@@ -361,14 +420,16 @@ class IncrementalTrainer:
         held = self._champion()
         if held is None:
             champion, champion_model = None, None
+            epochs, chosen = self._first_fit_epochs(train_windows, progress)
             candidate = new_model(self.cfg, self.variant, self.modal.dim)
             admit_ids(candidate, train_windows, t)
             train = self.dataset_for(candidate, train_windows, training=True)
-            fit(candidate, train, t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
+            fit(candidate, train, epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed, grad_clip=t.grad_clip, progress=progress, curves=self.curves)
             trained_on, validated_on = names(train_windows), []
         else:
             champion, champion_model = held
+            chosen = None
             candidate = copy.deepcopy(champion_model)
             plugged = champion.meta.get("plug_in")
             if plugged and plugged.get("frozen"):  # a checkpoint keeps no requires_grad
@@ -408,6 +469,7 @@ class IncrementalTrainer:
             "validated_on": validated_on,
             "evaluated_on": eval_window.name,
             "samples": len(train),
+            "epochs_chosen": chosen,
             "encoder_version": self.modal.encoder_version,
             "shuffle_vectors_seed": self.shuffle_vectors_seed,
             "plug_in": champion.meta.get("plug_in") if champion else None,
@@ -616,30 +678,15 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
         for dataset in (data, held_out):
             if dataset is not None:
                 dataset.project_with(model.ppm)
-    aucs: list[float | None] = []
-    best: dict[str, Any] = {}
-    ran = 0
-
-    def keep_best(epoch: int) -> bool:
-        nonlocal ran
-        ran = epoch
-        if held_out is None:
-            return False
-        aucs.append(validation_auc(model, held_out))
-        if curves is not None:
-            curves.write("valid", epoch=epoch, step=curves.step, click_auc=aucs[-1])
-        if aucs[-1] is not None and (not best or aucs[-1] > best["auc"]):
-            best.update(epoch=epoch, auc=aucs[-1], state=copy.deepcopy(model.state_dict()))
-        return bool(best) and epoch - best["epoch"] >= t.patience
-
+    picker = EpochPicker(model, held_out, t.patience, curves)
     fit(model, data, epochs or t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
-        seed=t.seed, grad_clip=t.grad_clip, progress=progress, after_epoch=keep_best,
+        seed=t.seed, grad_clip=t.grad_clip, progress=progress, after_epoch=picker,
         curves=curves)
-    if best:
-        model.load_state_dict(best["state"])
+    picker.restore_best()
     return BatchFit(model, trainer.variant, trainer.modal.encoder_version, names(windows),
-                    names(valid) if held_out is not None else [], ran, best.get("epoch"),
-                    best.get("auc"), aucs, shuffle_vectors_seed=shuffle_vectors_seed,
+                    names(valid) if held_out is not None else [], picker.ran,
+                    picker.best_epoch, picker.best_auc, picker.aucs,
+                    shuffle_vectors_seed=shuffle_vectors_seed,
                     trainer=trainer, plug_in=plugged)
 
 
