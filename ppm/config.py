@@ -293,12 +293,13 @@ class TrainerConfig(_Section):
     warmup_valid_share: float = Field(0.25, ge=0, lt=1)
     """Test-then-train (``ppm train --follow``, the demo): the last share of the warm-up
     windows is held out to choose the first fit's epochs, up to ``initial_epochs`` with
-    ``patience``, on a model fitted on the windows before them; the first model is then
-    fitted on every warm-up window for the epochs chosen (its version's ``epochs_chosen``
-    says how). How many epochs a world bears before the id embeddings memorise it depends
-    on its size: the full demo world chooses fewer than the quick one. 0: always
-    ``initial_epochs``. Chosen among 0, 0.125 and 0.25 on validation worlds
-    (docs/results.md)."""
+    ``patience``, on a model fitted on the windows before them (the count rounds up; with
+    a single warm-up window, or ``initial_epochs`` 1, nothing is chosen); the first model
+    is then fitted on every warm-up window for the epochs chosen (its version's
+    ``epochs_chosen`` says how). How many epochs a world bears before the id embeddings
+    memorise it depends on its size: the full demo world chooses fewer than the quick
+    one. 0: always ``initial_epochs``. Chosen among 0, 0.125 and 0.25 on validation
+    worlds (docs/results.md)."""
     incremental_epochs: int = Field(1, ge=1)
     """Epochs of each fine-tuning step on one new window."""
     warmup_windows: int = Field(24, ge=1)

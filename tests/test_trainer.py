@@ -400,10 +400,12 @@ def test_the_first_fit_chooses_its_epochs_on_the_last_warmup_windows(tmp_path, m
     import trainer.train as train_module
 
     epochs_run: list[int] = []
+    samples: list[int] = []
     real_fit = train_module.fit
 
     def spy(model, data, epochs, *args, **kwargs):
         epochs_run.append(epochs)
+        samples.append(len(data))
         return real_fit(model, data, epochs, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "fit", spy)
@@ -418,6 +420,10 @@ def test_the_first_fit_chooses_its_epochs_on_the_last_warmup_windows(tmp_path, m
     assert len(aucs) == 4 and all(a is not None for a in aucs)  # patience 4: every epoch
     assert chosen["epochs"] == 1 + int(np.argmax(aucs))
     assert epochs_run == [4, chosen["epochs"]]  # the probe, then the first model
+    # The probe fitted on the three windows before the held-out one, the model on all four.
+    by_name = {w.name: w for w in closed_windows(cfg.paths.training)}
+    assert samples == [sum(by_name[n].samples for n in windows[:3]),
+                       sum(by_name[n].samples for n in windows[:4])]
     assert first["trained_on"] == windows[:4]
     assert trainer.step().version.meta["epochs_chosen"] is None
     assert epochs_run[2:] == [cfg.trainer.incremental_epochs]
@@ -428,6 +434,11 @@ def test_the_first_fit_chooses_its_epochs_on_the_last_warmup_windows(tmp_path, m
                      warmup_valid_share=0)
     assert IncrementalTrainer(cfg, variant="idrec").step().version.meta["epochs_chosen"] is None
     assert epochs_run == [3]
+    # Nor with one epoch at most: there is nothing to choose.
+    epochs_run.clear()
+    cfg = tiny_world(tmp_path / "c", warmup_windows=4, initial_epochs=1)
+    assert IncrementalTrainer(cfg, variant="idrec").step().version.meta["epochs_chosen"] is None
+    assert epochs_run == [1]
 
 
 def test_batch_training_keeps_the_best_epoch_on_validation(tmp_path):

@@ -181,8 +181,11 @@ class EpochPicker:
     it only counts epochs."""
 
     def __init__(self, model: UnifiedRanker, held_out: WindowDataset | None, patience: int,
-                 curves: CurveLog | None = None):
+                 curves: CurveLog | None = None, keep_weights: bool = True):
+        """``keep_weights``: copy the best epoch's weights for :meth:`restore_best`; False
+        where only the count matters."""
         self.model, self.held_out, self.patience, self.curves = model, held_out, patience, curves
+        self.keep_weights = keep_weights
         self.aucs: list[float | None] = []
         """Validation click AUC after each epoch run."""
         self.ran = 0
@@ -202,7 +205,8 @@ class EpochPicker:
         if self.aucs[-1] is not None and (self.best_auc is None
                                           or self.aucs[-1] > self.best_auc):
             self.best_epoch, self.best_auc = epoch, self.aucs[-1]
-            self._best_state = copy.deepcopy(self.model.state_dict())
+            if self.keep_weights:
+                self._best_state = copy.deepcopy(self.model.state_dict())
         return self.best_epoch is not None and epoch - self.best_epoch >= self.patience
 
     def restore_best(self) -> None:
@@ -389,22 +393,25 @@ class IncrementalTrainer:
 
     def _first_fit_epochs(self, windows: Sequence[Window], progress: bool = False
                           ) -> tuple[int, dict[str, Any] | None]:
-        """Epochs of the first fit over the warm-up ``windows``, and how they were chosen:
-        with ``trainer.warmup_valid_share``, a model fitted on the windows before the last
-        share of them, for at most ``trainer.initial_epochs``, is scored on that share
-        after each epoch (:class:`EpochPicker`), and its best epoch is the choice (None
-        recorded: ``initial_epochs``, unchosen)."""
+        """Epochs of the first fit over the warm-up ``windows``, and how they were chosen
+        (None: not chosen, ``initial_epochs``). With ``trainer.warmup_valid_share``, the
+        last share of the windows (rounded up; at least one window must be left to fit on)
+        is held out: a model fitted on the others for at most ``trainer.initial_epochs`` is
+        scored on it after each epoch (:class:`EpochPicker`), and its best epoch is the
+        choice, or ``initial_epochs`` where no epoch could be scored (one class only)."""
         t = self.cfg.trainer
-        held = math.ceil(t.warmup_valid_share * len(windows))
-        if not 0 < held < len(windows):
+        # Rounded first: 0.1 * 30 is 3.0000000000000004 in floats, which ceil makes 4.
+        held = math.ceil(round(t.warmup_valid_share * len(windows), 9))
+        if t.initial_epochs == 1 or not 0 < held < len(windows):
             return t.initial_epochs, None
         probe = new_model(self.cfg, self.variant, self.modal.dim)
         admit_ids(probe, windows[:-held], t)
-        picker = EpochPicker(probe, self.dataset_for(probe, windows[-held:]), t.patience)
+        picker = EpochPicker(probe, self.dataset_for(probe, windows[-held:]), t.patience,
+                             keep_weights=False)
         fit(probe, self.dataset_for(probe, windows[:-held], training=True), t.initial_epochs,
             t.batch_size, t.lr, t.weight_decay, seed=t.seed, grad_clip=t.grad_clip,
             progress=progress, after_epoch=picker)
-        epochs = picker.best_epoch or t.initial_epochs  # no epoch scored: the default
+        epochs = picker.best_epoch or t.initial_epochs
         return epochs, {"epochs": epochs, "valid_windows": names(windows[-held:]),
                         "valid_click_aucs": picker.aucs}
 
