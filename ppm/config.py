@@ -378,12 +378,13 @@ class ModelConfig(_Section):
     the model's training data, counted with its id vocabularies; a training impression sees
     only the counts of earlier ones (``trainer.features.id_rates``). Chosen on validation
     (docs/results.md)."""
-    wide_rates: bool = False
+    wide_rates: bool = True
     """With ``id_rates``: add a linear term of those rates to every task's logit (the wide
     part of Wide & Deep), starting as the user's plus the item's click-rate lift (weights
     1), which the deep part then corrects. Read by the variants with ids (idrec, ppm); a
-    ``modal`` model has none. Chosen on validation, per data set (``--tune
-    wide_rates=false,true``; docs/results.md)."""
+    ``modal`` model has none. Chosen on validation: ml-latest-small's validation period and
+    the test-then-train runs of three validation demo worlds, summed over ``idrec`` and
+    ``ppm`` (docs/results.md); ``--tune wide_rates=false,true`` chooses it for other data."""
     price_buckets: int = Field(32, ge=1)
     """Price buckets kept (``ppm.records.price_bucket`` makes 32); higher ones are clipped."""
     gap_buckets: int = Field(16, ge=2)

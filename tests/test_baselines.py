@@ -121,3 +121,27 @@ def test_the_oracle_joins_on_request_and_item_and_refuses_other_data(tmp_path):
     data.request_id = np.array(["r2", "r3"], object)  # r3 is not the oracle's
     with pytest.raises(ValueError, match="no row for 1 of 2 samples"):
         oracle.scores(data)
+
+
+def test_baselines_refit_on_the_windows_so_far_read_only_what_they_need():
+    """The demo refits its baselines before each window on every window before it, kept as
+    :class:`trainer.baselines.Samples`: fitted on the parts joined, they are the baselines
+    fitted on all those samples at once, and a window's samples, once joined, are all there
+    by identity (users, items, labels in order)."""
+    from trainer.baselines import Samples as Kept
+
+    rng = np.random.default_rng(3)
+    n = 6_000
+    users, items = rng.integers(0, 300, n), rng.integers(0, 200, n)
+    data = samples(users, items, rng.random(n) < 0.2, 1 + items % 5)
+    parts = [data.take(np.arange(a, b)) for a, b in ((0, 2_500), (2_500, 4_000), (4_000, n))]
+
+    joined = Kept.concat([Kept.concat(parts[:2]), Kept.of(parts[2])])
+    assert len(joined) == n and joined.item_ids == data.item_ids
+    np.testing.assert_array_equal(joined.user_id, data.user_id)
+    np.testing.assert_array_equal(joined.click, data.labels[:, 0])
+    np.testing.assert_allclose(LogisticBaseline.fit(joined).weights,
+                               LogisticBaseline.fit(data).weights, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(PositiveRate.fit(joined).scores(parts[0]),
+                                  PositiveRate.fit(data).scores(parts[0]))
+    assert len(Kept.concat([])) == 0

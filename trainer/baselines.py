@@ -7,9 +7,11 @@
   from the simulator: the best ranking any model could reach on those rows.
 
 Baselines are fitted on the training period only and score the samples of any
-:class:`trainer.dataset.WindowDataset` (its ``user_id``, ``item_ids``, click labels and
-hashed ``category`` and ``brand`` features). Every ``scores`` is a logit per sample, (n,)
-float64: only the order matters to AUC. Fitting is deterministic (no random state).
+:class:`trainer.dataset.WindowDataset`, or of a :class:`Samples`, which keeps only what a
+baseline reads (``user_id``, ``item_ids``, click labels and hashed ``category`` and
+``brand``), so an online run can refit on every window so far without keeping their
+sequence features. Every ``scores`` is a logit per sample, (n,) float64: only the order
+matters to AUC. Fitting is deterministic (no random state).
 """
 
 from __future__ import annotations
@@ -35,8 +37,47 @@ MAX_LEVELS = 50
 share the all-zero base level, so a catalog of thousands of brands stays a small fit."""
 
 
-def clicks(data: WindowDataset) -> np.ndarray:
+@dataclass(frozen=True)
+class Samples:
+    """What a baseline reads of n samples: their users and items, click labels and the
+    hashed profile fields of :data:`ONE_HOT_FIELDS`."""
+
+    user_id: np.ndarray
+    """(n,) object."""
+    item_ids: list
+    """(n,) item ids."""
+    click: np.ndarray
+    """(n,) float64, 0 or 1."""
+    features: dict[str, np.ndarray]
+    """field -> (n,) int64, for each of :data:`ONE_HOT_FIELDS`."""
+
+    @classmethod
+    def of(cls, data: WindowDataset | Samples) -> Samples:
+        if isinstance(data, Samples):
+            return data
+        return cls(data.user_id, list(data.item_ids), clicks(data),
+                   {f: data.features[f] for f in ONE_HOT_FIELDS})
+
+    @classmethod
+    def concat(cls, parts: Sequence[WindowDataset | Samples]) -> Samples:
+        """The samples of ``parts``, in order."""
+        parts = [cls.of(p) for p in parts]
+        if not parts:
+            return cls(np.zeros(0, object), [], np.zeros(0), {f: np.zeros(0, np.int64)
+                                                             for f in ONE_HOT_FIELDS})
+        return cls(np.concatenate([p.user_id for p in parts]),
+                   [i for p in parts for i in p.item_ids],
+                   np.concatenate([p.click for p in parts]),
+                   {f: np.concatenate([p.features[f] for p in parts]) for f in ONE_HOT_FIELDS})
+
+    def __len__(self) -> int:
+        return len(self.click)
+
+
+def clicks(data: WindowDataset | Samples) -> np.ndarray:
     """The click label of every sample, float64 (n,)."""
+    if isinstance(data, Samples):
+        return data.click
     tasks = data.config.tasks
     if "click" not in tasks:
         raise ValueError(f"the baselines predict clicks; the model's tasks are {tasks}")
@@ -45,7 +86,7 @@ def clicks(data: WindowDataset) -> np.ndarray:
     return data.labels[:, tasks.index("click")].astype(np.float64)
 
 
-def _training_clicks(train: WindowDataset) -> tuple[np.ndarray, float]:
+def _training_clicks(train: WindowDataset | Samples) -> tuple[np.ndarray, float]:
     """The training samples' click labels and their global rate (kept off 0 and 1, so its
     logit is finite)."""
     if not len(train):
@@ -111,12 +152,13 @@ class PositiveRate:
     items: RateTable
 
     @classmethod
-    def fit(cls, train: WindowDataset, strength: float = PRIOR_STRENGTH) -> PositiveRate:
+    def fit(cls, train: WindowDataset | Samples, strength: float = PRIOR_STRENGTH
+            ) -> PositiveRate:
         y, prior = _training_clicks(train)
         return cls(RateTable.count(train.item_ids, y, prior, strength))
 
     @classmethod
-    def tuned(cls, train: WindowDataset, valid: WindowDataset,
+    def tuned(cls, train: WindowDataset | Samples, valid: WindowDataset | Samples,
               strengths: Sequence[float] = STRENGTHS) -> PositiveRate:
         """Fitted on ``train`` with the prior strength whose click AUC on ``valid`` is the
         best (the first such; :data:`PRIOR_STRENGTH` where none is defined)."""
@@ -129,7 +171,7 @@ class PositiveRate:
                 best = (score, fitted)
         return best[1] if best else cls.fit(train)
 
-    def scores(self, data: WindowDataset) -> np.ndarray:
+    def scores(self, data: WindowDataset | Samples) -> np.ndarray:
         """The smoothed click-rate logit of each sample's item, (n,)."""
         return self.items.logits(data.item_ids) if len(data) else np.zeros(0)
 
@@ -155,7 +197,7 @@ class LogisticBaseline:
     """(2 + one-hot columns + 1,): user rate, item rate, the one-hots, then the intercept."""
 
     @classmethod
-    def fit(cls, train: WindowDataset, strength: float = PRIOR_STRENGTH,
+    def fit(cls, train: WindowDataset | Samples, strength: float = PRIOR_STRENGTH,
             l2: float = 1.0) -> LogisticBaseline:
         """``l2``: the penalty ``l2 / 2 * |w|^2`` added to the summed log loss (every
         weight; against thousands of samples the intercept's share is negligible)."""
@@ -172,11 +214,11 @@ class LogisticBaseline:
         x = baseline._design(train, leave_out=y)
         return cls(users, items, levels, _newton_logistic(x, y, l2))
 
-    def scores(self, data: WindowDataset) -> np.ndarray:
+    def scores(self, data: WindowDataset | Samples) -> np.ndarray:
         """The click logit of each sample, (n,)."""
         return self._design(data) @ self.weights if len(data) else np.zeros(0)
 
-    def _design(self, data: WindowDataset, leave_out: np.ndarray | None = None
+    def _design(self, data: WindowDataset | Samples, leave_out: np.ndarray | None = None
                 ) -> np.ndarray:
         """(n, len(weights)) float64: the regression's inputs of every sample."""
         columns = [self.users.logits(data.user_id, leave_out),

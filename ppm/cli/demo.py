@@ -8,7 +8,8 @@ control (``ppm`` trained and scored with each item's vector swapped for another 
 what it gains over ``idrec`` is not the content's doing), and reports what happened.
 Evaluation is test-then-train: each window is scored by the model trained on the windows
 before it, so every AUC is on data the model has not seen. Beside them: two baselines
-(``trainer.baselines``) fitted on the warm-up windows and the simulator's oracle, the best
+(``trainer.baselines``), refitted the same way on every window before the one they score,
+and the simulator's oracle, the best
 AUC any model could reach on the same impressions; intervals are 95% bootstrap intervals
 over users (``trainer.experiment.compare_models``).
 """
@@ -25,7 +26,7 @@ import numpy as np
 
 from ppm.config import Config
 from ppm.data_dir import DataDir
-from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, clicks
+from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, Samples, clicks
 from trainer.experiment import BASELINES, ORACLE, PAIRS, TRAINED, compare_models
 from trainer.metrics import auc, cold_buckets
 from trainer.registry import Registry
@@ -104,15 +105,13 @@ def train_and_score(run_cfg: Config, oracle: Oracle | None = None, progress: boo
     :data:`trainer.experiment.PAIRS` (``auc_diff_<a>_<b>``, ``auc_cold_diff_<a>_<b>``, with
     intervals), and one row per evaluated window.
 
-    The baselines are fitted on the warm-up windows (everything before the first evaluated
-    window) and score every evaluated window: like the models they never score a window
-    they learned from, but unlike them they do not learn from the windows as they close.
+    The baselines learn as the models do, test-then-train: before each evaluated window
+    they are fitted again on every window before it (the warm-up and the evaluated windows
+    so far), so they too never score a window they learned from, and read the same history.
     ``oracle``: the simulator's truth for these impressions (None: no ``auc_oracle``)."""
-    warmup = IncrementalTrainer(run_cfg, variant="idrec").dataset(
-        closed_windows(run_cfg.paths.training)[: run_cfg.trainer.warmup_windows])
-    baselines = {"baseline_logreg": LogisticBaseline.fit(warmup),
-                 "baseline_rate": PositiveRate.fit(warmup)}
-    del warmup  # its sequence features are large
+    # Only what a baseline reads is kept of each window: its sequence features are large.
+    seen = [Samples.of(IncrementalTrainer(run_cfg, variant="idrec").dataset(
+        closed_windows(run_cfg.paths.training)[: run_cfg.trainer.warmup_windows]))]
     # Per evaluated window, in order: labels, users, cold rows and every scorer's logits.
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "users", "cold",
                                                             *SCORERS)}
@@ -132,8 +131,10 @@ def train_and_score(run_cfg: Config, oracle: Oracle | None = None, progress: boo
                 columns["labels"].append(y)
                 columns["users"].append(data.user_id)
                 columns["cold"].append(young)
-                for baseline, fitted in baselines.items():
-                    columns[baseline].append(fitted.scores(data))
+                history = Samples.concat(seen)
+                columns["baseline_logreg"].append(LogisticBaseline.fit(history).scores(data))
+                columns["baseline_rate"].append(PositiveRate.fit(history).scores(data))
+                seen[:] = [history, Samples.of(data)]
                 if oracle is not None:
                     columns["oracle"].append(oracle.scores(data))
             columns[name].append(s)
