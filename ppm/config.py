@@ -440,7 +440,11 @@ class ModelConfig(_Section):
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads "
                              f"{self.n_heads}")
         if self.wide_rates and not self.id_rates:
-            raise ValueError("wide_rates reads the click rates: it needs id_rates")
+            if "wide_rates" in self.model_fields_set:
+                raise ValueError("wide_rates reads the click rates: it needs id_rates")
+            # Left at its default, the wide part goes with the rates. Set in __dict__: an
+            # assignment would validate the section again from within its validator.
+            self.__dict__["wide_rates"] = False
         return self
 
 

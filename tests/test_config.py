@@ -258,3 +258,7 @@ def test_the_wide_part_reaches_the_variants_with_ids_and_needs_click_rates():
     assert not ranker_config(cfg, "modal").wide_rates  # the plug-in's pre-training still runs
     with pytest.raises(ValueError, match="needs id_rates"):
         load_config(env={"PPM__MODEL__WIDE_RATES": "true", "PPM__MODEL__ID_RATES": "false"})
+    # On by default, it goes with the rates when they are turned off.
+    no_rates = load_config(env={"PPM__MODEL__ID_RATES": "false"})
+    assert not no_rates.model.wide_rates and not ranker_config(no_rates, "idrec").wide_rates
+    assert not no_rates.with_preset("quick").model.wide_rates  # and stays off when re-read

@@ -637,10 +637,11 @@ def test_the_wide_part_trains_and_travels_in_the_checkpoint(tmp_path):
     torch.testing.assert_close(scores(loaded, batch), scores(model, batch))
 
 
-def test_the_wide_part_needs_click_rates_and_ids():
-    for bad in ({"id_rates": False}, {"variant": "modal"}):
-        with pytest.raises(ValueError, match="wide_rates"):
-            tiny(**{"wide_rates": True, **bad})
+def test_the_wide_part_is_only_where_click_rates_are_read():
+    assert tiny().wide_rates and make_model("idrec").wide is not None  # on by default
+    for no_rates in ({"id_rates": False}, {"variant": "modal"}):
+        assert not tiny(**{"wide_rates": True, **no_rates}).wide_rates
+        assert make_model(**{"wide_rates": True, **no_rates}).wide is None
     old = make_model("idrec").config.to_dict()
     del old["wide_rates"]  # a checkpoint from before the wide part
     assert RankerConfig.from_dict(old).wide_rates is False

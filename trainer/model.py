@@ -90,9 +90,10 @@ class RankerConfig:
     #   impression counts in the training data (item_rates, user_rates): how often this user
     #   clicks at all and how popular the item is, which behaviour sequences (positive
     #   actions only) cannot say
-    wide_rates: bool = False  # with id_rates: add a linear term of those four rates to every
+    wide_rates: bool = True  # with id_rates: add a linear term of those four rates to every
     #   task's logit (Wide & Deep's wide part), starting at item lift + user lift (weights
-    #   1), a hand-set start the deep part corrects
+    #   1), a hand-set start the deep part corrects; a model that reads no rates (no
+    #   id_rates, or the modal variant) has none, whatever this says
     price_buckets: int = 32  # price_bucket values are already in [0, 32)
     gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d
     max_seq_len: int = 50  # longest behaviour sequence L the position table covers
@@ -129,8 +130,8 @@ class RankerConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
-        if self.wide_rates and not (self.id_rates and self.uses_ids):
-            raise ValueError("wide_rates needs id_rates and a variant with ids")
+        # The wide part reads the click rates: where there are none, there is none.
+        self.wide_rates = self.wide_rates and self.id_rates and self.uses_ids
         if self.gap_buckets < 2:
             raise ValueError("gap_buckets must be >= 2 (0 is padding)")
         if self.attention not in ("target", "full"):

@@ -220,10 +220,10 @@ def ranker_config(cfg: Config, variant: str | None = None, modal_dim: int = 1664
     """The shape of a model trained from scratch: the ``[model]`` section, the variant
     (``trainer.variant`` unless given), ``features.sequence_length`` as ``max_seq_len``,
     ``modal_dim`` (the cached vectors' width) and ``trainer.id_dropout``, which applies to
-    ``ppm`` only (see its docstring); ``model.wide_rates`` to the variants with ids."""
+    ``ppm`` only (see its docstring); ``model.wide_rates`` to the variants that read click
+    rates (:class:`RankerConfig` drops it elsewhere)."""
     variant = variant or cfg.trainer.variant
     shape = cfg.model.model_dump()
-    shape["wide_rates"] = shape["wide_rates"] and variant != "modal"
     return RankerConfig(
         variant=variant, max_seq_len=cfg.features.sequence_length, modal_dim=modal_dim,
         id_dropout=cfg.trainer.id_dropout if variant == "ppm" else 0.0, **shape)
