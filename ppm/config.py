@@ -382,9 +382,11 @@ class ModelConfig(_Section):
     """With ``id_rates``: add a linear term of those rates to every task's logit (the wide
     part of Wide & Deep), starting as the user's plus the item's click-rate lift (weights
     1), which the deep part then corrects. Read by the variants with ids (idrec, ppm); a
-    ``modal`` model has none. Chosen on validation: ml-latest-small's validation period and
-    the test-then-train runs of three validation demo worlds, summed over ``idrec`` and
-    ``ppm`` (docs/results.md); ``--tune wide_rates=false,true`` chooses it for other data."""
+    ``modal`` model has none, and neither has a model without ``id_rates`` (left at its
+    default, this goes with them). Chosen on validation: ml-latest-small's validation
+    period and the test-then-train runs of three validation demo worlds, summed over
+    ``idrec`` and ``ppm`` (docs/results.md); ``--tune wide_rates=false,true`` chooses it for
+    other data."""
     price_buckets: int = Field(32, ge=1)
     """Price buckets kept (``ppm.records.price_bucket`` makes 32); higher ones are clipped."""
     gap_buckets: int = Field(16, ge=2)
