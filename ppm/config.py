@@ -441,13 +441,21 @@ class ModelConfig(_Section):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads "
                              f"{self.n_heads}")
-        if self.wide_rates and not self.id_rates:
-            if "wide_rates" in self.model_fields_set:
-                raise ValueError("wide_rates reads the click rates: it needs id_rates")
-            # Left at its default, the wide part goes with the rates. Set in __dict__: an
-            # assignment would validate the section again from within its validator.
-            self.__dict__["wide_rates"] = False
+        if "wide_rates" not in self.model_fields_set:
+            # Left at its default, the wide part goes with the rates, either way. Set in
+            # __dict__: an assignment would validate the section again from in here.
+            self.__dict__["wide_rates"] = self.id_rates
+        elif self.wide_rates and not self.id_rates:
+            raise ValueError("wide_rates reads the click rates: it needs id_rates")
         return self
+
+    def dump_as_given(self) -> dict[str, Any]:
+        """``model_dump``, less what a validator derived rather than a user set (a
+        ``wide_rates`` left at its default), so validating it again derives that again."""
+        d = self.model_dump()
+        if "wide_rates" not in self.model_fields_set:
+            del d["wide_rates"]
+        return d
 
 
 class ServingConfig(_Section):
@@ -625,7 +633,7 @@ class Config(_Section):
         ``ValueError`` for an unknown name."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        return Config.model_validate(_deep_merge(self.model_dump(), PRESETS[name]))
+        return Config.model_validate(_deep_merge(self._dump_as_given(), PRESETS[name]))
 
     def with_values(self, values: Mapping[str, Any]) -> Config:
         """This config with some fields set, e.g. ``{"id_dropout": "0.1"}`` (``ppm train
@@ -644,7 +652,11 @@ class Config(_Section):
                 raise ValueError(f"unknown config field {key!r}: give section.field, or a "
                                  "field of [trainer] or [model]")
             tree.setdefault(section, {})[name] = value
-        return Config.model_validate(_deep_merge(self.model_dump(), tree))
+        return Config.model_validate(_deep_merge(self._dump_as_given(), tree))
+
+    def _dump_as_given(self) -> dict[str, Any]:
+        """``model_dump``, with ``[model]`` as given (:meth:`ModelConfig.dump_as_given`)."""
+        return {**self.model_dump(), "model": self.model.dump_as_given()}
 
 
 _DAY_S = 86_400.0

@@ -262,3 +262,8 @@ def test_the_wide_part_reaches_the_variants_with_ids_and_needs_click_rates():
     no_rates = load_config(env={"PPM__MODEL__ID_RATES": "false"})
     assert not no_rates.model.wide_rates and not ranker_config(no_rates, "idrec").wide_rates
     assert not no_rates.with_preset("quick").model.wide_rates  # and stays off when re-read
+    # ... and follows them both ways when they are tuned (ppm train --tune id_rates=...).
+    assert not Config().with_values({"id_rates": "false"}).model.wide_rates
+    assert no_rates.with_values({"id_rates": "true"}).model.wide_rates
+    asked = load_config(env={"PPM__MODEL__WIDE_RATES": "false"})
+    assert not asked.with_values({"id_rates": "true"}).with_preset("quick").model.wide_rates
