@@ -134,7 +134,7 @@ def train_and_score(run_cfg: Config, oracle: Oracle | None = None, progress: boo
                 history = Samples.concat(seen)
                 columns["baseline_logreg"].append(LogisticBaseline.fit(history).scores(data))
                 columns["baseline_rate"].append(PositiveRate.fit(history).scores(data))
-                seen[:] = [history, Samples.of(data)]
+                seen.append(Samples.of(data))
                 if oracle is not None:
                     columns["oracle"].append(oracle.scores(data))
             columns[name].append(s)
