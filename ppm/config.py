@@ -280,6 +280,16 @@ class TrainerConfig(_Section):
     worlds, quick demo worlds of other simulator seeds than the demo's (docs/results.md).
     To fine-tune at ``lr``, give its value here (a config file has no None)."""
     weight_decay: float = Field(1e-5, ge=0)
+    id_lr_scale: float = Field(0.1, gt=0, le=1)
+    """The item and user id tables learn at this share of the learning rate (``lr``, and
+    ``fine_tune_lr`` when fine-tuning); every other weight at the full rate. Adam moves an
+    id's row as far per step whether the id was seen twice or a thousand times, so the
+    rows of ids seen a few times learn their few labels, which the item's and the user's
+    smoothed click rates (``model.id_rates``) already say with less noise. TorchRec
+    likewise gives the tables their own optimiser. Chosen on validation, summed over
+    ``idrec`` and ``ppm``: the test-then-train runs of three validation demo worlds and
+    ml-latest-small's validation period, where ``ppm`` alone preferred 1
+    (docs/results.md); ``--tune id_lr_scale=0.1,1`` chooses it for other data."""
     grad_clip: float | None = Field(5.0, gt=0)
     """Gradients are scaled down to at most this norm each step (one bad batch cannot throw
     the model far); None: never clipped."""

@@ -671,3 +671,32 @@ def test_mmoe_is_its_modules_one_by_one(n_experts, tasks, B):
         for name, p in mmoe.named_parameters():  # a gate over one expert is constant
             assert p.grad is not None and (p.grad.abs().sum() > 0 or (
                 n_experts == 1 and name.startswith("gates"))), name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_id_tables_learn_at_their_share_of_the_learning_rate(variant):
+    """With ``id_lr_scale`` the item and user tables take that share of every step (Adam's
+    first step moves a weight by ``lr`` times the sign of its gradient, decay included);
+    every other weight takes the same step as without it. ``modal`` has no id tables."""
+    from trainer.train import adamw, id_tables
+
+    batch = random_batch(tiny(variant))
+    moves = {}
+    for scale in (1.0, 0.1):
+        model = make_model(variant, seed=3).train()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = adamw(model, lr=1e-2, weight_decay=1e-2, id_lr_scale=scale)
+        torch.manual_seed(5)  # the same dropout masks in both runs
+        model(batch)[1].backward()
+        optimizer.step()
+        moves[scale] = {n: p.detach() - before[n] for n, p in model.named_parameters()}
+    probe = make_model(variant)
+    tables = {n for n, p in probe.named_parameters() if any(p is t for t in id_tables(probe))}
+    assert tables == (set() if variant == "modal" else
+                      {"id_module.item_emb.weight", "id_module.user_emb.weight"})
+    for name, full in moves[1.0].items():
+        if name in tables:
+            assert full.abs().max() > 0, name  # the batch's rows did move
+            torch.testing.assert_close(moves[0.1][name], 0.1 * full, rtol=1e-3, atol=1e-7)
+        else:
+            torch.testing.assert_close(moves[0.1][name], full, rtol=0, atol=0)

@@ -530,7 +530,7 @@ def _scored_with_updates(cfg: Config, split: Split, base: BatchFit, update: Mode
                 seed=t.seed + at // every, grad_clip=t.grad_clip,
                 extra=trainer.dataset_for(model, replayed, training=True,
                                           counted_later=ready) if replayed else None,
-                extra_share=t.replay_share)
+                extra_share=t.replay_share, id_lr_scale=t.id_lr_scale)
         out.append(predict(model, trainer.dataset_for(model, [window]))[:, click])
     return np.concatenate(out) if out else np.zeros(0)
 

@@ -57,21 +57,36 @@ from trainer.refresh import EmbeddingRefresh
 from trainer.registry import Registry, Version
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+          id_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """The training steps' optimiser: AdamW over the parameters that train (a frozen plug-in
     keeps its weights, decay included), ``fused``: one pass over each tensor per step,
     not the CPU default's Python loop over each (nor ``foreach``'s several passes over
     every tensor, the item table's millions of weights included); the same arithmetic up
-    to float rounding."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                             weight_decay=weight_decay, fused=True)
+    to float rounding. The item and user id tables learn at ``id_lr_scale * lr``
+    (``trainer.id_lr_scale``: why, there)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    tables = {id(p) for p in id_tables(model) if p.requires_grad} if id_lr_scale != 1 else set()
+    groups = [{"params": [p for p in params if id(p) not in tables]}]
+    if tables:
+        groups.append({"params": [p for p in params if id(p) in tables],
+                       "lr": lr * id_lr_scale})
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def id_tables(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The per-id embedding tables of ``model``: item (targets and sequences) and user."""
+    ids = getattr(model, "id_module", None)
+    if ids is None:
+        return []
+    return [ids.item_emb.weight, *([ids.user_emb.weight] if ids.user_emb is not None else [])]
 
 
 def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int, lr: float,
         weight_decay: float = 0.0, seed: int = 0, extra: WindowDataset | None = None,
         extra_share: float = 0.0, grad_clip: float | None = None,
         progress: bool = False, after_epoch: Callable[[int], bool] | None = None,
-        curves: CurveLog | None = None) -> float:
+        curves: CurveLog | None = None, id_lr_scale: float = 1.0) -> float:
     """Train ``model`` in place; returns the mean loss of the last epoch run.
 
     ``extra`` (older samples) contributes ``extra_share * len(data)`` random samples per
@@ -80,11 +95,12 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
     after each epoch and may score the model (it is put back in training mode after);
     returning True stops training. ``curves``: where each step's loss, learning rate and
     speed and each epoch's losses per task are appended (:mod:`trainer.curves`).
+    ``id_lr_scale``: the id tables' share of ``lr`` (:func:`adamw`).
     """
     from tqdm import tqdm
 
     torch.manual_seed(seed)
-    optimizer = adamw(model, lr, weight_decay)
+    optimizer = adamw(model, lr, weight_decay, id_lr_scale)
     last = float("nan")
     for epoch in range(epochs):
         model.train()
@@ -410,7 +426,7 @@ class IncrementalTrainer:
                              keep_weights=False)
         fit(probe, self.dataset_for(probe, windows[:-held], training=True), t.initial_epochs,
             t.batch_size, t.lr, t.weight_decay, seed=t.seed, grad_clip=t.grad_clip,
-            progress=progress, after_epoch=picker)
+            progress=progress, after_epoch=picker, id_lr_scale=t.id_lr_scale)
         epochs = picker.best_epoch or t.initial_epochs
         return epochs, {"epochs": epochs, "valid_windows": names(windows[-held:]),
                         "valid_click_aucs": picker.aucs}
@@ -432,7 +448,8 @@ class IncrementalTrainer:
             admit_ids(candidate, train_windows, t)
             train = self.dataset_for(candidate, train_windows, training=True)
             fit(candidate, train, epochs, t.batch_size, t.lr, t.weight_decay,
-                seed=t.seed, grad_clip=t.grad_clip, progress=progress, curves=self.curves)
+                seed=t.seed, grad_clip=t.grad_clip, progress=progress, curves=self.curves,
+                id_lr_scale=t.id_lr_scale)
             trained_on, validated_on = names(train_windows), []
         else:
             champion, champion_model = held
@@ -454,7 +471,7 @@ class IncrementalTrainer:
             fit(candidate, train, t.incremental_epochs, t.batch_size, t.fine_tune_lr or t.lr,
                 t.weight_decay, seed=t.seed + len(closed), extra=replay,
                 extra_share=t.replay_share, grad_clip=t.grad_clip, progress=progress,
-                curves=self.curves)
+                curves=self.curves, id_lr_scale=t.id_lr_scale)
             trained_on = sorted(seen | {*names(replayed), *names(train_windows)})
             validated_on = sorted({*champion.meta.get("validated_on", []), eval_window.name})
 
@@ -688,7 +705,7 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     picker = EpochPicker(model, held_out, t.patience, curves)
     fit(model, data, epochs or t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
         seed=t.seed, grad_clip=t.grad_clip, progress=progress, after_epoch=picker,
-        curves=curves)
+        curves=curves, id_lr_scale=t.id_lr_scale)
     picker.restore_best()
     return BatchFit(model, trainer.variant, trainer.modal.encoder_version, names(windows),
                     names(valid) if held_out is not None else [], picker.ran,
