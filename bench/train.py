@@ -32,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ppm.config import TrainerConfig  # noqa: E402
 from trainer.model import RankerConfig, UnifiedRanker  # noqa: E402
 from trainer.train import adamw  # noqa: E402
 
@@ -118,7 +119,8 @@ def main() -> None:
                 seq_dropout=args.seq_dropout)).to(device)
     variants = tuple(models)
     # Today's optimiser for every model: ``--against`` compares the model code only.
-    optimizers = {v: adamw(m, lr=2e-3, weight_decay=1e-5) for v, m in models.items()}
+    optimizers = {v: adamw(m, lr=2e-3, weight_decay=1e-5,
+                           id_lr_scale=TrainerConfig().id_lr_scale) for v, m in models.items()}
     g = torch.Generator().manual_seed(0)
     config = models["ppm"].config
     batches = [{k: v.to(device) for k, v in

@@ -286,10 +286,12 @@ class TrainerConfig(_Section):
     id's row as far per step whether the id was seen twice or a thousand times, so the
     rows of ids seen a few times learn their few labels, which the item's and the user's
     smoothed click rates (``model.id_rates``) already say with less noise. TorchRec
-    likewise gives the tables their own optimiser. Chosen on validation, summed over
+    likewise gives the tables their own optimiser. The tables' weight decay, which AdamW
+    scales by the learning rate, takes the same share. Chosen on validation, summed over
     ``idrec`` and ``ppm``: the test-then-train runs of three validation demo worlds and
-    ml-latest-small's validation period, where ``ppm`` alone preferred 1
-    (docs/results.md); ``--tune id_lr_scale=0.1,1`` chooses it for other data."""
+    ml-latest-small's validation period; three of the eight pairs preferred 1 (``idrec``
+    on both quick worlds, ``ppm`` on MovieLens), and most of the gain is on the full-size
+    world (docs/results.md). ``--tune id_lr_scale=0.1,1`` chooses it for other data."""
     grad_clip: float | None = Field(5.0, gt=0)
     """Gradients are scaled down to at most this norm each step (one bad batch cannot throw
     the model far); None: never clipped."""

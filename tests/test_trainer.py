@@ -393,6 +393,28 @@ def test_each_window_is_scored_by_the_model_chosen_before_it(tmp_path):
     assert counts == {f"i{k}": sum(k < w.samples for w in trained) for k in range(12)}
 
 
+def test_every_fit_gives_the_id_tables_the_configured_share(tmp_path, monkeypatch):
+    """``trainer.id_lr_scale`` reaches the optimiser of every fit: the first fit's epoch
+    probe and the fit itself, each fine-tuning step, and a batch fit."""
+    import trainer.train as train_module
+
+    given = []
+    real = train_module.adamw
+
+    def recording(model, lr, weight_decay=0.0, id_lr_scale=1.0):
+        given.append(id_lr_scale)
+        return real(model, lr, weight_decay, id_lr_scale)
+
+    monkeypatch.setattr(train_module, "adamw", recording)
+    cfg = tiny_world(tmp_path, id_lr_scale=0.25, warmup_valid_share=0.5, initial_epochs=2)
+    trainer = IncrementalTrainer(cfg, variant="idrec")
+    steps = sum(1 for _ in iter(trainer.step, None))
+    assert steps == 8 and len(given) == 1 + steps  # the probe, then one fit per step
+    split = split_windows(cfg, test_share=0.2, valid_share=0.2)
+    train_batch(cfg, split.train, "idrec", epochs=1, progress=False, valid=split.valid)
+    assert len(given) == 2 + steps and set(given) == {0.25}
+
+
 def test_the_first_fit_chooses_its_epochs_on_the_last_warmup_windows(tmp_path, monkeypatch):
     """The first model of test-then-train is fitted on every warm-up window, for the number
     of epochs that scored best on the last of them when a model fitted on the others

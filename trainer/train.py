@@ -63,8 +63,9 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
     keeps its weights, decay included), ``fused``: one pass over each tensor per step,
     not the CPU default's Python loop over each (nor ``foreach``'s several passes over
     every tensor, the item table's millions of weights included); the same arithmetic up
-    to float rounding. The item and user id tables learn at ``id_lr_scale * lr``
-    (``trainer.id_lr_scale``: why, there)."""
+    to float rounding. The item and user id tables learn at ``id_lr_scale * lr``, and so
+    decay at that share too (``trainer.id_lr_scale``: why, there; 1 here, a single group,
+    where a caller gives none)."""
     params = [p for p in model.parameters() if p.requires_grad]
     tables = {id(p) for p in id_tables(model) if p.requires_grad} if id_lr_scale != 1 else set()
     groups = [{"params": [p for p in params if id(p) not in tables]}]
@@ -86,7 +87,7 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
         weight_decay: float = 0.0, seed: int = 0, extra: WindowDataset | None = None,
         extra_share: float = 0.0, grad_clip: float | None = None,
         progress: bool = False, after_epoch: Callable[[int], bool] | None = None,
-        curves: CurveLog | None = None, id_lr_scale: float = 1.0) -> float:
+        curves: CurveLog | None = None, *, id_lr_scale: float) -> float:
     """Train ``model`` in place; returns the mean loss of the last epoch run.
 
     ``extra`` (older samples) contributes ``extra_share * len(data)`` random samples per
@@ -95,7 +96,8 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
     after each epoch and may score the model (it is put back in training mode after);
     returning True stops training. ``curves``: where each step's loss, learning rate and
     speed and each epoch's losses per task are appended (:mod:`trainer.curves`).
-    ``id_lr_scale``: the id tables' share of ``lr`` (:func:`adamw`).
+    ``id_lr_scale``: the id tables' share of ``lr`` (:func:`adamw`), required so that no
+    caller falls back to another value than its config's ``trainer.id_lr_scale``.
     """
     from tqdm import tqdm
 
