@@ -53,6 +53,7 @@ def synthetic_batch(c: RankerConfig, batch: int, seq_len: int, modal_rows: int,
         "price_bucket": ints(0, c.price_buckets, (B,)),
         "user_id": ints(1, max(c.user_buckets, 2), (B,)),  # a model without user ids ignores it
         "item_rates": torch.randn(B, 2, generator=g),
+        "taste_rates": torch.randn(B, 4, generator=g),
         "user_rates": torch.randn(B, 2, generator=g),
         "seq_item_id": ints(1, c.item_buckets, (B, L)) * mask,
         "seq_action": ints(1, 4, (B, L)) * mask,

@@ -388,8 +388,20 @@ class ModelConfig(_Section):
     id_rates: bool = True
     """Read the user's and the target item's click rate (smoothed) and impression count in
     the model's training data, counted with its id vocabularies; a training impression sees
-    only the counts of earlier ones (``trainer.features.id_rates``). Chosen on validation
-    (docs/results.md)."""
+    only the counts of the windows before its own, as a model serving its window would
+    (``trainer.features.id_rates``, ``trainer.dataset.WindowDataset``). Chosen on
+    validation (docs/results.md)."""
+    taste_rates: bool = True
+    """With ``id_rates``: also read the user's click rate (smoothed, as a lift over the
+    average) on items of the target's category, brand, shop and price bucket, counted in
+    the model's training data (``trainer.features.taste_features``): the user's taste,
+    passed-over impressions included, which a sequence of positive actions cannot say.
+    Read by the variants with ids (idrec, ppm), in the deep part and the wide part (which
+    starts them at weight 0); without ``id_rates`` a model reads none, whatever this says.
+    Chosen on validation, summed over ``idrec`` and ``ppm``: it gained on the
+    test-then-train runs of three validation demo worlds and lost a little on
+    ml-latest-small's validation period (docs/results.md); ``--tune
+    taste_rates=false,true`` chooses it for other data."""
     wide_rates: bool = True
     """With ``id_rates``: add a linear term of those rates to every task's logit (the wide
     part of Wide & Deep), starting as the user's plus the item's click-rate lift (weights

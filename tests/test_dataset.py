@@ -21,6 +21,7 @@ from trainer.dataset import (
     WindowDataset,
     closed_windows,
     id_vocabulary,
+    taste_vocabulary_of,
     window_files,
     window_sources,
 )
@@ -37,7 +38,7 @@ SAMPLES = pa.schema([
     ("seq_times_us", pa.list_(pa.int64())), ("item_encoder_version", pa.string()),
     ("item_category", pa.string()), ("item_brand", pa.string()), ("item_shop", pa.string()),
     ("item_price_bucket", pa.int32()), ("item_age_s", pa.float64()),
-    ("item_clicks_before", pa.int32()),
+    ("item_clicks_before", pa.int32()), ("window_start", pa.timestamp("us", tz="UTC")),
 ])
 
 
@@ -50,21 +51,24 @@ def partition(paths: DataDir, p: int) -> TrainingLogDir:
     return TrainingLogDir(paths.training_partition(p))
 
 
-def write_source(log: TrainingLogDir, samples: dict[int, int]) -> None:
-    """A writer's ``windows/``: for each hour a window file with that many samples, and
-    the manifest in the writer's format (see streams.training_log)."""
+def write_source(log: TrainingLogDir, samples: dict[int, int], one_pair: bool = False) -> None:
+    """A writer's ``windows/``: for each hour a window file with that many samples (sample
+    ``i`` shows ``i<i>`` to ``u<i>``, or with ``one_pair`` ``i0`` to ``u0``; odd ones
+    clicked), and the manifest in the writer's format (see streams.training_log)."""
     folder = log.windows
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for hour, n in sorted(samples.items()):
         start = T0 + hour * HOUR
-        rows = [{"sample_id": f"{log.folder.name}:{hour}:{i}", "user_id": f"u{i}",
-                 "item_id": f"i{i}", "request_id": f"r{hour}-{i}",
+        rows = [{"sample_id": f"{log.folder.name}:{hour}:{i}",
+                 "user_id": f"u{0 if one_pair else i}", "item_id": f"i{0 if one_pair else i}",
+                 "request_id": f"r{hour}-{i}",
                  "impression_time": start + timedelta(seconds=i), "click": i % 2, "order": 0,
                  "collect": 0, "seq_item_ids": ["i0"], "seq_actions": ["click"],
                  "seq_times_us": [int(start.timestamp() * 1e6) - 1], "item_encoder_version": None,
                  "item_category": "c", "item_brand": "b", "item_shop": "s",
-                 "item_price_bucket": 1, "item_age_s": 60.0, "item_clicks_before": 0}
+                 "item_price_bucket": 1, "item_age_s": 60.0, "item_clicks_before": 0,
+                 "window_start": start}
                 for i in range(n)]
         pq.write_table(pa.Table.from_pylist(rows, SAMPLES), folder / name(hour))
         entries.append({"start": start.isoformat(), "end": (start + HOUR).isoformat(),
@@ -276,6 +280,14 @@ def test_a_training_sample_reads_only_earlier_click_history_never_its_own_label(
     # After training: everything counted is history.
     after = WindowDataset(windows[2:], modal, config, vocabulary=items, user_vocabulary=users)
     assert history(after).tolist() == [3] * 4
+    # The user's taste: u_i saw one item of category c (brand b, ...) an hour, as i_i.
+    tastes = taste_vocabulary_of(windows)
+    train = WindowDataset(windows, modal, config, vocabulary=items, user_vocabulary=users,
+                          taste_vocabulary=tastes, training=True)
+    assert np.allclose(train.features["taste_rates"], lift[:, None].repeat(4, axis=1))
+    after = WindowDataset(windows[2:], modal, config, vocabulary=items, user_vocabulary=users,
+                          taste_vocabulary=tastes)
+    assert np.allclose(after.features["taste_rates"], after.features["item_rates"][:, :1])
     # Windows the vocabulary never counted cannot be training data.
     with pytest.raises(ValueError, match="did not count"):
         WindowDataset(windows, modal, config, vocabulary=id_vocabulary(windows[:1], "item_id",
@@ -322,6 +334,25 @@ def test_the_as_of_lookup_finds_the_newest_vector_available_then(versions, queri
             assert modal.item_ids[row] == item
             assert modal.vectors[row, 0] == max(seen)[1]  # the version made last
             assert modal.available_us[row] <= at
+
+
+def test_a_training_sample_reads_no_history_of_its_own_window(tmp_path):
+    """u0 is shown i0 twice in hour 0 and three times in hour 1, every second time
+    clicked. A training sample counts the hours before its own, never the earlier
+    impressions of its hour: a model serving that hour had not counted them yet either."""
+    paths = DataDir(tmp_path)
+    write_source(paths.training_log, {0: 2, 1: 3}, one_pair=True)
+    windows = closed_windows(paths.training)
+    config = RankerConfig(variant="idrec", modal_dim=8, item_buckets=1024)
+    train = WindowDataset(windows, ModalTable.empty(8), config,
+                          vocabulary=id_vocabulary(windows, "item_id", 1),
+                          user_vocabulary=id_vocabulary(windows, "user_id", 1),
+                          taste_vocabulary=taste_vocabulary_of(windows), training=True)
+    for key in ("item_rates", "user_rates"):
+        assert np.expm1(train.features[key][:, 1]).round().tolist() == [0, 0, 2, 2, 2], key
+    lift = train.features["item_rates"][:, 0]  # hour 1 reads 1 click in 2 (the prior: 2 in 5)
+    assert (lift[:2] == 0).all() and (lift[2:] == lift[2]).all() and lift[2] > 0
+    assert np.allclose(train.features["taste_rates"], lift[:, None].repeat(4, axis=1))
 
 
 def test_a_sample_never_sees_a_vector_that_became_available_after_its_impression(tmp_path):

@@ -21,7 +21,7 @@ from feature_repo.online_features import ItemEmbeddingRow, OnlineFeatures, Store
 from ppm.config import ModelConfig
 from ppm.data_dir import DataDir
 from ppm.records import ItemState, UserSequence
-from trainer.dataset import SAMPLE_COLUMNS, ModalTable, WindowDataset
+from trainer.dataset import SAMPLE_COLUMNS, ModalTable, WindowDataset, taste_vocabulary_of
 from trainer.features import (
     ACTION_CODES,
     BATCH_KEYS,
@@ -297,14 +297,14 @@ def write_window(path: Path) -> None:
             **{f"item_{f}": getattr(state, f) if state else None
                for f in ("category", "brand", "shop", "price_bucket")},
             "item_age_s": None if state is None else (T - state.first_seen_us) / S,
-            "item_clicks_before": 0,
+            "item_clicks_before": 0, "window_start": T,
         })
     ts = pa.timestamp("us", tz="UTC")
     types = {"impression_time": ts, "click": pa.int8(), "order": pa.int8(),
              "collect": pa.int8(), "seq_item_ids": pa.list_(pa.string()),
              "seq_actions": pa.list_(pa.string()), "seq_times_us": pa.list_(pa.int64()),
              "item_price_bucket": pa.int32(), "item_age_s": pa.float64(),
-             "item_clicks_before": pa.int32()}
+             "item_clicks_before": pa.int32(), "window_start": ts}
     schema = pa.schema([(c, types.get(c, pa.string())) for c in SAMPLE_COLUMNS])
     pq.write_table(pa.Table.from_pylist(rows, schema), path)
 
@@ -431,6 +431,47 @@ def test_rare_item_and_user_ids_are_unknown_in_training_and_in_serving_alike(tmp
     ranked = ranker.rank(USER.user_id, TARGETS, now=T)  # the ranker's own model and batch
     got = dict(zip(ranked.item_ids, ranked.scores["click"], strict=True))
     assert [got[i] for i in TARGETS] == pytest.approx(want, rel=1e-5)
+
+
+def test_the_users_taste_reads_the_same_counts_in_training_and_in_serving(tmp_path):
+    """A model's taste vocabulary counts (user, category / brand / shop / price bucket)
+    pairs of its training windows and travels in its checkpoint; evaluation and serving
+    read the same lifts from it. In the window u1 is shown the six targets, every second
+    one clicked: 12 clicks in 20 counted pairs ("never-seen" has no profile, no pair)."""
+    window = 24 * 3600.0
+    write_window(tmp_path / "window.parquet")
+    model = UnifiedRanker(CONFIG).eval()
+    model.taste_vocabulary = taste_vocabulary_of([tmp_path / "window.parquet"])
+    assert model.taste_vocabulary.prior == pytest.approx(12 / 20)
+    registry = Registry(DataDir(tmp_path).registry("ppm"))
+    registry.promote(registry.register(model, {"trained_on": [], "encoder_version": ENC}))
+    served_model = registry.load(registry.champion())
+    assert served_model.taste_vocabulary == model.taste_vocabulary
+
+    ItemLog(tmp_path / "items").append(
+        [ItemEmbeddingRow(i, VECTORS[i], s.encoder_version, s.content_hash, s.content_time_us,
+                          T - 10 * S) for i, s in ITEMS.items() if s.encoder_version],
+        [T - 10 * S] * 7)
+    modal = ModalTable.from_item_log(tmp_path / "items", ENC, DIM)
+    trained = WindowDataset([tmp_path / "window.parquet"], modal, CONFIG, window,
+                            taste_vocabulary=served_model.taste_vocabulary).batch(np.arange(6))
+    ranker = Ranker(MemoryStore(ITEMS, window), registry)
+    served, _ = ranker.build_batch(served_model, ENC, USER.user_id, TARGETS, now=T)
+    assert torch.equal(trained["taste_rates"], served["taste_rates"])
+
+    taste = dict(zip(TARGETS, served["taste_rates"].tolist(), strict=True))
+    # Each target's category is its own: "fresh" shown once, not clicked; "s2" clicked.
+    assert taste["fresh"][0] == pytest.approx(id_rates([1], [0], 0.6)[0, 0])
+    assert taste["s2"][0] == pytest.approx(id_rates([1], [1], 0.6)[0, 0])
+    assert taste["s2"][0] > 0 > taste["fresh"][0]
+    assert taste["never-seen"] == [0.0] * 4
+    # One shop for all: 3 clicks in 5, the prior itself.
+    assert [t[2] for i, t in taste.items() if i != "never-seen"] == pytest.approx([0.0] * 5)
+    # A model without the feature reads zeros on both paths.
+    plain = replace(CONFIG, taste_rates=False)
+    assert not WindowDataset([tmp_path / "window.parquet"], modal, plain, window,
+                             taste_vocabulary=model.taste_vocabulary
+                             ).features["taste_rates"].any()
 
 
 def test_direct_reads_return_what_feasts_sdk_returns(online):

@@ -66,6 +66,7 @@ def random_batch(c: RankerConfig, B: int = 5, L: int = 6, M: int = 9, seed: int 
         "price_bucket": ints(0, c.price_buckets, (B,)),
         "user_id": ints(0, max(c.user_buckets, 2), (B,)),
         "item_rates": torch.randn(B, 2, generator=g),
+        "taste_rates": torch.randn(B, 4, generator=g),
         "user_rates": torch.randn(B, 2, generator=g),
         "seq_item_id": ints(1, c.item_buckets, (B, L)) * mask,
         "seq_action": ints(1, 4, (B, L)) * mask,
@@ -369,7 +370,7 @@ def test_modal_ignores_ids():
     batch = random_batch(model.config, labels=False)
     other = random_batch(model.config, seed=7, labels=False)
     ids = ("item_id", "category", "brand", "shop", "price_bucket", "user_id", "item_rates",
-           "user_rates")
+           "taste_rates", "user_rates")
     changed = dict(batch, **{k: other[k] for k in ids})
     changed["seq_item_id"] = torch.where(batch["seq_mask"], other["seq_item_id"] % 1023 + 1, 0)
     torch.testing.assert_close(scores(model, changed), scores(model, batch))
@@ -574,7 +575,7 @@ def topic_samples(g, topic, table, n: int, targets: torch.Tensor, L: int = 8):
     label_mask[:, 0] = True  # only clicks are labelled here
     return {"item_id": target, "category": zeros, "brand": zeros, "shop": zeros,
             "price_bucket": zeros, "user_id": zeros, "item_rates": torch.zeros(n, 2),
-            "user_rates": torch.zeros(n, 2), "seq_item_id": seq,
+            "taste_rates": torch.zeros(n, 4), "user_rates": torch.zeros(n, 2), "seq_item_id": seq,
             "seq_action": torch.ones_like(seq),
             "seq_gap": torch.randint(1, 8, seq.shape, generator=g),
             "seq_mask": torch.ones_like(seq, dtype=torch.bool), "modal_table": table,
@@ -617,10 +618,12 @@ def test_the_wide_part_starts_as_the_sum_of_the_click_rate_lifts(variant):
     lifts = batch["item_rates"][:, 0] + batch["user_rates"][:, 0]  # (B,)
     torch.testing.assert_close(with_wide - scores(model, batch),
                                lifts.unsqueeze(1).expand_as(with_wide))
-    # Id dropout hides a dropped item's history from the wide part as from the rest.
+    # Id dropout hides a dropped item's history from the wide part as from the rest; the
+    # user's, and the user's taste for the item's kind, stay.
     model = make_model(variant, wide_rates=True, id_dropout=0.999999).train()
     _, rates = model.id_module(batch)
-    assert not rates[:, :2].any() and torch.equal(rates[:, 2:], batch["user_rates"])
+    assert not rates[:, :2].any() and torch.equal(rates[:, 2:4], batch["user_rates"])
+    assert torch.equal(rates[:, 4:], batch["taste_rates"])
 
 
 def test_the_wide_part_trains_and_travels_in_the_checkpoint(tmp_path):

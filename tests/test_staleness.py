@@ -90,7 +90,7 @@ def world(tmp_path, hours: int = 72, new_items: bool = True, seed: int = 0) -> C
                 "item_encoder_version": "enc", "item_category": "c", "item_brand": "b",
                 "item_shop": "s", "item_price_bucket": 1,
                 "item_age_s": (at - (T0 + timedelta(hours=int(arrival_h[k])))).total_seconds(),
-                "item_clicks_before": 0})
+                "item_clicks_before": 0, "window_start": start})
         name = f"{start:%Y%m%dT%H%M%SZ}.parquet"
         pq.write_table(pa.Table.from_pylist(rows, SAMPLES), folder / name)
         entries.append({"start": start.isoformat(), "end": (start + timedelta(hours=1)).isoformat(),

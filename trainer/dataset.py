@@ -15,7 +15,7 @@ available (``as_recorded=False``).
 
 Item and user ids go through the model's :class:`trainer.features.IdVocabulary` of their
 kind (an id it does not admit is "unknown", 0); :func:`id_vocabulary` counts one from
-training windows.
+training windows, :func:`taste_vocabulary_of` the (user, profile value) pairs.
 
 The frozen encoders are never run here: only their cached outputs are read.
 """
@@ -36,6 +36,7 @@ import torch
 from trainer.features import (
     PROFILE_FIELDS,
     TASKS,
+    TASTE_FIELDS,
     IdVocabulary,
     Sequences,
     Targets,
@@ -43,6 +44,8 @@ from trainer.features import (
     model_batch,
     sequence_features,
     target_features,
+    taste_features,
+    taste_keys,
     usable_vectors,
 )
 from trainer.model import RankerConfig
@@ -55,7 +58,7 @@ __all__ = ["ModalTable", "Window", "WindowDataset", "chunks", "closed_windows", 
 SAMPLE_COLUMNS = [
     "sample_id", "user_id", "item_id", "request_id", "impression_time", *TASKS,
     "seq_item_ids", "seq_actions", "seq_times_us", "item_encoder_version",
-    *(f"item_{f}" for f in PROFILE_FIELDS), "item_age_s", "item_clicks_before",
+    *(f"item_{f}" for f in PROFILE_FIELDS), "item_age_s", "item_clicks_before", "window_start",
 ]
 
 
@@ -216,6 +219,24 @@ def id_vocabulary(windows: Sequence[Window | Path], column: str, min_count: int,
                      table.column("click").to_numpy(zero_copy_only=False) > 0)
 
 
+def taste_vocabulary_of(windows: Sequence[Window | Path], base: IdVocabulary | None = None
+                        ) -> IdVocabulary:
+    """The taste vocabulary (``UnifiedRanker.taste_vocabulary``) of a model trained on
+    ``windows``: each impression's (user, profile value) pairs
+    (:func:`trainer.features.taste_keys`) and click counted, added to ``base``'s counts
+    when given. Every pair is admitted (``min_count`` 1): a pair is never an embedding row,
+    only a count."""
+    files = files_of(windows)
+    base = base or IdVocabulary({}, 1)
+    if not files:
+        return base
+    table = ds.dataset([str(f) for f in files], format="parquet").to_table(
+        columns=["user_id", "item_id", *(f"item_{f}" for f in PROFILE_FIELDS), "click"])
+    clicked = table.column("click").to_numpy(zero_copy_only=False) > 0
+    keys = taste_keys(table.column("user_id").to_pylist(), Targets.from_window(table))
+    return base.plus(keys, np.tile(clicked, len(TASTE_FIELDS)))
+
+
 def _usable_rows(modal: ModalTable, item_ids: Sequence[str | None], at_us: np.ndarray,
                  freshness_window_s: float | None,
                  recorded_versions: Sequence[str | None] | None = None,
@@ -237,20 +258,20 @@ def _usable_rows(modal: ModalTable, item_ids: Sequence[str | None], at_us: np.nd
         freshness_window_s=freshness_window_s), rows, 0)
 
 
-def _counts_in_training(ids: list, times_us: np.ndarray, clicked: np.ndarray,
-                        vocabulary: IdVocabulary | None, later: Sequence[Window | Path],
-                        column: str) -> tuple[np.ndarray, np.ndarray] | None:
+def _counts_in_training(ids: list, opened_us: np.ndarray, clicked: np.ndarray,
+                        vocabulary: IdVocabulary | None, later: IdVocabulary | None
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
     """Per sample of training data the vocabulary counted: its id's impressions and clicks
-    outside these samples and the ``later`` windows, plus those of these samples strictly
-    before it."""
+    outside these samples and the ``later`` windows' counts, plus those of these samples
+    in windows that opened before its own (``opened_us``, its window's start)."""
     if vocabulary is None:
         return None
     shows, hits = vocabulary.totals(ids)
     here_shows, here_hits = IdVocabulary.of(ids, clicked=clicked).totals(ids)
-    if later:
-        later_shows, later_hits = id_vocabulary(later, column, 1).totals(ids)
+    if later is not None:
+        later_shows, later_hits = later.totals(ids)
         shows, hits = shows - later_shows, hits - later_hits
-    before_shows, before_hits = counts_before(ids, times_us, clicked)
+    before_shows, before_hits = counts_before(ids, opened_us, clicked)
     shows = shows - here_shows + before_shows
     hits = hits - here_hits + before_hits
     if (shows < 0).any() or (hits < 0).any():
@@ -274,10 +295,17 @@ class WindowDataset:
             ids it does not admit are unknown (0), targets and sequences alike. None: every
             id is hashed to its bucket.
         user_vocabulary: the same for user ids (``UnifiedRanker.user_vocabulary``).
+        taste_vocabulary: the model's (user, profile value) counts
+            (``UnifiedRanker.taste_vocabulary``), for ``RankerConfig.taste_rates``.
         training: these windows are among those the vocabularies counted (the model trains
-            on them): each sample's click-rate features (``RankerConfig.id_rates``) then
-            count only the vocabularies' other impressions and those of these windows that
-            came before it (:func:`trainer.features.counts_before`), never its own label.
+            on them): each sample's click-rate features (``RankerConfig.id_rates``,
+            ``taste_rates``) then count only the vocabularies' other impressions and those
+            of these windows that opened before the sample's own window
+            (:func:`trainer.features.counts_before` of the window starts): never its own
+            label, nor those of its window, which a model serving that window would not
+            have counted yet either. (Counted up to the impression itself, a user's rate
+            carries the clicks of the same session; scored later from a finished model's
+            counts it cannot, and the model learned to trust it too much: docs/results.md.)
             False: they count every impression of the vocabularies (data after training).
         counted_later: with ``training``, windows after these that the vocabularies also
             counted (the new windows of a fine-tuning step, for its replayed older ones):
@@ -301,7 +329,8 @@ class WindowDataset:
                  freshness_window_s: float | None = None,
                  tasks: Sequence[str] | None = None, *,
                  vocabulary: IdVocabulary | None = None,
-                 user_vocabulary: IdVocabulary | None = None, training: bool = False,
+                 user_vocabulary: IdVocabulary | None = None,
+                 taste_vocabulary: IdVocabulary | None = None, training: bool = False,
                  as_recorded: bool = True, counted_later: Sequence[Window | Path] = (),
                  serving_cache_s: float | None = None):
         self.modal = modal
@@ -348,15 +377,29 @@ class WindowDataset:
                                   freshness_window_s, recorded, target_read_us)
         seq_rows = _usable_rows(modal, sequences.item_ids, seq_at_us, freshness_window_s,
                                 read_us=seq_read_us)
-        item_counts = user_counts = None
+        targets = Targets.from_window(table)
+        users = list(self.user_id)
+        taste = (taste_keys(users, targets) if config.taste_rates and taste_vocabulary
+                 else None)
+        item_counts = user_counts = taste_counts = None
         if training and config.id_rates:
             clicked = col("click").to_numpy(zero_copy_only=False) > 0
-            item_counts = _counts_in_training(self.item_ids, self.impression_us, clicked,
-                                              vocabulary, counted_later, "item_id")
-            user_counts = _counts_in_training(list(self.user_id), self.impression_us, clicked,
-                                              user_vocabulary, counted_later, "user_id")
+            opened_us = col("window_start").cast(pa.int64()).to_numpy()
+            item_counts = _counts_in_training(
+                self.item_ids, opened_us, clicked, vocabulary,
+                id_vocabulary(counted_later, "item_id", 1) if counted_later else None)
+            user_counts = _counts_in_training(
+                users, opened_us, clicked, user_vocabulary,
+                id_vocabulary(counted_later, "user_id", 1) if counted_later else None)
+            if taste is not None:
+                n_fields = len(TASTE_FIELDS)
+                taste_counts = _counts_in_training(
+                    taste, np.tile(opened_us, n_fields), np.tile(clicked, n_fields),
+                    taste_vocabulary,
+                    taste_vocabulary_of(counted_later) if counted_later else None)
         self.features: dict[str, np.ndarray] = {
-            **target_features(Targets.from_window(table), config, vocabulary, item_counts),
+            **target_features(targets, config, vocabulary, item_counts),
+            **taste_features(users, targets, config, taste_vocabulary, taste_counts),
             "target_modal_row": target_row,
             **sequence_features(sequences, self.impression_us, seq_rows, config, vocabulary,
                                 user_vocabulary, user_counts),

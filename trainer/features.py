@@ -6,7 +6,8 @@ column-wise and call the same functions, so an impression scored online gets the
 it got in training (``tests/test_features.py`` pins this):
 
 1. :func:`target_features`: the target items' hashed ids and profiles, (N,) each, and
-   their click histories (:func:`id_rates`), (N, 2);
+   their click histories (:func:`id_rates`), (N, 2); :func:`taste_features`: how often the
+   user clicked items of each target's category, brand, shop and price bucket, (N, 4);
 2. :func:`sequence_features`: whose sequence it is (the user's hashed id, (S,), and click
    history, (S, 2)) and the behaviour sequences left-padded to ``max_seq_len``, (S, L)
    each: S = N in training, S = 1 in serving (one user and sequence shared by every
@@ -18,7 +19,8 @@ it got in training (``tests/test_features.py`` pins this):
 
 The vocabularies live here too: the tasks (label columns and the model's heads), the
 codes of a sequence's actions, both from ``ppm.events.INTERACTIONS``, and a model's
-:class:`IdVocabulary` of items and of users, the ids it admits and their click counts.
+:class:`IdVocabulary` of items and of users, the ids it admits and their click counts
+(and one of (user, profile value) pairs, :func:`taste_keys`).
 
 Ids are hashed with BLAKE2b (:func:`hash_ids`): stable across processes and runs, so a
 model trained today and an item first seen tomorrow agree on buckets. Item and user ids go
@@ -62,9 +64,13 @@ PROFILE_FIELDS = (*HASHED_PROFILE, "price_bucket")
 """The target item's profile: ``ItemState`` fields, window columns ``item_<field>`` and
 batch keys of the same names."""
 
-BATCH_KEYS = ("item_id", *PROFILE_FIELDS, "item_rates", "user_id", "user_rates", "seq_item_id",
-              "seq_action", "seq_gap", "seq_mask", "modal_table", "target_modal_row",
-              "seq_modal_row")
+TASTE_FIELDS = PROFILE_FIELDS
+"""The profile fields whose value, for the target item, a model with
+``RankerConfig.taste_rates`` reads the user's click rate on (:func:`taste_features`)."""
+
+BATCH_KEYS = ("item_id", *PROFILE_FIELDS, "item_rates", "taste_rates", "user_id", "user_rates",
+              "seq_item_id", "seq_action", "seq_gap", "seq_mask", "modal_table",
+              "target_modal_row", "seq_modal_row")
 """Every key of a batch but the optional ``labels`` and ``label_mask``."""
 
 GAP_MIN_S = 60.0  # bucket 1: less than a minute ago
@@ -128,7 +134,9 @@ class IdVocabulary:
     (:func:`id_rates`), a feature of models with ``RankerConfig.id_rates``.
 
     A model carries one per kind (``UnifiedRanker.item_vocabulary``, ``.user_vocabulary``,
-    saved in its checkpoint), so serving and ``ppm eval`` apply the rule training applied.
+    saved in its checkpoint), so serving and ``ppm eval`` apply the rule training applied;
+    a model with ``RankerConfig.taste_rates`` one more, ``.taste_vocabulary``, whose "ids"
+    are (user, profile value) pairs (:func:`taste_keys`), all admitted.
     Fine-tuning adds the new windows' counts (:meth:`plus`) and keeps ``min_count``.
     """
 
@@ -421,6 +429,43 @@ def _rates(ids: Sequence[str | None], config: RankerConfig, vocabulary: IdVocabu
                      vocabulary.prior)
     rates[~vocabulary.admits(ids)] = 0.0  # an unknown id has no history either
     return rates
+
+
+def taste_keys(user_ids: Sequence[str | None], targets: Targets) -> list[str | None]:
+    """The (user, field, value) pairs of N impressions, one per field of
+    :data:`TASTE_FIELDS` and impression, field by field: (len(TASTE_FIELDS) * N,) keys of
+    a model's ``taste_vocabulary`` (``UnifiedRanker``). None where the user or the value
+    is unknown (None, "", price bucket 0): such a pair is never counted."""
+    keys: list[str | None] = []
+    for field_ in TASTE_FIELDS:
+        values = getattr(targets, field_)
+        if field_ == "price_bucket":
+            values = [str(v) if v else None for v in np.asarray(values).tolist()]
+        # \x1f (unit separator): no id or profile value of the data layer holds it.
+        keys += [f"{u}\x1f{field_}\x1f{v}" if u and v else None
+                 for u, v in zip(user_ids, values, strict=True)]
+    return keys
+
+
+def taste_features(user_ids: Sequence[str | None], targets: Targets, config: RankerConfig,
+                   vocabulary: IdVocabulary | None,
+                   counts: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> dict[str, np.ndarray]:
+    """``taste_rates`` (N, 4) float32: for each of N impressions (user ``user_ids[n]`` (N,),
+    target ``targets``), the user's smoothed click-rate lift (:func:`id_rates`' first
+    column) on items of the target's category, brand, shop and price bucket
+    (:data:`TASTE_FIELDS`), counted in the model's training data by its taste
+    ``vocabulary`` (``counts``: the pairs' (impressions, clicks), (4 N,) each, in the order
+    of :func:`taste_keys`; default the vocabulary's totals). What a sequence of positive
+    actions cannot say: how often this user passes over this kind of item. Zeros for a
+    pair never counted, and for a model without ``config.taste_rates`` or vocabulary."""
+    n = len(targets.item_id)
+    if not config.taste_rates or vocabulary is None:
+        return {"taste_rates": np.zeros((n, len(TASTE_FIELDS)), np.float32)}
+    shows, clicks = counts if counts is not None else vocabulary.totals(
+        taste_keys(user_ids, targets))
+    lift = id_rates(shows, clicks, vocabulary.prior)[:, 0]  # (4 N,), field by field
+    return {"taste_rates": np.ascontiguousarray(lift.reshape(len(TASTE_FIELDS), n).T)}
 
 
 def sequence_features(sequences: Sequences, impression_us: np.ndarray,

@@ -29,6 +29,11 @@ M = rows of the modal table::
                                                    lift and log1p(impressions)
                                                    (trainer.features.id_rates); read only
                                                    with config.id_rates
+    taste_rates                      float (B, 4)  the user's click history on items of the
+                                                   target's category, brand, shop and price
+                                                   bucket: smoothed rate lifts
+                                                   (trainer.features.taste_features); read
+                                                   only with config.taste_rates
     user_id                          int64 (B,)    the user's id, hashed like item_id into
                                                    [1, user_buckets); 0 = unknown (not in
                                                    the model's user_vocabulary); (1,) when
@@ -90,7 +95,10 @@ class RankerConfig:
     #   impression counts in the training data (item_rates, user_rates): how often this user
     #   clicks at all and how popular the item is, which behaviour sequences (positive
     #   actions only) cannot say
-    wide_rates: bool = True  # with id_rates: add a linear term of those four rates to every
+    taste_rates: bool = True  # with id_rates: also read the user's click rates on the
+    #   target's category, brand, shop and price bucket (taste_rates): the user's taste,
+    #   counted over impressions, passed-over ones included
+    wide_rates: bool = True  # with id_rates: add a linear term of those rates to every
     #   task's logit (Wide & Deep's wide part), starting at item lift + user lift (weights
     #   1), a hand-set start the deep part corrects; a model that reads no rates (no
     #   id_rates, or the modal variant) has none, whatever this says
@@ -132,10 +140,16 @@ class RankerConfig:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         # The wide part reads the click rates: where there are none, there is none.
         self.wide_rates = self.wide_rates and self.id_rates and self.uses_ids
+        self.taste_rates = self.taste_rates and self.id_rates and self.uses_ids
         if self.gap_buckets < 2:
             raise ValueError("gap_buckets must be >= 2 (0 is padding)")
         if self.attention not in ("target", "full"):
             raise ValueError(f"attention must be 'target' or 'full', got {self.attention!r}")
+
+    @property
+    def n_rates(self) -> int:
+        """Width of the rates the ID module reads (item 2, user 2, taste 4); 0 without."""
+        return (4 + 4 * self.taste_rates) if self.id_rates and self.uses_ids else 0
 
     @property
     def uses_ids(self) -> bool:
@@ -157,9 +171,10 @@ class RankerConfig:
             raise ValueError(f"unknown RankerConfig fields {sorted(unknown)} (newer checkpoint?)")
         # Checkpoints from before ``attention`` existed were trained with full attention,
         # those from before ``user_buckets`` without user ids, those from before
-        # ``id_rates`` without rates, those from before ``wide_rates`` without a wide part.
+        # ``id_rates`` without rates, those from before ``wide_rates`` without a wide part,
+        # those from before ``taste_rates`` without the user's taste.
         return cls(**{"attention": "full", "user_buckets": 0, "id_rates": False,
-                      "wide_rates": False, **d})
+                      "wide_rates": False, "taste_rates": False, **d})
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +384,8 @@ class IDModule(nn.Module):
     embeddings, which go to the MMoE directly: item (d_model), category, brand, shop and
     price (side_dim each), the user's (side_dim, when ``user_buckets``: what the sequence
     cannot say, such as how often this user clicks at all) and, with ``id_rates``, the
-    user's and the item's click histories (side_dim together). The side features stay
+    user's and the item's click histories and with ``taste_rates`` the user's on the
+    target's profile values (side_dim together). The side features stay
     out of the transformer, so the target token is the same kind of token as the sequence
     items it is compared with.
     """
@@ -385,14 +401,16 @@ class IDModule(nn.Module):
         self.user_emb = (nn.Embedding(c.user_buckets, c.side_dim, padding_idx=0)
                          if c.user_buckets else None)
         self.transformer = BehaviorTransformer(c)
-        self.rates = nn.Linear(4, c.side_dim) if c.id_rates else None
+        self.rates = nn.Linear(c.n_rates, c.side_dim) if c.id_rates else None
+        self.taste = c.taste_rates
         self.id_dropout = c.id_dropout
         self.out_dim = 2 * c.d_model + (4 + bool(c.user_buckets) + c.id_rates) * c.side_dim
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (B, out_dim) features for the MMoE, and with ``id_rates`` the (B, 4) rates it
-        read (item lift and log shows, user lift and log shows; the item's zeroed where id
-        dropout hid the item), else None."""
+        """-> (B, out_dim) features for the MMoE, and with ``id_rates`` the (B, n_rates)
+        rates it read (item lift and log shows, user lift and log shows, the item's zeroed
+        where id dropout hid the item; then with ``taste_rates`` the user's four taste
+        lifts, kept: they describe the item's kind, not its id), else None."""
         item = batch["item_id"]  # (B,)
         dropped = None
         if self.training and self.id_dropout > 0:
@@ -411,9 +429,12 @@ class IDModule(nn.Module):
             if dropped is not None:  # a dropped item is a new one: no history either
                 item_rates = item_rates.masked_fill(dropped.unsqueeze(1), 0.0)
             user_rates = batch["user_rates"].to(target.dtype).expand(len(item), -1)  # (B, 2)
-            rates = torch.cat([item_rates, user_rates], dim=1)  # (B, 4)
+            rates = [item_rates, user_rates]
+            if self.taste:
+                rates.append(batch["taste_rates"].to(target.dtype))  # (B, 4)
+            rates = torch.cat(rates, dim=1)  # (B, n_rates)
             side.append(self.rates(rates))  # (B, side)
-        return torch.cat([h, target, *side], dim=1), rates  # (B, out_dim), (B, 4) | None
+        return torch.cat([h, target, *side], dim=1), rates  # (B, out_dim), (B, n_rates) | None
 
 
 class PPMModule(nn.Module):
@@ -543,12 +564,15 @@ class UnifiedRanker(nn.Module):
         any other item id to 0. None: every id keeps its bucket (a model never trained)."""
         self.user_vocabulary: IdVocabulary | None = None
         """The same for user ids (``config.user_buckets``)."""
+        self.taste_vocabulary: IdVocabulary | None = None
+        """(user, profile value) pairs counted in its training data
+        (``trainer.features.taste_keys``), with ``config.taste_rates``; None: none."""
         self.id_module = IDModule(config) if config.uses_ids else None
         self.ppm = PPMModule(config) if config.uses_modal else None
         in_dim = ((self.id_module.out_dim if self.id_module else 0)
                   + (self.ppm.out_dim if self.ppm else 0))
         self.mmoe = MMoE(in_dim, config)
-        self.wide = nn.Linear(4, len(config.tasks)) if config.wide_rates else None
+        self.wide = nn.Linear(config.n_rates, len(config.tasks)) if config.wide_rates else None
         self.register_buffer("task_weights", torch.tensor(config.task_weights), persistent=False)
         self.apply(_init_weights)
 
@@ -599,7 +623,8 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, UnifiedRanker) and module.wide is not None:
         # Start as the sum of the two click-rate lifts (columns 0 and 2 of the rates), weights
         # 1: a user's and an item's click histories rank from the first step; the deep
-        # part then corrects them.
+        # part then corrects them. The taste lifts start at 0 (better on the validation
+        # worlds than starting them at 1 or 0.5: docs/results.md).
         with torch.no_grad():
             module.wide.weight.zero_()
             module.wide.weight[:, [0, 2]] = 1.0
@@ -639,7 +664,8 @@ def save_checkpoint(path: str | Path, model: UnifiedRanker, extra: dict[str, Any
                 "state_dict": model.state_dict(), "extra": dict(extra),
                 **{f"{kind}_vocabulary": None if v is None else v.to_dict()
                    for kind, v in (("item", model.item_vocabulary),
-                                   ("user", model.user_vocabulary))}},
+                                   ("user", model.user_vocabulary),
+                                   ("taste", model.taste_vocabulary))}},
                path)
 
 
@@ -652,7 +678,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
                          f"expected {CHECKPOINT_FORMAT}")
     model = UnifiedRanker(RankerConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
-    for kind in ("item", "user"):  # absent in checkpoints from before they existed
+    for kind in ("item", "user", "taste"):  # absent in checkpoints from before they existed
         vocabulary = ckpt.get(f"{kind}_vocabulary")
         setattr(model, f"{kind}_vocabulary",
                 None if vocabulary is None else IdVocabulary.from_dict(vocabulary))

@@ -49,6 +49,7 @@ from trainer.dataset import (
     chunks,
     closed_windows,
     id_vocabulary,
+    taste_vocabulary_of,
 )
 from trainer.features import IdVocabulary
 from trainer.metrics import BUCKETS, auc, evaluate
@@ -261,7 +262,8 @@ def names(windows: Sequence[Window | Path]) -> list[str]:
 def admit_ids(model: UnifiedRanker, windows: Sequence[Window | Path], t: TrainerConfig,
               fine_tune: bool = False) -> None:
     """Set ``model``'s item and user vocabularies from the impressions of ``windows``
-    (``trainer.min_item_count``, ``min_user_count``). ``fine_tune``: add them to the
+    (``trainer.min_item_count``, ``min_user_count``), and with ``taste_rates`` its taste
+    vocabulary (every pair admitted). ``fine_tune``: add them to the
     model's own counts and keep its minimums; a vocabulary it has none of (a checkpoint
     from before that kind existed) stays None, so the model reads ids as it trained."""
     for kind, min_count in (("item", t.min_item_count), ("user", t.min_user_count)):
@@ -270,6 +272,9 @@ def admit_ids(model: UnifiedRanker, windows: Sequence[Window | Path], t: Trainer
             continue
         setattr(model, f"{kind}_vocabulary",
                 id_vocabulary(windows, f"{kind}_id", min_count, base if fine_tune else None))
+    if model.config.taste_rates and not (fine_tune and model.taste_vocabulary is None):
+        model.taste_vocabulary = taste_vocabulary_of(
+            windows, model.taste_vocabulary if fine_tune else None)
 
 
 def vocabulary_meta(vocabulary: IdVocabulary | None) -> dict | None:
@@ -337,15 +342,18 @@ class IncrementalTrainer:
                 vocabulary: IdVocabulary | None = None,
                 user_vocabulary: IdVocabulary | None = None, training: bool = False,
                 counted_later: Sequence[Window | Path] = (),
-                serving_cache_s: float | None = None) -> WindowDataset:
+                serving_cache_s: float | None = None,
+                taste_vocabulary: IdVocabulary | None = None) -> WindowDataset:
         """Samples of ``windows`` (or window files) as a model of ``config`` (default: a new
-        model's) with item ``vocabulary`` and ``user_vocabulary`` (its ``item_vocabulary``
-        and ``user_vocabulary``; None: every id keeps its bucket) reads them; ``training``,
+        model's) with item ``vocabulary``, ``user_vocabulary`` and ``taste_vocabulary`` (its
+        ``item_vocabulary``, ``user_vocabulary``, ``taste_vocabulary``; None: every id
+        keeps its bucket, no taste is counted) reads them; ``training``,
         ``counted_later``, ``serving_cache_s``: ``WindowDataset``'s arguments."""
         config = config or ranker_config(self.cfg, self.variant, self.modal.dim)
         return WindowDataset(windows, self.modal, config, self.cfg.features.freshness_window_s,
                              vocabulary=vocabulary, user_vocabulary=user_vocabulary,
-                             training=training, as_recorded=self.refresh.mode == "recorded",
+                             taste_vocabulary=taste_vocabulary, training=training,
+                             as_recorded=self.refresh.mode == "recorded",
                              counted_later=counted_later, serving_cache_s=serving_cache_s)
 
     def dataset_for(self, model: UnifiedRanker, windows: Sequence[Window | Path],
@@ -355,7 +363,8 @@ class IncrementalTrainer:
         ``training``: ``model`` trains on them, and its vocabularies counted them (and
         ``counted_later``); ``serving_cache_s``: see :class:`WindowDataset`."""
         return self.dataset(windows, model.config, model.item_vocabulary,
-                            model.user_vocabulary, training, counted_later, serving_cache_s)
+                            model.user_vocabulary, training, counted_later, serving_cache_s,
+                            model.taste_vocabulary)
 
     @property
     def modal(self) -> ModalTable:

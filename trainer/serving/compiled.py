@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 from ppm.records import UserSequence
-from trainer.features import Sequences, Targets, model_batch, sequence_features, target_features
+from trainer.features import (
+    Sequences,
+    Targets,
+    model_batch,
+    sequence_features,
+    target_features,
+    taste_features,
+)
 from trainer.model import UnifiedRanker
 
 log = logging.getLogger(__name__)
@@ -98,8 +105,10 @@ def example_batch(model: UnifiedRanker, projected: bool) -> dict[str, torch.Tens
     seq = UserSequence("example-user", tuple(ids[-3:]), ("click",) * 3, (1, 2, 3))
     width = c.d_model if projected else c.modal_dim
     vectors = np.random.default_rng(0).normal(size=(B + 2, width)).astype(np.float32)
+    targets = Targets.from_states(ids[:B], [None] * B)
     batch = model_batch({
-        **target_features(Targets.from_states(ids[:B], [None] * B), c, model.item_vocabulary),
+        **target_features(targets, c, model.item_vocabulary),
+        **taste_features([seq.user_id] * B, targets, c, model.taste_vocabulary),
         "target_modal_row": np.arange(1, B + 1, dtype=np.int64),
         **sequence_features(Sequences.of([seq]), np.array([4], np.int64),
                             np.array([B, B + 1, B + 1], np.int64), c, model.item_vocabulary,

@@ -41,6 +41,7 @@ from trainer.features import (
     model_batch,
     sequence_features,
     target_features,
+    taste_features,
     usable_vectors,
 )
 from trainer.model import UnifiedRanker
@@ -329,8 +330,11 @@ class Ranker:
         # One user and sequence row shared by every candidate: the model encodes it once.
         # Ids the model's vocabularies do not admit are unknown (0), as in its training.
         vocabulary = model.item_vocabulary
+        targets = Targets.from_states(item_ids, states)
         batch = model_batch({
-            **target_features(Targets.from_states(item_ids, states), c, vocabulary),
+            **target_features(targets, c, vocabulary),
+            **taste_features([seq.user_id] * len(item_ids), targets, c,
+                             model.taste_vocabulary),
             "target_modal_row": np.array([row_of.get(i, 0) for i in item_ids], np.int64),
             **sequence_features(Sequences.of([seq]), np.array([now], np.int64),
                                 np.array([row_of.get(i, 0) for i in seq_ids], np.int64), c,
