@@ -238,7 +238,8 @@ def id_rates(shows: np.ndarray, clicks: np.ndarray, prior: float) -> np.ndarray:
     ``shows`` and ``clicks`` (N,) are counts over the model's training data that come
     *before* the impression: all of them when scoring later impressions (serving,
     evaluation: :meth:`IdVocabulary.totals`); for a training impression only those of
-    earlier impressions (:func:`counts_before`), so its own label never reaches its input.
+    the windows before its own (:func:`counts_before` of the window starts;
+    ``trainer.dataset.WindowDataset``), so its own label never reaches its input.
     """
     shows, clicks = np.asarray(shows, np.float64), np.asarray(clicks, np.float64)
     rate = (clicks + RATE_PRIOR_STRENGTH * prior) / (shows + RATE_PRIOR_STRENGTH)
@@ -251,7 +252,8 @@ def counts_before(ids: Sequence[str | None], times_us: np.ndarray, clicked: np.n
                   ) -> tuple[np.ndarray, np.ndarray]:
     """For each of N impressions, the impressions and clicks of the same id among these N
     that happened strictly earlier (impressions at the same time, such as the candidates of
-    one request, do not see each other), float64 (N,) each. None and "" count nothing."""
+    one request, or given the same time, such as their window's start, do not see each
+    other), float64 (N,) each. None and "" count nothing."""
     n = len(ids)
     codes = pc.dictionary_encode(pa.array(ids, pa.string())).indices.to_numpy(
         zero_copy_only=False)

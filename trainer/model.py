@@ -116,7 +116,7 @@ class RankerConfig:
     #   (far cheaper to serve: bench/serve.py, docs/results.md); "full": every token attends
     #   to every token, the sequence too sees the target (one full pass per candidate)
     side_dim: int = 16  # width of each side feature (category, brand, shop, price, user)
-    dropout: float = 0.1  # in the experts and towers, on (B, expert_dim) activations: cheap
+    dropout: float = 0.3  # in the experts and towers, on (B, expert_dim) activations: cheap
     id_dropout: float = 0.0  # training only: share of samples whose target item id is
     #   replaced by "unknown" (bucket 0, a zero vector), so the model learns to score an item
     #   whose id embedding taught it nothing yet, which is every new item (DropoutNet-style)

@@ -510,6 +510,7 @@ class IncrementalTrainer:
             "plug_in": champion.meta.get("plug_in") if champion else None,
             "item_vocabulary": vocabulary_meta(candidate.item_vocabulary),
             "user_vocabulary": vocabulary_meta(candidate.user_vocabulary),
+            "taste_vocabulary": vocabulary_meta(candidate.taste_vocabulary),
             "metrics": cand_metrics,
             "champion_metrics": champ_metrics,
             "promoted": promoted,
@@ -641,7 +642,8 @@ class BatchFit:
                 "trainable_parameters": sum(p.numel() for p in self.model.parameters()
                                             if p.requires_grad),
                 "item_vocabulary": vocabulary_meta(self.model.item_vocabulary),
-                "user_vocabulary": vocabulary_meta(self.model.user_vocabulary)}
+                "user_vocabulary": vocabulary_meta(self.model.user_vocabulary),
+                "taste_vocabulary": vocabulary_meta(self.model.taste_vocabulary)}
 
 
 def plug_in(model: UnifiedRanker, source: Version, freeze: bool = False) -> dict[str, Any]:
