@@ -379,8 +379,6 @@ class WindowDataset:
                                 read_us=seq_read_us)
         targets = Targets.from_window(table)
         users = list(self.user_id)
-        taste = (taste_keys(users, targets) if config.taste_rates and taste_vocabulary
-                 else None)
         item_counts = user_counts = taste_counts = None
         if training and config.id_rates:
             clicked = col("click").to_numpy(zero_copy_only=False) > 0
@@ -391,10 +389,11 @@ class WindowDataset:
             user_counts = _counts_in_training(
                 users, opened_us, clicked, user_vocabulary,
                 id_vocabulary(counted_later, "user_id", 1) if counted_later else None)
-            if taste is not None:
+            if config.taste_rates and taste_vocabulary is not None:
                 n_fields = len(TASTE_FIELDS)
                 taste_counts = _counts_in_training(
-                    taste, np.tile(opened_us, n_fields), np.tile(clicked, n_fields),
+                    taste_keys(users, targets), np.tile(opened_us, n_fields),
+                    np.tile(clicked, n_fields),
                     taste_vocabulary,
                     taste_vocabulary_of(counted_later) if counted_later else None)
         self.features: dict[str, np.ndarray] = {
