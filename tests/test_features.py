@@ -467,7 +467,15 @@ def test_the_users_taste_reads_the_same_counts_in_training_and_in_serving(tmp_pa
     assert taste["never-seen"] == [0.0] * 4
     # One shop for all: 3 clicks in 5, the prior itself.
     assert [t[2] for i, t in taste.items() if i != "never-seen"] == pytest.approx([0.0] * 5)
-    # A model without the feature reads zeros on both paths.
+    # A user the model does not admit reads no taste, on both paths.
+    unknown = IdVocabulary({USER.user_id: 1}, min_count=2)
+    assert not WindowDataset([tmp_path / "window.parquet"], modal, CONFIG, window,
+                             taste_vocabulary=model.taste_vocabulary,
+                             user_vocabulary=unknown).features["taste_rates"].any()
+    served_model.user_vocabulary = unknown
+    assert not ranker.build_batch(served_model, ENC, USER.user_id, TARGETS, now=T
+                                  )[0]["taste_rates"].any()
+    # A model without the feature reads zeros.
     plain = replace(CONFIG, taste_rates=False)
     assert not WindowDataset([tmp_path / "window.parquet"], modal, plain, window,
                              taste_vocabulary=model.taste_vocabulary

@@ -485,8 +485,9 @@ def test_batch_training_keeps_the_best_epoch_on_validation(tmp_path):
 
 
 def test_tuning_keeps_the_value_with_the_best_validation_auc(tmp_path):
-    # Every user unknown and no taste read, so only the items tell the samples apart.
-    cfg = tiny_world(tmp_path).with_values({"min_user_count": "100", "taste_rates": "false"})
+    # Every user unknown (no id, no click rate, no taste), so only the items tell the
+    # samples apart.
+    cfg = tiny_world(tmp_path).with_values({"min_user_count": "100"})
     split = split_windows(cfg, test_share=0.2, valid_share=0.2)
     fitted = tune_batch(cfg, split, {"min_item_count": ["1", "100"]}, "idrec", epochs=2,
                         progress=False)

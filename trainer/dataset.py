@@ -398,7 +398,8 @@ class WindowDataset:
                     taste_vocabulary_of(counted_later) if counted_later else None)
         self.features: dict[str, np.ndarray] = {
             **target_features(targets, config, vocabulary, item_counts),
-            **taste_features(users, targets, config, taste_vocabulary, taste_counts),
+            **taste_features(users, targets, config, taste_vocabulary, taste_counts,
+                             user_vocabulary),
             "target_modal_row": target_row,
             **sequence_features(sequences, self.impression_us, seq_rows, config, vocabulary,
                                 user_vocabulary, user_counts),

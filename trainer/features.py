@@ -451,8 +451,8 @@ def taste_keys(user_ids: Sequence[str | None], targets: Targets) -> list[str | N
 
 def taste_features(user_ids: Sequence[str | None], targets: Targets, config: RankerConfig,
                    vocabulary: IdVocabulary | None,
-                   counts: tuple[np.ndarray, np.ndarray] | None = None
-                   ) -> dict[str, np.ndarray]:
+                   counts: tuple[np.ndarray, np.ndarray] | None = None,
+                   user_vocabulary: IdVocabulary | None = None) -> dict[str, np.ndarray]:
     """``taste_rates`` (N, 4) float32: for each of N impressions (user ``user_ids[n]`` (N,),
     target ``targets``), the user's smoothed click-rate lift (:func:`id_rates`' first
     column) on items of the target's category, brand, shop and price bucket
@@ -460,14 +460,19 @@ def taste_features(user_ids: Sequence[str | None], targets: Targets, config: Ran
     ``vocabulary`` (``counts``: the pairs' (impressions, clicks), (4 N,) each, in the order
     of :func:`taste_keys`; default the vocabulary's totals). What a sequence of positive
     actions cannot say: how often this user passes over this kind of item. Zeros for a
-    pair never counted, and for a model without ``config.taste_rates`` or vocabulary."""
+    pair never counted, for a user the model's ``user_vocabulary`` does not admit (as
+    its own click rate, :func:`sequence_features`), and for a model without
+    ``config.taste_rates`` or vocabulary."""
     n = len(targets.item_id)
     if not config.taste_rates or vocabulary is None:
         return {"taste_rates": np.zeros((n, len(TASTE_FIELDS)), np.float32)}
     shows, clicks = counts if counts is not None else vocabulary.totals(
         taste_keys(user_ids, targets))
     lift = id_rates(shows, clicks, vocabulary.prior)[:, 0]  # (4 N,), field by field
-    return {"taste_rates": np.ascontiguousarray(lift.reshape(len(TASTE_FIELDS), n).T)}
+    rates = np.ascontiguousarray(lift.reshape(len(TASTE_FIELDS), n).T)  # (N, 4)
+    if user_vocabulary is not None:
+        rates[~user_vocabulary.admits(user_ids)] = 0.0  # an unknown user has no history
+    return {"taste_rates": rates}
 
 
 def sequence_features(sequences: Sequences, impression_us: np.ndarray,

@@ -108,7 +108,8 @@ def example_batch(model: UnifiedRanker, projected: bool) -> dict[str, torch.Tens
     targets = Targets.from_states(ids[:B], [None] * B)
     batch = model_batch({
         **target_features(targets, c, model.item_vocabulary),
-        **taste_features([seq.user_id] * B, targets, c, model.taste_vocabulary),
+        **taste_features([seq.user_id] * B, targets, c, model.taste_vocabulary,
+                         user_vocabulary=model.user_vocabulary),
         "target_modal_row": np.arange(1, B + 1, dtype=np.int64),
         **sequence_features(Sequences.of([seq]), np.array([4], np.int64),
                             np.array([B, B + 1, B + 1], np.int64), c, model.item_vocabulary,

@@ -333,8 +333,8 @@ class Ranker:
         targets = Targets.from_states(item_ids, states)
         batch = model_batch({
             **target_features(targets, c, vocabulary),
-            **taste_features([seq.user_id] * len(item_ids), targets, c,
-                             model.taste_vocabulary),
+            **taste_features([user_id] * len(item_ids), targets, c,
+                             model.taste_vocabulary, user_vocabulary=model.user_vocabulary),
             "target_modal_row": np.array([row_of.get(i, 0) for i in item_ids], np.int64),
             **sequence_features(Sequences.of([seq]), np.array([now], np.int64),
                                 np.array([row_of.get(i, 0) for i in seq_ids], np.int64), c,
