@@ -292,6 +292,17 @@ class TrainerConfig(_Section):
     ml-latest-small's validation period; three of the eight pairs preferred 1 (``idrec``
     on both quick worlds, ``ppm`` on MovieLens), and most of the gain is on the full-size
     world (docs/results.md). ``--tune id_lr_scale=0.1,1`` chooses it for other data."""
+    wide_start: Literal["fitted", "unit"] = "fitted"
+    """How a model fitted from scratch starts its wide part (``model.wide_rates``):
+    ``fitted``, each task's logistic regression of its labels on the rates the model reads
+    of its training samples, counted as it reads them (``trainer.train.start_wide_part``);
+    ``unit``, the item's plus the user's click-rate lift at weight 1 and the rest at 0. The
+    wide part barely moves in training, so its start is most of what it says: the unit
+    start weighs the user's lift about three times what it is worth a window later, which
+    the deep part must unlearn. A fine-tuned model keeps its champion's. Chosen on
+    validation, summed over ``idrec`` and ``ppm``: the test-then-train runs of three
+    validation demo worlds and ml-latest-small's validation period (docs/results.md);
+    ``--tune wide_start=unit,fitted`` chooses it for other data."""
     grad_clip: float | None = Field(5.0, gt=0)
     """Gradients are scaled down to at most this norm each step (one bad batch cannot throw
     the model far); None: never clipped."""

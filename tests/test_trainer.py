@@ -32,11 +32,13 @@ from trainer.registry import Registry
 from trainer.train import (
     IncrementalTrainer,
     LeakyChampionError,
+    admit_ids,
     evaluate_champions,
     names,
     new_model,
     predict,
     split_windows,
+    start_wide_part,
     train_batch,
     tune_batch,
     validation_auc,
@@ -92,6 +94,41 @@ def test_an_item_without_an_embedding_uses_the_missing_vector(world):
     assert (data.features["seq_modal_row"] == 0).all()
     logits = predict(new_model(small_cfg(world), "ppm"), data)
     assert np.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_a_new_models_wide_part_starts_as_a_regression_on_its_training_rates(world):
+    cfg = small_cfg(world)
+    trainer = IncrementalTrainer(cfg, variant="idrec")
+    windows = closed_windows(cfg.paths.training)
+    model = new_model(cfg, "idrec")
+    admit_ids(model, windows, cfg.trainer)
+    data = trainer.dataset_for(model, windows, training=True)
+    unit = model.wide.weight.detach().clone()
+    start_wide_part(model, data, "unit")
+    assert torch.equal(model.wide.weight, unit)  # the hand-set start: item + user lift
+    start_wide_part(model, data)
+
+    x = np.concatenate([data.features[k] for k in model.config.rate_keys], axis=1)
+    assert x.shape == (len(data), model.config.n_rates) and x.std(axis=0).max() > 0
+    weight = model.wide.weight.detach().double().numpy()
+    bias = model.wide.bias.detach().double().numpy()
+    for task, name in enumerate(model.config.tasks):
+        present = data.label_mask[:, task] > 0
+        y = data.labels[present, task].astype(np.float64)
+        assert 0 < y.mean() < 1, name
+        z = x[present] @ weight[task] + bias[task]
+        p = 1 / (1 + np.exp(-z))
+        # The regression's optimum: the penalised log loss's gradient vanishes there.
+        gradient = np.concatenate([x[present].T @ (p - y), [np.sum(p - y)]])
+        gradient += np.concatenate([weight[task], [bias[task]]])  # L2 1
+        assert np.abs(gradient).max() < 1e-2 * len(y) ** 0.5, name
+
+        def log_loss(logits, y=y):
+            return float(np.mean(np.logaddexp(0, logits) - y * logits))
+
+        # So it fits the labels better than the unit start (which has no bias either).
+        assert log_loss(z) < log_loss(x[present] @ unit[task].double().numpy()), name
 
 
 @pytest.mark.slow

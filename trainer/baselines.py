@@ -212,7 +212,7 @@ class LogisticBaseline:
                 levels[field] = seen[np.argsort(-counts, kind="stable")[:MAX_LEVELS]]
         baseline = cls(users, items, levels, np.zeros(0))
         x = baseline._design(train, leave_out=y)
-        return cls(users, items, levels, _newton_logistic(x, y, l2))
+        return cls(users, items, levels, newton_logistic(x, y, l2))
 
     def scores(self, data: WindowDataset | Samples) -> np.ndarray:
         """The click logit of each sample, (n,)."""
@@ -228,7 +228,7 @@ class LogisticBaseline:
         return np.stack([*columns, np.ones(len(data))], axis=1)
 
 
-def _newton_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50,
+def newton_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50,
                      tol: float = 1e-8) -> np.ndarray:
     """Weights (d,) minimising the summed log loss of ``sigmoid(x @ w)`` against ``y``
     (n,) plus ``l2 / 2 * |w|^2``; ``x`` (n, d). The objective is strictly convex, so Newton's

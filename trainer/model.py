@@ -147,6 +147,14 @@ class RankerConfig:
             raise ValueError(f"attention must be 'target' or 'full', got {self.attention!r}")
 
     @property
+    def rate_keys(self) -> tuple[str, ...]:
+        """The batch keys whose columns, in this order, are the rates the ID module reads
+        (``n_rates`` of them); none without ``id_rates``."""
+        if not (self.id_rates and self.uses_ids):
+            return ()
+        return ("item_rates", "user_rates", *(("taste_rates",) if self.taste_rates else ()))
+
+    @property
     def n_rates(self) -> int:
         """Width of the rates the ID module reads (item 2, user 2, taste 4); 0 without."""
         return (4 + 4 * self.taste_rates) if self.id_rates and self.uses_ids else 0
@@ -402,7 +410,7 @@ class IDModule(nn.Module):
                          if c.user_buckets else None)
         self.transformer = BehaviorTransformer(c)
         self.rates = nn.Linear(c.n_rates, c.side_dim) if c.id_rates else None
-        self.taste = c.taste_rates
+        self.rate_keys = c.rate_keys
         self.id_dropout = c.id_dropout
         self.out_dim = 2 * c.d_model + (4 + bool(c.user_buckets) + c.id_rates) * c.side_dim
 
@@ -429,10 +437,9 @@ class IDModule(nn.Module):
             if dropped is not None:  # a dropped item is a new one: no history either
                 item_rates = item_rates.masked_fill(dropped.unsqueeze(1), 0.0)
             user_rates = batch["user_rates"].to(target.dtype).expand(len(item), -1)  # (B, 2)
-            rates = [item_rates, user_rates]
-            if self.taste:
-                rates.append(batch["taste_rates"].to(target.dtype))  # (B, 4)
-            rates = torch.cat(rates, dim=1)  # (B, n_rates)
+            # In the order of RankerConfig.rate_keys; the taste lifts (B, 4) are kept.
+            rates = torch.cat([item_rates, user_rates, *(
+                batch[k].to(target.dtype) for k in self.rate_keys[2:])], dim=1)  # (B, n_rates)
             side.append(self.rates(rates))  # (B, side)
         return torch.cat([h, target, *side], dim=1), rates  # (B, out_dim), (B, n_rates) | None
 

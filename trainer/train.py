@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ppm.config import Config, TrainerConfig
+from trainer.baselines import newton_logistic
 from trainer.curves import CurveLog
 from trainer.dataset import (
     ModalTable,
@@ -254,6 +255,33 @@ def new_model(cfg: Config, variant: str | None = None, modal_dim: int = 1664) ->
     return UnifiedRanker(ranker_config(cfg, variant, modal_dim))
 
 
+def start_wide_part(model: UnifiedRanker, data: WindowDataset, how: str = "fitted") -> None:
+    """Start the wide part (``model.wide_rates``) of ``model``, fitted from scratch on
+    ``data`` (training samples, rates counted as training reads them), as
+    ``trainer.wide_start`` says: ``fitted`` sets each task's weights and bias to a logistic
+    regression (L2 1) of its present labels on the rates the model reads
+    (``RankerConfig.rate_keys``; id dropout aside, the same values); ``unit`` keeps the
+    model's initial start. A task whose labels are all one class keeps it too. Nothing to
+    do for a model without a wide part."""
+    if how not in ("fitted", "unit"):
+        raise ValueError(f"wide_start must be 'fitted' or 'unit', got {how!r}")
+    if model.wide is None or how == "unit" or not len(data):
+        return
+    x = np.concatenate([data.features[k] for k in model.config.rate_keys], axis=1)
+    x = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)  # (n, R + 1)
+    with torch.no_grad():
+        for task, name in enumerate(model.config.tasks):
+            if name not in data.tasks:
+                continue
+            present = data.label_mask[:, task] > 0
+            y = data.labels[present, task].astype(np.float64)
+            if not len(y) or y.min() == y.max():
+                continue
+            w = newton_logistic(x[present], y, l2=1.0)
+            model.wide.weight[task] = torch.as_tensor(w[:-1], dtype=model.wide.weight.dtype)
+            model.wide.bias[task] = float(w[-1])
+
+
 def names(windows: Sequence[Window | Path]) -> list[str]:
     """Window names, as version meta records them (``trained_on``, ``validated_on``)."""
     return [w.name for w in windows]
@@ -435,7 +463,9 @@ class IncrementalTrainer:
         admit_ids(probe, windows[:-held], t)
         picker = EpochPicker(probe, self.dataset_for(probe, windows[-held:]), t.patience,
                              keep_weights=False)
-        fit(probe, self.dataset_for(probe, windows[:-held], training=True), t.initial_epochs,
+        data = self.dataset_for(probe, windows[:-held], training=True)
+        start_wide_part(probe, data, t.wide_start)
+        fit(probe, data, t.initial_epochs,
             t.batch_size, t.lr, t.weight_decay, seed=t.seed, grad_clip=t.grad_clip,
             progress=progress, after_epoch=picker, id_lr_scale=t.id_lr_scale)
         epochs = picker.best_epoch or t.initial_epochs
@@ -458,6 +488,7 @@ class IncrementalTrainer:
             candidate = new_model(self.cfg, self.variant, self.modal.dim)
             admit_ids(candidate, train_windows, t)
             train = self.dataset_for(candidate, train_windows, training=True)
+            start_wide_part(candidate, train, t.wide_start)
             fit(candidate, train, epochs, t.batch_size, t.lr, t.weight_decay,
                 seed=t.seed, grad_clip=t.grad_clip, progress=progress, curves=self.curves,
                 id_lr_scale=t.id_lr_scale)
@@ -715,6 +746,7 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
         for dataset in (data, held_out):
             if dataset is not None:
                 dataset.project_with(model.ppm)
+    start_wide_part(model, data, t.wide_start)
     picker = EpochPicker(model, held_out, t.patience, curves)
     fit(model, data, epochs or t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
         seed=t.seed, grad_clip=t.grad_clip, progress=progress, after_epoch=picker,
