@@ -297,12 +297,14 @@ class TrainerConfig(_Section):
     ``fitted``, each task's logistic regression of its labels on the rates the model reads
     of its training samples, counted as it reads them (``trainer.train.start_wide_part``);
     ``unit``, the item's plus the user's click-rate lift at weight 1 and the rest at 0. The
-    wide part barely moves in training, so its start is most of what it says: the unit
-    start weighs the user's lift about three times what it is worth a window later, which
-    the deep part must unlearn. A fine-tuned model keeps its champion's. Chosen on
-    validation, summed over ``idrec`` and ``ppm``: the test-then-train runs of three
-    validation demo worlds and ml-latest-small's validation period (docs/results.md);
-    ``--tune wide_start=unit,fitted`` chooses it for other data."""
+    wide part barely moves from its start in training (the deep part takes up what it
+    misses), so its start is most of what it says: the unit
+    start leans on the user's own click rate, where a regression finds the user's rate on
+    the target's category worth more, and the deep part must unlearn it. A fine-tuned
+    model keeps its champion's. Chosen on validation, summed over ``idrec`` and ``ppm``:
+    the test-then-train runs of three validation demo worlds and ml-latest-small's
+    validation period (docs/results.md); ``--tune wide_start=unit,fitted`` chooses it for
+    other data."""
     grad_clip: float | None = Field(5.0, gt=0)
     """Gradients are scaled down to at most this norm each step (one bad batch cannot throw
     the model far); None: never clipped."""
@@ -407,16 +409,16 @@ class ModelConfig(_Section):
     average) on items of the target's category, brand, shop and price bucket, counted in
     the model's training data (``trainer.features.taste_features``): the user's taste,
     passed-over impressions included, which a sequence of positive actions cannot say.
-    Read by the variants with ids (idrec, ppm), in the deep part and the wide part (which
-    starts them at weight 0); without ``id_rates`` a model reads none, whatever this says.
+    Read by the variants with ids (idrec, ppm), in the deep part and the wide part;
+    without ``id_rates`` a model reads none, whatever this says.
     Chosen on validation, summed over ``idrec`` and ``ppm``: it gained on the
     test-then-train runs of three validation demo worlds and lost a little on
     ml-latest-small's validation period (docs/results.md); ``--tune
     taste_rates=false,true`` chooses it for other data."""
     wide_rates: bool = True
     """With ``id_rates``: add a linear term of those rates to every task's logit (the wide
-    part of Wide & Deep), starting as the user's plus the item's click-rate lift (weights
-    1), which the deep part then corrects. Read by the variants with ids (idrec, ppm); a
+    part of Wide & Deep), which a new model starts as ``trainer.wide_start`` says and the
+    deep part then corrects. Read by the variants with ids (idrec, ppm); a
     ``modal`` model has none, and neither has a model without ``id_rates`` (left at its
     default, this goes with them). Chosen on validation: ml-latest-small's validation
     period and the test-then-train runs of three validation demo worlds, summed over

@@ -132,6 +132,27 @@ def test_a_new_models_wide_part_starts_as_a_regression_on_its_training_rates(wor
 
 
 @pytest.mark.slow
+def test_the_content_signal_bench_reads_train_and_validation_only(data_dir):
+    """bench/content_signal.py on a streamed world: it must run without a model or the
+    test period, and its intervals hold its points."""
+    split = split_windows(small_cfg(data_dir), 0.2, 0.2)
+    for window in split.test:  # a test period it read would fail loudly
+        for file in window.files:
+            file.write_bytes(b"not parquet")
+    out = subprocess.run(
+        [sys.executable, "bench/content_signal.py", "--data-dir", str(data_dir),
+         "--valid-share", "0.2"], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).parents[1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["windows"] == {"train": len(split.train), "valid": len(split.valid)}
+    assert result["new_in_valid"]["impressions"] > 0 and result["ridge_strength"] > 0
+    for name in ("user_category", "user_category_content", "content",
+                 "user_category_item_oracle"):
+        low, high = result[f"auc_{name}_ci95"]
+        assert 0 <= low <= result[f"auc_{name}"] <= high <= 1, name
+
+
+@pytest.mark.slow
 def test_windows_written_per_partition_train_like_one_folder(data_dir):
     """The world's windows rewritten as two partition writers (the Faust path's layout,
     users split between them), one two windows behind: the union has the samples of the

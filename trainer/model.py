@@ -99,9 +99,9 @@ class RankerConfig:
     #   target's category, brand, shop and price bucket (taste_rates): the user's taste,
     #   counted over impressions, passed-over ones included
     wide_rates: bool = True  # with id_rates: add a linear term of those rates to every
-    #   task's logit (Wide & Deep's wide part), starting at item lift + user lift (weights
-    #   1), a hand-set start the deep part corrects; a model that reads no rates (no
-    #   id_rates, or the modal variant) has none, whatever this says
+    #   task's logit (Wide & Deep's wide part), initialised as item lift + user lift
+    #   (weights 1; trainer.train.start_wide_part fits it to the training data); a model
+    #   that reads no rates (no id_rates, or the modal variant) has none, whatever this says
     price_buckets: int = 32  # price_bucket values are already in [0, 32)
     gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d
     max_seq_len: int = 50  # longest behaviour sequence L the position table covers
@@ -631,7 +631,8 @@ def _init_weights(module: nn.Module) -> None:
         # Start as the sum of the two click-rate lifts (columns 0 and 2 of the rates), weights
         # 1: a user's and an item's click histories rank from the first step; the deep
         # part then corrects them. The taste lifts start at 0 (better on the validation
-        # worlds than starting them at 1 or 0.5: docs/results.md).
+        # worlds than starting them at 1 or 0.5: docs/results.md). A model fitted from
+        # scratch then starts from its training data instead (trainer.wide_start).
         with torch.no_grad():
             module.wide.weight.zero_()
             module.wide.weight[:, [0, 2]] = 1.0

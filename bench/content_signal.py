@@ -1,0 +1,142 @@
+"""What an item's cached vector says about how new items are clicked, on the validation period.
+
+PPM can only rescue a new item where its content predicts its clicks beyond what the ids,
+the category and the click rates already say. This measures that ceiling on any data dir,
+before any model is trained, reading the train and validation periods only (the split of
+``ppm train --batch``; the test period is never read):
+
+- each item's click-rate lift over the train period (smoothed, as the baselines count it)
+  is regressed on the item's cached vector (ridge; its strength chosen by 5-fold
+  cross-validation over the training items, weighted by impressions);
+- on the validation period's impressions of items first seen in it (``new_in_valid``, the
+  items no id or rate knows), the click AUC of the user's plus the category's lift (what
+  ``idrec`` and the regression baseline know of a new item), of the same plus the vector's
+  predicted lift, and of the same plus the item's own rate in the validation period,
+  leaving out the impression itself: the most any item prior could add;
+- 95% intervals and the paired differences by bootstrap over users
+  (``trainer.experiment.compare_models``).
+
+Run ``python bench/content_signal.py --data-dir DIR``; the last line printed is one JSON
+object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ppm.config import Config
+from trainer.baselines import PRIOR_STRENGTH, RateTable, clicks
+from trainer.experiment import compare_models
+from trainer.train import IncrementalTrainer, new_in_period, split_windows
+
+RIDGE_STRENGTHS = (1.0, 10.0, 100.0, 1000.0)
+FOLDS = 5
+
+
+def ridge(x: np.ndarray, y: np.ndarray, w: np.ndarray, strength: float) -> np.ndarray:
+    """Weights (d + 1,) (the last an intercept, not penalised) minimising
+    ``sum w (x @ b - y)^2 + strength |b|^2``; ``x`` (n, d), ``y`` and ``w`` (n,)."""
+    xb = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    penalty = strength * np.eye(xb.shape[1])
+    penalty[-1, -1] = 0.0
+    return np.linalg.solve(xb.T @ (xb * w[:, None]) + penalty, xb.T @ (w * y))
+
+
+def predict(x: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return x @ b[:-1] + b[-1]
+
+
+def chosen_strength(x: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int = 0) -> float:
+    """The ridge strength of :data:`RIDGE_STRENGTHS` with the least weighted squared error
+    over :data:`FOLDS` folds of the items."""
+    fold = np.random.default_rng(seed).integers(0, FOLDS, len(x))
+    errors = []
+    for strength in RIDGE_STRENGTHS:
+        error = 0.0
+        for k in range(FOLDS):
+            fit, held = fold != k, fold == k
+            b = ridge(x[fit], y[fit], w[fit], strength)
+            error += float(np.sum(w[held] * (predict(x[held], b) - y[held]) ** 2))
+        errors.append(error)
+    return RIDGE_STRENGTHS[int(np.argmin(errors))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, help="default: the config's")
+    parser.add_argument("--test-share", type=float, default=0.2)
+    parser.add_argument("--valid-share", type=float, default=0.1)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    cfg = Config()
+    if args.data_dir:
+        cfg = cfg.model_copy(update={"data_dir": args.data_dir})
+    split = split_windows(cfg, args.test_share, args.valid_share)
+    if not (split.train and split.valid):
+        raise SystemExit("no closed windows in the train or the validation period")
+    trainer = IncrementalTrainer(cfg, variant="ppm")  # a variant that reads the vectors
+    train, valid = trainer.dataset(split.train), trainer.dataset(split.valid)
+    y_train, y = clicks(train), clicks(valid)
+    prior = float(np.clip(y_train.mean(), 1e-4, 1 - 1e-4))
+    base = float(np.log(prior / (1 - prior)))
+
+    def lift(ids_train, ids) -> np.ndarray:
+        return RateTable.count(ids_train, y_train, prior, PRIOR_STRENGTH).logits(ids) - base
+
+    # The ridge's targets: each training item's lift, at the vector of its last impression.
+    items = RateTable.count(train.item_ids, y_train, prior, PRIOR_STRENGTH)
+    vectors, rows = train.modal.vectors, train.features["target_modal_row"]
+    last_row = {item: row for item, row in zip(train.item_ids, rows, strict=True) if row}
+    known = [item for item in items.index if item in last_row]
+    if not known:
+        raise SystemExit("no training item has a cached vector (run ppm backfill?)")
+    x = vectors[[last_row[item] for item in known]].astype(np.float64)
+    target = items.logits(known) - base
+    weight = items.shows[[items.index[item] for item in known]]
+    strength = chosen_strength(x, target, weight)
+    b = ridge(x, target, weight, strength)
+
+    new = new_in_period(valid, split.valid_start_us)
+    if not new.any():
+        raise SystemExit("no impression of an item new in the validation period")
+    v_rows = valid.features["target_modal_row"][new]
+    content = np.where(v_rows > 0, predict(valid.modal.vectors[v_rows].astype(np.float64), b),
+                       0.0)
+    user = lift(train.user_id, valid.user_id[new])
+    category = lift(train.features["category"], valid.features["category"][new])
+    y_new = y[new]
+    new_items = [i for i, n in zip(valid.item_ids, new, strict=True) if n]
+    own = RateTable.count(new_items, y_new, prior, PRIOR_STRENGTH).logits(
+        new_items, leave_out=y_new) - base
+    scores = {"user_category": user + category,
+              "user_category_content": user + category + content,
+              "content": content,
+              "user_category_item_oracle": user + category + own}
+    pairs = [("user_category_content", "user_category"),
+             ("user_category_item_oracle", "user_category")]
+    result = compare_models(y_new, valid.user_id[new], scores, pairs)
+    out = {"data_dir": str(cfg.data_dir),
+           "windows": {"train": len(split.train), "valid": len(split.valid)},
+           "training_items_with_vectors": len(known), "ridge_strength": strength,
+           "new_in_valid": {"impressions": int(new.sum()), "items": len(set(new_items)),
+                            "with_vector": round(float((v_rows > 0).mean()), 4),
+                            "positives": result["positives"]}}
+    for name, model in result["models"].items():
+        out[f"auc_{name}"] = round(model["auc"], 4)
+        out[f"auc_{name}_ci95"] = [round(v, 4) for v in model["ci95_users"]]
+    for name, diff in result["diffs"].items():
+        key = "diff_" + name.replace("-", "_minus_")
+        out[key] = round(diff["auc"], 4)
+        out[f"{key}_ci95"] = [round(v, 4) for v in diff["ci95"]]
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
