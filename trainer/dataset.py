@@ -14,8 +14,9 @@ also needs the sample's record that the stream had embedded the item at the impr
 available (``as_recorded=False``).
 
 Item and user ids go through the model's :class:`trainer.features.IdVocabulary` of their
-kind (an id it does not admit is "unknown", 0); :func:`id_vocabulary` counts one from
-training windows, :func:`taste_vocabulary_of` the (user, profile value) pairs.
+kind (an id it does not admit is "unknown", 0); :class:`WindowCounts` counts them from
+training windows (:func:`id_vocabulary`, and :func:`taste_vocabulary_of` the (user, profile
+value) pairs).
 
 The frozen encoders are never run here: only their cached outputs are read.
 """
@@ -52,8 +53,8 @@ from trainer.model import RankerConfig
 from trainer.refresh import cached_reads
 from trainer.windows import Window, closed_windows, files_of, window_files, window_sources
 
-__all__ = ["ModalTable", "Window", "WindowDataset", "chunks", "closed_windows", "files_of",
-           "id_vocabulary", "window_files", "window_sources"]
+__all__ = ["ModalTable", "Window", "WindowCounts", "WindowDataset", "chunks", "closed_windows",
+           "files_of", "id_vocabulary", "window_files", "window_sources"]
 
 SAMPLE_COLUMNS = [
     "sample_id", "user_id", "item_id", "request_id", "impression_time", *TASKS,
@@ -203,38 +204,63 @@ class ModalTable:
         return np.where(found, pos + 1, 0).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class WindowCounts:
+    """The impressions of some windows as a model counts them, read once: each target
+    item's, each user's and each (user, profile value) pair's impressions and clicks
+    (:meth:`ids`, :meth:`tastes`). One read serves all three kinds of a fine-tuning step."""
+
+    table: pa.Table | None
+    """The columns counted (:data:`COUNTED_COLUMNS`); None: no windows."""
+
+    @classmethod
+    def read(cls, windows: Sequence[Window | Path]) -> WindowCounts:
+        files = files_of(windows)
+        return cls(ds.dataset([str(f) for f in files], format="parquet").to_table(
+            columns=COUNTED_COLUMNS) if files else None)
+
+    @cached_property
+    def clicked(self) -> np.ndarray:
+        return self.table.column("click").to_numpy(zero_copy_only=False) > 0
+
+    def ids(self, column: str, min_count: int = 1, base: IdVocabulary | None = None
+            ) -> IdVocabulary:
+        """The vocabulary of ``column`` (``item_id``: the target items, ``user_id``: the
+        users): each impression's id and click counted, added to ``base``'s counts when
+        given (then ``base.min_count`` is kept and ``min_count`` ignored)."""
+        base = base or IdVocabulary({}, min_count)
+        if self.table is None:
+            return base
+        return base.plus(self.table.column(column), self.clicked)
+
+    def tastes(self, base: IdVocabulary | None = None) -> IdVocabulary:
+        """The taste vocabulary (``UnifiedRanker.taste_vocabulary``): each impression's
+        (user, profile value) pairs (:func:`trainer.features.taste_keys`) and click counted,
+        added to ``base``'s counts when given. Every pair is admitted (``min_count`` 1): a
+        pair is never an embedding row, only a count."""
+        base = base or IdVocabulary({}, 1)
+        if self.table is None:
+            return base
+        keys = taste_keys(self.table.column("user_id").to_pylist(),
+                          Targets.from_window(self.table))
+        return base.plus(keys, np.tile(self.clicked, len(TASTE_FIELDS)))
+
+
+COUNTED_COLUMNS = ["user_id", "item_id", *(f"item_{f}" for f in PROFILE_FIELDS), "click"]
+"""The columns of a window :class:`WindowCounts` reads."""
+
+
 def id_vocabulary(windows: Sequence[Window | Path], column: str, min_count: int,
                   base: IdVocabulary | None = None) -> IdVocabulary:
-    """The vocabulary of ``column`` (``item_id``: the target items, ``user_id``: the users)
-    of a model trained on ``windows``: each impression's id and click counted (reading only
-    those columns), added to ``base``'s counts when given (then ``base.min_count`` is kept
-    and ``min_count`` ignored)."""
-    files = files_of(windows)
-    base = base or IdVocabulary({}, min_count)
-    if not files:
-        return base
-    table = ds.dataset([str(f) for f in files], format="parquet").to_table(
-        columns=[column, "click"])
-    return base.plus(table.column(column),
-                     table.column("click").to_numpy(zero_copy_only=False) > 0)
+    """:meth:`WindowCounts.ids` of ``windows`` (the vocabulary of a model trained on them)."""
+    return WindowCounts.read(windows).ids(column, min_count, base)
 
 
 def taste_vocabulary_of(windows: Sequence[Window | Path], base: IdVocabulary | None = None
                         ) -> IdVocabulary:
-    """The taste vocabulary (``UnifiedRanker.taste_vocabulary``) of a model trained on
-    ``windows``: each impression's (user, profile value) pairs
-    (:func:`trainer.features.taste_keys`) and click counted, added to ``base``'s counts
-    when given. Every pair is admitted (``min_count`` 1): a pair is never an embedding row,
-    only a count."""
-    files = files_of(windows)
-    base = base or IdVocabulary({}, 1)
-    if not files:
-        return base
-    table = ds.dataset([str(f) for f in files], format="parquet").to_table(
-        columns=["user_id", "item_id", *(f"item_{f}" for f in PROFILE_FIELDS), "click"])
-    clicked = table.column("click").to_numpy(zero_copy_only=False) > 0
-    keys = taste_keys(table.column("user_id").to_pylist(), Targets.from_window(table))
-    return base.plus(keys, np.tile(clicked, len(TASTE_FIELDS)))
+    """:meth:`WindowCounts.tastes` of ``windows`` (the taste vocabulary of a model trained
+    on them)."""
+    return WindowCounts.read(windows).tastes(base)
 
 
 def _usable_rows(modal: ModalTable, item_ids: Sequence[str | None], at_us: np.ndarray,
@@ -383,19 +409,19 @@ class WindowDataset:
         if training and config.id_rates:
             clicked = col("click").to_numpy(zero_copy_only=False) > 0
             opened_us = col("window_start").cast(pa.int64()).to_numpy()
+            later = WindowCounts.read(counted_later) if counted_later else None
             item_counts = _counts_in_training(
                 self.item_ids, opened_us, clicked, vocabulary,
-                id_vocabulary(counted_later, "item_id", 1) if counted_later else None)
+                later.ids("item_id") if later else None)
             user_counts = _counts_in_training(
                 users, opened_us, clicked, user_vocabulary,
-                id_vocabulary(counted_later, "user_id", 1) if counted_later else None)
+                later.ids("user_id") if later else None)
             if config.taste_rates and taste_vocabulary is not None:
                 n_fields = len(TASTE_FIELDS)
                 taste_counts = _counts_in_training(
                     taste_keys(users, targets), np.tile(opened_us, n_fields),
-                    np.tile(clicked, n_fields),
-                    taste_vocabulary,
-                    taste_vocabulary_of(counted_later) if counted_later else None)
+                    np.tile(clicked, n_fields), taste_vocabulary,
+                    later.tastes() if later else None)
         self.features: dict[str, np.ndarray] = {
             **target_features(targets, config, vocabulary, item_counts),
             **taste_features(users, targets, config, taste_vocabulary, taste_counts,

@@ -46,11 +46,10 @@ from trainer.curves import CurveLog
 from trainer.dataset import (
     ModalTable,
     Window,
+    WindowCounts,
     WindowDataset,
     chunks,
     closed_windows,
-    id_vocabulary,
-    taste_vocabulary_of,
 )
 from trainer.features import IdVocabulary
 from trainer.metrics import BUCKETS, auc, evaluate
@@ -294,15 +293,15 @@ def admit_ids(model: UnifiedRanker, windows: Sequence[Window | Path], t: Trainer
     vocabulary (every pair admitted). ``fine_tune``: add them to the
     model's own counts and keep its minimums; a vocabulary it has none of (a checkpoint
     from before that kind existed) stays None, so the model reads ids as it trained."""
+    counts = WindowCounts.read(windows)
     for kind, min_count in (("item", t.min_item_count), ("user", t.min_user_count)):
         base = getattr(model, f"{kind}_vocabulary")
         if fine_tune and base is None:
             continue
         setattr(model, f"{kind}_vocabulary",
-                id_vocabulary(windows, f"{kind}_id", min_count, base if fine_tune else None))
+                counts.ids(f"{kind}_id", min_count, base if fine_tune else None))
     if model.config.taste_rates and not (fine_tune and model.taste_vocabulary is None):
-        model.taste_vocabulary = taste_vocabulary_of(
-            windows, model.taste_vocabulary if fine_tune else None)
+        model.taste_vocabulary = counts.tastes(model.taste_vocabulary if fine_tune else None)
 
 
 def vocabulary_meta(vocabulary: IdVocabulary | None) -> dict | None:
