@@ -298,13 +298,12 @@ class TrainerConfig(_Section):
     of its training samples, counted as it reads them (``trainer.train.start_wide_part``);
     ``unit``, the item's plus the user's click-rate lift at weight 1 and the rest at 0. The
     wide part barely moves from its start in training (the deep part takes up what it
-    misses), so its start is most of what it says: the unit
-    start leans on the user's own click rate, where a regression finds the user's rate on
-    the target's category worth more, and the deep part must unlearn it. A fine-tuned
-    model keeps its champion's. Chosen on validation, summed over ``idrec`` and ``ppm``:
-    the test-then-train runs of three validation demo worlds and ml-latest-small's
-    validation period (docs/results.md); ``--tune wide_start=unit,fitted`` chooses it for
-    other data."""
+    misses), so its start is most of what it says: the unit start leans on the user's own
+    click rate, where a regression finds the user's rate on the target's category worth
+    more, and the deep part must unlearn it. A fine-tuned model keeps its champion's.
+    Chosen on validation, summed over ``idrec`` and ``ppm``: the test-then-train runs of
+    three validation demo worlds and ml-latest-small's validation period
+    (docs/results.md); ``--tune wide_start=unit,fitted`` chooses it for other data."""
     grad_clip: float | None = Field(5.0, gt=0)
     """Gradients are scaled down to at most this norm each step (one bad batch cannot throw
     the model far); None: never clipped."""

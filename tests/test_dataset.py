@@ -243,6 +243,25 @@ def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknow
     assert (rare.features["seq_mask"] == plain.features["seq_mask"]).all()  # still there
 
 
+def test_a_model_refuses_samples_not_built_with_its_vocabularies(tmp_path):
+    """Built without the model's vocabularies, samples hash every id and read no click
+    rates: ``predict`` says so instead of scoring them; built with them, it scores."""
+    from trainer.model import UnifiedRanker
+    from trainer.train import predict
+
+    paths = DataDir(tmp_path)
+    write_source(paths.training_log, {0: 4, 1: 4, 2: 6})
+    windows = closed_windows(paths.training)
+    config = RankerConfig(variant="idrec", modal_dim=8, item_buckets=1024)
+    model = UnifiedRanker(config)
+    model.item_vocabulary = id_vocabulary(windows[:2], "item_id", min_count=2)
+    modal = ModalTable.empty(8)
+    with pytest.raises(ValueError, match="dataset_for"):
+        predict(model, WindowDataset([windows[2]], modal, config))
+    built = WindowDataset([windows[2]], modal, config, vocabulary=model.item_vocabulary)
+    assert predict(model, built).shape == (6, len(config.tasks))
+
+
 def test_a_training_sample_reads_only_earlier_click_history_never_its_own_label(tmp_path):
     """Every hour shows i0..i3 to u0..u3; odd ones are clicked. Counted over hours 0-2, a
     sample of hour h reads h earlier impressions of its item and user (all clicked for odd

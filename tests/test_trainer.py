@@ -384,14 +384,17 @@ def test_ppm_beats_idrec_on_new_items_in_a_small_world(tmp_path, item_encoder):
     result = {}
     for variant in ("idrec", "ppm"):
         model = train_batch(cfg, train, variant=variant, progress=False).model
-        data = IncrementalTrainer(cfg, variant=variant).dataset(test, model.config)
+        # As the model reads them: its vocabularies, and the id and taste rates they count.
+        data = IncrementalTrainer(cfg, variant=variant).dataset_for(model, test)
         click = predict(model, data)[:, 0]
         young = cold_buckets(data.item_age_s, data.item_clicks_before)["age<1d"]
         y = data.labels[:, 0]
         result[variant] = {"all": auc(y, click), "young": auc(y[young], click[young])}
     assert young.sum() > 2_000 and y[young].sum() > 200, result  # enough to tell apart
-    # Measured: young 0.583 vs 0.559, all 0.635 vs 0.636.
-    assert result["ppm"]["young"] > result["idrec"]["young"] + 0.01, result
+    # Measured: young 0.641 vs 0.630, all 0.680 vs 0.676 (with trainer.wide_start 'unit':
+    # young 0.598 vs 0.612, all 0.644 vs 0.654). One world, one seed: a guard, not evidence
+    # (docs/results.md has the intervals).
+    assert result["ppm"]["young"] > result["idrec"]["young"] + 0.005, result
     assert result["ppm"]["all"] >= result["idrec"]["all"] - 0.01, result
 
 
