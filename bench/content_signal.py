@@ -12,7 +12,9 @@ before any model is trained, reading the train and validation periods only (the 
   items no id or rate knows), the click AUC of the user's plus the category's lift (what
   ``idrec`` and the regression baseline know of a new item), of the same plus the vector's
   predicted lift, and of the same plus the item's own rate in the validation period,
-  leaving out the impression itself: the most any item prior could add;
+  leaving out the impression itself (what an item prior that knew the item's clicks
+  would add: a reference for the vector's share, not a ceiling; with a few impressions an
+  item its own rate is noise and can lose);
 - 95% intervals and the paired differences by bootstrap over users
   (``trainer.experiment.compare_models``).
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -80,7 +83,9 @@ def main() -> None:
     split = split_windows(cfg, args.test_share, args.valid_share)
     if not (split.train and split.valid):
         raise SystemExit("no closed windows in the train or the validation period")
-    trainer = IncrementalTrainer(cfg, variant="ppm")  # a variant that reads the vectors
+    # A variant that reads the vectors; from scratch: the encoder version the config names
+    # (else the newest), never a registered champion's.
+    trainer = IncrementalTrainer(cfg, variant="ppm", from_scratch=True)
     train, valid = trainer.dataset(split.train), trainer.dataset(split.valid)
     y_train, y = clicks(train), clicks(valid)
     prior = float(np.clip(y_train.mean(), 1e-4, 1 - 1e-4))
@@ -100,6 +105,9 @@ def main() -> None:
     target = items.logits(known) - base
     weight = items.shows[[items.index[item] for item in known]]
     strength = chosen_strength(x, target, weight)
+    if strength in (RIDGE_STRENGTHS[0], RIDGE_STRENGTHS[-1]):
+        print(f"note: the ridge strength chosen ({strength:g}) is at the end of the grid "
+              f"{RIDGE_STRENGTHS}: the best may lie beyond it", file=sys.stderr)
     b = ridge(x, target, weight, strength)
 
     new = new_in_period(valid, split.valid_start_us)

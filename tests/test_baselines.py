@@ -3,6 +3,7 @@ samples with a known truth."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, RateTable
+from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, RateTable, newton_logistic
 from trainer.metrics import auc
 
 
@@ -145,3 +146,24 @@ def test_baselines_refit_on_the_windows_so_far_read_only_what_they_need():
     np.testing.assert_array_equal(PositiveRate.fit(joined).scores(parts[0]),
                                   PositiveRate.fit(data).scores(parts[0]))
     assert len(Kept.concat([])) == 0
+
+
+def test_newton_logistic_finds_the_penalised_optimum_and_says_when_it_stops_short():
+    """Known weights are recovered from enough samples (at the penalised log loss's
+    stationary point); separable labels still converge (the L2 term bounds the weights);
+    too few iterations give a RuntimeWarning, not silently a half-fitted model."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(20_000, 2)), np.ones((20_000, 1))], axis=1)
+    truth = np.array([1.5, -0.5, -2.0])
+    y = (rng.random(20_000) < 1 / (1 + np.exp(-x @ truth))).astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both converge
+        w = newton_logistic(x, y, l2=1.0)
+        separable = (x[:, 0] > 0).astype(np.float64)
+        w_separable = newton_logistic(x, separable, l2=1.0)
+    np.testing.assert_allclose(w, truth, atol=0.1)
+    p = 1 / (1 + np.exp(-x @ w))
+    assert np.abs(x.T @ (p - y) + w).max() < 1e-6
+    assert np.isfinite(w_separable).all() and auc(separable, x @ w_separable) == 1.0
+    with pytest.warns(RuntimeWarning, match="no convergence in 1 steps"):
+        newton_logistic(x, y, l2=1.0, iterations=1)

@@ -245,7 +245,8 @@ def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknow
 
 def test_a_model_refuses_samples_not_built_with_its_vocabularies(tmp_path):
     """Built without the model's vocabularies, samples hash every id and read no click
-    rates: ``predict`` says so instead of scoring them; built with them, it scores."""
+    rates; built with another model's, they read that model's: ``predict`` says so
+    instead of scoring them. Built with its own (or an equal copy), it scores."""
     from trainer.model import UnifiedRanker
     from trainer.train import predict
 
@@ -256,10 +257,17 @@ def test_a_model_refuses_samples_not_built_with_its_vocabularies(tmp_path):
     model = UnifiedRanker(config)
     model.item_vocabulary = id_vocabulary(windows[:2], "item_id", min_count=2)
     modal = ModalTable.empty(8)
-    with pytest.raises(ValueError, match="dataset_for"):
+    with pytest.raises(ValueError, match=r"item vocabulary: build it with .*dataset_for"):
         predict(model, WindowDataset([windows[2]], modal, config))
+    another = id_vocabulary(windows[:1], "item_id", min_count=1)  # another model's
+    with pytest.raises(ValueError, match="item vocabulary"):
+        predict(model, WindowDataset([windows[2]], modal, config, vocabulary=another))
     built = WindowDataset([windows[2]], modal, config, vocabulary=model.item_vocabulary)
     assert predict(model, built).shape == (6, len(config.tasks))
+    # An equal copy is the same vocabulary (a deep-copied model scores its original's data).
+    copied = WindowDataset([windows[2]], modal, config,
+                           vocabulary=id_vocabulary(windows[:2], "item_id", min_count=2))
+    assert np.array_equal(predict(model, copied), predict(model, built))
 
 
 def test_a_training_sample_reads_only_earlier_click_history_never_its_own_label(tmp_path):

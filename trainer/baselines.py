@@ -16,6 +16,7 @@ matters to AUC. Fitting is deterministic (no random state).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,8 +233,10 @@ def newton_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 5
                      tol: float = 1e-8) -> np.ndarray:
     """Weights (d,) minimising the summed log loss of ``sigmoid(x @ w)`` against ``y``
     (n,) plus ``l2 / 2 * |w|^2``; ``x`` (n, d). The objective is strictly convex, so Newton's
-    steps from zero converge, in a handful of steps in practice."""
+    steps from zero converge, in a handful of steps in practice; a RuntimeWarning says when
+    ``iterations`` ran out first (the weights are then the last step's)."""
     w = np.zeros(x.shape[1])
+    step = np.full(len(w), np.inf)
     for _ in range(iterations):
         p = 0.5 * (1.0 + np.tanh(0.5 * (x @ w)))
         gradient = x.T @ (p - y) + l2 * w
@@ -241,7 +244,10 @@ def newton_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 5
         step = np.linalg.solve(hessian, gradient)
         w -= step
         if np.abs(step).max() < tol:
-            break
+            return w
+    warnings.warn(f"newton_logistic: no convergence in {iterations} steps (last step "
+                  f"{np.abs(step).max():.2g}); using the last weights", RuntimeWarning,
+                  stacklevel=2)
     return w
 
 

@@ -363,10 +363,9 @@ class WindowDataset:
         self.projected = False
         """Whether :meth:`project_with` replaced the vectors by a frozen plug-in's outputs."""
         self.config = config
-        self.vocabularies = tuple(v is not None for v in (vocabulary, user_vocabulary,
-                                                          taste_vocabulary))
-        """Whether an item, user and taste vocabulary was given: a model with one reads
-        these samples' ids and rates only through it (``trainer.train.predict`` checks)."""
+        self.vocabularies = (vocabulary, user_vocabulary, taste_vocabulary)
+        """The item, user and taste vocabularies these samples were read with: a model
+        scores them only if they are its own (``trainer.train.predict`` checks)."""
         files = files_of(windows)
         table = (ds.dataset([str(f) for f in files], format="parquet").to_table(
             columns=SAMPLE_COLUMNS) if files else None)

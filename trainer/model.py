@@ -100,7 +100,8 @@ class RankerConfig:
     #   counted over impressions, passed-over ones included
     wide_rates: bool = True  # with id_rates: add a linear term of those rates to every
     #   task's logit (Wide & Deep's wide part), initialised as item lift + user lift
-    #   (weights 1; trainer.train.start_wide_part fits it to the training data); a model
+    #   (weights 1), which trainer.train.start_wide_part replaces by a regression on the
+    #   training data where trainer.wide_start is 'fitted' (a model fitted from scratch); a model
     #   that reads no rates (no id_rates, or the modal variant) has none, whatever this says
     price_buckets: int = 32  # price_bucket values are already in [0, 32)
     gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d

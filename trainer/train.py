@@ -158,14 +158,16 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
 def predict(model: UnifiedRanker, data: WindowDataset, batch_size: int = 4096) -> np.ndarray:
     """Logits (n, n_tasks), tasks in ``model.config.tasks`` order, rows in the dataset's.
     ``data`` must be built with the model's vocabularies (``IncrementalTrainer.dataset_for``):
-    without them its ids are hashed and its click rates are all zero, which the model would
-    score without a word."""
-    has = tuple(v is not None for v in (model.item_vocabulary, model.user_vocabulary,
-                                        model.taste_vocabulary))
-    if data.vocabularies != has:
-        raise ValueError("the dataset was not built with this model's item, user and taste "
-                         f"vocabularies (given: {data.vocabularies}, the model has: {has}): "
-                         "build it with IncrementalTrainer.dataset_for(model, windows)")
+    with none its ids are hashed and its click rates all zero, with another model's they
+    are that model's; either would be scored without a word, so both raise ValueError."""
+    own = (model.item_vocabulary, model.user_vocabulary, model.taste_vocabulary)
+    # Identity first: the usual case, and equality compares every id's counts.
+    if not all(a is b or a == b for a, b in zip(data.vocabularies, own, strict=True)):
+        which = [kind for kind, a, b in zip(("item", "user", "taste"), data.vocabularies, own,
+                                            strict=True) if not (a is b or a == b)]
+        raise ValueError(f"the dataset was not built with this model's {', '.join(which)} "
+                         "vocabulary: build it with IncrementalTrainer.dataset_for(model, "
+                         "windows)")
     model.eval()
     out = [model(b)[0].numpy() for b in data.batches(batch_size)]
     return (np.concatenate(out) if out
