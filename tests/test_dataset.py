@@ -18,6 +18,7 @@ from ppm.config import Config
 from ppm.data_dir import DataDir, TrainingLogDir
 from trainer.dataset import (
     ModalTable,
+    WindowCounts,
     WindowDataset,
     closed_windows,
     id_vocabulary,
@@ -241,6 +242,21 @@ def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknow
                          vocabulary=id_vocabulary(windows[:1], "item_id", min_count=2))
     assert (rare.features["item_id"] == 0).all() and (rare.features["seq_item_id"] == 0).all()
     assert (rare.features["seq_mask"] == plain.features["seq_mask"]).all()  # still there
+
+
+def test_window_counts_read_without_the_profile_fields_count_the_same_ids(tmp_path):
+    """Read for item and user counts only, a window's counts are those of the full read;
+    asked for tastes then, they say what they lack instead of counting nothing."""
+    paths = DataDir(tmp_path)
+    write_source(paths.training_log, {0: 4, 1: 4, 2: 6})
+    windows = closed_windows(paths.training)
+    full, lean = WindowCounts.read(windows), WindowCounts.read(windows, tastes=False)
+    for column in ("item_id", "user_id"):
+        assert lean.ids(column).counts == full.ids(column).counts
+        assert lean.ids(column).clicks == full.ids(column).clicks
+    assert full.tastes().counts
+    with pytest.raises(ValueError, match="tastes=True"):
+        lean.tastes()
 
 
 def test_a_model_refuses_samples_not_built_with_its_vocabularies(tmp_path):

@@ -214,10 +214,13 @@ class WindowCounts:
     """The columns counted (:data:`COUNTED_COLUMNS`); None: no windows."""
 
     @classmethod
-    def read(cls, windows: Sequence[Window | Path]) -> WindowCounts:
+    def read(cls, windows: Sequence[Window | Path], tastes: bool = True) -> WindowCounts:
+        """``tastes``: also read the target's profile fields, which only :meth:`tastes`
+        needs (False: it raises)."""
         files = files_of(windows)
+        columns = COUNTED_COLUMNS if tastes else ["user_id", "item_id", "click"]
         return cls(ds.dataset([str(f) for f in files], format="parquet").to_table(
-            columns=COUNTED_COLUMNS) if files else None)
+            columns=columns) if files else None)
 
     @cached_property
     def clicked(self) -> np.ndarray:
@@ -241,6 +244,9 @@ class WindowCounts:
         base = base or IdVocabulary({}, 1)
         if self.table is None:
             return base
+        if not set(COUNTED_COLUMNS) <= set(self.table.column_names):
+            raise ValueError("these counts were read without the profile fields: "
+                             "WindowCounts.read(windows, tastes=True)")
         keys = taste_keys(self.table.column("user_id").to_pylist(),
                           Targets.from_window(self.table))
         return base.plus(keys, np.tile(self.clicked, len(TASTE_FIELDS)))
@@ -253,7 +259,7 @@ COUNTED_COLUMNS = ["user_id", "item_id", *(f"item_{f}" for f in PROFILE_FIELDS),
 def id_vocabulary(windows: Sequence[Window | Path], column: str, min_count: int,
                   base: IdVocabulary | None = None) -> IdVocabulary:
     """:meth:`WindowCounts.ids` of ``windows`` (the vocabulary of a model trained on them)."""
-    return WindowCounts.read(windows).ids(column, min_count, base)
+    return WindowCounts.read(windows, tastes=False).ids(column, min_count, base)
 
 
 def taste_vocabulary_of(windows: Sequence[Window | Path], base: IdVocabulary | None = None
@@ -412,7 +418,8 @@ class WindowDataset:
         if training and config.id_rates:
             clicked = col("click").to_numpy(zero_copy_only=False) > 0
             opened_us = col("window_start").cast(pa.int64()).to_numpy()
-            later = WindowCounts.read(counted_later) if counted_later else None
+            later = WindowCounts.read(counted_later, tastes=bool(
+                config.taste_rates and taste_vocabulary is not None)) if counted_later else None
             item_counts = _counts_in_training(
                 self.item_ids, opened_us, clicked, vocabulary,
                 later.ids("item_id") if later else None)

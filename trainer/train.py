@@ -304,7 +304,7 @@ def admit_ids(model: UnifiedRanker, windows: Sequence[Window | Path], t: Trainer
     vocabulary (every pair admitted). ``fine_tune``: add them to the
     model's own counts and keep its minimums; a vocabulary it has none of (a checkpoint
     from before that kind existed) stays None, so the model reads ids as it trained."""
-    counts = WindowCounts.read(windows)
+    counts = WindowCounts.read(windows, tastes=model.config.taste_rates)
     for kind, min_count in (("item", t.min_item_count), ("user", t.min_user_count)):
         base = getattr(model, f"{kind}_vocabulary")
         if fine_tune and base is None:
