@@ -211,7 +211,8 @@ class WindowCounts:
     (:meth:`ids`, :meth:`tastes`). One read serves all three kinds of a fine-tuning step."""
 
     table: pa.Table | None
-    """The columns counted (:data:`COUNTED_COLUMNS`); None: no windows."""
+    """The columns counted (:data:`COUNTED_COLUMNS`, or without the profile fields: see
+    :meth:`read`); None: no windows."""
 
     @classmethod
     def read(cls, windows: Sequence[Window | Path], tastes: bool = True) -> WindowCounts:

@@ -162,9 +162,9 @@ def predict(model: UnifiedRanker, data: WindowDataset, batch_size: int = 4096) -
     are that model's; either would be scored without a word, so both raise ValueError."""
     own = (model.item_vocabulary, model.user_vocabulary, model.taste_vocabulary)
     # Identity first: the usual case, and equality compares every id's counts.
-    if not all(a is b or a == b for a, b in zip(data.vocabularies, own, strict=True)):
-        which = [kind for kind, a, b in zip(("item", "user", "taste"), data.vocabularies, own,
-                                            strict=True) if not (a is b or a == b)]
+    which = [kind for kind, a, b in zip(("item", "user", "taste"), data.vocabularies, own,
+                                        strict=True) if not (a is b or a == b)]
+    if which:
         raise ValueError(f"the dataset was not built with this model's {', '.join(which)} "
                          "vocabulary: build it with IncrementalTrainer.dataset_for(model, "
                          "windows)")
