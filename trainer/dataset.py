@@ -219,7 +219,7 @@ class WindowCounts:
         """``tastes``: also read the target's profile fields, which only :meth:`tastes`
         needs (False: it raises)."""
         files = files_of(windows)
-        columns = COUNTED_COLUMNS if tastes else ["user_id", "item_id", "click"]
+        columns = COUNTED_COLUMNS if tastes else ID_COUNTED_COLUMNS
         return cls(ds.dataset([str(f) for f in files], format="parquet").to_table(
             columns=columns) if files else None)
 
@@ -253,8 +253,10 @@ class WindowCounts:
         return base.plus(keys, np.tile(self.clicked, len(TASTE_FIELDS)))
 
 
-COUNTED_COLUMNS = ["user_id", "item_id", *(f"item_{f}" for f in PROFILE_FIELDS), "click"]
-"""The columns of a window :class:`WindowCounts` reads."""
+ID_COUNTED_COLUMNS = ["user_id", "item_id", "click"]
+"""The columns of a window :class:`WindowCounts` reads for item and user counts only."""
+COUNTED_COLUMNS = [*ID_COUNTED_COLUMNS, *(f"item_{f}" for f in PROFILE_FIELDS)]
+"""The columns of a window :class:`WindowCounts` reads (with ``tastes``)."""
 
 
 def id_vocabulary(windows: Sequence[Window | Path], column: str, min_count: int,
@@ -419,15 +421,16 @@ class WindowDataset:
         if training and config.id_rates:
             clicked = col("click").to_numpy(zero_copy_only=False) > 0
             opened_us = col("window_start").cast(pa.int64()).to_numpy()
-            later = WindowCounts.read(counted_later, tastes=bool(
-                config.taste_rates and taste_vocabulary is not None)) if counted_later else None
+            count_tastes = bool(config.taste_rates and taste_vocabulary is not None)
+            later = (WindowCounts.read(counted_later, tastes=count_tastes) if counted_later
+                     else None)
             item_counts = _counts_in_training(
                 self.item_ids, opened_us, clicked, vocabulary,
                 later.ids("item_id") if later else None)
             user_counts = _counts_in_training(
                 users, opened_us, clicked, user_vocabulary,
                 later.ids("user_id") if later else None)
-            if config.taste_rates and taste_vocabulary is not None:
+            if count_tastes:
                 n_fields = len(TASTE_FIELDS)
                 taste_counts = _counts_in_training(
                     taste_keys(users, targets), np.tile(opened_us, n_fields),
