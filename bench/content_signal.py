@@ -15,6 +15,12 @@ before any model is trained, reading the train and validation periods only (the 
   leaving out the impression itself (what an item prior that knew the item's clicks
   would add: a reference for the vector's share, not a ceiling; with a few impressions an
   item its own rate is noise and can lose);
+- the same for the *user's* content affinity, which a non-personal prior cannot see: the
+  cosine of the new item's vector with the mean vector of the user's behaviour sequence at
+  the impression (what ``ppm``'s behaviour transformer reads; vectors centred on the
+  catalog's mean first). Its weight beside the user's and the category's lift is a logistic
+  regression on the training impressions (the lifts left one out), against the same
+  regression without it;
 - 95% intervals and the paired differences by bootstrap over users
   (``trainer.experiment.compare_models``).
 
@@ -33,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ppm.config import Config
-from trainer.baselines import PRIOR_STRENGTH, RateTable, clicks
+from trainer.baselines import PRIOR_STRENGTH, RateTable, clicks, newton_logistic
 from trainer.experiment import compare_models
 from trainer.train import IncrementalTrainer, new_in_period, split_windows
 
@@ -67,6 +73,36 @@ def chosen_strength(x: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int = 0) 
             error += float(np.sum(w[held] * (predict(x[held], b) - y[held]) ** 2))
         errors.append(error)
     return RIDGE_STRENGTHS[int(np.argmin(errors))]
+
+
+def sequence_affinity(vectors: np.ndarray, target_rows: np.ndarray, seq_rows: np.ndarray
+                      ) -> np.ndarray:
+    """(n,) cosine of each target's vector with the mean of its sequence's vectors.
+
+    ``vectors`` (M, d), row 0 "missing"; ``target_rows`` (n,) and ``seq_rows`` (n, L) rows
+    of it (0: none or padding). The rows are centred on the mean of rows 1.. and scaled to
+    unit length first: raw text vectors share a large common direction, so their cosines
+    say little. 0 where the target or the whole sequence has no vector."""
+    x = vectors[1:].astype(np.float64)
+    x -= x.mean(axis=0)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    unit = np.concatenate([np.zeros((1, x.shape[1])), x])
+    out = np.empty(len(target_rows))
+    for at in range(0, len(target_rows), 4096):  # in chunks: (n, L, d) would not fit
+        rows = seq_rows[at:at + 4096]
+        seq = np.zeros((len(rows), unit.shape[1]))
+        for column in rows.T:
+            seq += unit[column]  # padding rows add 0
+        seq /= np.maximum(np.linalg.norm(seq, axis=1, keepdims=True), 1e-12)
+        out[at:at + 4096] = np.einsum("nd,nd->n", unit[target_rows[at:at + 4096]], seq)
+    return out
+
+
+def logistic_scores(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The logits of ``x`` (n, k) under a logistic regression (L2 1, an intercept) fitted
+    on ``train_x`` (N, k) against ``train_y`` (N,)."""
+    with_one = lambda a: np.concatenate([a, np.ones((len(a), 1))], axis=1)  # noqa: E731
+    return with_one(x) @ newton_logistic(with_one(train_x), train_y, l2=1.0)
 
 
 def main() -> None:
@@ -122,12 +158,28 @@ def main() -> None:
     new_items = [i for i, n in zip(valid.item_ids, new, strict=True) if n]
     own = RateTable.count(new_items, y_new, prior, PRIOR_STRENGTH).logits(
         new_items, leave_out=y_new) - base
+    # The user's affinity, weighed by a regression on the training impressions whose lifts
+    # leave each impression's own click out (else the lifts would carry the label).
+    train_affinity = sequence_affinity(vectors, rows, train.features["seq_modal_row"])
+    affinity = sequence_affinity(valid.modal.vectors, v_rows, valid.features["seq_modal_row"][new])
+    train_lifts = np.stack([
+        RateTable.count(train.user_id, y_train, prior, PRIOR_STRENGTH).logits(
+            train.user_id, leave_out=y_train),
+        RateTable.count(train.features["category"], y_train, prior, PRIOR_STRENGTH).logits(
+            train.features["category"], leave_out=y_train)], axis=1) - base
+    lifts = np.stack([user, category], axis=1)
     scores = {"user_category": user + category,
               "user_category_content": user + category + content,
               "content": content,
-              "user_category_item_oracle": user + category + own}
+              "user_category_item_oracle": user + category + own,
+              "affinity": affinity,
+              "user_category_fitted": logistic_scores(train_lifts, y_train, lifts),
+              "user_category_affinity": logistic_scores(
+                  np.column_stack([train_lifts, train_affinity]), y_train,
+                  np.column_stack([lifts, affinity]))}
     pairs = [("user_category_content", "user_category"),
-             ("user_category_item_oracle", "user_category")]
+             ("user_category_item_oracle", "user_category"),
+             ("user_category_affinity", "user_category_fitted")]
     result = compare_models(y_new, valid.user_id[new], scores, pairs)
     out = {"data_dir": str(cfg.data_dir),
            "windows": {"train": len(split.train), "valid": len(split.valid)},

@@ -1,10 +1,18 @@
-"""bench/content_signal.py's ridge: the item prior a cached vector can give a new item."""
+"""bench/content_signal.py: the item prior a cached vector can give a new item, and the
+user's content affinity."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bench.content_signal import RIDGE_STRENGTHS, chosen_strength, predict, ridge
+from bench.content_signal import (
+    RIDGE_STRENGTHS,
+    chosen_strength,
+    logistic_scores,
+    predict,
+    ridge,
+    sequence_affinity,
+)
 
 
 def test_the_ridge_recovers_a_planted_linear_lift_and_its_intercept():
@@ -31,3 +39,22 @@ def test_cross_validation_shrinks_noise_and_keeps_signal():
     w = np.ones(len(x))
     assert chosen_strength(x, x @ rng.normal(size=50), w) == RIDGE_STRENGTHS[0]
     assert chosen_strength(x, rng.normal(size=len(x)), w) == RIDGE_STRENGTHS[-1]
+
+
+def test_sequence_affinity_is_the_cosine_with_the_sequence_mean_after_centring():
+    # Rows 1..4 centre on [5, 5] to the unit axes +x, +y, -x, -y; row 0 is "missing".
+    vectors = np.array([[0.0, 0.0], [7.0, 5.0], [5.0, 7.0], [3.0, 5.0], [5.0, 3.0]])
+    seq = np.array([[1, 0, 0], [1, 2, 0], [3, 0, 0], [0, 0, 0]])
+    affinity = sequence_affinity(vectors, np.array([1, 1, 1, 1]), seq)
+    np.testing.assert_allclose(affinity, [1.0, 0.5 ** 0.5, -1.0, 0.0], atol=1e-12)
+    assert sequence_affinity(vectors, np.array([0]), np.array([[1, 3, 0]]))[0] == 0.0
+
+
+def test_the_fitted_scores_rank_by_a_planted_feature_and_ignore_noise():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4_000, 2))
+    y = (rng.random(len(x)) < 1 / (1 + np.exp(-(2.0 * x[:, 0] - 1.0)))).astype(float)
+    held = rng.normal(size=(500, 2))
+    scores = logistic_scores(x, y, held)
+    # The logits follow the planted 2 x0 - 1; the noise column's weight is near 0.
+    np.testing.assert_allclose(scores, 2.0 * held[:, 0] - 1.0, atol=0.4)

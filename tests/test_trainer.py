@@ -155,7 +155,8 @@ def test_the_content_signal_bench_reads_train_and_validation_only(data_dir):
     assert result["windows"] == {"train": len(split.train), "valid": len(split.valid)}
     assert result["new_in_valid"]["impressions"] > 0 and result["ridge_strength"] > 0
     for name in ("user_category", "user_category_content", "content",
-                 "user_category_item_oracle"):
+                 "user_category_item_oracle", "affinity", "user_category_fitted",
+                 "user_category_affinity"):
         low, high = result[f"auc_{name}_ci95"]
         assert 0 <= low <= result[f"auc_{name}"] <= high <= 1, name
 
@@ -214,6 +215,7 @@ def test_steps_promote_or_reject_and_every_version_is_kept(data_dir):
     assert trainer.registry.champion().name == promoted[-1]
     meta = versions[-1].meta
     assert meta["encoder_version"].startswith("enc-") and meta["trained_on"]
+    assert meta["trainer_config"] == cfg.trainer.model_dump(mode="json")
     assert trainer.next_step() is None  # everything closed has been trained on
 
     # A strict tolerance makes a worse candidate lose: rejection keeps the champion.
@@ -599,6 +601,9 @@ def test_eval_refuses_a_champion_that_saw_the_test_period(tmp_path, capsys, monk
     champion = trainer.registry.champion()
     assert champion.name == trained["version"] and champion.meta["mode"] == "batch"
     assert len(champion.meta["tuned"]["tried"]) == 2
+    # The meta records every training knob, the value chosen among them.
+    assert champion.meta["trainer_config"]["min_item_count"] == int(
+        trained["chosen"]["min_item_count"])
     reports, _ = evaluate_champions(cfg, ["idrec"], test_share=0.2)
     assert reports["idrec"]["click"]["all"]["samples"] == 24
     # The same model judged against a longer test period, which its validation reaches.

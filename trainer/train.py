@@ -549,6 +549,7 @@ class IncrementalTrainer:
             "encoder_version": self.modal.encoder_version,
             "shuffle_vectors_seed": self.shuffle_vectors_seed,
             "plug_in": champion.meta.get("plug_in") if champion else None,
+            "trainer_config": self.cfg.trainer.model_dump(mode="json"),
             "item_vocabulary": vocabulary_meta(candidate.item_vocabulary),
             "user_vocabulary": vocabulary_meta(candidate.user_vocabulary),
             "taste_vocabulary": vocabulary_meta(candidate.taste_vocabulary),
@@ -684,7 +685,11 @@ class BatchFit:
                                             if p.requires_grad),
                 "item_vocabulary": vocabulary_meta(self.model.item_vocabulary),
                 "user_vocabulary": vocabulary_meta(self.model.user_vocabulary),
-                "taste_vocabulary": vocabulary_meta(self.model.taste_vocabulary)}
+                "taste_vocabulary": vocabulary_meta(self.model.taste_vocabulary),
+                # Every training knob it was fitted with (tuned values included): with the
+                # checkpoint's RankerConfig, what a rerun needs.
+                "trainer_config": (self.trainer.cfg.trainer.model_dump(mode="json")
+                                   if self.trainer is not None else None)}
 
 
 def plug_in(model: UnifiedRanker, source: Version, freeze: bool = False) -> dict[str, Any]:
