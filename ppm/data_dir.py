@@ -255,6 +255,11 @@ class DataDir:
         ``encoders.image_weights`` can name."""
         return self.root / "encoders" / name
 
+    def world(self, seed: int) -> Path:
+        """``ppm experiment worlds``' simulated world of simulator seed ``seed``: a data
+        directory of its own."""
+        return self.root / "worlds" / f"seed-{seed}"
+
     @property
     def demo(self) -> Path:
         """``ppm demo``'s default output folder: a data directory of its own."""

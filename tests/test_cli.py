@@ -108,6 +108,15 @@ def test_demo_quick_streams_the_shop_through_feast(tmp_path, capsys):
         assert -1 <= lo < hi <= 1
     for variant in ("idrec", "ppm", "ppm_shuffled"):
         assert (paths.registry(variant) / "champion.json").exists()
+    # The oracle lies where ppm eval --seeds finds it, with a logit for every sample.
+    import pandas as pd
+
+    oracle = pd.read_parquet(paths.simulated_oracle)
+    samples = pd.concat([pd.read_parquet(w, columns=["request_id", "item_id"])
+                         for w in paths.training_log.windows.glob("*.parquet")])
+    known = set(zip(oracle["request_id"], oracle["item_id"], strict=True))
+    assert len(samples) == f["samples_logged"] and oracle["logit"].notna().all()
+    assert set(zip(samples["request_id"], samples["item_id"], strict=True)) <= known
     assert "The distributed path" in out  # it points to the Kafka/Faust/Redis path
 
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ppm.config import Config
-from trainer.experiment import compare_models, t_interval
+from trainer.experiment import Scored, compare_models, pooled_summary, t_interval
 from trainer.registry import Registry
 
 MODELS = {"idrec", "ppm", "ppm_shuffled", "baseline_logreg", "baseline_rate"}
@@ -73,6 +73,57 @@ def test_compare_models_averages_seeds_and_reads_every_model_against_the_oracle(
     assert result["diffs"]["ppm-idrec"] == {"auc": pytest.approx(0.0, abs=1e-12),
                                             "ci95": [pytest.approx(0.0, abs=1e-12)] * 2}
     assert (result["samples"], result["positives"]) == (1000, int(y.sum()))
+
+
+def _world(seed: int, users: int = 150, noise: float = 1.0) -> Scored:
+    """A made-up experiment: two seeds of ``good`` (clicks plus noise), ``bad`` (more)."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat(np.arange(users), 6).astype(str)
+    y = (rng.random(ids.size) < 0.3).astype(float)
+    good = np.stack([y + rng.normal(0, noise, ids.size) for _ in range(2)])
+    bad = good + rng.normal(0, 2.0, good.shape)
+    return Scored(y, ids, {"all": np.ones(ids.size, bool), "first": ids < "5"},
+                  {"good": good, "bad": bad}, {"good": [{"seed": 0}, {"seed": 1}], "bad": []},
+                  {"seeds": 2})
+
+
+def test_worlds_pool_as_strata_the_mean_of_their_aucs_with_an_interval_over_worlds():
+    from trainer.metrics import auc, gauc
+
+    worlds = {f"w{k}": _world(k, noise=0.7 + 0.3 * k) for k in range(4)}
+    result = pooled_summary(worlds, pairs=[("good", "bad")], resamples=100)
+    assert result["worlds"] == ["w0", "w1", "w2", "w3"] and result["seeds"] == 2
+    pooled = result["buckets"]["all"]
+    per_world = [[auc(w.labels, row) for row in w.scores["good"]] for w in worlds.values()]
+    good = pooled["models"]["good"]
+    # A model's AUC is the mean of its worlds' (per seed), not the AUC of the pooled rows.
+    assert good["aucs"] == pytest.approx(np.mean(per_world, axis=0))
+    assert good["auc"] == pytest.approx(np.mean(per_world))
+    assert good["strata"] == 4
+    assert good["ci95_strata"] == pytest.approx(list(t_interval(np.mean(per_world, axis=1))))
+    # The worlds differ (noise 0.7 .. 1.6): the interval over worlds is wider than over users.
+    lo, hi = good["ci95_strata"]
+    assert hi - lo > good["ci95_users"][1] - good["ci95_users"][0]
+    diff = pooled["diffs"]["good-bad"]
+    assert diff["strata"] == 4 and diff["ci95"][0] > 0 and diff["ci95_strata"][0] > 0
+    assert pooled["samples"] == sum(len(w.labels) for w in worlds.values())
+    # Users are kept apart by world (user "0" of w0 is not user "0" of w1): GAUC over
+    # 4 x 150 users; and the first bucket pools each world's own.
+    labels = np.concatenate([w.labels for w in worlds.values()])
+    users = np.concatenate([[f"{n}/{u}" for u in w.users] for n, w in worlds.items()])
+    scores = np.concatenate([w.scores["good"] for w in worlds.values()], axis=1)
+    assert good["gauc"] == pytest.approx(np.mean([gauc(labels, row, users) for row in scores]))
+    assert result["buckets"]["first"]["samples"] == sum(
+        int(w.buckets["first"].sum()) for w in worlds.values())
+    assert [f["world"] for f in result["fits"]["good"]] == ["w0", "w0", "w1", "w1", "w2",
+                                                           "w2", "w3", "w3"]
+    assert result["per_world"]["w2"]["buckets"]["all"]["models"]["good"]["auc"] == (
+        pytest.approx(np.mean(per_world[2])))
+    # A world with another set of models is refused.
+    odd = _world(9)
+    odd.scores.pop("bad")
+    with pytest.raises(ValueError, match="scored other models or seeds"):
+        pooled_summary({"w0": worlds["w0"], "odd": odd})
 
 
 def _set_env(cfg: Config, monkeypatch) -> None:
@@ -210,3 +261,55 @@ def test_the_ablation_fits_every_arm_on_the_same_split_and_reports_its_cost(tmp_
         "ppm_finetuned-ppm", "ppm_plugin_frozen-ppm", "ppm_plugin_joint-ppm",
         "ppm_data50-ppm", "ppm_data25-ppm", "ppm-idrec"}
     assert "seconds per epoch" in to_markdown(result)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two small worlds streamed, three tiny fits each
+def test_experiment_worlds_streams_each_world_once_and_pools_them(tmp_path, capsys,
+                                                                  monkeypatch, item_encoder):
+    from ppm.cli.commands import main
+    from ppm.cli.worlds import stream_world
+    from ppm.config import load_config
+    from tests.test_trainer import TINY_MODEL
+
+    settings = {"SIMULATOR__SEED": 5, "SIMULATOR__DAYS": 1.0, "SIMULATOR__N_USERS": 80,
+                "SIMULATOR__INITIAL_ITEMS": 30, "SIMULATOR__ITEMS_PER_DAY": 40,
+                "SIMULATOR__SESSIONS_PER_USER_PER_DAY": 3.0, "PIPELINE__LOG_WINDOW_S": 7200.0,
+                "TRAINER__BATCH_SIZE": 64,
+                **{f"MODEL__{k.upper()}": v for k, v in TINY_MODEL.items()}}
+    for key, value in settings.items():
+        monkeypatch.setenv(f"PPM__{key}", str(value))
+    monkeypatch.setattr("encoders.item_encoder.ItemEncoder.from_config",
+                        classmethod(lambda cls, cfg: item_encoder))  # loaded once per session
+    argv = ["--data-dir", str(tmp_path), "experiment", "worlds", "--worlds", "2", "--seeds",
+            "1", "--epochs", "1", "--test-share", "0.25", "--valid-share", "0.125", "--quiet"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+
+    assert result["kind"] == "worlds" and result["worlds"] == ["seed-5", "seed-6"]
+    cfg = load_config().model_copy(update={"data_dir": tmp_path})  # the settings above
+    assert result["data_dirs"] == {f"seed-{s}": str(cfg.paths.world(s)) for s in (5, 6)}
+    everything = result["buckets"]["all"]
+    assert set(everything["models"]) == MODELS | {"oracle"}
+    for name, model in everything["models"].items():
+        assert model["strata"] == 2, name
+        per_world = [result["per_world"][w]["buckets"]["all"]["models"][name]["auc"]
+                     for w in result["worlds"]]
+        assert model["auc"] == pytest.approx(np.mean(per_world)), name
+    # Each world has its own oracle, which knows its clicks best.
+    oracle = everything["models"]["oracle"]["auc"]
+    assert all(oracle > m["auc"] for n, m in everything["models"].items() if n != "oracle")
+    assert {f["world"] for f in result["fits"]["ppm"]} == {"seed-5", "seed-6"}
+    assert "95% worlds" in err and "| all | ppm - idrec |" in err
+    # The two worlds differ (another simulator seed), and a finished one is not streamed
+    # again.
+    first = [Config(data_dir=cfg.paths.world(s)).paths.checkpoint for s in (5, 6)]
+    assert first[0].read_bytes() != first[1].read_bytes()
+    before = first[0].stat().st_mtime_ns
+    world_cfg = stream_world(cfg, 5, item_encoder, progress=False)
+    assert world_cfg.data_dir == cfg.paths.world(5) and first[0].stat().st_mtime_ns == before
+    # A world of other settings under the same seed is refused, not silently reused.
+    with pytest.raises(ValueError, match="other simulator settings"):
+        stream_world(cfg.with_values({"simulator.n_users": 81}), 5, item_encoder,
+                     progress=False)

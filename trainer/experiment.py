@@ -134,7 +134,8 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, np.ndarray],
                    pairs: Sequence[tuple[str, str]] = PAIRS, resamples: int = RESAMPLES,
-                   seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+                   seed: int = BOOTSTRAP_SEED, strata: np.ndarray | None = None
+                   ) -> dict[str, Any]:
     """Click AUC of models that scored the same samples, with 95% intervals, and their
     GAUC (over users) and logloss.
 
@@ -147,6 +148,11 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
             with row i of the other.
         resamples, seed: of :func:`trainer.metrics.bootstrap_auc`, one call for all models,
             so every model and difference is judged on the same resamples.
+        strata: (n,) ints, e.g. which simulated world each sample comes from (each user in
+            one): AUC is then the mean of the strata's AUCs (a stratum without both classes
+            left out), the bootstrap resamples users within each stratum, and
+            ``ci95_strata`` is the t-interval over strata (of a model's AUC, of a pair's
+            difference): how far another draw of the strata could move it.
 
     Returns:
         ``{"samples", "positives", "models": {name: {"auc", "aucs", "ci95_seeds",
@@ -155,7 +161,9 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
         per seed, ``ci95_seeds`` the t-interval over seeds (None for k = 1), ``ci95_users``
         the bootstrap interval of the seed-mean AUC, ``oracle_share`` ``(auc - 0.5) /
         (oracle auc - 0.5)`` (None without an oracle); a difference's ``auc`` is the mean of
-        the per-seed differences, its ``ci95`` the bootstrap interval of that mean.
+        the per-seed differences, its ``ci95`` the bootstrap interval of that mean. With
+        ``strata``, models and differences also carry ``strata`` (how many were defined)
+        and ``ci95_strata``.
         Intervals are ``[lo, hi]``; anything undefined (a bucket with one class) is None.
     """
     names = list(scores)
@@ -163,8 +171,23 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
     stacked = np.concatenate(blocks) if blocks else np.zeros((0, len(labels)))
     starts = np.cumsum([0, *(len(b) for b in blocks)])
     rows = {m: slice(starts[i], starts[i + 1]) for i, m in enumerate(names)}
-    boot = bootstrap_auc(labels, stacked, users, resamples, seed)  # (models x seeds, B)
-    point = [auc(labels, s) for s in stacked]
+    labels = np.asarray(labels)
+    by_stratum = None  # (strata, models x seeds): each stratum's AUC, with strata
+    if strata is None:
+        boot = bootstrap_auc(labels, stacked, users, resamples, seed)  # (models x seeds, B)
+        point = [auc(labels, s) for s in stacked]
+    else:
+        strata, users = np.asarray(strata), np.asarray(users)
+        parts = [part for part in (strata == k for k in np.unique(strata))
+                 if 0 < labels[part].sum() < part.sum()]
+        by_stratum = np.array([[auc(labels[part], row[part]) for row in stacked]
+                               for part in parts]).reshape(len(parts), len(stacked))
+        point = ([float(v) for v in by_stratum.mean(axis=0)] if parts
+                 else [None] * len(stacked))
+        boot = (np.mean([bootstrap_auc(labels[part], stacked[:, part], users[part],
+                                       resamples, seed + k)
+                         for k, part in enumerate(parts)], axis=0)
+                if parts else np.full((len(stacked), resamples), np.nan))
 
     def listed(interval: tuple[float, float] | None) -> list[float] | None:
         return None if interval is None else list(interval)
@@ -179,6 +202,9 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
                      "gauc": _mean([gauc(labels, s, users) for s in stacked[rows[m]]]),
                      "logloss": _mean([logloss(labels, sigmoid(s)) for s in stacked[rows[m]]])
                      if len(labels) else None}
+        if by_stratum is not None:
+            models[m] |= {"strata": len(by_stratum), "ci95_strata": listed(
+                t_interval(by_stratum[:, rows[m]].mean(axis=1)))}
     ceiling = models.get(ORACLE, {}).get("auc")
     for result in models.values():
         result["oracle_share"] = (
@@ -192,8 +218,40 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
             paired = (boot[rows[a]] - boot[rows[b]]).mean(axis=0)
             diffs[f"{a}-{b}"] = {"auc": _mean(per_seed),
                                  "ci95": listed(percentile_interval(paired))}
+            if by_stratum is not None:
+                per_stratum = (by_stratum[:, rows[a]] - by_stratum[:, rows[b]]).mean(axis=1)
+                diffs[f"{a}-{b}"] |= {"strata": len(per_stratum),
+                                      "ci95_strata": listed(t_interval(per_stratum))}
     return {"samples": len(labels), "positives": int(np.sum(labels)),
             "models": models, "diffs": diffs}
+
+
+@dataclass
+class Scored:
+    """Every model's click logits on one test period, and what :func:`compare_models`
+    needs beside them; :func:`score_models` makes one."""
+
+    labels: np.ndarray
+    """(n,) clicks of the test period's samples."""
+    users: np.ndarray
+    """(n,) their user ids."""
+    buckets: dict[str, np.ndarray]
+    """:data:`trainer.train.TEST_BUCKETS` -> (n,) bool: which samples each holds."""
+    scores: dict[str, np.ndarray]
+    """Model -> (seeds, n) click logits (one row for a model without seeds)."""
+    fits: dict[str, list[dict[str, Any]]]
+    """Model -> one record per seed: epochs, validation AUC, parameters, seconds."""
+    split: dict[str, Any]
+    """The split and settings (shares, window counts, test start, the rate's strength)."""
+
+    def summary(self, pairs: Sequence[tuple[str, str]] = PAIRS,
+                resamples: int = RESAMPLES) -> dict[str, Any]:
+        """JSON-ready: :attr:`split`, :attr:`fits` and per bucket :func:`compare_models`."""
+        return {**self.split, "resamples": resamples, "fits": self.fits,
+                "buckets": {bucket: compare_models(
+                    self.labels[mask], self.users[mask],
+                    {m: s[:, mask] for m, s in self.scores.items()}, pairs, resamples=resamples)
+                    for bucket, mask in self.buckets.items()}}
 
 
 def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
@@ -201,14 +259,24 @@ def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
                    oracle: Oracle | None = None, resamples: int = RESAMPLES,
                    progress: bool = True, arms: Mapping[str, Arm] = TRAINED,
                    pairs: Sequence[tuple[str, str]] = PAIRS) -> dict[str, Any]:
-    """The experiment of the module docstring over ``seeds`` seeds (``trainer.seed`` =
-    0 .. seeds-1, which also seeds the control's permutation); ``epochs``: the most per fit
-    (default ``trainer.initial_epochs``); ``arms`` the models fitted per seed (default
-    :data:`TRAINED`; :func:`ablation_arms` for ``ppm experiment ablation``), ``pairs`` the
-    differences reported. Returns a JSON-ready dict: the split, each fit's chosen epoch,
+    """The experiment of the module docstring over ``seeds`` seeds: :func:`score_models`,
+    then :meth:`Scored.summary` with ``pairs`` (the differences reported) and
+    ``resamples``. Returns a JSON-ready dict: the split, each fit's chosen epoch,
     validation AUC, trainable parameters and seconds per epoch, and per bucket
-    (:data:`trainer.train.TEST_BUCKETS`) :func:`compare_models`. Raises ``ValueError`` for
-    a bad split or an oracle of other data, ``SystemExit`` when a period holds no window."""
+    (:data:`trainer.train.TEST_BUCKETS`) :func:`compare_models`."""
+    return score_models(cfg, seeds, test_share, valid_share, epochs, oracle, progress,
+                        arms).summary(pairs, resamples)
+
+
+def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: float = 0.1,
+                 epochs: int | None = None, oracle: Oracle | None = None,
+                 progress: bool = True, arms: Mapping[str, Arm] = TRAINED) -> Scored:
+    """Fit ``arms`` (default :data:`TRAINED`; :func:`ablation_arms` for ``ppm experiment
+    ablation``) per seed (``trainer.seed`` = 0 .. seeds-1, which also seeds the control's
+    permutation) on the train period, each for at most ``epochs`` (default
+    ``trainer.initial_epochs``) with the epoch chosen on validation, fit the baselines, and
+    score the test period with all of them and ``oracle``. Raises ``ValueError`` for a bad
+    split or an oracle of other data, ``SystemExit`` when a period holds no window."""
     from tqdm import tqdm
 
     from trainer.registry import Registry
@@ -267,23 +335,53 @@ def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
                 "trainable_parameters": fitted.meta()["trainable_parameters"],
                 "seconds_per_epoch": round(seconds / max(1, fitted.epochs), 2)})
 
-    y = clicks(test)
     buckets = {"all": np.ones(len(test), bool),
                "new_in_test": new_in_period(test, split.test_start_us),
                **cold_buckets(test.item_age_s, test.item_clicks_before)}
-    return {
-        "seeds": seeds, "test_share": test_share, "valid_share": valid_share,
-        "windows": {"train": len(split.train), "valid": len(split.valid),
-                    "test": len(split.test)},
-        "test_start": datetime.fromtimestamp(split.test_start_us / 1e6, UTC).isoformat(),
-        "resamples": resamples,
-        "baseline_rate_strength": rate.items.strength,
-        "fits": fits,
-        "buckets": {bucket: compare_models(y[buckets[bucket]], test.user_id[buckets[bucket]],
-                                           {m: s[:, buckets[bucket]] for m, s in scores.items()},
-                                           pairs, resamples=resamples)
-                    for bucket in TEST_BUCKETS},
-    }
+    return Scored(
+        clicks(test), np.asarray(test.user_id), {b: buckets[b] for b in TEST_BUCKETS},
+        scores, fits,
+        {"seeds": seeds, "test_share": test_share, "valid_share": valid_share,
+         "windows": {"train": len(split.train), "valid": len(split.valid),
+                     "test": len(split.test)},
+         "test_start": datetime.fromtimestamp(split.test_start_us / 1e6, UTC).isoformat(),
+         "baseline_rate_strength": rate.items.strength})
+
+
+def pooled_summary(worlds: Mapping[str, Scored], pairs: Sequence[tuple[str, str]] = PAIRS,
+                   resamples: int = RESAMPLES) -> dict[str, Any]:
+    """Experiments on several worlds (draws of one simulator, ``ppm experiment worlds``)
+    as one: per bucket, :func:`compare_models` over all their test samples with each world
+    a stratum (users kept apart by world), so a model's AUC is the mean of its worlds' AUCs
+    and ``ci95_strata`` says how far another draw of worlds could move it. Every world must
+    have scored the same models with the same number of seeds. Returns a JSON-ready dict:
+    ``worlds`` (their names), ``seeds``, ``fits`` (per model, every world's), ``buckets``
+    and ``per_world`` (each world's own :meth:`Scored.summary`)."""
+    if not worlds:
+        raise ValueError("no worlds to pool")
+    names = list(worlds)
+    first = worlds[names[0]]
+    for name in names[1:]:
+        other = worlds[name]
+        if ({m: s.shape[0] for m, s in other.scores.items()}
+                != {m: s.shape[0] for m, s in first.scores.items()}):
+            raise ValueError(f"world {name} scored other models or seeds than {names[0]}")
+    labels = np.concatenate([worlds[n].labels for n in names])
+    users = np.concatenate([[f"{n}/{u}" for u in worlds[n].users] for n in names])
+    strata = np.concatenate([np.full(len(worlds[n].labels), k) for k, n in enumerate(names)])
+    scores = {m: np.concatenate([worlds[n].scores[m] for n in names], axis=1)
+              for m in first.scores}
+    buckets = {}
+    for bucket in first.buckets:
+        mask = np.concatenate([worlds[n].buckets[bucket] for n in names])
+        buckets[bucket] = compare_models(labels[mask], users[mask],
+                                         {m: s[:, mask] for m, s in scores.items()}, pairs,
+                                         resamples=resamples, strata=strata[mask])
+    return {"worlds": names, "seeds": first.split["seeds"], "resamples": resamples,
+            "fits": {m: [fit | {"world": n} for n in names for fit in worlds[n].fits[m]]
+                     for m in first.fits},
+            "buckets": buckets,
+            "per_world": {n: worlds[n].summary(pairs, resamples) for n in names}}
 
 
 def num(x: float | None, sign: str = "") -> str:
@@ -300,28 +398,40 @@ def span(interval: Sequence[float] | None, sign: str = "") -> str:
 
 def diff_table(buckets: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Markdown table lines of the paired differences of :func:`compare_models` results
-    per bucket (their ``diffs``, keyed ``"a-b"``)."""
-    lines = ["| bucket | difference | auc | 95% users |", "|---|---|---:|---|"]
+    per bucket (their ``diffs``, keyed ``"a-b"``); with a column of ``ci95_strata`` where
+    they were compared over strata (worlds)."""
+    worlds = any("ci95_strata" in d for b in buckets.values() for d in b["diffs"].values())
+    lines = ["| bucket | difference | auc | 95% users |" + (" 95% worlds |" if worlds else ""),
+             "|---|---|---:|---|" + ("---|" if worlds else "")]
     for bucket, summary in buckets.items():
         for name, d in summary["diffs"].items():
             a, _, b = name.rpartition("-")
             lines.append(f"| {bucket} | {a} - {b} | {num(d['auc'], '+')} | "
-                         f"{span(d['ci95'], '+')} |")
+                         f"{span(d['ci95'], '+')} |"
+                         + (f" {span(d.get('ci95_strata'), '+')} |" if worlds else ""))
     return lines
 
 
 def to_markdown(result: Mapping[str, Any]) -> str:
-    """Two markdown tables of :func:`run_experiment`'s result: each model's click AUC per
-    bucket with its intervals and share of the oracle, then the paired differences."""
-    lines = [f"click AUC on the test period, mean of {result['seeds']} seed(s); 95% intervals "
-             "over seeds (t) and over users (bootstrap)", "",
-             "| bucket | model | samples | positives | auc | 95% seeds | 95% users | "
+    """Two markdown tables of :func:`run_experiment`'s (or :func:`pooled_summary`'s)
+    result: each model's click AUC per bucket with its intervals and share of the oracle,
+    then the paired differences."""
+    worlds = result.get("worlds")
+    over = (f"mean of {len(worlds)} worlds x {result['seeds']} seed(s); 95% intervals over "
+            "worlds (t), over seeds (t) and over users (bootstrap within each world)"
+            if worlds else f"mean of {result['seeds']} seed(s); 95% intervals over seeds (t) "
+            "and over users (bootstrap)")
+    lines = [f"click AUC on the test period, {over}", "",
+             "| bucket | model | samples | positives | auc | "
+             + ("95% worlds | " if worlds else "") + "95% seeds | 95% users | "
              "share of oracle | gauc | logloss |",
-             "|---|---|---:|---:|---:|---|---|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|" + ("---|" if worlds else "") + "---|---|---:|---:|---:|"]
     for bucket, summary in result["buckets"].items():
         for model, m in summary["models"].items():
             lines.append(f"| {bucket} | {model} | {summary['samples']} | "
-                         f"{summary['positives']} | {num(m['auc'])} | {span(m['ci95_seeds'])} | "
+                         f"{summary['positives']} | {num(m['auc'])} | "
+                         + (f"{span(m.get('ci95_strata'))} | " if worlds else "")
+                         + f"{span(m['ci95_seeds'])} | "
                          f"{span(m['ci95_users'])} | {num(m['oracle_share'])} | "
                          f"{num(m.get('gauc'))} | {num(m.get('logloss'))} |")
     lines += ["", "paired differences (mean over seeds; 95% bootstrap over users, the same "

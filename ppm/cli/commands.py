@@ -334,6 +334,18 @@ def _experiment_ablation(args: argparse.Namespace, cfg: Config) -> int:
                               args.markdown)
 
 
+def _experiment_worlds(args: argparse.Namespace, cfg: Config) -> int:
+    """``ppm experiment worlds``: :func:`ppm.cli.worlds.run_worlds`; results to
+    ``DATA_DIR/experiments/``, the JSON also as the last line of stdout."""
+    from ppm.cli.worlds import run_worlds
+
+    started = datetime.now(UTC)
+    result = run_worlds(cfg, args.worlds, args.seeds, args.test_share, args.valid_share,
+                        args.epochs, progress=not args.quiet)
+    return _report_experiment(cfg, f"worlds-{started:%Y%m%dT%H%M%SZ}",
+                              {"kind": "worlds", **result}, args.markdown)
+
+
 def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
     """``ppm eval --seeds N``: the experiment of :mod:`trainer.experiment`; its result goes
     to ``cfg.paths.experiment(...)`` and, as JSON, to the last line of stdout."""
@@ -848,6 +860,23 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--quiet", action="store_true", help="no progress bar")
     ablation.set_defaults(run=_experiment_ablation)
 
+    worlds = kinds.add_parser(
+        "worlds", help="ppm eval --seeds on several simulated worlds (simulator seeds "
+        "simulator.seed, +1, ...; each streamed into DATA_DIR/worlds/seed-S, reused when "
+        "finished): idrec, ppm, the shuffled-vector control, the baselines and the oracle, "
+        "pooled with each world a stratum: 95%% intervals over worlds, seeds and users")
+    worlds.add_argument("--worlds", type=int, default=5, metavar="W",
+                        help="simulated worlds (default 5)")
+    worlds.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="training seeds per world (default 1)")
+    worlds.add_argument("--test-share", type=float, default=0.2)
+    worlds.add_argument("--valid-share", type=float, default=0.1)
+    worlds.add_argument("--epochs", type=int, help="most epochs per fit (default from "
+                        "config: trainer.initial_epochs)")
+    worlds.add_argument("--markdown", metavar="FILE", help="also write the tables here")
+    worlds.add_argument("--quiet", action="store_true", help="no progress bars")
+    worlds.set_defaults(run=_experiment_worlds)
+
     serve = sub.add_parser("serve", help="score candidates over HTTP (POST /rank; GET /health, "
                            "/ready, /metrics, /docs)")
     serve.add_argument("--host", help="address to listen on (default from config: "
@@ -1036,6 +1065,8 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
         raise UsageError("give --items FILE and --interactions FILE, or --movielens")
     elif command == "experiment staleness" and (args.tolerance or 0) < 0:
         raise UsageError(f"--tolerance {args.tolerance:g}: give an AUC loss of 0 or more")
+    elif command == "experiment worlds" and args.worlds < 1:
+        raise UsageError(f"--worlds must be at least 1, got {args.worlds}")
     elif command == "backfill" and args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: give at least 1")
     elif command == "serve":
