@@ -18,9 +18,9 @@ before any model is trained, reading the train and validation periods only (the 
 - the same for the *user's* content affinity, which a non-personal prior cannot see: the
   cosine of the new item's vector with the mean vector of the user's behaviour sequence at
   the impression (what ``ppm``'s behaviour transformer reads; vectors centred on the
-  catalog's mean first). Its weight beside the user's and the category's lift is a logistic
-  regression on the training impressions (the lifts left one out), against the same
-  regression without it;
+  training period's mean first). Its weight beside the user's and the category's lift is a
+  logistic regression on the training impressions of items not already in the sequence
+  (the lifts left one out), against the same regression without it;
 - 95% intervals and the paired differences by bootstrap over users
   (``trainer.experiment.compare_models``).
 
@@ -75,16 +75,15 @@ def chosen_strength(x: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int = 0) 
     return RIDGE_STRENGTHS[int(np.argmin(errors))]
 
 
-def sequence_affinity(vectors: np.ndarray, target_rows: np.ndarray, seq_rows: np.ndarray
-                      ) -> np.ndarray:
+def sequence_affinity(vectors: np.ndarray, target_rows: np.ndarray, seq_rows: np.ndarray,
+                      centre: np.ndarray) -> np.ndarray:
     """(n,) cosine of each target's vector with the mean of its sequence's vectors.
 
     ``vectors`` (M, d), row 0 "missing"; ``target_rows`` (n,) and ``seq_rows`` (n, L) rows
-    of it (0: none or padding). The rows are centred on the mean of rows 1.. and scaled to
-    unit length first: raw text vectors share a large common direction, so their cosines
-    say little. 0 where the target or the whole sequence has no vector."""
-    x = vectors[1:].astype(np.float64)
-    x -= x.mean(axis=0)
+    of it (0: none or padding). The rows are centred on ``centre`` (d,) and scaled to unit
+    length first: raw text vectors share a large common direction, so their cosines say
+    little. 0 where the target or the whole sequence has no vector."""
+    x = vectors[1:].astype(np.float64) - centre
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     unit = np.concatenate([np.zeros((1, x.shape[1])), x])
     out = np.empty(len(target_rows))
@@ -99,8 +98,9 @@ def sequence_affinity(vectors: np.ndarray, target_rows: np.ndarray, seq_rows: np
 
 
 def logistic_scores(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The logits of ``x`` (n, k) under a logistic regression (L2 1, an intercept) fitted
-    on ``train_x`` (N, k) against ``train_y`` (N,)."""
+    """The logits of ``x`` (n, k) under a logistic regression with an intercept fitted on
+    ``train_x`` (N, k) against ``train_y`` (N,) (L2 1 on every weight, the intercept too:
+    against tens of thousands of impressions, a pull it does not feel)."""
     with_one = lambda a: np.concatenate([a, np.ones((len(a), 1))], axis=1)  # noqa: E731
     return with_one(x) @ newton_logistic(with_one(train_x), train_y, l2=1.0)
 
@@ -127,8 +127,9 @@ def main() -> None:
     prior = float(np.clip(y_train.mean(), 1e-4, 1 - 1e-4))
     base = float(np.log(prior / (1 - prior)))
 
-    def lift(ids_train, ids) -> np.ndarray:
-        return RateTable.count(ids_train, y_train, prior, PRIOR_STRENGTH).logits(ids) - base
+    def lift(ids_train, ids, leave_out: np.ndarray | None = None) -> np.ndarray:
+        return RateTable.count(ids_train, y_train, prior, PRIOR_STRENGTH).logits(
+            ids, leave_out) - base
 
     # The ridge's targets: each training item's lift, at the vector of its last impression.
     items = RateTable.count(train.item_ids, y_train, prior, PRIOR_STRENGTH)
@@ -159,23 +160,30 @@ def main() -> None:
     own = RateTable.count(new_items, y_new, prior, PRIOR_STRENGTH).logits(
         new_items, leave_out=y_new) - base
     # The user's affinity, weighed by a regression on the training impressions whose lifts
-    # leave each impression's own click out (else the lifts would carry the label).
-    train_affinity = sequence_affinity(vectors, rows, train.features["seq_modal_row"])
-    affinity = sequence_affinity(valid.modal.vectors, v_rows, valid.features["seq_modal_row"][new])
+    # leave each impression's own click out (else the lifts would carry the label). Only
+    # impressions of items not already in the sequence: a new item never is, and one that
+    # is would be matched against its own vector. The vectors are centred on the training
+    # period's (the rows its impressions and sequences read): nothing of later periods.
+    seq_train = train.features["seq_modal_row"]
+    fresh = ~(seq_train == rows[:, None]).any(axis=1)
+    used = np.unique(np.concatenate([rows, seq_train.ravel()]))
+    centre = vectors[used[used > 0]].astype(np.float64).mean(axis=0)
+    train_affinity = sequence_affinity(vectors, rows[fresh], seq_train[fresh], centre)
+    affinity = sequence_affinity(valid.modal.vectors, v_rows,
+                                 valid.features["seq_modal_row"][new], centre)
     train_lifts = np.stack([
-        RateTable.count(train.user_id, y_train, prior, PRIOR_STRENGTH).logits(
-            train.user_id, leave_out=y_train),
-        RateTable.count(train.features["category"], y_train, prior, PRIOR_STRENGTH).logits(
-            train.features["category"], leave_out=y_train)], axis=1) - base
+        lift(train.user_id, train.user_id, leave_out=y_train),
+        lift(train.features["category"], train.features["category"], leave_out=y_train)],
+        axis=1)[fresh]
     lifts = np.stack([user, category], axis=1)
     scores = {"user_category": user + category,
               "user_category_content": user + category + content,
               "content": content,
               "user_category_item_oracle": user + category + own,
               "affinity": affinity,
-              "user_category_fitted": logistic_scores(train_lifts, y_train, lifts),
+              "user_category_fitted": logistic_scores(train_lifts, y_train[fresh], lifts),
               "user_category_affinity": logistic_scores(
-                  np.column_stack([train_lifts, train_affinity]), y_train,
+                  np.column_stack([train_lifts, train_affinity]), y_train[fresh],
                   np.column_stack([lifts, affinity]))}
     pairs = [("user_category_content", "user_category"),
              ("user_category_item_oracle", "user_category"),

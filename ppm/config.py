@@ -156,6 +156,12 @@ class SimulatorConfig(_Section):
     """Folder with the gzipped Fashion-MNIST IDX files. None: Debian's
     ``dataset-fashion-mnist`` location; if absent, procedural images (with a warning)."""
 
+    @property
+    def source(self) -> str:
+        """The name of this world as a stream's source (``LocalRunner.run``): a checkpoint
+        resumes only the world it was taken of."""
+        return f"simulate:{self.model_dump_json()}"
+
 
 OnlineReads = Literal["direct", "feast"]
 """Online read paths (``features.online_reads``)."""

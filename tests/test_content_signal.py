@@ -44,10 +44,14 @@ def test_cross_validation_shrinks_noise_and_keeps_signal():
 def test_sequence_affinity_is_the_cosine_with_the_sequence_mean_after_centring():
     # Rows 1..4 centre on [5, 5] to the unit axes +x, +y, -x, -y; row 0 is "missing".
     vectors = np.array([[0.0, 0.0], [7.0, 5.0], [5.0, 7.0], [3.0, 5.0], [5.0, 3.0]])
+    centre = np.array([5.0, 5.0])
     seq = np.array([[1, 0, 0], [1, 2, 0], [3, 0, 0], [0, 0, 0]])
-    affinity = sequence_affinity(vectors, np.array([1, 1, 1, 1]), seq)
+    affinity = sequence_affinity(vectors, np.array([1, 1, 1, 1]), seq, centre)
     np.testing.assert_allclose(affinity, [1.0, 0.5 ** 0.5, -1.0, 0.0], atol=1e-12)
-    assert sequence_affinity(vectors, np.array([0]), np.array([[1, 3, 0]]))[0] == 0.0
+    assert sequence_affinity(vectors, np.array([0]), np.array([[1, 3, 0]]), centre)[0] == 0.0
+    # Uncentred, the common direction [5, 5] dominates: rows 1 and 3 look alike.
+    assert sequence_affinity(vectors, np.array([1]), np.array([[3, 0, 0]]),
+                             np.zeros(2))[0] > 0.8
 
 
 def test_the_fitted_scores_rank_by_a_planted_feature_and_ignore_noise():
@@ -58,3 +62,7 @@ def test_the_fitted_scores_rank_by_a_planted_feature_and_ignore_noise():
     scores = logistic_scores(x, y, held)
     # The logits follow the planted 2 x0 - 1; the noise column's weight is near 0.
     np.testing.assert_allclose(scores, 2.0 * held[:, 0] - 1.0, atol=0.4)
+    unit = np.zeros((2, 2))
+    unit[1, 1] = 1.0  # only the noise column moves: the logit moves by its weight
+    noise_weight = np.diff(logistic_scores(x, y, unit))[0]
+    assert abs(noise_weight) < 0.1

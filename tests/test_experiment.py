@@ -126,6 +126,39 @@ def test_worlds_pool_as_strata_the_mean_of_their_aucs_with_an_interval_over_worl
         pooled_summary({"w0": worlds["w0"], "odd": odd})
 
 
+def test_strata_without_both_classes_are_left_out_and_sparse_ones_do_not_void_resamples(
+        monkeypatch):
+    from trainer import experiment
+    from trainer.metrics import auc, percentile_interval
+
+    seen = []  # every bootstrap distribution an interval is taken of
+    monkeypatch.setattr(experiment, "percentile_interval",
+                        lambda x: seen.append(np.asarray(x)) or percentile_interval(x))
+
+    rng = np.random.default_rng(3)
+    parts = []
+    for k, clicks in enumerate((60, 60, 1, 0)):  # stratum 2: one click; 3: none
+        y = np.zeros(300)
+        y[rng.choice(300, clicks, replace=False)] = 1.0
+        parts.append((y, np.repeat(np.arange(50), 6).astype(str), np.full(300, k)))
+    y, users, strata = (np.concatenate(c) for c in zip(*parts, strict=True))
+    users = np.char.add(strata.astype(str), users)
+    score = y + rng.normal(0, 1, y.size)
+    result = compare_models(y, users, {"a": score[None], "b": -score[None]},
+                            pairs=[("a", "b")], resamples=100, strata=strata)
+    a = result["models"]["a"]
+    assert a["strata"] == 3  # the stratum without a click has no AUC
+    assert a["auc"] == pytest.approx(np.mean([auc(y[strata == k], score[strata == k])
+                                              for k in range(3)]))
+    # The one-click stratum is undefined in about a third of the resamples (its user not
+    # drawn): they still count, as the mean of the other strata.
+    lo, hi = a["ci95_users"]
+    assert lo < a["auc"] < hi
+    assert len(seen) == 3 and all(x.shape == (100,) and not np.isnan(x).any() for x in seen)
+    lo, hi = result["diffs"]["a-b"]["ci95_strata"]
+    assert -1.0 <= lo < hi <= 1.0  # clipped: three strata, wide
+
+
 def _set_env(cfg: Config, monkeypatch) -> None:
     """Give the command line ``cfg``'s values, as ``PPM__`` variables."""
     for section in ("features", "model", "trainer"):
@@ -309,7 +342,11 @@ def test_experiment_worlds_streams_each_world_once_and_pools_them(tmp_path, caps
     before = first[0].stat().st_mtime_ns
     world_cfg = stream_world(cfg, 5, item_encoder, progress=False)
     assert world_cfg.data_dir == cfg.paths.world(5) and first[0].stat().st_mtime_ns == before
-    # A world of other settings under the same seed is refused, not silently reused.
-    with pytest.raises(ValueError, match="other simulator settings"):
-        stream_world(cfg.with_values({"simulator.n_users": 81}), 5, item_encoder,
-                     progress=False)
+    # A world of other settings under the same seed is refused, not silently reused:
+    # other simulator settings, windows of another length, another encoder.
+    for changed in ({"simulator.n_users": 81}, {"pipeline.log_window_s": 3600.0}):
+        with pytest.raises(ValueError, match="streamed with other settings"):
+            stream_world(cfg.with_values(changed), 5, item_encoder, progress=False)
+    monkeypatch.setattr(item_encoder, "encoder_version", "enc-other")
+    with pytest.raises(ValueError, match="streamed with other settings"):
+        stream_world(cfg, 5, item_encoder, progress=False)

@@ -215,7 +215,10 @@ def test_steps_promote_or_reject_and_every_version_is_kept(data_dir):
     assert trainer.registry.champion().name == promoted[-1]
     meta = versions[-1].meta
     assert meta["encoder_version"].startswith("enc-") and meta["trained_on"]
-    assert meta["trainer_config"] == cfg.trainer.model_dump(mode="json")
+    # Every training knob, the variant and vectors as fitted (the config says "ppm").
+    assert meta["trainer_config"] == {**cfg.trainer.model_dump(mode="json"),
+                                      "variant": "idrec",
+                                      "encoder_version": meta["encoder_version"]}
     assert trainer.next_step() is None  # everything closed has been trained on
 
     # A strict tolerance makes a worse candidate lose: rejection keeps the champion.

@@ -115,17 +115,20 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
-def t_interval(values: Sequence[float]) -> tuple[float, float] | None:
+def t_interval(values: Sequence[float], bounds: tuple[float, float] | None = None
+               ) -> tuple[float, float] | None:
     """95% t-interval of the mean of ``values`` (e.g. one AUC per seed); None for fewer
     than two. Beyond 30 degrees of freedom the quantile is Cornish-Fisher's first order
-    (1.96 + 2.37 / df), within 0.003 of the exact one."""
+    (1.96 + 2.37 / df), within 0.003 of the exact one. ``bounds``: clip the interval to
+    what the values can be (with few values the t quantile is large: 12.7 for two)."""
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
         return None
     df = x.size - 1
     t = _T975[df - 1] if df <= len(_T975) else 1.96 + 2.372 / df
     half = t * x.std(ddof=1) / np.sqrt(x.size)
-    return float(x.mean() - half), float(x.mean() + half)
+    lo, hi = float(x.mean() - half), float(x.mean() + half)
+    return (lo, hi) if bounds is None else (max(lo, bounds[0]), min(hi, bounds[1]))
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -150,9 +153,10 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
             so every model and difference is judged on the same resamples.
         strata: (n,) ints, e.g. which simulated world each sample comes from (each user in
             one): AUC is then the mean of the strata's AUCs (a stratum without both classes
-            left out), the bootstrap resamples users within each stratum, and
-            ``ci95_strata`` is the t-interval over strata (of a model's AUC, of a pair's
-            difference): how far another draw of the strata could move it.
+            left out), the bootstrap resamples users within each stratum and averages the
+            strata defined in each resample, and ``ci95_strata`` is the t-interval over
+            strata (of a model's AUC, of a pair's difference; clipped to the possible
+            range): how far another draw of the strata could move it.
 
     Returns:
         ``{"samples", "positives", "models": {name: {"auc", "aucs", "ci95_seeds",
@@ -178,16 +182,23 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
         point = [auc(labels, s) for s in stacked]
     else:
         strata, users = np.asarray(strata), np.asarray(users)
-        parts = [part for part in (strata == k for k in np.unique(strata))
+        # (the stratum's own index seeds its resamples: they do not shift when another
+        # stratum is left out)
+        parts = [(k, part) for k, part in enumerate(strata == v for v in np.unique(strata))
                  if 0 < labels[part].sum() < part.sum()]
         by_stratum = np.array([[auc(labels[part], row[part]) for row in stacked]
-                               for part in parts]).reshape(len(parts), len(stacked))
+                               for _, part in parts]).reshape(len(parts), len(stacked))
         point = ([float(v) for v in by_stratum.mean(axis=0)] if parts
                  else [None] * len(stacked))
-        boot = (np.mean([bootstrap_auc(labels[part], stacked[:, part], users[part],
-                                       resamples, seed + k)
-                         for k, part in enumerate(parts)], axis=0)
-                if parts else np.full((len(stacked), resamples), np.nan))
+        # A stratum with few clicks has resamples of one class (NaN): each resample is the
+        # mean of the strata defined in it, rather than lost whenever any one is undefined.
+        # Definedness depends on the labels alone, so paired models share it.
+        per = np.stack([bootstrap_auc(labels[part], stacked[:, part], users[part],
+                                      resamples, seed + k) for k, part in parts]
+                       ) if parts else np.full((1, len(stacked), resamples), np.nan)
+        known = ~np.isnan(per)
+        boot = np.where(known.any(axis=0), np.where(known, per, 0.0).sum(axis=0)
+                        / np.maximum(known.sum(axis=0), 1), np.nan)  # (models x seeds, B)
 
     def listed(interval: tuple[float, float] | None) -> list[float] | None:
         return None if interval is None else list(interval)
@@ -204,7 +215,7 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
                      if len(labels) else None}
         if by_stratum is not None:
             models[m] |= {"strata": len(by_stratum), "ci95_strata": listed(
-                t_interval(by_stratum[:, rows[m]].mean(axis=1)))}
+                t_interval(by_stratum[:, rows[m]].mean(axis=1), bounds=(0.0, 1.0)))}
     ceiling = models.get(ORACLE, {}).get("auc")
     for result in models.values():
         result["oracle_share"] = (
@@ -220,8 +231,8 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
                                  "ci95": listed(percentile_interval(paired))}
             if by_stratum is not None:
                 per_stratum = (by_stratum[:, rows[a]] - by_stratum[:, rows[b]]).mean(axis=1)
-                diffs[f"{a}-{b}"] |= {"strata": len(per_stratum),
-                                      "ci95_strata": listed(t_interval(per_stratum))}
+                diffs[f"{a}-{b}"] |= {"strata": len(per_stratum), "ci95_strata": listed(
+                    t_interval(per_stratum, bounds=(-1.0, 1.0)))}
     return {"samples": len(labels), "positives": int(np.sum(labels)),
             "models": models, "diffs": diffs}
 
@@ -248,10 +259,20 @@ class Scored:
                 resamples: int = RESAMPLES) -> dict[str, Any]:
         """JSON-ready: :attr:`split`, :attr:`fits` and per bucket :func:`compare_models`."""
         return {**self.split, "resamples": resamples, "fits": self.fits,
-                "buckets": {bucket: compare_models(
-                    self.labels[mask], self.users[mask],
-                    {m: s[:, mask] for m, s in self.scores.items()}, pairs, resamples=resamples)
-                    for bucket, mask in self.buckets.items()}}
+                "buckets": per_bucket(self.labels, self.users, self.buckets, self.scores,
+                                      pairs, resamples)}
+
+
+def per_bucket(labels: np.ndarray, users: np.ndarray, buckets: Mapping[str, np.ndarray],
+               scores: Mapping[str, np.ndarray], pairs: Sequence[tuple[str, str]],
+               resamples: int, strata: np.ndarray | None = None) -> dict[str, Any]:
+    """Bucket -> :func:`compare_models` on the samples of that bucket (``buckets``: name ->
+    (n,) bool; ``scores``: model -> (seeds, n); ``strata`` (n,) or None)."""
+    return {bucket: compare_models(labels[mask], users[mask],
+                                   {m: s[:, mask] for m, s in scores.items()}, pairs,
+                                   resamples=resamples,
+                                   strata=None if strata is None else strata[mask])
+            for bucket, mask in buckets.items()}
 
 
 def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
@@ -371,16 +392,12 @@ def pooled_summary(worlds: Mapping[str, Scored], pairs: Sequence[tuple[str, str]
     strata = np.concatenate([np.full(len(worlds[n].labels), k) for k, n in enumerate(names)])
     scores = {m: np.concatenate([worlds[n].scores[m] for n in names], axis=1)
               for m in first.scores}
-    buckets = {}
-    for bucket in first.buckets:
-        mask = np.concatenate([worlds[n].buckets[bucket] for n in names])
-        buckets[bucket] = compare_models(labels[mask], users[mask],
-                                         {m: s[:, mask] for m, s in scores.items()}, pairs,
-                                         resamples=resamples, strata=strata[mask])
+    buckets = {bucket: np.concatenate([worlds[n].buckets[bucket] for n in names])
+               for bucket in first.buckets}
     return {"worlds": names, "seeds": first.split["seeds"], "resamples": resamples,
             "fits": {m: [fit | {"world": n} for n in names for fit in worlds[n].fits[m]]
                      for m in first.fits},
-            "buckets": buckets,
+            "buckets": per_bucket(labels, users, buckets, scores, pairs, resamples, strata),
             "per_world": {n: worlds[n].summary(pairs, resamples) for n in names}}
 
 
@@ -435,8 +452,10 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                          f"{span(m['ci95_users'])} | {num(m['oracle_share'])} | "
                          f"{num(m.get('gauc'))} | {num(m.get('logloss'))} |")
     lines += ["", "paired differences (mean over seeds; 95% bootstrap over users, the same "
-              "resamples for both models)", "", *diff_table(result["buckets"])]
-    lines += ["", "what each fit cost (mean over seeds)", "",
+              "resamples for both models" + ("; t over the worlds' own differences)" if worlds
+                                             else ")"), "", *diff_table(result["buckets"])]
+    lines += ["", "what each fit cost (mean over " + ("worlds and seeds; the first world's "
+              "training windows)" if worlds else "seeds)"), "",
               "| model | training windows | trainable parameters | seconds per epoch | epochs |",
               "|---|---:|---:|---:|---:|"]
     for model, runs in result["fits"].items():

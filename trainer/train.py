@@ -549,7 +549,7 @@ class IncrementalTrainer:
             "encoder_version": self.modal.encoder_version,
             "shuffle_vectors_seed": self.shuffle_vectors_seed,
             "plug_in": champion.meta.get("plug_in") if champion else None,
-            "trainer_config": self.cfg.trainer.model_dump(mode="json"),
+            "trainer_config": trainer_meta(self.cfg, self.variant, self.modal.encoder_version),
             "item_vocabulary": vocabulary_meta(candidate.item_vocabulary),
             "user_vocabulary": vocabulary_meta(candidate.user_vocabulary),
             "taste_vocabulary": vocabulary_meta(candidate.taste_vocabulary),
@@ -686,10 +686,18 @@ class BatchFit:
                 "item_vocabulary": vocabulary_meta(self.model.item_vocabulary),
                 "user_vocabulary": vocabulary_meta(self.model.user_vocabulary),
                 "taste_vocabulary": vocabulary_meta(self.model.taste_vocabulary),
-                # Every training knob it was fitted with (tuned values included): with the
-                # checkpoint's RankerConfig, what a rerun needs.
-                "trainer_config": (self.trainer.cfg.trainer.model_dump(mode="json")
+                "trainer_config": (trainer_meta(self.trainer.cfg, self.variant,
+                                                self.encoder_version)
                                    if self.trainer is not None else None)}
+
+
+def trainer_meta(cfg: Config, variant: str, encoder_version: str | None) -> dict[str, Any]:
+    """The ``[trainer]`` section a model was fitted with, as its registry meta keeps it
+    (``trainer_config``): with the checkpoint's RankerConfig, what a rerun needs. The
+    variant and encoder version are the ones fitted, not the config's defaults (an
+    ``idrec`` fit under the default ``variant = "ppm"``)."""
+    return {**cfg.trainer.model_dump(mode="json"), "variant": variant,
+            "encoder_version": encoder_version}
 
 
 def plug_in(model: UnifiedRanker, source: Version, freeze: bool = False) -> dict[str, Any]:

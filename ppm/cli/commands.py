@@ -53,7 +53,7 @@ def _stream(args: argparse.Namespace, cfg: Config) -> int:
         records = jsonl_records(Path(args.jsonl), cfg.pipeline.max_clock_jump_s)
     else:
         world = _simulator_config(args, cfg)
-        source = f"simulate:{world.model_dump_json()}"
+        source = world.source
         records = ShopSimulator(world).records()
     runner = LocalRunner(cfg, resume=not args.fresh)
     if runner.summary.finished:

@@ -5,45 +5,65 @@ new in it, so a difference between models on new items keeps a wide interval how
 training seeds run, and says nothing of another draw. Here worlds of simulator seeds
 ``simulator.seed``, +1, ..., +W-1 are each streamed through the local runner into a data
 directory of their own (``DataDir.world``; a world streamed to the end before is reused, a
-cut-off one resumes), fitted and scored as ``ppm eval --seeds N`` does
-(:func:`trainer.experiment.score_models`, with the simulator's oracle), and pooled with each
-world a stratum (:func:`trainer.experiment.pooled_summary`).
+cut-off one resumes, one streamed with other settings is refused), then fitted and scored
+as ``ppm eval --seeds N`` does (:func:`trainer.experiment.score_models`, with the
+simulator's oracle), and pooled with each world a stratum
+(:func:`trainer.experiment.pooled_summary`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import TYPE_CHECKING, Any
 
 from ppm.config import Config
 from trainer.baselines import Oracle
 from trainer.experiment import Scored, pooled_summary, score_models
 
+if TYPE_CHECKING:
+    from encoders.item_encoder import ItemEncoder
 
-def stream_world(cfg: Config, seed: int, encoder=None, progress: bool = True) -> Config:
+
+def world_source(cfg: Config, encoder_version: str) -> str:
+    """What a world's stream is of: the simulator's settings, and the pipeline's, the
+    features' and the encoders' that shape its windows and vectors. A world dir streamed
+    under another source is not reused."""
+    return (f"{cfg.simulator.source} pipeline:{cfg.pipeline.model_dump_json()} "
+            f"features:{cfg.features.model_dump_json()} encoder:{encoder_version}")
+
+
+def stream_world(cfg: Config, seed: int, encoder: ItemEncoder, progress: bool = True
+                 ) -> Config:
     """Stream the world of simulator seed ``seed`` (``cfg.simulator`` otherwise) into
     ``cfg.paths.world(seed)``, and its oracle beside it (``simulated_oracle``), unless a
-    run there already finished. Returns the world's config (its data dir)."""
+    run of the same source (:func:`world_source`) finished there. Returns the world's
+    config (its data dir).
+
+    Raises:
+        ValueError: the world dir holds a run of another source, finished or not."""
     from ppm.atomic_file import write_atomically
     from streams.local_runner import LocalRunner
     from streams.sources.shop_simulator import ShopSimulator
 
-    world = cfg.simulator.model_copy(update={"seed": seed})
-    world_cfg = cfg.model_copy(update={"data_dir": cfg.paths.world(seed),
-                                       "simulator": world})
-    simulator = ShopSimulator(world)
-    source = f"simulate:{world.model_dump_json()}"
-    runner = LocalRunner(world_cfg, encoder=encoder, resume=True)
-    if runner.summary.finished and runner.summary.source != source:
-        # A run would say so too, but a finished one is not run again.
-        raise ValueError(f"{world_cfg.data_dir} holds a world streamed from other simulator "
-                         f"settings ({runner.summary.source}); remove it, or give another "
-                         "--data-dir")
-    if not runner.summary.finished:
-        runner.run(simulator.records(), source, progress=progress)
-    oracle = world_cfg.paths.simulated_oracle
+    world_cfg = cfg.model_copy(update={
+        "data_dir": cfg.paths.world(seed),
+        "simulator": cfg.simulator.model_copy(update={"seed": seed})})
+    source = world_source(world_cfg, encoder.encoder_version)
+    paths = world_cfg.paths
+    # The checkpoint's readable twin says what is there, before a runner restores state
+    # that may not fit these settings.
+    done = json.loads(paths.summary.read_text()) if paths.summary.is_file() else {}
+    if done.get("records") and done.get("source") != source:
+        raise ValueError(f"{world_cfg.data_dir} holds a world streamed with other settings "
+                         f"({done.get('source')}); remove it, or give another --data-dir")
+    oracle = paths.simulated_oracle
+    if not done.get("finished"):
+        oracle.unlink(missing_ok=True)  # whatever was there is not this stream's
+        LocalRunner(world_cfg, encoder=encoder, resume=True).run(
+            ShopSimulator(world_cfg.simulator).records(), source, progress=progress)
     if not oracle.is_file():
         oracle.parent.mkdir(parents=True, exist_ok=True)
-        truth = simulator.oracle()  # the world simulated again: cheaper than streaming it
+        truth = ShopSimulator(world_cfg.simulator).oracle()  # cheaper than the stream
         write_atomically(oracle, lambda f: truth.to_parquet(f, index=False))
     return world_cfg
 
@@ -51,20 +71,20 @@ def stream_world(cfg: Config, seed: int, encoder=None, progress: bool = True) ->
 def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
                valid_share: float = 0.1, epochs: int | None = None,
                progress: bool = True) -> dict[str, Any]:
-    """Stream ``worlds`` worlds (:func:`stream_world`), fit and score ``seeds`` seeds of
-    each, and pool them: :func:`trainer.experiment.pooled_summary`'s dict, plus each
-    world's data dir."""
+    """Stream ``worlds`` worlds (:func:`stream_world`), all of them first (a world that
+    cannot be used fails before any fit), then fit and score ``seeds`` seeds of each and
+    pool them: :func:`trainer.experiment.pooled_summary`'s dict, plus each world's data
+    dir."""
     from encoders.item_encoder import ItemEncoder
 
     if worlds < 1:
         raise ValueError(f"--worlds must be at least 1, got {worlds}")
     encoder = ItemEncoder.from_config(cfg)  # loaded once, for every world
-    scored: dict[str, Scored] = {}
-    dirs = {}
-    for seed in range(cfg.simulator.seed, cfg.simulator.seed + worlds):
-        world_cfg = stream_world(cfg, seed, encoder, progress)
-        name = f"seed-{seed}"
-        dirs[name] = str(world_cfg.data_dir)
-        scored[name] = score_models(world_cfg, seeds, test_share, valid_share, epochs,
-                                    Oracle.read(world_cfg.paths.simulated_oracle), progress)
-    return {"data_dirs": dirs, **pooled_summary(scored)}
+    streamed = {f"seed-{seed}": stream_world(cfg, seed, encoder, progress)
+                for seed in range(cfg.simulator.seed, cfg.simulator.seed + worlds)}
+    scored: dict[str, Scored] = {
+        name: score_models(world_cfg, seeds, test_share, valid_share, epochs,
+                           Oracle.read(world_cfg.paths.simulated_oracle), progress)
+        for name, world_cfg in streamed.items()}
+    return {"data_dirs": {name: str(c.data_dir) for name, c in streamed.items()},
+            **pooled_summary(scored)}
