@@ -761,7 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--quiet", action="store_true", help="--seeds: no progress bar")
     evaluate.set_defaults(run=_eval)
 
-    experiment = sub.add_parser("experiment", help="research sweeps over the closed windows")
+    experiment = sub.add_parser("experiment", help="research sweeps over the closed windows "
+                                "(worlds: over simulated worlds it streams)")
     kinds = experiment.add_subparsers(dest="experiment", required=True)
     stale = kinds.add_parser(
         "staleness", help="replay the windows under each embedding refresh policy (on "
