@@ -50,9 +50,10 @@ def stream_world(cfg: Config, seed: int, encoder: ItemEncoder, progress: bool = 
         "simulator": cfg.simulator.model_copy(update={"seed": seed})})
     source = world_source(world_cfg, encoder.encoder_version)
     paths = world_cfg.paths
-    # The checkpoint's readable twin says what is there, before a runner restores state
-    # that may not fit these settings.
-    done = json.loads(paths.summary.read_text()) if paths.summary.is_file() else {}
+    # The checkpoint says what is there (summary.json, written after it, can be one behind),
+    # before a runner restores state that may not fit these settings.
+    done = (json.loads(paths.checkpoint.read_bytes())["summary"] if paths.checkpoint.is_file()
+            else {})
     if done.get("records") and done.get("source") != source:
         raise ValueError(f"{world_cfg.data_dir} holds a world streamed with other settings "
                          f"({done.get('source')}); remove it, or give another --data-dir")
