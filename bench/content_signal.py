@@ -161,11 +161,12 @@ def main() -> None:
         new_items, leave_out=y_new) - base
     # The user's affinity, weighed by a regression on the training impressions whose lifts
     # leave each impression's own click out (else the lifts would carry the label). Only
-    # impressions of items not already in the sequence: a new item never is, and one that
-    # is would be matched against its own vector. The vectors are centred on the training
-    # period's (the rows its impressions and sequences read): nothing of later periods.
+    # impressions of items with a vector that are not already in the sequence, as a new
+    # item's: one that is would be matched against its own vector. The vectors are centred
+    # on the training period's (the rows its impressions and sequences read): nothing of
+    # later periods.
     seq_train = train.features["seq_modal_row"]
-    fresh = ~(seq_train == rows[:, None]).any(axis=1)
+    fresh = (rows > 0) & ~(seq_train == rows[:, None]).any(axis=1)
     used = np.unique(np.concatenate([rows, seq_train.ravel()]))
     centre = vectors[used[used > 0]].astype(np.float64).mean(axis=0)
     train_affinity = sequence_affinity(vectors, rows[fresh], seq_train[fresh], centre)
