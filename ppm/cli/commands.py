@@ -643,6 +643,16 @@ PRESET_NOTES = {
 from PRESETS itself, so a preset without words here is still listed."""
 
 
+def _add_fit_options(parser: argparse.ArgumentParser) -> None:
+    """The split, epochs and output options of an experiment that fits models per seed."""
+    parser.add_argument("--test-share", type=float, default=0.2)
+    parser.add_argument("--valid-share", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, help="most epochs per fit (default from "
+                        "config: trainer.initial_epochs)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the tables here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppm",
@@ -853,12 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(required with --finetuned; else default: trainer.encoder_version, "
                           "else the one written last)")
     ablation.add_argument("--seeds", type=int, default=3, metavar="N")
-    ablation.add_argument("--test-share", type=float, default=0.2)
-    ablation.add_argument("--valid-share", type=float, default=0.1)
-    ablation.add_argument("--epochs", type=int, help="most epochs per fit (default from "
-                          "config: trainer.initial_epochs)")
-    ablation.add_argument("--markdown", metavar="FILE", help="also write the tables here")
-    ablation.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_fit_options(ablation)
     ablation.set_defaults(run=_experiment_ablation)
 
     worlds = kinds.add_parser(
@@ -870,12 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="simulated worlds (default 5)")
     worlds.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="training seeds per world (default 1)")
-    worlds.add_argument("--test-share", type=float, default=0.2)
-    worlds.add_argument("--valid-share", type=float, default=0.1)
-    worlds.add_argument("--epochs", type=int, help="most epochs per fit (default from "
-                        "config: trainer.initial_epochs)")
-    worlds.add_argument("--markdown", metavar="FILE", help="also write the tables here")
-    worlds.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_fit_options(worlds)
     worlds.set_defaults(run=_experiment_worlds)
 
     serve = sub.add_parser("serve", help="score candidates over HTTP (POST /rank; GET /health, "
