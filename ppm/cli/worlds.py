@@ -58,14 +58,16 @@ def stream_world(cfg: Config, seed: int, encoder: ItemEncoder, progress: bool = 
         raise ValueError(f"{world_cfg.data_dir} holds a world streamed with other settings "
                          f"({done.get('source')}); remove it, or give another --data-dir")
     oracle = paths.simulated_oracle
+    if done.get("finished") and oracle.is_file():
+        return world_cfg
+    simulator = ShopSimulator(world_cfg.simulator)  # builds its catalog: only when needed
     if not done.get("finished"):
         oracle.unlink(missing_ok=True)  # whatever was there is not this stream's
         LocalRunner(world_cfg, encoder=encoder, resume=True).run(
-            ShopSimulator(world_cfg.simulator).records(), source, progress=progress)
-    if not oracle.is_file():
-        oracle.parent.mkdir(parents=True, exist_ok=True)
-        truth = ShopSimulator(world_cfg.simulator).oracle()  # cheaper than the stream
-        write_atomically(oracle, lambda f: truth.to_parquet(f, index=False))
+            simulator.records(), source, progress=progress)
+    truth = simulator.oracle()  # the simulation again, without rendering: cheap
+    oracle.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(oracle, lambda f: truth.to_parquet(f, index=False))
     return world_cfg
 
 
