@@ -92,6 +92,7 @@ from ppm.atomic_file import append_line
 from ppm.clock import now_us
 from ppm.config import Config, load_config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
+from ppm.heap import freeze_heap
 from ppm.records import ItemState, UserSequence
 from streams.intake import Admitted, Intake, processing_dead_letter
 from streams.kafka_transport import Transport
@@ -738,14 +739,15 @@ def tune_gc() -> None:
     """Make Python's cyclic garbage collector cheap for a long-running worker.
 
     Everything loaded so far (Faust's, Feast's and torch's modules: each agent calls this
-    once it is set up) is moved out of the collector's sight (``gc.freeze``), and the
-    youngest generation is collected every 50,000 allocations instead of 700. A worker
+    once it is set up) is moved out of the collector's sight
+    (:func:`ppm.heap.freeze_heap`), and the youngest generation is collected every 50,000
+    allocations instead of 700. A worker
     allocates a few objects per event and frees almost all of them by reference counting;
     with the default thresholds the collector's passes over the large heap took a sizeable
     share of the behavior agent's time (profiled while tuning bench/freshness.py; figure in
     docs/results.md).
     """
-    gc.freeze()
+    freeze_heap()
     gc.set_threshold(50_000, 20, 100)
 
 

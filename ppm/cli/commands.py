@@ -1011,9 +1011,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         # The process ends now: a last full collection over the millions of objects Feast
         # and torch leave only delays the exit (0.6 s of ppm features get's 2).
-        import gc
+        from ppm.heap import freeze_heap
 
-        gc.freeze()
+        freeze_heap()
     return code
 
 

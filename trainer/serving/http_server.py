@@ -59,6 +59,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors import Multiprocess
 
 from ppm.config import Config, ServingConfig
+from ppm.heap import freeze_heap
 from ppm.metrics import counter, histogram
 from trainer.serving.ranker import NoChampionError, Ranker
 
@@ -426,7 +427,7 @@ def loaded_app(cfg: Config, variant: str) -> FastAPI:
     # long as it does: out of the collector's reach, a full collection no longer stalls a
     # request for a third of a second (bench/serve.py).
     gc.collect()
-    gc.freeze()
+    freeze_heap()
     return app
 
 
