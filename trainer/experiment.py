@@ -162,7 +162,8 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
         ``{"samples", "positives", "models": {name: {"auc", "aucs", "ci95_seeds",
         "ci95_users", "oracle_share", "gauc", "logloss"}}, "diffs": {"a-b": {"auc",
         "ci95"}}}``: ``auc``, ``gauc`` and ``logloss`` the means over seeds, ``aucs`` one
-        per seed, ``ci95_seeds`` the t-interval over seeds (None for k = 1), ``ci95_users``
+        per seed, ``ci95_seeds`` the t-interval over seeds (None for k = 1; clipped to [0, 1]:
+        with two seeds t is 12.7 and the bare interval can pass 1), ``ci95_users``
         the bootstrap interval of the seed-mean AUC, ``oracle_share`` ``(auc - 0.5) /
         (oracle auc - 0.5)`` (None without an oracle); a difference's ``auc`` is the mean of
         the per-seed differences, its ``ci95`` the bootstrap interval of that mean. With
@@ -208,7 +209,8 @@ def compare_models(labels: np.ndarray, users: np.ndarray, scores: Mapping[str, n
         aucs = point[rows[m]]
         defined = all(a is not None for a in aucs)
         models[m] = {"auc": _mean(aucs), "aucs": aucs,
-                     "ci95_seeds": listed(t_interval(aucs)) if defined else None,
+                     "ci95_seeds": listed(t_interval(aucs, bounds=(0.0, 1.0)))
+                     if defined else None,
                      "ci95_users": listed(percentile_interval(boot[rows[m]].mean(axis=0))),
                      "gauc": _mean([gauc(labels, s, users) for s in stacked[rows[m]]]),
                      "logloss": _mean([logloss(labels, sigmoid(s)) for s in stacked[rows[m]]])
