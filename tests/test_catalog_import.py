@@ -409,6 +409,39 @@ def test_ppm_import_into_a_folder_holding_a_run_refuses_and_touches_nothing(tmp_
         refuse_existing_run(data)
 
 
+@pytest.mark.parametrize("case, interactions, says", [
+    ("milliseconds", {"timestamp": [T0_S * 1000, T0_S * 1000 + 60_000],
+                      "action": ["impression"] * 2},
+     "none of the 2 interactions could be imported (the first rejected row's reason: "
+     "timestamp: "),
+    ("clicks_only", {"timestamp": [T0_S, T0_S + 60], "action": ["click"] * 2},
+     "no impression among the 2 interactions imported"),
+    ("no_rows", {"timestamp": [], "action": []}, "the interactions file has no rows"),
+])
+def test_an_import_that_leaves_nothing_to_stream_is_an_error_before_any_run(
+        tmp_path, capsys, case, interactions, says):
+    """Every row rejected (here: epoch milliseconds for seconds, which also leaves every item
+    undated) used to stream an empty run and exit 0."""
+    items, _ = small_import()
+    users = ["u1", "u2"][:len(interactions["timestamp"])]
+    inter = pa.table({"user_id": pa.array(users, pa.string()),
+                      "item_id": pa.array(["i1", "i2"][:len(users)], pa.string())}
+                     | {k: pa.array(v, pa.int64() if k == "timestamp" else pa.string())
+                        for k, v in interactions.items()})
+    pq.write_table(items, tmp_path / "items.parquet")
+    pq.write_table(inter, tmp_path / "inter.parquet")
+    data = tmp_path / "data"
+    assert main(["--data-dir", str(data), "import", "--items", str(tmp_path / "items.parquet"),
+                 "--interactions", str(tmp_path / "inter.parquet"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ppm import: error: ") and says in err, err
+    paths = DataDir(data)
+    assert not paths.checkpoint.exists() and not paths.training.exists()
+    if case == "milliseconds":
+        assert "epoch milliseconds?" in err and str(paths.import_events / "rejected.jsonl") in err
+        assert len(lines(paths.import_events / "rejected.jsonl")) == 4  # 2 rows, 2 items
+
+
 def test_an_output_folder_holding_other_files_is_refused_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -402,6 +402,7 @@ def _import(args: argparse.Namespace, cfg: Config) -> int:
     from streams.sources.catalog_import import (
         LabelRule,
         movielens,
+        nothing_to_stream,
         read_table,
         refuse_existing_run,
         write_events,
@@ -416,6 +417,8 @@ def _import(args: argparse.Namespace, cfg: Config) -> int:
     events_dir = cfg.paths.import_events
     summary = write_events(items, interactions, rule, events_dir)
     print(json.dumps({"events": summary.__dict__}, default=str), file=sys.stderr)
+    if problem := nothing_to_stream(summary):
+        raise SystemExit(problem)
     from streams.local_runner import import_into_pipeline  # torch: only once it is needed
 
     run = import_into_pipeline(cfg, events_dir, progress=not args.quiet)

@@ -9,6 +9,7 @@ local replay reads (``items.jsonl``, ``behaviors.jsonl``, see
    :class:`~ppm.events.BehaviorEvent` (validated by the event contract itself) and writes
    them in event-time order; every row that cannot become an event goes to
    ``rejected.jsonl`` with its reason, so ``written + rejected == rows`` for both inputs;
+   :func:`nothing_to_stream` says when that leaves no sample to make;
 3. :func:`streams.local_runner.import_into_pipeline` streams them through the local runner
    with settings for historical data (the ``history`` preset, :data:`ppm.config.PRESETS`).
 
@@ -823,6 +824,37 @@ def write_events(
         write_atomically(staging / "import_summary.json",
                          json.dumps(asdict(summary), indent=2).encode() + b"\n")
     return summary
+
+
+def nothing_to_stream(summary: ImportSummary) -> str | None:
+    """Why the events :func:`write_events` wrote cannot make a single training sample, or
+    None: no interaction, no impression or no item survived (every row rejected: epoch
+    milliseconds for seconds, a catalog that no interaction dates...). The message quotes
+    the first rejected row's reason and names ``rejected.jsonl``, which holds them all."""
+    rejected = Path(summary.out_dir) / "rejected.jsonl"
+
+    def first_reason(source: str) -> str:
+        with rejected.open("rb") as lines:
+            for line in lines:
+                record = json.loads(line)
+                if record["source"] == source:
+                    return f" (the first rejected row's reason: {record['reason']})"
+        return ""
+
+    where = f"; each rejected row and its reason: {rejected}"
+    if not summary.interactions_read:
+        return "the interactions file has no rows"
+    if not summary.interactions_written:
+        return (f"none of the {summary.interactions_read:,} interactions could be imported"
+                f"{first_reason('interactions')}{where}")
+    if not summary.behavior_events.get(Action.IMPRESSION.value):
+        return (f"no impression among the {summary.interactions_written:,} interactions "
+                "imported: samples are impressions, and clicks need the impressions they "
+                "follow (give the action data's impressions, or ratings with --label-rule)")
+    if not summary.items_written:
+        return (f"none of the {summary.items_read:,} items could be imported"
+                f"{first_reason('items')}{where}")
+    return None
 
 
 # ---------------------------------------------------------------------------- MovieLens
