@@ -449,13 +449,14 @@ def test_checkpoint_round_trip(tmp_path, variant):
         for p in model.parameters():
             if p.grad is not None:
                 p -= 0.1 * p.grad
+    model.trained_tasks = ("click", "collect")
     path = tmp_path / "model.pt"
     extra = {"version": "v000001", "windows": ["a", "b"], "auc": 0.7, "n": 3, "none": None,
              "nested": {"offsets": [1, 2]}, "tensor": torch.arange(3)}
     save_checkpoint(path, model, extra)
     loaded, got = load_checkpoint(path)
     assert not loaded.training
-    assert loaded.config == model.config
+    assert loaded.config == model.config and loaded.trained_tasks == ("click", "collect")
     assert got.keys() == extra.keys() and torch.equal(got.pop("tensor"), extra.pop("tensor"))
     assert got == extra
     assert torch.equal(scores(loaded, batch), scores(model, batch))
@@ -493,6 +494,7 @@ def test_a_checkpoint_from_before_user_ids_loads_as_a_model_without_them(tmp_pat
     torch.save(ckpt, tmp_path / "old.pt")
     loaded, _ = load_checkpoint(tmp_path / "old.pt")
     assert loaded.config.user_buckets == 0 and loaded.user_vocabulary is None
+    assert loaded.trained_tasks == loaded.config.tasks  # every head, as served then
     batch = random_batch(loaded.config, labels=False)
     torch.testing.assert_close(scores(loaded, batch), scores(old, batch))
     # Its scores do not depend on the user.

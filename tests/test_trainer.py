@@ -295,6 +295,8 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
     now = int(datetime.fromisoformat(clock).timestamp() * 1e6)
     result = ranker.rank("u0000001", candidates, now=now)
     assert sorted(result.item_ids) == sorted(candidates)
+    champion = trainer.registry.load(trainer.registry.champion())
+    assert set(result.scores) == set(champion.trained_tasks) == {"click", "order", "collect"}
     clicks = result.scores["click"]
     assert clicks == sorted(clicks, reverse=True) and all(0 < p < 1 for p in clicks)
     assert result.missing["item_profile"] >= 1 and result.missing["item_embedding"] >= 1
@@ -351,6 +353,14 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
         for result in ("miss", "hit"):  # the first request's reads; the second's from the cache
             n = re.search(rf'ppm_scoring_item_cache_total\{{result="{result}"\}} (\S+)', metrics)
             assert n and float(n.group(1)) > 0, result
+
+    # A model whose data held clicks alone (ratings made clicks) serves no order or collect
+    # probability: those heads never learned anything.
+    clicks_only = new_model(cfg, "ppm")
+    clicks_only.trained_tasks = ("click",)
+    trainer.registry.promote(trainer.registry.register(clicks_only, {
+        "trained_on": [], "encoder_version": trainer.modal.encoder_version}))
+    assert set(ranker.rank("u0000001", candidates[:3], now=now).scores) == {"click"}
 
 
 @pytest.mark.slow
@@ -556,6 +566,8 @@ def test_batch_training_keeps_the_best_epoch_on_validation(tmp_path):
     # Items first seen in the validation period (i8..i11) are not in the vocabulary.
     assert set(fitted.model.item_vocabulary.counts) == {f"i{k}" for k in range(8)}
     assert meta["item_vocabulary"] == {"min_count": 1, "ids_seen": 8, "ids_admitted": 8}
+    # The tiny world has clicks alone: the order and collect heads learned nothing.
+    assert fitted.model.trained_tasks == ("click",)
 
 
 def test_tuning_keeps_the_value_with_the_best_validation_auc(tmp_path):

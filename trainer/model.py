@@ -575,6 +575,11 @@ class UnifiedRanker(nn.Module):
         self.taste_vocabulary: IdVocabulary | None = None
         """(user, profile value) pairs counted in its training data
         (``trainer.features.taste_keys``), with ``config.taste_rates``; None: none."""
+        self.trained_tasks: tuple[str, ...] | None = None
+        """The tasks (of ``config.tasks``, in that order) whose heads have learned from
+        labels: ``trainer.train.fit`` adds those its data holds. A head never trained (no
+        order in a ratings data set) outputs noise, so serving reports only these. None: a
+        model never trained (a checkpoint from before they were kept loads with all)."""
         self.id_module = IDModule(config) if config.uses_ids else None
         self.ppm = PPMModule(config) if config.uses_modal else None
         in_dim = ((self.id_module.out_dim if self.id_module else 0)
@@ -662,8 +667,8 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def save_checkpoint(path: str | Path, model: UnifiedRanker, extra: dict[str, Any]) -> None:
-    """Write config, weights, the item and user vocabularies and ``extra`` (plain values and
-    tensors only) to ``path``.
+    """Write config, weights, the item and user vocabularies, the trained tasks and
+    ``extra`` (plain values and tensors only) to ``path``.
 
     Raises TypeError if ``extra`` holds anything ``torch.load(weights_only=True)`` would
     refuse (numpy arrays, Paths, datetimes): better now than when loading.
@@ -671,6 +676,8 @@ def save_checkpoint(path: str | Path, model: UnifiedRanker, extra: dict[str, Any
     _check_plain(extra, "extra")
     torch.save({"format": CHECKPOINT_FORMAT, "config": model.config.to_dict(),
                 "state_dict": model.state_dict(), "extra": dict(extra),
+                "trained_tasks": (None if model.trained_tasks is None
+                                  else list(model.trained_tasks)),
                 **{f"{kind}_vocabulary": None if v is None else v.to_dict()
                    for kind, v in (("item", model.item_vocabulary),
                                    ("user", model.user_vocabulary),
@@ -691,4 +698,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"
         vocabulary = ckpt.get(f"{kind}_vocabulary")
         setattr(model, f"{kind}_vocabulary",
                 None if vocabulary is None else IdVocabulary.from_dict(vocabulary))
+    # Absent from checkpoints of before they were kept: every head, as served then.
+    tasks = ckpt.get("trained_tasks", list(model.config.tasks))
+    model.trained_tasks = None if tasks is None else tuple(tasks)
     return model.eval(), ckpt["extra"]

@@ -89,7 +89,8 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
         extra_share: float = 0.0, grad_clip: float | None = None,
         progress: bool = False, after_epoch: Callable[[int], bool] | None = None,
         curves: CurveLog | None = None, *, id_lr_scale: float) -> float:
-    """Train ``model`` in place; returns the mean loss of the last epoch run.
+    """Train ``model`` in place (its ``trained_tasks`` gain the tasks ``data`` and ``extra``
+    hold); returns the mean loss of the last epoch run.
 
     ``extra`` (older samples) contributes ``extra_share * len(data)`` random samples per
     epoch: replay against forgetting. ``grad_clip``: the largest gradient norm of a step
@@ -104,6 +105,12 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
 
     torch.manual_seed(seed)
     optimizer = adamw(model, lr, weight_decay, id_lr_scale)
+    if epochs > 0:
+        # The heads these samples teach (``label_mask`` hides the labels of other tasks).
+        learned = {*(model.trained_tasks or ()), *(data.tasks if len(data) else ())}
+        if extra is not None and len(extra) and extra_share > 0:
+            learned |= set(extra.tasks)
+        model.trained_tasks = tuple(t for t in model.config.tasks if t in learned)
     last = float("nan")
     for epoch in range(epochs):
         model.train()

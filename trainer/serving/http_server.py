@@ -4,7 +4,8 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 
 * ``POST /rank`` with ``{"user_id": "u1", "item_ids": ["i1", "i2", ...]}`` answers
   ``{"model_version": ..., "items": [{"item_id", "click", "order", "collect"}, ...],
-  "missing": {...}}``, items by descending click probability.
+  "missing": {...}}``, items by descending click probability; a task the model never saw
+  a label of (orders in a ratings data set) has no key.
 * ``GET /health``: the process answers (liveness), with the model version and request count.
 * ``GET /ready``: 200 when a model is loaded and the online store answers a read, else 503
   with the reason (readiness: route traffic here only when it is 200).
@@ -82,7 +83,8 @@ class RankRequest(BaseModel):
 
 
 class ScoredItem(BaseModel):
-    """One candidate with each task's probability (``click``, ``order``, ``collect``...)."""
+    """One candidate with the probability of each task its model learned (``click``,
+    ``order``, ``collect``...: ``UnifiedRanker.trained_tasks``)."""
 
     model_config = ConfigDict(extra="allow")
     item_id: str

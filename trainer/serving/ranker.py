@@ -59,7 +59,8 @@ class NoChampionError(RuntimeError):
 @dataclass
 class RankResult:
     """Candidates in descending probability of the model's first task (click by default),
-    with every task's probability."""
+    with the probability of every task the model learned (``UnifiedRanker.trained_tasks``:
+    a model trained on ratings turned into clicks has no order or collect probability)."""
 
     item_ids: list[str]
     scores: dict[str, list[float]]
@@ -267,8 +268,10 @@ class Ranker:
         version, model, encoder_version, projection, compiled = self._model
         self._count("requests")
         item_ids = list(item_ids)
+        # Only heads that learned from labels: an untrained one's output is noise.
+        tasks = model.trained_tasks or model.config.tasks
         if not item_ids:
-            return RankResult([], {t: [] for t in model.config.tasks}, version)
+            return RankResult([], {t: [] for t in tasks}, version)
         batch, missing = self.build_batch(model, encoder_version, user_id, item_ids, now,
                                           projection)
         with torch.inference_mode():
@@ -282,7 +285,7 @@ class Ranker:
         return RankResult(
             item_ids=[item_ids[i] for i in order],
             scores={task: probs[order, j].tolist()
-                    for j, task in enumerate(model.config.tasks)},
+                    for j, task in enumerate(model.config.tasks) if task in tasks},
             model_version=version,
             missing=missing,
         )
