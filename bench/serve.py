@@ -78,6 +78,7 @@ def main() -> None:
 
     from feature_repo.online_features import OnlineFeatures
     from ppm.config import Config, SimulatorConfig
+    from ppm.heap import freeze_heap
     from streams.local_runner import LocalRunner
     from streams.sources.shop_simulator import ShopSimulator
     from trainer.registry import Registry
@@ -139,7 +140,7 @@ def main() -> None:
         # the models) move out of the collector's reach, else a full collection every few
         # seconds adds ~350 ms to one request in sixty, to both paths alike.
         gc.collect()
-        gc.freeze()
+        freeze_heap()
 
         def timed(scorer: Ranker) -> list[float]:
             for user, candidates in requests[:20]:  # warm-up: first reads/forwards are slow

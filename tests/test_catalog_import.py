@@ -409,25 +409,36 @@ def test_ppm_import_into_a_folder_holding_a_run_refuses_and_touches_nothing(tmp_
         refuse_existing_run(data)
 
 
-@pytest.mark.parametrize("case, interactions, says", [
-    ("milliseconds", {"timestamp": [T0_S * 1000, T0_S * 1000 + 60_000],
-                      "action": ["impression"] * 2},
-     "none of the 2 interactions could be imported (the first rejected row's reason: "
-     "timestamp: "),
-    ("clicks_only", {"timestamp": [T0_S, T0_S + 60], "action": ["click"] * 2},
+MS = T0_S * 1000  # epoch milliseconds, given where seconds are meant
+
+
+@pytest.mark.parametrize("case, titles, rows, says", [
+    ("milliseconds", ["Hat", "Cap"], [("u1", "i1", MS, "impression"),
+                                      ("u2", "i2", MS + 60_000, "impression")],
+     "none of the 2 interactions could be imported; the main reason: timestamp: "),
+    # Row 0's own reason (no user) is not the cause of the other two.
+    ("mixed", ["Hat", "Cap"], [(None, "i1", T0_S, "impression"),
+                               ("u1", "i1", MS, "impression"),
+                               ("u2", "i2", MS + 60_000, "impression")],
+     "the main reason: timestamp: "),
+    ("untitled", [None, " "], [("u1", "i1", T0_S, "impression")],
+     "the main reason: no item could be imported: title: missing or blank"),
+    ("clicks_only", ["Hat", "Cap"], [("u1", "i1", T0_S, "click"), ("u2", "i2", T0_S, "click")],
      "no impression among the 2 interactions imported"),
-    ("no_rows", {"timestamp": [], "action": []}, "the interactions file has no rows"),
+    ("no_rows", ["Hat", "Cap"], [], "the interactions file has no rows"),
+    ("no_items", [], [("u1", "i1", T0_S, "impression")], "the items file has no rows"),
 ])
 def test_an_import_that_leaves_nothing_to_stream_is_an_error_before_any_run(
-        tmp_path, capsys, case, interactions, says):
-    """Every row rejected (here: epoch milliseconds for seconds, which also leaves every item
+        tmp_path, capsys, case, titles, rows, says):
+    """Every row rejected (e.g. epoch milliseconds for seconds, which also leaves every item
     undated) used to stream an empty run and exit 0."""
-    items, _ = small_import()
-    users = ["u1", "u2"][:len(interactions["timestamp"])]
+    items = pa.table({"item_id": pa.array(["i1", "i2"][:len(titles)], pa.string()),
+                      "title": pa.array(titles, pa.string())})
+    users, item_ids, times, actions = zip(*rows, strict=True) if rows else ([],) * 4
     inter = pa.table({"user_id": pa.array(users, pa.string()),
-                      "item_id": pa.array(["i1", "i2"][:len(users)], pa.string())}
-                     | {k: pa.array(v, pa.int64() if k == "timestamp" else pa.string())
-                        for k, v in interactions.items()})
+                      "item_id": pa.array(item_ids, pa.string()),
+                      "timestamp": pa.array(times, pa.int64()),
+                      "action": pa.array(actions, pa.string())})
     pq.write_table(items, tmp_path / "items.parquet")
     pq.write_table(inter, tmp_path / "inter.parquet")
     data = tmp_path / "data"
@@ -437,9 +448,11 @@ def test_an_import_that_leaves_nothing_to_stream_is_an_error_before_any_run(
     assert err.startswith("ppm import: error: ") and says in err, err
     paths = DataDir(data)
     assert not paths.checkpoint.exists() and not paths.training.exists()
-    if case == "milliseconds":
+    if case in ("milliseconds", "mixed"):
         assert "epoch milliseconds?" in err and str(paths.import_events / "rejected.jsonl") in err
-        assert len(lines(paths.import_events / "rejected.jsonl")) == 4  # 2 rows, 2 items
+        # Every row, and the items no readable time dates (in "mixed" row 0 dates i1).
+        assert len(lines(paths.import_events / "rejected.jsonl")) == len(rows) + (
+            2 if case == "milliseconds" else 1)
 
 
 def test_an_output_folder_holding_other_files_is_refused_untouched(tmp_path):

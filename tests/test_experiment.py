@@ -73,10 +73,14 @@ def test_compare_models_averages_seeds_and_reads_every_model_against_the_oracle(
     assert result["diffs"]["ppm-idrec"] == {"auc": pytest.approx(0.0, abs=1e-12),
                                             "ci95": [pytest.approx(0.0, abs=1e-12)] * 2}
     assert (result["samples"], result["positives"]) == (1000, int(y.sum()))
-    # Two seeds far apart: t(1 df) = 12.7 would put the interval beyond 1 and below 0.5.
-    far = compare_models(y, users, {"a": np.stack([truth, -truth + 0.1 * seeds[0]])},
-                         pairs=[])["models"]["a"]
-    assert far["ci95_seeds"][0] >= 0.0 and far["ci95_seeds"][1] == 1.0
+    # Two seeds far apart: t(1 df) = 12.7 would put the interval beyond both ends (about
+    # [-4.7, 5.7]); two close to 1 only beyond 1, and the lower end is left as it is.
+    far = compare_models(y, users, {"a": np.stack([truth, -truth + 0.1 * seeds[0]]),
+                                    "b": np.stack([truth, truth + 0.3 * seeds[0]])},
+                         pairs=[])["models"]
+    assert far["a"]["ci95_seeds"] == [0.0, 1.0]
+    lo, hi = t_interval(far["b"]["aucs"])
+    assert hi > 1.0 and far["b"]["ci95_seeds"] == [lo, 1.0]
 
 
 def _world(seed: int, users: int = 150, noise: float = 1.0) -> Scored:

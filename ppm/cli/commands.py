@@ -1013,7 +1013,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, 1, _explain(exc, args, cfg))
     if argv is None:
         # The process ends now: a last full collection over the millions of objects Feast
-        # and torch leave only delays the exit (0.6 s of ppm features get's 2).
+        # and torch leave only delays the exit (0.6 s of ppm features get's 2). Not where
+        # triton is loaded (the encoders' commands): see ppm.heap.
         from ppm.heap import freeze_heap
 
         freeze_heap()

@@ -57,7 +57,7 @@ Rows are passed through, one event each; no impression is made up. A follow-up w
 ``request_id`` takes the request of the latest impression of the same user and item at or
 before it, else its own ``f"{user_id}@{µs}"``. Clicks with no impression before them end up
 as ``unmatched``/``late`` lines in the training log's ``late_events.jsonl``, not as
-samples: include the impressions.
+samples: include the impressions (``ppm import`` refuses action data without any).
 """
 
 from __future__ import annotations
@@ -659,6 +659,9 @@ class ImportSummary:
     """Lines in behaviors.jsonl per action."""
     rejected_by_field: dict[str, int] = field(default_factory=dict)
     """``"items.title"``, ``"interactions.timestamp"`` ... -> rejected rows (first reason)."""
+    main_reasons: dict[str, str] = field(default_factory=dict)
+    """``"items"`` / ``"interactions"`` (those with rejected rows) -> the reason of the first
+    row rejected for the field most of its rows were rejected for: a cause, not row 0's."""
     first_event_time: str | None = None
     last_event_time: str | None = None
     seconds: float = 0.0
@@ -802,6 +805,9 @@ def write_events(
     behaviors.sort(key=lambda x: x[:3])
     by_field = Counter(f"items.{r.split(':', 1)[0]}" for r in catalog.reasons.values())
     by_field.update(f"interactions.{r.split(':', 1)[0]}" for r in acts.reasons.values())
+    main_reasons = {source: _main_reason(reasons)
+                    for source, reasons in (("items", catalog.reasons),
+                                            ("interactions", acts.reasons)) if reasons}
     times = [t for t, *_ in dated] + [t for t, *_ in behaviors[:1] + behaviors[-1:]]
     summary = ImportSummary(
         out_dir=str(out_dir), label_rule=None if rule is None else str(rule),
@@ -810,7 +816,7 @@ def write_events(
         interactions_read=acts.n, interactions_written=acts.n - len(acts.reasons),
         interactions_rejected=len(acts.reasons),
         behavior_events={a.value: counts[a.value] for a in Action},
-        rejected_by_field=dict(sorted(by_field.items())),
+        rejected_by_field=dict(sorted(by_field.items())), main_reasons=main_reasons,
         first_event_time=_from_us(min(times)).isoformat() if times else None,
         last_event_time=_from_us(max(times)).isoformat() if times else None,
     )
@@ -826,34 +832,34 @@ def write_events(
     return summary
 
 
+def _main_reason(reasons: dict[int, str]) -> str:
+    """The first (by row) of ``reasons`` whose field most of them name."""
+    fields = Counter(r.split(":", 1)[0] for r in reasons.values())
+    top = fields.most_common(1)[0][0]
+    return next(reasons[row] for row in sorted(reasons) if reasons[row].split(":", 1)[0] == top)
+
+
 def nothing_to_stream(summary: ImportSummary) -> str | None:
     """Why the events :func:`write_events` wrote cannot make a single training sample, or
-    None: no interaction, no impression or no item survived (every row rejected: epoch
-    milliseconds for seconds, a catalog that no interaction dates...). The message quotes
-    the first rejected row's reason and names ``rejected.jsonl``, which holds them all."""
-    rejected = Path(summary.out_dir) / "rejected.jsonl"
-
-    def first_reason(source: str) -> str:
-        with rejected.open("rb") as lines:
-            for line in lines:
-                record = json.loads(line)
-                if record["source"] == source:
-                    return f" (the first rejected row's reason: {record['reason']})"
-        return ""
-
-    where = f"; each rejected row and its reason: {rejected}"
+    None: no interaction or no impression survived (every row rejected: epoch milliseconds
+    for seconds, a catalog whose rows all lack a title...). The message quotes the main
+    reason (:attr:`ImportSummary.main_reasons`; the catalog's where no item survived to
+    be interacted with) and names ``rejected.jsonl``, which holds every row's."""
     if not summary.interactions_read:
-        return "the interactions file has no rows"
+        return "the interactions file has no rows: give it the user-item events to learn from"
+    if not summary.items_read:
+        return "the items file has no rows: every interaction needs its item in the catalog"
+    rejected = Path(summary.out_dir) / "rejected.jsonl"
     if not summary.interactions_written:
-        return (f"none of the {summary.interactions_read:,} interactions could be imported"
-                f"{first_reason('interactions')}{where}")
+        reason = summary.main_reasons.get("interactions", "")
+        if not summary.items_written and reason.startswith("item_id:"):
+            reason = f"no item could be imported: {summary.main_reasons.get('items', '')}"
+        return (f"none of the {summary.interactions_read:,} interactions could be imported; "
+                f"the main reason: {reason}; each rejected row and its reason: {rejected}")
     if not summary.behavior_events.get(Action.IMPRESSION.value):
         return (f"no impression among the {summary.interactions_written:,} interactions "
                 "imported: samples are impressions, and clicks need the impressions they "
                 "follow (give the action data's impressions, or ratings with --label-rule)")
-    if not summary.items_written:
-        return (f"none of the {summary.items_read:,} items could be imported"
-                f"{first_reason('items')}{where}")
     return None
 
 
