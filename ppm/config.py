@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ppm.data_dir import DataDir
 
@@ -696,7 +696,10 @@ class Config(_Section):
                 raise ValueError(f"unknown config field {key!r}: give section.field, or a "
                                  "field of [trainer] or [model]")
             tree.setdefault(section, {})[name] = value
-        return Config.model_validate(_deep_merge(self._dump_as_given(), tree))
+        try:
+            return Config.model_validate(_deep_merge(self._dump_as_given(), tree))
+        except ValidationError as exc:
+            raise ValueError(describe_config_error(exc)) from exc
 
     def _dump_as_given(self) -> dict[str, Any]:
         """``model_dump``, with ``[model]`` as given (:meth:`ModelConfig.dump_as_given`)."""
@@ -778,6 +781,36 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
                 raise ValueError(f"config variable {name!r} conflicts with another one")
         node[path[-1]] = value
     return tree
+
+
+def describe_config_error(error: ValidationError) -> str:
+    """One line per bad setting of a :class:`Config` validation error, named by its dotted
+    path: ``trainer.batchsize: no such setting (did you mean trainer.batch_size?)``,
+    ``trainer.lr: Input should be a valid number ... (got 'abc')``; without pydantic's
+    type codes and links."""
+    import difflib
+
+    lines = []
+    for e in error.errors():
+        path = [str(part) for part in e["loc"]]
+        where = ".".join(path)
+        if e["type"] != "extra_forbidden":
+            got = f" (got {e['input']!r})" if not isinstance(e["input"], dict) else ""
+            lines.append(f"{where}: {e['msg']}{got}")
+            continue
+        section: Any = Config
+        for part in path[:-1]:  # the model the unknown key was given to
+            field_ = section.model_fields.get(part) if section is not None else None
+            annotation = field_.annotation if field_ is not None else None
+            section = annotation if isinstance(annotation, type) and issubclass(
+                annotation, BaseModel) else None
+        known = list(section.model_fields) if section is not None else []
+        close = difflib.get_close_matches(path[-1], known, n=1)
+        lines.append(f"{where}: no such setting" + (
+            f" (did you mean {'.'.join([*path[:-1], close[0]])}?)" if close else
+            f" ({'.'.join(path[:-1]) or 'the config'} has: {', '.join(known)})" if known
+            else ""))
+    return "; ".join(lines)
 
 
 def load_config(

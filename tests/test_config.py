@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from ppm.config import PRESETS, Config, load_config
+from ppm.config import PRESETS, Config, describe_config_error, load_config
 
 
 def test_defaults_need_no_file_or_environment():
@@ -56,6 +56,27 @@ def test_config_path_from_environment(tmp_path: Path):
 def test_bad_values_and_unknown_keys_are_errors(env):
     with pytest.raises(ValidationError):
         load_config(env=env)
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"PPM__TRAINER__BATCHSIZE": "5"},
+     "trainer.batchsize: no such setting (did you mean trainer.batch_size?)"),
+    ({"PPM__TRAINER__XYZZY": "1"}, "trainer.xyzzy: no such setting (trainer has: variant, "),
+    ({"PPM__NOPE__X": "1"}, "nope: no such setting (the config has: data_dir, encoders, "),
+    ({"PPM__TRAINER__LR": "abc"}, "trainer.lr: Input should be a valid number, unable to "
+                                  "parse string as a number (got 'abc')"),
+    ({"PPM__TRAINER__LR": "abc", "PPM__MODEL__D_MODLE": "32"},
+     "(got 'abc'); model.d_modle: no such setting (did you mean model.d_model?)"),
+])
+def test_config_errors_name_each_setting_and_suggest_the_one_meant(env, says):
+    with pytest.raises(ValidationError) as exc:
+        load_config(env=env)
+    said = describe_config_error(exc.value)
+    assert says in said and "errors.pydantic.dev" not in said and "type=" not in said, said
+    # --tune's values say it the same way.
+    if list(env) == ["PPM__TRAINER__LR"]:
+        with pytest.raises(ValueError, match=r"^trainer\.lr: Input should be a valid number"):
+            Config().with_values({"lr": "abc"})
 
 
 def test_missing_file_is_an_error(tmp_path: Path):

@@ -203,7 +203,7 @@ def _tune_option(text: str, cfg: Config) -> tuple[str, list[str]]:
     for value in tried:
         try:
             cfg.with_values({name: value})
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        except ValueError as exc:  # an unknown field or a bad value (Config.with_values)
             raise UsageError(f"--tune {name}={value}: {' '.join(str(exc).split())}") from exc
     return name, tried
 
@@ -991,9 +991,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.preset:
             cfg = cfg.with_preset(args.preset)
     except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-        return _fail(args, 2, f"bad configuration: {' '.join(str(exc).split())}; fix that "
-                     "value in the config file (--config, $PPM_CONFIG) or its "
-                     "PPM__SECTION__FIELD variable")
+        from pydantic import ValidationError
+
+        from ppm.config import describe_config_error
+
+        said = (describe_config_error(exc) if isinstance(exc, ValidationError)
+                else " ".join(str(exc).split()))
+        return _fail(args, 2, f"bad configuration: {said}; fix that value in the config file "
+                     "(--config, $PPM_CONFIG) or its PPM__SECTION__FIELD variable")
     try:
         _check_usage(args, cfg)
     except UsageError as exc:
@@ -1077,7 +1082,7 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
     elif command == "serve":
         try:  # as a config file's values would be (--workers 0 is an error, not one worker)
             cfg.with_values(_serve_options(args))
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        except ValueError as exc:  # a bad value (Config.with_values)
             raise UsageError(" ".join(str(exc).split())) from exc
     seeded = command.startswith("experiment") or (command == "eval" and args.seeds is not None)
     if seeded and args.seeds < 1:
