@@ -43,6 +43,7 @@ class Echo:
 
     def __init__(self, model_version: str | None = "v-test"):
         self.model_version = model_version
+        self.tasks = ("click",) if model_version else None
         self.counters = {"requests": 0, "reloads": 1, "plugin_outputs_read": 0,
                          "plugin_outputs_computed": 0, "plugin_output_write_errors": 0,
                          "plugin_output_writes_dropped": 0}
@@ -259,7 +260,7 @@ def test_unknown_paths_and_methods_are_4xx_json(server):
 
 def test_health_ready_and_metrics(server):
     status, health = request(server, "GET", "/health")
-    assert status == 200 and health["model_version"] == "v-test"
+    assert status == 200 and health["model_version"] == "v-test" and health["tasks"] == ["click"]
     assert request(server, "GET", "/ready") == (200, {"ready": True, "model_version": "v-test"})
     server.ranker.store.down = True
     try:

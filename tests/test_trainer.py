@@ -333,6 +333,7 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
         base = server.url
         health = json.loads(urllib.request.urlopen(f"{base}/health", timeout=10).read())
         assert health["model_version"] == version.name
+        assert health["tasks"] == ["click", "order", "collect"]  # never trained: every head
         body = json.dumps({"user_id": "u0000001", "item_ids": candidates[:10]}).encode()
         for _ in range(2):
             reply = json.loads(urllib.request.urlopen(urllib.request.Request(
@@ -361,6 +362,14 @@ def test_ranker_scores_from_the_online_store_and_hot_swaps(data_dir):
     trainer.registry.promote(trainer.registry.register(clicks_only, {
         "trained_on": [], "encoder_version": trainer.modal.encoder_version}))
     assert set(ranker.rank("u0000001", candidates[:3], now=now).scores) == {"click"}
+    # One whose data held orders alone ranks by them, and serves nothing else.
+    orders_only = new_model(cfg, "ppm")
+    orders_only.trained_tasks = ("order",)
+    trainer.registry.promote(trainer.registry.register(orders_only, {
+        "trained_on": [], "encoder_version": trainer.modal.encoder_version}))
+    ranked = ranker.rank("u0000001", candidates[:10], now=now)
+    assert set(ranked.scores) == {"order"} and ranker.tasks == ("order",)
+    assert ranked.scores["order"] == sorted(ranked.scores["order"], reverse=True)
 
 
 @pytest.mark.slow
@@ -380,6 +389,9 @@ def test_cli_batch_training_and_eval_report(data_dir, capsys, tmp_path):
         assert click["all"]["samples"] > 0 and 0 <= click["all"]["auc"] <= 1
         assert {"new_in_test", "age<1d", "no_click_before"} <= set(click)
         assert click["new_in_test"]["samples"] <= click["all"]["samples"]
+        # Every task this world labels was learned and is reported; the model says so.
+        tasks = reports[variant]["model"]["trained_tasks"]
+        assert tasks == ["click", "order", "collect"] and set(tasks) <= set(reports[variant])
     text = table.read_text()
     assert "idrec" in text and "ppm" in text and "new_in_test" in text
 
@@ -567,7 +579,7 @@ def test_batch_training_keeps_the_best_epoch_on_validation(tmp_path):
     assert set(fitted.model.item_vocabulary.counts) == {f"i{k}" for k in range(8)}
     assert meta["item_vocabulary"] == {"min_count": 1, "ids_seen": 8, "ids_admitted": 8}
     # The tiny world has clicks alone: the order and collect heads learned nothing.
-    assert fitted.model.trained_tasks == ("click",)
+    assert fitted.model.trained_tasks == ("click",) and meta["trained_tasks"] == ["click"]
 
 
 def test_tuning_keeps_the_value_with_the_best_validation_auc(tmp_path):

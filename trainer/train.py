@@ -108,8 +108,8 @@ def fit(model: UnifiedRanker, data: WindowDataset, epochs: int, batch_size: int,
     if epochs > 0:
         # The heads these samples teach (``label_mask`` hides the labels of other tasks).
         learned = {*(model.trained_tasks or ()), *(data.tasks if len(data) else ())}
-        if extra is not None and len(extra) and extra_share > 0:
-            learned |= set(extra.tasks)
+        if extra is not None and len(extra) and int(extra_share * len(data)) > 0:
+            learned |= set(extra.tasks)  # replayed: the loop below takes some of them
         model.trained_tasks = tuple(t for t in model.config.tasks if t in learned)
     last = float("nan")
     for epoch in range(epochs):
@@ -181,15 +181,19 @@ def predict(model: UnifiedRanker, data: WindowDataset, batch_size: int = 4096) -
             else np.zeros((0, len(model.config.tasks)), np.float32))
 
 
-def report(data: WindowDataset, logits: np.ndarray, rows: np.ndarray | None = None) -> dict:
+def report(data: WindowDataset, logits: np.ndarray, rows: np.ndarray | None = None,
+           trained: Sequence[str] | None = None) -> dict:
     """Per task and cold-start bucket metrics (``trainer.metrics.evaluate``), over ``rows``
-    (a boolean mask; default all); ``logits`` columns in the order of ``data.config.tasks``."""
+    (a boolean mask; default all); ``logits`` columns in the order of ``data.config.tasks``.
+    ``trained``: the scoring model's ``trained_tasks``; a head that never learned is not
+    reported even where these samples hold its labels (None: every task)."""
     rows = np.ones(len(data), bool) if rows is None else rows
-    tasks = data.config.tasks
+    shown = [(i, t) for i, t in enumerate(data.config.tasks)
+             if t in data.tasks and (trained is None or t in trained)]
     return evaluate(
-        task_labels={t: data.labels[rows, i] for i, t in enumerate(tasks) if t in data.tasks},
+        task_labels={t: data.labels[rows, i] for i, t in shown},
         task_label_masks=None,
-        task_scores={t: logits[rows, i] for i, t in enumerate(tasks) if t in data.tasks},
+        task_scores={t: logits[rows, i] for i, t in shown},
         users=data.user_id[rows],
         requests=data.request_id[rows],
         item_age_s=data.item_age_s[rows],
@@ -536,12 +540,13 @@ class IncrementalTrainer:
 
         holdout = self.dataset_for(candidate, [eval_window])
         cand_logits = predict(candidate, holdout)
-        cand_metrics = report(holdout, cand_logits)
+        cand_metrics = report(holdout, cand_logits, trained=candidate.trained_tasks)
         champ_metrics = None
         if champion_model is not None:
             champ_holdout = self.dataset_for(champion_model, [eval_window])
             champ_logits = predict(champion_model, champ_holdout)
-            champ_metrics = report(champ_holdout, champ_logits)
+            champ_metrics = report(champ_holdout, champ_logits,
+                                   trained=champion_model.trained_tasks)
         promoted = self._better(cand_metrics, champ_metrics)
         version = self.registry.register(candidate, {
             "variant": self.variant,
@@ -557,6 +562,7 @@ class IncrementalTrainer:
             "shuffle_vectors_seed": self.shuffle_vectors_seed,
             "plug_in": champion.meta.get("plug_in") if champion else None,
             "trainer_config": trainer_meta(self.cfg, self.variant, self.modal.encoder_version),
+            "trained_tasks": list(candidate.trained_tasks or ()),
             "item_vocabulary": vocabulary_meta(candidate.item_vocabulary),
             "user_vocabulary": vocabulary_meta(candidate.user_vocabulary),
             "taste_vocabulary": vocabulary_meta(candidate.taste_vocabulary),
@@ -690,6 +696,7 @@ class BatchFit:
                 "shuffle_vectors_seed": self.shuffle_vectors_seed, "plug_in": self.plug_in,
                 "trainable_parameters": sum(p.numel() for p in self.model.parameters()
                                             if p.requires_grad),
+                "trained_tasks": list(self.model.trained_tasks or ()),
                 "item_vocabulary": vocabulary_meta(self.model.item_vocabulary),
                 "user_vocabulary": vocabulary_meta(self.model.user_vocabulary),
                 "taste_vocabulary": vocabulary_meta(self.model.taste_vocabulary),
@@ -895,11 +902,14 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
         model = trainer.registry.load(champion)
         data = trainer.dataset_for(model, split.test)
         logits = predict(model, data)
-        result = report(data, logits)
-        new = report(data, logits, rows=new_in_period(data, split.test_start_us))
+        result = report(data, logits, trained=model.trained_tasks)
+        new = report(data, logits, rows=new_in_period(data, split.test_start_us),
+                     trained=model.trained_tasks)
         for task in result:
             result[task]["new_in_test"] = new[task]["all"]
         result["model"] = {"version": champion.name, "test_windows": len(split.test),
+                           "trained_tasks": (None if model.trained_tasks is None
+                                             else list(model.trained_tasks)),
                            "test_start": datetime.fromtimestamp(split.test_start_us / 1e6, UTC)
                            .isoformat()}
         reports[variant] = result

@@ -5,8 +5,9 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 * ``POST /rank`` with ``{"user_id": "u1", "item_ids": ["i1", "i2", ...]}`` answers
   ``{"model_version": ..., "items": [{"item_id", "click", "order", "collect"}, ...],
   "missing": {...}}``, items by descending click probability; a task the model never saw
-  a label of (orders in a ratings data set) has no key.
-* ``GET /health``: the process answers (liveness), with the model version and request count.
+  a label of (orders in a ratings data set) has no key (``/health`` lists the tasks served).
+* ``GET /health``: the process answers (liveness), with the model version, the tasks its
+  answers carry and the request count.
 * ``GET /ready``: 200 when a model is loaded and the online store answers a read, else 503
   with the reason (readiness: route traffic here only when it is 200).
 * ``GET /metrics``: Prometheus exposition (requests by status, latency, candidates, item
@@ -242,7 +243,9 @@ def make_app(ranker: Ranker, limits: ServingConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
+        tasks = ranker.tasks
         return {"status": "ok", "model_version": ranker.model_version,
+                "tasks": None if tasks is None else list(tasks),
                 "requests": ranker.counters["requests"]}
 
     @app.get("/ready")

@@ -56,11 +56,19 @@ class NoChampionError(RuntimeError):
     """No model has been promoted in the ranker's registry yet."""
 
 
+def served_tasks(model: UnifiedRanker) -> tuple[str, ...]:
+    """The tasks whose probabilities ``model``'s answers carry: those it learned
+    (``UnifiedRanker.trained_tasks``; a model trained on ratings turned into clicks has no
+    order or collect head worth reading: an untrained head's output is noise), every task
+    of a model that does not say (never trained)."""
+    return model.config.tasks if model.trained_tasks is None else model.trained_tasks
+
+
 @dataclass
 class RankResult:
-    """Candidates in descending probability of the model's first task (click by default),
-    with the probability of every task the model learned (``UnifiedRanker.trained_tasks``:
-    a model trained on ratings turned into clicks has no order or collect probability)."""
+    """Candidates in descending probability of the first task the model learned (click,
+    unless its data had none), with the probability of each task it learned
+    (:func:`served_tasks`)."""
 
     item_ids: list[str]
     scores: dict[str, list[float]]
@@ -230,6 +238,12 @@ class Ranker:
     def model_version(self) -> str | None:
         return None if self._model is None else self._model[0]
 
+    @property
+    def tasks(self) -> tuple[str, ...] | None:
+        """The tasks the loaded model's answers carry (:func:`served_tasks`); None before
+        one is loaded."""
+        return None if self._model is None else served_tasks(self._model[1])
+
     def maybe_reload(self, force: bool = False) -> None:
         """Load a newly promoted champion, looking at most every ``reload_every_s`` (every
         ``rank`` calls this; so does the server's ``/ready``). While one thread loads (and
@@ -268,8 +282,7 @@ class Ranker:
         version, model, encoder_version, projection, compiled = self._model
         self._count("requests")
         item_ids = list(item_ids)
-        # Only heads that learned from labels: an untrained one's output is noise.
-        tasks = model.trained_tasks or model.config.tasks
+        tasks = served_tasks(model)
         if not item_ids:
             return RankResult([], {t: [] for t in tasks}, version)
         batch, missing = self.build_batch(model, encoder_version, user_id, item_ids, now,
@@ -281,7 +294,10 @@ class Ranker:
             else:
                 logits = model(batch)[0]
             probs = torch.sigmoid(logits).numpy()
-        order = np.argsort(-probs[:, 0], kind="stable")
+        # By the first task the model learned (click, unless its data had none); a model
+        # that learned none keeps the request's order.
+        order = (np.argsort(-probs[:, model.config.tasks.index(tasks[0])], kind="stable")
+                 if tasks else np.arange(len(item_ids)))
         return RankResult(
             item_ids=[item_ids[i] for i in order],
             scores={task: probs[order, j].tolist()
