@@ -17,6 +17,7 @@ Unknown keys are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tomllib
@@ -608,7 +609,8 @@ class RedisConfig(_Section):
             return None
         parts = urlsplit(value.strip())
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            raise ValueError(f"not a redis://host:port/db URL: {value!r}")
+            shown = value.replace(parts.password, "***") if parts.password else value
+            raise ValueError(f"not a redis://host:port/db URL: {shown!r}")
         parts.port  # noqa: B018  (raises ValueError on a bad port)
         db = parts.path.strip("/")
         if db and not db.isdigit():
@@ -673,11 +675,14 @@ class Config(_Section):
 
     def with_preset(self, name: str) -> Config:
         """This config with the preset ``name`` (:data:`PRESETS`) laid over it: the preset's
-        values win. Raises ``pydantic.ValidationError`` if the result is not a valid config,
-        ``ValueError`` for an unknown name."""
+        values win. Raises ``ValueError`` for an unknown name, or when the result is not a
+        valid config (:func:`describe_config_error`'s text)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        return Config.model_validate(_deep_merge(self._dump_as_given(), PRESETS[name]))
+        try:
+            return Config.model_validate(_deep_merge(self._dump_as_given(), PRESETS[name]))
+        except ValidationError as exc:
+            raise ValueError(describe_config_error(exc)) from exc
 
     def with_values(self, values: Mapping[str, Any]) -> Config:
         """This config with some fields set, e.g. ``{"id_dropout": "0.1"}`` (``ppm train
@@ -693,8 +698,13 @@ class Config(_Section):
             fields = getattr(type(self).model_fields.get(section), "annotation", None)
             if not (isinstance(fields, type) and issubclass(fields, _Section)
                     and name in fields.model_fields):
+                close = difflib.get_close_matches(name, [
+                    *TrainerConfig.model_fields, *ModelConfig.model_fields,
+                    *(fields.model_fields if isinstance(fields, type)
+                      and issubclass(fields, _Section) else ())], n=1)
                 raise ValueError(f"unknown config field {key!r}: give section.field, or a "
-                                 "field of [trainer] or [model]")
+                                 "field of [trainer] or [model]"
+                                 + (f" (did you mean {close[0]}?)" if close else ""))
             tree.setdefault(section, {})[name] = value
         try:
             return Config.model_validate(_deep_merge(self._dump_as_given(), tree))
@@ -784,33 +794,46 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def describe_config_error(error: ValidationError) -> str:
-    """One line per bad setting of a :class:`Config` validation error, named by its dotted
-    path: ``trainer.batchsize: no such setting (did you mean trainer.batch_size?)``,
-    ``trainer.lr: Input should be a valid number ... (got 'abc')``; without pydantic's
-    type codes and links."""
-    import difflib
+    """One phrase per bad setting of a :class:`Config` validation error, joined with "; "
+    and named by its dotted path: ``trainer.batchsize: no such setting (did you mean
+    trainer.batch_size?)``, ``trainer.lr: Input should be a valid number ... (got 'abc')``,
+    ``model.task_weights[1]: ...``; without pydantic's type codes and links. A value
+    failing a type check is echoed, shortened."""
+    import reprlib
 
     lines = []
     for e in error.errors():
-        path = [str(part) for part in e["loc"]]
-        where = ".".join(path)
-        if e["type"] != "extra_forbidden":
-            got = f" (got {e['input']!r})" if not isinstance(e["input"], dict) else ""
-            lines.append(f"{where}: {e['msg']}{got}")
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
+        where = where.removeprefix(".") or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: no such setting{_suggestion([str(p) for p in e['loc']])}")
             continue
-        section: Any = Config
-        for part in path[:-1]:  # the model the unknown key was given to
-            field_ = section.model_fields.get(part) if section is not None else None
-            annotation = field_.annotation if field_ is not None else None
-            section = annotation if isinstance(annotation, type) and issubclass(
-                annotation, BaseModel) else None
-        known = list(section.model_fields) if section is not None else []
-        close = difflib.get_close_matches(path[-1], known, n=1)
-        lines.append(f"{where}: no such setting" + (
-            f" (did you mean {'.'.join([*path[:-1], close[0]])}?)" if close else
-            f" ({'.'.join(path[:-1]) or 'the config'} has: {', '.join(known)})" if known
-            else ""))
+        msg = e["msg"].removeprefix("Value error, ")
+        value = e["input"]
+        short = reprlib.Repr()
+        short.maxstring = short.maxother = 60
+        # Our own validators ("value_error") quote what matters themselves (a URL without
+        # its password); pydantic's type checks do not say what they were given.
+        got = ("" if e["type"] == "value_error" or isinstance(value, dict)
+               else f" (got {short.repr(value)})")
+        lines.append(f"{where}: {msg}{got}")
     return "; ".join(lines)
+
+
+def _suggestion(path: list[str]) -> str:
+    """For an unknown key at ``path`` (section parts, then the key): the known key it most
+    resembles, else the keys its section has."""
+    section: Any = Config
+    for part in path[:-1]:  # the model the unknown key was given to
+        field_ = section.model_fields.get(part) if section is not None else None
+        annotation = field_.annotation if field_ is not None else None
+        section = annotation if isinstance(annotation, type) and issubclass(
+            annotation, BaseModel) else None
+    known = list(section.model_fields) if section is not None else []
+    close = difflib.get_close_matches(path[-1], known, n=1)
+    if close:
+        return f" (did you mean {'.'.join([*path[:-1], close[0]])}?)"
+    return f" ({'.'.join(path[:-1]) or 'the config'} has: {', '.join(known)})" if known else ""
 
 
 def load_config(

@@ -67,16 +67,31 @@ def test_bad_values_and_unknown_keys_are_errors(env):
                                   "parse string as a number (got 'abc')"),
     ({"PPM__TRAINER__LR": "abc", "PPM__MODEL__D_MODLE": "32"},
      "(got 'abc'); model.d_modle: no such setting (did you mean model.d_model?)"),
+    ({"PPM__MODEL__TASK_WEIGHTS": "1,-1,1"},  # a list's item by its index, not as a key
+     "model.task_weights[1]: Input should be greater than or equal to 0 (got '-1')"),
+    ({"PPM__MODEL__N_HEADS": "3"}, "model: d_model 64 is not divisible by n_heads 3"),
+    ({"PPM__REDIS__URL": "http://user:s3cret@host"},  # no password, no pydantic prefix
+     "redis.url: not a redis://host:port/db URL: 'http://user:***@host'"),
 ])
 def test_config_errors_name_each_setting_and_suggest_the_one_meant(env, says):
     with pytest.raises(ValidationError) as exc:
         load_config(env=env)
     said = describe_config_error(exc.value)
     assert says in said and "errors.pydantic.dev" not in said and "type=" not in said, said
+    assert "Value error" not in said and "s3cret" not in said, said
     # --tune's values say it the same way.
     if list(env) == ["PPM__TRAINER__LR"]:
         with pytest.raises(ValueError, match=r"^trainer\.lr: Input should be a valid number"):
             Config().with_values({"lr": "abc"})
+        with pytest.raises(ValueError, match=r"'batchsize'.*\(did you mean batch_size\?\)"):
+            Config().with_values({"batchsize": "8"})
+
+
+def test_a_long_value_is_echoed_shortened():
+    with pytest.raises(ValidationError) as exc:
+        load_config(env={"PPM__TRAINER__LR": "x" * 300})
+    said = describe_config_error(exc.value)
+    assert said.startswith("trainer.lr: Input should be a valid number") and len(said) < 200
 
 
 def test_missing_file_is_an_error(tmp_path: Path):
