@@ -32,14 +32,18 @@ def _simulate(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+_SIMULATOR_OPTIONS = {"days": "days", "seed": "seed", "users": "n_users",
+                      "malformed_share": "malformed_share"}
+"""``ppm simulate`` / ``stream --simulate`` options -> the ``[simulator]`` fields they set."""
+
+
 def _simulator_config(args: argparse.Namespace, cfg: Config):
-    overrides = {
-        "days": getattr(args, "days", None),
-        "seed": getattr(args, "seed", None),
-        "n_users": getattr(args, "users", None),
-        "malformed_share": getattr(args, "malformed_share", None),
-    }
-    return cfg.simulator.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    """The world the options ask for, validated as a config file's values would be
+    (``--days -1`` is an error, not an empty world). Raises ValueError."""
+    given = {f"simulator.{field}": getattr(args, option)
+             for option, field in _SIMULATOR_OPTIONS.items()
+             if getattr(args, option, None) is not None}
+    return cfg.with_values(given).simulator if given else cfg.simulator
 
 
 def _stream(args: argparse.Namespace, cfg: Config) -> int:
@@ -75,9 +79,8 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
         tune_batch,
     )
 
-    if args.threads:
-        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
-            update={"threads": args.threads})})
+    if args.threads is not None:  # checked: _check_usage
+        cfg = cfg.with_values({"trainer.threads": args.threads})
     grid = dict(_tune_option(t, cfg) for t in args.tune or [])  # checked: _check_usage
     if not args.follow:
         _require_run(cfg)
@@ -1046,7 +1049,18 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
     alone: options that do not go together and values out of range. Runs before any
     command (and before :func:`_require_run`), so a wrong command line is told first."""
     command = _command_name(args)
+    if command in ("simulate", "stream"):
+        try:
+            _simulator_config(args, cfg)
+        except ValueError as exc:  # a bad value (Config.with_values)
+            given = " ".join(f"--{option.replace('_', '-')} {getattr(args, option)}"
+                             for option in _SIMULATOR_OPTIONS
+                             if getattr(args, option, None) is not None)
+            raise UsageError(f"{given}: {' '.join(str(exc).split())}") from exc
     if command == "train":
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"--threads {args.threads}: give at least 1 (default: one per "
+                             "CPU core)")
         for flag, given in (("--tune", args.tune), ("--plug-in", args.plug_in),
                             ("--freeze-plugin", args.freeze_plugin)):
             if given and not args.batch:
