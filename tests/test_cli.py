@@ -383,6 +383,8 @@ def test_train_follow_serves_its_metrics_and_records_each_step(tmp_path, monkeyp
     (["simulate", "--days", "-1"], "--days -1.0: simulator.days: Input should be greater"),
     (["simulate", "--users", "0", "--seed", "3"], "--seed 3 --users 0: simulator.n_users"),
     (["stream", "--simulate", "--malformed-share", "2"], "simulator.malformed_share"),
+    (["finetune", "text", "--simulate", "--days", "0"], "--days 0.0: simulator.days"),
+    (["backfill", "--simulate", "--users", "-2"], "--users -2: simulator.n_users"),
     (["train", "--batch", "--threads", "0"], "--threads 0: give at least 1"),
 ])
 def test_a_command_line_that_cannot_work_exits_2_before_anything_runs(tmp_path, capsys,

@@ -1049,8 +1049,8 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
     alone: options that do not go together and values out of range. Runs before any
     command (and before :func:`_require_run`), so a wrong command line is told first."""
     command = _command_name(args)
-    if command in ("simulate", "stream"):
-        try:
+    if any(getattr(args, option, None) is not None for option in _SIMULATOR_OPTIONS):
+        try:  # every command with a --simulate world: simulate, stream, finetune, backfill
             _simulator_config(args, cfg)
         except ValueError as exc:  # a bad value (Config.with_values)
             given = " ".join(f"--{option.replace('_', '-')} {getattr(args, option)}"
