@@ -245,6 +245,13 @@ class DataDir:
         """``ppm experiment staleness --preset PRESET``'s runs and results by default."""
         return self.experiments / f"staleness-{preset}"
 
+    @property
+    def world_scores(self) -> Path:
+        """In a world's data dir (:meth:`world`): every model's test scores of the last
+        ``ppm experiment worlds`` run on it, with the settings they were fitted under (a
+        later run with the same settings reuses them: ``trainer.experiment.Scored.load``)."""
+        return self.experiments / "world-scores.npz"
+
     def experiment(self, name: str) -> Path:
         """The result file of the ``ppm eval --seeds`` run ``name`` (its start, UTC)."""
         return self.experiments / f"{name}.json"

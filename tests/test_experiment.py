@@ -343,6 +343,24 @@ def test_experiment_worlds_streams_each_world_once_and_pools_them(tmp_path, caps
     assert all(oracle > m["auc"] for n, m in everything["models"].items() if n != "oracle")
     assert {f["world"] for f in result["fits"]["ppm"]} == {"seed-5", "seed-6"}
     assert "95% worlds" in err and "| all | ppm - idrec |" in err
+    assert result["reused_scores"] == []
+    # Run again: each world's scores are read back, not fitted, and pool to the same figures;
+    # with other settings (here the epochs) or --refit, the worlds are fitted again.
+    import ppm.cli.worlds as worlds_module
+
+    fitted = []
+    real_score_models = worlds_module.score_models
+    monkeypatch.setattr(worlds_module, "score_models",
+                        lambda world_cfg, *a, **k: fitted.append(world_cfg.data_dir)
+                        or real_score_models(world_cfg, *a, **k))
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fitted == [] and again["reused_scores"] == ["seed-5", "seed-6"]
+    assert again["buckets"] == result["buckets"] and again["fits"] == result["fits"]
+    two_epochs = [*argv[:argv.index("--epochs") + 1], "2", *argv[argv.index("--epochs") + 2:]]
+    assert main(two_epochs) == 0 and len(fitted) == 2  # other settings: fitted again
+    assert main([*two_epochs, "--refit"]) == 0 and len(fitted) == 4  # the same, but asked
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reused_scores"] == []
     # The two worlds differ (another simulator seed), and a finished one is not streamed
     # again.
     first = [Config(data_dir=cfg.paths.world(s)).paths.checkpoint for s in (5, 6)]

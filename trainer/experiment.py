@@ -264,6 +264,40 @@ class Scored:
                 "buckets": per_bucket(self.labels, self.users, self.buckets, self.scores,
                                       pairs, resamples)}
 
+    def save(self, path: Path, spec: Mapping[str, Any]) -> None:
+        """Write these scores to ``path`` (npz, atomically) with ``spec``, what they are
+        scores of (JSON-ready): :meth:`load` gives them back only for an equal spec."""
+        import io
+        import json
+
+        from ppm.atomic_file import write_atomically
+
+        arrays = {"labels": self.labels, "users": self.users.astype(str),
+                  **{f"bucket:{name}": mask for name, mask in self.buckets.items()},
+                  **{f"scores:{name}": s for name, s in self.scores.items()}}
+        meta = {"spec": spec, "fits": self.fits, "split": self.split}
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.array(json.dumps(meta, default=str)), **arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: Path, spec: Mapping[str, Any]) -> Scored | None:
+        """The scores :meth:`save` wrote to ``path`` with this ``spec``; None when there are
+        none, or they are of another spec."""
+        import json
+
+        if not path.is_file():
+            return None
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["meta"]))
+            if meta["spec"] != json.loads(json.dumps(spec, default=str)):
+                return None
+            named = lambda prefix: {k.removeprefix(prefix): saved[k]  # noqa: E731
+                                    for k in saved.files if k.startswith(prefix)}
+            return cls(saved["labels"], saved["users"].astype(object), named("bucket:"),
+                       named("scores:"), meta["fits"], meta["split"])
+
 
 def per_bucket(labels: np.ndarray, users: np.ndarray, buckets: Mapping[str, np.ndarray],
                scores: Mapping[str, np.ndarray], pairs: Sequence[tuple[str, str]],

@@ -344,7 +344,7 @@ def _experiment_worlds(args: argparse.Namespace, cfg: Config) -> int:
 
     started = datetime.now(UTC)
     result = run_worlds(cfg, args.worlds, args.seeds, args.test_share, args.valid_share,
-                        args.epochs, progress=not args.quiet)
+                        args.epochs, progress=not args.quiet, refit=args.refit)
     return _report_experiment(cfg, f"worlds-{started:%Y%m%dT%H%M%SZ}",
                               {"kind": "worlds", **result}, args.markdown)
 
@@ -881,6 +881,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="simulated worlds (default 5)")
     worlds.add_argument("--seeds", type=int, default=1, metavar="N",
                         help="training seeds per world (default 1)")
+    worlds.add_argument("--refit", action="store_true",
+                        help="fit every world again, even where the scores of an earlier run "
+                        "with the same settings are kept (DATA_DIR/worlds/seed-S/experiments/"
+                        "world-scores.npz): after a change to the code")
     _add_fit_options(worlds)
     worlds.set_defaults(run=_experiment_worlds)
 

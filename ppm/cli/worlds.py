@@ -7,8 +7,8 @@ training seeds run, and says nothing of another draw. Here worlds of simulator s
 directory of their own (``DataDir.world``; a world streamed to the end before is reused, a
 cut-off one resumes, one streamed with other settings is refused), then fitted and scored
 as ``ppm eval --seeds N`` does (:func:`trainer.experiment.score_models`, with the
-simulator's oracle), and pooled with each world a stratum
-(:func:`trainer.experiment.pooled_summary`).
+simulator's oracle; the scores kept beside the world, and reused by a run with the same
+settings), and pooled with each world a stratum (:func:`trainer.experiment.pooled_summary`).
 """
 
 from __future__ import annotations
@@ -71,13 +71,31 @@ def stream_world(cfg: Config, seed: int, encoder: ItemEncoder, progress: bool = 
     return world_cfg
 
 
+def fit_spec(world_cfg: Config, encoder_version: str, seeds: int, test_share: float,
+             valid_share: float, epochs: int | None) -> dict[str, Any]:
+    """What a world's scores are of: the world's stream (:func:`world_source`), the split,
+    seeds and epochs, and every ``[trainer]`` and ``[model]`` setting. Scores saved under
+    an equal spec are reused (:meth:`trainer.experiment.Scored.load`)."""
+    return {"source": world_source(world_cfg, encoder_version), "seeds": seeds,
+            "test_share": test_share, "valid_share": valid_share, "epochs": epochs,
+            "trainer": world_cfg.trainer.model_dump(mode="json"),
+            "model": world_cfg.model.model_dump(mode="json")}
+
+
 def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
                valid_share: float = 0.1, epochs: int | None = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, refit: bool = False) -> dict[str, Any]:
     """Stream ``worlds`` worlds (:func:`stream_world`), all of them first (a world that
     cannot be used fails before any fit), then fit and score ``seeds`` seeds of each and
     pool them: :func:`trainer.experiment.pooled_summary`'s dict, plus each world's data
-    dir."""
+    dir and which worlds' scores were reused.
+
+    Each world's scores are saved beside it (``DataDir.world_scores``) as soon as they are
+    made, so a killed run resumes with the next world, and a rerun with the same settings
+    (:func:`fit_spec`) only pools again. ``refit``: fit anyway (after a change to the code,
+    which the settings do not see)."""
+    import sys
+
     from encoders.item_encoder import ItemEncoder
 
     if worlds < 1:
@@ -85,9 +103,20 @@ def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
     encoder = ItemEncoder.from_config(cfg)  # loaded once, for every world
     streamed = {f"seed-{seed}": stream_world(cfg, seed, encoder, progress)
                 for seed in range(cfg.simulator.seed, cfg.simulator.seed + worlds)}
-    scored: dict[str, Scored] = {
-        name: score_models(world_cfg, seeds, test_share, valid_share, epochs,
-                           Oracle.read(world_cfg.paths.simulated_oracle), progress)
-        for name, world_cfg in streamed.items()}
+    scored: dict[str, Scored] = {}
+    reused = []
+    for name, world_cfg in streamed.items():
+        spec = fit_spec(world_cfg, encoder.encoder_version, seeds, test_share, valid_share,
+                        epochs)
+        saved = None if refit else Scored.load(world_cfg.paths.world_scores, spec)
+        if saved is not None:
+            print(f"{name}: the scores of an earlier run with these settings are reused "
+                  f"({world_cfg.paths.world_scores}; --refit fits again)", file=sys.stderr)
+            scored[name] = saved
+            reused.append(name)
+            continue
+        scored[name] = score_models(world_cfg, seeds, test_share, valid_share, epochs,
+                                    Oracle.read(world_cfg.paths.simulated_oracle), progress)
+        scored[name].save(world_cfg.paths.world_scores, spec)
     return {"data_dirs": {name: str(c.data_dir) for name, c in streamed.items()},
-            **pooled_summary(scored)}
+            "reused_scores": reused, **pooled_summary(scored)}
