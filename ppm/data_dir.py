@@ -237,8 +237,9 @@ class DataDir:
 
     @property
     def experiments(self) -> Path:
-        """``ppm eval --seeds`` results, one JSON file per run (:meth:`experiment`), and
-        the staleness lab's folders (:meth:`staleness`)."""
+        """``ppm eval --seeds`` results, one JSON file per run (:meth:`experiment`), the
+        staleness lab's folders (:meth:`staleness`), and in a world's data dir its kept
+        scores (:attr:`world_scores`)."""
         return self.root / "experiments"
 
     def staleness(self, preset: str) -> Path:

@@ -380,10 +380,11 @@ def test_train_follow_serves_its_metrics_and_records_each_step(tmp_path, monkeyp
     (["serve", "--workers", "0"], "serving.workers"),
     (["serve", "--port", "70000"], "serving.port"),
     # Were laid over the world unchecked: an empty run, exit 0.
-    (["simulate", "--days", "-1"], "--days -1.0: simulator.days: Input should be greater"),
+    (["simulate", "--days", "-1"], "--days -1: simulator.days: Input should be greater"),
+    (["stream", "--jsonl", "events", "--days", "2"], "--days goes with --simulate"),
     (["simulate", "--users", "0", "--seed", "3"], "--seed 3 --users 0: simulator.n_users"),
     (["stream", "--simulate", "--malformed-share", "2"], "simulator.malformed_share"),
-    (["finetune", "text", "--simulate", "--days", "0"], "--days 0.0: simulator.days"),
+    (["finetune", "text", "--simulate", "--days", "0"], "--days 0: simulator.days"),
     (["backfill", "--simulate", "--users", "-2"], "--users -2: simulator.n_users"),
     (["train", "--batch", "--threads", "0"], "--threads 0: give at least 1"),
 ])

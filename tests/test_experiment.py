@@ -304,8 +304,31 @@ def test_the_ablation_fits_every_arm_on_the_same_split_and_reports_its_cost(tmp_
     assert "seconds per epoch" in to_markdown(result)
 
 
+def test_scores_saved_come_back_only_for_the_same_spec(tmp_path):
+    scored = _world(1)
+    scored.buckets = {"all": np.ones(len(scored.labels), bool),
+                      "age<1d": np.arange(len(scored.labels)) % 3 == 0}
+    spec = {"seeds": 2, "test_share": 0.2, "epochs": None, "trainer": {"lr": 0.001},
+            "models": ["good", "bad"]}
+    path = tmp_path / "experiments" / "world-scores.npz"
+    scored.save(path, spec)
+    back = Scored.load(path, dict(spec))
+    assert back is not None and back.fits == scored.fits and back.split == scored.split
+    assert np.array_equal(back.labels, scored.labels) and list(back.users) == [
+        str(u) for u in scored.users]
+    assert back.buckets.keys() == scored.buckets.keys() and all(
+        np.array_equal(back.buckets[b], scored.buckets[b]) for b in scored.buckets)
+    assert back.scores.keys() == scored.scores.keys() and all(
+        np.array_equal(back.scores[m], scored.scores[m]) for m in scored.scores)
+    assert back.summary(resamples=50) == scored.summary(resamples=50)
+    assert Scored.load(path, {**spec, "test_share": 0.25}) is None  # other settings
+    assert Scored.load(tmp_path / "none.npz", spec) is None
+    path.write_bytes(path.read_bytes()[:100])  # cut short: read as absent, not a crash
+    assert Scored.load(path, spec) is None
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # two small worlds streamed, three tiny fits each
+@pytest.mark.timeout(900)  # two small worlds streamed; three runs of tiny fits (one reuses)
 def test_experiment_worlds_streams_each_world_once_and_pools_them(tmp_path, capsys,
                                                                   monkeypatch, item_encoder):
     from ppm.cli.commands import main

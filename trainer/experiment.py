@@ -272,31 +272,40 @@ class Scored:
 
         from ppm.atomic_file import write_atomically
 
+        # Ids as text (loading refuses pickled objects): they come back as str.
         arrays = {"labels": self.labels, "users": self.users.astype(str),
                   **{f"bucket:{name}": mask for name, mask in self.buckets.items()},
                   **{f"scores:{name}": s for name, s in self.scores.items()}}
         meta = {"spec": spec, "fits": self.fits, "split": self.split}
         buffer = io.BytesIO()
-        np.savez(buffer, meta=np.array(json.dumps(meta, default=str)), **arrays)
+        np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path, spec: Mapping[str, Any]) -> Scored | None:
-        """The scores :meth:`save` wrote to ``path`` with this ``spec``; None when there are
-        none, or they are of another spec."""
+        """The scores :meth:`save` wrote to ``path`` with this ``spec`` (user ids as str);
+        None when there are none, they are of another spec, or the file cannot be read
+        (cut short, of an older format)."""
         import json
+        import zipfile
 
         if not path.is_file():
             return None
-        with np.load(path, allow_pickle=False) as saved:
-            meta = json.loads(str(saved["meta"]))
-            if meta["spec"] != json.loads(json.dumps(spec, default=str)):
-                return None
-            named = lambda prefix: {k.removeprefix(prefix): saved[k]  # noqa: E731
-                                    for k in saved.files if k.startswith(prefix)}
-            return cls(saved["labels"], saved["users"].astype(object), named("bucket:"),
-                       named("scores:"), meta["fits"], meta["split"])
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                meta = json.loads(str(saved["meta"]))
+                if meta["spec"] != json.loads(json.dumps(spec)):
+                    return None
+
+                def named(prefix: str) -> dict[str, np.ndarray]:
+                    return {k.removeprefix(prefix): saved[k] for k in saved.files
+                            if k.startswith(prefix)}
+
+                return cls(saved["labels"], saved["users"].astype(object), named("bucket:"),
+                           named("scores:"), meta["fits"], meta["split"])
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
 
 
 def per_bucket(labels: np.ndarray, users: np.ndarray, buckets: Mapping[str, np.ndarray],
@@ -422,7 +431,8 @@ def pooled_summary(worlds: Mapping[str, Scored], pairs: Sequence[tuple[str, str]
         other = worlds[name]
         if ({m: s.shape[0] for m, s in other.scores.items()}
                 != {m: s.shape[0] for m, s in first.scores.items()}):
-            raise ValueError(f"world {name} scored other models or seeds than {names[0]}")
+            raise ValueError(f"world {name} scored other models or seeds than {names[0]} "
+                             "(scores of an earlier run of other code? --refit)")
     labels = np.concatenate([worlds[n].labels for n in names])
     users = np.concatenate([[f"{n}/{u}" for u in worlds[n].users] for n in names])
     strata = np.concatenate([np.full(len(worlds[n].labels), k) for k, n in enumerate(names)])
@@ -490,6 +500,9 @@ def to_markdown(result: Mapping[str, Any]) -> str:
     lines += ["", "paired differences (mean over seeds; 95% bootstrap over users, the same "
               "resamples for both models" + ("; t over the worlds' own differences)" if worlds
                                              else ")"), "", *diff_table(result["buckets"])]
+    if result.get("reused_scores"):
+        lines += ["", "scores of " + ", ".join(result["reused_scores"]) + " reused from an "
+                  "earlier run with the same settings (their fits' seconds are that run's)"]
     lines += ["", "what each fit cost (mean over " + ("worlds and seeds; the first world's "
               "training windows)" if worlds else "seeds)"), "",
               "| model | training windows | trainable parameters | seconds per epoch | epochs |",

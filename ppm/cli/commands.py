@@ -14,7 +14,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ppm.config import PRESETS, Config, load_config
+from ppm.config import PRESETS, Config, SimulatorConfig, load_config
 
 
 def _simulate(args: argparse.Namespace, cfg: Config) -> int:
@@ -34,10 +34,11 @@ def _simulate(args: argparse.Namespace, cfg: Config) -> int:
 
 _SIMULATOR_OPTIONS = {"days": "days", "seed": "seed", "users": "n_users",
                       "malformed_share": "malformed_share"}
-"""``ppm simulate`` / ``stream --simulate`` options -> the ``[simulator]`` fields they set."""
+"""The simulated world's options (``ppm simulate``, and ``--simulate`` of ``stream``,
+``finetune``, ``backfill``, ``publish``) -> the ``[simulator]`` fields they set."""
 
 
-def _simulator_config(args: argparse.Namespace, cfg: Config):
+def _simulator_config(args: argparse.Namespace, cfg: Config) -> SimulatorConfig:
     """The world the options ask for, validated as a config file's values would be
     (``--days -1`` is an error, not an empty world). Raises ValueError."""
     given = {f"simulator.{field}": getattr(args, option)
@@ -884,7 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
     worlds.add_argument("--refit", action="store_true",
                         help="fit every world again, even where the scores of an earlier run "
                         "with the same settings are kept (DATA_DIR/worlds/seed-S/experiments/"
-                        "world-scores.npz): after a change to the code")
+                        "world-scores.npz): after a change to the code (a killed --refit "
+                        "run resumes without it)")
     _add_fit_options(worlds)
     worlds.set_defaults(run=_experiment_worlds)
 
@@ -1053,13 +1055,16 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
     alone: options that do not go together and values out of range. Runs before any
     command (and before :func:`_require_run`), so a wrong command line is told first."""
     command = _command_name(args)
-    if any(getattr(args, option, None) is not None for option in _SIMULATOR_OPTIONS):
-        try:  # every command with a --simulate world: simulate, stream, finetune, backfill
+    world = [(f"--{option.replace('_', '-')}", value) for option in _SIMULATOR_OPTIONS
+             if (value := getattr(args, option, None)) is not None]
+    if world and getattr(args, "jsonl", None):
+        raise UsageError(f"{world[0][0]} goes with --simulate, not --jsonl (whose events are "
+                         "what they are)")
+    if world:
+        try:  # every command with a simulated world (see _SIMULATOR_OPTIONS)
             _simulator_config(args, cfg)
         except ValueError as exc:  # a bad value (Config.with_values)
-            given = " ".join(f"--{option.replace('_', '-')} {getattr(args, option)}"
-                             for option in _SIMULATOR_OPTIONS
-                             if getattr(args, option, None) is not None)
+            given = " ".join(f"{flag} {value:g}" for flag, value in world)
             raise UsageError(f"{given}: {' '.join(str(exc).split())}") from exc
     if command == "train":
         if args.threads is not None and args.threads < 1:

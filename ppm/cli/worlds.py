@@ -14,11 +14,13 @@ settings), and pooled with each world a stratum (:func:`trainer.experiment.poole
 from __future__ import annotations
 
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ppm.config import Config
 from trainer.baselines import Oracle
-from trainer.experiment import Scored, pooled_summary, score_models
+from trainer.experiment import BASELINES, ORACLE, TRAINED, Scored, pooled_summary, score_models
+from trainer.train import TEST_BUCKETS
 
 if TYPE_CHECKING:
     from encoders.item_encoder import ItemEncoder
@@ -71,15 +73,26 @@ def stream_world(cfg: Config, seed: int, encoder: ItemEncoder, progress: bool = 
     return world_cfg
 
 
+SCORES_FORMAT = 1
+"""Of :meth:`trainer.experiment.Scored.save`'s files as :func:`run_worlds` reads them."""
+_NOT_SCORING = {"threads", "metrics_host", "metrics_port", "promote_tolerance", "seed",
+                "variant"}
+"""``[trainer]`` fields a world's scores do not depend on: ``score_models`` sets the seed
+and variant of each fit itself, and the others do not reach a batch fit's numbers."""
+
+
 def fit_spec(world_cfg: Config, encoder_version: str, seeds: int, test_share: float,
              valid_share: float, epochs: int | None) -> dict[str, Any]:
     """What a world's scores are of: the world's stream (:func:`world_source`), the split,
-    seeds and epochs, and every ``[trainer]`` and ``[model]`` setting. Scores saved under
-    an equal spec are reused (:meth:`trainer.experiment.Scored.load`)."""
-    return {"source": world_source(world_cfg, encoder_version), "seeds": seeds,
-            "test_share": test_share, "valid_share": valid_share, "epochs": epochs,
-            "trainer": world_cfg.trainer.model_dump(mode="json"),
-            "model": world_cfg.model.model_dump(mode="json")}
+    seeds and epochs, the ``[trainer]`` settings that shape a fit and every ``[model]``
+    one, and the models and buckets the code scores. Scores saved under an equal spec are
+    reused (:meth:`trainer.experiment.Scored.load`)."""
+    return {"format": SCORES_FORMAT, "source": world_source(world_cfg, encoder_version),
+            "seeds": seeds, "test_share": test_share, "valid_share": valid_share,
+            "epochs": epochs,
+            "trainer": world_cfg.trainer.model_dump(mode="json", exclude=_NOT_SCORING),
+            "model": world_cfg.model.model_dump(mode="json"),
+            "models": [*TRAINED, *BASELINES, ORACLE], "buckets": list(TEST_BUCKETS)}
 
 
 def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
@@ -92,10 +105,8 @@ def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
 
     Each world's scores are saved beside it (``DataDir.world_scores``) as soon as they are
     made, so a killed run resumes with the next world, and a rerun with the same settings
-    (:func:`fit_spec`) only pools again. ``refit``: fit anyway (after a change to the code,
-    which the settings do not see)."""
-    import sys
-
+    (:func:`fit_spec`) skips the fits. ``refit``: fit anyway (after a change to the code,
+    which the settings do not see; a killed ``refit`` run resumes without it)."""
     from encoders.item_encoder import ItemEncoder
 
     if worlds < 1:
@@ -104,17 +115,21 @@ def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
     streamed = {f"seed-{seed}": stream_world(cfg, seed, encoder, progress)
                 for seed in range(cfg.simulator.seed, cfg.simulator.seed + worlds)}
     scored: dict[str, Scored] = {}
-    reused = []
+    reused: list[str] = []
     for name, world_cfg in streamed.items():
         spec = fit_spec(world_cfg, encoder.encoder_version, seeds, test_share, valid_share,
                         epochs)
-        saved = None if refit else Scored.load(world_cfg.paths.world_scores, spec)
+        kept = world_cfg.paths.world_scores
+        saved = None if refit else Scored.load(kept, spec)
         if saved is not None:
             print(f"{name}: the scores of an earlier run with these settings are reused "
-                  f"({world_cfg.paths.world_scores}; --refit fits again)", file=sys.stderr)
+                  f"({kept}; --refit fits again)", file=sys.stderr)
             scored[name] = saved
             reused.append(name)
             continue
+        if kept.is_file() and not refit:
+            print(f"{name}: the scores kept in {kept} are of other settings (or unreadable): "
+                  "fitting again", file=sys.stderr)
         scored[name] = score_models(world_cfg, seeds, test_share, valid_share, epochs,
                                     Oracle.read(world_cfg.paths.simulated_oracle), progress)
         scored[name].save(world_cfg.paths.world_scores, spec)
