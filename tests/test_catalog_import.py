@@ -184,6 +184,10 @@ def test_missing_columns_are_named(tmp_path):
     with pytest.raises(ValueError, match="both 'text' and 'description'"):
         write_events(items.append_column("text", pa.array(["a"])).append_column(
             "description", pa.array(["b"])), ratings, "rating>=4:click", tmp_path)
+    semicolons = tmp_path / "items.csv"  # a spreadsheet's export in some locales
+    semicolons.write_text("item_id;title\ni1;Hat\n")
+    with pytest.raises(ValueError, match="its header is split by ';': save it comma-separated"):
+        write_events(read_table(semicolons), ratings, "rating>=4:click", tmp_path / "out")
     assert not (tmp_path / "items.jsonl").exists()  # nothing written before the check
 
 

@@ -251,8 +251,13 @@ def _column(table: pa.Table, name: str, what: str) -> pa.ChunkedArray:
 def _require(table: pa.Table, required: list[str], what: str) -> None:
     missing = [name for name in required if name not in table.column_names]
     if missing:
+        # One column whose name holds the others: the file has another separator.
+        other = next((sep for sep in (";", "\t", "|") if len(table.column_names) == 1
+                      and sep in table.column_names[0]), None)
+        hint = (f"; its header is split by {other!r}: save it comma-separated, or as parquet"
+                if other else "")
         raise ValueError(f"{what} lack the required column(s) {', '.join(missing)} "
-                         f"(found: {', '.join(table.column_names) or 'none'})")
+                         f"(found: {', '.join(table.column_names) or 'none'}){hint}")
 
 
 def _texts(col: pa.ChunkedArray, name: str) -> np.ndarray:
