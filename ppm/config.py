@@ -508,8 +508,10 @@ class ServingConfig(_Section):
 
     host: str = "127.0.0.1"
     """Address to listen on (``0.0.0.0``: every interface, e.g. in a container)."""
-    port: int = Field(8080, ge=0, le=65535)
-    """Port to listen on (0: a free one, printed at start)."""
+    port: int = Field(0, ge=0, le=65535)
+    """Port to listen on; 0 (the default): a free one, printed at start, so that a second
+    server on the machine never fails to start or collides (give one, e.g. 8080, where
+    clients need to know it in advance, as in ``infra/docker-compose.yml``)."""
     workers: int = Field(1, ge=1)
     """Server processes sharing the port, each with its own model and item cache."""
     reload_every_s: float = Field(1.0, ge=0)

@@ -895,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default from config: "
                        "serving.host, 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, help="port (default from config: serving.port, "
-                       "8080; 0: any free)")
+                       "0: a free one, printed at start)")
     serve.add_argument("--workers", type=int, help="server processes (default from config: "
                        "serving.workers, 1)")
     serve.add_argument("--variant", choices=["idrec", "ppm", "modal"],
