@@ -611,7 +611,8 @@ class RedisConfig(_Section):
             return None
         parts = urlsplit(value.strip())
         if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-            shown = value.replace(parts.password, "***") if parts.password else value
+            shown = (value.replace(f":{parts.password}@", ":***@", 1) if parts.password
+                     else value)
             raise ValueError(f"not a redis://host:port/db URL: {shown!r}")
         parts.port  # noqa: B018  (raises ValueError on a bad port)
         db = parts.path.strip("/")
