@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from ppm.atomic_file import write_atomically
 from ppm.config import Config
 from ppm.data_dir import DataDir
 from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, Samples, clicks
@@ -199,10 +198,8 @@ def run_demo(cfg: Config, quick: bool = False, out_dir: Path | None = None) -> D
     runner = LocalRunner(run_cfg, resume=False)
     simulator = ShopSimulator(world)
     summary = runner.run(simulator.records(), source="demo")
-    truth = simulator.oracle()
     # Where ppm eval --seeds looks for it, so an experiment on the demo's data has its ceiling.
-    run_cfg.paths.simulated.mkdir(exist_ok=True)
-    write_atomically(run_cfg.paths.simulated_oracle, lambda f: truth.to_parquet(f, index=False))
+    truth = simulator.write_oracle(run_cfg.paths.simulated_oracle)
 
     windows = window_files(run_cfg.paths.training)
     samples = ds.dataset(windows, format="parquet").to_table(

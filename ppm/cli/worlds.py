@@ -43,7 +43,6 @@ def stream_world(cfg: Config, seed: int, encoder: ItemEncoder, progress: bool = 
 
     Raises:
         ValueError: the world dir holds a run of another source, finished or not."""
-    from ppm.atomic_file import write_atomically
     from streams.local_runner import LocalRunner
     from streams.sources.shop_simulator import ShopSimulator
 
@@ -67,9 +66,7 @@ def stream_world(cfg: Config, seed: int, encoder: ItemEncoder, progress: bool = 
         oracle.unlink(missing_ok=True)  # whatever was there is not this stream's
         LocalRunner(world_cfg, encoder=encoder, resume=True).run(
             simulator.records(), source, progress=progress)
-    truth = simulator.oracle()  # the simulation again, without rendering: cheap
-    oracle.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(oracle, lambda f: truth.to_parquet(f, index=False))
+    simulator.write_oracle(oracle)  # the simulation again, without rendering: cheap
     return world_cfg
 
 

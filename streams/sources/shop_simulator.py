@@ -1199,6 +1199,16 @@ class ShopSimulator:
         for _, records in self._record_steps():
             yield from records
 
+    def write_oracle(self, path: Path) -> pd.DataFrame:
+        """:meth:`oracle`, written to ``path`` as parquet (atomically, its folder made if
+        needed: a reader finds the whole truth or none) and returned."""
+        from ppm.atomic_file import write_atomically
+
+        truth = self.oracle()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda f: truth.to_parquet(f, index=False))
+        return truth
+
     def oracle(self) -> pd.DataFrame:
         """The truth behind every impression of :meth:`events`, one row each, in event-time
         order: for scoring models against the best achievable ranking. Never feed it to a
