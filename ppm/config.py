@@ -682,10 +682,7 @@ class Config(_Section):
         valid config (:func:`describe_config_error`'s text)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        try:
-            return Config.model_validate(_deep_merge(self._dump_as_given(), PRESETS[name]))
-        except ValidationError as exc:
-            raise ValueError(describe_config_error(exc)) from exc
+        return self._laid_over(PRESETS[name])
 
     def with_values(self, values: Mapping[str, Any]) -> Config:
         """This config with some fields set, e.g. ``{"id_dropout": "0.1"}`` (``ppm train
@@ -709,8 +706,13 @@ class Config(_Section):
                                  "field of [trainer] or [model]"
                                  + (f" (did you mean {close[0]}?)" if close else ""))
             tree.setdefault(section, {})[name] = value
+        return self._laid_over(tree)
+
+    def _laid_over(self, values: Mapping[str, Any]) -> Config:
+        """This config with ``values`` (a nested dict, as a config file's) laid over it,
+        validated; ``ValueError`` with :func:`describe_config_error`'s text if invalid."""
         try:
-            return Config.model_validate(_deep_merge(self._dump_as_given(), tree))
+            return Config.model_validate(_deep_merge(self._dump_as_given(), values))
         except ValidationError as exc:
             raise ValueError(describe_config_error(exc)) from exc
 
