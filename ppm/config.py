@@ -806,6 +806,8 @@ def describe_config_error(error: ValidationError) -> str:
     failing a type check is echoed, shortened."""
     import reprlib
 
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = 60
     lines = []
     for e in error.errors():
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])
@@ -815,8 +817,6 @@ def describe_config_error(error: ValidationError) -> str:
             continue
         msg = e["msg"].removeprefix("Value error, ")
         value = e["input"]
-        short = reprlib.Repr()
-        short.maxstring = short.maxother = 60
         # Our own validators ("value_error") quote what matters themselves (a URL without
         # its password); pydantic's type checks do not say what they were given.
         got = ("" if e["type"] == "value_error" or isinstance(value, dict)
