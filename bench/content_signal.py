@@ -99,10 +99,9 @@ def sequence_affinity(vectors: np.ndarray, target_rows: np.ndarray, seq_rows: np
 
 def logistic_scores(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The logits of ``x`` (n, k) under a logistic regression with an intercept fitted on
-    ``train_x`` (N, k) against ``train_y`` (N,) (L2 1 on every weight, the intercept too:
-    against tens of thousands of impressions, a pull it does not feel)."""
-    with_one = lambda a: np.concatenate([a, np.ones((len(a), 1))], axis=1)  # noqa: E731
-    return with_one(x) @ newton_logistic(with_one(train_x), train_y, l2=1.0)
+    ``train_x`` (N, k) against ``train_y`` (N,) (:func:`newton_logistic`, L2 1)."""
+    w = newton_logistic(train_x, train_y, l2=1.0)
+    return x @ w[:-1] + w[-1]
 
 
 def main() -> None:

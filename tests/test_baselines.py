@@ -153,17 +153,20 @@ def test_newton_logistic_finds_the_penalised_optimum_and_says_when_it_stops_shor
     stationary point); separable labels still converge (the L2 term bounds the weights);
     too few iterations give a RuntimeWarning, not silently a half-fitted model."""
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(size=(20_000, 2)), np.ones((20_000, 1))], axis=1)
-    truth = np.array([1.5, -0.5, -2.0])
-    y = (rng.random(20_000) < 1 / (1 + np.exp(-x @ truth))).astype(np.float64)
+    x = rng.normal(size=(20_000, 2))
+    truth = np.array([1.5, -0.5, -2.0])  # the last: the intercept
+    y = (rng.random(20_000) < 1 / (1 + np.exp(-(x @ truth[:2] + truth[2])))).astype(np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # both converge
         w = newton_logistic(x, y, l2=1.0)
         separable = (x[:, 0] > 0).astype(np.float64)
         w_separable = newton_logistic(x, separable, l2=1.0)
     np.testing.assert_allclose(w, truth, atol=0.1)
-    p = 1 / (1 + np.exp(-x @ w))
-    assert np.abs(x.T @ (p - y) + w).max() < 1e-6
-    assert np.isfinite(w_separable).all() and auc(separable, x @ w_separable) == 1.0
+    p = 1 / (1 + np.exp(-(x @ w[:2] + w[2])))
+    x1 = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    assert np.abs(x1.T @ (p - y) + w).max() < 1e-6  # the intercept penalised as the rest
+    assert np.isfinite(w_separable).all() and auc(separable, x @ w_separable[:2]) == 1.0
+    one_class = newton_logistic(x, np.zeros(len(x)), l2=1.0)
+    assert np.isfinite(one_class).all() and one_class[2] < -5
     with pytest.warns(RuntimeWarning, match="no convergence in 1 steps"):
         newton_logistic(x, y, l2=1.0, iterations=1)

@@ -195,7 +195,8 @@ class LogisticBaseline:
     levels: dict[str, np.ndarray]
     """field -> the hashed values with a one-hot column, in column order."""
     weights: np.ndarray
-    """(2 + one-hot columns + 1,): user rate, item rate, the one-hots, then the intercept."""
+    """(2 + one-hot columns + 1,): user rate, item rate, the one-hots, then the intercept
+    (:func:`newton_logistic`)."""
 
     @classmethod
     def fit(cls, train: WindowDataset | Samples, strength: float = PRIOR_STRENGTH,
@@ -217,24 +218,30 @@ class LogisticBaseline:
 
     def scores(self, data: WindowDataset | Samples) -> np.ndarray:
         """The click logit of each sample, (n,)."""
-        return self._design(data) @ self.weights if len(data) else np.zeros(0)
+        if not len(data):
+            return np.zeros(0)
+        return self._design(data) @ self.weights[:-1] + self.weights[-1]
 
     def _design(self, data: WindowDataset | Samples, leave_out: np.ndarray | None = None
                 ) -> np.ndarray:
-        """(n, len(weights)) float64: the regression's inputs of every sample."""
+        """(n, len(weights) - 1) float64: the regression's inputs of every sample."""
         columns = [self.users.logits(data.user_id, leave_out),
                    self.items.logits(data.item_ids, leave_out)]
         for field, values in self.levels.items():
             columns += list((data.features[field][None, :] == values[:, None]).astype(float))
-        return np.stack([*columns, np.ones(len(data))], axis=1)
+        return np.stack(columns, axis=1)
 
 
 def newton_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50,
                      tol: float = 1e-8) -> np.ndarray:
-    """Weights (d,) minimising the summed log loss of ``sigmoid(x @ w)`` against ``y``
-    (n,) plus ``l2 / 2 * |w|^2``; ``x`` (n, d). The objective is strictly convex, so Newton's
-    steps from zero converge, in a handful of steps in practice; a RuntimeWarning says when
-    ``iterations`` ran out first (the weights are then the last step's)."""
+    """Weights (d + 1,), ``x``'s d columns' then an intercept's, minimising the summed log
+    loss of ``sigmoid(x @ w[:-1] + w[-1])`` against ``y`` (n,) plus ``l2 / 2 * |w|^2``;
+    ``x`` (n, d). The intercept is penalised too: against thousands of samples a pull it
+    does not feel, and it keeps labels of one class finite. The objective is strictly
+    convex, so Newton's steps from zero converge, in a handful of steps in practice; a
+    RuntimeWarning says when ``iterations`` ran out first (the weights are then the last
+    step's)."""
+    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)  # (n, d + 1)
     w = np.zeros(x.shape[1])
     step = np.full(len(w), np.inf)
     for _ in range(iterations):

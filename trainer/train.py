@@ -289,7 +289,7 @@ def start_wide_part(model: UnifiedRanker, data: WindowDataset, how: str = "fitte
     if model.wide is None or how == "unit" or not len(data):
         return
     x = np.concatenate([data.features[k] for k in model.config.rate_keys], axis=1)
-    x = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)  # (n, R + 1)
+    x = x.astype(np.float64)  # (n, R)
     with torch.no_grad():
         for task, name in enumerate(model.config.tasks):
             if name not in data.tasks:
