@@ -100,8 +100,7 @@ def sequence_affinity(vectors: np.ndarray, target_rows: np.ndarray, seq_rows: np
 def logistic_scores(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The logits of ``x`` (n, k) under a logistic regression with an intercept fitted on
     ``train_x`` (N, k) against ``train_y`` (N,) (:func:`newton_logistic`, L2 1)."""
-    w = newton_logistic(train_x, train_y, l2=1.0)
-    return x @ w[:-1] + w[-1]
+    return predict(x, newton_logistic(train_x, train_y, l2=1.0))
 
 
 def main() -> None:

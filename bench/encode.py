@@ -10,10 +10,18 @@ Fashion-MNIST photos as inline PNG data URLs), loads and warms up the encoders, 
 each as the median of ``--repeats`` runs, at the configured batch size and image size.
 
     python bench/encode.py [--batch 64] [--image-size 112] [--items 256] [--config ppm.toml]
+        [--against-text-model default]
+
+``--against-text-model NAME`` also times another text model (``encoders.text_model``'s
+values; ``default``: the packaged all-MiniLM-L6-v2) on the same texts in the same run, e.g.
+``PPM__ENCODERS__TEXT_MODEL=all-mpnet-base-v2 python bench/encode.py --against-text-model
+default``.
 
 The LAST line of stdout is one JSON object:
 ``{"text_items_per_s": ..., "image_items_per_s": ..., "item_items_per_s": ..., "batch": ...,
-"image_size": ...}``. Progress goes to stderr.
+"image_size": ..., "text_model": ...}``, with ``against_text_model``,
+``against_text_items_per_s`` and ``text_speedup`` (ours / theirs) when asked. Progress goes
+to stderr.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from PIL import Image
 
 from encoders.image_source import load_image
 from encoders.item_encoder import ItemEncoder, item_text
+from encoders.text_encoder import TextEncoder
 from ppm.config import EncoderConfig, load_config
 from ppm.events import ItemEvent
 
@@ -95,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, help="square image side (default: config)")
     parser.add_argument("--items", type=int, default=256, help="items in the fixed set")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the median counts")
+    parser.add_argument("--against-text-model", metavar="NAME",
+                        help="also time this text model on the same texts ('default': the "
+                             "packaged all-MiniLM-L6-v2)")
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config)
@@ -124,8 +136,18 @@ def main(argv: list[str] | None = None) -> None:
         "item_items_per_s": items_per_s(lambda: encoder.encode(items), n, repeats),
         "batch": encoders.batch_size,
         "image_size": encoders.image_size,
+        "text_model": encoder.text.identity,
     }
-    result = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
+    if args.against_text_model:
+        name = None if args.against_text_model == "default" else args.against_text_model
+        other = TextEncoder(name, encoders.text_max_length, encoders.batch_size)
+        other.encode(texts)  # warm, as the configured one was
+        result["against_text_model"] = other.identity
+        result["against_text_items_per_s"] = items_per_s(lambda: other.encode(texts), n,
+                                                         repeats)
+        result["text_speedup"] = result["text_items_per_s"] / result["against_text_items_per_s"]
+    result = {k: round(v, 2 if k == "text_speedup" else 1) if isinstance(v, float) else v
+              for k, v in result.items()}
     print(json.dumps(result))
 
 

