@@ -217,6 +217,21 @@ def test_the_split_is_train_then_validation_then_test_in_whole_windows(tmp_path)
         with pytest.raises(ValueError, match="share"):
             split_windows(cfg, test_share, valid_share)
 
+    # One period back (to choose settings): the validation period is scored, the 30% before
+    # it validates, the rest trains, and no window of the test period is in any of them.
+    back = split_windows(cfg, test_share=0.2, valid_share=0.3, period="validation")
+    assert back.test == split_windows(cfg, test_share=0.2, valid_share=0.3).valid
+    assert [w.name for w in back.test] == [name(h) for h in range(5, 8)]
+    assert [w.name for w in back.valid] == [name(h) for h in range(2, 5)]
+    assert [w.name for w in back.train] == [name(0), name(1)]
+    assert back.valid_start_us == back.valid[0].start_us
+    assert back.test_start_us == back.test[0].start_us
+    for valid_share in (0.0, 0.4):  # none to score, or none left to train on
+        with pytest.raises(ValueError, match="validation period needs a valid_share"):
+            split_windows(cfg, 0.2, valid_share, period="validation")
+    with pytest.raises(ValueError, match="period must be"):
+        split_windows(cfg, period="valid")
+
 
 def test_item_ids_are_counted_from_training_windows_and_rare_ones_read_as_unknown(tmp_path):
     """Hours 0-1 show items i0..i3, hour 2 also i4 and i5: i0..i3 are seen twice in the

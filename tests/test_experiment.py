@@ -238,6 +238,21 @@ def test_eval_seeds_reports_models_baselines_control_oracle_and_intervals(tmp_pa
     assert result["oracle_file"] is None
     assert set(result["buckets"]["all"]["models"]) == MODELS
 
+    # --validation: the split one period back scores hour 7 (the validation period) after
+    # training on hours 0-5 and choosing the epoch on hour 6. The test period (hours 8-9)
+    # is never read: its files made unreadable change nothing.
+    assert result["period"] == "test"
+    for path in sorted(cfg.paths.training_log.windows.glob("*.parquet"))[-2:]:
+        path.write_bytes(b"not parquet")
+    assert main([*argv[:4], "1", *argv[5:], "--validation"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["period"] == "validation"
+    assert result["windows"] == {"train": 6, "valid": 1, "test": 1}
+    assert result["buckets"]["all"]["samples"] == 12
+    assert "click AUC on the validation period" in table.read_text()
+    assert len(list(cfg.paths.experiments.glob("*-validation.json"))) == 1
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # streaming a world, then three fits: minutes, more when loaded

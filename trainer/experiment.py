@@ -324,34 +324,39 @@ def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
                    valid_share: float = 0.1, epochs: int | None = None,
                    oracle: Oracle | None = None, resamples: int = RESAMPLES,
                    progress: bool = True, arms: Mapping[str, Arm] = TRAINED,
-                   pairs: Sequence[tuple[str, str]] = PAIRS) -> dict[str, Any]:
+                   pairs: Sequence[tuple[str, str]] = PAIRS, period: str = "test"
+                   ) -> dict[str, Any]:
     """The experiment of the module docstring over ``seeds`` seeds: :func:`score_models`,
     then :meth:`Scored.summary` with ``pairs`` (the differences reported) and
     ``resamples``. Returns a JSON-ready dict: the split, each fit's chosen epoch,
     validation AUC, trainable parameters and seconds per epoch, and per bucket
     (:data:`trainer.train.TEST_BUCKETS`) :func:`compare_models`."""
     return score_models(cfg, seeds, test_share, valid_share, epochs, oracle, progress,
-                        arms).summary(pairs, resamples)
+                        arms, period).summary(pairs, resamples)
 
 
 def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: float = 0.1,
                  epochs: int | None = None, oracle: Oracle | None = None,
-                 progress: bool = True, arms: Mapping[str, Arm] = TRAINED) -> Scored:
+                 progress: bool = True, arms: Mapping[str, Arm] = TRAINED,
+                 period: str = "test") -> Scored:
     """Fit ``arms`` (default :data:`TRAINED`; :func:`ablation_arms` for ``ppm experiment
     ablation``) per seed (``trainer.seed`` = 0 .. seeds-1, which also seeds the control's
     permutation) on the train period, each for at most ``epochs`` (default
     ``trainer.initial_epochs``) with the epoch chosen on validation, fit the baselines, and
-    score the test period with all of them and ``oracle``. Raises ``ValueError`` for a bad
-    split or an oracle of other data, ``SystemExit`` when a period holds no window."""
+    score the test period with all of them and ``oracle``. ``period="validation"``: the
+    split moved one period back (:func:`~trainer.train.split_windows`): the validation
+    period is scored (its ``new_in_test`` bucket: items new in it) and the test period is
+    not read. Raises ``ValueError`` for a bad split or an oracle of other data,
+    ``SystemExit`` when a period holds no window."""
     from tqdm import tqdm
 
     from trainer.registry import Registry
 
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    split = split_windows(cfg, test_share, valid_share)
+    split = split_windows(cfg, test_share, valid_share, period)
     if not (split.train and split.test):
-        raise SystemExit("no closed windows in the train or the test period")
+        raise SystemExit(f"no closed windows in the train or the {period} period")
     # Labels, users, buckets and the baselines' inputs; every model's dataset of the same
     # windows holds the same samples in the same order.
     reference = IncrementalTrainer(cfg, variant="idrec")
@@ -407,7 +412,8 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     return Scored(
         clicks(test), np.asarray(test.user_id), {b: buckets[b] for b in TEST_BUCKETS},
         scores, fits,
-        {"seeds": seeds, "test_share": test_share, "valid_share": valid_share,
+        {"period": period, "seeds": seeds, "test_share": test_share,
+         "valid_share": valid_share,
          "windows": {"train": len(split.train), "valid": len(split.valid),
                      "test": len(split.test)},
          "test_start": datetime.fromtimestamp(split.test_start_us / 1e6, UTC).isoformat(),
@@ -484,7 +490,7 @@ def to_markdown(result: Mapping[str, Any]) -> str:
             "worlds (t), over seeds (t) and over users (bootstrap within each world)"
             if worlds else f"mean of {result['seeds']} seed(s); 95% intervals over seeds (t) "
             "and over users (bootstrap)")
-    lines = [f"click AUC on the test period, {over}", "",
+    lines = [f"click AUC on the {result.get('period', 'test')} period, {over}", "",
              "| bucket | model | samples | positives | auc | "
              + ("95% worlds | " if worlds else "") + "95% seeds | 95% users | "
              "share of oracle | gauc | logloss |",

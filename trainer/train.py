@@ -635,21 +635,37 @@ class Split:
     """Start of the test period (its first window's start), µs since the epoch (UTC)."""
 
 
-def split_windows(cfg: Config, test_share: float = 0.2, valid_share: float = 0.1) -> Split:
+def split_windows(cfg: Config, test_share: float = 0.2, valid_share: float = 0.1,
+                  period: str = "test") -> Split:
     """The closed windows split by time, not samples: the test period is the last
     ``test_share`` of the time they span, the validation period the ``valid_share`` of that
     span just before it (0: none), and train the rest. A period starts with the first window
-    that starts at or after its boundary, so no window is cut or left out."""
+    that starts at or after its boundary, so no window is cut or left out.
+
+    ``period="validation"``: the same split moved one period back, to choose settings
+    without reading the test period. The validation period is returned as ``test`` (the
+    period scored), the ``valid_share`` of the span just before it as ``valid``, what
+    precedes as ``train``; the test period's windows are in none of them."""
+    if period not in ("test", "validation"):
+        raise ValueError(f"period must be 'test' or 'validation', got {period!r}")
     if not 0 < test_share < 1:
         raise ValueError(f"test_share must be in (0, 1), got {test_share}")
     if not 0 <= valid_share < 1 - test_share:
         raise ValueError(f"valid_share must be in [0, 1 - test_share), got {valid_share}")
+    if period == "validation" and not 0 < valid_share < (1 - test_share) / 2:
+        raise ValueError(f"scoring the validation period needs a valid_share in (0, "
+                         f"{(1 - test_share) / 2:g}): one for it, one before it to choose "
+                         f"the epoch, and training before both; got {valid_share}")
     windows = closed_windows(cfg.paths.training)
     if not windows:
         return Split([], [], [], 0, 0)
     first, last = windows[0].start_us, windows[-1].end_us
     test_from = last - int(test_share * (last - first))
     valid_from = test_from - int(valid_share * (last - first))
+    if period == "validation":  # every boundary one validation period earlier
+        windows = [w for w in windows if w.start_us < test_from]
+        test_from, valid_from = valid_from, valid_from - int(valid_share * (last - first))
+        last = windows[-1].end_us if windows else first
     train = [w for w in windows if w.start_us < valid_from]
     valid = [w for w in windows if valid_from <= w.start_us < test_from]
     test = [w for w in windows if w.start_us >= test_from]

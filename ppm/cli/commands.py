@@ -363,10 +363,12 @@ def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
                                 "results have no ceiling)")
     started = datetime.now(UTC)
     oracle = Oracle.read(oracle_file) if oracle_file.is_file() else None
+    period = "validation" if args.validation else "test"
     result = run_experiment(cfg, args.seeds, args.test_share, args.valid_share,
-                            args.epochs, oracle, progress=not args.quiet)
+                            args.epochs, oracle, progress=not args.quiet, period=period)
     result = {"oracle_file": str(oracle_file) if oracle else None, **result}
-    return _report_experiment(cfg, started.strftime("%Y%m%dT%H%M%SZ"), result, args.markdown)
+    name = started.strftime("%Y%m%dT%H%M%SZ") + ("-validation" if args.validation else "")
+    return _report_experiment(cfg, name, result, args.markdown)
 
 
 def _report_experiment(cfg: Config, name: str, result: dict, markdown_file: str | None) -> int:
@@ -769,6 +771,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--valid-share", type=float, default=0.1,
                           help="--seeds: the share of the time span just before the test "
                           "period that chooses the epoch (default 0.1)")
+    evaluate.add_argument(
+        "--validation", action="store_true",
+        help="--seeds: score the validation period instead, the split moved one period "
+        "back (train on what precedes it, the epoch chosen on the --valid-share before it); "
+        "the test period is not read. Compare settings this way, then run the one chosen "
+        "on the test period once")
     evaluate.add_argument("--epochs", type=int, help="--seeds: most epochs per fit (default "
                           "from config: trainer.initial_epochs)")
     evaluate.add_argument("--oracle", metavar="FILE",
@@ -1089,6 +1097,9 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
     elif command == "eval" and args.seeds is not None and args.variant:
         raise UsageError("--seeds trains idrec, ppm and the shuffled-vector control itself; "
                          "drop --variant")
+    elif command == "eval" and args.validation and args.seeds is None:
+        raise UsageError("--validation goes with --seeds: champions are evaluated on the "
+                         "test period only (they were chosen on validation)")
     elif command == "experiment ablation" and args.finetuned and (
             not args.generic or args.generic == args.finetuned):
         # "Written last" would be the backfilled version itself: name the other one.
