@@ -370,6 +370,8 @@ def test_train_follow_serves_its_metrics_and_records_each_step(tmp_path, monkeyp
     (["features", "get"], "give --item ID and/or --user ID"),
     (["eval", "--seeds", "2", "--variant", "idrec"], "drop --variant"),
     (["eval", "--validation"], "--validation goes with --seeds"),
+    (["eval", "--seeds", "1", "--validation", "--valid-share", "0"],
+     "--validation needs a --valid-share in (0, 0.4)"),
     (["eval", "--test-share", "1.5"], "--test-share 1.5"),
     (["experiment", "staleness", "--seeds", "0"], "--seeds must be at least 1, got 0"),
     (["experiment", "staleness", "--tolerance", "-0.1"], "--tolerance -0.1"),

@@ -235,23 +235,29 @@ def test_eval_seeds_reports_models_baselines_control_oracle_and_intervals(tmp_pa
     cfg.paths.simulated_oracle.unlink()
     assert main([*argv[:4], "1", *argv[5:]]) == 0  # one seed is enough to see it
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["oracle_file"] is None
+    assert result["oracle_file"] is None and result["period"] == "test"
     assert set(result["buckets"]["all"]["models"]) == MODELS
 
     # --validation: the split one period back scores hour 7 (the validation period) after
-    # training on hours 0-5 and choosing the epoch on hour 6. The test period (hours 8-9)
-    # is never read: its files made unreadable change nothing.
-    assert result["period"] == "test"
+    # training on hours 0-5 and choosing the epoch on hour 6, the oracle too. No window of
+    # the test period (hours 8-9) is read: its files made unreadable change nothing.
+    pq.write_table(windows.append_column("logit", pa.compute.cast(windows["click"],
+                                                                  pa.float64())),
+                   cfg.paths.simulated_oracle)
     for path in sorted(cfg.paths.training_log.windows.glob("*.parquet"))[-2:]:
         path.write_bytes(b"not parquet")
     assert main([*argv[:4], "1", *argv[5:], "--validation"]) == 0
-    out, err = capsys.readouterr()
-    result = json.loads(out.strip().splitlines()[-1])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["period"] == "validation"
     assert result["windows"] == {"train": 6, "valid": 1, "test": 1}
     assert result["buckets"]["all"]["samples"] == 12
+    assert result["buckets"]["all"]["models"]["oracle"]["auc"] == 1.0
     assert "click AUC on the validation period" in table.read_text()
     assert len(list(cfg.paths.experiments.glob("*-validation.json"))) == 1
+
+    # The control: scoring the test period reads those files, and fails.
+    assert main([*argv[:4], "1", *argv[5:]]) == 1
+    capsys.readouterr()
 
 
 @pytest.mark.slow

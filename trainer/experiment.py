@@ -324,8 +324,8 @@ def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
                    valid_share: float = 0.1, epochs: int | None = None,
                    oracle: Oracle | None = None, resamples: int = RESAMPLES,
                    progress: bool = True, arms: Mapping[str, Arm] = TRAINED,
-                   pairs: Sequence[tuple[str, str]] = PAIRS, period: str = "test"
-                   ) -> dict[str, Any]:
+                   pairs: Sequence[tuple[str, str]] = PAIRS,
+                   period: Literal["test", "validation"] = "test") -> dict[str, Any]:
     """The experiment of the module docstring over ``seeds`` seeds: :func:`score_models`,
     then :meth:`Scored.summary` with ``pairs`` (the differences reported) and
     ``resamples``. Returns a JSON-ready dict: the split, each fit's chosen epoch,
@@ -338,7 +338,7 @@ def run_experiment(cfg: Config, seeds: int, test_share: float = 0.2,
 def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: float = 0.1,
                  epochs: int | None = None, oracle: Oracle | None = None,
                  progress: bool = True, arms: Mapping[str, Arm] = TRAINED,
-                 period: str = "test") -> Scored:
+                 period: Literal["test", "validation"] = "test") -> Scored:
     """Fit ``arms`` (default :data:`TRAINED`; :func:`ablation_arms` for ``ppm experiment
     ablation``) per seed (``trainer.seed`` = 0 .. seeds-1, which also seeds the control's
     permutation) on the train period, each for at most ``epochs`` (default

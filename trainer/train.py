@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -636,7 +636,7 @@ class Split:
 
 
 def split_windows(cfg: Config, test_share: float = 0.2, valid_share: float = 0.1,
-                  period: str = "test") -> Split:
+                  period: Literal["test", "validation"] = "test") -> Split:
     """The closed windows split by time, not samples: the test period is the last
     ``test_share`` of the time they span, the validation period the ``valid_share`` of that
     span just before it (0: none), and train the rest. A period starts with the first window
@@ -665,7 +665,6 @@ def split_windows(cfg: Config, test_share: float = 0.2, valid_share: float = 0.1
     if period == "validation":  # every boundary one validation period earlier
         windows = [w for w in windows if w.start_us < test_from]
         test_from, valid_from = valid_from, valid_from - int(valid_share * (last - first))
-        last = windows[-1].end_us if windows else first
     train = [w for w in windows if w.start_us < valid_from]
     valid = [w for w in windows if valid_from <= w.start_us < test_from]
     test = [w for w in windows if w.start_us >= test_from]

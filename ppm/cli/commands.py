@@ -770,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
         "95%% intervals and paired differences; results also in DATA_DIR/experiments/")
     evaluate.add_argument("--valid-share", type=float, default=0.1,
                           help="--seeds: the share of the time span just before the test "
-                          "period that chooses the epoch (default 0.1)")
+                          "period that chooses the epoch (default 0.1); with --validation "
+                          "also the period scored")
     evaluate.add_argument(
         "--validation", action="store_true",
         help="--seeds: score the validation period instead, the split moved one period "
@@ -1100,6 +1101,12 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
     elif command == "eval" and args.validation and args.seeds is None:
         raise UsageError("--validation goes with --seeds: champions are evaluated on the "
                          "test period only (they were chosen on validation)")
+    elif (command == "eval" and args.validation
+          and not 0 < args.valid_share < (1 - args.test_share) / 2):
+        raise UsageError(f"--validation needs a --valid-share in (0, "
+                         f"{(1 - args.test_share) / 2:g}) (one for the period scored, one "
+                         f"before it to choose the epoch, training before both); got "
+                         f"{args.valid_share:g}")
     elif command == "experiment ablation" and args.finetuned and (
             not args.generic or args.generic == args.finetuned):
         # "Written last" would be the backfilled version itself: name the other one.
