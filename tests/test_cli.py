@@ -377,6 +377,8 @@ def test_train_follow_serves_its_metrics_and_records_each_step(tmp_path, monkeyp
     (["experiment", "staleness", "--tolerance", "-0.1"], "--tolerance -0.1"),
     (["experiment", "ablation", "--finetuned", "enc-b"], "--finetuned needs --generic"),
     (["experiment", "ablation", "--valid-share", "0.8"], "--valid-share 0.8"),
+    (["experiment", "ablation", "--validation", "--valid-share", "0.45"],
+     "--validation needs a --valid-share in (0, 0.4)"),
     (["import", "--items", "items.csv"], "give --items FILE and --interactions FILE"),
     (["backfill", "--simulate", "--batch-size", "0"], "--batch-size 0"),
     (["finetune", "text", "--simulate", "--test-share", "0"], "--test-share 0"),

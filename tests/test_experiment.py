@@ -291,6 +291,32 @@ def test_the_shuffled_control_loses_ppms_gain_on_young_items(tmp_path, item_enco
     assert shuffled["ci95"][0] <= 0 or shuffled["auc"] < 0.01, young
 
 
+def test_the_ablation_scores_the_validation_period_when_asked(tmp_path, monkeypatch, capsys):
+    """``ppm experiment ablation --validation`` hands the period to the experiment (whose
+    split ``tests/test_dataset.py`` and ``test_eval_seeds_...`` check) and marks its result
+    file; without the flag it scores the test period."""
+    import trainer.experiment
+    from ppm.cli.commands import main
+    from tests.test_trainer import tiny_world
+
+    cfg = tiny_world(tmp_path)
+    _set_env(cfg, monkeypatch)
+    periods = []
+
+    def experiment(cfg, seeds, *args, period="test", **kwargs):
+        periods.append(period)
+        return {"period": period, "seeds": seeds, "buckets": {}, "fits": {}}
+
+    monkeypatch.setattr(trainer.experiment, "run_experiment", experiment)
+    argv = ["--data-dir", str(tmp_path), "experiment", "ablation", "--seeds", "1", "--quiet"]
+    assert main([*argv, "--validation"]) == 0 and main(argv) == 0
+    assert periods == ["validation", "test"]
+    assert "click AUC on the validation period" in capsys.readouterr().err
+    saved = sorted(p.name for p in cfg.paths.experiments.glob("ablation-*.json"))
+    assert len(saved) == 2 and sum(n.endswith("Z-validation.json") for n in saved) == 1
+    assert sum(n.endswith("Z.json") for n in saved) == 1
+
+
 def test_the_ablation_fits_every_arm_on_the_same_split_and_reports_its_cost(tmp_path):
     """Each arm of ``ppm experiment ablation`` on a small world with two encoder versions:
     the fine-tuned arm reads its version, the data-share arms fewer windows, the frozen

@@ -327,15 +327,14 @@ def _experiment_ablation(args: argparse.Namespace, cfg: Config) -> int:
     JSON also as the last line of stdout."""
     from trainer.experiment import ablation_arms, ablation_pairs, run_experiment
 
-    started = datetime.now(UTC)
+    period, name = _period(args, datetime.now(UTC))
     arms = ablation_arms(args.finetuned, args.generic)
     result = run_experiment(cfg, args.seeds, args.test_share, args.valid_share,
                             args.epochs, progress=not args.quiet, arms=arms,
-                            pairs=ablation_pairs(arms))
+                            pairs=ablation_pairs(arms), period=period)
     result = {"kind": "ablation", "generic": args.generic, "finetuned": args.finetuned,
               **result}
-    return _report_experiment(cfg, f"ablation-{started:%Y%m%dT%H%M%SZ}", result,
-                              args.markdown)
+    return _report_experiment(cfg, f"ablation-{name}", result, args.markdown)
 
 
 def _experiment_worlds(args: argparse.Namespace, cfg: Config) -> int:
@@ -348,6 +347,19 @@ def _experiment_worlds(args: argparse.Namespace, cfg: Config) -> int:
                         args.epochs, progress=not args.quiet, refit=args.refit)
     return _report_experiment(cfg, f"worlds-{started:%Y%m%dT%H%M%SZ}",
                               {"kind": "worlds", **result}, args.markdown)
+
+
+_VALIDATION_HELP = (
+    "score the validation period instead, the split moved one period back (train on what "
+    "precedes it, the epoch chosen on the --valid-share before it); the test period is not "
+    "read. Compare settings this way, then run the one chosen on the test period once")
+
+
+def _period(args: argparse.Namespace, started: datetime) -> tuple[str, str]:
+    """``--validation``'s period and the result's name: its start time, marked when it
+    scored the validation period."""
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    return ("validation", f"{stamp}-validation") if args.validation else ("test", stamp)
 
 
 def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
@@ -363,11 +375,10 @@ def _eval_seeds(args: argparse.Namespace, cfg: Config) -> int:
                                 "results have no ceiling)")
     started = datetime.now(UTC)
     oracle = Oracle.read(oracle_file) if oracle_file.is_file() else None
-    period = "validation" if args.validation else "test"
+    period, name = _period(args, started)
     result = run_experiment(cfg, args.seeds, args.test_share, args.valid_share,
                             args.epochs, oracle, progress=not args.quiet, period=period)
     result = {"oracle_file": str(oracle_file) if oracle else None, **result}
-    name = started.strftime("%Y%m%dT%H%M%SZ") + ("-validation" if args.validation else "")
     return _report_experiment(cfg, name, result, args.markdown)
 
 
@@ -772,12 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="--seeds: the share of the time span just before the test "
                           "period that chooses the epoch (default 0.1); with --validation "
                           "also the period scored")
-    evaluate.add_argument(
-        "--validation", action="store_true",
-        help="--seeds: score the validation period instead, the split moved one period "
-        "back (train on what precedes it, the epoch chosen on the --valid-share before it); "
-        "the test period is not read. Compare settings this way, then run the one chosen "
-        "on the test period once")
+    evaluate.add_argument("--validation", action="store_true",
+                          help="--seeds: " + _VALIDATION_HELP)
     evaluate.add_argument("--epochs", type=int, help="--seeds: most epochs per fit (default "
                           "from config: trainer.initial_epochs)")
     evaluate.add_argument("--oracle", metavar="FILE",
@@ -879,6 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(required with --finetuned; else default: trainer.encoder_version, "
                           "else the one written last)")
     ablation.add_argument("--seeds", type=int, default=3, metavar="N")
+    ablation.add_argument("--validation", action="store_true", help=_VALIDATION_HELP)
     _add_fit_options(ablation)
     ablation.set_defaults(run=_experiment_ablation)
 
@@ -1101,7 +1109,7 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
     elif command == "eval" and args.validation and args.seeds is None:
         raise UsageError("--validation goes with --seeds: champions are evaluated on the "
                          "test period only (they were chosen on validation)")
-    elif (command == "eval" and args.validation
+    elif (command in ("eval", "experiment ablation") and args.validation
           and not 0 < args.valid_share < (1 - args.test_share) / 2):
         raise UsageError(f"--validation needs a --valid-share in (0, "
                          f"{(1 - args.test_share) / 2:g}) (one for the period scored, one "
