@@ -129,6 +129,6 @@ def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
                   "fitting again", file=sys.stderr)
         scored[name] = score_models(world_cfg, seeds, test_share, valid_share, epochs,
                                     Oracle.read(world_cfg.paths.simulated_oracle), progress)
-        scored[name].save(world_cfg.paths.world_scores, spec)
+        scored[name].save(kept, spec)
     return {"data_dirs": {name: str(c.data_dir) for name, c in streamed.items()},
             "reused_scores": reused, **pooled_summary(scored)}
