@@ -28,6 +28,7 @@ from ppm.data_dir import DataDir, TrainingLogDir
 from streams.local_runner import LocalRunner
 from streams.sources.shop_simulator import ShopSimulator
 from trainer.dataset import WindowDataset, closed_windows, window_files
+from trainer.experiment import Arm, score_models
 from trainer.registry import Registry
 from trainer.train import (
     IncrementalTrainer,
@@ -37,6 +38,7 @@ from trainer.train import (
     names,
     new_model,
     predict,
+    recent,
     split_windows,
     start_wide_part,
     train_batch,
@@ -580,6 +582,32 @@ def test_batch_training_keeps_the_best_epoch_on_validation(tmp_path):
     assert meta["item_vocabulary"] == {"min_count": 1, "ids_seen": 8, "ids_admitted": 8}
     # The tiny world has clicks alone: the order and collect heads learned nothing.
     assert fitted.model.trained_tasks == ("click",) and meta["trained_tasks"] == ["click"]
+
+
+def test_a_batch_fit_reads_only_the_recent_share_of_its_windows(tmp_path):
+    cfg = tiny_world(tmp_path).with_values({"history_share": "0.5"})
+    split = split_windows(cfg, test_share=0.2, valid_share=0.2)
+    assert [w.name for w in recent(split.train, 0.5)] == names(split.train)[3:]
+    assert recent(split.train[:1], 0.1) == split.train[:1] and recent([], 0.5) == []
+    with pytest.raises(ValueError, match="share"):
+        recent(split.train, 0)
+    fitted = train_batch(cfg, split.train, "idrec", epochs=1, progress=False,
+                         valid=split.valid)
+    # Samples, vocabularies and click counts of the last three training windows only;
+    # the epoch still chosen on the whole validation period.
+    assert fitted.meta()["trained_on"] == names(split.train)[3:]
+    assert fitted.meta()["validated_on"] == names(split.valid)
+    counted = IncrementalTrainer(cfg, variant="idrec").dataset(split.train[3:])
+    assert set(fitted.model.item_vocabulary.counts) == set(counted.item_ids)
+    assert sum(fitted.model.item_vocabulary.counts.values()) == len(counted)
+    everything = IncrementalTrainer(cfg, variant="idrec").dataset(split.train)
+    assert len(everything) > len(counted)
+    # The ablation's data shares are shares of what history_share keeps.
+    scored = score_models(cfg, 1, 0.2, 0.2, epochs=1, progress=False,
+                          arms={"idrec": Arm("idrec"), "idrec_half": Arm("idrec",
+                                                                         data_share=0.5)})
+    assert [f["windows"] for f in (scored.fits["idrec"][0], scored.fits["idrec_half"][0])] \
+        == [3, 2]
 
 
 def test_tuning_keeps_the_value_with_the_best_validation_auc(tmp_path):

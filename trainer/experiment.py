@@ -65,7 +65,8 @@ class Arm:
     """Start the PPM module from a ``modal`` model pre-trained on the same windows and
     seed (:func:`trainer.train.plug_in`), kept frozen or trained jointly."""
     data_share: float = 1.0
-    """Train on the most recent share of the training windows (at least one)."""
+    """Train on this share of what ``trainer.history_share`` keeps of the training windows,
+    the most recent (:func:`trainer.train.recent`)."""
 
 
 TRAINED: dict[str, Arm] = {
@@ -380,7 +381,9 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
             seeded = cfg.with_values({"trainer.seed": seed})
             if arm.encoder_version:
                 seeded = seeded.with_values({"trainer.encoder_version": arm.encoder_version})
-            windows = split.train[-max(1, round(arm.data_share * len(split.train))):]
+            if arm.data_share != 1:
+                seeded = seeded.with_values({"trainer.history_share":
+                                             cfg.trainer.history_share * arm.data_share})
             source = None
             if arm.plug_in:
                 key = (seed, arm.encoder_version)
@@ -391,7 +394,7 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
                                                ).register(modal.model, modal.meta())
                 source = pretrained[key]
             started = time.perf_counter()
-            fitted = train_batch(seeded, windows, arm.variant, epochs, progress=False,
+            fitted = train_batch(seeded, split.train, arm.variant, epochs, progress=False,
                                  valid=split.valid,
                                  shuffle_vectors_seed=seed if arm.shuffled else None,
                                  plug_in_from=source, freeze_plugin=arm.plug_in == "frozen")
@@ -401,7 +404,7 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
                 fitted.model, fitted.trainer.dataset_for(fitted.model, split.test))[:, click]
             fits[name].append({
                 "seed": seed, "epochs": fitted.epochs, "best_epoch": fitted.best_epoch,
-                "valid_click_auc": fitted.valid_auc, "windows": len(windows),
+                "valid_click_auc": fitted.valid_auc, "windows": len(fitted.trained_on),
                 "encoder_version": fitted.encoder_version,
                 "trainable_parameters": fitted.meta()["trainable_parameters"],
                 "seconds_per_epoch": round(seconds / max(1, fitted.epochs), 2)})

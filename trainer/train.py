@@ -672,6 +672,13 @@ def split_windows(cfg: Config, test_share: float = 0.2, valid_share: float = 0.1
     return Split(train, valid, test, valid[0].start_us if valid else test_start, test_start)
 
 
+def recent(windows: Sequence[Window | Path], share: float) -> list[Window | Path]:
+    """The last ``share`` of ``windows`` (in time order), rounded, at least one."""
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    return list(windows[-max(1, round(share * len(windows))):]) if windows else []
+
+
 @dataclass
 class BatchFit:
     """A model fitted from scratch by :func:`train_batch`, and what chose it."""
@@ -775,14 +782,17 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
                 valid: Sequence[Window] = (), shuffle_vectors_seed: int | None = None,
                 plug_in_from: Version | None = None, freeze_plugin: bool = False,
                 curves: CurveLog | None = None) -> BatchFit:
-    """``ppm train --batch``: one fit from scratch over ``windows``, for at most ``epochs``
-    (default ``trainer.initial_epochs``). With ``valid`` windows, the epoch with the best
-    validation click AUC is kept, and training stops after ``trainer.patience`` epochs
-    without a better one. The item vocabulary is counted from ``windows``.
+    """``ppm train --batch``: one fit from scratch over the most recent
+    ``trainer.history_share`` of ``windows`` (:func:`recent`; every one at the default 1;
+    ``trained_on`` names those read), for at most ``epochs`` (default
+    ``trainer.initial_epochs``). With ``valid`` windows, the epoch with the best validation
+    click AUC is kept, and training stops after ``trainer.patience`` epochs without a better
+    one. The id vocabularies are counted from the windows read.
     ``shuffle_vectors_seed``: the shuffled-vector control (see :class:`IncrementalTrainer`;
     score the model through a trainer with the same seed). ``plug_in_from``: start the PPM
     module from that version's (:func:`plug_in`; its encoder version is read), frozen with
     ``freeze_plugin``. ``curves``: where the steps, epochs and validation AUCs go."""
+    windows = recent(windows, cfg.trainer.history_share)
     if plug_in_from is not None and plug_in_from.meta.get("encoder_version"):
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
             update={"encoder_version": plug_in_from.meta["encoder_version"]})})

@@ -125,7 +125,7 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
             trainer.registry.promote(version)
             curves.write("version", version=version.name, promoted=True)
             print(json.dumps({"variant": variant, "version": version.name,
-                              "windows": len(split.train), "valid_windows": len(split.valid),
+                              "windows": len(fitted.trained_on), "valid_windows": len(split.valid),
                               "best_epoch": fitted.best_epoch,
                               "valid_click_auc": fitted.valid_auc,
                               "chosen": (fitted.tuned or {}).get("chosen"), "promoted": True,
