@@ -11,8 +11,10 @@ learns which black coats searchers pick.
 
 The item side is :func:`encoders.item_encoder.item_text` of the item as it was at the
 impression, the very text the stream embeds, and pooling is :func:`encoders.text_encoder.embed`,
-so a fine-tuned model serves as it trained. :func:`retrieval` is the held-out check:
-recall@k (and MRR) of the clicked item among every candidate text, by cosine to the query.
+so a fine-tuned model serves as it trained. Logs without queries (ratings) give
+:func:`next_click_pairs` instead: a user's earlier click as the query, the next one as the
+positive. :func:`retrieval` is the held-out check: recall@k (and MRR) of the clicked item
+among every candidate text, by cosine to the query.
 """
 
 from __future__ import annotations
@@ -121,6 +123,44 @@ def query_pairs(log: pd.DataFrame, texts: CatalogTexts, seed: int = 0) -> list[Q
             shown_id, shown_t = rng.choice(skipped) if skipped else (None, None)
             pairs.append(QueryPair(query, clicked, item,
                                    texts.at(shown_id, shown_t) if shown_id else None, shown_id))
+    return pairs
+
+
+def next_click_pairs(log: pd.DataFrame, texts: CatalogTexts, since_us: int | None = None,
+                     seed: int = 0) -> list[QueryPair]:
+    """Pairs for logs without search queries (ratings, browsing): each click of a user
+    after an earlier click of another item, as (the earlier item's text, the clicked item's
+    text). The hard negative is an item the same user was shown and did not click (drawn
+    with ``seed``), where there is one. The encoder learns to put what a user clicks next
+    near what the user clicked before.
+
+    Args:
+        log: training-log rows (``user_id``, ``item_id``, ``click``, ``impression_time``),
+            in any order.
+        since_us: only clicks at or after it become pairs, and only rows at or after it
+            give hard negatives; earlier rows are history, so a period's first pairs
+            follow the clicks before it. None: every row.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for _, rows in log.sort_values(["user_id", "impression_time"], kind="stable").groupby(
+            "user_id", sort=True):
+        rows = list(zip(rows["item_id"], rows["click"], _micros(rows), strict=True))
+        shown = [(i, t) for i, c, t in rows if not c and (since_us is None or t >= since_us)
+                 and texts.at(i, t) is not None]
+        previous = None
+        for item, click, t in rows:
+            if not click:
+                continue
+            clicked = texts.at(item, t)
+            if (previous is not None and previous[0] != item and clicked is not None
+                    and (since_us is None or t >= since_us)):
+                query = texts.at(*previous)
+                if query is not None:
+                    shown_id, shown_t = rng.choice(shown) if shown else (None, None)
+                    pairs.append(QueryPair(query, clicked, item, texts.at(shown_id, shown_t)
+                                           if shown_id else None, shown_id))
+            previous = (item, t)
     return pairs
 
 

@@ -17,6 +17,7 @@ from encoders.query_matching import (
     QueryPair,
     contrastive_loss,
     finetune,
+    next_click_pairs,
     query_pairs,
     retrieval,
 )
@@ -63,6 +64,32 @@ def test_pairs_are_the_clicked_search_results_with_a_skipped_item_of_the_same_pa
     assert [(p.query, p.clicked_id, p.shown_id) for p in pairs] == [
         ("black coat", "a", "b"), ("red coat", "c", None)]
     assert pairs[0].clicked.startswith("a coat.") and pairs[0].shown.startswith("b coat.")
+
+
+def test_next_click_pairs_follow_each_users_earlier_click_with_a_skipped_item_as_negative():
+    texts = CatalogTexts([_item(i, f"{i} coat", 0) for i in "abcdfg"] + [_item("e", "e coat", 9)])
+
+    def at(hours: float) -> datetime:
+        return T0 + timedelta(hours=hours)
+
+    log = pd.DataFrame([
+        # u1: a, (b shown, not clicked), c, c again (the same item: no pair), e (not listed
+        # until hour 9: no pair, nor a query for the next), then f after e
+        ("u1", "c", 1, at(3)), ("u1", "a", 1, at(1)), ("u1", "b", 0, at(2)),
+        ("u1", "c", 1, at(4)), ("u1", "e", 1, at(5)), ("u1", "f", 1, at(6)),
+        # u2: one click, nothing before it: no pair
+        ("u2", "d", 1, at(1)),
+        # u3: g then a, nothing skipped: no hard negative
+        ("u3", "g", 1, at(1)), ("u3", "a", 1, at(7)),
+    ], columns=["user_id", "item_id", "click", "impression_time"])
+    pairs = next_click_pairs(log, texts)
+    assert [(p.query.split(".")[0], p.clicked_id, p.shown_id) for p in pairs] == [
+        ("a coat", "c", "b"), ("g coat", "a", None)]
+    assert pairs[0].clicked.startswith("c coat.") and pairs[0].shown.startswith("b coat.")
+    # From hour 6.5 on: u3's click at hour 7 still follows its click at hour 1.
+    later = next_click_pairs(log, texts, since_us=_us(at(6.5)))
+    assert [(p.query.split(".")[0], p.clicked_id, p.shown_id) for p in later] == [
+        ("g coat", "a", None)]
 
 
 def test_the_loss_does_not_push_away_the_same_item_or_another_click_for_the_same_query():
@@ -153,6 +180,20 @@ def test_ppm_finetune_text_trains_on_the_training_period_and_writes_a_new_encode
     for period in ("valid_before", "valid_after", "test_before", "test_after"):
         assert 0 <= report[period]["recall_at_k"] <= 1
     # The kept epoch is the best on validation, the pretrained model included.
+    assert report["valid_after"]["recall_at_k"] >= report["valid_before"]["recall_at_k"]
+
+    # Without the queries: each user's next click after an earlier one.
+    code = main(["--config", str(tmp_path / "ppm.toml"), "--data-dir", str(tmp_path),
+                 "finetune", "text", "--simulate", "--pairs", "next-click", "--epochs", "1",
+                 "--quiet"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = tmp_path / "encoders" / "text-next-click"
+    assert report["kind"] == "next-click" and report["out"] == str(out)
+    assert report["encoder_after"] == TextEncoder(out).identity != report["encoder_before"]
+    logs = [read_log(w) for w in (split.train, split.valid, split.test)]
+    for period, log in zip(("train", "valid", "test"), logs, strict=True):
+        assert 0 < report["pairs"][period] <= int((log["click"] == 1).sum())
     assert report["valid_after"]["recall_at_k"] >= report["valid_before"]["recall_at_k"]
 
 

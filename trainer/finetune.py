@@ -4,7 +4,9 @@ Query matching (QM, :mod:`encoders.query_matching`) reads the (query, clicked it
 the closed training windows: pairs of the training period train, those of the validation
 period choose the epoch, those of the test period are the held-out report. The periods are
 :func:`trainer.train.split_windows`'s, the same as ``ppm train --batch`` and ``ppm eval``
-use, so the encoder never learns from the period the ranker is judged on.
+use, so the encoder never learns from the period the ranker is judged on. ``--pairs
+next-click`` reads each user's clicks instead, for logs without queries
+(:func:`encoders.query_matching.next_click_pairs`).
 
 The fine-tuned encoder is written to its own folder or file (``DataDir.encoder``) with a
 report beside it (:func:`report_file`); its content hash is a new ``encoder_version``, so
@@ -32,7 +34,11 @@ from ppm.events import ItemEvent
 from trainer.train import Split, split_windows
 from trainer.windows import Window, files_of
 
-_LOG_COLUMNS = ["request_id", "item_id", "query", "click", "impression_time"]
+_LOG_COLUMNS = ["request_id", "user_id", "item_id", "query", "click", "impression_time"]
+PAIRS = ("query", "next-click")
+"""What ``ppm finetune text`` learns from: search queries and their clicks (QM), or each
+user's next click after an earlier one (:func:`encoders.query_matching.next_click_pairs`),
+for logs without queries."""
 
 
 def _say(metrics: dict[str, float]) -> None:
@@ -51,22 +57,34 @@ def read_log(windows: list[Window]) -> pd.DataFrame:
 
 def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = None,
                   test_share: float = 0.2, valid_share: float = 0.1,
-                  epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
+                  epochs: int | None = None, progress: bool = True,
+                  pairs: str = "query") -> dict[str, Any]:
     """QM-fine-tune the configured text encoder (``encoders.text_model``) on the data
     directory's logs and ``items``' texts; write it to ``out`` (default
-    ``DataDir.encoder("text-qm")``) and return the report (also :func:`report_file`):
-    recall@k and MRR of the clicked item among the catalog, before and after, on the
-    validation and the test period.
+    ``DataDir.encoder("text-qm")``, or ``"text-next-click"``) and return the report (also
+    :func:`report_file`): recall@k and MRR of the clicked item among the catalog, before
+    and after, on the validation and the test period. ``pairs`` (:data:`PAIRS`):
+    ``"query"``, a search query and its click; ``"next-click"``, a user's earlier click
+    and the next one, whose query side is the earlier item's text.
 
     Raises:
-        ValueError: no closed windows, or a period without a (query, clicked item) pair.
+        ValueError: no closed windows, or a period without a pair.
     """
     import torch
 
-    from encoders.query_matching import CatalogTexts, QMConfig, finetune, query_pairs, save
+    from encoders.query_matching import (
+        CatalogTexts,
+        QMConfig,
+        finetune,
+        next_click_pairs,
+        query_pairs,
+        save,
+    )
     from encoders.query_matching import retrieval as retrieval_of
     from encoders.text_encoder import TextEncoder
 
+    if pairs not in PAIRS:
+        raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
     started = time.monotonic()
     if cfg.encoders.threads:
         torch.set_num_threads(cfg.encoders.threads)
@@ -80,12 +98,21 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
         raise ValueError("no item events: QM needs the items' titles (--jsonl DIR with an "
                          "items.jsonl, or --simulate)")
     qm = QMConfig(**({"epochs": epochs} if epochs else {}))
-    train, valid, test = (query_pairs(read_log(w), texts, qm.seed)
-                          for w in (split.train, split.valid, split.test))
-    for name, pairs in (("training", train), ("validation", valid), ("test", test)):
-        if not pairs:
-            raise ValueError(f"the {name} period holds no clicked sample with a query and a "
-                             "known item: nothing to fine-tune or judge QM on")
+    if pairs == "query":
+        train, valid, test = (query_pairs(read_log(w), texts, qm.seed)
+                              for w in (split.train, split.valid, split.test))
+    else:  # each period's pairs may start from the last click before it
+        train = next_click_pairs(read_log(split.train), texts, seed=qm.seed)
+        valid = next_click_pairs(read_log(split.train + split.valid), texts,
+                                 split.valid_start_us, qm.seed)
+        test = next_click_pairs(read_log(split.train + split.valid + split.test), texts,
+                                split.test_start_us, qm.seed)
+    what = ("clicked sample with a query and a known item" if pairs == "query" else
+            "click of a known item after an earlier click of the same user")
+    for name, found in (("training", train), ("validation", valid), ("test", test)):
+        if not found:
+            raise ValueError(f"the {name} period holds no {what}: nothing to fine-tune or "
+                             "judge the encoder on")
     # Candidates: the catalog as it stood at the end of each period.
     valid_candidates = texts.as_of(split.test_start_us - 1)
     test_candidates = texts.as_of(split.test[-1].end_us - 1)
@@ -97,11 +124,13 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
                       on_epoch=_say if progress else None)
     test_after = retrieval_of(encoder.model, encoder.tokenizer, test, test_candidates, qm.k,
                               encoder.max_length)
-    out = Path(out) if out else cfg.paths.encoder("text-qm")
+    out = Path(out) if out else cfg.paths.encoder(
+        "text-qm" if pairs == "query" else "text-next-click")
     out.parent.mkdir(parents=True, exist_ok=True)
     save(encoder, out)
     report = {
-        "kind": "qm", "out": str(out), "encoder_before": identity_before,
+        "kind": "qm" if pairs == "query" else "next-click", "out": str(out),
+        "encoder_before": identity_before,
         "encoder_after": TextEncoder(out, cfg.encoders.text_max_length).identity,
         "pairs": {"train": len(train), "valid": len(valid), "test": len(test)},
         "hard_negatives": sum(p.shown is not None for p in train),

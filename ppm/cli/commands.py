@@ -256,7 +256,8 @@ def _finetune(args: argparse.Namespace, cfg: Config) -> int:
 
     if args.encoder == "text":
         report = finetune_text(cfg, _item_events(args, cfg), args.out, args.test_share,
-                               args.valid_share, args.epochs, progress=not args.quiet)
+                               args.valid_share, args.epochs, progress=not args.quiet,
+                               pairs=args.pairs)
     else:
         from streams.sources.shop_simulator import entity_photos
 
@@ -831,10 +832,16 @@ def build_parser() -> argparse.ArgumentParser:
     text = encoders.add_parser(
         "text", help="query matching: contrastive fine-tuning of the text encoder on (search "
         "query, clicked item) pairs of the training windows, a shown-not-clicked item of the "
-        "same page as a hard negative; recall@10 among the catalog before and after")
+        "same page as a hard negative (--pairs next-click: a user's earlier and next "
+        "clicks); recall@10 among the catalog before and after")
     _add_input_options(text, "the items whose titles the pairs read")
+    text.add_argument("--pairs", choices=("query", "next-click"), default="query",
+                      help="what to learn from: search queries and their clicks (default), "
+                      "or, for logs without queries (ratings), each user's next click after "
+                      "an earlier one, a shown-not-clicked item of the user's as the hard "
+                      "negative")
     text.add_argument("--out", metavar="DIR", help="where the fine-tuned model goes (default "
-                      "DATA_DIR/encoders/text-qm)")
+                      "DATA_DIR/encoders/text-qm, or text-next-click)")
     text.add_argument("--epochs", type=int, help="most epochs (default 3; the best on "
                       "validation is kept)")
     text.add_argument("--test-share", type=float, default=0.2)
