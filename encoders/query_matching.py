@@ -142,19 +142,20 @@ def next_click_pairs(log: pd.DataFrame, texts: CatalogTexts, since_us: int | Non
             follow the clicks before it. None: every row.
     """
     rng = random.Random(seed)
+    start = -1 if since_us is None else since_us
     pairs = []
     for _, rows in log.sort_values(["user_id", "impression_time"], kind="stable").groupby(
             "user_id", sort=True):
         rows = list(zip(rows["item_id"], rows["click"], _micros(rows), strict=True))
-        shown = [(i, t) for i, c, t in rows if not c and (since_us is None or t >= since_us)
-                 and texts.at(i, t) is not None]
+        shown = [(i, t) for i, c, t in rows
+                 if not c and t >= start and texts.at(i, t) is not None]
         previous = None
         for item, click, t in rows:
             if not click:
                 continue
             clicked = texts.at(item, t)
             if (previous is not None and previous[0] != item and clicked is not None
-                    and (since_us is None or t >= since_us)):
+                    and t >= start):
                 query = texts.at(*previous)
                 if query is not None:
                     shown_id, shown_t = rng.choice(shown) if shown else (None, None)

@@ -35,10 +35,15 @@ from trainer.train import Split, split_windows
 from trainer.windows import Window, files_of
 
 _LOG_COLUMNS = ["request_id", "user_id", "item_id", "query", "click", "impression_time"]
-PAIRS = ("query", "next-click")
-"""What ``ppm finetune text`` learns from: search queries and their clicks (QM), or each
-user's next click after an earlier one (:func:`encoders.query_matching.next_click_pairs`),
-for logs without queries."""
+PAIRS = {
+    "query": ("qm", "text-qm", "clicked sample with a query and a known item"),
+    "next-click": ("next-click", "text-next-click",
+                   "click of a known item after an earlier click of the same user"),
+}
+"""What ``ppm finetune text`` learns from -> the report's ``kind``, the default model folder
+and what a period without pairs lacks: search queries and their clicks (QM), or each user's
+next click after an earlier one (:func:`encoders.query_matching.next_click_pairs`), for logs
+without queries."""
 
 
 def _say(metrics: dict[str, float]) -> None:
@@ -84,7 +89,8 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     from encoders.text_encoder import TextEncoder
 
     if pairs not in PAIRS:
-        raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
+        raise ValueError(f"pairs must be one of {tuple(PAIRS)}, got {pairs!r}")
+    kind, folder, lacking = PAIRS[pairs]
     started = time.monotonic()
     if cfg.encoders.threads:
         torch.set_num_threads(cfg.encoders.threads)
@@ -107,11 +113,9 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
                                  split.valid_start_us, qm.seed)
         test = next_click_pairs(read_log(split.train + split.valid + split.test), texts,
                                 split.test_start_us, qm.seed)
-    what = ("clicked sample with a query and a known item" if pairs == "query" else
-            "click of a known item after an earlier click of the same user")
     for name, found in (("training", train), ("validation", valid), ("test", test)):
         if not found:
-            raise ValueError(f"the {name} period holds no {what}: nothing to fine-tune or "
+            raise ValueError(f"the {name} period holds no {lacking}: nothing to fine-tune or "
                              "judge the encoder on")
     # Candidates: the catalog as it stood at the end of each period.
     valid_candidates = texts.as_of(split.test_start_us - 1)
@@ -124,12 +128,11 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
                       on_epoch=_say if progress else None)
     test_after = retrieval_of(encoder.model, encoder.tokenizer, test, test_candidates, qm.k,
                               encoder.max_length)
-    out = Path(out) if out else cfg.paths.encoder(
-        "text-qm" if pairs == "query" else "text-next-click")
+    out = Path(out) if out else cfg.paths.encoder(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     save(encoder, out)
     report = {
-        "kind": "qm" if pairs == "query" else "next-click", "out": str(out),
+        "kind": kind, "out": str(out),
         "encoder_before": identity_before,
         "encoder_after": TextEncoder(out, cfg.encoders.text_max_length).identity,
         "pairs": {"train": len(train), "valid": len(valid), "test": len(test)},

@@ -676,7 +676,7 @@ def recent(windows: Sequence[Window | Path], share: float) -> list[Window | Path
     """The last ``share`` of ``windows`` (in time order), rounded, at least one."""
     if not 0 < share <= 1:
         raise ValueError(f"share must be in (0, 1], got {share}")
-    return list(windows[-max(1, round(share * len(windows))):]) if windows else []
+    return list(windows[-max(1, round(share * len(windows))):])
 
 
 @dataclass
