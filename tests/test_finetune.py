@@ -142,6 +142,15 @@ def test_fine_tuning_learns_pairs_the_pretrained_encoder_cannot_match():
     assert not any(p.requires_grad for p in enc.model.parameters())  # frozen again
 
 
+@pytest.mark.parametrize("option, error", [({"pairs": "views"}, "pairs must be one of"),
+                                           ({"k": 0}, "k must be at least 1")])
+def test_finetune_text_refuses_an_unknown_kind_of_pairs_or_k_below_one(tmp_path, option, error):
+    from trainer.finetune import finetune_text
+
+    with pytest.raises(ValueError, match=error):
+        finetune_text(Config(data_dir=tmp_path), [], **option)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_ppm_finetune_text_trains_on_the_training_period_and_writes_a_new_encoder(
@@ -185,11 +194,13 @@ def test_ppm_finetune_text_trains_on_the_training_period_and_writes_a_new_encode
     # Without the queries: each user's next click after an earlier one.
     code = main(["--config", str(tmp_path / "ppm.toml"), "--data-dir", str(tmp_path),
                  "finetune", "text", "--simulate", "--pairs", "next-click", "--epochs", "1",
-                 "--quiet"])
+                 "--k", "25", "--quiet"])
     assert code == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     out = tmp_path / "encoders" / "text-next-click"
     assert report["kind"] == "next-click" and report["out"] == str(out)
+    assert report["settings"]["k"] == 25
+    assert {report[p]["k"] for p in ("valid_before", "valid_after", "test_after")} == {25}
     assert report["encoder_after"] == TextEncoder(out).identity != report["encoder_before"]
     logs = [read_log(w) for w in (split.train, split.valid, split.test)]
     for period, log in zip(("train", "valid", "test"), logs, strict=True):

@@ -63,17 +63,18 @@ def read_log(windows: list[Window]) -> pd.DataFrame:
 def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = None,
                   test_share: float = 0.2, valid_share: float = 0.1,
                   epochs: int | None = None, progress: bool = True,
-                  pairs: str = "query") -> dict[str, Any]:
+                  pairs: str = "query", k: int | None = None) -> dict[str, Any]:
     """QM-fine-tune the configured text encoder (``encoders.text_model``) on the data
     directory's logs and ``items``' texts; write it to ``out`` (default
     ``DataDir.encoder("text-qm")``, or ``"text-next-click"``) and return the report (also
     :func:`report_file`): recall@k and MRR of the clicked item among the catalog, before
     and after, on the validation and the test period. ``pairs`` (:data:`PAIRS`):
     ``"query"``, a search query and its click; ``"next-click"``, a user's earlier click
-    and the next one, whose query side is the earlier item's text.
+    and the next one, whose query side is the earlier item's text. ``k`` (default
+    :attr:`~encoders.query_matching.QMConfig.k`) is the recall@k that chooses the epoch.
 
     Raises:
-        ValueError: no closed windows, or a period without a pair.
+        ValueError: no closed windows, a period without a pair, or ``k`` below 1.
     """
     import torch
 
@@ -90,6 +91,8 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
 
     if pairs not in PAIRS:
         raise ValueError(f"pairs must be one of {tuple(PAIRS)}, got {pairs!r}")
+    if k is not None and k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     kind, folder, lacking = PAIRS[pairs]
     started = time.monotonic()
     if cfg.encoders.threads:
@@ -103,7 +106,8 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     if not len(texts):
         raise ValueError("no item events: QM needs the items' titles (--jsonl DIR with an "
                          "items.jsonl, or --simulate)")
-    qm = QMConfig(**({"epochs": epochs} if epochs else {}))
+    qm = QMConfig(**{name: value for name, value in (("epochs", epochs), ("k", k))
+                     if value is not None})
     if pairs == "query":
         train, valid, test = (query_pairs(read_log(w), texts, qm.seed)
                               for w in (split.train, split.valid, split.test))

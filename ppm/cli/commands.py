@@ -257,7 +257,7 @@ def _finetune(args: argparse.Namespace, cfg: Config) -> int:
     if args.encoder == "text":
         report = finetune_text(cfg, _item_events(args, cfg), args.out, args.test_share,
                                args.valid_share, args.epochs, progress=not args.quiet,
-                               pairs=args.pairs)
+                               pairs=args.pairs, k=args.k)
     else:
         from streams.sources.shop_simulator import entity_photos
 
@@ -833,7 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
         "text", help="query matching: contrastive fine-tuning of the text encoder on (search "
         "query, clicked item) pairs of the training windows, a shown-not-clicked item of the "
         "same page as a hard negative (--pairs next-click: a user's earlier and next "
-        "clicks); recall@10 among the catalog before and after")
+        "clicks); recall@k among the catalog before and after")
     _add_input_options(text, "the items whose titles the pairs read")
     text.add_argument("--pairs", choices=("query", "next-click"), default="query",
                       help="what to learn from: search queries and their clicks (default), "
@@ -844,6 +844,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "DATA_DIR/encoders/text-qm, or text-next-click)")
     text.add_argument("--epochs", type=int, help="most epochs (default 3; the best on "
                       "validation is kept)")
+    text.add_argument("--k", type=int, help="recall@k that chooses the epoch and is "
+                      "reported (default 10; with thousands of candidates and few hits in "
+                      "the top 10, a larger k, such as 50, ranks epochs less noisily)")
     text.add_argument("--test-share", type=float, default=0.2)
     text.add_argument("--valid-share", type=float, default=0.1)
     text.add_argument("--quiet", action="store_true", help="no progress bar")
