@@ -239,19 +239,20 @@ class DataDir:
     def experiments(self) -> Path:
         """``ppm eval --seeds`` results, one JSON file per run (:meth:`experiment`), the
         staleness lab's folders (:meth:`staleness`), and in a world's data dir its kept
-        scores (:attr:`world_scores`)."""
+        scores (:meth:`world_scores`)."""
         return self.root / "experiments"
 
     def staleness(self, preset: str) -> Path:
         """``ppm experiment staleness --preset PRESET``'s runs and results by default."""
         return self.experiments / f"staleness-{preset}"
 
-    @property
-    def world_scores(self) -> Path:
-        """In a world's data dir (:meth:`world`): every model's test scores of the last
-        ``ppm experiment worlds`` run on it, with the settings they were fitted under (a
-        later run with the same settings reuses them: ``trainer.experiment.Scored.load``)."""
-        return self.experiments / "world-scores.npz"
+    def world_scores(self, period: str = "test") -> Path:
+        """In a world's data dir (:meth:`world`): every model's scores of ``period`` (test,
+        or validation: ``--validation``) of the last ``ppm experiment worlds`` run on it,
+        with the settings they were fitted under (a later run with the same settings reuses
+        them: ``trainer.experiment.Scored.load``)."""
+        suffix = "" if period == "test" else f"-{period}"
+        return self.experiments / f"world-scores{suffix}.npz"
 
     def experiment(self, name: str) -> Path:
         """The result file of the ``ppm eval --seeds`` run ``name`` (its start, UTC)."""

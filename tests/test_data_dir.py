@@ -12,7 +12,7 @@ from ppm.data_dir import DataDir, TrainingLogDir
 REPO = Path(__file__).resolve().parents[1]
 # The sample argument each path-naming method is called with, by parameter name.
 SAMPLE_ARGS = {"partition": 3, "variant": "ppm", "worker": "host-1", "name": "20260101T000000Z",
-               "preset": "quick", "seed": 4}
+               "preset": "quick", "seed": 4, "period": "validation"}
 
 
 def named_paths(paths: DataDir) -> dict[str, Path]:

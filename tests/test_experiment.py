@@ -130,8 +130,13 @@ def test_worlds_pool_as_strata_the_mean_of_their_aucs_with_an_interval_over_worl
     # A world with another set of models is refused.
     odd = _world(9)
     odd.scores.pop("bad")
-    with pytest.raises(ValueError, match="scored other models or seeds"):
+    with pytest.raises(ValueError, match="scored other models, seeds or period"):
         pooled_summary({"w0": worlds["w0"], "odd": odd})
+    # So is one that scored another period.
+    validation = _world(9)
+    validation.split["period"] = "validation"
+    with pytest.raises(ValueError, match="scored other models, seeds or period"):
+        pooled_summary({"w0": worlds["w0"], "valid": validation})
 
 
 def test_strata_without_both_classes_are_left_out_and_sparse_ones_do_not_void_resamples(
@@ -431,6 +436,24 @@ def test_experiment_worlds_streams_each_world_once_and_pools_them(tmp_path, caps
     assert main(two_epochs) == 0 and len(fitted) == 2  # other settings: fitted again
     assert main([*two_epochs, "--refit"]) == 0 and len(fitted) == 4  # the same, but asked
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reused_scores"] == []
+    # --validation scores each world's validation period, kept apart from its test scores:
+    # fitted once, then reused, while the test period's stay as they were.
+    kept = [Config(data_dir=cfg.paths.world(s)).paths for s in (5, 6)]
+    test_scores = [p.world_scores().read_bytes() for p in kept]
+    assert main([*two_epochs, "--validation"]) == 0 and len(fitted) == 6
+    out, err = capsys.readouterr()
+    valid = json.loads(out.strip().splitlines()[-1])
+    assert valid["period"] == "validation" and result["period"] == "test"
+    assert "on the validation period" in err
+    assert all(p.world_scores("validation").is_file() for p in kept)
+    assert [p.world_scores().read_bytes() for p in kept] == test_scores
+    assert valid["buckets"]["all"]["models"]["ppm"]["auc"] != (
+        result["buckets"]["all"]["models"]["ppm"]["auc"])
+    assert main([*two_epochs, "--validation"]) == 0 and len(fitted) == 6
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reused_scores"] == [
+        "seed-5", "seed-6"]
+    assert main(two_epochs) == 0 and len(fitted) == 6  # the test period's, reused
+    capsys.readouterr()
     # The two worlds differ (another simulator seed), and a finished one is not streamed
     # again.
     first = [Config(data_dir=cfg.paths.world(s)).paths.checkpoint for s in (5, 6)]

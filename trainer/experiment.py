@@ -429,19 +429,20 @@ def pooled_summary(worlds: Mapping[str, Scored], pairs: Sequence[tuple[str, str]
     as one: per bucket, :func:`compare_models` over all their test samples with each world
     a stratum (users kept apart by world), so a model's AUC is the mean of its worlds' AUCs
     and ``ci95_strata`` says how far another draw of worlds could move it. Every world must
-    have scored the same models with the same number of seeds. Returns a JSON-ready dict:
-    ``worlds`` (their names), ``seeds``, ``fits`` (per model, every world's), ``buckets``
-    and ``per_world`` (each world's own :meth:`Scored.summary`)."""
+    have scored the same models, period and number of seeds. Returns a JSON-ready dict:
+    ``worlds`` (their names), ``period`` (scored), ``seeds``, ``fits`` (per model, every
+    world's), ``buckets`` and ``per_world`` (each world's own :meth:`Scored.summary`)."""
     if not worlds:
         raise ValueError("no worlds to pool")
     names = list(worlds)
     first = worlds[names[0]]
     for name in names[1:]:
         other = worlds[name]
-        if ({m: s.shape[0] for m, s in other.scores.items()}
-                != {m: s.shape[0] for m, s in first.scores.items()}):
-            raise ValueError(f"world {name} scored other models or seeds than {names[0]} "
-                             "(scores of an earlier run of other code? --refit)")
+        if (({m: s.shape[0] for m, s in other.scores.items()}
+                != {m: s.shape[0] for m, s in first.scores.items()})
+                or other.split.get("period") != first.split.get("period")):
+            raise ValueError(f"world {name} scored other models, seeds or period than "
+                             f"{names[0]} (scores of an earlier run of other code? --refit)")
     labels = np.concatenate([worlds[n].labels for n in names])
     users = np.concatenate([[f"{n}/{u}" for u in worlds[n].users] for n in names])
     strata = np.concatenate([np.full(len(worlds[n].labels), k) for k, n in enumerate(names)])
@@ -449,7 +450,9 @@ def pooled_summary(worlds: Mapping[str, Scored], pairs: Sequence[tuple[str, str]
               for m in first.scores}
     buckets = {bucket: np.concatenate([worlds[n].buckets[bucket] for n in names])
                for bucket in first.buckets}
-    return {"worlds": names, "seeds": first.split["seeds"], "resamples": resamples,
+    return {"worlds": names, "period": first.split.get("period", "test"),
+            "seeds": first.split["seeds"],
+            "resamples": resamples,
             "fits": {m: [fit | {"world": n} for n in names for fit in worlds[n].fits[m]]
                      for m in first.fits},
             "buckets": per_bucket(labels, users, buckets, scores, pairs, resamples, strata),

@@ -343,11 +343,11 @@ def _experiment_worlds(args: argparse.Namespace, cfg: Config) -> int:
     ``DATA_DIR/experiments/``, the JSON also as the last line of stdout."""
     from ppm.cli.worlds import run_worlds
 
-    started = datetime.now(UTC)
+    period, name = _period(args, datetime.now(UTC))
     result = run_worlds(cfg, args.worlds, args.seeds, args.test_share, args.valid_share,
-                        args.epochs, progress=not args.quiet, refit=args.refit)
-    return _report_experiment(cfg, f"worlds-{started:%Y%m%dT%H%M%SZ}",
-                              {"kind": "worlds", **result}, args.markdown)
+                        args.epochs, progress=not args.quiet, refit=args.refit, period=period)
+    return _report_experiment(cfg, f"worlds-{name}", {"kind": "worlds", **result},
+                              args.markdown)
 
 
 _VALIDATION_HELP = (
@@ -912,8 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
     worlds.add_argument("--refit", action="store_true",
                         help="fit every world again, even where the scores of an earlier run "
                         "with the same settings are kept (DATA_DIR/worlds/seed-S/experiments/"
-                        "world-scores.npz): after a change to the code (a killed --refit "
-                        "run resumes without it)")
+                        "world-scores.npz, or world-scores-validation.npz): after a change to "
+                        "the code (a killed --refit run resumes without it)")
+    worlds.add_argument("--validation", action="store_true", help=_VALIDATION_HELP)
     _add_fit_options(worlds)
     worlds.set_defaults(run=_experiment_worlds)
 

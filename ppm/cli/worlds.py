@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ppm.config import Config
 from trainer.baselines import Oracle
@@ -79,14 +79,14 @@ and variant of each fit itself, and the others do not reach a batch fit's number
 
 
 def fit_spec(world_cfg: Config, encoder_version: str, seeds: int, test_share: float,
-             valid_share: float, epochs: int | None) -> dict[str, Any]:
-    """What a world's scores are of: the world's stream (:func:`world_source`), the split,
-    seeds and epochs, the ``[trainer]`` settings that shape a fit and every ``[model]``
-    one, and the models and buckets the code scores. Scores saved under an equal spec are
-    reused (:meth:`trainer.experiment.Scored.load`)."""
+             valid_share: float, epochs: int | None, period: str = "test") -> dict[str, Any]:
+    """What a world's scores are of: the world's stream (:func:`world_source`), the split
+    and the period scored, seeds and epochs, the ``[trainer]`` settings that shape a fit
+    and every ``[model]`` one, and the models and buckets the code scores. Scores saved
+    under an equal spec are reused (:meth:`trainer.experiment.Scored.load`)."""
     return {"format": SCORES_FORMAT, "source": world_source(world_cfg, encoder_version),
-            "seeds": seeds, "test_share": test_share, "valid_share": valid_share,
-            "epochs": epochs,
+            "period": period, "seeds": seeds, "test_share": test_share,
+            "valid_share": valid_share, "epochs": epochs,
             "trainer": world_cfg.trainer.model_dump(mode="json", exclude=_NOT_SCORING),
             "model": world_cfg.model.model_dump(mode="json"),
             "models": [*TRAINED, *BASELINES, ORACLE], "buckets": list(TEST_BUCKETS)}
@@ -94,7 +94,8 @@ def fit_spec(world_cfg: Config, encoder_version: str, seeds: int, test_share: fl
 
 def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
                valid_share: float = 0.1, epochs: int | None = None,
-               progress: bool = True, refit: bool = False) -> dict[str, Any]:
+               progress: bool = True, refit: bool = False,
+               period: Literal["test", "validation"] = "test") -> dict[str, Any]:
     """Stream ``worlds`` worlds (:func:`stream_world`), all of them first (a world that
     cannot be used fails before any fit), then fit and score ``seeds`` seeds of each and
     pool them: :func:`trainer.experiment.pooled_summary`'s dict, plus each world's data
@@ -103,7 +104,10 @@ def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
     Each world's scores are saved beside it (``DataDir.world_scores``) as soon as they are
     made, so a killed run resumes with the next world, and a rerun with the same settings
     (:func:`fit_spec`) skips the fits. ``refit``: fit anyway (after a change to the code,
-    which the settings do not see; a killed ``refit`` run resumes without it)."""
+    which the settings do not see; a killed ``refit`` run resumes without it).
+    ``period="validation"`` scores each world's validation period instead (the split moved
+    one period back, as ``ppm eval --validation``; the test period is not read), its scores
+    kept apart from the test period's."""
     from encoders.item_encoder import ItemEncoder
 
     if worlds < 1:
@@ -115,8 +119,8 @@ def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
     reused: list[str] = []
     for name, world_cfg in streamed.items():
         spec = fit_spec(world_cfg, encoder.encoder_version, seeds, test_share, valid_share,
-                        epochs)
-        kept = world_cfg.paths.world_scores
+                        epochs, period)
+        kept = world_cfg.paths.world_scores(period)
         saved = None if refit else Scored.load(kept, spec)
         if saved is not None:
             print(f"{name}: the scores of an earlier run with these settings are reused "
@@ -128,7 +132,8 @@ def run_worlds(cfg: Config, worlds: int, seeds: int, test_share: float = 0.2,
             print(f"{name}: the scores kept in {kept} are of other settings (or unreadable): "
                   "fitting again", file=sys.stderr)
         scored[name] = score_models(world_cfg, seeds, test_share, valid_share, epochs,
-                                    Oracle.read(world_cfg.paths.simulated_oracle), progress)
+                                    Oracle.read(world_cfg.paths.simulated_oracle), progress,
+                                    period=period)
         scored[name].save(kept, spec)
     return {"data_dirs": {name: str(c.data_dir) for name, c in streamed.items()},
             "reused_scores": reused, **pooled_summary(scored)}
