@@ -380,7 +380,7 @@ def test_scores_saved_come_back_only_for_the_same_spec(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # two small worlds streamed; three runs of tiny fits (one reuses)
+@pytest.mark.timeout(900)  # two small worlds streamed; seven runs, three of them reusing
 def test_experiment_worlds_streams_each_world_once_and_pools_them(tmp_path, capsys,
                                                                   monkeypatch, item_encoder):
     from ppm.cli.commands import main
@@ -447,8 +447,6 @@ def test_experiment_worlds_streams_each_world_once_and_pools_them(tmp_path, caps
     assert "on the validation period" in err
     assert all(p.world_scores("validation").is_file() for p in kept)
     assert [p.world_scores().read_bytes() for p in kept] == test_scores
-    assert valid["buckets"]["all"]["models"]["ppm"]["auc"] != (
-        result["buckets"]["all"]["models"]["ppm"]["auc"])
     assert main([*two_epochs, "--validation"]) == 0 and len(fitted) == 6
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reused_scores"] == [
         "seed-5", "seed-6"]

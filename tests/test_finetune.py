@@ -143,8 +143,9 @@ def test_fine_tuning_learns_pairs_the_pretrained_encoder_cannot_match():
 
 
 @pytest.mark.parametrize("option, error", [({"pairs": "views"}, "pairs must be one of"),
-                                           ({"k": 0}, "k must be at least 1")])
-def test_finetune_text_refuses_an_unknown_kind_of_pairs_or_k_below_one(tmp_path, option, error):
+                                           ({"k": 0}, "k must be at least 1"),
+                                           ({"epochs": 0}, "epochs must be at least 1")])
+def test_finetune_text_refuses_unknown_pairs_or_epochs_or_k_below_one(tmp_path, option, error):
     from trainer.finetune import finetune_text
 
     with pytest.raises(ValueError, match=error):

@@ -74,7 +74,8 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     :attr:`~encoders.query_matching.QMConfig.k`) is the recall@k that chooses the epoch.
 
     Raises:
-        ValueError: no closed windows, a period without a pair, or ``k`` below 1.
+        ValueError: no closed windows, a period without a pair, or ``epochs`` or ``k``
+            below 1.
     """
     import torch
 
@@ -91,8 +92,9 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
 
     if pairs not in PAIRS:
         raise ValueError(f"pairs must be one of {tuple(PAIRS)}, got {pairs!r}")
-    if k is not None and k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    for name, value in (("epochs", epochs), ("k", k)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     kind, folder, lacking = PAIRS[pairs]
     started = time.monotonic()
     if cfg.encoders.threads:
