@@ -436,11 +436,12 @@ def pooled_summary(worlds: Mapping[str, Scored], pairs: Sequence[tuple[str, str]
         raise ValueError("no worlds to pool")
     names = list(worlds)
     first = worlds[names[0]]
+    period = first.split.get("period", "test")
     for name in names[1:]:
         other = worlds[name]
         if (({m: s.shape[0] for m, s in other.scores.items()}
                 != {m: s.shape[0] for m, s in first.scores.items()})
-                or other.split.get("period") != first.split.get("period")):
+                or other.split.get("period", "test") != period):
             raise ValueError(f"world {name} scored other models, seeds or period than "
                              f"{names[0]} (scores of an earlier run of other code? --refit)")
     labels = np.concatenate([worlds[n].labels for n in names])
@@ -450,8 +451,7 @@ def pooled_summary(worlds: Mapping[str, Scored], pairs: Sequence[tuple[str, str]
               for m in first.scores}
     buckets = {bucket: np.concatenate([worlds[n].buckets[bucket] for n in names])
                for bucket in first.buckets}
-    return {"worlds": names, "period": first.split.get("period", "test"),
-            "seeds": first.split["seeds"],
+    return {"worlds": names, "period": period, "seeds": first.split["seeds"],
             "resamples": resamples,
             "fits": {m: [fit | {"world": n} for n in names for fit in worlds[n].fits[m]]
                      for m in first.fits},

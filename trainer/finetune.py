@@ -138,8 +138,7 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     save(encoder, out)
     report = {
-        "kind": kind, "out": str(out),
-        "encoder_before": identity_before,
+        "kind": kind, "out": str(out), "encoder_before": identity_before,
         "encoder_after": TextEncoder(out, cfg.encoders.text_max_length).identity,
         "pairs": {"train": len(train), "valid": len(valid), "test": len(test)},
         "hard_negatives": sum(p.shown is not None for p in train),
