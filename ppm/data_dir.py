@@ -242,9 +242,11 @@ class DataDir:
         scores (:meth:`world_scores`)."""
         return self.root / "experiments"
 
-    def staleness(self, preset: str) -> Path:
-        """``ppm experiment staleness --preset PRESET``'s runs and results by default."""
-        return self.experiments / f"staleness-{preset}"
+    def staleness(self, preset: str, period: str = "test") -> Path:
+        """``ppm experiment staleness --preset PRESET``'s runs and results by default; with
+        ``--validation`` (``period`` "validation"), ``staleness-PRESET-validation``."""
+        return self.experiments / (f"staleness-{preset}" if period == "test"
+                                   else f"staleness-{preset}-{period}")
 
     def world_scores(self, period: str = "test") -> Path:
         """In a world's data dir (:meth:`world`): every model's scores of ``period`` (test,

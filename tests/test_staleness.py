@@ -19,6 +19,7 @@ from trainer import staleness
 from trainer.dataset import ModalTable
 from trainer.refresh import EmbeddingRefresh, cached_reads, parse_duration
 from trainer.staleness import REFERENCE, ModelUpdate, Sweep, run_staleness, vectors_computed
+from trainer.train import split_windows
 
 HOUR_US = 3_600 * 10**6
 T0 = datetime(2026, 1, 1, tzinfo=UTC)  # a midnight: a daily batch runs at T0
@@ -163,6 +164,41 @@ def test_a_resumed_sweep_recomputes_nothing_already_finished(tmp_path, monkeypat
     # So is one whose update and cache runs would start from another reference policy.
     with pytest.raises(ValueError, match="another sweep"):
         run_staleness(cfg, Sweep((DAILY, REFERENCE)), **kwargs)
+
+
+def test_a_validation_sweep_replays_the_validation_period_and_never_reads_the_test_one(
+        tmp_path):
+    """``--validation`` (``period="validation"``): the split moved one period back, so a
+    setting is chosen without reading the test period; the two sweeps never share a folder."""
+    cfg = world(tmp_path / "w", hours=24)
+    kwargs = dict(seeds=1, test_share=0.25, valid_share=0.15, epochs=1, resamples=20,
+                  progress=False)
+    sweep = Sweep((REFERENCE, DAILY), updates=(ModelUpdate(), ModelUpdate(6 * 3_600.0)),
+                  serving_cache_s=(3_600.0,))
+    moved = split_windows(cfg, 0.25, 0.15, "validation")
+    tested = split_windows(cfg, 0.25, 0.15)
+    assert moved.test == tested.valid and moved.test  # the period replayed
+    # Every window of the test period unreadable: nothing of it may be read.
+    for window in tested.test:
+        for path in window.files:
+            path.write_bytes(b"not parquet")
+    result = run_staleness(cfg, sweep, out=tmp_path / "valid", period="validation", **kwargs)
+    assert result["period"] == "validation"
+    assert result["buckets"]["all"]["samples"] == sum(w.samples for w in moved.test)
+    assert set(result["updates"]["policies"]) == {"model frozen", "model every 6h"}
+    assert "click AUC on the validation period" in (tmp_path / "valid" / "results.md"
+                                                      ).read_text()
+    spec = json.loads((tmp_path / "valid" / "spec.json").read_text())
+    assert spec["period"] == "validation"
+    assert [name for name, _ in spec["test"]] == [w.name for w in moved.test]
+    # The test period's sweep is refused in the validation sweep's folder (before it reads
+    # a window), and its default folder is another one.
+    with pytest.raises(ValueError, match="another sweep"):
+        run_staleness(cfg, sweep, out=tmp_path / "valid", **kwargs)
+    paths = DataDir(tmp_path)
+    assert paths.staleness("quick", "validation") == paths.experiments / (
+        "staleness-quick-validation")
+    assert paths.staleness("quick") == paths.experiments / "staleness-quick"
 
 
 def test_the_command_sweeps_a_preset_and_says_where_the_results_are(tmp_path, capsys,

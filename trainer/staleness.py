@@ -21,6 +21,11 @@ are store writes, per hour of data; store reads per request; vectors the store h
 per knob the cheapest setting within a tolerance of AUC lost on cold items. A
 :class:`Sweep` names what is run.
 
+``period="validation"`` (``--validation``) replays the validation period instead, the split
+moved one period back (:func:`trainer.train.split_windows`), so that a setting (a cache
+lifetime, a TTL, a refresh period) is chosen on it and the test period read once, for the
+one chosen; its runs go to another folder (``DataDir.staleness``).
+
 Each run is saved under ``OUT/runs/`` as soon as it finishes, so a killed sweep resumes
 where it stopped: a run already on disk is read, not recomputed. ``OUT/spec.json`` pins
 what the runs are of (data dir, windows and their sizes, split, settings, the reference
@@ -36,7 +41,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -282,20 +287,22 @@ def ttl_name(freshness_window_s: float) -> str:
 def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
                   test_share: float = 0.2, valid_share: float = 0.1,
                   epochs: int | None = None, resamples: int = RESAMPLES,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True,
+                  period: Literal["test", "validation"] = "test") -> dict[str, Any]:
     """The sweep of the module docstring; writes ``results.json``, ``results.md`` and the
     plots (:func:`trainer.plots.staleness_plots`) under ``out`` and returns the result.
-    Raises ``ValueError`` for bad arguments or a folder holding another sweep's runs,
-    ``SystemExit`` when a period holds no window."""
+    ``period``: the period replayed and scored (``"validation"``: the split moved one
+    period back; the test period is not read). Raises ``ValueError`` for bad arguments or
+    a folder holding another sweep's runs, ``SystemExit`` when a period holds no window."""
     from tqdm import tqdm
 
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    split = split_windows(cfg, test_share, valid_share)
+    split = split_windows(cfg, test_share, valid_share, period)
     if not (split.train and split.test):
-        raise SystemExit("no closed windows in the train or the test period")
-    spec = {"data_dir": str(Path(cfg.data_dir).resolve()), "test_share": test_share,
-            "valid_share": valid_share, "epochs": epochs,
+        raise SystemExit(f"no closed windows in the train or the {period} period")
+    spec = {"data_dir": str(Path(cfg.data_dir).resolve()), "period": period,
+            "test_share": test_share, "valid_share": valid_share, "epochs": epochs,
             # Windows with their sizes: data regenerated under the same names is not the same.
             "train": [[w.name, w.samples] for w in split.train],
             "test": [[w.name, w.samples] for w in split.test],
@@ -388,7 +395,7 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
                 for b in TEST_BUCKETS}
 
     result: dict[str, Any] = {
-        "seeds": seeds, "reference": names[0], "floor": FLOOR,
+        "period": period, "seeds": seeds, "reference": names[0], "floor": FLOOR,
         "cold_bucket": sweep.cold_bucket,
         "test_share": test_share, "valid_share": valid_share, "resamples": resamples,
         "runs_resumed": resumed,
@@ -560,8 +567,9 @@ def to_markdown(result: Mapping[str, Any]) -> str:
     the vectors it computes per hour, then the paired differences to the reference; the
     same for the model update policies."""
     policies = result["policies"]
-    lines = [f"click AUC on the test period by embedding refresh policy, mean of "
-             f"{result['seeds']} seed(s); 95% intervals over seeds (t) and users (bootstrap); "
+    lines = [f"click AUC on the {result['period']} period by embedding refresh policy, mean "
+             f"of {result['seeds']} seed(s); 95% intervals over seeds (t) and users "
+             "(bootstrap); "
              f"`{result['floor']}` reads no vector", "",
              *_policy_rows(result["buckets"], policies)]
     lines += ["", f"paired differences to `{result['reference']}` (mean over seeds; 95% "

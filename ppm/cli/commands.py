@@ -237,12 +237,13 @@ def _experiment_staleness(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.staleness import SWEEPS, Sweep, run_staleness
 
     name = f"spec-{Path(args.spec).stem}" if args.spec else args.sweep
-    out = Path(args.out) if args.out else cfg.paths.staleness(name)
+    period = "validation" if args.validation else "test"
+    out = Path(args.out) if args.out else cfg.paths.staleness(name, period)
     sweep = Sweep.from_toml(Path(args.spec)) if args.spec else SWEEPS[args.sweep]
     if args.tolerance is not None:
         sweep = replace(sweep, tolerance=args.tolerance)
     result = run_staleness(cfg, sweep, args.seeds, out, args.test_share, args.valid_share,
-                           args.epochs, progress=not args.quiet)
+                           args.epochs, progress=not args.quiet, period=period)
     print((out / "results.md").read_text(), file=sys.stderr)
     print(f"results in {out}", file=sys.stderr)
     print(json.dumps(result))
@@ -817,13 +818,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training seeds per policy (default 2)")
     stale.add_argument("--out", metavar="DIR",
                        help="where runs, results and plots go (default DATA_DIR/experiments/"
-                       "staleness-PRESET, or staleness-spec-NAME for --spec NAME.toml); a "
-                       "killed sweep resumes from here")
+                       "staleness-PRESET, or staleness-spec-NAME for --spec NAME.toml; "
+                       "-validation added with --validation); a killed sweep resumes from "
+                       "here")
     stale.add_argument("--test-share", type=float, default=0.2)
     stale.add_argument("--valid-share", type=float, default=0.1)
     stale.add_argument("--epochs", type=int, help="most epochs per fit (default from config: "
                        "trainer.initial_epochs)")
     stale.add_argument("--quiet", action="store_true", help="no progress bar")
+    stale.add_argument("--validation", action="store_true", help=_VALIDATION_HELP)
     stale.set_defaults(run=_experiment_staleness)
 
     finetune = sub.add_parser(
@@ -1120,7 +1123,8 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
     elif command == "eval" and args.validation and args.seeds is None:
         raise UsageError("--validation goes with --seeds: champions are evaluated on the "
                          "test period only (they were chosen on validation)")
-    elif (command in ("eval", "experiment ablation") and args.validation
+    elif (command in ("eval", "experiment ablation", "experiment staleness",
+                      "experiment worlds") and args.validation
           and not 0 < args.valid_share < (1 - args.test_share) / 2):
         raise UsageError(f"--validation needs a --valid-share in (0, "
                          f"{(1 - args.test_share) / 2:g}) (one for the period scored, one "
