@@ -296,6 +296,40 @@ def test_the_shuffled_control_loses_ppms_gain_on_young_items(tmp_path, item_enco
     assert shuffled["ci95"][0] <= 0 or shuffled["auc"] < 0.01, young
 
 
+def test_the_baselines_fit_on_the_training_windows_the_models_read(tmp_path, monkeypatch):
+    """With ``trainer.history_share`` a fit reads only the most recent training windows; the
+    baselines are fitted on exactly those samples (by sample id), not on the whole period."""
+    import trainer.experiment
+    from tests.test_trainer import tiny_world
+    from trainer.experiment import TRAINED, score_models
+
+    cfg = tiny_world(tmp_path).with_values({"trainer.history_share": "0.5"})
+    fitted = {}
+
+    def recorded(name, fit):
+        def fit_(train, *args, **kwargs):
+            fitted[name] = train
+            return fit(train, *args, **kwargs)
+        return fit_
+
+    monkeypatch.setattr(trainer.experiment.LogisticBaseline, "fit",
+                        recorded("logreg", trainer.experiment.LogisticBaseline.fit))
+    monkeypatch.setattr(trainer.experiment.PositiveRate, "tuned",
+                        recorded("rate", trainer.experiment.PositiveRate.tuned))
+    scored = score_models(cfg, 1, epochs=1, progress=False, arms={"idrec": TRAINED["idrec"]})
+    split = trainer.experiment.split_windows(cfg)
+    read = trainer.experiment.recent(split.train, 0.5)
+    assert 0 < len(read) < len(split.train)
+    assert scored.fits["idrec"][0]["windows"] == len(read)
+    rows = ds.dataset([str(f) for w in read for f in w.files], format="parquet").to_table(
+        columns=["request_id", "item_id"])
+    expected = sorted(zip(rows["request_id"].to_pylist(), rows["item_id"].to_pylist(),
+                          strict=True))
+    for name in ("logreg", "rate"):
+        train = fitted[name]
+        assert sorted(zip(train.request_id, train.item_ids, strict=True)) == expected
+
+
 def test_the_ablation_scores_the_validation_period_when_asked(tmp_path, monkeypatch, capsys):
     """``ppm experiment ablation --validation`` hands the period to the experiment (whose
     split ``tests/test_dataset.py`` and ``test_eval_seeds_...`` check) and marks its result

@@ -47,6 +47,7 @@ from trainer.train import (
     IncrementalTrainer,
     new_in_period,
     predict,
+    recent,
     split_windows,
     train_batch,
 )
@@ -343,8 +344,9 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     """Fit ``arms`` (default :data:`TRAINED`; :func:`ablation_arms` for ``ppm experiment
     ablation``) per seed (``trainer.seed`` = 0 .. seeds-1, which also seeds the control's
     permutation) on the train period, each for at most ``epochs`` (default
-    ``trainer.initial_epochs``) with the epoch chosen on validation, fit the baselines, and
-    score the test period with all of them and ``oracle``. ``period="validation"``: the
+    ``trainer.initial_epochs``) with the epoch chosen on validation, fit the baselines on
+    the training windows the models read (``trainer.history_share`` of them), and score the
+    test period with all of them and ``oracle``. ``period="validation"``: the
     split moved one period back (:func:`~trainer.train.split_windows`): the validation
     period is scored (its ``new_in_test`` bucket: items new in it) and the test period is
     not read. Raises ``ValueError`` for a bad split or an oracle of other data,
@@ -359,10 +361,12 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     if not (split.train and split.test):
         raise SystemExit(f"no closed windows in the train or the {period} period")
     # Labels, users, buckets and the baselines' inputs; every model's dataset of the same
-    # windows holds the same samples in the same order.
+    # windows holds the same samples in the same order. The baselines fit on the windows
+    # the models read (trainer.history_share), so neither side reads history the other
+    # does not.
     reference = IncrementalTrainer(cfg, variant="idrec")
     test = reference.dataset(split.test)
-    train = reference.dataset(split.train)
+    train = reference.dataset(recent(split.train, cfg.trainer.history_share))
     rate = (PositiveRate.tuned(train, reference.dataset(split.valid)) if split.valid
             else PositiveRate.fit(train))
     scores: dict[str, np.ndarray] = {name: np.zeros((seeds, len(test))) for name in arms}
