@@ -298,7 +298,8 @@ def test_the_shuffled_control_loses_ppms_gain_on_young_items(tmp_path, item_enco
 
 def test_the_baselines_fit_on_the_training_windows_the_models_read(tmp_path, monkeypatch):
     """With ``trainer.history_share`` a fit reads only the most recent training windows; the
-    baselines are fitted on exactly those samples (by sample id), not on the whole period."""
+    baselines are fitted on exactly those samples (by request and item), not on the whole
+    period."""
     import trainer.experiment
     from tests.test_trainer import tiny_world
     from trainer.experiment import TRAINED, score_models

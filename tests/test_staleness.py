@@ -158,6 +158,13 @@ def test_a_resumed_sweep_recomputes_nothing_already_finished(tmp_path, monkeypat
     again = run_staleness(cfg, Sweep((REFERENCE, DAILY)), **kwargs)
     assert fits == [] and again["runs_resumed"] == 3
     assert again["buckets"] == first["buckets"]
+    # A folder of before sweeps had a period (its spec has none) resumes as the test's.
+    spec_path = tmp_path / "out" / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    assert spec.pop("period") == "test"
+    spec_path.write_text(json.dumps(spec))
+    assert run_staleness(cfg, Sweep((REFERENCE, DAILY)), **kwargs)["runs_resumed"] == 3
+    assert fits == []
     # Another sweep's folder is refused, not mixed in.
     with pytest.raises(ValueError, match="another sweep"):
         run_staleness(cfg, Sweep((REFERENCE, DAILY)), **{**kwargs, "epochs": 2})
@@ -199,6 +206,32 @@ def test_a_validation_sweep_replays_the_validation_period_and_never_reads_the_te
     assert paths.staleness("quick", "validation") == paths.experiments / (
         "staleness-quick-validation")
     assert paths.staleness("quick") == paths.experiments / "staleness-quick"
+
+
+def test_the_command_hands_validation_to_the_sweep_and_keeps_it_in_its_own_folder(
+        tmp_path, capsys, monkeypatch):
+    from ppm.cli.commands import main
+    from tests.test_experiment import _set_env
+
+    cfg = world(tmp_path, hours=24)
+    _set_env(cfg, monkeypatch)
+    calls = []
+
+    def sweep(cfg, sweep, seeds, out, *args, period="test", **kwargs):
+        calls.append((period, out))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(f"click AUC on the {period} period\n")
+        return {"period": period}
+
+    monkeypatch.setattr(staleness, "run_staleness", sweep)
+    argv = ["--data-dir", str(tmp_path), "experiment", "staleness", "--seeds", "1", "--quiet"]
+    assert main([*argv, "--validation"]) == 0 and main(argv) == 0
+    assert calls == [("validation", cfg.paths.staleness("quick", "validation")),
+                     ("test", cfg.paths.staleness("quick"))]
+    assert "on the validation period" in capsys.readouterr().err
+    # --out is used as given, either period.
+    assert main([*argv, "--validation", "--out", str(tmp_path / "mine")]) == 0
+    assert calls[-1] == ("validation", tmp_path / "mine")
 
 
 def test_the_command_sweeps_a_preset_and_says_where_the_results_are(tmp_path, capsys,

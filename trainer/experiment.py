@@ -6,8 +6,10 @@ One experiment on the closed windows, cut by :func:`trainer.train.split_windows`
   scored with each item's vector swapped for another item's, :meth:`ModalTable.shuffled`)
   are fitted from scratch on the train period by :func:`trainer.train.train_batch` (the
   epoch chosen on validation) and score the test period; they are not registered;
-* the baselines (:mod:`trainer.baselines`) are fitted once on the train period (the prior
-  strength of the item rate chosen on validation) and score the test period;
+* the baselines (:mod:`trainer.baselines`) are fitted once on the train period, on the
+  windows the models read (``trainer.history_share`` of them; the ablation's data-share
+  arms read fewer), the prior strength of the item rate chosen on validation, and score the
+  test period;
 * where the data come from the simulator, its oracle scores the test period too: the
   ceiling every AUC can be read against.
 
@@ -345,8 +347,9 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     ablation``) per seed (``trainer.seed`` = 0 .. seeds-1, which also seeds the control's
     permutation) on the train period, each for at most ``epochs`` (default
     ``trainer.initial_epochs``) with the epoch chosen on validation, fit the baselines on
-    the training windows the models read (``trainer.history_share`` of them), and score the
-    test period with all of them and ``oracle``. ``period="validation"``: the
+    the training windows a fit reads (``trainer.history_share`` of them; an arm with a
+    ``data_share`` reads fewer), and score the test period with all of them and
+    ``oracle``. ``period="validation"``: the
     split moved one period back (:func:`~trainer.train.split_windows`): the validation
     period is scored (its ``new_in_test`` bucket: items new in it) and the test period is
     not read. Raises ``ValueError`` for a bad split or an oracle of other data,
@@ -361,9 +364,8 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     if not (split.train and split.test):
         raise SystemExit(f"no closed windows in the train or the {period} period")
     # Labels, users, buckets and the baselines' inputs; every model's dataset of the same
-    # windows holds the same samples in the same order. The baselines fit on the windows
-    # the models read (trainer.history_share), so neither side reads history the other
-    # does not.
+    # windows holds the same samples in the same order. The baselines fit on the windows a
+    # fit reads (trainer.history_share), so neither side reads history the other does not.
     reference = IncrementalTrainer(cfg, variant="idrec")
     test = reference.dataset(split.test)
     train = reference.dataset(recent(split.train, cfg.trainer.history_share))

@@ -76,7 +76,7 @@ def staleness_plots(result: Mapping[str, Any], out: Path) -> list[Path]:
     ``grid.png`` (a heatmap of both, per bucket, when the sweep ran the grid) and
     ``ops.png`` (AUC lost on the cold bucket vs serving cache and freshness TTL, when
     swept)."""
-    seeds = f"{result['seeds']} seed(s)"
+    seeds = f"{result['period']} period, {result['seeds']} seed(s)"
     paths = [_lost_plot(out / "embedding_refresh.png", result["buckets"],
                         list(result["policies"]), result["reference"],
                         f"AUC lost by embedding refresh policy ({seeds})",

@@ -24,7 +24,7 @@ per knob the cheapest setting within a tolerance of AUC lost on cold items. A
 ``period="validation"`` (``--validation``) replays the validation period instead, the split
 moved one period back (:func:`trainer.train.split_windows`), so that a setting (a cache
 lifetime, a TTL, a refresh period) is chosen on it and the test period read once, for the
-one chosen; its runs go to another folder (``DataDir.staleness``).
+one chosen; the command keeps its runs in another folder (``DataDir.staleness``).
 
 Each run is saved under ``OUT/runs/`` as soon as it finishes, so a killed sweep resumes
 where it stopped: a run already on disk is read, not recomputed. ``OUT/spec.json`` pins
@@ -313,7 +313,8 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
-    if spec_path.exists() and json.loads(spec_path.read_text()) != spec:
+    # A spec written before sweeps had a period was a test period's.
+    if spec_path.exists() and {"period": "test", **json.loads(spec_path.read_text())} != spec:
         raise ValueError(f"{out} holds runs of another sweep (other data, split, "
                          "settings or reference policy): give another --out")
     write_atomically(spec_path, json.dumps(spec, indent=1).encode())
@@ -577,16 +578,18 @@ def to_markdown(result: Mapping[str, Any]) -> str:
               *diff_table(result["buckets"])]
     updates = result.get("updates")
     if updates:
-        lines += ["", "click AUC by model update policy (vectors on arrival); 95% intervals "
-                  "over seeds (t) and users (bootstrap)", "",
+        lines += ["", f"click AUC on the {result['period']} period by model update policy "
+                  "(vectors on arrival); 95% intervals over seeds (t) and users (bootstrap)",
+                  "",
                   *_policy_rows(updates["buckets"])]
         lines += ["", f"paired differences to `{updates['reference']}`", "",
                   *diff_table(updates["buckets"])]
     grid = result.get("grid")
     if grid:
         for bucket in dict.fromkeys(("all", result["cold_bucket"])):
-            lines += ["", f"click AUC lost on `{bucket}` by embedding refresh (rows) and model "
-                      f"update (columns) policy, to `{grid['reference']}` (mean over seeds)",
+            lines += ["", f"click AUC lost on `{bucket}` ({result['period']} period) by "
+                      "embedding refresh (rows) and model update (columns) policy, to "
+                      f"`{grid['reference']}` (mean over seeds)",
                       "", "| embedding \\ model | " + " | ".join(grid["updates"]) + " |",
                       "|---|" + "---:|" * len(grid["updates"])]
             for emb, cells in grid["cells"].items():
@@ -595,9 +598,10 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                 lines.append(f"| {emb} | " + " | ".join(num(x, "+") for x in lost) + " |")
     ops = result.get("ops")
     if ops:
-        lines += ["", f"the ops view: click AUC lost to `{result['reference']}` overall and on "
-                  f"`{ops['bucket']}` (95% bootstrap over users) beside what each setting "
-                  "costs; encoder calls are store writes too", "",
+        lines += ["", f"the ops view ({result['period']} period): click AUC lost to "
+                  f"`{result['reference']}` overall and on `{ops['bucket']}` (95% bootstrap "
+                  "over users) beside what each setting costs; encoder calls are store writes "
+                  "too", "",
                   "| knob | setting | lost, all | lost, cold | 95% users, cold | encoder calls"
                   "/hour | store reads/request | vectors held |",
                   "|---|---|---:|---:|---|---:|---:|---:|"]

@@ -70,8 +70,10 @@ def stream_world(cfg: Config, seed: int, encoder: ItemEncoder, progress: bool = 
     return world_cfg
 
 
-SCORES_FORMAT = 1
-"""Of :meth:`trainer.experiment.Scored.save`'s files as :func:`run_worlds` reads them."""
+SCORES_FORMAT = 2
+"""Of :meth:`trainer.experiment.Scored.save`'s files as :func:`run_worlds` reads them. 2:
+the baselines fit on the windows the models read (``trainer.history_share``); scores of
+format 1 are fitted again."""
 _NOT_SCORING = {"threads", "metrics_host", "metrics_port", "promote_tolerance", "seed",
                 "variant"}
 """``[trainer]`` fields a world's scores do not depend on: ``score_models`` sets the seed
