@@ -245,16 +245,14 @@ class DataDir:
     def staleness(self, preset: str, period: str = "test") -> Path:
         """``ppm experiment staleness --preset PRESET``'s runs and results by default; with
         ``--validation`` (``period`` "validation"), ``staleness-PRESET-validation``."""
-        return self.experiments / (f"staleness-{preset}" if period == "test"
-                                   else f"staleness-{preset}-{period}")
+        return self.experiments / _marked(f"staleness-{preset}", period)
 
     def world_scores(self, period: str = "test") -> Path:
         """In a world's data dir (:meth:`world`): every model's scores of ``period`` (test,
         or validation: ``--validation``) of the last ``ppm experiment worlds`` run on it,
         with the settings they were fitted under (a later run with the same settings reuses
         them: ``trainer.experiment.Scored.load``)."""
-        suffix = "" if period == "test" else f"-{period}"
-        return self.experiments / f"world-scores{suffix}.npz"
+        return self.experiments / f"{_marked('world-scores', period)}.npz"
 
     def experiment(self, name: str) -> Path:
         """The result file of the ``ppm eval --seeds`` run ``name`` (its start, UTC)."""
@@ -294,3 +292,9 @@ def training_logs(training: Path) -> list[TrainingLogDir]:
          if p.name.removeprefix(TRAINING_PARTITION_PREFIX).isdigit()),
         key=lambda p: int(p.name.removeprefix(TRAINING_PARTITION_PREFIX)))
     return [TrainingLogDir(training), *(TrainingLogDir(p) for p in partitions)]
+
+
+def _marked(name: str, period: str) -> str:
+    """``name`` of an experiment's output, ``-PERIOD`` added unless it scored the test
+    period: a validation run's outputs never take the place of the test period's."""
+    return name if period == "test" else f"{name}-{period}"
