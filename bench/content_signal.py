@@ -21,6 +21,14 @@ before any model is trained, reading the train and validation periods only (the 
   training period's mean first). Its weight beside the user's and the category's lift is a
   logistic regression on the training impressions of items not already in the sequence
   (the lifts left one out), against the same regression without it;
+- the user's *contrast*, which a sequence of interactions alone cannot give: the cosines of
+  the new item's vector with the mean vector of the items the user took (clicked) and with
+  that of every item the user was shown, over the user's impressions before this one (the
+  train and validation periods; vectors centred as above), beside the user's and the
+  category's lift and the user's counts so far (log impressions, log clicks and their
+  smoothed rate), against the same without the two cosines: what a model reading the
+  user's impressions in its sequence (``features.sequence_impressions``) could gain by
+  content; a regression on the training impressions weighs them;
 - 95% intervals and the paired differences by bootstrap over users
   (``trainer.experiment.compare_models``).
 
@@ -31,6 +39,7 @@ object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -94,6 +103,43 @@ def sequence_affinity(vectors: np.ndarray, target_rows: np.ndarray, seq_rows: np
             seq += unit[column]  # padding rows add 0
         seq /= np.maximum(np.linalg.norm(seq, axis=1, keepdims=True), 1e-12)
         out[at:at + 4096] = np.einsum("nd,nd->n", unit[target_rows[at:at + 4096]], seq)
+    return out
+
+
+def contrast(users: np.ndarray, times_us: np.ndarray, clicked: np.ndarray,
+             unit: np.ndarray) -> np.ndarray:
+    """(n, 5) for n impressions: the cosines of each one's item vector with the mean of the
+    user's clicked items' and of all the user's shown items' vectors, then log(1 + shown),
+    log(1 + clicked) and the smoothed click rate's log lift, all over the same user's
+    impressions strictly before it (those at the same time see none of each other).
+    ``unit`` (n, d): unit vectors, 0 for an item without one (it counts, adds nothing)."""
+    out = np.zeros((len(users), 5))
+    prior = float(np.clip(clicked.mean(), 1e-4, 1 - 1e-4))
+    order = np.lexsort((times_us, users))
+    bounds = np.flatnonzero(np.r_[True, users[order][1:] != users[order][:-1], True])
+    for a, b in itertools.pairwise(bounds):
+        rows = order[a:b]
+        took, shown = np.zeros(unit.shape[1]), np.zeros(unit.shape[1])
+        n_took = n_shown = 0
+        start = 0
+        while start < len(rows):
+            end = start
+            while end < len(rows) and times_us[rows[end]] == times_us[rows[start]]:
+                end += 1
+            same = rows[start:end]
+            for i, total in enumerate((took, shown)):
+                norm = np.linalg.norm(total)
+                out[same, i] = unit[same] @ total / norm if norm > 0 else 0.0
+            out[same, 2:] = (np.log1p(n_shown), np.log1p(n_took),
+                             np.log((n_took + PRIOR_STRENGTH * prior)
+                                    / (n_shown + PRIOR_STRENGTH) / prior))
+            for r in same:
+                shown += unit[r]
+                n_shown += 1
+                if clicked[r]:
+                    took += unit[r]
+                    n_took += 1
+            start = end
     return out
 
 
@@ -170,11 +216,25 @@ def main() -> None:
     train_affinity = sequence_affinity(vectors, rows[fresh], seq_train[fresh], centre)
     affinity = sequence_affinity(valid.modal.vectors, v_rows,
                                  valid.features["seq_modal_row"][new], centre)
-    train_lifts = np.stack([
+    all_lifts = np.stack([
         lift(train.user_id, train.user_id, leave_out=y_train),
         lift(train.features["category"], train.features["category"], leave_out=y_train)],
-        axis=1)[fresh]
+        axis=1)
+    train_lifts = all_lifts[fresh]
     lifts = np.stack([user, category], axis=1)
+
+    # The user's contrast, over both periods' impressions in time order (each sees only
+    # earlier ones, as a sequence of the user's impressions would).
+    both = np.concatenate([rows, valid.features["target_modal_row"]])
+    unit = np.where((both > 0)[:, None], np.concatenate(
+        [vectors[rows], valid.modal.vectors[valid.features["target_modal_row"]]]
+    ).astype(np.float64) - centre, 0.0)
+    unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+    seen = contrast(np.concatenate([train.user_id, valid.user_id]).astype(str),
+                    np.concatenate([train.impression_us, valid.impression_us]),
+                    np.concatenate([y_train, y]) > 0, unit)
+    seen_train, seen_new = seen[:len(rows)], seen[len(rows):][new]
+    counted = rows > 0  # impressions of items with a vector, as for the affinity
     scores = {"user_category": user + category,
               "user_category_content": user + category + content,
               "content": content,
@@ -183,10 +243,17 @@ def main() -> None:
               "user_category_fitted": logistic_scores(train_lifts, y_train[fresh], lifts),
               "user_category_affinity": logistic_scores(
                   np.column_stack([train_lifts, train_affinity]), y_train[fresh],
-                  np.column_stack([lifts, affinity]))}
+                  np.column_stack([lifts, affinity])),
+              "user_category_counts": logistic_scores(
+                  np.column_stack([all_lifts, seen_train[:, 2:]])[counted], y_train[counted],
+                  np.column_stack([lifts, seen_new[:, 2:]])),
+              "user_category_contrast": logistic_scores(
+                  np.column_stack([all_lifts, seen_train])[counted], y_train[counted],
+                  np.column_stack([lifts, seen_new]))}
     pairs = [("user_category_content", "user_category"),
              ("user_category_item_oracle", "user_category"),
-             ("user_category_affinity", "user_category_fitted")]
+             ("user_category_affinity", "user_category_fitted"),
+             ("user_category_contrast", "user_category_counts")]
     result = compare_models(y_new, valid.user_id[new], scores, pairs)
     out = {"data_dir": str(cfg.data_dir),
            "windows": {"train": len(split.train), "valid": len(split.valid)},

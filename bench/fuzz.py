@@ -215,7 +215,7 @@ def local_training_log(cfg, outcomes: list[list], out: Path) -> dict:
         def write_sequences(self, sequences):
             pass
 
-    builder = SequenceBuilder(Sink(), k=cfg.features.sequence_length)
+    builder = SequenceBuilder.of(cfg, Sink())
     writer = TrainingLogWriter(DataDir(out).training, sequences=builder.state, items={},
                                attribution_window_s=cfg.pipeline.attribution_window_s,
                                window_s=cfg.pipeline.log_window_s)

@@ -80,7 +80,7 @@ def main() -> None:
         behaviors = [e for e in behavior_world.events() if isinstance(e, BehaviorEvent)]
         cfg = base.model_copy(update={"data_dir": Path(tmp) / "behaviors"})
         store = OnlineFeatures.open(cfg)
-        sequences = SequenceBuilder(store, k=cfg.features.sequence_length)
+        sequences = SequenceBuilder.of(cfg, store)
         writer = TrainingLogWriter(
             cfg.paths.training, sequences=sequences.state, items={},
             attribution_window_s=cfg.pipeline.attribution_window_s,

@@ -183,7 +183,8 @@ def feature_definitions(data_dir: Path) -> FeatureDefinitions:
         online=True,
     )
 
-    # The last K interactions (clicks, orders, collects) of a user, oldest first.
+    # The last K interactions (clicks, orders, collects) of a user, oldest first, and with
+    # features.sequence_impressions the user's last M impressions among them.
     user_sequence = FeatureView(
         name=USER_SEQUENCE_VIEW,
         entities=[user],

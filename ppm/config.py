@@ -187,8 +187,16 @@ class FeatureStoreConfig(_Section):
     vectors of another encoder version are stale regardless. Feast's own ttl is not applied
     on online reads (feast-dev/feast#6821), so ppm enforces this itself."""
     sequence_length: int = Field(50, ge=1, le=1_000)
-    """K: the user's last K interactions (click, order, collect) kept in the online store,
-    and the longest sequence a model trained from scratch reads (its ``max_seq_len``)."""
+    """K: the user's last K interactions (click, order, collect) kept in the online store;
+    a model trained from scratch reads up to K + ``sequence_impressions`` (its
+    ``max_seq_len``)."""
+    sequence_impressions: int = Field(0, ge=0, le=1_000)
+    """M: the user's last M impressions (items shown, clicked or not) kept in the sequence
+    beside the K interactions, and read by a model trained from scratch beside them. A user's
+    interactions say what the user took; beside what the user was shown they also say what
+    the user passed over, and a new item like the passed-over ones can be scored down by
+    its content alone. 0 (the default): interactions only. The training log records the
+    sequence as the stream kept it, so data streamed with M = 0 holds none to read."""
     serving_cache_s: float = Field(1.0, ge=0)
     """The ranker reuses an item's features read from the online store for this many
     seconds (wall clock), so a request reads only the items it has not seen lately: a new
@@ -443,6 +451,13 @@ class ModelConfig(_Section):
     period and the test-then-train runs of three validation demo worlds, summed over
     ``idrec`` and ``ppm`` (docs/results.md); ``--tune wide_rates=false,true`` chooses it for
     other data."""
+    content_affinity: bool = False
+    """The PPM module also reads how near the target's projected vector is to what the
+    user took and to what the user was shown: the cosine of it with the mean projected
+    vector of the sequence's interactions, and with that of its impressions
+    (``features.sequence_impressions``; 0 without any). Where a user passes over one kind
+    of item and takes another, a new item of the first kind is scored down by its content
+    alone. Read by the variants with vectors (ppm, modal)."""
     price_buckets: int = Field(32, ge=1)
     """Price buckets kept (``ppm.records.price_bucket`` makes 32); higher ones are clipped."""
     gap_buckets: int = Field(16, ge=2)

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ppm.clock import to_us
-from ppm.events import BehaviorEvent
+from ppm.events import Action, BehaviorEvent
 
 
 def price_bucket(price: float | None) -> int:
@@ -48,7 +48,8 @@ class ItemState:
 
 @dataclass(frozen=True)
 class UserSequence:
-    """A user's last interactions, oldest first; the three tuples are parallel."""
+    """A user's last interactions (and, with ``features.sequence_impressions``, last
+    impressions), oldest first; the three tuples are parallel."""
 
     user_id: str
     item_ids: tuple[str, ...] = ()
@@ -66,8 +67,10 @@ class UserSequence:
         return replace(self, item_ids=self.item_ids[:cut], actions=self.actions[:cut],
                        times_us=self.times_us[:cut])
 
-    def with_interaction(self, event: BehaviorEvent, k: int) -> UserSequence:
-        """This sequence plus ``event`` at its event-time place, cut to the last ``k``.
+    def with_interaction(self, event: BehaviorEvent, k: int, impressions: int = 0
+                         ) -> UserSequence:
+        """This sequence plus ``event`` at its event-time place, cut to its last ``k``
+        interactions and last ``impressions`` impressions (:meth:`kept`).
 
         A late event is inserted where it belongs; an exact duplicate (same item, action and
         time) changes nothing.
@@ -81,4 +84,32 @@ class UserSequence:
         items = (*self.item_ids[:hi], event.item_id, *self.item_ids[hi:])
         actions = (*self.actions[:hi], event.action.value, *self.actions[hi:])
         times = (*self.times_us[:hi], t, *self.times_us[hi:])
-        return replace(self, item_ids=items[-k:], actions=actions[-k:], times_us=times[-k:])
+        return replace(self, item_ids=items, actions=actions, times_us=times).kept(
+            k, impressions)
+
+    def kept(self, interactions: int, impressions: int = 0) -> UserSequence:
+        """The last ``interactions`` interactions and the last ``impressions`` impressions
+        (items shown, clicked or not), in their order: what the online store keeps
+        (``features.sequence_length`` and ``features.sequence_impressions``) and what a
+        model reads of it (``trainer.features.sequence_features`` applies the same rule to
+        many sequences at once)."""
+        n = len(self.actions)
+        if Action.IMPRESSION.value not in self.actions:
+            if n <= interactions:
+                return self
+            cut = slice(n - interactions, n) if interactions else slice(0, 0)
+            return replace(self, item_ids=self.item_ids[cut], actions=self.actions[cut],
+                           times_us=self.times_us[cut])
+        left = {True: impressions, False: interactions}  # what each kind may still keep
+        keep = []
+        for i in range(n - 1, -1, -1):
+            shown = self.actions[i] == Action.IMPRESSION.value
+            if left[shown] > 0:
+                left[shown] -= 1
+                keep.append(i)
+        if len(keep) == n:
+            return self
+        keep.reverse()
+        return replace(self, item_ids=tuple(self.item_ids[i] for i in keep),
+                       actions=tuple(self.actions[i] for i in keep),
+                       times_us=tuple(self.times_us[i] for i in keep))

@@ -489,7 +489,7 @@ class BehaviorLane:
         self.shared, self.dead, self.topic = shared, dead, cfg.kafka.behaviors_topic
         self.acks = InOrderAcks(stream)
         self.sequences = sequences
-        self.builder = SequenceBuilder(store, state=sequences, k=cfg.features.sequence_length)
+        self.builder = SequenceBuilder.of(cfg, store, state=sequences)
         shared.metrics.held("behaviors", self.acks.held)
         self.writers: dict[int, Any] = {}  # partition -> TrainingLogWriter
         self.last_event_s: dict[int, float] = {}  # partition -> monotonic time of its last

@@ -108,7 +108,7 @@ class LocalRunner:
             self.encoder, self.store, ItemLog(paths.item_log),
             freshness=self.freshness,
         )
-        self.sequences = SequenceBuilder(self.store, k=cfg.features.sequence_length)
+        self.sequences = SequenceBuilder.of(cfg, self.store)
         self.training_log = TrainingLogWriter(
             paths.training,
             sequences=self.sequences.state,

@@ -1,7 +1,9 @@
 """Per-user behavior sequences: the last K interactions, kept in event-time order.
 
-An *interaction* is a click, order or collect (impressions are too many and say little about
-taste). :class:`SequenceBuilder` applies behavior events to a mapping ``user_id ->
+An *interaction* is a click, order or collect. Impressions are many, so by default none is
+kept; with ``features.sequence_impressions`` M the sequence also keeps the user's last M
+(items shown, clicked or not): what a user passed over, which says as much about taste as
+what the user clicked. :class:`SequenceBuilder` applies behavior events to a mapping ``user_id ->
 UserSequence`` that the caller owns (a dict in the local runner, a changelog-backed Faust
 table in the distributed path), and writes the changed sequences to a sink in one batch.
 """
@@ -11,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, MutableMapping, Sequence
 from typing import Protocol
 
-from ppm.events import INTERACTIONS, BehaviorEvent
+from ppm.config import Config
+from ppm.events import INTERACTIONS, Action, BehaviorEvent
 from ppm.records import UserSequence
 
 
@@ -28,7 +31,8 @@ class SequenceBuilder:
         sink: receives the changed sequences, one call per :meth:`process` batch.
         state: ``user_id -> UserSequence``; owned by the caller so that it can be a durable
             table. Defaults to a fresh dict.
-        k: sequence length (``features.sequence_length``).
+        k: interactions kept (``features.sequence_length``).
+        impressions: impressions kept beside them (``features.sequence_impressions``).
     """
 
     def __init__(
@@ -36,10 +40,20 @@ class SequenceBuilder:
         sink: SequenceSink,
         state: MutableMapping[str, UserSequence] | None = None,
         k: int = 50,
+        impressions: int = 0,
     ):
         self.sink = sink
         self.state: MutableMapping[str, UserSequence] = {} if state is None else state
         self.k = k
+        self.impressions = impressions
+        self.actions = {*INTERACTIONS, *((Action.IMPRESSION,) if impressions else ())}
+
+    @classmethod
+    def of(cls, cfg: Config, sink: SequenceSink,
+           state: MutableMapping[str, UserSequence] | None = None) -> SequenceBuilder:
+        """A builder keeping what ``cfg.features`` says."""
+        return cls(sink, state, k=cfg.features.sequence_length,
+                   impressions=cfg.features.sequence_impressions)
 
     def process(self, events: Iterable[BehaviorEvent]) -> list[UserSequence]:
         """Apply a batch: write the changed sequences to the sink, then update the state.
@@ -60,11 +74,11 @@ class SequenceBuilder:
         :meth:`commit`."""
         changed: dict[str, UserSequence] = {}
         for event in events:
-            if event.action not in INTERACTIONS:
+            if event.action not in self.actions:
                 continue
             current = changed.get(event.user_id) or self.state.get(event.user_id)
             current = current or UserSequence(event.user_id)
-            updated = current.with_interaction(event, self.k)
+            updated = current.with_interaction(event, self.k, self.impressions)
             if updated is not current:
                 changed[event.user_id] = updated
         return list(changed.values())

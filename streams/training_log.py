@@ -24,9 +24,12 @@ position              int32, nullable            slot in the request
 query                 string, nullable           search query of the request
 impression_time       timestamp[us, UTC]         the impression's real event time
 click, order, collect int8                       1 when attributed, else 0
-seq_item_ids          list<string>               the user's interactions strictly before the
-seq_actions           list<string>               impression (``UserSequence.before``), oldest
-seq_times_us          list<int64>                first; times in microseconds since the epoch
+seq_item_ids          list<string>               the user's sequence strictly before the
+seq_actions           list<string>               impression (``UserSequence.before``): its
+seq_times_us          list<int64>                interactions, and impressions where
+                                                 ``features.sequence_impressions`` keeps
+                                                 some; oldest first; times in microseconds
+                                                 since the epoch
 item_encoder_version  string, nullable           the item's embedding version; None unless its
 item_content_hash     string, nullable           ``content_time_us <= impression time``
 item_category         string, nullable           from :class:`~ppm.records.ItemState`;

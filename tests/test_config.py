@@ -117,8 +117,12 @@ def test_model_defaults_are_the_ranker_defaults_and_cover_its_fields():
 
     assert ranker_config(Config(), "idrec") == RankerConfig(variant="idrec")
     # Every field a user may turn is in [model]; the others come from elsewhere.
-    elsewhere = {"variant", "id_dropout", "max_seq_len", "modal_dim"}
+    elsewhere = {"variant", "id_dropout", "max_seq_len", "modal_dim", "sequence_impressions"}
     assert {f.name for f in fields(RankerConfig)} == set(ModelConfig.model_fields) | elsewhere
+    # The sequence a model reads: K interactions and M impressions (features.*).
+    shaped = ranker_config(Config().with_values({"features.sequence_length": 20,
+                                                 "features.sequence_impressions": 30}))
+    assert (shaped.max_seq_len, shaped.sequence_impressions) == (50, 30)
 
 
 def test_an_environment_override_reaches_the_model():

@@ -1,5 +1,5 @@
 """bench/content_signal.py: the item prior a cached vector can give a new item, and the
-user's content affinity."""
+user's content affinity and contrast."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 from bench.content_signal import (
     RIDGE_STRENGTHS,
     chosen_strength,
+    contrast,
     logistic_scores,
     predict,
     ridge,
@@ -66,3 +67,20 @@ def test_the_fitted_scores_rank_by_a_planted_feature_and_ignore_noise():
     unit[1, 1] = 1.0  # only the noise column moves: the logit moves by its weight
     noise_weight = np.diff(logistic_scores(x, y, unit))[0]
     assert abs(noise_weight) < 0.1
+
+
+def test_the_contrast_reads_only_earlier_impressions_of_the_same_user():
+    # User a: shown +x and clicked it, shown +y and passed it over, then (at t 3, twice at
+    # once) shown +x again and -x; user b sees only its own impression.
+    unit = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    users = np.array(["a", "a", "a", "a", "b"])
+    times = np.array([1, 2, 3, 3, 1])
+    clicked = np.array([True, False, True, False, False])
+    got = contrast(users, times, clicked, unit)
+    # Nothing before the first impression of each user.
+    np.testing.assert_allclose(got[[0, 4], :2], 0.0)
+    np.testing.assert_allclose(got[[0, 4], 2:4], 0.0)
+    # The two at t 3 see the first two only: took +x; shown (+x + y) / sqrt 2.
+    np.testing.assert_allclose(got[2, :4], [1.0, 0.5 ** 0.5, np.log1p(2), np.log1p(1)])
+    np.testing.assert_allclose(got[3, :2], [-1.0, -(0.5 ** 0.5)])
+    assert got[1, 4] > got[0, 4] == 0.0  # one click in one impression lifts the rate

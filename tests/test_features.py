@@ -26,6 +26,7 @@ from trainer.features import (
     ACTION_CODES,
     BATCH_KEYS,
     N_ACTIONS,
+    SEQUENCE_CODES,
     TASKS,
     IdVocabulary,
     Sequences,
@@ -153,31 +154,43 @@ def test_rates_read_zero_without_history_and_move_with_clicks():
 
 @settings(max_examples=100, deadline=None)
 @given(lengths=st.lists(st.integers(0, 7), min_size=1, max_size=4), L=st.integers(1, 5),
-       seed=st.integers(0, 1000))
-def test_sequences_are_left_padded_to_their_last_L(lengths, L, seed):
+       impressions=st.integers(0, 4), seed=st.integers(0, 1000))
+def test_sequences_are_left_padded_to_their_last_L(lengths, L, impressions, seed):
+    """And read by ``UserSequence.kept``'s rule: the last ``impressions`` impressions and
+    the last L minus that many interactions (the store's rule, and serving's)."""
+    impressions = min(impressions, L - 1)
     rng = np.random.default_rng(seed)
     users = [UserSequence(f"u{s}", tuple(f"i{rng.integers(5)}" for _ in range(n)),
-                          tuple(rng.choice(["click", "order", "collect", "view"], n)),
+                          tuple(rng.choice(["click", "order", "collect", "view",
+                                            "impression"], n)),
                           tuple(sorted(int(t) for t in rng.integers(0, 10**9, n))))
              for s, n in enumerate(lengths)]
     impression_us = np.full(len(users), 10**12, np.int64)
     rows = rng.integers(0, 9, sum(lengths))
-    c = RankerConfig(max_seq_len=L, item_buckets=64, gap_buckets=8)
+    c = RankerConfig(max_seq_len=L, sequence_impressions=impressions, item_buckets=64,
+                     gap_buckets=8)
     got = sequence_features(Sequences.of(users), impression_us, rows, c)
 
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     assert (got["user_id"] == hash_ids([u.user_id for u in users], c.user_buckets)).all()
     assert (got["user_rates"] == 0).all()  # no vocabulary: no history
     for s, user in enumerate(users):  # the plain per-row reading of the same rule
-        k = min(len(user.item_ids), L)
+        # Each position's row travels with it through kept() (rows as item ids).
+        tagged = UserSequence(user.user_id,
+                              tuple(str(r) for r in rows[offsets[s]:offsets[s + 1]]),
+                              user.actions, user.times_us)
+        read = user.kept(L - impressions, impressions)
+        kept_rows = [int(r) for r in tagged.kept(L - impressions, impressions).item_ids]
+        k = len(read.item_ids)
+        assert k <= L and sum(a == "impression" for a in read.actions) <= impressions
         want = {key: np.zeros(L, np.int64) for key in got if key not in ("user_id",
                                                                           "user_rates")}
         if k:
-            want["seq_item_id"][L - k:] = hash_ids(user.item_ids[-k:], 64)
-            want["seq_action"][L - k:] = [ACTION_CODES.get(a, 0) for a in user.actions[-k:]]
+            want["seq_item_id"][L - k:] = hash_ids(read.item_ids, 64)
+            want["seq_action"][L - k:] = [SEQUENCE_CODES.get(a, 0) for a in read.actions]
             want["seq_gap"][L - k:] = gap_bucket(
-                (impression_us[s] - np.array(user.times_us[-k:])) / 1e6, 8)
-            want["seq_modal_row"][L - k:] = rows[offsets[s + 1] - k : offsets[s + 1]]
+                (impression_us[s] - np.array(read.times_us)) / 1e6, 8)
+            want["seq_modal_row"][L - k:] = kept_rows
         want["seq_mask"] = np.arange(L) >= L - k  # the real interactions
         for key, value in want.items():
             assert got[key].shape == (len(users), L)
@@ -275,21 +288,23 @@ class MemoryStore(OnlineFeatures):
                               self.items[i].encoder_version else None, T, with_embeddings)
                 for i in item_ids if i in self.items}
 
+    user = USER
+
     def read_sequences(self, user_ids):
-        return {u: USER for u in user_ids if u == USER.user_id}
+        return {u: self.user for u in user_ids if u == self.user.user_id}
 
 
-def write_window(path: Path) -> None:
+def write_window(path: Path, user: UserSequence = USER) -> None:
     """One sample per target as the training log writes it: the sequence before the
     impression, the item's features as known then (``streams.training_log``)."""
-    seen = USER.before(T)
+    seen = user.before(T)
     rows = []
     for n, target in enumerate(TARGETS):
         state = ITEMS.get(target)
         embedded = state is not None and state.content_time_us is not None and (
             state.content_time_us <= T)
         rows.append({
-            "sample_id": f"s{n}", "user_id": USER.user_id, "item_id": target,
+            "sample_id": f"s{n}", "user_id": user.user_id, "item_id": target,
             "request_id": "r1", "impression_time": T, "click": n % 2, "order": 0,
             "collect": int(n == 2), "seq_item_ids": list(seen.item_ids),
             "seq_actions": list(seen.actions), "seq_times_us": list(seen.times_us),
@@ -347,6 +362,47 @@ def test_training_and_serving_build_the_same_batch(tmp_path):
     # And the model scores both the same (serving encodes the shared sequence once).
     with torch.no_grad():
         torch.testing.assert_close(model(trained)[0], model(served)[0])
+
+
+def test_training_and_serving_read_the_same_impressions_of_a_sequence(tmp_path):
+    """A sequence with impressions (``features.sequence_impressions``): a model reading
+    two of them and two interactions reads the same on both paths, and a model reading
+    none of them reads only the interactions of the same stored sequence."""
+    # Oldest first; the last one is after the impression.
+    user = UserSequence(
+        "u1", ("s1", "s1", "s2", "s3", "s3", "fresh", "s2", "s4", "s2"),
+        ("impression", "click", "impression", "impression", "click", "impression",
+         "order", "impression", "impression"),
+        tuple(T - int(s * S) for s in (900, 899, 800, 700, 699, 600, 500, 400, -10)))
+    write_window(tmp_path / "window.parquet", user)
+    ItemLog(tmp_path / "items").append(
+        [ItemEmbeddingRow(i, VECTORS[i], s.encoder_version, s.content_hash, s.content_time_us,
+                          T - 10 * S) for i, s in reversed(ITEMS.items()) if s.encoder_version],
+        [T - 10 * S] * 7)
+    modal = ModalTable.from_item_log(tmp_path / "items", ENC, DIM)
+    window = 24 * 3600.0
+    store = MemoryStore(ITEMS, window)
+    store.user = user
+    ranker = Ranker(store, Registry(DataDir(tmp_path).registry("ppm")))
+    codes = {code: action for action, code in SEQUENCE_CODES.items()}
+    for config, want in (
+            (replace(CONFIG, sequence_impressions=2),  # the last two of each kind
+             [("s3", "click"), ("fresh", "impression"), ("s2", "order"), ("s4", "impression")]),
+            (CONFIG,  # interactions only: three, left-padded
+             [("s1", "click"), ("s3", "click"), ("s2", "order")])):
+        trained = WindowDataset([tmp_path / "window.parquet"], modal, config, window).batch(
+            np.arange(len(TARGETS)))
+        model = UnifiedRanker(config).eval()
+        served, _ = ranker.build_batch(model, ENC, user.user_id, TARGETS, now=T)
+        for key in ("seq_item_id", "seq_action", "seq_gap", "seq_mask", "seq_modal_row"):
+            assert torch.equal(trained[key], served[key].expand_as(trained[key])), key
+        mask = served["seq_mask"][0]
+        assert served["seq_item_id"][0][mask].tolist() == hash_ids(
+            [i for i, _ in want], config.item_buckets).tolist()
+        assert [codes[c] for c in served["seq_action"][0][mask].tolist()] == [
+            a for _, a in want]
+        with torch.no_grad():
+            torch.testing.assert_close(model(trained)[0], model(served)[0])
 
 
 def test_a_change_of_freshness_window_moves_both_paths_alike(tmp_path):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trainer.features import IMPRESSION_CODE, N_ACTIONS
 from trainer.model import (
     CHECKPOINT_FORMAT,
     VARIANTS,
@@ -69,7 +70,7 @@ def random_batch(c: RankerConfig, B: int = 5, L: int = 6, M: int = 9, seed: int 
         "taste_rates": torch.randn(B, 4, generator=g),
         "user_rates": torch.randn(B, 2, generator=g),
         "seq_item_id": ints(1, c.item_buckets, (B, L)) * mask,
-        "seq_action": ints(1, 4, (B, L)) * mask,
+        "seq_action": ints(1, N_ACTIONS + (c.sequence_impressions > 0), (B, L)) * mask,
         "seq_gap": ints(1, c.gap_buckets, (B, L)) * mask,
         "seq_mask": mask,
         "modal_table": torch.randn(M, c.modal_dim, generator=g),
@@ -119,7 +120,8 @@ def test_default_config_runs_and_variants_have_only_their_modules():
 
 @pytest.mark.parametrize("bad", [{"variant": "bert"}, {"task_weights": (1.0,)},
                                  {"d_model": 30, "n_heads": 4}, {"gap_buckets": 1},
-                                 {"id_dropout": 1.0}, {"id_dropout": -0.1}])
+                                 {"id_dropout": 1.0}, {"id_dropout": -0.1},
+                                 {"sequence_impressions": 12}, {"sequence_impressions": -1}])
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValueError):
         tiny(**bad)
@@ -214,10 +216,11 @@ def test_serving_path_scores_like_the_training_path(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("length", [0, 1, 6])
-def test_one_shared_sequence_scores_like_a_sequence_per_candidate(variant, length):
+@pytest.mark.parametrize("shape", [{}, {"sequence_impressions": 4, "content_affinity": True}])
+def test_one_shared_sequence_scores_like_a_sequence_per_candidate(variant, length, shape):
     """Serving passes the user's sequence once, (1, L), for all candidates; the scores must
     be those of the sequence repeated per candidate (the training layout), empty or not."""
-    model = make_model(variant).eval()
+    model = make_model(variant, **shape).eval()
     batch = random_batch(model.config, B=7, labels=False)
     L = batch["seq_mask"].shape[1]
     keep = torch.arange(L) >= L - length  # (L,)
@@ -322,6 +325,32 @@ def test_recency_action_and_order_matter():
     full = batch["seq_mask"][:, -2:].all(1)
     assert full.any()
     assert not torch.allclose(scores(model, flipped)[full], base[full])
+
+
+def test_a_model_reading_impressions_has_their_action_and_older_ones_have_none():
+    shown = make_model("ppm", sequence_impressions=4)
+    for transformer in (shown.id_module.transformer, shown.ppm.transformer):
+        assert transformer.action_emb.num_embeddings == N_ACTIONS + 1  # IMPRESSION_CODE
+    assert make_model("ppm").ppm.transformer.action_emb.num_embeddings == N_ACTIONS
+    batch = random_batch(shown.config, labels=False)
+    base = scores(shown, batch)
+    impressions = dict(batch, seq_action=torch.where(batch["seq_mask"], IMPRESSION_CODE, 0))
+    assert torch.isfinite(scores(shown, impressions)).all()
+    assert not torch.allclose(scores(shown, impressions), base)
+    # The content affinity: the target's cosine with what the user took and was shown.
+    near = make_model("ppm", sequence_impressions=4, content_affinity=True).eval()
+    batch = random_batch(near.config, B=2, labels=False)
+    batch["seq_mask"][:] = True
+    batch["seq_action"][:] = torch.tensor([[IMPRESSION_CODE] * 6, [1] * 3 + [IMPRESSION_CODE] * 3])
+    batch["seq_modal_row"][:] = batch["target_modal_row"][:, None]  # the target itself
+    with torch.no_grad():
+        took, passed_over = near.ppm(batch)[:, -2:].T
+    torch.testing.assert_close(passed_over, torch.ones(2))
+    torch.testing.assert_close(took, torch.tensor([0.0, 1.0]))  # none taken: 0
+    # A checkpoint from before impressions reads none.
+    d = shown.config.to_dict()
+    del d["sequence_impressions"]
+    assert RankerConfig.from_dict(d).sequence_impressions == 0
 
 
 # -----------------------------------------------------------------------------

@@ -167,21 +167,39 @@ def test_sequence_holds_only_interactions_before_the_impression(tmp_path: Path) 
     assert sample["seq_times_us"] == [T0_US + 10_000_000]
 
 
+def test_with_sequence_impressions_a_sample_holds_the_earlier_impressions(tmp_path: Path
+                                                                         ) -> None:
+    batch = [behavior("impression", 10, item="a"), behavior("click", 11, item="a"),
+             behavior("impression", 20, item="b"), behavior("impression", 30, item="c")]
+    sequences: dict[str, UserSequence] = {}
+    SequenceBuilder(ListSink(), sequences, impressions=5).process(batch)
+    writer = writer_for(tmp_path, sequences)
+    writer.process(batch)
+    writer.close_all()
+
+    samples = {s["item_id"]: s for s in read_samples(tmp_path)}
+    assert samples["c"]["seq_item_ids"] == ["a", "a", "b"]  # never its own impression
+    assert samples["c"]["seq_actions"] == ["impression", "click", "impression"]
+    assert samples["a"]["seq_item_ids"] == []
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(list(Action)), st.integers(0, 600),
-                          st.sampled_from(["i1", "i2"])), min_size=1, max_size=30))
+                          st.sampled_from(["i1", "i2"])), min_size=1, max_size=30),
+       st.sampled_from([0, 50]))
 def test_sequence_never_reaches_the_impression(
-        tmp_path_factory: pytest.TempPathFactory, raw: list[tuple[Action, int, str]]) -> None:
+        tmp_path_factory: pytest.TempPathFactory, raw: list[tuple[Action, int, str]],
+        impressions: int) -> None:
     events = [behavior(action, at, item=item) for action, at, item in raw]
     sequences: dict[str, UserSequence] = {}
-    SequenceBuilder(ListSink(), sequences).process(events)
+    SequenceBuilder(ListSink(), sequences, impressions=impressions).process(events)
     out = tmp_path_factory.mktemp("log")
     writer = writer_for(out, sequences)
     writer.process(events)
     writer.close_all()
 
     interactions = {(action, at, item) for action, at, item in raw
-                    if action is not Action.IMPRESSION}
+                    if impressions or action is not Action.IMPRESSION}
     samples = read_samples(out)
     assert len(samples) == len({(at, item) for action, at, item in raw
                                 if action is Action.IMPRESSION})

@@ -17,8 +17,9 @@ it got in training (``tests/test_features.py`` pins this):
 4. :func:`model_batch`: tensors in the model's batch contract (``trainer.model``'s module
    docstring), the modal table cut to the rows the batch uses.
 
-The vocabularies live here too: the tasks (label columns and the model's heads), the
-codes of a sequence's actions, both from ``ppm.events.INTERACTIONS``, and a model's
+The vocabularies live here too: the tasks (label columns and the model's heads) and the
+codes of a sequence's actions, both from ``ppm.events.INTERACTIONS`` (impressions coded
+after them), and a model's
 :class:`IdVocabulary` of items and of users, the ids it admits and their click counts
 (and one of (user, profile value) pairs, :func:`taste_keys`).
 
@@ -45,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ppm.events import INTERACTIONS
+from ppm.events import INTERACTIONS, Action
 from ppm.records import ItemState, UserSequence
 
 if TYPE_CHECKING:
@@ -54,9 +55,13 @@ if TYPE_CHECKING:
 TASKS: tuple[str, ...] = tuple(a.value for a in INTERACTIONS)
 """The label columns of a window file, in order; the model's heads by default."""
 ACTION_CODES: dict[str, int] = {action: code for code, action in enumerate(TASKS, start=1)}
-"""A sequence position's action -> its code in ``seq_action``; 0 is padding."""
+"""An interaction -> its code in ``seq_action``; 0 is padding."""
 N_ACTIONS = len(ACTION_CODES) + 1
-"""Rows of the model's action embedding (padding included)."""
+"""Rows of the model's action embedding (padding included), one more where it reads
+impressions (``RankerConfig.sequence_impressions``)."""
+IMPRESSION_CODE = N_ACTIONS
+SEQUENCE_CODES: dict[str, int] = {**ACTION_CODES, Action.IMPRESSION.value: IMPRESSION_CODE}
+"""A sequence position's action (an interaction or an impression) -> its code."""
 
 HASHED_PROFILE = ("category", "brand", "shop")
 """Profile fields hashed into ``RankerConfig.<field>_buckets`` rows."""
@@ -487,28 +492,35 @@ def sequence_features(sequences: Sequences, impression_us: np.ndarray,
     :func:`target_features`, of ``user_counts``), and (S, L) each with
     L = ``config.max_seq_len``:
 
-    LEFT-padded: the most recent interaction is in the last slot, and a longer sequence
-    keeps its last L. ``seq_item_id`` (:func:`id_buckets` with the model's
-    ``vocabulary``: 0 for an id it does not admit), ``seq_action`` (:data:`ACTION_CODES`),
+    LEFT-padded: the most recent interaction is in the last slot. A sequence keeps its last
+    ``config.sequence_impressions`` impressions and its last L minus that many
+    interactions (``UserSequence.kept``, the rule the online store keeps them by), so a
+    model that reads no impressions reads none of a sequence that holds some.
+    ``seq_item_id`` (:func:`id_buckets` with the model's ``vocabulary``: 0 for an id it
+    does not admit), ``seq_action`` (:data:`SEQUENCE_CODES`),
     ``seq_gap`` (:func:`gap_bucket` of ``impression_us[s]`` (S,) minus the interaction's
     time), ``seq_modal_row`` (``vector_rows``: the flat positions' rows in the caller's
     vector table, 0 = none) are int64 and 0 at padding; ``seq_mask`` is True at real
     interactions.
     """
     L = config.max_seq_len
-    offsets = np.asarray(sequences.offsets, np.int64)
+    actions = sequences.actions
+    codes = np.fromiter((SEQUENCE_CODES.get(a, 0) for a in actions), np.int64, len(actions))
+    readable = _kept(np.asarray(sequences.offsets, np.int64), codes == IMPRESSION_CODE,
+                     L - config.sequence_impressions, config.sequence_impressions)
+    # The readable positions, as sequences of their own: offsets into ``positions``.
+    positions = np.flatnonzero(readable)
+    offsets = np.concatenate([[0], np.cumsum(readable)])[np.asarray(sequences.offsets)]
     S = len(offsets) - 1
-    keep = np.minimum(np.diff(offsets), L)  # (S,) positions kept per sequence
+    keep = np.diff(offsets)  # (S,) positions kept per sequence, at most L
     # Each kept position: its sequence, its index in the flat columns, its slot in (S, L).
     seq_of = np.repeat(np.arange(S), keep)
     pos_in_kept = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
-    flat = np.repeat(offsets[1:] - keep, keep) + pos_in_kept
+    flat = positions[np.repeat(offsets[1:] - keep, keep) + pos_in_kept]
     slot = np.repeat(L - keep, keep) + pos_in_kept
-    actions = sequences.actions
     flat_values = {
         "seq_item_id": id_buckets(sequences.item_ids, config.item_buckets, vocabulary),
-        "seq_action": np.fromiter((ACTION_CODES.get(a, 0) for a in actions), np.int64,
-                                  len(actions)),
+        "seq_action": codes,
         "seq_modal_row": np.asarray(vector_rows, np.int64),
     }
     out = {"user_id": id_buckets(sequences.user_ids, config.user_buckets, user_vocabulary)
@@ -523,6 +535,21 @@ def sequence_features(sequences: Sequences, impression_us: np.ndarray,
     # A real interaction, even one whose item id is unknown (0) to the model.
     out["seq_mask"] = np.zeros((S, L), bool)
     out["seq_mask"][seq_of, slot] = True
+    return out
+
+
+def _kept(offsets: np.ndarray, shown: np.ndarray, interactions: int, impressions: int
+          ) -> np.ndarray:
+    """(P,) bool: which of the flat positions of sequences ``offsets`` (S + 1,) are among
+    their sequence's last ``interactions`` interactions or last ``impressions``
+    impressions (``shown`` (P,) True at an impression): ``UserSequence.kept`` for many."""
+    end = np.repeat(offsets[1:], np.diff(offsets))  # (P,) where each one's sequence ends
+    position = np.arange(len(shown))
+    out = np.empty(len(shown), bool)
+    for kind, cap in ((shown, impressions), (~shown, interactions)):
+        count = np.concatenate([[0], np.cumsum(kind)])  # this kind at or after a position
+        later = count[end] - count[position]  # (P,): itself included
+        out[kind] = later[kind] <= cap
     return out
 
 

@@ -41,8 +41,10 @@ M = rows of the modal table::
     user_rates                       float (B, 2)  the same of the user; (1, 2) when shared
     seq_item_id                      int64 (B, L)  hashed like item_id; 0 = padding or
                                                    unknown
-    seq_action                       int64 (B, L)  0 padding, 1 click, 2 order, 3 collect
-                                                   (trainer.features.ACTION_CODES)
+    seq_action                       int64 (B, L)  0 padding, 1 click, 2 order, 3 collect,
+                                                   4 impression (only with
+                                                   sequence_impressions;
+                                                   trainer.features.SEQUENCE_CODES)
     seq_gap                          int64 (B, L)  recency bucket of the interaction at the
                                                    impression (trainer.features.gap_bucket);
                                                    0 = padding
@@ -74,7 +76,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.features import N_ACTIONS, TASKS, IdVocabulary
+from trainer.features import IMPRESSION_CODE, N_ACTIONS, TASKS, IdVocabulary
 
 VARIANTS = ("idrec", "ppm", "modal")
 
@@ -103,9 +105,15 @@ class RankerConfig:
     #   (weights 1), which trainer.train.start_wide_part replaces by a regression on the
     #   training data where trainer.wide_start is 'fitted' (a model fitted from scratch); a model
     #   that reads no rates (no id_rates, or the modal variant) has none, whatever this says
+    content_affinity: bool = False  # the PPM module also reads the cosines of the target's
+    #   projected vector with the mean of the sequence's interactions' and of its
+    #   impressions' (PPMModule.forward): what the user took and what the user passed over
     price_buckets: int = 32  # price_bucket values are already in [0, 32)
     gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d
     max_seq_len: int = 50  # longest behaviour sequence L the position table covers
+    sequence_impressions: int = 0  # of those L, at most this many impressions (items
+    #   shown, clicked or not), the rest interactions; 0: interactions only
+    #   (features.sequence_impressions; the rule: trainer.features.sequence_features)
     modal_dim: int = 1664  # width of a cached item vector: text 384 + image 1280
     # transformers (the ID and the PPM module each have their own)
     d_model: int = 64  # token width; small, because training runs on a few CPU cores
@@ -142,6 +150,9 @@ class RankerConfig:
         # The wide part reads the click rates: where there are none, there is none.
         self.wide_rates = self.wide_rates and self.id_rates and self.uses_ids
         self.taste_rates = self.taste_rates and self.id_rates and self.uses_ids
+        if not 0 <= self.sequence_impressions < self.max_seq_len:
+            raise ValueError(f"sequence_impressions must be in [0, max_seq_len "
+                             f"{self.max_seq_len}), got {self.sequence_impressions}")
         if self.gap_buckets < 2:
             raise ValueError("gap_buckets must be >= 2 (0 is padding)")
         if self.attention not in ("target", "full"):
@@ -312,7 +323,9 @@ class BehaviorTransformer(nn.Module):
         #   whole training batch cut to its longest row is mostly padding (docs/results.md)
         self.pos_emb = nn.Embedding(config.max_seq_len + 1, d)  # 0 target, k = k-th most recent
         self.gap_emb = nn.Embedding(config.gap_buckets, d, padding_idx=0)
-        self.action_emb = nn.Embedding(N_ACTIONS, d, padding_idx=0)
+        # One more row, IMPRESSION_CODE, where impressions are read (none before they were).
+        self.action_emb = nn.Embedding(N_ACTIONS + (config.sequence_impressions > 0), d,
+                                       padding_idx=0)
         self.drop = nn.Dropout(config.seq_dropout)
         self.encoder = nn.Module()  # the names nn.TransformerEncoder would give
         self.encoder.layers = nn.ModuleList(
@@ -460,7 +473,8 @@ class PPMModule(nn.Module):
                                   nn.LayerNorm(config.d_model))
         self.missing = nn.Parameter(torch.zeros(config.d_model))  # stands in for row 0
         self.transformer = BehaviorTransformer(config)
-        self.out_dim = 2 * config.d_model
+        self.affinity = config.content_affinity
+        self.out_dim = 2 * config.d_model + 2 * self.affinity
 
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
         """(N, modal_dim) cached vectors -> (N, d): the per-item part of the module. With
@@ -474,7 +488,10 @@ class PPMModule(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """-> (B, 2 d): the transformer's target output, then the target's own projected
         vector, which reaches the MMoE directly (as the target's id embedding does in the ID
-        module): for an item nobody has clicked it is the strongest signal there is.
+        module): for an item nobody has clicked it is the strongest signal there is. With
+        ``content_affinity``, (B, 2 d + 2): then the cosines of that vector with the mean
+        (unit) projected vector of the sequence's interactions and of its impressions, 0
+        where there is none of a kind.
 
         Reads ``modal_table`` (M, modal_dim), or ``modal_projected`` (M, d) when the batch
         carries the rows already projected (:meth:`project`); row 0 is always "missing"."""
@@ -489,7 +506,16 @@ class PPMModule(nn.Module):
         target = F.embedding(batch["target_modal_row"], projected)  # (B, d)
         seq = F.embedding(batch["seq_modal_row"], projected)  # (B, L, d)
         h = self.transformer(seq, target, batch)  # (B, d)
-        return torch.cat([h, target], dim=1)  # (B, 2d)
+        if not self.affinity:
+            return torch.cat([h, target], dim=1)  # (B, 2d)
+        # A sequence shared by every candidate is (1, L): the means broadcast over B.
+        shown = batch["seq_action"] == IMPRESSION_CODE  # (B, L)
+        unit = F.normalize(seq, dim=-1)
+        cosines = []
+        for kind in (batch["seq_mask"] & ~shown, shown):
+            mean = (unit * kind.unsqueeze(-1)).sum(1)  # (B, d); normalised below, so no /n
+            cosines.append((F.normalize(target, dim=-1) * F.normalize(mean, dim=-1)).sum(-1))
+        return torch.cat([h, target, torch.stack(cosines, dim=1)], dim=1)  # (B, 2d + 2)
 
 
 class MMoE(nn.Module):

@@ -259,14 +259,18 @@ class EpochPicker:
 def ranker_config(cfg: Config, variant: str | None = None, modal_dim: int = 1664
                   ) -> RankerConfig:
     """The shape of a model trained from scratch: the ``[model]`` section, the variant
-    (``trainer.variant`` unless given), ``features.sequence_length`` as ``max_seq_len``,
-    ``modal_dim`` (the cached vectors' width) and ``trainer.id_dropout``, which applies to
+    (``trainer.variant`` unless given), ``features.sequence_length`` plus
+    ``features.sequence_impressions`` as ``max_seq_len`` (the second also as
+    ``sequence_impressions``), ``modal_dim`` (the cached vectors' width) and
+    ``trainer.id_dropout``, which applies to
     ``ppm`` only (see its docstring); ``model.wide_rates`` to the variants that read click
     rates (:class:`RankerConfig` drops it elsewhere)."""
     variant = variant or cfg.trainer.variant
     shape = cfg.model.model_dump()
+    impressions = cfg.features.sequence_impressions
     return RankerConfig(
-        variant=variant, max_seq_len=cfg.features.sequence_length, modal_dim=modal_dim,
+        variant=variant, max_seq_len=cfg.features.sequence_length + impressions,
+        sequence_impressions=impressions, modal_dim=modal_dim,
         id_dropout=cfg.trainer.id_dropout if variant == "ppm" else 0.0, **shape)
 
 

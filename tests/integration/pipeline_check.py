@@ -101,7 +101,7 @@ def expected(cfg: Config, records: list[tuple[str, bytes]]) -> Expected:
         def write_sequences(self, sequences):
             pass
 
-    builder = SequenceBuilder(Sink(), k=cfg.features.sequence_length)
+    builder = SequenceBuilder.of(cfg, Sink())
     item_times: dict[str, int] = {}
     deleted: set[str] = set()
     valid = dead = 0

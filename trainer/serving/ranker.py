@@ -318,8 +318,8 @@ class Ranker:
         c = model.config
         sequence = self.store.read_sequences([user_id]).get(user_id) or UserSequence(user_id)
         seq = sequence.before(now)
-        L = c.max_seq_len  # the model reads the last L: read no more from the store
-        seq = UserSequence(user_id, seq.item_ids[-L:], seq.actions[-L:], seq.times_us[-L:])
+        # What the model reads of it (sequence_features' rule): read no more from the store.
+        seq = seq.kept(c.max_seq_len - c.sequence_impressions, c.sequence_impressions)
         seq_ids = list(seq.item_ids)
         wanted = list(dict.fromkeys(item_ids + seq_ids))
         if projection and c.uses_modal:
