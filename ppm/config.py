@@ -452,12 +452,15 @@ class ModelConfig(_Section):
     ``idrec`` and ``ppm`` (docs/results.md); ``--tune wide_rates=false,true`` chooses it for
     other data."""
     content_affinity: bool = False
-    """The PPM module also reads how near the target's projected vector is to what the
-    user took and to what the user was shown: the cosine of it with the mean projected
-    vector of the sequence's interactions, and with that of its impressions
-    (``features.sequence_impressions``; 0 without any). Where a user passes over one kind
-    of item and takes another, a new item of the first kind is scored down by its content
-    alone. Read by the variants with vectors (ppm, modal)."""
+    """The PPM module also reads how near the target's cached vector is to what the user
+    took and to what the user was shown: its cosine with the mean vector of the sequence's
+    interactions, and with that of its impressions (``features.sequence_impressions``; 0
+    without any), the vectors centred on the training data's mean
+    (``trainer.model.content_cosines``). The wide part reads them beside the rates, and
+    starts fitted on them as on the rates (``trainer.wide_start``). Where a user passes
+    over one kind of item and takes another, a new item of the first kind is scored down
+    by its content alone. Read by the variants with vectors (ppm, modal); not with a
+    frozen plug-in, whose batches carry projections instead of the vectors."""
     price_buckets: int = Field(32, ge=1)
     """Price buckets kept (``ppm.records.price_bucket`` makes 32); higher ones are clipped."""
     gap_buckets: int = Field(16, ge=2)

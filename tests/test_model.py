@@ -342,11 +342,18 @@ def test_a_model_reading_impressions_has_their_action_and_older_ones_have_none()
     batch = random_batch(near.config, B=2, labels=False)
     batch["seq_mask"][:] = True
     batch["seq_action"][:] = torch.tensor([[IMPRESSION_CODE] * 6, [1] * 3 + [IMPRESSION_CODE] * 3])
+    batch["target_modal_row"] = torch.tensor([1, 2])
     batch["seq_modal_row"][:] = batch["target_modal_row"][:, None]  # the target itself
     with torch.no_grad():
         took, passed_over = near.ppm(batch)[:, -2:].T
     torch.testing.assert_close(passed_over, torch.ones(2))
     torch.testing.assert_close(took, torch.tensor([0.0, 1.0]))  # none taken: 0
+    # Centred: a vector equal to the centre is no direction at all.
+    near.ppm.modal_centre.copy_(batch["modal_table"][1])
+    with torch.no_grad():
+        assert near.ppm(batch)[0, -2:].abs().max() == 0
+    # And the wide part reads them beside the rates.
+    assert near.wide.in_features == near.config.n_rates + 2
     # A checkpoint from before impressions reads none.
     d = shown.config.to_dict()
     del d["sequence_impressions"]

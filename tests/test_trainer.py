@@ -29,11 +29,13 @@ from streams.local_runner import LocalRunner
 from streams.sources.shop_simulator import ShopSimulator
 from trainer.dataset import WindowDataset, closed_windows, window_files
 from trainer.experiment import Arm, score_models
+from trainer.features import IMPRESSION_CODE
 from trainer.registry import Registry
 from trainer.train import (
     IncrementalTrainer,
     LeakyChampionError,
     admit_ids,
+    dataset_cosines,
     evaluate_champions,
     names,
     new_model,
@@ -98,6 +100,37 @@ def test_an_item_without_an_embedding_uses_the_missing_vector(world):
     assert np.isfinite(logits).all()
 
 
+def test_the_wide_fit_hides_item_rates_where_the_forward_would():
+    """Labels that follow the item's history, and a user column that only echoes it: fitted
+    where every item has its history, the echo gets no weight; fitted as a model with id
+    dropout trains (the item's rates hidden on that share), it stands in for them."""
+
+    class Rates:  # what start_wide_part reads of a dataset
+        def __init__(self, n, rng):
+            item = rng.normal(size=n)
+            user = item + rng.normal(size=n)
+            self.features = {"item_rates": np.column_stack([item, np.zeros(n)]),
+                             "user_rates": np.column_stack([user, np.zeros(n)]),
+                             "taste_rates": np.zeros((n, 4))}
+            self.labels = (rng.random((n, 3)) < 1 / (1 + np.exp(-2 * item[:, None]))
+                           ).astype(np.float32)
+            self.label_mask = np.ones((n, 3), np.float32)
+            self.tasks = ("click", "order", "collect")
+            self.projected = False
+
+        def __len__(self):
+            return len(self.labels)
+
+    data = Rates(20_000, np.random.default_rng(0))
+    weights = {}
+    for dropout in (0.0, 0.5):
+        model = new_model(Config().with_values({"trainer.id_dropout": dropout}), "ppm", 8)
+        start_wide_part(model, data)
+        weights[dropout] = model.wide.weight[0].detach().numpy()  # click: item, _, user, ...
+    assert abs(weights[0.0][2]) < 0.1 < weights[0.5][2]
+    assert weights[0.5][0] > weights[0.5][2] > 0
+
+
 @pytest.mark.slow
 def test_a_new_models_wide_part_starts_as_a_regression_on_its_training_rates(world):
     cfg = small_cfg(world)
@@ -139,6 +172,43 @@ def test_a_new_models_wide_part_starts_as_a_regression_on_its_training_rates(wor
             q = 1 / (1 + np.exp(-(offset + b)))
             b -= np.sum(q - y) / np.sum(q * (1 - q))
         assert log_loss(z) < log_loss(offset + b), name
+
+
+@pytest.mark.slow
+def test_impressions_in_the_sequence_reach_the_content_cosines_and_the_wide_part(
+        tmp_path, item_encoder):
+    """Streamed with ``features.sequence_impressions``, a ``ppm`` model with
+    ``content_affinity`` reads what the user took and what the user was shown: its centre
+    and its wide part start from the training data, and its forward reads the cosines
+    ``start_wide_part`` fitted on."""
+    cfg = small_cfg(tmp_path).with_values({"features.sequence_impressions": 20,
+                                           "model.content_affinity": True})
+    LocalRunner(cfg, encoder=item_encoder, resume=False).run(
+        ShopSimulator(WORLD).records(), "world", progress=False)
+    windows = closed_windows(cfg.paths.training)
+    trainer = IncrementalTrainer(cfg, variant="ppm")
+    model = new_model(cfg, "ppm", trainer.modal.dim)
+    assert (model.config.max_seq_len, model.config.sequence_impressions) == (70, 20)
+    admit_ids(model, windows, cfg.trainer)
+    data = trainer.dataset_for(model, windows, training=True)
+    shown = data.features["seq_action"] == IMPRESSION_CODE
+    assert shown.any() and (shown.sum(axis=1) <= 20).all()
+    assert ((data.features["seq_mask"] & ~shown).sum(axis=1) <= 50).all()
+
+    start_wide_part(model, data)
+    rows = data.features["target_modal_row"]
+    np.testing.assert_allclose(model.ppm.modal_centre.numpy(),
+                               data.modal.vectors[rows[rows > 0]].mean(axis=0), atol=1e-5)
+    cosines = dataset_cosines(model, data)
+    assert (np.abs(cosines) <= 1 + 1e-6).all() and (cosines != 0).any(axis=0).all()
+    model.eval()
+    with torch.no_grad():
+        read = model.ppm(data.batch(np.arange(500)))[:, -2:].double().numpy()
+    np.testing.assert_allclose(read, cosines[:500], atol=1e-5)
+    # The wide part's start holds weights for both cosines, fitted as the rates' are.
+    assert model.wide.in_features == model.config.n_rates + 2
+    assert (model.wide.weight[:, -2:] != 0).any()
+    assert np.isfinite(predict(model, data)).all()
 
 
 @pytest.mark.slow

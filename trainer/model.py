@@ -106,8 +106,9 @@ class RankerConfig:
     #   training data where trainer.wide_start is 'fitted' (a model fitted from scratch); a model
     #   that reads no rates (no id_rates, or the modal variant) has none, whatever this says
     content_affinity: bool = False  # the PPM module also reads the cosines of the target's
-    #   projected vector with the mean of the sequence's interactions' and of its
-    #   impressions' (PPMModule.forward): what the user took and what the user passed over
+    #   cached vector with the mean of the sequence's interactions' and of its impressions'
+    #   (content_cosines): what the user took and what the user was shown; the wide part
+    #   reads them too. Variants without vectors read none, whatever this says
     price_buckets: int = 32  # price_bucket values are already in [0, 32)
     gap_buckets: int = 16  # recency buckets: 0 padding, 1..15 log-spaced from <1 min to >30 d
     max_seq_len: int = 50  # longest behaviour sequence L the position table covers
@@ -150,6 +151,7 @@ class RankerConfig:
         # The wide part reads the click rates: where there are none, there is none.
         self.wide_rates = self.wide_rates and self.id_rates and self.uses_ids
         self.taste_rates = self.taste_rates and self.id_rates and self.uses_ids
+        self.content_affinity = self.content_affinity and self.uses_modal
         if not 0 <= self.sequence_impressions < self.max_seq_len:
             raise ValueError(f"sequence_impressions must be in [0, max_seq_len "
                              f"{self.max_seq_len}), got {self.sequence_impressions}")
@@ -170,6 +172,11 @@ class RankerConfig:
     def n_rates(self) -> int:
         """Width of the rates the ID module reads (item 2, user 2, taste 4); 0 without."""
         return (4 + 4 * self.taste_rates) if self.id_rates and self.uses_ids else 0
+
+    @property
+    def n_wide(self) -> int:
+        """Inputs of the wide part: the rates, then the two content cosines."""
+        return self.n_rates + 2 * self.content_affinity
 
     @property
     def uses_ids(self) -> bool:
@@ -474,6 +481,8 @@ class PPMModule(nn.Module):
         self.missing = nn.Parameter(torch.zeros(config.d_model))  # stands in for row 0
         self.transformer = BehaviorTransformer(config)
         self.affinity = config.content_affinity
+        if self.affinity:  # set from the training data (trainer.train.start_wide_part)
+            self.register_buffer("modal_centre", torch.zeros(config.modal_dim))
         self.out_dim = 2 * config.d_model + 2 * self.affinity
 
     def project(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -489,13 +498,16 @@ class PPMModule(nn.Module):
         """-> (B, 2 d): the transformer's target output, then the target's own projected
         vector, which reaches the MMoE directly (as the target's id embedding does in the ID
         module): for an item nobody has clicked it is the strongest signal there is. With
-        ``content_affinity``, (B, 2 d + 2): then the cosines of that vector with the mean
-        (unit) projected vector of the sequence's interactions and of its impressions, 0
-        where there is none of a kind.
+        ``content_affinity``, (B, 2 d + 2): then :func:`content_cosines` of the raw cached
+        vectors, centred on ``modal_centre`` (which a frozen plug-in's projected rows do
+        not allow).
 
         Reads ``modal_table`` (M, modal_dim), or ``modal_projected`` (M, d) when the batch
         carries the rows already projected (:meth:`project`); row 0 is always "missing"."""
         given = batch.get("modal_projected")
+        if given is not None and self.affinity:
+            raise ValueError("content_affinity reads the raw cached vectors; this batch "
+                             "carries a frozen plug-in's projections instead")
         if given is None:
             table = batch["modal_table"]  # (M, modal_dim)
             if table.ndim != 2 or table.shape[1] != self.modal_dim:
@@ -508,14 +520,34 @@ class PPMModule(nn.Module):
         h = self.transformer(seq, target, batch)  # (B, d)
         if not self.affinity:
             return torch.cat([h, target], dim=1)  # (B, 2d)
-        # A sequence shared by every candidate is (1, L): the means broadcast over B.
-        shown = batch["seq_action"] == IMPRESSION_CODE  # (B, L)
-        unit = F.normalize(seq, dim=-1)
-        cosines = []
-        for kind in (batch["seq_mask"] & ~shown, shown):
-            mean = (unit * kind.unsqueeze(-1)).sum(1)  # (B, d); normalised below, so no /n
-            cosines.append((F.normalize(target, dim=-1) * F.normalize(mean, dim=-1)).sum(-1))
-        return torch.cat([h, target, torch.stack(cosines, dim=1)], dim=1)  # (B, 2d + 2)
+        with torch.no_grad():  # inputs, as the rates are: nothing here learns
+            cosines = content_cosines(unit_vectors(table, self.modal_centre), batch)
+        return torch.cat([h, target, cosines.to(h.dtype)], dim=1)  # (B, 2d + 2)
+
+
+def unit_vectors(table: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """(M, D) cached vectors, row 0 "missing" -> (M, D) float32: each centred on ``centre``
+    (D,) and scaled to unit length, row 0 all zeros. Raw text vectors share a large common
+    direction, so their cosines say little until it is taken out."""
+    unit = F.normalize(table[1:].float() - centre, dim=-1)
+    return torch.cat([unit.new_zeros(1, unit.shape[1]), unit])
+
+
+def content_cosines(unit: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(B, 2): the cosine of each target's vector with the mean vector of its sequence's
+    interactions (what the user took), then with that of its impressions (what the user
+    was shown, ``RankerConfig.sequence_impressions``); 0 where the target or the sequence
+    has no vector of that kind. ``unit``: :func:`unit_vectors` of the batch's table, whose
+    rows ``target_modal_row`` (B,) and ``seq_modal_row`` (B, L) or, shared, (1, L) index."""
+    target = F.embedding(batch["target_modal_row"], unit)  # (B, D)
+    shown = batch["seq_action"] == IMPRESSION_CODE  # (B, L) or (1, L)
+    cosines = []
+    for kind in (batch["seq_mask"] & ~shown, shown):
+        # The kind's vectors summed without a (B, L, D) tensor; only the direction counts.
+        total = F.embedding_bag(batch["seq_modal_row"], unit, mode="sum",
+                                per_sample_weights=kind.to(unit.dtype))  # (B, D) or (1, D)
+        cosines.append((target * F.normalize(total, dim=-1)).sum(-1))  # (1, D) broadcasts
+    return torch.stack(cosines, dim=1)
 
 
 class MMoE(nn.Module):
@@ -611,7 +643,7 @@ class UnifiedRanker(nn.Module):
         in_dim = ((self.id_module.out_dim if self.id_module else 0)
                   + (self.ppm.out_dim if self.ppm else 0))
         self.mmoe = MMoE(in_dim, config)
-        self.wide = nn.Linear(config.n_rates, len(config.tasks)) if config.wide_rates else None
+        self.wide = nn.Linear(config.n_wide, len(config.tasks)) if config.wide_rates else None
         self.register_buffer("task_weights", torch.tensor(config.task_weights), persistent=False)
         self.apply(_init_weights)
 
@@ -622,7 +654,9 @@ class UnifiedRanker(nn.Module):
             ids, rates = self.id_module(batch)
             parts.append(ids)  # (B, 2d + 4 to 6 side)
         if self.ppm is not None:
-            parts.append(self.ppm(batch))  # (B, 2d)
+            parts.append(self.ppm(batch))  # (B, 2d), or (B, 2d + 2) with content_affinity
+            if self.wide is not None and self.config.content_affinity:
+                rates = torch.cat([rates, parts[-1][:, -2:].to(rates.dtype)], dim=1)
         logits = self.mmoe(torch.cat(parts, dim=1))  # (B, n_tasks)
         if self.wide is not None:
             logits = logits + self.wide(rates)  # (B, n_tasks)

@@ -53,7 +53,7 @@ from trainer.dataset import (
 )
 from trainer.features import IdVocabulary
 from trainer.metrics import BUCKETS, auc, evaluate
-from trainer.model import RankerConfig, UnifiedRanker
+from trainer.model import RankerConfig, UnifiedRanker, content_cosines, unit_vectors
 from trainer.refresh import EmbeddingRefresh
 from trainer.registry import Registry, Version
 
@@ -285,15 +285,37 @@ def start_wide_part(model: UnifiedRanker, data: WindowDataset, how: str = "fitte
     ``data`` (training samples, rates counted as training reads them), as
     ``trainer.wide_start`` says: ``fitted`` sets each task's weights and bias to a logistic
     regression (L2 1) of its present labels on the rates the model reads
-    (``RankerConfig.rate_keys``; id dropout aside, the same values); ``unit`` keeps the
+    (``RankerConfig.rate_keys``; with id dropout, the item's zeroed on the same share of
+    samples, as the forward does); ``unit`` keeps the
     model's initial start. A task whose labels are all one class keeps it too. Nothing to
-    do for a model without a wide part."""
+    do for a model without a wide part.
+
+    With ``model.content_affinity`` it first sets the PPM module's ``modal_centre``, the
+    mean vector of the items ``data``'s impressions show, and the regression reads the
+    content cosines beside the rates."""
     if how not in ("fitted", "unit"):
         raise ValueError(f"wide_start must be 'fitted' or 'unit', got {how!r}")
+    affinity = model.config.content_affinity
+    if affinity and len(data):
+        if data.projected:
+            raise ValueError("content_affinity reads the raw cached vectors; a frozen "
+                             "plug-in's training data holds its projections instead")
+        rows = data.features["target_modal_row"]
+        with torch.no_grad():
+            model.ppm.modal_centre.copy_(torch.from_numpy(
+                data.modal.vectors[rows[rows > 0]].astype(np.float64).mean(axis=0)))
     if model.wide is None or how == "unit" or not len(data):
         return
     x = np.concatenate([data.features[k] for k in model.config.rate_keys], axis=1)
     x = x.astype(np.float64)  # (n, R)
+    if model.config.id_dropout > 0:
+        # As the forward hides a share of the targets' ids, and with them their rates (the
+        # first two columns), so does the fit: else the other columns' weights are fitted
+        # where an item's own history explains its clicks, and a new item has none.
+        hidden = np.random.default_rng(0).random(len(x)) < model.config.id_dropout
+        x[hidden, :2] = 0.0
+    if affinity:
+        x = np.concatenate([x, dataset_cosines(model, data)], axis=1)  # (n, R + 2)
     with torch.no_grad():
         for task, name in enumerate(model.config.tasks):
             if name not in data.tasks:
@@ -305,6 +327,19 @@ def start_wide_part(model: UnifiedRanker, data: WindowDataset, how: str = "fitte
             w = newton_logistic(x[present], y, l2=1.0)
             model.wide.weight[task] = torch.as_tensor(w[:-1], dtype=model.wide.weight.dtype)
             model.wide.bias[task] = float(w[-1])
+
+
+def dataset_cosines(model: UnifiedRanker, data: WindowDataset, chunk: int = 4096
+                    ) -> np.ndarray:
+    """(n, 2) float64: :func:`~trainer.model.content_cosines` of every sample of ``data``
+    under ``model``'s centre, as its forward computes them."""
+    with torch.no_grad():
+        unit = unit_vectors(torch.from_numpy(data.modal.vectors), model.ppm.modal_centre)
+        keys = ("target_modal_row", "seq_modal_row", "seq_action", "seq_mask")
+        return np.concatenate([
+            content_cosines(unit, {k: torch.from_numpy(data.features[k][at:at + chunk])
+                                   for k in keys}).double().numpy()
+            for at in range(0, len(data), chunk)]) if len(data) else np.zeros((0, 2))
 
 
 def names(windows: Sequence[Window | Path]) -> list[str]:
