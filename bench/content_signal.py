@@ -50,6 +50,7 @@ import numpy as np
 from ppm.config import Config
 from trainer.baselines import PRIOR_STRENGTH, RateTable, clicks, newton_logistic
 from trainer.experiment import compare_models
+from trainer.features import IMPRESSION_CODE
 from trainer.train import IncrementalTrainer, new_in_period, split_windows
 
 RIDGE_STRENGTHS = (1.0, 10.0, 100.0, 1000.0)
@@ -111,7 +112,10 @@ def contrast(users: np.ndarray, times_us: np.ndarray, clicked: np.ndarray,
     """(n, 5) for n impressions: the cosines of each one's item vector with the mean of the
     user's clicked items' and of all the user's shown items' vectors, then log(1 + shown),
     log(1 + clicked) and the smoothed click rate's log lift, all over the same user's
-    impressions strictly before it (those at the same time see none of each other).
+    impressions strictly before it (those at the same time see none of each other). An
+    earlier impression counts with its label as finally attributed: on data whose clicks
+    come later than their impression (within ``pipeline.attribution_window_s``), a click
+    may count here before it happened; on ratings it comes with the rating.
     ``unit`` (n, d): unit vectors, 0 for an item without one (it counts, adds nothing)."""
     out = np.zeros((len(users), 5))
     prior = float(np.clip(clicked.mean(), 1e-4, 1 - 1e-4))
@@ -209,13 +213,16 @@ def main() -> None:
     # item's: one that is would be matched against its own vector. The vectors are centred
     # on the training period's (the rows its impressions and sequences read): nothing of
     # later periods.
-    seq_train = train.features["seq_modal_row"]
+    def taken(data) -> np.ndarray:  # the sequence's interactions only (no impressions)
+        return np.where(data.features["seq_action"] == IMPRESSION_CODE, 0,
+                        data.features["seq_modal_row"])
+
+    seq_train = taken(train)
     fresh = (rows > 0) & ~(seq_train == rows[:, None]).any(axis=1)
     used = np.unique(np.concatenate([rows, seq_train.ravel()]))
     centre = vectors[used[used > 0]].astype(np.float64).mean(axis=0)
     train_affinity = sequence_affinity(vectors, rows[fresh], seq_train[fresh], centre)
-    affinity = sequence_affinity(valid.modal.vectors, v_rows,
-                                 valid.features["seq_modal_row"][new], centre)
+    affinity = sequence_affinity(valid.modal.vectors, v_rows, taken(valid)[new], centre)
     all_lifts = np.stack([
         lift(train.user_id, train.user_id, leave_out=y_train),
         lift(train.features["category"], train.features["category"], leave_out=y_train)],

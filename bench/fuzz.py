@@ -216,7 +216,7 @@ def local_training_log(cfg, outcomes: list[list], out: Path) -> dict:
             pass
 
     builder = SequenceBuilder.of(cfg, Sink())
-    writer = TrainingLogWriter(DataDir(out).training, sequences=builder.state, items={},
+    writer = TrainingLogWriter(DataDir(out).training, sequences=builder, items={},
                                attribution_window_s=cfg.pipeline.attribution_window_s,
                                window_s=cfg.pipeline.log_window_s)
     behaviors = [e for o in outcomes for e in o if isinstance(e, BehaviorEvent)]

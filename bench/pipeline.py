@@ -82,7 +82,7 @@ def main() -> None:
         store = OnlineFeatures.open(cfg)
         sequences = SequenceBuilder.of(cfg, store)
         writer = TrainingLogWriter(
-            cfg.paths.training, sequences=sequences.state, items={},
+            cfg.paths.training, sequences=sequences, items={},
             attribution_window_s=cfg.pipeline.attribution_window_s,
             window_s=cfg.pipeline.log_window_s,
         )

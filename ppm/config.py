@@ -457,10 +457,9 @@ class ModelConfig(_Section):
     interactions, and with that of its impressions (``features.sequence_impressions``; 0
     without any), the vectors centred on the training data's mean
     (``trainer.model.content_cosines``). The wide part reads them beside the rates, and
-    starts fitted on them as on the rates (``trainer.wide_start``). Where a user passes
-    over one kind of item and takes another, a new item of the first kind is scored down
-    by its content alone. Read by the variants with vectors (ppm, modal); not with a
-    frozen plug-in, whose batches carry projections instead of the vectors."""
+    starts fitted on them as on the rates (``trainer.wide_start``). Read by the variants
+    with vectors (ppm, modal). A frozen plug-in's training data carries projections
+    instead of the vectors: training one with this raises."""
     price_buckets: int = Field(32, ge=1)
     """Price buckets kept (``ppm.records.price_bucket`` makes 32); higher ones are clipped."""
     gap_buckets: int = Field(16, ge=2)

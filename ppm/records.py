@@ -69,11 +69,16 @@ class UserSequence:
 
     def with_interaction(self, event: BehaviorEvent, k: int, impressions: int = 0
                          ) -> UserSequence:
-        """This sequence plus ``event`` at its event-time place, cut to its last ``k``
-        interactions and last ``impressions`` impressions (:meth:`kept`).
+        """This sequence plus ``event`` at its event-time place (:meth:`with_event`), cut to
+        its last ``k`` interactions and last ``impressions`` impressions (:meth:`kept`)."""
+        updated = self.with_event(event)
+        return self if updated is self else updated.kept(k, impressions)
+
+    def with_event(self, event: BehaviorEvent) -> UserSequence:
+        """This sequence plus ``event`` at its event-time place, uncut.
 
         A late event is inserted where it belongs; an exact duplicate (same item, action and
-        time) changes nothing.
+        time) changes nothing (returns this sequence).
         """
         t = to_us(event.event_time)
         lo = bisect.bisect_left(self.times_us, t)
@@ -84,8 +89,7 @@ class UserSequence:
         items = (*self.item_ids[:hi], event.item_id, *self.item_ids[hi:])
         actions = (*self.actions[:hi], event.action.value, *self.actions[hi:])
         times = (*self.times_us[:hi], t, *self.times_us[hi:])
-        return replace(self, item_ids=items, actions=actions, times_us=times).kept(
-            k, impressions)
+        return replace(self, item_ids=items, actions=actions, times_us=times)
 
     def kept(self, interactions: int, impressions: int = 0) -> UserSequence:
         """The last ``interactions`` interactions and the last ``impressions`` impressions

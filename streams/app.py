@@ -504,7 +504,7 @@ class BehaviorLane:
             pipeline = self.shared.cfg.pipeline
             writer = self.writers[partition] = TrainingLogWriter(
                 self.shared.cfg.paths.training_partition(partition),
-                sequences=self.sequences, items=self.shared.item_states,
+                sequences=self.builder, items=self.shared.item_states,
                 attribution_window_s=pipeline.attribution_window_s,
                 window_s=pipeline.log_window_s)
         return writer

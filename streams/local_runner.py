@@ -111,7 +111,7 @@ class LocalRunner:
         self.sequences = SequenceBuilder.of(cfg, self.store)
         self.training_log = TrainingLogWriter(
             paths.training,
-            sequences=self.sequences.state,
+            sequences=self.sequences,
             items=self.embedder.state,
             attribution_window_s=cfg.pipeline.attribution_window_s,
             window_s=cfg.pipeline.log_window_s,

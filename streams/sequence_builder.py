@@ -2,8 +2,8 @@
 
 An *interaction* is a click, order or collect. Impressions are many, so by default none is
 kept; with ``features.sequence_impressions`` M the sequence also keeps the user's last M
-(items shown, clicked or not): what a user passed over, which says as much about taste as
-what the user clicked. :class:`SequenceBuilder` applies behavior events to a mapping ``user_id ->
+(items shown, clicked or not), so that a model can see what a user passed over beside what
+the user took. :class:`SequenceBuilder` applies behavior events to a mapping ``user_id ->
 UserSequence`` that the caller owns (a dict in the local runner, a changelog-backed Faust
 table in the distributed path), and writes the changed sequences to a sink in one batch.
 """
@@ -47,6 +47,10 @@ class SequenceBuilder:
         self.k = k
         self.impressions = impressions
         self.actions = {*INTERACTIONS, *((Action.IMPRESSION,) if impressions else ())}
+        # The last planned batch's users, every event applied and nothing cut yet: what
+        # :meth:`history` reads, so that an impression early in a batch is not robbed of
+        # the history that later events of the same batch push out of the kept sequence.
+        self._uncut: dict[str, UserSequence] = {}
 
     @classmethod
     def of(cls, cfg: Config, sink: SequenceSink,
@@ -72,16 +76,30 @@ class SequenceBuilder:
         """The sequences a batch changes, with the batch applied; nothing is written and the
         state is left as it is. For callers that write elsewhere (another thread) and then
         :meth:`commit`."""
-        changed: dict[str, UserSequence] = {}
+        uncut: dict[str, UserSequence] = {}
+        changed: set[str] = set()
         for event in events:
             if event.action not in self.actions:
                 continue
-            current = changed.get(event.user_id) or self.state.get(event.user_id)
+            current = uncut.get(event.user_id) or self.state.get(event.user_id)
             current = current or UserSequence(event.user_id)
-            updated = current.with_interaction(event, self.k, self.impressions)
+            uncut[event.user_id] = updated = current.with_event(event)
             if updated is not current:
-                changed[event.user_id] = updated
-        return list(changed.values())
+                changed.add(event.user_id)
+        self._uncut = uncut
+        return [uncut[u].kept(self.k, self.impressions) for u in uncut if u in changed]
+
+    def history(self, user_id: str, time_us: int) -> UserSequence | None:
+        """The user's sequence just before ``time_us`` as the store keeps it (the last
+        ``k`` interactions and ``impressions`` impressions before then), for an impression
+        of the last planned batch or earlier: what the training log records, and what a
+        model serving that impression reads. None: the user has none."""
+        sequence = self._uncut.get(user_id) or self.state.get(user_id)
+        if sequence is None:
+            return None
+        if sequence.updated_us >= time_us:  # checked first: skips before()'s copy
+            sequence = sequence.before(time_us)
+        return sequence.kept(self.k, self.impressions)
 
     def commit(self, changed: Iterable[UserSequence]) -> None:
         """Record sequences of :meth:`plan` as the state, once their write succeeded."""

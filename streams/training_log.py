@@ -102,6 +102,7 @@ already_recorded_followups``.
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import json
 import logging
@@ -110,7 +111,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -247,15 +248,35 @@ def _micros(value: datetime) -> int:
     return (value - _EPOCH) // timedelta(microseconds=1)
 
 
+@runtime_checkable
+class SequenceHistory(Protocol):
+    """What a user's sequence was just before an impression (``SequenceBuilder``)."""
+
+    def history(self, user_id: str, time_us: int) -> UserSequence | None: ...
+
+
+def _history_of(sequences: Mapping[str, UserSequence], user_id: str, time_us: int
+                ) -> UserSequence | None:
+    # The caller applied this batch already: cut what happened at or after the impression.
+    # (Checking first skips before()'s copy in the common case.)
+    sequence = sequences.get(user_id)
+    if sequence is not None and sequence.updated_us >= time_us:
+        sequence = sequence.before(time_us)
+    return sequence
+
+
 class TrainingLogWriter:
     """Turns behavior events into labelled samples, one parquet file per closed window.
 
     Args:
         out_dir: owned by this writer: ``windows/`` (window files and manifest.json) and
             ``late_events.jsonl`` go here. An existing manifest is read and respected.
-        sequences: ``user_id -> UserSequence``, read (never written) when an impression is
-            processed. The caller applies a batch to it before calling :meth:`process`;
-            interactions at or after an impression are cut off here.
+        sequences: where an impression's history comes from, read (never written) when
+            the impression is processed: the :class:`~streams.sequence_builder.SequenceBuilder`
+            that applied the batch (its ``history``, which an impression early in a big
+            batch needs: the kept sequence no longer holds all it saw), or a plain
+            ``user_id -> UserSequence`` mapping, cut before the impression here. Either
+            way the caller applies a batch before calling :meth:`process`.
         items: ``item_id -> ItemState``, read when an impression is processed.
         attribution_window_s: ``pipeline.attribution_window_s``.
         window_s: ``pipeline.log_window_s``; a whole number of seconds (file names have
@@ -274,7 +295,7 @@ class TrainingLogWriter:
     def __init__(
         self,
         out_dir: Path,
-        sequences: Mapping[str, UserSequence],
+        sequences: SequenceHistory | Mapping[str, UserSequence],
         items: Mapping[str, ItemState],
         attribution_window_s: float = 1800.0,
         window_s: float = 3600.0,
@@ -289,7 +310,8 @@ class TrainingLogWriter:
         self.windows_dir.mkdir(parents=True, exist_ok=True)
         self.manifest_path = files.manifest
         self.late_events_path = files.late_events
-        self._sequences = sequences
+        self._history = (sequences.history if isinstance(sequences, SequenceHistory)
+                         else functools.partial(_history_of, sequences))
         self._items = items
         self._attribution_us = round(attribution_window_s * _US)
         self._window_us = int(window_s) * _US
@@ -515,14 +537,10 @@ class TrainingLogWriter:
         seen.add(sample_id)
         self._counters["impressions"] += 1
 
-        sequence = self._sequences.get(event.user_id)
+        sequence = self._history(event.user_id, time_us)
         if sequence is None:
             history: tuple[tuple[Any, ...], ...] = ((), (), ())
         else:
-            # The caller applied this batch already: cut what happened at or after the
-            # impression. (Checking first skips before()'s copy in the common case.)
-            if sequence.updated_us >= time_us:
-                sequence = sequence.before(time_us)
             history = (sequence.item_ids, sequence.actions, sequence.times_us)
         item = self._items.get(event.item_id)
         if item is None:

@@ -145,7 +145,7 @@ def expected_windows(records: list[tuple[str, bytes]], out: Path) -> dict[str, t
             pass
 
     builder = SequenceBuilder(Sink())
-    writer = TrainingLogWriter(out, sequences=builder.state, items={})
+    writer = TrainingLogWriter(out, sequences=builder, items={})
     behaviors = [e for o in admit(records) for e in o if isinstance(e, BehaviorEvent)]
     builder.process(behaviors)
     writer.process(behaviors)

@@ -476,8 +476,11 @@ def test_same_seed_same_model_same_training_step():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_checkpoint_round_trip(tmp_path, variant):
-    model = make_model(variant)
+@pytest.mark.parametrize("shape", [{}, {"sequence_impressions": 4, "content_affinity": True}])
+def test_checkpoint_round_trip(tmp_path, variant, shape):
+    model = make_model(variant, **shape)
+    if model.config.content_affinity:  # the centre travels with the weights
+        model.ppm.modal_centre.normal_()
     batch = random_batch(model.config, labels=False)
     # Train a step so the weights differ from any fresh init.
     model.train()(random_batch(model.config))[1].backward()
@@ -496,6 +499,8 @@ def test_checkpoint_round_trip(tmp_path, variant):
     assert got.keys() == extra.keys() and torch.equal(got.pop("tensor"), extra.pop("tensor"))
     assert got == extra
     assert torch.equal(scores(loaded, batch), scores(model, batch))
+    if model.config.content_affinity:
+        assert torch.equal(loaded.ppm.modal_centre, model.ppm.modal_centre)
 
 
 def test_checkpoint_refuses_extras_that_weights_only_loading_would_refuse(tmp_path):

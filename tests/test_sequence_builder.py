@@ -106,11 +106,12 @@ def test_sequence_is_sorted_bounded_and_cut_by_before(times, k, m, cut):
     assert shown <= m and len(seq.item_ids) - shown <= k
     assert list(seq.times_us) == sorted(seq.times_us)
     # Each kind keeps its latest: none of a kind left out is later than one kept.
-    for kind in (True, False):
+    for kind, cap in ((True, m), (False, k)):
         kept = [t for t, a in zip(seq.times_us, seq.actions, strict=True)
                 if (a == "impression") == kind]
         sent = sorted(to_us(T0 + timedelta(seconds=t)) for t, a in times
                       if (a == "impression") == kind)
+        assert len(kept) == min(len(sent), cap)  # as many as the cap allows
         assert kept == sent[len(sent) - len(kept):]
     early = seq.before(to_us(T0 + timedelta(seconds=cut)))
     assert all(t < to_us(T0 + timedelta(seconds=cut)) for t in early.times_us)

@@ -100,37 +100,6 @@ def test_an_item_without_an_embedding_uses_the_missing_vector(world):
     assert np.isfinite(logits).all()
 
 
-def test_the_wide_fit_hides_item_rates_where_the_forward_would():
-    """Labels that follow the item's history, and a user column that only echoes it: fitted
-    where every item has its history, the echo gets no weight; fitted as a model with id
-    dropout trains (the item's rates hidden on that share), it stands in for them."""
-
-    class Rates:  # what start_wide_part reads of a dataset
-        def __init__(self, n, rng):
-            item = rng.normal(size=n)
-            user = item + rng.normal(size=n)
-            self.features = {"item_rates": np.column_stack([item, np.zeros(n)]),
-                             "user_rates": np.column_stack([user, np.zeros(n)]),
-                             "taste_rates": np.zeros((n, 4))}
-            self.labels = (rng.random((n, 3)) < 1 / (1 + np.exp(-2 * item[:, None]))
-                           ).astype(np.float32)
-            self.label_mask = np.ones((n, 3), np.float32)
-            self.tasks = ("click", "order", "collect")
-            self.projected = False
-
-        def __len__(self):
-            return len(self.labels)
-
-    data = Rates(20_000, np.random.default_rng(0))
-    weights = {}
-    for dropout in (0.0, 0.5):
-        model = new_model(Config().with_values({"trainer.id_dropout": dropout}), "ppm", 8)
-        start_wide_part(model, data)
-        weights[dropout] = model.wide.weight[0].detach().numpy()  # click: item, _, user, ...
-    assert abs(weights[0.0][2]) < 0.1 < weights[0.5][2]
-    assert weights[0.5][0] > weights[0.5][2] > 0
-
-
 @pytest.mark.slow
 def test_a_new_models_wide_part_starts_as_a_regression_on_its_training_rates(world):
     cfg = small_cfg(world)

@@ -48,7 +48,7 @@ def tick(at_s: float) -> BehaviorEvent:
     return behavior("impression", at_s, user="clock", item="tick", request=f"tick-{at_s}")
 
 
-def writer_for(out: Path, sequences: dict[str, UserSequence] | None = None,
+def writer_for(out: Path, sequences: dict[str, UserSequence] | SequenceBuilder | None = None,
                items: dict[str, ItemState] | None = None) -> TrainingLogWriter:
     return TrainingLogWriter(out, sequences or {}, items or {}, attribution_window_s=W,
                              window_s=3600.0)
@@ -181,6 +181,38 @@ def test_with_sequence_impressions_a_sample_holds_the_earlier_impressions(tmp_pa
     assert samples["c"]["seq_item_ids"] == ["a", "a", "b"]  # never its own impression
     assert samples["c"]["seq_actions"] == ["impression", "click", "impression"]
     assert samples["a"]["seq_item_ids"] == []
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 1_000])
+def test_a_sample_holds_what_the_store_held_at_its_impression_whatever_the_batch(
+        tmp_path: Path, batch_size: int) -> None:
+    """One user, more impressions and clicks than the sequence keeps: each sample's history
+    is the last K interactions and M impressions before it, whether its batch holds one
+    event or all of them (later events of the batch push earlier ones out of the kept
+    sequence, not out of the history an earlier impression saw)."""
+    events = []
+    for n in range(40):
+        events.append(behavior("impression", 10 * n, item=f"i{n}", request=f"r{n}"))
+        if n % 3 == 0:
+            events.append(behavior("click", 10 * n + 1, item=f"i{n}", request=f"r{n}"))
+    builder = SequenceBuilder(ListSink(), k=3, impressions=4)
+    writer = writer_for(tmp_path / str(batch_size), builder)
+    for start in range(0, len(events), batch_size):
+        batch = events[start:start + batch_size]
+        builder.process(batch)
+        writer.process(batch)
+    writer.close_all()
+
+    whole = UserSequence("u1")
+    for event in events:
+        whole = whole.with_event(event)
+    samples = read_samples(tmp_path / str(batch_size))
+    assert len(samples) == 40
+    for sample in samples:
+        want = whole.before(to_us(sample["impression_time"])).kept(3, 4)
+        assert sample["seq_item_ids"] == list(want.item_ids), sample["item_id"]
+        assert sample["seq_actions"] == list(want.actions)
+    assert sum(len(s["seq_item_ids"]) == 7 for s in samples) > 30  # full from early on
 
 
 @settings(max_examples=40, deadline=None)

@@ -501,7 +501,7 @@ def sequence_features(sequences: Sequences, impression_us: np.ndarray,
     ``seq_gap`` (:func:`gap_bucket` of ``impression_us[s]`` (S,) minus the interaction's
     time), ``seq_modal_row`` (``vector_rows``: the flat positions' rows in the caller's
     vector table, 0 = none) are int64 and 0 at padding; ``seq_mask`` is True at real
-    interactions.
+    positions (interactions and impressions).
     """
     L = config.max_seq_len
     actions = sequences.actions

@@ -48,7 +48,8 @@ M = rows of the modal table::
     seq_gap                          int64 (B, L)  recency bucket of the interaction at the
                                                    impression (trainer.features.gap_bucket);
                                                    0 = padding
-    seq_mask                         bool  (B, L)  True where a real interaction is
+    seq_mask                         bool  (B, L)  True where a real position is (an
+                                                   interaction or an impression)
                                                    (the four seq_* tensors may instead have
                                                    one row, (1, L): one sequence shared by
                                                    every candidate, as in serving)

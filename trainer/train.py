@@ -285,14 +285,16 @@ def start_wide_part(model: UnifiedRanker, data: WindowDataset, how: str = "fitte
     ``data`` (training samples, rates counted as training reads them), as
     ``trainer.wide_start`` says: ``fitted`` sets each task's weights and bias to a logistic
     regression (L2 1) of its present labels on the rates the model reads
-    (``RankerConfig.rate_keys``; with id dropout, the item's zeroed on the same share of
-    samples, as the forward does); ``unit`` keeps the
+    (``RankerConfig.rate_keys``; id dropout aside, the same values); ``unit`` keeps the
     model's initial start. A task whose labels are all one class keeps it too. Nothing to
     do for a model without a wide part.
 
     With ``model.content_affinity`` it first sets the PPM module's ``modal_centre``, the
-    mean vector of the items ``data``'s impressions show, and the regression reads the
-    content cosines beside the rates."""
+    mean vector of the items ``data``'s impressions show (each as often as shown), and the
+    regression reads the content cosines beside the rates.
+
+    Raises:
+        ValueError: ``content_affinity`` with a frozen plug-in's projected data."""
     if how not in ("fitted", "unit"):
         raise ValueError(f"wide_start must be 'fitted' or 'unit', got {how!r}")
     affinity = model.config.content_affinity
@@ -300,20 +302,16 @@ def start_wide_part(model: UnifiedRanker, data: WindowDataset, how: str = "fitte
         if data.projected:
             raise ValueError("content_affinity reads the raw cached vectors; a frozen "
                              "plug-in's training data holds its projections instead")
-        rows = data.features["target_modal_row"]
-        with torch.no_grad():
-            model.ppm.modal_centre.copy_(torch.from_numpy(
-                data.modal.vectors[rows[rows > 0]].astype(np.float64).mean(axis=0)))
+        shows = np.bincount(data.features["target_modal_row"], minlength=len(data.modal.vectors))
+        shows[0] = 0  # "missing" is no vector
+        if shows.any():  # else the centre stays as it is (zeros): no vector to centre
+            with torch.no_grad():
+                model.ppm.modal_centre.copy_(torch.from_numpy(
+                    shows.astype(np.float64) @ data.modal.vectors / shows.sum()))
     if model.wide is None or how == "unit" or not len(data):
         return
     x = np.concatenate([data.features[k] for k in model.config.rate_keys], axis=1)
     x = x.astype(np.float64)  # (n, R)
-    if model.config.id_dropout > 0:
-        # As the forward hides a share of the targets' ids, and with them their rates (the
-        # first two columns), so does the fit: else the other columns' weights are fitted
-        # where an item's own history explains its clicks, and a new item has none.
-        hidden = np.random.default_rng(0).random(len(x)) < model.config.id_dropout
-        x[hidden, :2] = 0.0
     if affinity:
         x = np.concatenate([x, dataset_cosines(model, data)], axis=1)  # (n, R + 2)
     with torch.no_grad():
@@ -831,6 +829,9 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     score the model through a trainer with the same seed). ``plug_in_from``: start the PPM
     module from that version's (:func:`plug_in`; its encoder version is read), frozen with
     ``freeze_plugin``. ``curves``: where the steps, epochs and validation AUCs go."""
+    if plug_in_from is not None and freeze_plugin and cfg.model.content_affinity:
+        raise ValueError("model.content_affinity reads the raw cached vectors; a frozen "
+                         "plug-in's training data holds its projections instead")
     windows = recent(windows, cfg.trainer.history_share)
     if plug_in_from is not None and plug_in_from.meta.get("encoder_version"):
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
