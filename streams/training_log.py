@@ -24,9 +24,10 @@ position              int32, nullable            slot in the request
 query                 string, nullable           search query of the request
 impression_time       timestamp[us, UTC]         the impression's real event time
 click, order, collect int8                       1 when attributed, else 0
-seq_item_ids          list<string>               the user's sequence strictly before the
-seq_actions           list<string>               impression (``UserSequence.before``): its
-seq_times_us          list<int64>                interactions, and impressions where
+seq_item_ids          list<string>               the user's sequence as the store held it
+seq_actions           list<string>               just before the impression
+seq_times_us          list<int64>                (``SequenceBuilder.history``): its last
+                                                 interactions, and impressions where
                                                  ``features.sequence_impressions`` keeps
                                                  some; oldest first; times in microseconds
                                                  since the epoch
