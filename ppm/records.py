@@ -62,17 +62,13 @@ class UserSequence:
         return self.times_us[-1] if self.times_us else 0
 
     def before(self, time_us: int) -> UserSequence:
-        """The part strictly before ``time_us``: what was known at that moment."""
+        """The part strictly before ``time_us``: what was known at that moment (this
+        sequence itself, not a copy, when all of it is)."""
+        if self.updated_us < time_us:  # the common case: nothing to cut
+            return self
         cut = bisect.bisect_left(self.times_us, time_us)
         return replace(self, item_ids=self.item_ids[:cut], actions=self.actions[:cut],
                        times_us=self.times_us[:cut])
-
-    def with_interaction(self, event: BehaviorEvent, k: int, impressions: int = 0
-                         ) -> UserSequence:
-        """This sequence plus ``event`` at its event-time place (:meth:`with_event`), cut to
-        its last ``k`` interactions and last ``impressions`` impressions (:meth:`kept`)."""
-        updated = self.with_event(event)
-        return self if updated is self else updated.kept(k, impressions)
 
     def with_event(self, event: BehaviorEvent) -> UserSequence:
         """This sequence plus ``event`` at its event-time place, uncut.

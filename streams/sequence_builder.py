@@ -95,11 +95,8 @@ class SequenceBuilder:
         of the last planned batch or earlier: what the training log records, and what a
         model serving that impression reads. None: the user has none."""
         sequence = self._uncut.get(user_id) or self.state.get(user_id)
-        if sequence is None:
-            return None
-        if sequence.updated_us >= time_us:  # checked first: skips before()'s copy
-            sequence = sequence.before(time_us)
-        return sequence.kept(self.k, self.impressions)
+        return None if sequence is None else sequence.before(time_us).kept(
+            self.k, self.impressions)
 
     def commit(self, changed: Iterable[UserSequence]) -> None:
         """Record sequences of :meth:`plan` as the state, once their write succeeded."""

@@ -259,11 +259,8 @@ class SequenceHistory(Protocol):
 def _history_of(sequences: Mapping[str, UserSequence], user_id: str, time_us: int
                 ) -> UserSequence | None:
     # The caller applied this batch already: cut what happened at or after the impression.
-    # (Checking first skips before()'s copy in the common case.)
     sequence = sequences.get(user_id)
-    if sequence is not None and sequence.updated_us >= time_us:
-        sequence = sequence.before(time_us)
-    return sequence
+    return None if sequence is None else sequence.before(time_us)
 
 
 class TrainingLogWriter:
