@@ -481,6 +481,14 @@ class ModelConfig(_Section):
     """In the experts and towers. 0.3 rather than 0.1: ahead on six of eight validation
     pairs (three validation demo worlds and ml-latest-small's validation period, ``idrec``
     and ``ppm``; docs/results.md)."""
+    modal_dropout: float = Field(0.0, ge=0, lt=1)
+    """Training only: dropout on the cached item vectors before the PPM module projects
+    them (one mask per item and step). An item's vector is also a fingerprint of it: without
+    noise the projection can learn each training item's own click effect from it, as an id
+    embedding would, but at the full learning rate (``trainer.id_lr_scale`` slows only the
+    id tables) and untouched by ``trainer.id_dropout``; a new item's vector carries no such
+    effect. What that costs shows in ``ppm_shuffled``, ``ppm`` on vectors shuffled across
+    items (``ppm eval --seeds``). Read by the variants with vectors (ppm, modal)."""
     seq_dropout: float = Field(0.0, ge=0, lt=1)
     """Inside the transformers; off because on CPU it slows each training step
     (``bench/train.py --seq-dropout 0.1``)."""

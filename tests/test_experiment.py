@@ -357,6 +357,22 @@ def test_the_ablation_scores_the_validation_period_when_asked(tmp_path, monkeypa
     assert sum(n.endswith("Z.json") for n in saved) == 1
 
 
+def test_an_arm_the_config_cannot_train_is_refused_before_any_fit(tmp_path, monkeypatch):
+    """A frozen plug-in cannot train with ``model.content_affinity``: the ablation says so
+    before its first fit, not when it reaches that arm after the others have run."""
+    import trainer.experiment
+
+    fits = []
+    monkeypatch.setattr(trainer.experiment, "train_batch", lambda *a, **k: fits.append(a))
+    cfg = Config(data_dir=tmp_path).with_values({"model.content_affinity": True})
+    with pytest.raises(ValueError, match="frozen plug-in"):
+        trainer.experiment.score_models(cfg, 1, arms=trainer.experiment.ablation_arms())
+    assert fits == []
+    # Without a frozen arm the same config gets as far as its (here empty) data.
+    with pytest.raises(SystemExit, match="no closed windows"):
+        trainer.experiment.score_models(cfg, 1)
+
+
 def test_the_ablation_fits_every_arm_on_the_same_split_and_reports_its_cost(tmp_path):
     """Each arm of ``ppm experiment ablation`` on a small world with two encoder versions:
     the fine-tuned arm reads its version, the data-share arms fewer windows, the frozen

@@ -120,7 +120,7 @@ def test_default_config_runs_and_variants_have_only_their_modules():
 
 @pytest.mark.parametrize("bad", [{"variant": "bert"}, {"task_weights": (1.0,)},
                                  {"d_model": 30, "n_heads": 4}, {"gap_buckets": 1},
-                                 {"id_dropout": 1.0}, {"id_dropout": -0.1},
+                                 {"id_dropout": 1.0}, {"id_dropout": -0.1}, {"modal_dropout": 1.0},
                                  {"sequence_impressions": 12}, {"sequence_impressions": -1}])
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValueError):
@@ -461,6 +461,27 @@ def test_id_dropout_hides_target_ids_in_training_only():
     assert (as_hidden | as_known).all()
     assert 0.25 < as_hidden.float().mean() < 0.75  # about half of the ids were hidden
 
+
+
+def test_modal_dropout_masks_the_cached_vectors_in_training_only():
+    model, plain = make_model("ppm", modal_dropout=0.5), make_model("ppm")  # same weights
+    batch = random_batch(model.config, B=16, M=40, labels=False)
+    assert torch.equal(scores(model, batch), scores(plain, batch))  # eval: no mask
+    for m in (*model.modules(), *plain.modules()):  # only the vectors' mask left
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train(), plain.train()
+    table = batch["modal_table"]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        masked = model(batch)[0]
+        torch.manual_seed(5)  # the same mask, drawn by hand over the rows after "missing"
+        rows = F.dropout(table[1:], 0.5)
+        by_hand = plain({**batch, "modal_table": torch.cat([table[:1], rows])})[0]
+        unmasked = plain(batch)[0]
+    assert 0.3 < (rows == 0).float().mean() < 0.7  # about half of each vector dropped
+    torch.testing.assert_close(masked, by_hand)
+    assert not torch.allclose(masked, unmasked)
 
 def test_same_seed_same_model_same_training_step():
     a, b = make_model("ppm", seed=3), make_model("ppm", seed=3)

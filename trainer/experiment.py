@@ -47,6 +47,7 @@ from trainer.metrics import (
 from trainer.train import (
     TEST_BUCKETS,
     IncrementalTrainer,
+    check_frozen_plug_in,
     new_in_period,
     predict,
     recent,
@@ -352,7 +353,8 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     ``oracle``. ``period="validation"``: the
     split moved one period back (:func:`~trainer.train.split_windows`): the validation
     period is scored (its ``new_in_test`` bucket: items new in it) and the test period is
-    not read. Raises ``ValueError`` for a bad split or an oracle of other data,
+    not read. Raises ``ValueError`` for a bad split, an oracle of other data or a frozen
+    plug-in arm the config cannot train (:func:`~trainer.train.check_frozen_plug_in`),
     ``SystemExit`` when a period holds no window."""
     from tqdm import tqdm
 
@@ -360,6 +362,8 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
 
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    if any(arm.plug_in == "frozen" for arm in arms.values()):
+        check_frozen_plug_in(cfg)  # now, not at that arm's first fit after the others ran
     split = split_windows(cfg, test_share, valid_share, period)
     if not (split.train and split.test):
         raise SystemExit(f"no closed windows in the train or the {period} period")

@@ -131,6 +131,10 @@ class RankerConfig:
     id_dropout: float = 0.0  # training only: share of samples whose target item id is
     #   replaced by "unknown" (bucket 0, a zero vector), so the model learns to score an item
     #   whose id embedding taught it nothing yet, which is every new item (DropoutNet-style)
+    modal_dropout: float = 0.0  # training only: dropout on the cached vectors (M, modal_dim)
+    #   before the PPM module projects them. A vector is a fingerprint of its item, so
+    #   without noise the projection can learn a training item's own effect from it, which
+    #   a new item's vector does not carry (the shuffled-vector control shows that cost)
     seq_dropout: float = 0.0  # inside the transformers; off because on CPU the masks over
     #   (B, L, d) slow each step (bench/train.py --seq-dropout 0.1; docs/results.md)
     # multi-task head (MMoE)
@@ -147,8 +151,9 @@ class RankerConfig:
             raise ValueError(f"{len(self.tasks)} tasks but {len(self.task_weights)} weights")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if not 0.0 <= self.id_dropout < 1.0:
-            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        for name in ("id_dropout", "modal_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         # The wide part reads the click rates: where there are none, there is none.
         self.wide_rates = self.wide_rates and self.id_rates and self.uses_ids
         self.taste_rates = self.taste_rates and self.id_rates and self.uses_ids
@@ -481,6 +486,7 @@ class PPMModule(nn.Module):
                                   nn.LayerNorm(config.d_model))
         self.missing = nn.Parameter(torch.zeros(config.d_model))  # stands in for row 0
         self.transformer = BehaviorTransformer(config)
+        self.modal_dropout = config.modal_dropout
         self.affinity = config.content_affinity
         if self.affinity:  # set from the training data (trainer.train.start_wide_part)
             self.register_buffer("modal_centre", torch.zeros(config.modal_dim))
@@ -514,7 +520,12 @@ class PPMModule(nn.Module):
             if table.ndim != 2 or table.shape[1] != self.modal_dim:
                 raise ValueError(f"modal_table has shape {tuple(table.shape)}, the model "
                                  f"expects (M, {self.modal_dim}) (another encoder version?)")
-        rows = self.project(table[1:]) if given is None else given[1:]
+            vectors = table[1:]
+            if self.training and self.modal_dropout > 0:  # one mask per item and step
+                vectors = F.dropout(vectors.to(self.proj[0].weight.dtype), self.modal_dropout)
+            rows = self.project(vectors)
+        else:
+            rows = given[1:]  # projected already: a frozen plug-in's, or serving's
         projected = torch.cat([self.missing.unsqueeze(0), rows.to(self.missing.dtype)])  # (M, d)
         target = F.embedding(batch["target_modal_row"], projected)  # (B, d)
         seq = F.embedding(batch["seq_modal_row"], projected)  # (B, L, d)

@@ -814,6 +814,16 @@ def projection_key(model: UnifiedRanker) -> str:
     return f"proj-{digest.hexdigest()[:12]}"
 
 
+def check_frozen_plug_in(cfg: Config) -> None:
+    """Raises ``ValueError`` where a model with a frozen plug-in cannot train under
+    ``cfg``: ``model.content_affinity`` reads the raw cached vectors, and a frozen
+    plug-in's training data holds its projections instead. Callers that fit several
+    models check before the first fit."""
+    if cfg.model.content_affinity:
+        raise ValueError("model.content_affinity reads the raw cached vectors; a frozen "
+                         "plug-in's training data holds its projections instead")
+
+
 def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
                 epochs: int | None = None, progress: bool = True,
                 valid: Sequence[Window] = (), shuffle_vectors_seed: int | None = None,
@@ -829,9 +839,8 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     score the model through a trainer with the same seed). ``plug_in_from``: start the PPM
     module from that version's (:func:`plug_in`; its encoder version is read), frozen with
     ``freeze_plugin``. ``curves``: where the steps, epochs and validation AUCs go."""
-    if plug_in_from is not None and freeze_plugin and cfg.model.content_affinity:
-        raise ValueError("model.content_affinity reads the raw cached vectors; a frozen "
-                         "plug-in's training data holds its projections instead")
+    if plug_in_from is not None and freeze_plugin:
+        check_frozen_plug_in(cfg)
     windows = recent(windows, cfg.trainer.history_share)
     if plug_in_from is not None and plug_in_from.meta.get("encoder_version"):
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
