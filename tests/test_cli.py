@@ -468,3 +468,15 @@ def test_help_names_every_preset_and_what_status_reports():
     commands = next(a for a in parser._actions if a.dest == "command")
     status = next(c for c in commands._choices_actions if c.dest == "status")
     assert "per topic and partition" in status.help and "per worker" in status.help
+
+
+def test_finetune_text_offers_exactly_the_pairs_it_can_learn_from():
+    """The parser writes ``--pairs``' choices out (it must not import torch to parse); they
+    are the kinds ``trainer.finetune`` knows."""
+    from ppm.cli.commands import build_parser
+    from trainer.finetune import PAIRS
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command")
+    encoders = next(a for a in commands.choices["finetune"]._actions if a.dest == "encoder")
+    pairs = next(a for a in encoders.choices["text"]._actions if "--pairs" in a.option_strings)
+    assert tuple(pairs.choices) == tuple(PAIRS)

@@ -838,6 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
         "same page as a hard negative (--pairs next-click: a user's earlier and next "
         "clicks); recall@k among the catalog before and after")
     _add_input_options(text, "the items whose titles the pairs read")
+    # Written out, not read from trainer.finetune.PAIRS (torch): a test keeps them equal.
     text.add_argument("--pairs", choices=("query", "next-click"), default="query",
                       help="what to learn from: search queries and their clicks (default), "
                       "or, for logs without queries (ratings), each user's next click after "
