@@ -488,7 +488,8 @@ class ModelConfig(_Section):
     embedding would, but at the full learning rate (``trainer.id_lr_scale`` slows only the
     id tables) and untouched by ``trainer.id_dropout``; a new item's vector carries no such
     effect. What that costs shows in ``ppm_shuffled``, ``ppm`` on vectors shuffled across
-    items (``ppm eval --seeds``). Read by the variants with vectors (ppm, modal)."""
+    items (``ppm eval --seeds``). Read by the variants with vectors (ppm, modal), not by a
+    frozen plug-in. Choose it on validation (``--tune modal_dropout=0,0.2,0.5``)."""
     seq_dropout: float = Field(0.0, ge=0, lt=1)
     """Inside the transformers; off because on CPU it slows each training step
     (``bench/train.py --seq-dropout 0.1``)."""

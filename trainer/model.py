@@ -510,7 +510,9 @@ class PPMModule(nn.Module):
         not allow).
 
         Reads ``modal_table`` (M, modal_dim), or ``modal_projected`` (M, d) when the batch
-        carries the rows already projected (:meth:`project`); row 0 is always "missing"."""
+        carries the rows already projected (:meth:`project`); row 0 is always "missing".
+        In training, ``modal_dropout`` masks the table's vectors before the projection
+        (unless the projection is frozen); the cosines read them unmasked."""
         given = batch.get("modal_projected")
         if given is not None and self.affinity:
             raise ValueError("content_affinity reads the raw cached vectors; this batch "
@@ -521,7 +523,8 @@ class PPMModule(nn.Module):
                 raise ValueError(f"modal_table has shape {tuple(table.shape)}, the model "
                                  f"expects (M, {self.modal_dim}) (another encoder version?)")
             vectors = table[1:]
-            if self.training and self.modal_dropout > 0:  # one mask per item and step
+            if self.training and self.modal_dropout > 0 and self.proj[0].weight.requires_grad:
+                # One mask per item and step; a frozen projection (a plug-in) learns nothing.
                 vectors = F.dropout(vectors.to(self.proj[0].weight.dtype), self.modal_dropout)
             rows = self.project(vectors)
         else:
