@@ -280,6 +280,12 @@ def new_model(cfg: Config, variant: str | None = None, modal_dim: int = 1664) ->
     return UnifiedRanker(ranker_config(cfg, variant, modal_dim))
 
 
+_FROZEN_AFFINITY = ("model.content_affinity reads the raw cached vectors; a frozen plug-in's "
+                    "training data holds its projections instead")
+"""Why a model with ``content_affinity`` cannot train on a frozen plug-in (checked on the
+config before a fit, :func:`check_frozen_plug_in`, and on the data, :func:`start_wide_part`)."""
+
+
 def start_wide_part(model: UnifiedRanker, data: WindowDataset, how: str = "fitted") -> None:
     """Start the wide part (``model.wide_rates``) of ``model``, fitted from scratch on
     ``data`` (training samples, rates counted as training reads them), as
@@ -300,8 +306,7 @@ def start_wide_part(model: UnifiedRanker, data: WindowDataset, how: str = "fitte
     affinity = model.config.content_affinity
     if affinity and len(data):
         if data.projected:
-            raise ValueError("content_affinity reads the raw cached vectors; a frozen "
-                             "plug-in's training data holds its projections instead")
+            raise ValueError(_FROZEN_AFFINITY)
         shows = np.bincount(data.features["target_modal_row"], minlength=len(data.modal.vectors))
         shows[0] = 0  # "missing" is no vector
         if shows.any():  # else the centre stays as it is (zeros): no vector to centre
@@ -820,8 +825,7 @@ def check_frozen_plug_in(cfg: Config) -> None:
     plug-in's training data holds its projections instead. Callers that fit several
     models check before the first fit."""
     if cfg.model.content_affinity:
-        raise ValueError("model.content_affinity reads the raw cached vectors; a frozen "
-                         "plug-in's training data holds its projections instead")
+        raise ValueError(_FROZEN_AFFINITY)
 
 
 def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
