@@ -160,7 +160,7 @@ def test_ppm_finetune_text_trains_on_the_training_period_and_writes_a_new_encode
     from ppm.cli.commands import main
     from streams.local_runner import LocalRunner
     from streams.sources.shop_simulator import ShopSimulator
-    from trainer.finetune import read_log
+    from trainer.finetune import encoder_periods, read_log
     from trainer.train import split_windows
 
     world = {"days": 2.0, "n_users": 150, "initial_items": 60, "items_per_day": 40,
@@ -207,6 +207,22 @@ def test_ppm_finetune_text_trains_on_the_training_period_and_writes_a_new_encode
     for period, log in zip(("train", "valid", "test"), logs, strict=True):
         assert 0 < report["pairs"][period] <= int((log["click"] == 1).sum())
     assert report["valid_after"]["recall_at_k"] >= report["valid_before"]["recall_at_k"]
+    assert report["period"] == "test" and report["periods"] == encoder_periods(split)
+
+    # --validation: the split ppm eval --validation uses, one period back; the test period
+    # is not read (its "test" pairs are the validation period's).
+    code = main(["--config", str(tmp_path / "ppm.toml"), "--data-dir", str(tmp_path),
+                 "finetune", "text", "--simulate", "--pairs", "next-click", "--epochs", "1",
+                 "--k", "25", "--validation", "--quiet"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    back = split_windows(cfg, 0.2, 0.1, "validation")
+    assert report["out"] == str(tmp_path / "encoders" / "text-next-click-validation")
+    assert report["period"] == "validation" and report["periods"] == encoder_periods(back)
+    assert back.test[-1].end_us <= split.test_start_us
+    logs = [read_log(w) for w in (back.train, back.valid, back.test)]
+    for period, log in zip(("train", "valid", "test"), logs, strict=True):
+        assert 0 < report["pairs"][period] <= int((log["click"] == 1).sum())
 
 
 def test_entity_photos_are_the_test_split_rendered_with_labelled_colours_and_patterns():
@@ -258,3 +274,69 @@ def test_entity_prediction_keeps_the_best_epoch_and_writes_weights_that_load_str
     np.testing.assert_allclose(after, enc.encode([Image.fromarray(p) for p in photos[:4]]),
                                rtol=1e-4, atol=1e-5)
     assert (result.best_epoch == 0) == np.allclose(after, before)
+
+
+def _encoder_with_report(folder: Path, split, periods: bool = True) -> Path:
+    """A fine-tuned text encoder's folder and its report, as ``finetune_text`` writes them."""
+    from trainer.finetune import encoder_periods, report_file
+
+    folder.mkdir(parents=True)
+    report = {"kind": "next-click", **({"periods": encoder_periods(split)} if periods else {})}
+    report_file(folder).write_text(json.dumps(report))
+    return folder
+
+
+def _split(valid_hours: float, test_hours: float):
+    from trainer.train import Split
+
+    return Split([], [], [], _us(T0 + timedelta(hours=valid_hours)),
+                 _us(T0 + timedelta(hours=test_hours)))
+
+
+def test_an_encoder_fine_tuned_on_clicks_a_split_must_not_see_is_refused(tmp_path):
+    """The test split's encoder learned from the clicks that choose ``ppm eval
+    --validation``'s epochs and chose its own epoch on the period that scores: refused there,
+    accepted on the test split; the validation split's encoder serves both."""
+    from trainer.finetune import LeakyEncoderError, check_encoder_periods
+
+    test_split, validation_split = _split(70, 80), _split(60, 70)
+    tested = _encoder_with_report(tmp_path / "text-next-click", test_split)
+    validated = _encoder_with_report(tmp_path / "text-next-click-validation", validation_split)
+    on = {name: Config(data_dir=tmp_path, encoders={"text_model": str(folder)})
+          for name, folder in (("tested", tested), ("validated", validated))}
+    check_encoder_periods(on["tested"], test_split)
+    check_encoder_periods(on["validated"], test_split)  # learned less; saw nothing later
+    check_encoder_periods(on["validated"], validation_split)
+    with pytest.raises(LeakyEncoderError) as refused:
+        check_encoder_periods(on["tested"], validation_split)
+    said = " ".join(str(refused.value).split())
+    assert "learned from clicks until 2026-01-03T22:00:00+00:00" in said
+    assert "chose its epoch on clicks until 2026-01-04T08:00:00+00:00" in said
+    assert "ppm finetune text --validation" in said
+    # Only the epoch's choice reads too late: one reason, not two.
+    with pytest.raises(LeakyEncoderError) as refused:
+        check_encoder_periods(on["tested"], _split(70, 75))
+    assert "chose its epoch" in str(refused.value) and "learned" not in str(refused.value)
+    # A packaged model has no report; an older report cannot be checked and says so.
+    check_encoder_periods(Config(data_dir=tmp_path), validation_split)
+    old = _encoder_with_report(tmp_path / "old", test_split, periods=False)
+    with pytest.warns(UserWarning, match="does not say which periods"):
+        check_encoder_periods(Config(data_dir=tmp_path, encoders={"text_model": str(old)}),
+                              validation_split)
+
+
+def test_ppm_eval_seeds_refuses_a_leaky_encoder_before_any_fit(tmp_path, monkeypatch):
+    import trainer.experiment
+    from trainer.finetune import LeakyEncoderError
+    from trainer.train import Split
+
+    fits = []
+    monkeypatch.setattr(trainer.experiment, "train_batch", lambda *a, **k: fits.append(a))
+    window = object()  # the check comes before any window is read
+    monkeypatch.setattr(trainer.experiment, "split_windows", lambda *a, **k: Split(
+        [window], [window], [window], *(_us(T0 + timedelta(hours=h)) for h in (60, 70))))
+    tested = _encoder_with_report(tmp_path / "text-next-click", _split(70, 80))
+    cfg = Config(data_dir=tmp_path, encoders={"text_model": str(tested)})
+    with pytest.raises(LeakyEncoderError, match="--validation"):
+        trainer.experiment.score_models(cfg, 1, period="validation")
+    assert fits == []

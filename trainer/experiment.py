@@ -35,6 +35,7 @@ import numpy as np
 
 from ppm.config import Config
 from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, clicks
+from trainer.finetune import check_encoder_periods
 from trainer.metrics import (
     auc,
     bootstrap_auc,
@@ -367,6 +368,7 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     split = split_windows(cfg, test_share, valid_share, period)
     if not (split.train and split.test):
         raise SystemExit(f"no closed windows in the train or the {period} period")
+    check_encoder_periods(cfg, split)
     # Labels, users, buckets and the baselines' inputs; every model's dataset of the same
     # windows holds the same samples in the same order. The baselines fit on the windows a
     # fit reads (trainer.history_share), so neither side reads history the other does not.

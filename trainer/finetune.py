@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -63,7 +65,8 @@ def read_log(windows: list[Window]) -> pd.DataFrame:
 def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = None,
                   test_share: float = 0.2, valid_share: float = 0.1,
                   epochs: int | None = None, progress: bool = True,
-                  pairs: str = "query", k: int | None = None) -> dict[str, Any]:
+                  pairs: str = "query", k: int | None = None,
+                  period: Literal["test", "validation"] = "test") -> dict[str, Any]:
     """QM-fine-tune the configured text encoder (``encoders.text_model``) on the data
     directory's logs and ``items``' texts; write it to ``out`` (default
     ``DataDir.encoder("text-qm")``, or ``"text-next-click"``) and return the report (also
@@ -72,6 +75,14 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     ``"query"``, a search query and its click; ``"next-click"``, a user's earlier click
     and the next one, whose query side is the earlier item's text. ``k`` (default
     :attr:`~encoders.query_matching.QMConfig.k`) is the recall@k that chooses the epoch.
+    ``period="validation"``: the split moved one period back, as ``ppm eval --validation``
+    moves it (default ``out`` gains ``-validation``): the encoder learns only from what that
+    evaluation's fits train on, its epoch is chosen on their validation windows, its "test"
+    report is the validation period, and the test period is not read. An encoder fine-tuned
+    on the test split has learned from the windows ``ppm eval --validation`` chooses epochs
+    on and chosen its epoch on the period it scores, so its vectors carry clicks the ranker
+    there has not seen (``trainer.train.check_encoder_periods`` refuses it). The report's
+    ``periods`` say which windows it learned from and chose on.
 
     Raises:
         ValueError: no closed windows, a period without a pair, or ``epochs`` or ``k``
@@ -99,7 +110,7 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     started = time.monotonic()
     if cfg.encoders.threads:
         torch.set_num_threads(cfg.encoders.threads)
-    split: Split = split_windows(cfg, test_share, valid_share)
+    split: Split = split_windows(cfg, test_share, valid_share, period)
     if not (split.train and split.valid and split.test):
         raise ValueError("QM needs closed windows in a training, a validation and a test "
                          f"period; {cfg.data_dir} has {len(split.train)}, "
@@ -134,7 +145,8 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
                       on_epoch=_say if progress else None)
     test_after = retrieval_of(encoder.model, encoder.tokenizer, test, test_candidates, qm.k,
                               encoder.max_length)
-    out = Path(out) if out else cfg.paths.encoder(folder)
+    out = Path(out) if out else cfg.paths.encoder(
+        folder if period == "test" else f"{folder}-validation")
     out.parent.mkdir(parents=True, exist_ok=True)
     save(encoder, out)
     report = {
@@ -146,11 +158,64 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
         "valid_before": result.before, "valid_after": result.after,
         "test_before": test_before, "test_after": test_after,
         "best_epoch": result.best_epoch, "epochs": result.epochs,
+        "period": period, "periods": encoder_periods(split),
         "settings": asdict(qm), "seconds": round(time.monotonic() - started, 1),
     }
     # Beside the model folder, not in it: the folder's content is the encoder's identity.
     report_file(out).write_text(json.dumps(report, indent=1))
     return report
+
+
+def encoder_periods(split: Split) -> dict[str, str]:
+    """What a fine-tuned encoder learned from (pairs whose click is before ``trained_before``)
+    and chose its epoch on (clicks before ``chosen_before``), as ISO times in the report."""
+    return {"trained_before": _iso(split.valid_start_us),
+            "chosen_before": _iso(split.test_start_us)}
+
+
+def _iso(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, UTC).isoformat()
+
+
+class LeakyEncoderError(ValueError):
+    """An evaluation's vectors come from a text encoder fine-tuned on clicks its fits must
+    not see (:func:`check_encoder_periods`)."""
+
+
+def check_encoder_periods(cfg: Config, split: Split) -> None:
+    """Raise :class:`LeakyEncoderError` where the configured text encoder
+    (``encoders.text_model``) was fine-tuned by ``ppm finetune text`` on clicks ``split``'s
+    fits must not see: it learned from clicks at or after the start of the period that
+    chooses their epochs, or chose its own epoch on clicks of the period scored. Then the
+    vectors carry clicks the ranker never trained on, and content looks better than it is.
+    An encoder without a report beside it (a packaged or downloaded model) passes; a report
+    written before fine-tuning recorded its periods is warned about, not refused."""
+    if cfg.encoders.text_model is None:  # the packaged model
+        return
+    model = Path(cfg.encoders.text_model)
+    report = report_file(model)
+    if not report.is_file():
+        return
+    periods = json.loads(report.read_text()).get("periods")
+    if periods is None:
+        warnings.warn(f"{report} does not say which periods {model} was fine-tuned on, so "
+                      "it cannot be checked against this split: fine-tune it again",
+                      stacklevel=2)
+        return
+    limits = {"trained_before": ("learned from clicks", split.valid_start_us,
+                                 "the period that chooses the fits' epochs"),
+              "chosen_before": ("chose its epoch on clicks", split.test_start_us,
+                                "the period scored")}
+    over = [f"{did} until {periods[key]}, later than the start of {what} ({_iso(limit)})"
+            for key, (did, limit, what) in limits.items()
+            if round(datetime.fromisoformat(periods[key]).timestamp() * 1e6) > limit]
+    if over:
+        raise LeakyEncoderError(
+            f"the text encoder {model} {' and '.join(over)}, so its vectors carry clicks the "
+            "fits here do not train on. Fine-tune one on this split: ppm finetune text "
+            "--validation for ppm eval --validation (written to "
+            f"{model.name}-validation by default), without it for the test period, with "
+            "the same --test-share and --valid-share.")
 
 
 def report_file(out: Path) -> Path:

@@ -970,6 +970,9 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
     split = split_windows(cfg, test_share, valid_share=0.0)
     if not split.test:
         raise SystemExit("no closed windows in the test period")
+    from trainer.finetune import check_encoder_periods  # it imports this module
+
+    check_encoder_periods(cfg, split)
     reports = {}
     for variant in variants:
         trainer = IncrementalTrainer(cfg, variant=variant)

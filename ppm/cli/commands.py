@@ -258,7 +258,8 @@ def _finetune(args: argparse.Namespace, cfg: Config) -> int:
     if args.encoder == "text":
         report = finetune_text(cfg, _item_events(args, cfg), args.out, args.test_share,
                                args.valid_share, args.epochs, progress=not args.quiet,
-                               pairs=args.pairs, k=args.k)
+                               pairs=args.pairs, k=args.k,
+                               period="validation" if args.validation else "test")
     else:
         from streams.sources.shop_simulator import entity_photos
 
@@ -853,6 +854,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "the top 10, a larger k, such as 50, ranks epochs less noisily)")
     text.add_argument("--test-share", type=float, default=0.2)
     text.add_argument("--valid-share", type=float, default=0.1)
+    text.add_argument("--validation", action="store_true", help="the split moved one period "
+                      "back, as `ppm eval --validation` moves it: the encoder to compare "
+                      "settings with there (default --out gains -validation); the test "
+                      "period is not read")
     text.add_argument("--quiet", action="store_true", help="no progress bar")
     text.set_defaults(run=_finetune)
     image = encoders.add_parser(
