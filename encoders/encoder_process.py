@@ -41,9 +41,9 @@ def _start_child(cfg: Config, local_files: bool) -> None:
     _child_encoder = ItemEncoder.from_config(cfg, local_files=local_files)
 
 
-def _child_version() -> str:
+def _child_provenance() -> dict:
     assert _child_encoder is not None
-    return _child_encoder.encoder_version
+    return _child_encoder.provenance
 
 
 def _child_pid() -> int:
@@ -58,7 +58,7 @@ def _child_encode(items: list[ItemEvent]) -> ItemEmbeddings:
 class EncoderProcess:
     """``ItemEncoder.from_config(cfg, local_files=local_files)`` running in a child process;
     what :class:`~streams.item_embedder.ItemEmbedder` needs of an encoder: ``encoder_version``,
-    :meth:`content_hash` and :meth:`encode` (without ``seen``).
+    ``provenance``, :meth:`content_hash` and :meth:`encode` (without ``seen``).
 
     ``local_files`` (default True, for trusted input) says whether an item's image may be a
     local path or ``file://`` URL; the Faust worker passes ``images.local_files_from_kafka``.
@@ -82,7 +82,9 @@ class EncoderProcess:
                 # gh-131788 makes that automatic from 3.14).
                 if attempt:
                     raise
-        self.encoder_version: str = self._call(_child_version)
+        self.provenance: dict = self._call(_child_provenance)
+        """As :attr:`ItemEncoder.provenance`."""
+        self.encoder_version: str = self.provenance["encoder_version"]
 
     @property
     def pid(self) -> int:

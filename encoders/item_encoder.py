@@ -18,11 +18,13 @@ import os
 from collections.abc import MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from encoders.finetune_report import fine_tuning_of
 from encoders.image_encoder import ImageEncoder
 from encoders.image_source import ImageLoadError, load_image
 from encoders.text_encoder import TextEncoder
@@ -149,11 +151,11 @@ class ItemEncoder:
         """Length of one item vector: ``text_dim + image_dim`` (384 + 1280 by default)."""
         return self.text_dim + self.image_dim
 
-    def _version(self) -> str:
+    def _settings(self) -> dict[str, Any]:
         # Everything that changes the numbers, nothing that changes them only by float
-        # rounding (batch size, threads). JSON of plain values, so equal settings give the
-        # same string in any process, on any run.
-        settings = {
+        # rounding (batch size, threads). Plain values, so equal settings give the same
+        # JSON in any process, on any run.
+        return {
             "text": self.text.identity,
             "text_max_length": self.config.text_max_length,
             "text_format": TEXT_FORMAT_VERSION,
@@ -164,8 +166,20 @@ class ItemEncoder:
             "image_pooling": "global-avg,l2",
             "dtype": self.config.dtype,
         }
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    def _version(self) -> str:
+        digest = hashlib.sha256(json.dumps(self._settings(), sort_keys=True).encode()).hexdigest()
         return f"enc-{digest[:12]}"
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """How this encoder's vectors are made, as the item log records it per version
+        (:meth:`feature_repo.item_log.ItemLog.record_version`): ``encoder_version``, the
+        settings it hashes, and ``text_fine_tuning``, what ``ppm finetune text`` reported
+        on the text model (:func:`encoders.finetune_report.fine_tuning_of`; None for a
+        model it did not write), whose periods say which clicks the vectors learned from."""
+        return {"encoder_version": self.encoder_version, "settings": self._settings(),
+                "text_fine_tuning": fine_tuning_of(self.config.text_model)}
 
     def content_hash(self, item: ItemEvent) -> str:
         """sha256 (hex) of exactly what the item's vector depends on: see

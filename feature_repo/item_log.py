@@ -10,11 +10,14 @@ repeat rows, so readers deduplicate on ``(item_id, encoder_version, content_hash
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from feature_repo.online_features import ItemEmbeddingRow
@@ -38,6 +41,24 @@ class ItemLog:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def record_version(self, provenance: Mapping[str, Any]) -> Path:
+        """Write how the vectors of ``provenance["encoder_version"]`` are made
+        (:attr:`encoders.item_encoder.ItemEncoder.provenance`) to
+        ``versions/<version>.json``; a writer calls it before its first append. Every
+        writer of a version writes the same record, so several workers may race to it."""
+        path = self.folder / "versions" / f"{provenance['encoder_version']}.json"
+        path.parent.mkdir(exist_ok=True)
+        text = json.dumps(provenance, indent=1, sort_keys=True)
+        if path.is_file() and path.read_text() == text:
+            return path
+        try:
+            write_atomically(path, text.encode())
+        except FileNotFoundError:
+            # Another worker renamed the shared temporary file first: the same bytes.
+            if path.read_text() != text:
+                raise
+        return path
 
     def append(self, rows: Sequence[ItemEmbeddingRow], arrived_us: Sequence[int]) -> Path | None:
         """Write one part for a batch; returns its path (None for an empty batch)."""
@@ -65,6 +86,22 @@ class ItemLog:
         ).cast(SCHEMA)
         write_atomically(path, lambda fh: pq.write_table(table, fh))
         return path
+
+
+def version_provenance(folder: Path, encoder_version: str) -> dict[str, Any] | None:
+    """What :meth:`ItemLog.record_version` recorded for ``encoder_version`` under
+    ``folder``; None for vectors written before versions were recorded."""
+    path = Path(folder) / "versions" / f"{encoder_version}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def newest_version(log: pa.Table) -> str | None:
+    """The encoder version of ``log``'s most recent write (a :func:`read_item_log` table);
+    None for an empty log. What a reader takes when no version is named."""
+    if log.num_rows == 0:
+        return None
+    return log["encoder_version"][pc.index(log["embedded_at"],
+                                           pc.max(log["embedded_at"])).as_py()].as_py()
 
 
 def read_item_log(folder: Path) -> pa.Table:

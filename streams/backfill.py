@@ -117,6 +117,7 @@ class Backfill:
         from feature_repo.item_log import read_item_log
 
         version = self.encoder.encoder_version
+        self.log.record_version(self.encoder.provenance)  # before any vector of it is logged
         starts, withdrawn = self.history(events)
         log = read_item_log(self.log.folder)
         done = {(i, h) for i, v, h in zip(log["item_id"].to_pylist(),

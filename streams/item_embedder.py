@@ -91,6 +91,7 @@ class ItemEmbedder:
         self.encoder = encoder
         self.store = store
         self.log = log
+        log.record_version(encoder.provenance)  # before any vector of it is logged
         self.state: MutableMapping[str, ItemState] = {} if state is None else state
         self.freshness = freshness or FreshnessStats()
 

@@ -276,14 +276,22 @@ def test_entity_prediction_keeps_the_best_epoch_and_writes_weights_that_load_str
     assert (result.best_epoch == 0) == np.allclose(after, before)
 
 
-def _encoder_with_report(folder: Path, split, periods: bool = True) -> Path:
-    """A fine-tuned text encoder's folder and its report, as ``finetune_text`` writes them."""
-    from trainer.finetune import encoder_periods, report_file
+def _vectors_of_encoder(tmp_path: Path, name: str, split, periods: bool = True) -> str:
+    """An encoder version in the item log of data dir ``tmp_path`` whose text model is a fine-tuned
+    encoder with its report, as ``finetune_text`` writes it and the item log records it."""
+    from encoders.finetune_report import fine_tuning_of, report_file
+    from feature_repo.item_log import ItemLog
+    from trainer.finetune import encoder_periods
 
+    folder = tmp_path / "encoders" / name
     folder.mkdir(parents=True)
     report = {"kind": "next-click", **({"periods": encoder_periods(split)} if periods else {})}
     report_file(folder).write_text(json.dumps(report))
-    return folder
+    version = f"enc-{name}"
+    ItemLog(Config(data_dir=tmp_path).paths.item_log).record_version(
+        {"encoder_version": version, "settings": {"text": name},
+         "text_fine_tuning": fine_tuning_of(folder)})
+    return version
 
 
 def _split(valid_hours: float, test_hours: float):
@@ -293,39 +301,51 @@ def _split(valid_hours: float, test_hours: float):
                  _us(T0 + timedelta(hours=test_hours)))
 
 
-def test_an_encoder_fine_tuned_on_clicks_a_split_must_not_see_is_refused(tmp_path):
+def test_vectors_of_an_encoder_fine_tuned_on_clicks_a_split_must_not_see_are_refused(tmp_path):
     """The test split's encoder learned from the clicks that choose ``ppm eval
-    --validation``'s epochs and chose its own epoch on the period that scores: refused there,
-    accepted on the test split; the validation split's encoder serves both."""
-    from trainer.finetune import LeakyEncoderError, check_encoder_periods
+    --validation``'s epochs and chose its own epoch on the period that scores: its vectors
+    are refused there, accepted on the test split; the validation split's serve both."""
+    from feature_repo.item_log import ItemLog
+    from trainer.finetune import LeakyEncoderError, check_vector_periods, encoder_periods
 
+    log = Config(data_dir=tmp_path).paths.item_log
     test_split, validation_split = _split(70, 80), _split(60, 70)
-    tested = _encoder_with_report(tmp_path / "text-next-click", test_split)
-    validated = _encoder_with_report(tmp_path / "text-next-click-validation", validation_split)
-    on = {name: Config(data_dir=tmp_path, encoders={"text_model": str(folder)})
-          for name, folder in (("tested", tested), ("validated", validated))}
-    check_encoder_periods(on["tested"], test_split)
-    check_encoder_periods(on["validated"], test_split)  # learned less; saw nothing later
-    check_encoder_periods(on["validated"], validation_split)
+    tested = _vectors_of_encoder(tmp_path, "text-next-click", test_split)
+    validated = _vectors_of_encoder(tmp_path, "text-next-click-validation", validation_split)
+    from encoders.finetune_report import fine_tuning_of
+
+    assert fine_tuning_of(tmp_path / "encoders" / "text-next-click")["periods"] == \
+        encoder_periods(test_split)
+    assert fine_tuning_of(tmp_path / "nothing-here") is None and fine_tuning_of(None) is None
+    check_vector_periods(log, tested, test_split)
+    check_vector_periods(log, validated, test_split)  # learned less; saw nothing later
+    check_vector_periods(log, validated, validation_split)
     with pytest.raises(LeakyEncoderError) as refused:
-        check_encoder_periods(on["tested"], validation_split)
+        check_vector_periods(log, tested, validation_split)
     said = " ".join(str(refused.value).split())
+    assert said.startswith(f"the vectors {tested} come from a text encoder")
     assert "learned from clicks until 2026-01-03T22:00:00+00:00" in said
     assert "chose its epoch on clicks until 2026-01-04T08:00:00+00:00" in said
     assert "ppm finetune text --validation" in said
     # Only the epoch's choice reads too late: one reason, not two.
     with pytest.raises(LeakyEncoderError) as refused:
-        check_encoder_periods(on["tested"], _split(70, 75))
-    assert "chose its epoch" in str(refused.value) and "learned" not in str(refused.value)
-    # A packaged model has no report; an older report cannot be checked and says so.
-    check_encoder_periods(Config(data_dir=tmp_path), validation_split)
-    old = _encoder_with_report(tmp_path / "old", test_split, periods=False)
-    with pytest.warns(UserWarning, match="does not say which periods"):
-        check_encoder_periods(Config(data_dir=tmp_path, encoders={"text_model": str(old)}),
-                              validation_split)
+        check_vector_periods(log, tested, _split(70, 75))
+    reasons = str(refused.value).split(" that ", 1)[1]
+    assert "chose its epoch" in reasons and "learned from" not in reasons
+    # A model ppm finetune did not write passes; vectors whose making is not recorded, or
+    # whose encoder's report predates its periods, are warned about.
+    ItemLog(log).record_version({"encoder_version": "enc-minilm", "settings": {},
+                                 "text_fine_tuning": None})
+    check_vector_periods(log, "enc-minilm", validation_split)
+    old = _vectors_of_encoder(tmp_path, "old", test_split, periods=False)
+    for version in (old, "enc-unrecorded"):
+        with pytest.warns(UserWarning, match=f"how the vectors {version} .* is not recorded"):
+            check_vector_periods(log, version, validation_split)
 
 
-def test_ppm_eval_seeds_refuses_a_leaky_encoder_before_any_fit(tmp_path, monkeypatch):
+def test_ppm_eval_seeds_refuses_leaky_vectors_before_any_fit(tmp_path, monkeypatch):
+    """``score_models`` checks the vectors each arm reads (``trainer.encoder_version``
+    here) before its first fit."""
     import trainer.experiment
     from trainer.finetune import LeakyEncoderError
     from trainer.train import Split
@@ -335,8 +355,18 @@ def test_ppm_eval_seeds_refuses_a_leaky_encoder_before_any_fit(tmp_path, monkeyp
     window = object()  # the check comes before any window is read
     monkeypatch.setattr(trainer.experiment, "split_windows", lambda *a, **k: Split(
         [window], [window], [window], *(_us(T0 + timedelta(hours=h)) for h in (60, 70))))
-    tested = _encoder_with_report(tmp_path / "text-next-click", _split(70, 80))
-    cfg = Config(data_dir=tmp_path, encoders={"text_model": str(tested)})
+    tested = _vectors_of_encoder(tmp_path, "text-next-click", _split(70, 80))
+    cfg = Config(data_dir=tmp_path, trainer={"encoder_version": tested})
     with pytest.raises(LeakyEncoderError, match="--validation"):
         trainer.experiment.score_models(cfg, 1, period="validation")
     assert fits == []
+
+
+def test_an_encoder_fine_tuned_from_a_fine_tuned_one_keeps_the_later_periods():
+    from trainer.finetune import _later, encoder_periods
+
+    own, start = encoder_periods(_split(60, 70)), encoder_periods(_split(70, 80))
+    assert _later(own, None) == own
+    assert _later(own, {"periods": start}) == start
+    assert _later(start, {"periods": own}) == start
+    assert _later(own, {"periods": None}) is None

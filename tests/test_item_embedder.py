@@ -32,6 +32,23 @@ def embedder(item_encoder, online, cfg):
     return ItemEmbedder(item_encoder, online, ItemLog(cfg.paths.item_log))
 
 
+def test_the_item_log_records_how_a_version_is_made_before_any_vector_of_it(
+        embedder, online, item_encoder, cfg):
+    """What an evaluation reads to tell whether the vectors' encoder learned from clicks
+    (``trainer.finetune.check_vector_periods``); a restarted writer records the same."""
+    from feature_repo.item_log import version_provenance
+
+    recorded = version_provenance(cfg.paths.item_log, item_encoder.encoder_version)
+    assert recorded == item_encoder.provenance
+    assert recorded["settings"]["text"] == item_encoder.text.identity
+    assert recorded["text_fine_tuning"] is None  # the packaged model: no ppm finetune report
+    assert read_item_log(cfg.paths.item_log).num_rows == 0
+    ItemEmbedder(item_encoder, online, ItemLog(cfg.paths.item_log))
+    assert [p.name for p in (cfg.paths.item_log / "versions").iterdir()] == [
+        f"{item_encoder.encoder_version}.json"]
+    assert version_provenance(cfg.paths.item_log, "enc-other") is None
+
+
 def test_push_and_read_back(embedder, online, item_encoder):
     result = embedder.process([item("a", 0), item("b", 1, title="Zed red cotton dress",
                                                   category="dress")])
@@ -179,6 +196,7 @@ class PickyEncoder:
     def __init__(self, encoder, dead: bool = False):
         self.encoder, self.dead = encoder, dead
         self.encoder_version = encoder.encoder_version
+        self.provenance = encoder.provenance
         self.content_hash = encoder.content_hash
 
     def encode(self, items):

@@ -125,14 +125,12 @@ class ModalTable:
         latest write of it), available from its content's time."""
         # Imported here: feature_repo.item_log loads Feast (seconds), which readers of the window
         # listing (ppm status) do not need.
-        from feature_repo.item_log import read_item_log
+        from feature_repo.item_log import newest_version, read_item_log
 
         log = read_item_log(folder)
         if log.num_rows == 0:
             return cls.empty(dim, encoder_version)
-        if encoder_version is None:
-            newest = pc.index(log["embedded_at"], pc.max(log["embedded_at"])).as_py()
-            encoder_version = log["encoder_version"][newest].as_py()
+        encoder_version = encoder_version or newest_version(log)
         versions = set(log["encoder_version"].to_pylist())
         if encoder_version not in versions:
             raise ValueError(f"the item log in {folder} holds no vector of encoder version "

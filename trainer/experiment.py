@@ -35,7 +35,7 @@ import numpy as np
 
 from ppm.config import Config
 from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, clicks
-from trainer.finetune import check_encoder_periods
+from trainer.finetune import check_vector_periods
 from trainer.metrics import (
     auc,
     bootstrap_auc,
@@ -354,8 +354,10 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     ``oracle``. ``period="validation"``: the
     split moved one period back (:func:`~trainer.train.split_windows`): the validation
     period is scored (its ``new_in_test`` bucket: items new in it) and the test period is
-    not read. Raises ``ValueError`` for a bad split, an oracle of other data or a frozen
-    plug-in arm the config cannot train (:func:`~trainer.train.check_frozen_plug_in`),
+    not read. Raises ``ValueError`` for a bad split, an oracle of other data, a frozen
+    plug-in arm the config cannot train (:func:`~trainer.train.check_frozen_plug_in`) or
+    vectors whose encoder saw clicks of a later period
+    (:func:`~trainer.finetune.check_vector_periods`),
     ``SystemExit`` when a period holds no window."""
     from tqdm import tqdm
 
@@ -368,7 +370,9 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     split = split_windows(cfg, test_share, valid_share, period)
     if not (split.train and split.test):
         raise SystemExit(f"no closed windows in the train or the {period} period")
-    check_encoder_periods(cfg, split)
+    for version in {arm.encoder_version or cfg.trainer.encoder_version
+                    for arm in arms.values() if arm.variant != "idrec"}:  # it reads none
+        check_vector_periods(cfg.paths.item_log, version, split)
     # Labels, users, buckets and the baselines' inputs; every model's dataset of the same
     # windows holds the same samples in the same order. The baselines fit on the windows a
     # fit reads (trainer.history_share), so neither side reads history the other does not.

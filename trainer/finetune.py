@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from encoders.finetune_report import fine_tuning_of, report_file
 from ppm.config import Config
 from ppm.events import ItemEvent
 from trainer.train import Split, split_windows
@@ -81,8 +82,9 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     report is the validation period, and the test period is not read. An encoder fine-tuned
     on the test split has learned from the windows ``ppm eval --validation`` chooses epochs
     on and chosen its epoch on the period it scores, so its vectors carry clicks the ranker
-    there has not seen (``trainer.train.check_encoder_periods`` refuses it). The report's
-    ``periods`` say which windows it learned from and chose on.
+    there has not seen (:func:`check_vector_periods` refuses its vectors). The report's
+    ``periods`` say which clicks it learned from and chose on, counting those of a
+    fine-tuned model it started from.
 
     Raises:
         ValueError: no closed windows, a period without a pair, or ``epochs`` or ``k``
@@ -158,7 +160,8 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
         "valid_before": result.before, "valid_after": result.after,
         "test_before": test_before, "test_after": test_after,
         "best_epoch": result.best_epoch, "epochs": result.epochs,
-        "period": period, "periods": encoder_periods(split),
+        "period": period,
+        "periods": _later(encoder_periods(split), fine_tuning_of(cfg.encoders.text_model)),
         "settings": asdict(qm), "seconds": round(time.monotonic() - started, 1),
     }
     # Beside the model folder, not in it: the folder's content is the encoder's identity.
@@ -173,35 +176,53 @@ def encoder_periods(split: Split) -> dict[str, str]:
             "chosen_before": _iso(split.test_start_us)}
 
 
+def _later(periods: dict[str, str], start: dict[str, Any] | None) -> dict[str, str] | None:
+    """``periods`` of an encoder fine-tuned from ``start`` (:func:`fine_tuning_of` of the
+    model it began from): what either learned from or chose on, the later of the two; None
+    where ``start``'s periods are unknown."""
+    if start is None:
+        return periods
+    if start["periods"] is None:
+        return None
+    return {key: max(value, start["periods"][key], key=datetime.fromisoformat)
+            for key, value in periods.items()}
+
+
 def _iso(us: int) -> str:
     return datetime.fromtimestamp(us / 1e6, UTC).isoformat()
 
 
 class LeakyEncoderError(ValueError):
-    """An evaluation's vectors come from a text encoder fine-tuned on clicks its fits must
-    not see (:func:`check_encoder_periods`)."""
+    """An evaluation's item vectors come from a text encoder fine-tuned on clicks its fits
+    must not see (:func:`check_vector_periods`)."""
 
 
-def check_encoder_periods(cfg: Config, split: Split) -> None:
-    """Raise :class:`LeakyEncoderError` where the configured text encoder
-    (``encoders.text_model``) was fine-tuned by ``ppm finetune text`` on clicks ``split``'s
-    fits must not see: it learned from clicks at or after the start of the period that
-    chooses their epochs, or chose its own epoch on clicks of the period scored. Then the
-    vectors carry clicks the ranker never trained on, and content looks better than it is.
-    An encoder without a report beside it (a packaged or downloaded model) passes; a report
-    written before fine-tuning recorded its periods is warned about, not refused."""
-    if cfg.encoders.text_model is None:  # the packaged model
+def check_vector_periods(item_log: Path, encoder_version: str | None, split: Split) -> None:
+    """Raise :class:`LeakyEncoderError` where the vectors ``split``'s fits read
+    (``encoder_version`` in the item log under ``item_log``; None: the newest, as
+    :meth:`trainer.dataset.ModalTable.from_item_log` takes) come from a text encoder
+    ``ppm finetune text`` fine-tuned on clicks those fits must not see: it learned from
+    clicks at or after the start of the period that chooses their epochs, or chose its own
+    epoch on clicks of the period scored. Then the vectors carry clicks the ranker never
+    trained on, and content looks better than it is. Vectors of a model it did not
+    fine-tune pass. Vectors written before the item log recorded how each version was made,
+    or of an encoder whose report predates its periods, cannot be checked: warned about."""
+    from feature_repo.item_log import newest_version, read_item_log, version_provenance
+
+    version = encoder_version or newest_version(read_item_log(item_log))
+    if version is None:  # no vectors at all: nothing to check
         return
-    model = Path(cfg.encoders.text_model)
-    report = report_file(model)
-    if not report.is_file():
+    provenance = version_provenance(item_log, version)
+    tuning = None if provenance is None else provenance["text_fine_tuning"]
+    if provenance is None or (tuning is not None and tuning["periods"] is None):
+        warnings.warn(f"how the vectors {version} in {item_log} were made is not recorded "
+                      "(written or fine-tuned before ppm recorded it), so whether their text "
+                      "encoder learned from clicks of this split's later periods cannot be "
+                      "checked: embed the catalog again (ppm backfill)", stacklevel=2)
         return
-    periods = json.loads(report.read_text()).get("periods")
-    if periods is None:
-        warnings.warn(f"{report} does not say which periods {model} was fine-tuned on, so "
-                      "it cannot be checked against this split: fine-tune it again",
-                      stacklevel=2)
+    if tuning is None:
         return
+    periods = tuning["periods"]
     limits = {"trained_before": ("learned from clicks", split.valid_start_us,
                                  "the period that chooses the fits' epochs"),
               "chosen_before": ("chose its epoch on clicks", split.test_start_us,
@@ -211,16 +232,12 @@ def check_encoder_periods(cfg: Config, split: Split) -> None:
             if round(datetime.fromisoformat(periods[key]).timestamp() * 1e6) > limit]
     if over:
         raise LeakyEncoderError(
-            f"the text encoder {model} {' and '.join(over)}, so its vectors carry clicks the "
-            "fits here do not train on. Fine-tune one on this split: ppm finetune text "
-            "--validation for ppm eval --validation (written to "
-            f"{model.name}-validation by default), without it for the test period, with "
-            "the same --test-share and --valid-share.")
-
-
-def report_file(out: Path) -> Path:
-    """Where ``ppm finetune`` writes its report for the encoder written to ``out``."""
-    return out.parent / f"{out.name}.finetune.json"
+            f"the vectors {version} come from a text encoder ({tuning['report']}) that "
+            f"{' and '.join(over)}, so they carry clicks the fits here do not train on. "
+            "Fine-tune one on this split (ppm finetune text --validation for ppm eval "
+            "--validation, without it for the test period; the same --test-share and "
+            "--valid-share), embed the catalog with it (ppm backfill) and read its "
+            "vectors (trainer.encoder_version).")
 
 
 def finetune_image(cfg: Config, photos, labels, out: Path | None = None,

@@ -966,13 +966,12 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
     ``trainer.metrics.cold_buckets`` a report has ``new_in_test``: items first seen in the
     test period (the cold items of a temporal split). Raises :class:`LeakyChampionError`
     for a champion that trained or was chosen on windows of the test period (see
-    :func:`windows_used`)."""
+    :func:`windows_used`), :class:`~trainer.finetune.LeakyEncoderError` for one that reads
+    vectors whose encoder learned from clicks of it."""
     split = split_windows(cfg, test_share, valid_share=0.0)
     if not split.test:
         raise SystemExit("no closed windows in the test period")
-    from trainer.finetune import check_encoder_periods  # it imports this module
-
-    check_encoder_periods(cfg, split)
+    from trainer.finetune import check_vector_periods  # it imports this module
     reports = {}
     for variant in variants:
         trainer = IncrementalTrainer(cfg, variant=variant)
@@ -981,6 +980,8 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
             raise SystemExit(f"no {variant} model yet: run ppm train --batch --variant {variant}")
         check_before_test(trainer.registry, champion, split)
         model = trainer.registry.load(champion)
+        if model.config.uses_modal:
+            check_vector_periods(cfg.paths.item_log, trainer.modal.encoder_version, split)
         data = trainer.dataset_for(model, split.test)
         logits = predict(model, data)
         result = report(data, logits, trained=model.trained_tasks)
