@@ -50,6 +50,7 @@ from ppm.config import Config
 from trainer.baselines import clicks
 from trainer.dataset import ModalTable, WindowDataset
 from trainer.experiment import RESAMPLES, compare_models, diff_table, num, span
+from trainer.finetune import check_vector_periods
 from trainer.metrics import HOUR_S, cold_buckets
 from trainer.plots import auc_lost, staleness_plots
 from trainer.refresh import EmbeddingRefresh, duration, parse_duration
@@ -293,7 +294,9 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
     plots (:func:`trainer.plots.staleness_plots`) under ``out`` and returns the result.
     ``period``: the period replayed and scored (``"validation"``: the split moved one
     period back; the test period is not read). Raises ``ValueError`` for bad arguments or
-    a folder holding another sweep's runs, ``SystemExit`` when a period holds no window."""
+    a folder holding another sweep's runs or vectors whose encoder learned from clicks of a
+    later period (:func:`~trainer.finetune.check_vector_periods`), ``SystemExit`` when a
+    period holds no window."""
     from tqdm import tqdm
 
     if seeds < 1:
@@ -301,6 +304,7 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
     split = split_windows(cfg, test_share, valid_share, period)
     if not (split.train and split.test):
         raise SystemExit(f"no closed windows in the train or the {period} period")
+    check_vector_periods(cfg.paths.item_log, cfg.trainer.encoder_version, split)
     spec = {"data_dir": str(Path(cfg.data_dir).resolve()), "period": period,
             "test_share": test_share, "valid_share": valid_share, "epochs": epochs,
             # Windows with their sizes: data regenerated under the same names is not the same.
