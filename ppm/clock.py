@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 
 
 def to_us(event_time) -> int:
@@ -13,3 +14,8 @@ def to_us(event_time) -> int:
 def now_us() -> int:
     """Wall-clock time, microseconds since the Unix epoch."""
     return time.time_ns() // 1_000
+
+
+def iso(us: int) -> str:
+    """Microseconds since the Unix epoch as an ISO 8601 time in UTC, as reports write it."""
+    return datetime.fromtimestamp(us / 1e6, UTC).isoformat()

@@ -29,14 +29,14 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from feature_repo.item_log import ItemLog
 from feature_repo.online_features import OnlineFeatures
 from ppm.atomic_file import append_line, size_of, truncate_to, write_atomically
-from ppm.clock import now_us, to_us
+from ppm.clock import iso, now_us, to_us
 from ppm.config import Config
 from ppm.events import BehaviorEvent, DeadLetter, ItemEvent
 from ppm.records import ItemState, UserSequence
@@ -273,7 +273,7 @@ class LocalRunner:
         write_atomically(self.checkpoint_path, json.dumps(state).encode())
         self.freshness.save(self.freshness_path)
         # The same figures for people and other commands (ppm features get reads the clock).
-        readable = {"clock": datetime.fromtimestamp(self._clock_us / 1e6, UTC).isoformat(),
+        readable = {"clock": iso(self._clock_us),
                     **asdict(self.summary)}
         write_atomically(self.summary_path, json.dumps(readable, indent=2).encode())
 

@@ -705,6 +705,37 @@ def test_eval_refuses_a_champion_that_saw_the_test_period(tmp_path, capsys, monk
         evaluate_champions(cfg, ["idrec"], test_share=0.3)
 
 
+@pytest.mark.slow
+def test_eval_refuses_a_champion_whose_vectors_learned_from_the_test_period(data_dir, capsys):
+    """The vectors' encoder is judged by what the item log recorded of its version: the
+    packaged model passes; the same version recorded as fine-tuned on clicks of the test
+    period is refused, by the API and the command."""
+    from feature_repo.item_log import ItemLog, version_provenance
+    from ppm.cli.commands import main
+    from trainer.finetune import LeakyEncoderError, encoder_periods
+
+    cfg = small_cfg(data_dir)
+    split = split_windows(cfg, test_share=0.2, valid_share=0.1)
+    trainer = IncrementalTrainer(cfg, variant="ppm")
+    fitted = train_batch(cfg, split.train, "ppm", epochs=1, progress=False, valid=split.valid)
+    trainer.registry.promote(trainer.registry.register(fitted.model, fitted.meta()))
+    reports, _ = evaluate_champions(cfg, ["ppm"], test_share=0.2)
+    assert reports["ppm"]["click"]["all"]["samples"] > 0
+    version = fitted.encoder_version
+    made = version_provenance(cfg.paths.item_log, version)
+    assert made["text_fine_tuning"] is None  # the packaged MiniLM, as streamed
+    # Fine-tuned on a split whose validation period is this test period: its epoch was
+    # chosen on the clicks scored here.
+    later = split_windows(cfg, test_share=0.1, valid_share=0.1)
+    ItemLog(cfg.paths.item_log).record_version({**made, "text_fine_tuning": {
+        "report": "text-qm.finetune.json", "kind": "qm", "periods": encoder_periods(later)}})
+    with pytest.raises(LeakyEncoderError, match=f"the vectors {version} come from"):
+        evaluate_champions(cfg, ["ppm"], test_share=0.2)
+    assert main(["--data-dir", str(data_dir), "eval", "--variant", "ppm"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "refused: the vectors" in err and "chose its epoch on clicks" in err
+
+
 def test_a_champion_is_chosen_on_the_windows_where_its_challengers_lost(tmp_path):
     registry = Registry(tmp_path)
     champion = registry.register(new_model(Config(model=TINY_MODEL), "idrec"),

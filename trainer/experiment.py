@@ -27,12 +27,12 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from ppm.clock import iso
 from ppm.config import Config
 from trainer.baselines import LogisticBaseline, Oracle, PositiveRate, clicks
 from trainer.finetune import check_vector_periods
@@ -435,7 +435,7 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
          "valid_share": valid_share,
          "windows": {"train": len(split.train), "valid": len(split.valid),
                      "test": len(split.test)},
-         "test_start": datetime.fromtimestamp(split.test_start_us / 1e6, UTC).isoformat(),
+         "test_start": iso(split.test_start_us),
          "baseline_rate_strength": rate.items.strength})
 
 

@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from encoders.finetune_report import fine_tuning_of, report_file
+from ppm.clock import iso
 from ppm.config import Config
 from ppm.events import ItemEvent
 from trainer.train import Split, split_windows
@@ -172,8 +173,8 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
 def encoder_periods(split: Split) -> dict[str, str]:
     """What a fine-tuned encoder learned from (pairs whose click is before ``trained_before``)
     and chose its epoch on (clicks before ``chosen_before``), as ISO times in the report."""
-    return {"trained_before": _iso(split.valid_start_us),
-            "chosen_before": _iso(split.test_start_us)}
+    return {"trained_before": iso(split.valid_start_us),
+            "chosen_before": iso(split.test_start_us)}
 
 
 def _later(periods: dict[str, str], start: dict[str, Any] | None) -> dict[str, str] | None:
@@ -187,9 +188,6 @@ def _later(periods: dict[str, str], start: dict[str, Any] | None) -> dict[str, s
     return {key: max(value, start["periods"][key], key=datetime.fromisoformat)
             for key, value in periods.items()}
 
-
-def _iso(us: int) -> str:
-    return datetime.fromtimestamp(us / 1e6, UTC).isoformat()
 
 
 class LeakyEncoderError(ValueError):
@@ -227,7 +225,7 @@ def check_vector_periods(item_log: Path, encoder_version: str | None, split: Spl
                                  "the period that chooses the fits' epochs"),
               "chosen_before": ("chose its epoch on clicks", split.test_start_us,
                                 "the period scored")}
-    over = [f"{did} until {periods[key]}, later than the start of {what} ({_iso(limit)})"
+    over = [f"{did} until {periods[key]}, later than the start of {what} ({iso(limit)})"
             for key, (did, limit, what) in limits.items()
             if round(datetime.fromisoformat(periods[key]).timestamp() * 1e6) > limit]
     if over:

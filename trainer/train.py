@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ppm.clock import iso
 from ppm.config import Config, TrainerConfig
 from trainer.baselines import newton_logistic
 from trainer.curves import CurveLog
@@ -921,7 +922,7 @@ def windows_used(registry: Registry, version: Version) -> dict[str, list[str]]:
 def check_before_test(registry: Registry, version: Version, split: Split) -> None:
     """Raise :class:`LeakyChampionError` unless every window that shaped or chose
     ``version`` ends before the test period; the message names the overlap and the fix."""
-    test_start = datetime.fromtimestamp(split.test_start_us / 1e6, UTC).isoformat()
+    test_start = iso(split.test_start_us)
     if "trained_on" not in version.meta:
         raise LeakyChampionError(
             f"{version.name} does not record the windows it trained on, so it cannot be "
@@ -992,8 +993,7 @@ def evaluate_champions(cfg: Config, variants: Sequence[str],
         result["model"] = {"version": champion.name, "test_windows": len(split.test),
                            "trained_tasks": (None if model.trained_tasks is None
                                              else list(model.trained_tasks)),
-                           "test_start": datetime.fromtimestamp(split.test_start_us / 1e6, UTC)
-                           .isoformat()}
+                           "test_start": iso(split.test_start_us)}
         reports[variant] = result
     return reports, TEST_BUCKETS
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ppm.clock import iso
 from ppm.config import PRESETS, Config, SimulatorConfig, load_config
 
 
@@ -215,14 +216,15 @@ def _tune_option(text: str, cfg: Config) -> tuple[str, list[str]]:
 def _eval(args: argparse.Namespace, cfg: Config) -> int:
     if args.seeds is not None:
         return _eval_seeds(args, cfg)
+    from trainer.finetune import LeakyEncoderError
     from trainer.metrics import to_markdown
     from trainer.train import LeakyChampionError, evaluate_champions
 
     try:
         reports, markdown_rows = evaluate_champions(cfg, args.variant or ["idrec", "ppm"],
                                                     args.test_share)
-    except LeakyChampionError as exc:
-        raise LeakyChampionError(f"refused: {exc}") from exc
+    except (LeakyChampionError, LeakyEncoderError) as exc:
+        raise type(exc)(f"refused: {exc}") from exc
     markdown = to_markdown(reports, task="click", buckets=markdown_rows)
     if args.markdown:
         Path(args.markdown).write_text(markdown + "\n")
@@ -636,7 +638,7 @@ def _kafka_config(args: argparse.Namespace, cfg: Config):
 
 
 def _iso(us: int | None) -> str | None:
-    return None if us is None else datetime.fromtimestamp(us / 1e6, UTC).isoformat()
+    return None if us is None else iso(us)
 
 
 def _describe_item(item) -> dict | None:
