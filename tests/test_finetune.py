@@ -155,7 +155,7 @@ def test_finetune_text_refuses_unknown_pairs_or_epochs_or_k_below_one(tmp_path, 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_ppm_finetune_text_trains_on_the_training_period_and_writes_a_new_encoder(
-        tmp_path, item_encoder, capsys):
+        tmp_path, item_encoder, capsys, monkeypatch):
     from encoders.text_encoder import PACKAGED_MODEL_DIST, TextEncoder
     from ppm.cli.commands import main
     from streams.local_runner import LocalRunner
@@ -211,6 +211,11 @@ def test_ppm_finetune_text_trains_on_the_training_period_and_writes_a_new_encode
 
     # --validation: the split ppm eval --validation uses, one period back; the test period
     # is not read (its "test" pairs are the validation period's).
+    import trainer.finetune
+
+    read = []
+    monkeypatch.setattr(trainer.finetune, "read_log",
+                        lambda windows: read.extend(windows) or read_log(windows))
     code = main(["--config", str(tmp_path / "ppm.toml"), "--data-dir", str(tmp_path),
                  "finetune", "text", "--simulate", "--pairs", "next-click", "--epochs", "1",
                  "--k", "25", "--validation", "--quiet"])
@@ -220,6 +225,7 @@ def test_ppm_finetune_text_trains_on_the_training_period_and_writes_a_new_encode
     assert report["out"] == str(tmp_path / "encoders" / "text-next-click-validation")
     assert report["period"] == "validation" and report["periods"] == encoder_periods(back)
     assert back.test[-1].end_us <= split.test_start_us
+    assert read and not {w.name for w in read} & {w.name for w in split.test}
     logs = [read_log(w) for w in (back.train, back.valid, back.test)]
     for period, log in zip(("train", "valid", "test"), logs, strict=True):
         assert 0 < report["pairs"][period] <= int((log["click"] == 1).sum())
