@@ -1,4 +1,5 @@
-"""The offline item-feature log: every embedding ever written online, as parquet parts.
+"""The offline item-feature log: every embedding ever written online, as parquet parts, and
+beside them how each encoder version is made (:meth:`ItemLog.record_version`).
 
 One part per micro-batch (never a file per event), written atomically before the online
 write it stands for. A replay after a crash may write a batch again: a part's name is a
@@ -44,20 +45,14 @@ class ItemLog:
 
     def record_version(self, provenance: Mapping[str, Any]) -> Path:
         """Write how the vectors of ``provenance["encoder_version"]`` are made
-        (:attr:`encoders.item_encoder.ItemEncoder.provenance`) to
-        ``versions/<version>.json``; a writer calls it before its first append. Every
-        writer of a version writes the same record, so several workers may race to it."""
-        path = self.folder / "versions" / f"{provenance['encoder_version']}.json"
+        (:attr:`encoders.item_encoder.ItemEncoder.provenance`) to ``<version>.json`` in
+        :func:`versions_folder`; a writer calls it before its first append. Several workers
+        may write it at once: each write is atomic, and all describe the same encoder."""
+        path = versions_folder(self.folder) / f"{provenance['encoder_version']}.json"
         path.parent.mkdir(exist_ok=True)
         text = json.dumps(provenance, indent=1, sort_keys=True)
-        if path.is_file() and path.read_text() == text:
-            return path
-        try:
+        if not (path.is_file() and path.read_text() == text):
             write_atomically(path, text.encode())
-        except FileNotFoundError:
-            # Another worker renamed the shared temporary file first: the same bytes.
-            if path.read_text() != text:
-                raise
         return path
 
     def append(self, rows: Sequence[ItemEmbeddingRow], arrived_us: Sequence[int]) -> Path | None:
@@ -88,10 +83,17 @@ class ItemLog:
         return path
 
 
+def versions_folder(folder: Path) -> Path:
+    """Where the item log under ``folder`` records its encoder versions: beside the parts'
+    folder, not in it, which holds parquet only (Feast's offline source reads it)."""
+    folder = Path(folder)
+    return folder.parent / f"{folder.name}-versions"
+
+
 def version_provenance(folder: Path, encoder_version: str) -> dict[str, Any] | None:
-    """What :meth:`ItemLog.record_version` recorded for ``encoder_version`` under
-    ``folder``; None for vectors written before versions were recorded."""
-    path = Path(folder) / "versions" / f"{encoder_version}.json"
+    """What :meth:`ItemLog.record_version` recorded for ``encoder_version`` of the item log
+    under ``folder``; None for vectors written before versions were recorded."""
+    path = versions_folder(folder) / f"{encoder_version}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 

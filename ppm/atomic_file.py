@@ -8,6 +8,7 @@ checkpointed length on restore with :func:`truncate_to`, so a replay does not re
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -19,8 +20,10 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object] | bytes) ->
     ``write`` is the content (bytes) or a function that writes it to the open file, e.g.
     ``lambda fh: pyarrow.parquet.write_table(table, fh)``.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
+    # A name of this writer's own: two processes writing the same path (workers recording
+    # the same thing) must not truncate each other's temporary file before its rename.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "xb") as fh:
         if isinstance(write, bytes):
             fh.write(write)
         else:

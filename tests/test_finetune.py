@@ -344,8 +344,10 @@ def test_vectors_of_an_encoder_fine_tuned_on_clicks_a_split_must_not_see_are_ref
                                  "text_fine_tuning": None})
     check_vector_periods(log, "enc-minilm", validation_split)
     old = _vectors_of_encoder(tmp_path, "old", test_split, periods=False)
-    for version in (old, "enc-unrecorded"):
-        with pytest.warns(UserWarning, match=f"how the vectors {version} .* is not recorded"):
+    for version, said in ((old, f"text encoder of the vectors {old} .* does not say which "
+                                "periods"),
+                          ("enc-unrecorded", "how the vectors enc-unrecorded .* is not recorded")):
+        with pytest.warns(UserWarning, match=said):
             check_vector_periods(log, version, validation_split)
 
 

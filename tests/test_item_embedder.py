@@ -36,7 +36,7 @@ def test_the_item_log_records_how_a_version_is_made_before_any_vector_of_it(
         embedder, online, item_encoder, cfg):
     """What an evaluation reads to tell whether the vectors' encoder learned from clicks
     (``trainer.finetune.check_vector_periods``); a restarted writer records the same."""
-    from feature_repo.item_log import version_provenance
+    from feature_repo.item_log import version_provenance, versions_folder
 
     recorded = version_provenance(cfg.paths.item_log, item_encoder.encoder_version)
     assert recorded == item_encoder.provenance
@@ -44,7 +44,7 @@ def test_the_item_log_records_how_a_version_is_made_before_any_vector_of_it(
     assert recorded["text_fine_tuning"] is None  # the packaged model: no ppm finetune report
     assert read_item_log(cfg.paths.item_log).num_rows == 0
     ItemEmbedder(item_encoder, online, ItemLog(cfg.paths.item_log))
-    assert [p.name for p in (cfg.paths.item_log / "versions").iterdir()] == [
+    assert [p.name for p in versions_folder(cfg.paths.item_log).iterdir()] == [
         f"{item_encoder.encoder_version}.json"]
     assert version_provenance(cfg.paths.item_log, "enc-other") is None
 

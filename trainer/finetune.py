@@ -9,8 +9,8 @@ next-click`` reads each user's clicks instead, for logs without queries
 (:func:`encoders.query_matching.next_click_pairs`).
 
 The fine-tuned encoder is written to its own folder or file (``DataDir.encoder``) with a
-report beside it (:func:`report_file`); its content hash is a new ``encoder_version``, so
-vectors of the old and the new encoder never mix. Entity prediction (EP,
+report beside it (:func:`~encoders.finetune_report.report_file`); its content hash is a new
+``encoder_version``, so vectors of the old and the new encoder never mix. Entity prediction (EP,
 :mod:`encoders.entity_prediction`) learns from labelled photos the caller gives, not from
 the logs.
 """
@@ -72,10 +72,10 @@ def finetune_text(cfg: Config, items: Iterable[ItemEvent], out: Path | None = No
     """QM-fine-tune the configured text encoder (``encoders.text_model``) on the data
     directory's logs and ``items``' texts; write it to ``out`` (default
     ``DataDir.encoder("text-qm")``, or ``"text-next-click"``) and return the report (also
-    :func:`report_file`): recall@k and MRR of the clicked item among the catalog, before
-    and after, on the validation and the test period. ``pairs`` (:data:`PAIRS`):
-    ``"query"``, a search query and its click; ``"next-click"``, a user's earlier click
-    and the next one, whose query side is the earlier item's text. ``k`` (default
+    :func:`~encoders.finetune_report.report_file`): recall@k and MRR of the clicked item
+    among the catalog, before and after, on the validation and the test period. ``pairs``
+    (:data:`PAIRS`): ``"query"``, a search query and its click; ``"next-click"``, a user's
+    earlier click and the next one, whose query side is the earlier item's text. ``k`` (default
     :attr:`~encoders.query_matching.QMConfig.k`) is the recall@k that chooses the epoch.
     ``period="validation"``: the split moved one period back, as ``ppm eval --validation``
     moves it (default ``out`` gains ``-validation``): the encoder learns only from what that
@@ -189,7 +189,6 @@ def _later(periods: dict[str, str], start: dict[str, Any] | None) -> dict[str, s
             for key, value in periods.items()}
 
 
-
 class LeakyEncoderError(ValueError):
     """An evaluation's item vectors come from a text encoder fine-tuned on clicks its fits
     must not see (:func:`check_vector_periods`)."""
@@ -212,11 +211,17 @@ def check_vector_periods(item_log: Path, encoder_version: str | None, split: Spl
         return
     provenance = version_provenance(item_log, version)
     tuning = None if provenance is None else provenance["text_fine_tuning"]
-    if provenance is None or (tuning is not None and tuning["periods"] is None):
-        warnings.warn(f"how the vectors {version} in {item_log} were made is not recorded "
-                      "(written or fine-tuned before ppm recorded it), so whether their text "
-                      "encoder learned from clicks of this split's later periods cannot be "
-                      "checked: embed the catalog again (ppm backfill)", stacklevel=2)
+    if provenance is None:
+        unknown = (f"how the vectors {version} in {item_log} were made is not recorded "
+                   "(written before ppm recorded it)", "embed the catalog again (ppm backfill)")
+    elif tuning is not None and tuning["periods"] is None:
+        unknown = (f"the report of the text encoder of the vectors {version} in {item_log} "
+                   "does not say which periods it was fine-tuned on", "fine-tune it again")
+    else:
+        unknown = None
+    if unknown is not None:
+        warnings.warn(f"{unknown[0]}, so whether it learned from clicks of this split's later "
+                      f"periods cannot be checked: {unknown[1]}", stacklevel=2)
         return
     if tuning is None:
         return
@@ -245,9 +250,10 @@ def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
     ``image_weights``) on ``photos`` (``(N, H, W, 3)`` uint8) and their entity ``labels``
     (name -> ``(N,)`` ints), split at random (seeded) into training, ``valid`` (chooses the
     epoch) and ``held_out`` (the report) shares; write the weights to ``out`` (default
-    ``DataDir.encoder("image-ep") / "weights.pth"``) with :func:`report_file` beside them and
-    return the report: accuracy per entity before (a linear probe on the pretrained
-    features) and after, on validation and held-out photos."""
+    ``DataDir.encoder("image-ep") / "weights.pth"``) with
+    :func:`~encoders.finetune_report.report_file` beside them and return the report:
+    accuracy per entity before (a linear probe on the pretrained features) and after, on
+    validation and held-out photos."""
     import numpy as np
     import torch
 

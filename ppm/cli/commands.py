@@ -1132,7 +1132,7 @@ def _check_usage(args: argparse.Namespace, cfg: Config) -> None:
         raise UsageError("--validation goes with --seeds: champions are evaluated on the "
                          "test period only (they were chosen on validation)")
     elif (command in ("eval", "experiment ablation", "experiment staleness",
-                      "experiment worlds") and args.validation
+                      "experiment worlds", "finetune text") and args.validation
           and not 0 < args.valid_share < (1 - args.test_share) / 2):
         raise UsageError(f"--validation needs a --valid-share in (0, "
                          f"{(1 - args.test_share) / 2:g}) (one for the period scored, one "
