@@ -5,6 +5,7 @@ A data directory (``Config.data_dir``, ``ppm-data`` by default; ``Config.paths``
 
     feast/                          Feast's registry and (embedded) SQLite online store
     offline/item_embedding/         item log parts (Feast's offline source of item_embedding)
+    offline/item_embedding-versions/  how each encoder version is made (<version>.json)
     training/                       the local runner's training log: windows/, late_events.jsonl
     training/partition-<p>/         a Faust worker's training log of partition p
     registry/<variant>/             model versions, the champion and the training curves
