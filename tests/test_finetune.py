@@ -311,6 +311,7 @@ def test_vectors_of_an_encoder_fine_tuned_on_clicks_a_split_must_not_see_are_ref
     """The test split's encoder learned from the clicks that choose ``ppm eval
     --validation``'s epochs and chose its own epoch on the period that scores: its vectors
     are refused there, accepted on the test split; the validation split's serve both."""
+    from encoders.finetune_report import fine_tuning_of
     from feature_repo.item_log import ItemLog
     from trainer.finetune import LeakyEncoderError, check_vector_periods, encoder_periods
 
@@ -318,8 +319,6 @@ def test_vectors_of_an_encoder_fine_tuned_on_clicks_a_split_must_not_see_are_ref
     test_split, validation_split = _split(70, 80), _split(60, 70)
     tested = _vectors_of_encoder(tmp_path, "text-next-click", test_split)
     validated = _vectors_of_encoder(tmp_path, "text-next-click-validation", validation_split)
-    from encoders.finetune_report import fine_tuning_of
-
     assert fine_tuning_of(tmp_path / "encoders" / "text-next-click")["periods"] == \
         encoder_periods(test_split)
     assert fine_tuning_of(tmp_path / "nothing-here") is None and fine_tuning_of(None) is None

@@ -210,22 +210,18 @@ def check_vector_periods(item_log: Path, encoder_version: str | None, split: Spl
     if version is None:  # no vectors at all: nothing to check
         return
     provenance = version_provenance(item_log, version)
-    tuning = None if provenance is None else provenance["text_fine_tuning"]
     if provenance is None:
-        unknown = (f"how the vectors {version} in {item_log} were made is not recorded "
-                   "(written before ppm recorded it)", "embed the catalog again (ppm backfill)")
-    elif tuning is not None and tuning["periods"] is None:
-        unknown = (f"the report of the text encoder of the vectors {version} in {item_log} "
-                   "does not say which periods it was fine-tuned on", "fine-tune it again")
-    else:
-        unknown = None
-    if unknown is not None:
-        warnings.warn(f"{unknown[0]}, so whether it learned from clicks of this split's later "
-                      f"periods cannot be checked: {unknown[1]}", stacklevel=2)
+        _cannot_check(f"how the vectors {version} in {item_log} were made is not recorded "
+                      "(written before ppm recorded it)", "embed the catalog again (ppm backfill)")
         return
-    if tuning is None:
+    tuning = provenance["text_fine_tuning"]
+    if tuning is None:  # not a model ppm finetune wrote
         return
     periods = tuning["periods"]
+    if periods is None:
+        _cannot_check(f"the report of the text encoder of the vectors {version} in {item_log} "
+                      "does not say which periods it was fine-tuned on", "fine-tune it again")
+        return
     limits = {"trained_before": ("learned from clicks", split.valid_start_us,
                                  "the period that chooses the fits' epochs"),
               "chosen_before": ("chose its epoch on clicks", split.test_start_us,
@@ -241,6 +237,11 @@ def check_vector_periods(item_log: Path, encoder_version: str | None, split: Spl
             "--validation, without it for the test period; the same --test-share and "
             "--valid-share), embed the catalog with it (ppm backfill) and read its "
             "vectors (trainer.encoder_version).")
+
+
+def _cannot_check(what: str, fix: str) -> None:
+    warnings.warn(f"{what}, so whether it learned from clicks of this split's later periods "
+                  f"cannot be checked: {fix}", stacklevel=3)
 
 
 def finetune_image(cfg: Config, photos, labels, out: Path | None = None,
