@@ -341,6 +341,13 @@ class TrainerConfig(_Section):
     patience: int = Field(2, ge=1)
     """``ppm train --batch``: stop after this many epochs without a better validation click
     AUC than the best so far."""
+    restarts: int = Field(1, ge=1)
+    """A fit from scratch in batch with validation windows (``ppm train --batch``,
+    ``ppm eval``, the experiments) runs this many times, restart ``r`` seeded with
+    ``seed + 1000 * r`` (its initial weights and sample order; the shuffled control keeps
+    its vectors), and keeps the restart with the best validation click AUC: a bad start,
+    which that AUC flags, is not the model scored. Costs ``restarts`` times the fit. 1: one
+    fit; more than 1 without validation windows is an error (nothing to choose by)."""
     warmup_valid_share: float = Field(0.25, ge=0, lt=1)
     """Test-then-train (``ppm train --follow``, the demo): the last share of the warm-up
     windows is held out to choose the first fit's epochs, up to ``initial_epochs`` with

@@ -4,6 +4,7 @@ per Kafka partition), on synthetic manifests and tiny window files."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -52,10 +53,12 @@ def partition(paths: DataDir, p: int) -> TrainingLogDir:
     return TrainingLogDir(paths.training_partition(p))
 
 
-def write_source(log: TrainingLogDir, samples: dict[int, int], one_pair: bool = False) -> None:
+def write_source(log: TrainingLogDir, samples: dict[int, int], one_pair: bool = False,
+                 clicked: Callable[[int, int], int] | None = None) -> None:
     """A writer's ``windows/``: for each hour a window file with that many samples (sample
     ``i`` shows ``i<i>`` to ``u<i>``, or with ``one_pair`` ``i0`` to ``u0``; odd ones
-    clicked), and the manifest in the writer's format (see streams.training_log)."""
+    clicked, or where ``clicked(hour, i)`` says), and the manifest in the writer's format
+    (see streams.training_log)."""
     folder = log.windows
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -64,7 +67,8 @@ def write_source(log: TrainingLogDir, samples: dict[int, int], one_pair: bool = 
         rows = [{"sample_id": f"{log.folder.name}:{hour}:{i}",
                  "user_id": f"u{0 if one_pair else i}", "item_id": f"i{0 if one_pair else i}",
                  "request_id": f"r{hour}-{i}",
-                 "impression_time": start + timedelta(seconds=i), "click": i % 2, "order": 0,
+                 "impression_time": start + timedelta(seconds=i),
+                 "click": clicked(hour, i) if clicked else i % 2, "order": 0,
                  "collect": 0, "seq_item_ids": ["i0"], "seq_actions": ["click"],
                  "seq_times_us": [int(start.timestamp() * 1e6) - 1], "item_encoder_version": None,
                  "item_category": "c", "item_brand": "b", "item_shop": "s",

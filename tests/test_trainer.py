@@ -623,6 +623,43 @@ def test_batch_training_keeps_the_best_epoch_on_validation(tmp_path):
     assert fitted.model.trained_tasks == ("click",) and meta["trained_tasks"] == ["click"]
 
 
+def test_restarts_keep_the_fit_with_the_best_validation_auc(tmp_path):
+    from tests.test_dataset import write_source
+
+    # The tiny world's labels follow its ids exactly, and every seed reaches the same
+    # validation AUC; here a third of the items are clicked more often, by chance.
+    noise = np.random.default_rng(0).random((10, 40))
+    write_source(DataDir(tmp_path).training_log, {h: 40 for h in range(10)},
+                 clicked=lambda h, i: int(noise[h, i] < (0.7 if i % 3 == 0 else 0.3)))
+    cfg = Config(data_dir=tmp_path, features={"sequence_length": 4}, model=TINY_MODEL,
+                 trainer={"initial_epochs": 2, "batch_size": 16, "lr": 0.02,
+                          "replay_share": 0.0, "patience": 2})
+    split = split_windows(cfg, test_share=0.2, valid_share=0.2)
+    alone = [train_batch(cfg.with_values({"seed": seed}), split.train, "idrec", epochs=2,
+                         progress=False, valid=split.valid) for seed in (0, 1000, 2000)]
+    aucs = [fit.valid_auc for fit in alone]
+    assert len(set(aucs)) == 3  # the seeds give different fits: there is a choice to make
+    fitted = train_batch(cfg.with_values({"restarts": 3}), split.train, "idrec", epochs=2,
+                         progress=False, valid=split.valid)
+    # Each restart is the fit its seed gives alone, and the best on validation is kept.
+    tried = fitted.restarts["tried"]
+    assert [r["seed"] for r in tried] == [0, 1000, 2000]
+    assert [r["valid_click_auc"] for r in tried] == pytest.approx(aucs)
+    assert [r["best_epoch"] for r in tried] == [fit.best_epoch for fit in alone]
+    chosen = int(np.argmax(aucs))
+    assert chosen > 0  # a later restart wins here: the first is not kept by default
+    assert fitted.restarts["chosen"] == chosen and fitted.valid_auc == pytest.approx(max(aucs))
+    assert fitted.valid_aucs == pytest.approx(alone[chosen].valid_aucs)
+    for name, weights in alone[chosen].model.state_dict().items():
+        assert torch.equal(fitted.model.state_dict()[name], weights), name
+    assert fitted.meta()["restarts"] == fitted.restarts
+    assert alone[0].restarts is None and alone[0].meta()["restarts"] is None
+    # Nothing to choose a restart by without a validation period.
+    with pytest.raises(ValueError, match="restarts = 2 needs validation windows"):
+        train_batch(cfg.with_values({"restarts": 2}), split.train, "idrec", epochs=1,
+                    progress=False)
+
+
 def test_a_batch_fit_reads_only_the_recent_share_of_its_windows(tmp_path):
     cfg = tiny_world(tmp_path).with_values({"history_share": "0.5"})
     split = split_windows(cfg, test_share=0.2, valid_share=0.2)

@@ -415,6 +415,8 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
                                  shuffle_vectors_seed=seed if arm.shuffled else None,
                                  plug_in_from=source, freeze_plugin=arm.plug_in == "frozen")
             seconds = time.perf_counter() - started
+            ran = sum(r["epochs"] for r in fitted.restarts["tried"]) if fitted.restarts \
+                else fitted.epochs  # every restart's epochs took the time
             click = fitted.model.config.tasks.index("click")
             scores[name][seed] = predict(
                 fitted.model, fitted.trainer.dataset_for(fitted.model, split.test))[:, click]
@@ -423,7 +425,8 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
                 "valid_click_auc": fitted.valid_auc, "windows": len(fitted.trained_on),
                 "encoder_version": fitted.encoder_version,
                 "trainable_parameters": fitted.meta()["trainable_parameters"],
-                "seconds_per_epoch": round(seconds / max(1, fitted.epochs), 2)})
+                "seconds_per_epoch": round(seconds / max(1, ran), 2),
+                "restarts": fitted.restarts})
 
     buckets = {"all": np.ones(len(test), bool),
                "new_in_test": new_in_period(test, split.test_start_us),

@@ -281,6 +281,12 @@ def new_model(cfg: Config, variant: str | None = None, modal_dim: int = 1664) ->
     return UnifiedRanker(ranker_config(cfg, variant, modal_dim))
 
 
+RESTART_SEED_STEP = 1000
+"""Restart ``r`` of a batch fit is seeded ``trainer.seed + RESTART_SEED_STEP * r``: far from
+the seeds 0 .. N-1 that ``ppm eval --seeds N`` gives its fits, so no restart repeats
+another seed's fit."""
+
+
 _FROZEN_AFFINITY = ("model.content_affinity reads the raw cached vectors; a frozen plug-in's "
                     "training data holds its projections instead")
 """Why a model with ``content_affinity`` cannot train on a frozen plug-in (checked on the
@@ -750,6 +756,9 @@ class BatchFit:
     plug_in: dict[str, Any] | None = None
     """:func:`plug_in`'s record: the pre-trained PPM module it started from, and whether
     it stayed frozen."""
+    restarts: dict[str, Any] | None = None
+    """With ``trainer.restarts`` above 1: ``chosen`` (0-based) and ``tried``, each restart's
+    seed, epochs, best epoch and validation click AUC; None for a single fit."""
 
     def meta(self) -> dict[str, Any]:
         """The registry meta of this model."""
@@ -759,6 +768,7 @@ class BatchFit:
                 "valid_click_aucs": self.valid_aucs, "tuned": self.tuned,
                 "encoder_version": self.encoder_version,
                 "shuffle_vectors_seed": self.shuffle_vectors_seed, "plug_in": self.plug_in,
+                "restarts": self.restarts,
                 "trainable_parameters": sum(p.numel() for p in self.model.parameters()
                                             if p.requires_grad),
                 "trained_tasks": list(self.model.trained_tasks or ()),
@@ -839,7 +849,9 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     ``trained_on`` names those read), for at most ``epochs`` (default
     ``trainer.initial_epochs``). With ``valid`` windows, the epoch with the best validation
     click AUC is kept, and training stops after ``trainer.patience`` epochs without a better
-    one. The id vocabularies are counted from the windows read.
+    one. The id vocabularies are counted from the windows read. With ``trainer.restarts``
+    above 1 (and ``valid``), the fit runs that many times from different seeds and the one
+    with the best validation click AUC is returned (``BatchFit.restarts`` says which).
     ``shuffle_vectors_seed``: the shuffled-vector control (see :class:`IncrementalTrainer`;
     score the model through a trainer with the same seed). ``plug_in_from``: start the PPM
     module from that version's (:func:`plug_in`; its encoder version is read), frozen with
@@ -853,26 +865,45 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     trainer = IncrementalTrainer(cfg, variant=variant, shuffle_vectors_seed=shuffle_vectors_seed,
                                  from_scratch=True)
     t = cfg.trainer
-    model = new_model(cfg, trainer.variant, trainer.modal.dim)
-    plugged = plug_in(model, plug_in_from, freeze_plugin) if plug_in_from else None
-    admit_ids(model, windows, t)
-    data = trainer.dataset_for(model, windows, training=True)
-    held_out = trainer.dataset_for(model, valid) if valid else None
-    if plugged and freeze_plugin:  # the plug-in's outputs are fixed: project once
-        for dataset in (data, held_out):
-            if dataset is not None:
-                dataset.project_with(model.ppm)
-    start_wide_part(model, data, t.wide_start)
-    picker = EpochPicker(model, held_out, t.patience, curves)
-    fit(model, data, epochs or t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
-        seed=t.seed, grad_clip=t.grad_clip, progress=progress, after_epoch=picker,
-        curves=curves, id_lr_scale=t.id_lr_scale)
-    picker.restore_best()
+    if t.restarts > 1 and not valid:
+        raise ValueError(f"trainer.restarts = {t.restarts} needs validation windows to choose "
+                         "the restart by (give a validation period, or restarts = 1)")
+    data = held_out = best = None
+    tried: list[dict[str, Any]] = []
+    for restart in range(t.restarts):
+        seed = t.seed + RESTART_SEED_STEP * restart
+        model = new_model(cfg.with_values({"trainer.seed": seed}), trainer.variant,
+                          trainer.modal.dim)
+        plugged = plug_in(model, plug_in_from, freeze_plugin) if plug_in_from else None
+        admit_ids(model, windows, t)
+        if data is None:  # every restart counts the same vocabularies: read the samples once
+            data = trainer.dataset_for(model, windows, training=True)
+            held_out = trainer.dataset_for(model, valid) if valid else None
+            if plugged and freeze_plugin:  # the plug-in's outputs are fixed: project once
+                for dataset in (data, held_out):
+                    if dataset is not None:
+                        dataset.project_with(model.ppm)
+        if curves is not None and t.restarts > 1:
+            curves.write("restart", restart=restart, seed=seed)
+        start_wide_part(model, data, t.wide_start)
+        picker = EpochPicker(model, held_out, t.patience, curves)
+        fit(model, data, epochs or t.initial_epochs, t.batch_size, t.lr, t.weight_decay,
+            seed=seed, grad_clip=t.grad_clip, progress=progress, after_epoch=picker,
+            curves=curves, id_lr_scale=t.id_lr_scale)
+        picker.restore_best()
+        tried.append({"seed": seed, "epochs": picker.ran, "best_epoch": picker.best_epoch,
+                      "valid_click_auc": picker.best_auc})
+        # The first restart stands unless a later one is strictly better on validation.
+        if best is None or (picker.best_auc is not None and (
+                best[1].best_auc is None or picker.best_auc > best[1].best_auc)):
+            best = (model, picker, plugged, restart)
+    model, picker, plugged, chosen = best
     return BatchFit(model, trainer.variant, trainer.modal.encoder_version, names(windows),
                     names(valid) if held_out is not None else [], picker.ran,
                     picker.best_epoch, picker.best_auc, picker.aucs,
                     shuffle_vectors_seed=shuffle_vectors_seed,
-                    trainer=trainer, plug_in=plugged)
+                    trainer=trainer, plug_in=plugged,
+                    restarts={"chosen": chosen, "tried": tried} if t.restarts > 1 else None)
 
 
 def tune_batch(cfg: Config, split: Split, grid: Mapping[str, Sequence[str]],
