@@ -404,7 +404,12 @@ def test_the_ablation_fits_every_arm_on_the_same_split_and_reports_its_cost(tmp_
     assert set(result["buckets"]["all"]["diffs"]) == {
         "ppm_finetuned-ppm", "ppm_plugin_frozen-ppm", "ppm_plugin_joint-ppm",
         "ppm_data50-ppm", "ppm_data25-ppm", "ppm-idrec"}
-    assert "seconds per epoch" in to_markdown(result)
+    table = to_markdown(result)
+    assert "seconds per epoch" in table
+    # Beside the cost, the validation AUC that chose the fit's epoch.
+    row = next(line for line in table.splitlines()
+               if line.startswith(f"| ppm | {fits['ppm']['windows']} |"))
+    assert row.endswith(f"| {fits['ppm']['valid_click_auc']:.4f} |"), row
 
 
 def test_scores_saved_come_back_only_for_the_same_spec(tmp_path):

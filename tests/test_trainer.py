@@ -652,6 +652,7 @@ def test_restarts_keep_the_fit_with_the_best_validation_auc(tmp_path):
     assert fitted.valid_aucs == pytest.approx(alone[chosen].valid_aucs)
     for name, weights in alone[chosen].model.state_dict().items():
         assert torch.equal(fitted.model.state_dict()[name], weights), name
+    assert fitted.model.item_vocabulary.counts == alone[chosen].model.item_vocabulary.counts
     assert fitted.meta()["restarts"] == fitted.restarts
     assert alone[0].restarts is None and alone[0].meta()["restarts"] is None
     # Nothing to choose a restart by without a validation period.

@@ -536,12 +536,16 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                   "earlier run with the same settings (their fits' seconds are that run's)"]
     lines += ["", "what each fit cost (mean over " + ("worlds and seeds; the first world's "
               "training windows)" if worlds else "seeds)"), "",
-              "| model | training windows | trainable parameters | seconds per epoch | epochs |",
-              "|---|---:|---:|---:|---:|"]
+              "| model | training windows | trainable parameters | seconds per epoch | epochs "
+              "| validation click AUC |", "|---|---:|---:|---:|---:|---:|"]
     for model, runs in result["fits"].items():
         if runs and "seconds_per_epoch" in runs[0]:
+            # The AUC that chose each fit's epoch: a model behind on it was behind before
+            # the period scored was read.
+            chose = [r["valid_click_auc"] for r in runs if r.get("valid_click_auc") is not None]
             lines.append(
                 f"| {model} | {runs[0]['windows']} | {runs[0]['trainable_parameters']:,} | "
                 f"{np.mean([r['seconds_per_epoch'] for r in runs]):.1f} | "
-                f"{np.mean([r['epochs'] for r in runs]):.1f} |")
+                f"{np.mean([r['epochs'] for r in runs]):.1f} | "
+                f"{num(float(np.mean(chose)) if chose else None)} |")
     return "\n".join(lines) + "\n"

@@ -875,14 +875,17 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
         model = new_model(cfg.with_values({"trainer.seed": seed}), trainer.variant,
                           trainer.modal.dim)
         plugged = plug_in(model, plug_in_from, freeze_plugin) if plug_in_from else None
-        admit_ids(model, windows, t)
-        if data is None:  # every restart counts the same vocabularies: read the samples once
+        if data is None:
+            admit_ids(model, windows, t)
             data = trainer.dataset_for(model, windows, training=True)
             held_out = trainer.dataset_for(model, valid) if valid else None
             if plugged and freeze_plugin:  # the plug-in's outputs are fixed: project once
                 for dataset in (data, held_out):
                     if dataset is not None:
                         dataset.project_with(model.ppm)
+        else:  # the same windows, so the same vocabularies: the samples are read once
+            model.item_vocabulary, model.user_vocabulary, model.taste_vocabulary = (
+                best[0].item_vocabulary, best[0].user_vocabulary, best[0].taste_vocabulary)
         if curves is not None and t.restarts > 1:
             curves.write("restart", restart=restart, seed=seed)
         start_wide_part(model, data, t.wide_start)
