@@ -373,6 +373,33 @@ def test_an_arm_the_config_cannot_train_is_refused_before_any_fit(tmp_path, monk
         trainer.experiment.score_models(cfg, 1)
 
 
+def test_each_fit_of_an_experiment_keeps_its_best_restart_and_counts_every_epoch(
+        tmp_path, monkeypatch):
+    """``trainer.restarts`` 2 in ``ppm eval --seeds``: every model's fit keeps the restart
+    with the better validation AUC and the cost counts both restarts' epochs; without a
+    validation period the experiment is refused before the baselines or any fit."""
+    import trainer.experiment
+    from tests.test_staleness import world
+    from trainer.experiment import run_experiment, score_models
+
+    cfg = world(tmp_path, hours=24).with_values({"restarts": 2})
+    result = run_experiment(cfg, 1, 0.2, 0.1, epochs=1, progress=False, resamples=20)
+    for name in ("idrec", "ppm", "ppm_shuffled"):
+        fit = result["fits"][name][0]
+        tried = fit["restarts"]["tried"]
+        assert [r["seed"] for r in tried] == [0, 1000], name
+        aucs = [r["valid_click_auc"] for r in tried]
+        assert fit["valid_click_auc"] == aucs[fit["restarts"]["chosen"]] == max(aucs), name
+        assert fit["epochs_run"] == sum(r["epochs"] for r in tried) == 2, name
+    fits = []
+    monkeypatch.setattr(trainer.experiment, "train_batch", lambda *a, **k: fits.append(a))
+    monkeypatch.setattr(trainer.experiment.LogisticBaseline, "fit",
+                        lambda *a, **k: fits.append(a))
+    with pytest.raises(ValueError, match="restarts = 2 needs validation windows"):
+        score_models(cfg, 1, 0.2, 0.0)
+    assert fits == []
+
+
 def test_the_ablation_fits_every_arm_on_the_same_split_and_reports_its_cost(tmp_path):
     """Each arm of ``ppm experiment ablation`` on a small world with two encoder versions:
     the fine-tuned arm reads its version, the data-share arms fewer windows, the frozen

@@ -10,6 +10,9 @@ One file per registry (variant) holds every run trained into it; each line names
 * ``epoch``: the end of an epoch: ``train_loss`` (the mean of its steps) and
   ``train_task_losses`` (``{task: mean BCE over present labels}``), ``seconds``;
 * ``valid``: the fit's validation after an epoch (``click_auc``), where there is one;
+* ``restart``: a batch fit's restart begins (``restart``, 0-based, and its ``seed``;
+  ``trainer.restarts`` above 1 only): the ``epoch`` of the lines after it counts again
+  from 1;
 * ``eval``: an incremental step's decision on its next window (``window``,
   ``candidate_click_auc``, ``champion_click_auc``, ``promoted``);
 * ``version``: the registered version a fit became (``version``, ``promoted``).

@@ -49,6 +49,7 @@ from trainer.train import (
     TEST_BUCKETS,
     IncrementalTrainer,
     check_frozen_plug_in,
+    check_restarts,
     new_in_period,
     predict,
     recent,
@@ -370,6 +371,7 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
     split = split_windows(cfg, test_share, valid_share, period)
     if not (split.train and split.test):
         raise SystemExit(f"no closed windows in the train or the {period} period")
+    check_restarts(cfg, split.valid)
     for version in {arm.encoder_version or cfg.trainer.encoder_version
                     for arm in arms.values() if arm.variant != "idrec"}:  # it reads none
         check_vector_periods(cfg.paths.item_log, version, split)
@@ -416,7 +418,7 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
                                  plug_in_from=source, freeze_plugin=arm.plug_in == "frozen")
             seconds = time.perf_counter() - started
             ran = sum(r["epochs"] for r in fitted.restarts["tried"]) if fitted.restarts \
-                else fitted.epochs  # every restart's epochs took the time
+                else fitted.epochs  # every restart's epochs, the chosen one's or not
             click = fitted.model.config.tasks.index("click")
             scores[name][seed] = predict(
                 fitted.model, fitted.trainer.dataset_for(fitted.model, split.test))[:, click]
@@ -425,7 +427,7 @@ def score_models(cfg: Config, seeds: int, test_share: float = 0.2, valid_share: 
                 "valid_click_auc": fitted.valid_auc, "windows": len(fitted.trained_on),
                 "encoder_version": fitted.encoder_version,
                 "trainable_parameters": fitted.meta()["trainable_parameters"],
-                "seconds_per_epoch": round(seconds / max(1, ran), 2),
+                "epochs_run": ran, "seconds_per_epoch": round(seconds / max(1, ran), 2),
                 "restarts": fitted.restarts})
 
     buckets = {"all": np.ones(len(test), bool),
@@ -536,8 +538,8 @@ def to_markdown(result: Mapping[str, Any]) -> str:
                   "earlier run with the same settings (their fits' seconds are that run's)"]
     lines += ["", "what each fit cost (mean over " + ("worlds and seeds; the first world's "
               "training windows)" if worlds else "seeds)"), "",
-              "| model | training windows | trainable parameters | seconds per epoch | epochs "
-              "| validation click AUC |", "|---|---:|---:|---:|---:|---:|"]
+              "| model | training windows | trainable parameters | seconds per epoch "
+              "| epochs run | validation click AUC |", "|---|---:|---:|---:|---:|---:|"]
     for model, runs in result["fits"].items():
         if runs and "seconds_per_epoch" in runs[0]:
             # The AUC that chose each fit's epoch: a model behind on it was behind before
@@ -546,6 +548,6 @@ def to_markdown(result: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {model} | {runs[0]['windows']} | {runs[0]['trainable_parameters']:,} | "
                 f"{np.mean([r['seconds_per_epoch'] for r in runs]):.1f} | "
-                f"{np.mean([r['epochs'] for r in runs]):.1f} | "
+                f"{np.mean([r.get('epochs_run', r['epochs']) for r in runs]):.1f} | "
                 f"{num(float(np.mean(chose)) if chose else None)} |")
     return "\n".join(lines) + "\n"

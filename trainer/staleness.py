@@ -60,6 +60,7 @@ from trainer.train import (
     IncrementalTrainer,
     Split,
     admit_ids,
+    check_restarts,
     fit,
     new_in_period,
     predict,
@@ -304,6 +305,7 @@ def run_staleness(cfg: Config, sweep: Sweep, seeds: int, out: Path,
     split = split_windows(cfg, test_share, valid_share, period)
     if not (split.train and split.test):
         raise SystemExit(f"no closed windows in the train or the {period} period")
+    check_restarts(cfg, split.valid)
     check_vector_periods(cfg.paths.item_log, cfg.trainer.encoder_version, split)
     spec = {"data_dir": str(Path(cfg.data_dir).resolve()), "period": period,
             "test_share": test_share, "valid_share": valid_share, "epochs": epochs,
@@ -513,7 +515,7 @@ def _scored_with_updates(cfg: Config, split: Split, base: BatchFit, update: Mode
     window scored by the newest model ``update`` has serving at its start (see
     :class:`ModelUpdate`), starting from ``base`` (left unchanged)."""
     model, trainer = copy.deepcopy(base.model), base.trainer
-    t = trainer.cfg.trainer  # the base fit's, its seed included
+    t = trainer.cfg.trainer  # the base fit's config: its trainer.seed seeds the updates
     # A window's labels are final only once its attribution window has passed.
     settle = int(cfg.pipeline.attribution_window_s * 1e6)
     click = model.config.tasks.index("click")

@@ -255,6 +255,7 @@ class EpochPicker:
         """Put the best epoch's weights back into the model (if any epoch was scored)."""
         if self._best_state is not None:
             self.model.load_state_dict(self._best_state)
+            self._best_state = None  # a restart kept for later must not hold a second copy
 
 
 def ranker_config(cfg: Config, variant: str | None = None, modal_dim: int = 1664
@@ -839,6 +840,15 @@ def check_frozen_plug_in(cfg: Config) -> None:
         raise ValueError(_FROZEN_AFFINITY)
 
 
+def check_restarts(cfg: Config, valid: Sequence[Window | Path]) -> None:
+    """Raises ``ValueError`` where ``trainer.restarts`` is above 1 and there is no
+    validation window to choose the restart by. Callers that fit several models, or fit
+    baselines first, check before any of it."""
+    if cfg.trainer.restarts > 1 and not valid:
+        raise ValueError(f"trainer.restarts = {cfg.trainer.restarts} needs validation windows "
+                         "to choose the restart by (give a validation period, or restarts = 1)")
+
+
 def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | None = None,
                 epochs: int | None = None, progress: bool = True,
                 valid: Sequence[Window] = (), shuffle_vectors_seed: int | None = None,
@@ -865,9 +875,7 @@ def train_batch(cfg: Config, windows: Sequence[Window | Path], variant: str | No
     trainer = IncrementalTrainer(cfg, variant=variant, shuffle_vectors_seed=shuffle_vectors_seed,
                                  from_scratch=True)
     t = cfg.trainer
-    if t.restarts > 1 and not valid:
-        raise ValueError(f"trainer.restarts = {t.restarts} needs validation windows to choose "
-                         "the restart by (give a validation period, or restarts = 1)")
+    check_restarts(cfg, valid)
     data = held_out = best = None
     tried: list[dict[str, Any]] = []
     for restart in range(t.restarts):

@@ -74,6 +74,7 @@ def _stream(args: argparse.Namespace, cfg: Config) -> int:
 def _train(args: argparse.Namespace, cfg: Config) -> int:
     from trainer.train import (
         IncrementalTrainer,
+        check_restarts,
         click_auc,
         describe,
         split_windows,
@@ -110,6 +111,7 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
                                    "once later events arrive), or give a smaller "
                                    "--test-share/--valid-share")
             if not split.valid:
+                check_restarts(cfg, split.valid)
                 print("no window in the validation period: the last epoch is kept and "
                       "nothing is tuned (a larger --valid-share makes one)", file=sys.stderr)
             fitted = (tune_batch(cfg, split, grid, variant, args.epochs, not args.quiet,
